@@ -1,0 +1,983 @@
+//! The behaviour suite: every rule of the [`TaskHistoryStore`] contract as a plain async
+//! function taking a fresh store. Each backend runs all of it, through
+//! [`conformance_tests!`](crate::conformance_tests), which expands into one named
+//! `#[tokio::test]` per case (the runner crate needs `tokio` and `rstest` as dev-dependencies).
+//!
+//! A case panics (fails) when the store breaks the contract. Cases assume the store they get
+//! is empty and used by no one else.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use serde_json::json;
+
+use crate::validate::{self, canonical_result, MAX_ID_BYTES, MAX_JSON_DEPTH, MAX_PAGE_SIZE};
+use crate::{
+    DynStore, ErrorCode, HistoryEntry, StepRecord, StoreError, TaskCursor, TaskQuery, TaskStatus,
+    TaskStepResult, TaskSummary,
+};
+
+/// Expands the whole suite into `#[tokio::test]`s, one per case, each on a fresh store made
+/// by `$make` (an expression of type [`DynStore`]; it may `.await`).
+#[macro_export]
+macro_rules! conformance_tests {
+    ($make:expr) => {
+        $crate::conformance_tests!(@cases $make;
+            save_and_load_round_trip,
+            resave_replaces_without_duplicate,
+            status_is_that_of_the_highest_step,
+            unknown_task_is_pending_and_empty,
+            cancellation_is_sticky,
+            cancel_of_unknown_task_changes_nothing,
+            history_is_in_step_order,
+            user_tasks_newest_first_with_summaries,
+            user_task_ties_are_broken_by_task_id,
+            cursor_pages_cover_every_task_once,
+            status_filter_pages,
+            batch_spans_tasks_and_last_duplicate_wins,
+            batch_is_all_or_nothing,
+            empty_batch_is_a_no_op,
+            large_batch_is_one_write,
+            cleanup_removes_whole_old_tasks,
+            users_are_isolated,
+            concurrent_saves_lose_nothing,
+            cancel_racing_saves_stays_sticky,
+            timestamps_keep_microseconds,
+            json_round_trips_as_jsonb_keeps_it,
+            awkward_strings_round_trip,
+            health_then_close
+        );
+
+        #[::rstest::rstest]
+        #[case::completed($crate::TaskStatus::Completed)]
+        #[case::failed($crate::TaskStatus::Failed)]
+        #[case::timed_out($crate::TaskStatus::TimedOut)]
+        #[case::cancelled($crate::TaskStatus::Cancelled)]
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn cancel_of_terminal_task_changes_nothing(#[case] status: $crate::TaskStatus) {
+            let store: $crate::DynStore = $make;
+            $crate::conformance::cancel_of_terminal_task_changes_nothing(&store, status).await;
+        }
+
+        #[::rstest::rstest]
+        #[case::save_empty_user($crate::conformance::BadCall::SaveEmptyUser)]
+        #[case::save_empty_task($crate::conformance::BadCall::SaveEmptyTask)]
+        #[case::save_long_user($crate::conformance::BadCall::SaveLongUser)]
+        #[case::save_long_task($crate::conformance::BadCall::SaveLongTask)]
+        #[case::save_nul_user($crate::conformance::BadCall::SaveNulUser)]
+        #[case::save_nul_task($crate::conformance::BadCall::SaveNulTask)]
+        #[case::save_negative_step($crate::conformance::BadCall::SaveNegativeStep)]
+        #[case::save_nul_step_name($crate::conformance::BadCall::SaveNulStepName)]
+        #[case::save_nul_message($crate::conformance::BadCall::SaveNulMessage)]
+        #[case::save_nul_error_message($crate::conformance::BadCall::SaveNulErrorMessage)]
+        #[case::save_nul_json_string($crate::conformance::BadCall::SaveNulJsonString)]
+        #[case::save_nul_json_key($crate::conformance::BadCall::SaveNulJsonKey)]
+        #[case::save_too_deep_json($crate::conformance::BadCall::SaveTooDeepJson)]
+        #[case::save_too_large_result($crate::conformance::BadCall::SaveTooLargeResult)]
+        #[case::batch_one_bad_record($crate::conformance::BadCall::BatchOneBadRecord)]
+        #[case::batch_bad_timestamp($crate::conformance::BadCall::BatchBadTimestamp)]
+        #[case::load_empty_user($crate::conformance::BadCall::LoadEmptyUser)]
+        #[case::status_nul_task($crate::conformance::BadCall::StatusNulTask)]
+        #[case::cancel_empty_task($crate::conformance::BadCall::CancelEmptyTask)]
+        #[case::list_zero_limit($crate::conformance::BadCall::ListZeroLimit)]
+        #[case::list_negative_limit($crate::conformance::BadCall::ListNegativeLimit)]
+        #[case::list_too_large_limit($crate::conformance::BadCall::ListTooLargeLimit)]
+        #[case::list_bad_cursor($crate::conformance::BadCall::ListBadCursor)]
+        #[case::cleanup_negative_days($crate::conformance::BadCall::CleanupNegativeDays)]
+        #[case::cleanup_too_many_days($crate::conformance::BadCall::CleanupTooManyDays)]
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn invalid_input_changes_nothing(#[case] call: $crate::conformance::BadCall) {
+            let store: $crate::DynStore = $make;
+            $crate::conformance::invalid_input_changes_nothing(&store, call).await;
+        }
+    };
+    (@cases $make:expr; $($case:ident),+ $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let store: $crate::DynStore = $make;
+                $crate::conformance::$case(&store).await;
+            }
+        )+
+    };
+}
+
+fn running(name: &str) -> TaskStepResult {
+    TaskStepResult::running(name, json!({ "name": name }), format!("{name} running"))
+}
+
+fn done(name: &str) -> TaskStepResult {
+    TaskStepResult::success(
+        name,
+        json!({ "name": name, "rows": 1000 }),
+        format!("{name} done"),
+    )
+}
+
+fn days_ago(days: i64) -> DateTime<Utc> {
+    validate::now() - Duration::days(days)
+}
+
+async fn save(store: &DynStore, user: &str, task: &str, step: i32, r: &TaskStepResult) {
+    store
+        .save_task_history(user, task, step, r)
+        .await
+        .unwrap_or_else(|e| panic!("save {user}/{task}/{step} failed: {e}"));
+}
+
+async fn history(store: &DynStore, user: &str, task: &str) -> Vec<HistoryEntry> {
+    store
+        .load_task_history(user, task)
+        .await
+        .unwrap_or_else(|e| panic!("load {user}/{task}: {e}"))
+}
+
+async fn status(store: &DynStore, user: &str, task: &str) -> TaskStatus {
+    store
+        .check_task_status(user, task)
+        .await
+        .unwrap_or_else(|e| panic!("status {user}/{task}: {e}"))
+}
+
+async fn tasks(store: &DynStore, user: &str) -> Vec<TaskSummary> {
+    store
+        .get_user_tasks(user, MAX_PAGE_SIZE)
+        .await
+        .unwrap_or_else(|e| panic!("tasks of {user}: {e}"))
+}
+
+fn steps(h: &[HistoryEntry]) -> Vec<i32> {
+    h.iter().map(|e| e.step).collect()
+}
+
+/// Rule 1 and 7: what is saved is what is loaded, field for field.
+pub async fn save_and_load_round_trip(store: &DynStore) {
+    let before = validate::now();
+    let ok = done("data_processing");
+    let failed = TaskStepResult::failure("step_1", ErrorCode::Execution, "division by zero");
+    save(store, "user_123", "task_456", 0, &ok).await;
+    save(store, "user_123", "task_456", 1, &failed).await;
+    let after = validate::now();
+
+    let h = history(store, "user_123", "task_456").await;
+    assert_eq!(steps(&h), [0, 1]);
+    assert_eq!(h[0].result, ok);
+    assert_eq!(h[0].status, TaskStatus::Completed);
+    assert_eq!(h[1].result, failed);
+    assert_eq!(h[1].status, TaskStatus::Failed);
+    assert_eq!(h[1].result.error_code, Some(ErrorCode::Execution));
+    for e in &h {
+        assert_eq!(
+            e.timestamp.timestamp_subsec_nanos() % 1000,
+            0,
+            "microsecond precision"
+        );
+        // The server's clock may differ a little from ours.
+        let slack = Duration::minutes(5);
+        assert!(
+            e.timestamp >= before - slack && e.timestamp <= after + slack,
+            "timestamp {}",
+            e.timestamp
+        );
+    }
+    assert!(h[0].timestamp <= h[1].timestamp);
+}
+
+/// Rule 1: saving a step again replaces it.
+pub async fn resave_replaces_without_duplicate(store: &DynStore) {
+    save(store, "u", "t", 0, &running("a")).await;
+    save(store, "u", "t", 1, &running("b")).await;
+    let replaced = done("b-again");
+    for _ in 0..3 {
+        save(store, "u", "t", 1, &replaced).await;
+    }
+    let h = history(store, "u", "t").await;
+    assert_eq!(steps(&h), [0, 1], "no duplicate step");
+    assert_eq!(h[1].result, replaced);
+    let t = tasks(store, "u").await;
+    assert_eq!(t.len(), 1);
+    assert_eq!(t[0].step_count, 2);
+    assert_eq!(t[0].last_step, 1);
+    assert_eq!(t[0].status, TaskStatus::Completed);
+}
+
+/// Rule 2: the status is that of the highest step, whatever order steps arrive in.
+pub async fn status_is_that_of_the_highest_step(store: &DynStore) {
+    save(store, "u", "t", 0, &running("a")).await;
+    assert_eq!(status(store, "u", "t").await, TaskStatus::Running);
+    save(store, "u", "t", 2, &done("c")).await;
+    assert_eq!(status(store, "u", "t").await, TaskStatus::Completed);
+    // A lower step arriving late does not change the status.
+    save(
+        store,
+        "u",
+        "t",
+        1,
+        &running("b").with_status(TaskStatus::Failed),
+    )
+    .await;
+    assert_eq!(status(store, "u", "t").await, TaskStatus::Completed);
+    // Replacing the highest step does.
+    save(
+        store,
+        "u",
+        "t",
+        2,
+        &done("c").with_status(TaskStatus::TimedOut),
+    )
+    .await;
+    assert_eq!(status(store, "u", "t").await, TaskStatus::TimedOut);
+    let t = tasks(store, "u").await;
+    assert_eq!(
+        (t[0].status, t[0].last_step, t[0].step_count),
+        (TaskStatus::TimedOut, 2, 3)
+    );
+}
+
+/// Rule 2: an unknown task is pending and has no history.
+pub async fn unknown_task_is_pending_and_empty(store: &DynStore) {
+    assert_eq!(
+        status(store, "nobody", "nothing").await,
+        TaskStatus::Pending
+    );
+    assert!(history(store, "nobody", "nothing").await.is_empty());
+    assert!(tasks(store, "nobody").await.is_empty());
+}
+
+/// Rule 3: cancellation appends an entry, refuses every later write, and is not undone.
+pub async fn cancellation_is_sticky(store: &DynStore) {
+    save(store, "u", "t", 0, &done("a")).await;
+    save(store, "u", "t", 1, &running("b")).await;
+    let before = history(store, "u", "t").await;
+
+    assert!(store.mark_task_as_cancelled("u", "t").await.unwrap());
+    assert_eq!(status(store, "u", "t").await, TaskStatus::Cancelled);
+    let h = history(store, "u", "t").await;
+    assert_eq!(steps(&h), [0, 1, 2]);
+    assert_eq!(&h[..2], &before[..], "earlier steps are not rewritten");
+    assert_eq!(h[2].result, TaskStepResult::cancellation());
+    assert_eq!(h[2].status, TaskStatus::Cancelled);
+
+    // The next step, a retry of an old step, and a batch touching the task are all refused.
+    for step in [3, 1, 2] {
+        let err = store
+            .save_task_history("u", "t", step, &done("late"))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, StoreError::TaskCancelled { user_id, task_id } if user_id == "u" && task_id == "t"),
+            "step {step}: {err:?}"
+        );
+    }
+    let batch = [
+        StepRecord::new("u", "other", 0, done("x")),
+        StepRecord::new("u", "t", 5, done("y")),
+    ];
+    let err = store.save_batch_task_history(&batch).await.unwrap_err();
+    assert!(err.is_cancelled(), "{err:?}");
+    assert!(
+        history(store, "u", "other").await.is_empty(),
+        "the batch wrote nothing"
+    );
+    assert_eq!(history(store, "u", "t").await, h);
+    assert_eq!(status(store, "u", "t").await, TaskStatus::Cancelled);
+
+    // Cancelling again has nothing to do.
+    assert!(!store.mark_task_as_cancelled("u", "t").await.unwrap());
+    assert_eq!(history(store, "u", "t").await, h);
+    let t = tasks(store, "u").await;
+    assert_eq!((t.len(), t[0].step_count, t[0].last_step), (1, 3, 2));
+}
+
+/// Rule 3: cancelling an unknown task returns false and creates nothing.
+pub async fn cancel_of_unknown_task_changes_nothing(store: &DynStore) {
+    assert!(!store.mark_task_as_cancelled("u", "ghost").await.unwrap());
+    assert!(history(store, "u", "ghost").await.is_empty());
+    assert_eq!(status(store, "u", "ghost").await, TaskStatus::Pending);
+    assert!(tasks(store, "u").await.is_empty());
+    // The task can still be started afterwards.
+    save(store, "u", "ghost", 0, &running("a")).await;
+    assert_eq!(status(store, "u", "ghost").await, TaskStatus::Running);
+}
+
+/// Rule 3: cancelling a terminal task returns false and changes nothing.
+pub async fn cancel_of_terminal_task_changes_nothing(store: &DynStore, terminal: TaskStatus) {
+    assert!(terminal.is_terminal());
+    save(store, "u", "t", 0, &running("a")).await;
+    save(store, "u", "t", 1, &done("b").with_status(terminal)).await;
+    let before = history(store, "u", "t").await;
+    assert!(!store.mark_task_as_cancelled("u", "t").await.unwrap());
+    assert_eq!(history(store, "u", "t").await, before);
+    assert_eq!(status(store, "u", "t").await, terminal);
+}
+
+/// Rule 4: history comes back in ascending step order.
+pub async fn history_is_in_step_order(store: &DynStore) {
+    for step in [5, 1, 3, 10, 0, 2] {
+        save(store, "u", "t", step, &running(&format!("s{step}"))).await;
+    }
+    assert_eq!(steps(&history(store, "u", "t").await), [0, 1, 2, 3, 5, 10]);
+}
+
+/// Rule 4: tasks newest activity first, with correct summaries.
+pub async fn user_tasks_newest_first_with_summaries(store: &DynStore) {
+    let t0 = days_ago(3);
+    let records = [
+        StepRecord::new("u", "a", 0, running("a0")).at(t0),
+        StepRecord::new("u", "b", 0, running("b0")).at(t0 + Duration::seconds(1)),
+        StepRecord::new("u", "b", 1, done("b1")).at(t0 + Duration::seconds(5)),
+        StepRecord::new("u", "c", 0, running("c0")).at(t0 + Duration::seconds(3)),
+    ];
+    store.save_batch_task_history(&records).await.unwrap();
+    let t = tasks(store, "u").await;
+    let ids: Vec<_> = t.iter().map(|s| s.task_id.as_str()).collect();
+    assert_eq!(ids, ["b", "c", "a"]);
+    assert_eq!(t[0].status, TaskStatus::Completed);
+    assert_eq!((t[0].last_step, t[0].step_count), (1, 2));
+    assert_eq!(t[0].created_at, t0 + Duration::seconds(1));
+    assert_eq!(t[0].last_updated, t0 + Duration::seconds(5));
+
+    // New activity moves a task to the front; the default listing limit applies.
+    save(store, "u", "a", 1, &running("a1")).await;
+    let t = store.get_user_tasks("u", 2).await.unwrap();
+    let ids: Vec<_> = t.iter().map(|s| s.task_id.as_str()).collect();
+    assert_eq!(ids, ["a", "b"]);
+    assert!(t[0].last_updated > t0 + Duration::seconds(5));
+    assert_eq!(t[0].created_at, t0);
+}
+
+/// Rule 4: equal activity times are ordered by task_id, descending, the same way every time.
+pub async fn user_task_ties_are_broken_by_task_id(store: &DynStore) {
+    let at = days_ago(1);
+    let ids = ["b", "a", "B", "é", "a1", "z", "0"];
+    let records: Vec<_> = ids
+        .iter()
+        .map(|id| StepRecord::new("u", *id, 0, running(id)).at(at))
+        .collect();
+    store.save_batch_task_history(&records).await.unwrap();
+    let listed: Vec<_> = tasks(store, "u")
+        .await
+        .into_iter()
+        .map(|s| s.task_id)
+        .collect();
+    let mut expected: Vec<_> = ids.iter().map(|s| s.to_string()).collect();
+    expected.sort_by(|a, b| b.as_bytes().cmp(a.as_bytes()));
+    assert_eq!(listed, expected);
+}
+
+/// Rule 4: paging with the cursor returns every task once, in listing order.
+pub async fn cursor_pages_cover_every_task_once(store: &DynStore) {
+    let base = days_ago(2);
+    // 23 tasks, some sharing a timestamp, so pages break inside runs of equal times.
+    let records: Vec<_> = (0..23)
+        .map(|i| {
+            StepRecord::new("u", format!("task-{i:02}"), 0, running("x"))
+                .at(base + Duration::seconds(i / 3))
+        })
+        .collect();
+    store.save_batch_task_history(&records).await.unwrap();
+    let all = tasks(store, "u").await;
+    assert_eq!(all.len(), 23);
+
+    let mut seen = Vec::new();
+    let mut cursor: Option<TaskCursor> = None;
+    let mut pages = 0;
+    loop {
+        let page = store
+            .get_user_tasks_page("u", &TaskQuery::first(5).after(cursor.clone()))
+            .await
+            .unwrap();
+        assert!(page.tasks.len() <= 5);
+        pages += 1;
+        seen.extend(page.tasks.iter().cloned());
+        match page.next {
+            Some(next) => {
+                // The cursor survives its text form.
+                let text = next.to_string();
+                assert_eq!(text.parse::<TaskCursor>().unwrap(), next);
+                assert_eq!(Some(&next), page.tasks.last().map(|t| t.cursor()).as_ref());
+                cursor = Some(next);
+            }
+            None => break,
+        }
+        assert!(pages < 10, "paging does not end");
+    }
+    assert_eq!(pages, 5);
+    assert_eq!(seen, all);
+    // Exactly a page's worth left: the last full page has no next cursor.
+    let page = store
+        .get_user_tasks_page("u", &TaskQuery::first(23))
+        .await
+        .unwrap();
+    assert_eq!((page.tasks.len(), page.next), (23, None));
+}
+
+/// Rule 4: the status filter pages the same way.
+pub async fn status_filter_pages(store: &DynStore) {
+    let base = days_ago(1);
+    let mut records = Vec::new();
+    for i in 0..12 {
+        let r = if i % 3 == 0 { done("x") } else { running("x") };
+        records
+            .push(StepRecord::new("u", format!("t{i:02}"), 0, r).at(base + Duration::seconds(i)));
+    }
+    store.save_batch_task_history(&records).await.unwrap();
+    let mut seen = Vec::new();
+    let mut q = TaskQuery::first(3).with_status(TaskStatus::Running);
+    loop {
+        let page = store.get_user_tasks_page("u", &q).await.unwrap();
+        assert!(page.tasks.iter().all(|t| t.status == TaskStatus::Running));
+        seen.extend(page.tasks.into_iter().map(|t| t.task_id));
+        match page.next {
+            Some(c) => q = q.after(Some(c)),
+            None => break,
+        }
+    }
+    let expected: Vec<_> = (0..12)
+        .rev()
+        .filter(|i| i % 3 != 0)
+        .map(|i| format!("t{i:02}"))
+        .collect();
+    assert_eq!(seen, expected);
+    let done_page = store
+        .get_user_tasks_page(
+            "u",
+            &TaskQuery::first(10).with_status(TaskStatus::Completed),
+        )
+        .await
+        .unwrap();
+    assert_eq!(done_page.tasks.len(), 4);
+    let none = store
+        .get_user_tasks_page("u", &TaskQuery::first(10).with_status(TaskStatus::Failed))
+        .await
+        .unwrap();
+    assert!(none.tasks.is_empty() && none.next.is_none());
+}
+
+/// Rule 5: a batch spans tasks and users; the last duplicate wins.
+pub async fn batch_spans_tasks_and_last_duplicate_wins(store: &DynStore) {
+    save(store, "u1", "t1", 0, &running("existing")).await;
+    let last = done("second");
+    let records = vec![
+        StepRecord::new("u1", "t1", 1, running("first")),
+        StepRecord::new("u2", "t9", 0, running("other user")),
+        StepRecord::new("u1", "t2", 0, running("t2")),
+        StepRecord::new("u1", "t1", 1, last.clone()),
+        StepRecord::new("u1", "t1", 0, done("replaces existing")),
+    ];
+    store.save_batch_task_history(&records).await.unwrap();
+    let h = history(store, "u1", "t1").await;
+    assert_eq!(steps(&h), [0, 1]);
+    assert_eq!(h[0].result, done("replaces existing"));
+    assert_eq!(h[1].result, last);
+    assert_eq!(status(store, "u1", "t1").await, TaskStatus::Completed);
+    assert_eq!(steps(&history(store, "u1", "t2").await), [0]);
+    assert_eq!(steps(&history(store, "u2", "t9").await), [0]);
+    let t = tasks(store, "u1").await;
+    let t1 = t.iter().find(|s| s.task_id == "t1").unwrap();
+    assert_eq!(t1.step_count, 2);
+}
+
+/// Rule 5 and 7: a batch with one bad record, or touching a cancelled task, writes nothing.
+pub async fn batch_is_all_or_nothing(store: &DynStore) {
+    save(store, "u", "t", 0, &running("a")).await;
+    let before = history(store, "u", "t").await;
+    let mut bad = done("bad");
+    bad.message = "nul \0 inside".into();
+    let records = vec![
+        StepRecord::new("u", "t", 1, done("fine")),
+        StepRecord::new("u", "new", 0, done("fine")),
+        StepRecord::new("u", "t", 2, bad),
+    ];
+    let err = store.save_batch_task_history(&records).await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::InvalidInput { field, .. } if field == "records[2].result.message"),
+        "{err:?}"
+    );
+    assert_eq!(history(store, "u", "t").await, before);
+    assert!(history(store, "u", "new").await.is_empty());
+    assert_eq!(tasks(store, "u").await.len(), 1);
+}
+
+/// Rule 7: an empty batch is a no-op.
+pub async fn empty_batch_is_a_no_op(store: &DynStore) {
+    store.save_batch_task_history(&[]).await.unwrap();
+    assert!(tasks(store, "u").await.is_empty());
+}
+
+/// Rule 5: a batch far larger than PostgreSQL's 32,767 bind parameters is one write.
+pub async fn large_batch_is_one_write(store: &DynStore) {
+    let n_tasks = 20;
+    let per_task = 1_000;
+    let mut records = Vec::with_capacity(n_tasks * per_task + 10);
+    for t in 0..n_tasks {
+        for s in 0..per_task {
+            let r = TaskStepResult::running(format!("s{s}"), json!({ "i": s }), "bulk");
+            records.push(StepRecord::new("bulk", format!("task-{t}"), s as i32, r));
+        }
+    }
+    // Duplicates of the first steps: the last wins.
+    for t in 0..10 {
+        records.push(StepRecord::new("bulk", format!("task-{t}"), 0, done("dup")));
+    }
+    store.save_batch_task_history(&records).await.unwrap();
+    let listed = store.get_user_tasks("bulk", 100).await.unwrap();
+    assert_eq!(listed.len(), n_tasks);
+    assert!(listed
+        .iter()
+        .all(|t| t.step_count == per_task as i64 && t.last_step == per_task as i32 - 1));
+    let h = history(store, "bulk", "task-3").await;
+    assert_eq!(h.len(), per_task);
+    assert_eq!(h[0].result, done("dup"));
+    assert_eq!(
+        history(store, "bulk", "task-15").await[0].result.message,
+        "bulk"
+    );
+}
+
+/// Rule 6: cleanup removes whole tasks whose last activity is older than the cutoff.
+pub async fn cleanup_removes_whole_old_tasks(store: &DynStore) {
+    let records = vec![
+        StepRecord::new("u", "old", 0, running("a")).at(days_ago(40)),
+        StepRecord::new("u", "old", 1, done("b")).at(days_ago(39)),
+        StepRecord::new("u", "mixed", 0, running("a")).at(days_ago(45)),
+        StepRecord::new("u", "mixed", 1, running("b")).at(days_ago(1)),
+        StepRecord::new("v", "older", 0, running("a")).at(days_ago(50)),
+        StepRecord::new("v", "fresh", 0, running("a")),
+    ];
+    store.save_batch_task_history(&records).await.unwrap();
+    let report = store.cleanup_old_tasks(30).await.unwrap();
+    assert_eq!((report.tasks_removed, report.steps_removed), (2, 3));
+    assert!(history(store, "u", "old").await.is_empty());
+    assert_eq!(status(store, "u", "old").await, TaskStatus::Pending);
+    assert!(history(store, "v", "older").await.is_empty());
+    assert_eq!(
+        steps(&history(store, "u", "mixed").await),
+        [0, 1],
+        "an active task keeps its whole history"
+    );
+    let ids: Vec<_> = tasks(store, "u")
+        .await
+        .into_iter()
+        .map(|t| t.task_id)
+        .collect();
+    assert_eq!(ids, ["mixed"]);
+    // Nothing more to do the second time.
+    assert_eq!(
+        store.cleanup_old_tasks(30).await.unwrap(),
+        Default::default()
+    );
+    // Zero days removes everything last active before now.
+    let report = store.cleanup_old_tasks(0).await.unwrap();
+    assert_eq!((report.tasks_removed, report.steps_removed), (2, 3));
+    assert!(tasks(store, "u").await.is_empty() && tasks(store, "v").await.is_empty());
+}
+
+/// Rule 8: no method returns or touches another user's data.
+pub async fn users_are_isolated(store: &DynStore) {
+    save(store, "alice", "t", 0, &running("alice's")).await;
+    save(store, "bob", "t", 0, &done("bob's")).await;
+    save(store, "bob", "only-bob", 0, &running("x")).await;
+    assert_eq!(
+        history(store, "alice", "t").await[0].result,
+        running("alice's")
+    );
+    assert_eq!(status(store, "alice", "t").await, TaskStatus::Running);
+    assert_eq!(
+        status(store, "alice", "only-bob").await,
+        TaskStatus::Pending
+    );
+    assert!(history(store, "alice", "only-bob").await.is_empty());
+    assert!(!store
+        .mark_task_as_cancelled("alice", "only-bob")
+        .await
+        .unwrap());
+    assert_eq!(status(store, "bob", "only-bob").await, TaskStatus::Running);
+    assert!(store.mark_task_as_cancelled("alice", "t").await.unwrap());
+    // Bob's task of the same name is untouched and still writable.
+    assert_eq!(status(store, "bob", "t").await, TaskStatus::Completed);
+    save(store, "bob", "t", 1, &running("more")).await;
+    let alice: Vec<_> = tasks(store, "alice")
+        .await
+        .into_iter()
+        .map(|t| t.task_id)
+        .collect();
+    assert_eq!(alice, ["t"]);
+    assert_eq!(tasks(store, "bob").await.len(), 2);
+}
+
+/// Rules 1 and 2 under concurrency: many writers, one task, nothing lost or doubled.
+pub async fn concurrent_saves_lose_nothing(store: &DynStore) {
+    let writers = 16;
+    let per_writer = 12;
+    let mut handles = Vec::new();
+    for w in 0..writers {
+        let store = Arc::clone(store);
+        handles.push(tokio::spawn(async move {
+            for i in 0..per_writer {
+                let step = i * writers + w;
+                let r = running(&format!("w{w}"));
+                store
+                    .save_task_history("u", "shared", step, &r)
+                    .await
+                    .unwrap();
+                // Every writer also re-saves step 0: the same key from many writers at once.
+                store.save_task_history("u", "shared", 0, &r).await.unwrap();
+                store
+                    .save_task_history("u", &format!("own-{w}"), i, &r)
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    let h = history(store, "u", "shared").await;
+    let expected: Vec<i32> = (0..writers * per_writer).collect();
+    assert_eq!(steps(&h), expected);
+    let t = tasks(store, "u").await;
+    assert_eq!(t.len(), writers as usize + 1);
+    let shared = t.iter().find(|s| s.task_id == "shared").unwrap();
+    assert_eq!(
+        (shared.step_count, shared.last_step),
+        ((writers * per_writer) as i64, writers * per_writer - 1)
+    );
+    assert!(t
+        .iter()
+        .filter(|s| s.task_id != "shared")
+        .all(|s| s.step_count == per_writer as i64));
+}
+
+/// Rule 3 under concurrency: cancellation racing writers. Every acknowledged save is stored,
+/// no refused one is, and nothing lands after the cancellation.
+pub async fn cancel_racing_saves_stays_sticky(store: &DynStore) {
+    for round in 0..3 {
+        let task = format!("race-{round}");
+        save(store, "u", &task, 0, &running("start")).await;
+        let mut handles = Vec::new();
+        for w in 0..8 {
+            let store = Arc::clone(store);
+            let task = task.clone();
+            handles.push(tokio::spawn(async move {
+                let mut acked = Vec::new();
+                for i in 1..=40 {
+                    let step = w * 100 + i;
+                    match store
+                        .save_task_history("u", &task, step, &running("w"))
+                        .await
+                    {
+                        Ok(()) => acked.push(step),
+                        Err(StoreError::TaskCancelled { .. }) => return (acked, true),
+                        Err(e) => panic!("unexpected error {e:?}"),
+                    }
+                }
+                (acked, false)
+            }));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(2 * round as u64)).await;
+        let cancelled = store.mark_task_as_cancelled("u", &task).await.unwrap();
+        assert!(cancelled, "the task was running");
+        let mut acked = BTreeSet::from([0]);
+        for h in handles {
+            let (steps, _) = h.await.unwrap();
+            acked.extend(steps);
+        }
+        let h = history(store, "u", &task).await;
+        let last = h.last().unwrap();
+        assert_eq!(last.status, TaskStatus::Cancelled);
+        assert_eq!(last.result, TaskStepResult::cancellation());
+        let stored: BTreeSet<i32> = h[..h.len() - 1].iter().map(|e| e.step).collect();
+        assert_eq!(
+            stored, acked,
+            "stored steps are exactly the acknowledged ones"
+        );
+        assert_eq!(
+            last.step,
+            stored.iter().max().unwrap() + 1,
+            "cancellation is the highest step"
+        );
+        assert_eq!(status(store, "u", &task).await, TaskStatus::Cancelled);
+        assert!(store
+            .save_task_history("u", &task, 10_000, &running("late"))
+            .await
+            .unwrap_err()
+            .is_cancelled());
+    }
+}
+
+/// Rule 7: timestamps keep microseconds, and finer digits are dropped the same way everywhere.
+pub async fn timestamps_keep_microseconds(store: &DynStore) {
+    let precise = Utc
+        .timestamp_opt(1_700_000_000, 123_456_789)
+        .single()
+        .unwrap();
+    let early = Utc.with_ymd_and_hms(1, 1, 1, 0, 0, 0).single().unwrap();
+    let late = Utc
+        .with_ymd_and_hms(9999, 12, 31, 23, 59, 59)
+        .single()
+        .unwrap();
+    let records = [
+        StepRecord::new("u", "t", 0, running("a")).at(precise),
+        StepRecord::new("u", "t", 1, running("b")).at(early),
+        StepRecord::new("u", "t", 2, running("c")).at(late),
+    ];
+    store.save_batch_task_history(&records).await.unwrap();
+    let h = history(store, "u", "t").await;
+    assert_eq!(
+        h[0].timestamp,
+        Utc.timestamp_opt(1_700_000_000, 123_456_000)
+            .single()
+            .unwrap()
+    );
+    assert_eq!(h[1].timestamp, early);
+    assert_eq!(h[2].timestamp, late);
+    let t = tasks(store, "u").await;
+    assert_eq!((t[0].created_at, t[0].last_updated), (early, late));
+}
+
+/// Rule 7: JSON comes back as jsonb keeps it (numbers included).
+pub async fn json_round_trips_as_jsonb_keeps_it(store: &DynStore) {
+    let value = json!({
+        "big_float": 1e16, "huge": 1.7976931348623157e308, "tiny": 5e-324, "neg_zero": -0.0,
+        "u64": u64::MAX, "i64": i64::MIN, "third": 1.0 / 3.0, "int_float": 2.0,
+        "nested": [[[{"k": null}]], [], {}], "bool": true,
+        "escapes": "quote \" backslash \\ tab \t newline \n",
+    });
+    let r = TaskStepResult::success("json", value, "numbers");
+    save(store, "u", "t", 0, &r).await;
+    let h = history(store, "u", "t").await;
+    assert_eq!(h[0].result, canonical_result(&r));
+    assert_eq!(
+        h[0].result.result["big_float"],
+        json!(10_000_000_000_000_000_u64)
+    );
+    assert_eq!(h[0].result.result["u64"], json!(u64::MAX));
+}
+
+/// Rules 1 and 7: ids and text with quotes, unicode, SQL and the longest allowed id.
+pub async fn awkward_strings_round_trip(store: &DynStore) {
+    let user = "o'brien\"; DROP TABLE task_history; --";
+    let long_task = "t".repeat(MAX_ID_BYTES);
+    let tasks_ids = [
+        "ünïcødé 😀",
+        "%_like\\pattern",
+        long_task.as_str(),
+        " spaced ",
+        "$1",
+    ];
+    for (i, task) in tasks_ids.iter().enumerate() {
+        let mut r = done(&format!("{task}'s step"));
+        r.message = "line\r\nbreak 🚀 \u{7f} \u{200b}".into();
+        r.error_message = Some("'); --".into());
+        save(store, user, task, i as i32, &r).await;
+        assert_eq!(history(store, user, task).await[0].result, r);
+        assert_eq!(status(store, user, task).await, TaskStatus::Completed);
+    }
+    assert_eq!(tasks(store, user).await.len(), tasks_ids.len());
+    assert!(tasks(store, "o'brien").await.is_empty());
+}
+
+/// health_check answers; after close every call fails with Closed.
+pub async fn health_then_close(store: &DynStore) {
+    let report = store.health_check().await.unwrap();
+    assert!(!report.backend.is_empty());
+    save(store, "u", "t", 0, &running("a")).await;
+    store.close().await;
+    assert!(matches!(
+        store.save_task_history("u", "t", 1, &running("b")).await,
+        Err(StoreError::Closed)
+    ));
+    assert!(matches!(
+        store.load_task_history("u", "t").await,
+        Err(StoreError::Closed)
+    ));
+    assert!(matches!(
+        store.health_check().await,
+        Err(StoreError::Closed)
+    ));
+    // Closing twice is harmless.
+    store.close().await;
+}
+
+/// One call with bad input, for [`invalid_input_changes_nothing`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadCall {
+    SaveEmptyUser,
+    SaveEmptyTask,
+    SaveLongUser,
+    SaveLongTask,
+    SaveNulUser,
+    SaveNulTask,
+    SaveNegativeStep,
+    SaveNulStepName,
+    SaveNulMessage,
+    SaveNulErrorMessage,
+    SaveNulJsonString,
+    SaveNulJsonKey,
+    SaveTooDeepJson,
+    SaveTooLargeResult,
+    BatchOneBadRecord,
+    BatchBadTimestamp,
+    LoadEmptyUser,
+    StatusNulTask,
+    CancelEmptyTask,
+    ListZeroLimit,
+    ListNegativeLimit,
+    ListTooLargeLimit,
+    ListBadCursor,
+    CleanupNegativeDays,
+    CleanupTooManyDays,
+}
+
+async fn bad_call(store: &DynStore, call: BadCall) -> (Result<(), StoreError>, &'static str) {
+    use BadCall::*;
+    let ok = done("fine");
+    let with_result = |v: serde_json::Value| TaskStepResult::success("s", v, "m");
+    let save_r = |user: String, task: String, step: i32, r: TaskStepResult| async move {
+        store.save_task_history(&user, &task, step, &r).await
+    };
+    let u = || "u".to_string();
+    let t = || "t".to_string();
+    match call {
+        SaveEmptyUser => (save_r(String::new(), t(), 1, ok).await, "user_id"),
+        SaveEmptyTask => (save_r(u(), String::new(), 1, ok).await, "task_id"),
+        SaveLongUser => (
+            save_r("u".repeat(MAX_ID_BYTES + 1), t(), 1, ok).await,
+            "user_id",
+        ),
+        SaveLongTask => (
+            save_r(u(), "é".repeat(MAX_ID_BYTES / 2 + 1), 1, ok).await,
+            "task_id",
+        ),
+        SaveNulUser => (save_r("u\0".into(), t(), 1, ok).await, "user_id"),
+        SaveNulTask => (save_r(u(), "t\0x".into(), 1, ok).await, "task_id"),
+        SaveNegativeStep => (save_r(u(), t(), -1, ok).await, "step"),
+        SaveNulStepName => (
+            save_r(
+                u(),
+                t(),
+                1,
+                TaskStepResult {
+                    step: "a\0".into(),
+                    ..ok
+                },
+            )
+            .await,
+            "step_result.step",
+        ),
+        SaveNulMessage => (
+            save_r(
+                u(),
+                t(),
+                1,
+                TaskStepResult {
+                    message: "\0".into(),
+                    ..ok
+                },
+            )
+            .await,
+            "step_result.message",
+        ),
+        SaveNulErrorMessage => {
+            let r = TaskStepResult {
+                error_message: Some("bad\0".into()),
+                ..ok
+            };
+            (save_r(u(), t(), 1, r).await, "step_result.error_message")
+        }
+        SaveNulJsonString => (
+            save_r(u(), t(), 1, with_result(json!({"a": ["ok", "x\u{0}y"]}))).await,
+            "step_result.result",
+        ),
+        SaveNulJsonKey => (
+            save_r(u(), t(), 1, with_result(json!({"a": {"k\u{0}": 1}}))).await,
+            "step_result.result",
+        ),
+        SaveTooDeepJson => {
+            let mut v = json!(0);
+            for _ in 0..=MAX_JSON_DEPTH {
+                v = json!({ "d": v });
+            }
+            (
+                save_r(u(), t(), 1, with_result(v)).await,
+                "step_result.result",
+            )
+        }
+        SaveTooLargeResult => {
+            let v = json!("x".repeat(validate::MAX_RESULT_BYTES));
+            (save_r(u(), t(), 1, with_result(v)).await, "step_result")
+        }
+        BatchOneBadRecord => {
+            let records = [
+                StepRecord::new("u", "t", 1, ok.clone()),
+                StepRecord::new("u", "", 0, ok),
+            ];
+            (
+                store.save_batch_task_history(&records).await,
+                "records[1].task_id",
+            )
+        }
+        BatchBadTimestamp => {
+            let year_10000 = Utc.with_ymd_and_hms(10000, 1, 1, 0, 0, 0).single().unwrap();
+            let records = [
+                StepRecord::new("u", "new", 0, ok.clone()),
+                StepRecord::new("u", "t", 1, ok).at(year_10000),
+            ];
+            (
+                store.save_batch_task_history(&records).await,
+                "records[1].timestamp",
+            )
+        }
+        LoadEmptyUser => (store.load_task_history("", "t").await.map(drop), "user_id"),
+        StatusNulTask => (
+            store.check_task_status("u", "\0").await.map(drop),
+            "task_id",
+        ),
+        CancelEmptyTask => (
+            store.mark_task_as_cancelled("u", "").await.map(drop),
+            "task_id",
+        ),
+        ListZeroLimit => (store.get_user_tasks("u", 0).await.map(drop), "limit"),
+        ListNegativeLimit => (store.get_user_tasks("u", -5).await.map(drop), "limit"),
+        ListTooLargeLimit => (
+            store.get_user_tasks("u", MAX_PAGE_SIZE + 1).await.map(drop),
+            "limit",
+        ),
+        ListBadCursor => {
+            let q = TaskQuery::first(10).after(Some(TaskCursor {
+                last_updated: Utc::now(),
+                task_id: String::new(),
+            }));
+            (store.get_user_tasks_page("u", &q).await.map(drop), "cursor")
+        }
+        CleanupNegativeDays => (store.cleanup_old_tasks(-1).await.map(drop), "days_old"),
+        CleanupTooManyDays => (
+            store
+                .cleanup_old_tasks(validate::MAX_RETENTION_DAYS + 1)
+                .await
+                .map(drop),
+            "days_old",
+        ),
+    }
+}
+
+/// Rule 7: each bad call gets InvalidInput naming the field, and the store is unchanged.
+pub async fn invalid_input_changes_nothing(store: &DynStore, call: BadCall) {
+    let old = [StepRecord::new("u", "t", 0, running("a")).at(days_ago(100))];
+    store.save_batch_task_history(&old).await.unwrap();
+    let before = (history(store, "u", "t").await, tasks(store, "u").await);
+    let (result, field) = bad_call(store, call).await;
+    match result {
+        Err(StoreError::InvalidInput { field: got, .. }) => assert_eq!(got, field, "{call:?}"),
+        other => panic!("{call:?}: expected InvalidInput({field}), got {other:?}"),
+    }
+    assert_eq!(
+        (history(store, "u", "t").await, tasks(store, "u").await),
+        before,
+        "{call:?} changed the store"
+    );
+    assert!(history(store, "u", "new").await.is_empty());
+}

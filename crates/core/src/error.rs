@@ -1,0 +1,153 @@
+//! The one error type every store returns.
+
+/// A boxed error from a backend, kept as the source of [`StoreError`].
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// What went wrong in a store operation.
+///
+/// Variants are by meaning, the same for every backend; the backend's own error stays
+/// reachable through [`std::error::Error::source`]. No variant ever carries a password or a
+/// connection string.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The caller's input was refused before anything was written.
+    #[error("invalid input: {field}: {reason}")]
+    InvalidInput {
+        /// The argument or record field at fault, e.g. `"user_id"` or `"records[3].step"`.
+        field: String,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// The task is cancelled: the write was refused and nothing was written. A worker that
+    /// gets this should stop working on the task.
+    #[error("task {task_id:?} of user {user_id:?} is cancelled; the write was refused")]
+    TaskCancelled {
+        /// The task's user.
+        user_id: String,
+        /// The cancelled task.
+        task_id: String,
+    },
+    /// The backend cannot be reached right now (connection refused or lost, server shutting
+    /// down, pool exhausted). Transient: the operation may be retried.
+    #[error("store unavailable during {operation}: {source}")]
+    Unavailable {
+        /// The store operation, e.g. `"save_task_history"`.
+        operation: &'static str,
+        /// The underlying error.
+        #[source]
+        source: BoxError,
+    },
+    /// The operation ran out of time (a client command timeout or the server's
+    /// statement_timeout). Transient: the operation may be retried.
+    #[error("{operation} timed out: {source}")]
+    Timeout {
+        /// The store operation.
+        operation: &'static str,
+        /// What timed out.
+        #[source]
+        source: BoxError,
+    },
+    /// A transaction conflict the server resolved by aborting us (serialization failure,
+    /// deadlock). Transient: the operation may be retried.
+    #[error("{operation} conflicted with a concurrent transaction: {source}")]
+    Conflict {
+        /// The store operation.
+        operation: &'static str,
+        /// The server's error.
+        #[source]
+        source: BoxError,
+    },
+    /// The store was closed with [`close`](crate::TaskHistoryStore::close).
+    #[error("the store is closed")]
+    Closed,
+    /// Anything else the backend reported, or data read back that does not parse.
+    #[error("database error during {operation}: {source}")]
+    Database {
+        /// The store operation.
+        operation: &'static str,
+        /// The underlying error.
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl StoreError {
+    /// An [`StoreError::InvalidInput`] for `field`.
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        StoreError::InvalidInput {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// A [`StoreError::Database`] from anything printable (corrupt data read back, say).
+    pub fn database(operation: &'static str, source: impl Into<BoxError>) -> Self {
+        StoreError::Database {
+            operation,
+            source: source.into(),
+        }
+    }
+
+    /// True for errors that a retry may cure: [`Unavailable`](StoreError::Unavailable),
+    /// [`Timeout`](StoreError::Timeout) and [`Conflict`](StoreError::Conflict). Writes are
+    /// idempotent, so retrying them is safe.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Unavailable { .. }
+                | StoreError::Timeout { .. }
+                | StoreError::Conflict { .. }
+        )
+    }
+
+    /// True for [`StoreError::InvalidInput`].
+    pub fn is_invalid_input(&self) -> bool {
+        matches!(self, StoreError::InvalidInput { .. })
+    }
+
+    /// True for [`StoreError::TaskCancelled`].
+    pub fn is_cancelled(&self) -> bool {
+        matches!(self, StoreError::TaskCancelled { .. })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_backend_trouble_is_transient() {
+        let io = || -> BoxError { "connection reset".into() };
+        assert!(StoreError::Unavailable {
+            operation: "x",
+            source: io()
+        }
+        .is_transient());
+        assert!(StoreError::Timeout {
+            operation: "x",
+            source: io()
+        }
+        .is_transient());
+        assert!(StoreError::Conflict {
+            operation: "x",
+            source: io()
+        }
+        .is_transient());
+        assert!(!StoreError::database("x", io()).is_transient());
+        assert!(!StoreError::invalid("user_id", "empty").is_transient());
+        assert!(!StoreError::Closed.is_transient());
+        let cancelled = StoreError::TaskCancelled {
+            user_id: "u".into(),
+            task_id: "t".into(),
+        };
+        assert!(!cancelled.is_transient());
+        assert!(cancelled.is_cancelled());
+    }
+
+    #[test]
+    fn invalid_input_names_the_field() {
+        let e = StoreError::invalid("records[2].task_id", "empty");
+        assert_eq!(e.to_string(), "invalid input: records[2].task_id: empty");
+    }
+}

@@ -1,0 +1,28 @@
+//! The domain core of `taskhistory`: task statuses and error codes, the records kept per step,
+//! the [`TaskHistoryStore`] contract with its [`StoreError`], the [`RetryPolicy`], the input
+//! rules every store applies ([`validate`]) and, behind the `conformance` feature, the
+//! behaviour suite every store must pass.
+//!
+//! It holds no storage: backends live in `taskhistory-postgres` and `taskhistory-memory`.
+//! Feature `mock` adds mockall's `MockTaskHistoryStore` for interaction tests.
+
+mod error;
+mod model;
+mod retry;
+mod status;
+mod store;
+pub mod validate;
+
+#[cfg(feature = "conformance")]
+pub mod conformance;
+
+pub use error::{BoxError, StoreError};
+pub use model::{
+    CleanupReport, HealthReport, HistoryEntry, StepRecord, TaskCursor, TaskPage, TaskQuery,
+    TaskStepResult, TaskSummary,
+};
+pub use retry::RetryPolicy;
+pub use status::{ErrorCode, ParseEnumError, TaskStatus};
+#[cfg(feature = "mock")]
+pub use store::MockTaskHistoryStore;
+pub use store::{DynStore, TaskHistoryStore};

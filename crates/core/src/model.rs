@@ -1,0 +1,297 @@
+//! The records the store keeps and returns.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::StoreError;
+use crate::status::{ErrorCode, TaskStatus};
+
+/// The outcome of one step, stored as the `result` JSON of a history row.
+///
+/// Its JSON is field for field what the Python service's `TaskStepResult.dict()` produces
+/// (`step`, `result`, `completed`, `message`, `status`, `error_code`, `error_message`, with
+/// `null` for absent codes and messages), so rows written by either side stay readable by both.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskStepResult {
+    /// The step's name, e.g. `"data_processing"`.
+    pub step: String,
+    /// What the step produced; any JSON value.
+    #[serde(default)]
+    pub result: Value,
+    /// Whether the step finished.
+    #[serde(default)]
+    pub completed: bool,
+    /// A human-readable message.
+    #[serde(default)]
+    pub message: String,
+    /// The task's status after this step.
+    pub status: TaskStatus,
+    /// The error code, for failed steps.
+    #[serde(default)]
+    pub error_code: Option<ErrorCode>,
+    /// The error's text, for failed steps.
+    #[serde(default)]
+    pub error_message: Option<String>,
+}
+
+impl TaskStepResult {
+    /// A step that finished successfully with `result`: completed, status `completed`.
+    pub fn success(step: impl Into<String>, result: Value, message: impl Into<String>) -> Self {
+        TaskStepResult {
+            step: step.into(),
+            result,
+            completed: true,
+            message: message.into(),
+            status: TaskStatus::Completed,
+            error_code: None,
+            error_message: None,
+        }
+    }
+
+    /// A step that is still going: not completed, status `running`.
+    pub fn running(step: impl Into<String>, result: Value, message: impl Into<String>) -> Self {
+        TaskStepResult {
+            step: step.into(),
+            result,
+            completed: false,
+            message: message.into(),
+            status: TaskStatus::Running,
+            error_code: None,
+            error_message: None,
+        }
+    }
+
+    /// A step that failed: no result, not completed, status `failed`, with the code and the
+    /// error's text (also used as the message, as the seed's examples do).
+    pub fn failure(step: impl Into<String>, code: ErrorCode, error: impl Into<String>) -> Self {
+        let error = error.into();
+        TaskStepResult {
+            step: step.into(),
+            result: Value::Null,
+            completed: false,
+            message: error.clone(),
+            status: TaskStatus::Failed,
+            error_code: Some(code),
+            error_message: Some(error),
+        }
+    }
+
+    /// The same result with another status.
+    pub fn with_status(mut self, status: TaskStatus) -> Self {
+        self.status = status;
+        self
+    }
+
+    /// The history entry [`TaskHistoryStore::mark_task_as_cancelled`](crate::TaskHistoryStore)
+    /// records: step `"cancelled"`, status `cancelled`, code E004.
+    pub fn cancellation() -> Self {
+        TaskStepResult {
+            step: "cancelled".to_owned(),
+            result: Value::Null,
+            completed: false,
+            message: "Task cancelled".to_owned(),
+            status: TaskStatus::Cancelled,
+            error_code: Some(ErrorCode::Cancelled),
+            error_message: Some("task cancelled by request".to_owned()),
+        }
+    }
+}
+
+/// One step to save in a batch (the seed's batch record), and the line format of export and
+/// import.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    /// The owner of the task.
+    pub user_id: String,
+    /// The task.
+    pub task_id: String,
+    /// The step number, 0 or more.
+    pub step: i32,
+    /// When the step happened; `None` lets the store use its clock. Kept to the microsecond.
+    #[serde(default)]
+    pub timestamp: Option<DateTime<Utc>>,
+    /// The step's outcome.
+    pub result: TaskStepResult,
+}
+
+impl StepRecord {
+    /// A record stamped by the store's clock when saved.
+    pub fn new(
+        user_id: impl Into<String>,
+        task_id: impl Into<String>,
+        step: i32,
+        result: TaskStepResult,
+    ) -> Self {
+        StepRecord {
+            user_id: user_id.into(),
+            task_id: task_id.into(),
+            step,
+            timestamp: None,
+            result,
+        }
+    }
+
+    /// The same record with an explicit timestamp (imports, back-fills, tests of retention).
+    pub fn at(mut self, timestamp: DateTime<Utc>) -> Self {
+        self.timestamp = Some(timestamp);
+        self
+    }
+}
+
+/// One stored step, as [`TaskHistoryStore::load_task_history`](crate::TaskHistoryStore)
+/// returns it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// The step number.
+    pub step: i32,
+    /// The step's outcome (the row's `result` JSON).
+    pub result: TaskStepResult,
+    /// When the step was saved (or the timestamp it was saved with), UTC, microseconds.
+    pub timestamp: DateTime<Utc>,
+    /// The row's status column; equal to `result.status`.
+    pub status: TaskStatus,
+}
+
+/// One task of a user, as listed by
+/// [`TaskHistoryStore::get_user_tasks`](crate::TaskHistoryStore).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskSummary {
+    /// The task.
+    pub task_id: String,
+    /// The status of its highest step.
+    pub status: TaskStatus,
+    /// Its highest step number.
+    pub last_step: i32,
+    /// How many distinct steps it has.
+    pub step_count: i64,
+    /// When it was first written.
+    pub created_at: DateTime<Utc>,
+    /// Its latest activity: the greatest timestamp ever written to it.
+    pub last_updated: DateTime<Utc>,
+}
+
+impl TaskSummary {
+    /// The cursor that continues a listing after this task.
+    pub fn cursor(&self) -> TaskCursor {
+        TaskCursor {
+            last_updated: self.last_updated,
+            task_id: self.task_id.clone(),
+        }
+    }
+}
+
+/// Where a listing of a user's tasks continues: after the task with this `last_updated` and
+/// `task_id` in the listing order (newest activity first, then `task_id` descending).
+///
+/// Its text form (`Display` / `FromStr`) is `<unix microseconds>:<task_id>`, safe to hand to
+/// a client and back.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TaskCursor {
+    /// The `last_updated` of the last task already seen.
+    pub last_updated: DateTime<Utc>,
+    /// The `task_id` of the last task already seen.
+    pub task_id: String,
+}
+
+impl fmt::Display for TaskCursor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}",
+            self.last_updated.timestamp_micros(),
+            self.task_id
+        )
+    }
+}
+
+impl FromStr for TaskCursor {
+    type Err = StoreError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |why: &str| StoreError::invalid("cursor", why);
+        let (micros, task_id) = s
+            .split_once(':')
+            .ok_or_else(|| bad("expected <micros>:<task_id>"))?;
+        let micros: i64 = micros
+            .parse()
+            .map_err(|_| bad("the time part is not an integer"))?;
+        let last_updated = DateTime::from_timestamp_micros(micros)
+            .ok_or_else(|| bad("the time is out of range"))?;
+        let cursor = TaskCursor {
+            last_updated,
+            task_id: task_id.to_owned(),
+        };
+        crate::validate::cursor(&cursor)?;
+        Ok(cursor)
+    }
+}
+
+/// What [`TaskHistoryStore::get_user_tasks_page`](crate::TaskHistoryStore) lists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskQuery {
+    /// How many tasks at most, 1 to [`MAX_PAGE_SIZE`](crate::validate::MAX_PAGE_SIZE).
+    pub limit: i64,
+    /// Continue after this task; `None` starts at the newest.
+    pub after: Option<TaskCursor>,
+    /// Only tasks whose current status is this one.
+    pub status: Option<TaskStatus>,
+}
+
+impl TaskQuery {
+    /// The first page of `limit` tasks, any status.
+    pub fn first(limit: i64) -> Self {
+        TaskQuery {
+            limit,
+            after: None,
+            status: None,
+        }
+    }
+
+    /// The same query continuing after `cursor`.
+    pub fn after(mut self, cursor: Option<TaskCursor>) -> Self {
+        self.after = cursor;
+        self
+    }
+
+    /// The same query restricted to tasks whose current status is `status`.
+    pub fn with_status(mut self, status: TaskStatus) -> Self {
+        self.status = Some(status);
+        self
+    }
+}
+
+/// One page of a user's tasks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskPage {
+    /// The tasks, newest activity first.
+    pub tasks: Vec<TaskSummary>,
+    /// Where the next page starts; `None` when this page is the last.
+    pub next: Option<TaskCursor>,
+}
+
+/// What [`TaskHistoryStore::cleanup_old_tasks`](crate::TaskHistoryStore) removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CleanupReport {
+    /// Whole tasks removed.
+    pub tasks_removed: u64,
+    /// Steps (history rows) removed with them.
+    pub steps_removed: u64,
+}
+
+/// What [`TaskHistoryStore::health_check`](crate::TaskHistoryStore) found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct HealthReport {
+    /// `"memory"` or `"postgres"`.
+    pub backend: &'static str,
+    /// Time of one round trip to the backend.
+    pub round_trip: Duration,
+    /// The server's version, where there is a server.
+    pub server_version: Option<String>,
+    /// The newest applied schema migration, where there is a schema.
+    pub schema_version: Option<String>,
+}

@@ -1,0 +1,416 @@
+//! Input rules shared by every store, so that all of them refuse the same inputs with the same
+//! [`StoreError::InvalidInput`] before touching anything.
+//!
+//! | input | rule |
+//! |---|---|
+//! | `user_id`, `task_id` | 1 to [`MAX_ID_BYTES`] bytes of UTF-8, no NUL |
+//! | step number | 0 or more |
+//! | step result | no NUL in any string or key (PostgreSQL's text and jsonb refuse it), JSON nested at most [`MAX_JSON_DEPTH`] deep, at most [`MAX_RESULT_BYTES`] encoded |
+//! | timestamp | from year 1 to year 9999, UTC; kept to the microsecond (finer digits are dropped) |
+//! | page size (`limit`) | 1 to [`MAX_PAGE_SIZE`] |
+//! | retention (`days`) | 0 to [`MAX_RETENTION_DAYS`] |
+
+use chrono::{DateTime, NaiveDate, SubsecRound, Utc};
+use serde_json::{Map, Number, Value};
+
+use crate::error::StoreError;
+use crate::model::{StepRecord, TaskCursor, TaskQuery, TaskStepResult};
+
+/// The longest `user_id` or `task_id`, in bytes.
+pub const MAX_ID_BYTES: usize = 255;
+/// The most tasks one listing returns.
+pub const MAX_PAGE_SIZE: i64 = 1000;
+/// The deepest nesting of arrays and objects in a step result (`serde_json` reads back at
+/// most 128 levels; PostgreSQL's limit depends on its stack).
+pub const MAX_JSON_DEPTH: usize = 64;
+/// The largest step result, encoded as JSON.
+pub const MAX_RESULT_BYTES: usize = 16 * 1024 * 1024;
+/// The largest retention period `cleanup_old_tasks` accepts.
+pub const MAX_RETENTION_DAYS: i64 = 1_000_000;
+
+/// Checks a `user_id`.
+pub fn user_id(value: &str) -> Result<(), StoreError> {
+    id("user_id", value)
+}
+
+/// Checks a `task_id`.
+pub fn task_id(value: &str) -> Result<(), StoreError> {
+    id("task_id", value)
+}
+
+/// Checks an identifier reported as `field`.
+pub fn id(field: &str, value: &str) -> Result<(), StoreError> {
+    if value.is_empty() {
+        return Err(StoreError::invalid(field, "must not be empty"));
+    }
+    if value.len() > MAX_ID_BYTES {
+        return Err(StoreError::invalid(
+            field,
+            format!(
+                "is {} bytes long; at most {MAX_ID_BYTES} are allowed",
+                value.len()
+            ),
+        ));
+    }
+    no_nul(field, value)
+}
+
+/// Checks a step number reported as `field`.
+pub fn step(field: &str, value: i32) -> Result<(), StoreError> {
+    if value < 0 {
+        return Err(StoreError::invalid(
+            field,
+            format!("is {value}; steps start at 0"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a page size.
+pub fn limit(value: i64) -> Result<(), StoreError> {
+    if !(1..=MAX_PAGE_SIZE).contains(&value) {
+        return Err(StoreError::invalid(
+            "limit",
+            format!("is {value}; it must be between 1 and {MAX_PAGE_SIZE}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a retention period in days.
+pub fn days(value: i64) -> Result<(), StoreError> {
+    if !(0..=MAX_RETENTION_DAYS).contains(&value) {
+        return Err(StoreError::invalid(
+            "days_old",
+            format!("is {value}; it must be between 0 and {MAX_RETENTION_DAYS}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a timestamp and returns it cut to the microsecond, the precision every store keeps.
+pub fn timestamp(field: &str, value: DateTime<Utc>) -> Result<DateTime<Utc>, StoreError> {
+    let min = NaiveDate::from_ymd_opt(1, 1, 1).and_then(|d| d.and_hms_opt(0, 0, 0));
+    let max = NaiveDate::from_ymd_opt(10000, 1, 1).and_then(|d| d.and_hms_opt(0, 0, 0));
+    let naive = value.naive_utc();
+    match (min, max) {
+        (Some(min), Some(max)) if naive >= min && naive < max => Ok(value.trunc_subsecs(6)),
+        _ => Err(StoreError::invalid(
+            field,
+            format!("{value} is outside the years 1 to 9999"),
+        )),
+    }
+}
+
+/// The store's clock: now, UTC, cut to the microsecond.
+pub fn now() -> DateTime<Utc> {
+    Utc::now().trunc_subsecs(6)
+}
+
+/// Checks a listing cursor.
+pub fn cursor(value: &TaskCursor) -> Result<(), StoreError> {
+    id("cursor", &value.task_id)?;
+    timestamp("cursor", value.last_updated)?;
+    Ok(())
+}
+
+/// Checks a listing query.
+pub fn query(value: &TaskQuery) -> Result<(), StoreError> {
+    limit(value.limit)?;
+    if let Some(c) = &value.after {
+        cursor(c)?;
+    }
+    Ok(())
+}
+
+/// Checks a step result reported under `field` (e.g. `"step_result"`).
+pub fn step_result(field: &str, value: &TaskStepResult) -> Result<(), StoreError> {
+    no_nul(&format!("{field}.step"), &value.step)?;
+    no_nul(&format!("{field}.message"), &value.message)?;
+    if let Some(m) = &value.error_message {
+        no_nul(&format!("{field}.error_message"), m)?;
+    }
+    json(&format!("{field}.result"), &value.result, 1)?;
+    let mut counter = ByteCounter(0);
+    serde_json::to_writer(&mut counter, value)
+        .map_err(|e| StoreError::invalid(field, format!("does not encode as JSON: {e}")))?;
+    if counter.0 > MAX_RESULT_BYTES {
+        return Err(StoreError::invalid(
+            field,
+            format!(
+                "encodes to {} bytes; at most {MAX_RESULT_BYTES} are allowed",
+                counter.0
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks one save: ids, step number and result.
+pub fn save(
+    user: &str,
+    task: &str,
+    step_no: i32,
+    result: &TaskStepResult,
+) -> Result<(), StoreError> {
+    user_id(user)?;
+    task_id(task)?;
+    step("step", step_no)?;
+    step_result("step_result", result)
+}
+
+/// A batch record that passed validation, with its timestamp cut to the microsecond.
+#[derive(Debug, Clone, Copy)]
+pub struct PreparedStep<'a> {
+    /// The record as given.
+    pub record: &'a StepRecord,
+    /// Its timestamp, cut to the microsecond; `None` for "now".
+    pub timestamp: Option<DateTime<Utc>>,
+}
+
+/// Validates a batch and puts it in the order every store applies it: sorted by
+/// `(user_id, task_id, step)`, and where one step appears more than once, only the last
+/// occurrence kept. The first invalid record fails the whole batch.
+pub fn prepare_batch(records: &[StepRecord]) -> Result<Vec<PreparedStep<'_>>, StoreError> {
+    let mut prepared = Vec::with_capacity(records.len());
+    for (i, r) in records.iter().enumerate() {
+        id(&format!("records[{i}].user_id"), &r.user_id)?;
+        id(&format!("records[{i}].task_id"), &r.task_id)?;
+        step(&format!("records[{i}].step"), r.step)?;
+        step_result(&format!("records[{i}].result"), &r.result)?;
+        let timestamp = match r.timestamp {
+            Some(ts) => Some(timestamp(&format!("records[{i}].timestamp"), ts)?),
+            None => None,
+        };
+        prepared.push((
+            i,
+            PreparedStep {
+                record: r,
+                timestamp,
+            },
+        ));
+    }
+    // Stable sort by key then position; keep the last of each run of equal keys.
+    prepared.sort_by(|(ia, a), (ib, b)| key(a).cmp(&key(b)).then(ia.cmp(ib)));
+    let mut out: Vec<PreparedStep<'_>> = Vec::with_capacity(prepared.len());
+    for (_, p) in prepared {
+        match out.last_mut() {
+            Some(last) if key(last) == key(&p) => *last = p,
+            _ => out.push(p),
+        }
+    }
+    Ok(out)
+}
+
+fn key<'a>(p: &PreparedStep<'a>) -> (&'a str, &'a str, i32) {
+    (&p.record.user_id, &p.record.task_id, p.record.step)
+}
+
+fn no_nul(field: &str, value: &str) -> Result<(), StoreError> {
+    if value.contains('\0') {
+        return Err(StoreError::invalid(
+            field,
+            "contains a NUL character (\\u0000)",
+        ));
+    }
+    Ok(())
+}
+
+fn json(field: &str, value: &Value, depth: usize) -> Result<(), StoreError> {
+    match value {
+        Value::String(s) => no_nul(field, s),
+        Value::Array(items) => {
+            nested(field, depth)?;
+            items.iter().try_for_each(|v| json(field, v, depth + 1))
+        }
+        Value::Object(map) => {
+            nested(field, depth)?;
+            map.iter().try_for_each(|(k, v)| {
+                no_nul(field, k)?;
+                json(field, v, depth + 1)
+            })
+        }
+        Value::Null | Value::Bool(_) | Value::Number(_) => Ok(()),
+    }
+}
+
+fn nested(field: &str, depth: usize) -> Result<(), StoreError> {
+    if depth > MAX_JSON_DEPTH {
+        return Err(StoreError::invalid(
+            field,
+            format!("is nested more than {MAX_JSON_DEPTH} levels deep"),
+        ));
+    }
+    Ok(())
+}
+
+struct ByteCounter(usize);
+
+impl std::io::Write for ByteCounter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The value as PostgreSQL's `jsonb` gives it back: a float written in exponent form with no
+/// fractional digits left (`1e16`) comes back as an integer when it fits in 64 bits, and
+/// `-0.0` comes back as `0.0`. Object keys and strings are unchanged. Stores that do not go
+/// through jsonb apply this so that every store returns the same value.
+///
+/// Call it on validated values only (the depth is bounded there).
+pub fn canonical_json(value: &Value) -> Value {
+    match value {
+        Value::Number(n) => Value::Number(canonical_number(n)),
+        Value::Array(items) => Value::Array(items.iter().map(canonical_json).collect()),
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| (k.clone(), canonical_json(v)))
+                .collect::<Map<_, _>>(),
+        ),
+        other => other.clone(),
+    }
+}
+
+fn canonical_number(n: &Number) -> Number {
+    let Some(f) = n.as_f64().filter(|_| n.is_f64()) else {
+        return n.clone();
+    };
+    if f == 0.0 {
+        return Number::from_f64(0.0).unwrap_or_else(|| n.clone());
+    }
+    // serde_json prints floats of magnitude 1e16 and above in exponent form; PostgreSQL
+    // reads those as integers (no fractional digits) and prints them back in full.
+    if f.fract() == 0.0 && f.abs() >= 1e16 {
+        if (0.0..18_446_744_073_709_551_616.0).contains(&f) {
+            return Number::from(f as u64);
+        }
+        if (-9_223_372_036_854_775_808.0..0.0).contains(&f) {
+            return Number::from(f as i64);
+        }
+    }
+    n.clone()
+}
+
+/// Applies [`canonical_json`] to a step result's `result`.
+pub fn canonical_result(value: &TaskStepResult) -> TaskStepResult {
+    TaskStepResult {
+        result: canonical_json(&value.result),
+        ..value.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status::TaskStatus;
+    use chrono::TimeZone;
+    use serde_json::json;
+
+    fn ok_result() -> TaskStepResult {
+        TaskStepResult::success("s", json!({"a": 1}), "ok")
+    }
+
+    #[test]
+    fn ids_are_bounded_and_nul_free() {
+        assert!(user_id("u").is_ok());
+        assert!(user_id(&"x".repeat(MAX_ID_BYTES)).is_ok());
+        for bad in ["", "a\0b"] {
+            assert!(
+                matches!(user_id(bad), Err(StoreError::InvalidInput { ref field, .. }) if field == "user_id")
+            );
+        }
+        assert!(task_id(&"é".repeat(128)).is_err(), "256 bytes");
+    }
+
+    #[test]
+    fn json_rules() {
+        let mut r = ok_result();
+        r.result = json!({"k": ["fine", {"x\u{0}": 1}]});
+        assert!(step_result("step_result", &r).is_err());
+        r.result = json!({"k": "a\u{0}"});
+        assert!(step_result("step_result", &r).is_err());
+        let mut deep = json!(1);
+        for _ in 0..MAX_JSON_DEPTH {
+            deep = json!([deep]);
+        }
+        r.result = deep.clone();
+        assert!(step_result("step_result", &r).is_ok());
+        r.result = json!([deep]);
+        assert!(step_result("step_result", &r).is_err());
+        r.result = Value::String("x".repeat(MAX_RESULT_BYTES));
+        assert!(step_result("step_result", &r).is_err());
+    }
+
+    #[test]
+    fn timestamps_are_cut_to_microseconds_and_bounded() {
+        let t = Utc
+            .timestamp_opt(1_700_000_000, 123_456_789)
+            .single()
+            .unwrap();
+        let cut = timestamp("ts", t).unwrap();
+        assert_eq!(cut.timestamp_subsec_nanos(), 123_456_000);
+        let far = Utc.with_ymd_and_hms(10000, 1, 1, 0, 0, 0).single().unwrap();
+        assert!(timestamp("ts", far).is_err());
+    }
+
+    #[test]
+    fn batches_keep_the_last_duplicate_and_sort_by_key() {
+        let a = StepRecord::new("u", "b", 2, ok_result());
+        let b = StepRecord::new("u", "a", 1, ok_result());
+        let c = StepRecord::new("u", "b", 2, ok_result().with_status(TaskStatus::Failed));
+        let records = [a, b, c];
+        let p = prepare_batch(&records).unwrap();
+        let keys: Vec<_> = p
+            .iter()
+            .map(|p| {
+                (
+                    p.record.task_id.as_str(),
+                    p.record.step,
+                    p.record.result.status,
+                )
+            })
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                ("a", 1, TaskStatus::Completed),
+                ("b", 2, TaskStatus::Failed)
+            ]
+        );
+    }
+
+    #[test]
+    fn batch_errors_name_the_record() {
+        let records = [
+            StepRecord::new("u", "t", 0, ok_result()),
+            StepRecord::new("u", "t", -1, ok_result()),
+        ];
+        match prepare_batch(&records) {
+            Err(StoreError::InvalidInput { field, .. }) => assert_eq!(field, "records[1].step"),
+            other => panic!("expected InvalidInput, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn canonical_numbers_follow_jsonb() {
+        assert_eq!(
+            canonical_json(&json!(1e16)),
+            json!(10_000_000_000_000_000_u64)
+        );
+        assert_eq!(
+            canonical_json(&json!(-1e17)),
+            json!(-100_000_000_000_000_000_i64)
+        );
+        assert_eq!(canonical_json(&json!(1e20)), json!(1e20));
+        assert_eq!(canonical_json(&json!(1.5)), json!(1.5));
+        assert_eq!(canonical_json(&json!(-0.0)).to_string(), "0.0");
+        assert_eq!(
+            canonical_json(&json!({"a": [1e16]})),
+            json!({"a": [10_000_000_000_000_000_u64]})
+        );
+    }
+}

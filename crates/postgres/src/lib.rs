@@ -1,1 +1,24 @@
-//! placeholder
+//! `PgTaskHistoryStore`: the [`TaskHistoryStore`](taskhistory_core::TaskHistoryStore) on
+//! PostgreSQL, with diesel-async over a bb8 pool.
+//!
+//! What it is for: keeping task histories in production. Every write is one statement that
+//! keeps a per-task summary row right in the same transaction, so status checks and task
+//! lists cost the same however long histories grow. Migrations (the top-level `migrations/`
+//! folder, embedded) are applied by `init_database_schema`, and adopt a database made by the
+//! Python `DatabaseManager` in place.
+//!
+//! What it is not for: tests of code that merely uses a store (use `taskhistory-memory`), or
+//! arbitrary queries over the history (the SQL is fixed, in [`sql`]).
+
+mod config;
+mod connection;
+mod error;
+mod migrate;
+pub mod sql;
+mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use config::{PgConfig, SslMode};
+pub use migrate::{MigrationState, MIGRATIONS};
+pub use store::{CleanupOptions, PgTaskHistoryStore, PoolStats, StoreMetrics};

@@ -1,0 +1,482 @@
+//! Connection and pool settings: from `DATABASE_URL`, the Python service's `DB_*` variables,
+//! or a builder in code.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use taskhistory_core::{RetryPolicy, StoreError};
+
+/// How the connection is encrypted, with libpq's names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SslMode {
+    /// Plain TCP.
+    Disable,
+    /// TLS if the server offers it, plain otherwise; the certificate is not checked.
+    #[default]
+    Prefer,
+    /// TLS or nothing; the certificate is not checked.
+    Require,
+    /// TLS, with the certificate checked against the trusted roots (`sslrootcert`, or the
+    /// system's) and the host name checked against the certificate.
+    VerifyFull,
+}
+
+impl FromStr for SslMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "disable" => Ok(SslMode::Disable),
+            "prefer" => Ok(SslMode::Prefer),
+            "require" => Ok(SslMode::Require),
+            "verify-full" => Ok(SslMode::VerifyFull),
+            other => Err(format!(
+                "unknown sslmode {other:?} (disable, prefer, require, verify-full)"
+            )),
+        }
+    }
+}
+
+/// Everything the PostgreSQL store needs to connect.
+///
+/// Defaults follow the Python service: pool of 10 to 20 connections, 60 s command timeout,
+/// application_name `taskhistory`, UTC. The password is never printed: `Debug` shows
+/// `<redacted>`.
+#[derive(Clone)]
+pub struct PgConfig {
+    pub(crate) pg: tokio_postgres::Config,
+    /// TLS mode.
+    pub ssl_mode: SslMode,
+    /// PEM file of trusted root certificates for `verify-full` (else the system's roots).
+    pub ssl_root_cert: Option<PathBuf>,
+    /// Connections kept open when idle.
+    pub min_size: u32,
+    /// Most connections open at once.
+    pub max_size: u32,
+    /// Client-side limit for one operation's database work; past it the operation fails
+    /// with `StoreError::Timeout` and its connection is discarded, never reused half-used.
+    pub command_timeout: Duration,
+    /// Server-side `statement_timeout` set on every connection.
+    pub statement_timeout: Duration,
+    /// Limit for opening one connection.
+    pub connect_timeout: Duration,
+    /// How long a caller waits for a free connection before `StoreError::Unavailable`.
+    pub pool_timeout: Duration,
+    /// PostgreSQL schema holding the store's tables (created if missing); `None` for the
+    /// connection's default (`public`). Letters, digits and `_` only.
+    pub schema: Option<String>,
+    /// Retries of transient failures.
+    pub retry: RetryPolicy,
+}
+
+impl fmt::Debug for PgConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgConfig")
+            .field("hosts", &self.pg.get_hosts())
+            .field("ports", &self.pg.get_ports())
+            .field("dbname", &self.pg.get_dbname())
+            .field("user", &self.pg.get_user())
+            .field("password", &self.pg.get_password().map(|_| "<redacted>"))
+            .field("application_name", &self.pg.get_application_name())
+            .field("ssl_mode", &self.ssl_mode)
+            .field("ssl_root_cert", &self.ssl_root_cert)
+            .field("min_size", &self.min_size)
+            .field("max_size", &self.max_size)
+            .field("command_timeout", &self.command_timeout)
+            .field("statement_timeout", &self.statement_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("pool_timeout", &self.pool_timeout)
+            .field("schema", &self.schema)
+            .field("retry", &self.retry)
+            .finish()
+    }
+}
+
+impl Default for PgConfig {
+    /// `postgres@localhost:5432/postgres`, with the defaults above.
+    fn default() -> Self {
+        let mut pg = tokio_postgres::Config::new();
+        pg.host("localhost")
+            .port(5432)
+            .user("postgres")
+            .dbname("postgres");
+        PgConfig {
+            pg,
+            ssl_mode: SslMode::Prefer,
+            ssl_root_cert: None,
+            min_size: 10,
+            max_size: 20,
+            command_timeout: Duration::from_secs(60),
+            statement_timeout: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(10),
+            pool_timeout: Duration::from_secs(30),
+            schema: None,
+            retry: RetryPolicy::default(),
+        }
+        .application_name("taskhistory")
+    }
+}
+
+fn bad(variable: &str, reason: impl fmt::Display) -> StoreError {
+    StoreError::invalid(variable, reason.to_string())
+}
+
+impl PgConfig {
+    /// Settings from a URL (`postgres://user:password@host:port/db?sslmode=verify-full`) or
+    /// a libpq key=value string. `sslmode` accepts disable, prefer, require and verify-full;
+    /// `sslrootcert` names the roots for verify-full. Other settings keep their defaults.
+    pub fn from_url(url: &str) -> Result<Self, StoreError> {
+        let mut config = PgConfig::default();
+        config.apply_url(url)?;
+        Ok(config)
+    }
+
+    fn apply_url(&mut self, url: &str) -> Result<(), StoreError> {
+        // tokio-postgres knows no verify-full: take sslmode and sslrootcert out first.
+        let (url, params) = take_params(url, &["sslmode", "sslrootcert"]);
+        let mut pg = tokio_postgres::Config::from_str(&url)
+            .map_err(|e| bad("DATABASE_URL", format!("does not parse: {e}")))?;
+        if pg.get_application_name().is_none() {
+            pg.application_name(self.pg.get_application_name().unwrap_or("taskhistory"));
+        }
+        self.pg = pg;
+        for (key, value) in params {
+            match key.as_str() {
+                "sslmode" => self.ssl_mode = value.parse().map_err(|e| bad("DATABASE_URL", e))?,
+                _ => self.ssl_root_cert = Some(PathBuf::from(value)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Settings from the environment: `DATABASE_URL` if set, else `DB_HOST`, `DB_PORT`,
+    /// `DB_NAME`, `DB_USER`, `DB_PASSWORD`; then, in both cases, `DB_MIN_SIZE`,
+    /// `DB_MAX_SIZE`, `DB_COMMAND_TIMEOUT`, `DB_STATEMENT_TIMEOUT`, `DB_CONNECT_TIMEOUT`,
+    /// `DB_POOL_TIMEOUT` (seconds), `DB_SSLMODE`, `DB_SSLROOTCERT`, `DB_APPLICATION_NAME`
+    /// and `DB_SCHEMA`. A bad value is an `InvalidInput` naming the variable.
+    pub fn from_env() -> Result<Self, StoreError> {
+        Self::from_lookup(|key| std::env::var(key).ok())
+    }
+
+    /// [`from_env`](Self::from_env) reading variables through `lookup`.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, StoreError> {
+        let mut c = PgConfig::default();
+        let get = |k: &str| lookup(k).filter(|v| !v.is_empty());
+        if let Some(url) = get("DATABASE_URL") {
+            c.apply_url(&url)?;
+        } else {
+            let host = get("DB_HOST").unwrap_or_else(|| "localhost".to_owned());
+            let port = match get("DB_PORT") {
+                Some(v) => v
+                    .parse()
+                    .map_err(|e| bad("DB_PORT", format!("{v:?}: {e}")))?,
+                None => 5432,
+            };
+            c = c.host(&host).port(port);
+            if let Some(v) = get("DB_NAME") {
+                c.pg.dbname(&v);
+            }
+            if let Some(v) = get("DB_USER") {
+                c.pg.user(&v);
+            }
+            if let Some(v) = get("DB_PASSWORD") {
+                c.pg.password(v);
+            }
+        }
+        let num = |k: &str| -> Result<Option<u32>, StoreError> {
+            get(k)
+                .map(|v| v.parse::<u32>().map_err(|e| bad(k, format!("{v:?}: {e}"))))
+                .transpose()
+        };
+        let secs = |k: &str| -> Result<Option<Duration>, StoreError> {
+            get(k)
+                .map(|v| {
+                    v.parse::<f64>()
+                        .ok()
+                        .filter(|s| s.is_finite() && *s > 0.0)
+                        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+                        .ok_or_else(|| bad(k, format!("{v:?} is not a positive number of seconds")))
+                })
+                .transpose()
+        };
+        if let Some(v) = num("DB_MIN_SIZE")? {
+            c.min_size = v;
+        }
+        if let Some(v) = num("DB_MAX_SIZE")? {
+            c.max_size = v;
+        }
+        if let Some(v) = secs("DB_COMMAND_TIMEOUT")? {
+            c.command_timeout = v;
+            c.statement_timeout = v;
+        }
+        if let Some(v) = secs("DB_STATEMENT_TIMEOUT")? {
+            c.statement_timeout = v;
+        }
+        if let Some(v) = secs("DB_CONNECT_TIMEOUT")? {
+            c.connect_timeout = v;
+        }
+        if let Some(v) = secs("DB_POOL_TIMEOUT")? {
+            c.pool_timeout = v;
+        }
+        if let Some(v) = get("DB_SSLMODE") {
+            c.ssl_mode = v.parse().map_err(|e| bad("DB_SSLMODE", e))?;
+        }
+        if let Some(v) = get("DB_SSLROOTCERT") {
+            c.ssl_root_cert = Some(PathBuf::from(v));
+        }
+        if let Some(v) = get("DB_APPLICATION_NAME") {
+            c.pg.application_name(&v);
+        }
+        if let Some(v) = get("DB_SCHEMA") {
+            c.schema = Some(v);
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Checks the settings hang together; `connect` calls it.
+    pub fn validate(&self) -> Result<(), StoreError> {
+        if self.max_size == 0 {
+            return Err(bad("DB_MAX_SIZE", "must be at least 1"));
+        }
+        if self.min_size > self.max_size {
+            return Err(bad(
+                "DB_MIN_SIZE",
+                format!("{} is above DB_MAX_SIZE {}", self.min_size, self.max_size),
+            ));
+        }
+        for (name, d) in [
+            ("DB_COMMAND_TIMEOUT", self.command_timeout),
+            ("DB_STATEMENT_TIMEOUT", self.statement_timeout),
+            ("DB_CONNECT_TIMEOUT", self.connect_timeout),
+            ("DB_POOL_TIMEOUT", self.pool_timeout),
+        ] {
+            if d.is_zero() {
+                return Err(bad(name, "must be above zero"));
+            }
+        }
+        if let Some(s) = &self.schema {
+            let valid = !s.is_empty()
+                && s.len() <= 63
+                && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && !s.starts_with(|c: char| c.is_ascii_digit());
+            if !valid {
+                return Err(bad(
+                    "DB_SCHEMA",
+                    format!("{s:?} is not a plain identifier (letters, digits, _; at most 63)"),
+                ));
+            }
+        }
+        if self.pg.get_hosts().is_empty() {
+            return Err(bad("DB_HOST", "no host given"));
+        }
+        Ok(())
+    }
+
+    /// Sets the host (replacing any set before).
+    pub fn host(mut self, host: &str) -> Self {
+        let port = self.pg.get_ports().first().copied().unwrap_or(5432);
+        self.pg = self.rebuilt(host, port);
+        self
+    }
+    /// Sets the port (replacing any set before).
+    pub fn port(mut self, port: u16) -> Self {
+        let host = match self.pg.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            _ => "localhost".to_owned(),
+        };
+        self.pg = self.rebuilt(&host, port);
+        self
+    }
+
+    /// The connection settings with one host and port (tokio-postgres only appends them).
+    fn rebuilt(&self, host: &str, port: u16) -> tokio_postgres::Config {
+        let mut pg = tokio_postgres::Config::new();
+        pg.host(host).port(port);
+        if let Some(u) = self.pg.get_user() {
+            pg.user(u);
+        }
+        if let Some(p) = self.pg.get_password() {
+            pg.password(p);
+        }
+        if let Some(d) = self.pg.get_dbname() {
+            pg.dbname(d);
+        }
+        if let Some(a) = self.pg.get_application_name() {
+            pg.application_name(a);
+        }
+        pg
+    }
+    /// Sets the database name.
+    pub fn dbname(mut self, dbname: &str) -> Self {
+        self.pg.dbname(dbname);
+        self
+    }
+    /// Sets the user.
+    pub fn user(mut self, user: &str) -> Self {
+        self.pg.user(user);
+        self
+    }
+    /// Sets the password.
+    pub fn password(mut self, password: impl AsRef<[u8]>) -> Self {
+        self.pg.password(password);
+        self
+    }
+    /// Sets `application_name`, shown in `pg_stat_activity`.
+    pub fn application_name(mut self, name: &str) -> Self {
+        self.pg.application_name(name);
+        self
+    }
+    /// Sets the pool's size bounds.
+    pub fn pool_size(mut self, min: u32, max: u32) -> Self {
+        self.min_size = min;
+        self.max_size = max;
+        self
+    }
+    /// Sets the client-side command timeout.
+    pub fn command_timeout(mut self, timeout: Duration) -> Self {
+        self.command_timeout = timeout;
+        self
+    }
+    /// Sets the server-side statement_timeout.
+    pub fn statement_timeout(mut self, timeout: Duration) -> Self {
+        self.statement_timeout = timeout;
+        self
+    }
+    /// Sets how long callers wait for a free connection.
+    pub fn pool_timeout(mut self, timeout: Duration) -> Self {
+        self.pool_timeout = timeout;
+        self
+    }
+    /// Sets the connect timeout.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+    /// Sets the TLS mode.
+    pub fn ssl_mode(mut self, mode: SslMode) -> Self {
+        self.ssl_mode = mode;
+        self
+    }
+    /// Sets the PEM file of trusted roots for verify-full.
+    pub fn ssl_root_cert(mut self, path: impl Into<PathBuf>) -> Self {
+        self.ssl_root_cert = Some(path.into());
+        self
+    }
+    /// Puts the store's tables in this schema.
+    pub fn schema(mut self, schema: impl Into<String>) -> Self {
+        self.schema = Some(schema.into());
+        self
+    }
+    /// Sets the retry policy for transient failures.
+    pub fn retry(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// The database name, for messages.
+    pub fn dbname_str(&self) -> Option<&str> {
+        self.pg.get_dbname()
+    }
+}
+
+/// Removes `keys` from a URL's query string or a key=value string, returning what remains and
+/// the removed pairs.
+fn take_params(url: &str, keys: &[&str]) -> (String, Vec<(String, String)>) {
+    let mut taken = Vec::new();
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let Some((base, query)) = url.split_once('?') else {
+            return (url.to_owned(), taken);
+        };
+        let mut kept = Vec::new();
+        for pair in query.split('&') {
+            match pair.split_once('=') {
+                Some((k, v)) if keys.contains(&k) => taken.push((k.to_owned(), v.to_owned())),
+                _ => kept.push(pair),
+            }
+        }
+        let rest = if kept.is_empty() {
+            base.to_owned()
+        } else {
+            format!("{base}?{}", kept.join("&"))
+        };
+        (rest, taken)
+    } else {
+        let mut kept = Vec::new();
+        for pair in url.split_whitespace() {
+            match pair.split_once('=') {
+                Some((k, v)) if keys.contains(&k) => taken.push((k.to_owned(), v.to_owned())),
+                _ => kept.push(pair),
+            }
+        }
+        (kept.join(" "), taken)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| map.get(k).cloned()
+    }
+
+    #[test]
+    fn seed_variables_and_defaults() {
+        let c = PgConfig::from_lookup(env(&[
+            ("DB_HOST", "db.internal"),
+            ("DB_PORT", "6543"),
+            ("DB_NAME", "aiecs_db"),
+            ("DB_USER", "aiecs_user"),
+            ("DB_PASSWORD", "aiecs_password"),
+            ("DB_MAX_SIZE", "50"),
+        ]))
+        .unwrap();
+        assert_eq!(c.pg.get_ports(), [6543]);
+        assert_eq!(c.pg.get_dbname(), Some("aiecs_db"));
+        assert_eq!((c.min_size, c.max_size), (10, 50));
+        assert_eq!(c.command_timeout, Duration::from_secs(60));
+        assert_eq!(c.pg.get_application_name(), Some("taskhistory"));
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        for (k, v) in [
+            ("DB_PORT", "x"),
+            ("DB_MAX_SIZE", "-1"),
+            ("DB_COMMAND_TIMEOUT", "0"),
+            ("DB_SSLMODE", "maybe"),
+            ("DB_SCHEMA", "a;b"),
+        ] {
+            match PgConfig::from_lookup(env(&[(k, v)])) {
+                Err(StoreError::InvalidInput { field, .. }) => assert_eq!(field, k),
+                other => panic!("{k}={v}: {other:?}"),
+            }
+        }
+        let e = PgConfig::from_lookup(env(&[("DB_MIN_SIZE", "30"), ("DB_MAX_SIZE", "20")]))
+            .unwrap_err();
+        assert!(e.to_string().contains("DB_MIN_SIZE"));
+    }
+
+    #[test]
+    fn url_with_verify_full_and_no_password_in_debug() {
+        let c = PgConfig::from_lookup(env(&[(
+            "DATABASE_URL",
+            "postgres://app:s3cr3t-pw@db:5433/tasks?sslmode=verify-full&sslrootcert=/etc/ca.pem&connect_timeout=5",
+        )]))
+        .unwrap();
+        assert_eq!(c.ssl_mode, SslMode::VerifyFull);
+        assert_eq!(c.ssl_root_cert, Some(PathBuf::from("/etc/ca.pem")));
+        assert_eq!(c.pg.get_dbname(), Some("tasks"));
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("s3cr3t-pw"), "{shown}");
+        assert!(shown.contains("<redacted>"));
+    }
+}

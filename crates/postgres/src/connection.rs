@@ -1,0 +1,265 @@
+//! Opening connections (TLS with rustls, server settings at start-up) and the bb8 pool around
+//! them, which keeps the last connection error so callers see the real cause.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use diesel::ConnectionError;
+use diesel_async::pooled_connection::{
+    AsyncDieselConnectionManager, ManagerConfig, PoolError, RecyclingMethod,
+};
+use diesel_async::AsyncPgConnection;
+use futures::FutureExt;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use taskhistory_core::StoreError;
+use tokio_postgres::NoTls;
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use crate::config::{PgConfig, SslMode};
+use crate::error::from_postgres;
+
+/// The pool type.
+pub(crate) type Manager = AsyncDieselConnectionManager<AsyncPgConnection>;
+pub(crate) type Pool = bb8::Pool<Manager>;
+
+/// Opens connections as the configuration says: one place for the pool, the migrator and
+/// anything else that needs a connection.
+#[derive(Clone)]
+pub(crate) struct Connector {
+    pg: tokio_postgres::Config,
+    tls: Option<MakeRustlsConnect>,
+}
+
+impl Connector {
+    pub(crate) fn new(config: &PgConfig) -> Result<Self, StoreError> {
+        let mut pg = config.pg.clone();
+        let mut options = format!(
+            "-c statement_timeout={}",
+            config.statement_timeout.as_millis().max(1)
+        );
+        if let Some(schema) = &config.schema {
+            // Validated as a plain identifier: no quoting or escaping needed.
+            options.push_str(&format!(" -c search_path={schema}"));
+        }
+        pg.options(&options);
+        pg.connect_timeout(config.connect_timeout);
+        pg.keepalives(true).keepalives_idle(Duration::from_secs(60));
+        let tls = match config.ssl_mode {
+            SslMode::Disable => {
+                pg.ssl_mode(tokio_postgres::config::SslMode::Disable);
+                None
+            }
+            SslMode::Prefer => {
+                pg.ssl_mode(tokio_postgres::config::SslMode::Prefer);
+                Some(MakeRustlsConnect::new(unverified_tls()?))
+            }
+            SslMode::Require => {
+                pg.ssl_mode(tokio_postgres::config::SslMode::Require);
+                Some(MakeRustlsConnect::new(unverified_tls()?))
+            }
+            SslMode::VerifyFull => {
+                pg.ssl_mode(tokio_postgres::config::SslMode::Require);
+                Some(MakeRustlsConnect::new(verified_tls(config)?))
+            }
+        };
+        Ok(Connector { pg, tls })
+    }
+
+    /// Opens one connection.
+    pub(crate) async fn connect(&self) -> Result<AsyncPgConnection, StoreError> {
+        let op = "connect";
+        let conn = match &self.tls {
+            None => {
+                let (client, connection) = self
+                    .pg
+                    .connect(NoTls)
+                    .await
+                    .map_err(|e| from_postgres(op, e))?;
+                AsyncPgConnection::try_from_client_and_connection(client, connection).await
+            }
+            Some(tls) => {
+                let (client, connection) = self
+                    .pg
+                    .connect(tls.clone())
+                    .await
+                    .map_err(|e| from_postgres(op, e))?;
+                AsyncPgConnection::try_from_client_and_connection(client, connection).await
+            }
+        };
+        conn.map_err(|e| StoreError::Unavailable {
+            operation: op,
+            source: Box::new(e),
+        })
+    }
+
+    /// Asks the server to cancel what `token`'s connection is running (best effort).
+    pub(crate) fn cancel(&self, token: tokio_postgres::CancelToken) {
+        let tls = self.tls.clone();
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                let result = match tls {
+                    Some(tls) => token.cancel_query(tls).await,
+                    None => token.cancel_query(NoTls).await,
+                };
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "cancel request failed");
+                }
+            });
+        }
+    }
+}
+
+/// The last error a pool met while opening connections.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct LastError(Arc<Mutex<Option<String>>>);
+
+impl LastError {
+    pub(crate) fn get(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl bb8::ErrorSink<PoolError> for LastError {
+    fn sink(&self, error: PoolError) {
+        tracing::warn!(error = %error, "taskhistory: opening a pooled connection failed");
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.to_string());
+    }
+
+    fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<PoolError>> {
+        Box::new(self.clone())
+    }
+}
+
+/// Builds the pool. It opens nothing by itself: the caller adds a first connection it opened
+/// directly (so start-up errors are the real ones) and the pool fills up to `min_size` in
+/// the background.
+pub(crate) fn build_pool(config: &PgConfig, connector: &Connector, last_error: &LastError) -> Pool {
+    let connector = connector.clone();
+    let mut manager_config = ManagerConfig::<AsyncPgConnection>::default();
+    manager_config.recycling_method = RecyclingMethod::Fast;
+    manager_config.custom_setup = Box::new(move |_url: &str| {
+        let connector = connector.clone();
+        async move {
+            connector
+                .connect()
+                .await
+                .map_err(|e| ConnectionError::BadConnection(e.to_string()))
+        }
+        .boxed()
+    });
+    // The URL is unused: custom_setup connects from the parsed configuration.
+    let manager = Manager::new_with_config("postgres://", manager_config);
+    bb8::Pool::builder()
+        .max_size(config.max_size)
+        .min_idle(Some(config.min_size))
+        .connection_timeout(config.pool_timeout)
+        .test_on_check_out(true)
+        .error_sink(Box::new(last_error.clone()))
+        .build_unchecked(manager)
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn tls_error(reason: impl std::fmt::Display) -> StoreError {
+    StoreError::invalid("DB_SSLMODE", format!("TLS set-up failed: {reason}"))
+}
+
+fn verified_tls(config: &PgConfig) -> Result<ClientConfig, StoreError> {
+    let mut roots = RootCertStore::empty();
+    match &config.ssl_root_cert {
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|e| {
+                StoreError::invalid("DB_SSLROOTCERT", format!("{}: {e}", path.display()))
+            })?;
+            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+                let cert = cert.map_err(|e| {
+                    StoreError::invalid("DB_SSLROOTCERT", format!("{}: {e}", path.display()))
+                })?;
+                roots.add(cert).map_err(|e| {
+                    StoreError::invalid("DB_SSLROOTCERT", format!("{}: {e}", path.display()))
+                })?;
+            }
+            if roots.is_empty() {
+                return Err(StoreError::invalid(
+                    "DB_SSLROOTCERT",
+                    format!("{} holds no certificate", path.display()),
+                ));
+            }
+        }
+        None => {
+            for cert in rustls_native_certs::load_native_certs().certs {
+                // Unparseable system certificates are skipped, as browsers do.
+                let _ = roots.add(cert);
+            }
+        }
+    }
+    Ok(ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(tls_error)?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+fn unverified_tls() -> Result<ClientConfig, StoreError> {
+    let provider = provider();
+    Ok(ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(tls_error)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider)))
+        .with_no_client_auth())
+}
+
+/// sslmode prefer/require: encryption without authentication of the server, as libpq does
+/// without a root certificate. Signatures are still checked.
+#[derive(Debug)]
+struct AcceptAnyCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAnyCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}

@@ -1,0 +1,98 @@
+//! Schema migrations: the SQL files of the top-level `migrations/` folder, embedded, applied
+//! under an advisory lock so that several processes starting at once apply them once.
+
+use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
+use diesel_async::{AsyncPgConnection, SimpleAsyncConnection};
+use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
+use taskhistory_core::StoreError;
+
+use crate::connection::Connector;
+
+/// The store's migrations, embedded at build time from the workspace's `migrations/`.
+pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations");
+
+/// One migration and whether it is applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigrationState {
+    /// The migration's name (`<version>_<name>`).
+    pub name: String,
+    /// Whether it has been applied to the store's schema.
+    pub applied: bool,
+}
+
+const OP: &str = "init_database_schema";
+
+fn failed(e: impl std::fmt::Display) -> StoreError {
+    StoreError::database(OP, e.to_string())
+}
+
+/// Opens a dedicated connection, creates the schema if needed and takes the migration lock
+/// (released when the connection closes).
+async fn locked_connection(
+    connector: &Connector,
+    schema: Option<&str>,
+) -> Result<AsyncPgConnection, StoreError> {
+    let mut conn = connector.connect().await?;
+    let lock_name = format!("taskhistory:migrations:{}", schema.unwrap_or("public"));
+    // Schema names are validated identifiers (letters, digits, _): safe inside quotes.
+    let mut sql = format!("SELECT pg_advisory_lock(hashtextextended('{lock_name}', 0));");
+    if let Some(s) = schema {
+        sql.push_str(&format!("CREATE SCHEMA IF NOT EXISTS \"{s}\";"));
+    }
+    conn.batch_execute(&sql)
+        .await
+        .map_err(|e| crate::error::from_diesel(OP, e))?;
+    Ok(conn)
+}
+
+/// Runs `work` with a synchronous harness on a blocking thread (diesel's harness blocks; this
+/// keeps it off the async workers and works on a current-thread runtime too).
+async fn with_harness<T: Send + 'static>(
+    conn: AsyncPgConnection,
+    work: impl FnOnce(&mut AsyncConnectionWrapper<AsyncPgConnection>) -> Result<T, StoreError>
+        + Send
+        + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(move || {
+        let mut wrapper = AsyncConnectionWrapper::<AsyncPgConnection>::from(conn);
+        work(&mut wrapper)
+    })
+    .await
+    .map_err(failed)?
+}
+
+/// Applies pending migrations; returns how many were applied.
+pub(crate) async fn run(connector: &Connector, schema: Option<&str>) -> Result<usize, StoreError> {
+    let conn = locked_connection(connector, schema).await?;
+    with_harness(conn, |h| {
+        h.run_pending_migrations(MIGRATIONS)
+            .map(|v| v.len())
+            .map_err(failed)
+    })
+    .await
+}
+
+/// Every embedded migration and whether it is applied.
+pub(crate) async fn status(
+    connector: &Connector,
+    schema: Option<&str>,
+) -> Result<Vec<MigrationState>, StoreError> {
+    let conn = locked_connection(connector, schema).await?;
+    with_harness(conn, |h| {
+        let pending = h.pending_migrations(MIGRATIONS).map_err(failed)?;
+        let pending: Vec<String> = pending.iter().map(|m| m.name().to_string()).collect();
+        let all = diesel::migration::MigrationSource::<diesel::pg::Pg>::migrations(&MIGRATIONS)
+            .map_err(failed)?;
+        Ok(all
+            .iter()
+            .map(|m| {
+                let name = m.name().to_string();
+                MigrationState {
+                    applied: !pending.contains(&name),
+                    name,
+                }
+            })
+            .collect())
+    })
+    .await
+}

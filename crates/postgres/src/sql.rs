@@ -1,0 +1,350 @@
+//! Every SQL statement the store sends, and the small query type that sends them as cached
+//! prepared statements.
+//!
+//! Each `$n` placeholder appears once, in increasing order (a unit test checks it): the
+//! statement splits its text at the placeholders and diesel numbers the bound values in
+//! order. Every statement filters on `user_id`, except cleanup and migrations.
+
+use std::marker::PhantomData;
+
+use diesel::pg::Pg;
+use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
+use diesel::serialize::ToSql;
+use diesel::sql_types::{HasSqlType, Untyped};
+use diesel::QueryResult;
+use diesel_async::methods::LoadQuery;
+use diesel_async::{AsyncPgConnection, RunQueryDsl};
+
+/// Saves one or many steps: one statement, one round trip. Inputs are parallel arrays
+/// (user_id, task_id, step, result, timestamp or NULL for now(), status), already
+/// de-duplicated and sorted by key. The task summaries touched are locked first, in key
+/// order; if any is cancelled nothing is written and the refused task is returned.
+pub(crate) const SAVE_STEPS: &str = r#"
+WITH input AS (
+    SELECT i.user_id, i.task_id, i.step, i.result, COALESCE(i.ts, now()) AS ts, i.status
+    FROM unnest($1::text[], $2::text[], $3::int4[], $4::jsonb[], $5::timestamptz[], $6::text[])
+        AS i(user_id, task_id, step, result, ts, status)
+), locked AS MATERIALIZED (
+    SELECT s.user_id, s.task_id, s.status
+    FROM task_summary s
+    WHERE (s.user_id, s.task_id) IN (SELECT DISTINCT user_id, task_id FROM input)
+    ORDER BY s.user_id, s.task_id
+    FOR UPDATE
+), refused AS (
+    SELECT user_id, task_id FROM locked WHERE status = 'cancelled' LIMIT 1
+), written AS (
+    INSERT INTO task_history AS h (user_id, task_id, step, result, timestamp, status)
+    SELECT user_id, task_id, step, result, ts, status FROM input
+    WHERE NOT EXISTS (SELECT 1 FROM refused)
+    ON CONFLICT (user_id, task_id, step) DO UPDATE
+        SET result = EXCLUDED.result, timestamp = EXCLUDED.timestamp, status = EXCLUDED.status
+    RETURNING h.user_id, h.task_id, h.step, h.status, h.timestamp, (h.xmax = 0) AS inserted
+), per_task AS (
+    SELECT DISTINCT ON (user_id, task_id)
+        user_id, task_id, status, step AS last_step,
+        count(*) FILTER (WHERE inserted) OVER w AS added,
+        min(timestamp) OVER w AS first_ts,
+        max(timestamp) OVER w AS last_ts
+    FROM written
+    WINDOW w AS (PARTITION BY user_id, task_id)
+    ORDER BY user_id, task_id, step DESC
+), summary AS (
+    INSERT INTO task_summary AS s
+        (user_id, task_id, status, last_step, step_count, created_at, updated_at)
+    SELECT user_id, task_id, status, last_step, added, first_ts, last_ts FROM per_task
+    ON CONFLICT (user_id, task_id) DO UPDATE SET
+        status = CASE WHEN EXCLUDED.last_step >= s.last_step THEN EXCLUDED.status ELSE s.status END,
+        last_step = GREATEST(s.last_step, EXCLUDED.last_step),
+        step_count = s.step_count + EXCLUDED.step_count,
+        created_at = LEAST(s.created_at, EXCLUDED.created_at),
+        updated_at = GREATEST(s.updated_at, EXCLUDED.updated_at)
+    RETURNING 1
+)
+SELECT r.user_id AS refused_user, r.task_id AS refused_task,
+       (SELECT count(*) FROM written) AS rows_written
+FROM (SELECT 1) AS one LEFT JOIN refused r ON true
+"#;
+
+/// A task's steps in ascending order.
+pub(crate) const LOAD_HISTORY: &str = r#"
+SELECT step, result, timestamp, status
+FROM task_history
+WHERE user_id = $1 AND task_id = $2
+ORDER BY step
+"#;
+
+/// A task's current status.
+pub(crate) const TASK_STATUS: &str = r#"
+SELECT status FROM task_summary WHERE user_id = $1 AND task_id = $2
+"#;
+
+/// Cancels a task that exists and is not terminal: appends the cancellation entry after the
+/// highest step and marks the summary, under the summary's row lock. Returns one row when
+/// it cancelled.
+pub(crate) const CANCEL_TASK: &str = r#"
+WITH target AS MATERIALIZED (
+    SELECT user_id, task_id, last_step
+    FROM task_summary
+    WHERE user_id = $1 AND task_id = $2
+      AND status NOT IN ('completed', 'cancelled', 'timed_out', 'failed')
+      AND last_step < 2147483647
+    FOR UPDATE
+), entry AS (
+    INSERT INTO task_history (user_id, task_id, step, result, timestamp, status)
+    SELECT user_id, task_id, last_step + 1, $3::jsonb, now(), 'cancelled' FROM target
+    RETURNING user_id, task_id, step, timestamp
+)
+UPDATE task_summary s
+SET status = 'cancelled', last_step = e.step, step_count = s.step_count + 1,
+    updated_at = GREATEST(s.updated_at, e.timestamp)
+FROM entry e
+WHERE s.user_id = e.user_id AND s.task_id = e.task_id
+RETURNING s.step_count
+"#;
+
+/// The first page of a user's tasks.
+pub(crate) const LIST_TASKS: &str = r#"
+SELECT task_id, status, last_step, step_count, created_at, updated_at
+FROM task_summary
+WHERE user_id = $1
+ORDER BY updated_at DESC, task_id DESC
+LIMIT $2
+"#;
+
+/// A later page of a user's tasks.
+pub(crate) const LIST_TASKS_AFTER: &str = r#"
+SELECT task_id, status, last_step, step_count, created_at, updated_at
+FROM task_summary
+WHERE user_id = $1 AND (updated_at, task_id) < ($2, $3)
+ORDER BY updated_at DESC, task_id DESC
+LIMIT $4
+"#;
+
+/// The first page of a user's tasks in one status.
+pub(crate) const LIST_TASKS_WITH_STATUS: &str = r#"
+SELECT task_id, status, last_step, step_count, created_at, updated_at
+FROM task_summary
+WHERE user_id = $1 AND status = $2
+ORDER BY updated_at DESC, task_id DESC
+LIMIT $3
+"#;
+
+/// A later page of a user's tasks in one status.
+pub(crate) const LIST_TASKS_WITH_STATUS_AFTER: &str = r#"
+SELECT task_id, status, last_step, step_count, created_at, updated_at
+FROM task_summary
+WHERE user_id = $1 AND status = $2 AND (updated_at, task_id) < ($3, $4)
+ORDER BY updated_at DESC, task_id DESC
+LIMIT $5
+"#;
+
+/// One bounded batch of retention: up to `$2` whole tasks last active before now minus `$1`
+/// days, oldest first, skipping tasks a writer holds. Deletes their steps and summaries in
+/// one short transaction.
+pub(crate) const CLEANUP_BATCH: &str = r#"
+WITH doomed AS MATERIALIZED (
+    SELECT user_id, task_id
+    FROM task_summary
+    WHERE updated_at < now() - make_interval(days => $1)
+    ORDER BY updated_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+), steps AS (
+    DELETE FROM task_history h USING doomed d
+    WHERE h.user_id = d.user_id AND h.task_id = d.task_id
+    RETURNING 1
+), tasks AS (
+    DELETE FROM task_summary s USING doomed d
+    WHERE s.user_id = d.user_id AND s.task_id = d.task_id
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM tasks) AS tasks_removed, (SELECT count(*) FROM steps) AS steps_removed
+"#;
+
+/// Counts what a cleanup would remove (dry runs).
+pub(crate) const CLEANUP_PREVIEW: &str = r#"
+SELECT count(*) AS tasks_removed, COALESCE(sum(step_count), 0)::int8 AS steps_removed
+FROM task_summary
+WHERE updated_at < now() - make_interval(days => $1)
+"#;
+
+/// Server version and whether the migrations table exists.
+pub(crate) const HEALTH: &str = r#"
+SELECT current_setting('server_version') AS server_version,
+       to_regclass('__diesel_schema_migrations') IS NOT NULL AS migrated
+"#;
+
+/// The newest applied migration.
+pub(crate) const SCHEMA_VERSION: &str = r#"
+SELECT max(version) AS version FROM __diesel_schema_migrations
+"#;
+
+/// A statement with its bound values, sent as a named prepared statement that diesel-async
+/// caches per connection (keyed by the SQL text).
+pub(crate) struct Statement {
+    sql: &'static str,
+    binds: Vec<Box<dyn QueryFragment<Pg> + Send + Sync>>,
+}
+
+impl Statement {
+    pub(crate) fn new(sql: &'static str) -> Self {
+        Statement {
+            sql,
+            binds: Vec::new(),
+        }
+    }
+
+    /// Binds the next placeholder to `value` as SQL type `ST`.
+    pub(crate) fn bind<ST, V>(mut self, value: V) -> Self
+    where
+        ST: Send + Sync + 'static,
+        Pg: HasSqlType<ST>,
+        V: ToSql<ST, Pg> + Send + Sync + 'static,
+    {
+        self.binds.push(Box::new(Bind::<ST, V> {
+            value,
+            _st: PhantomData,
+        }));
+        self
+    }
+
+    /// Runs the statement and reads its rows.
+    pub(crate) async fn fetch<T>(self, conn: &mut AsyncPgConnection) -> QueryResult<Vec<T>>
+    where
+        T: Send + 'static,
+        Self: LoadQuery<'static, AsyncPgConnection, T>,
+    {
+        RunQueryDsl::load(self, conn).await
+    }
+}
+
+struct Bind<ST, V> {
+    value: V,
+    _st: PhantomData<ST>,
+}
+
+impl<ST, V> QueryFragment<Pg> for Bind<ST, V>
+where
+    Pg: HasSqlType<ST>,
+    V: ToSql<ST, Pg>,
+{
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_bind_param::<ST, V>(&self.value)
+    }
+}
+
+/// Splits SQL at `$n` placeholders.
+fn segments(sql: &str) -> impl Iterator<Item = &str> {
+    let bytes = sql.as_bytes();
+    let mut start = 0;
+    let mut i = 0;
+    let mut done = false;
+    std::iter::from_fn(move || {
+        if done {
+            return None;
+        }
+        while i < bytes.len() {
+            if bytes[i] == b'$' && bytes.get(i + 1).is_some_and(u8::is_ascii_digit) {
+                let seg = &sql[start..i];
+                i += 1;
+                while bytes.get(i).is_some_and(u8::is_ascii_digit) {
+                    i += 1;
+                }
+                start = i;
+                return Some(seg);
+            }
+            i += 1;
+        }
+        done = true;
+        Some(&sql[start..])
+    })
+}
+
+impl QueryFragment<Pg> for Statement {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        let mut binds = self.binds.iter();
+        for (i, seg) in segments(self.sql).enumerate() {
+            if i > 0 {
+                match binds.next() {
+                    Some(b) => b.walk_ast(out.reborrow())?,
+                    None => {
+                        return Err(diesel::result::Error::QueryBuilderError(
+                            format!(
+                                "statement has more placeholders than the {} values bound",
+                                self.binds.len()
+                            )
+                            .into(),
+                        ))
+                    }
+                }
+            }
+            out.push_sql(seg);
+        }
+        if binds.next().is_some() {
+            return Err(diesel::result::Error::QueryBuilderError(
+                "more values bound than placeholders".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl QueryId for Statement {
+    type QueryId = ();
+    const HAS_STATIC_QUERY_ID: bool = false;
+}
+
+impl Query for Statement {
+    type SqlType = Untyped;
+}
+
+/// Every statement, for tests and tools (`taskhistory explain`, the benches' baseline).
+pub const ALL_STATEMENTS: &[(&str, &str)] = &[
+    ("save_steps", SAVE_STEPS),
+    ("load_history", LOAD_HISTORY),
+    ("task_status", TASK_STATUS),
+    ("cancel_task", CANCEL_TASK),
+    ("list_tasks", LIST_TASKS),
+    ("list_tasks_after", LIST_TASKS_AFTER),
+    ("list_tasks_with_status", LIST_TASKS_WITH_STATUS),
+    ("list_tasks_with_status_after", LIST_TASKS_WITH_STATUS_AFTER),
+    ("cleanup_batch", CLEANUP_BATCH),
+    ("cleanup_preview", CLEANUP_PREVIEW),
+    ("health", HEALTH),
+    ("schema_version", SCHEMA_VERSION),
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_used_once_in_order() {
+        for (name, sql) in ALL_STATEMENTS {
+            let mut expected = 1;
+            let mut rest = *sql;
+            while let Some(pos) = rest.find('$') {
+                let digits: String = rest[pos + 1..]
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect();
+                if !digits.is_empty() {
+                    assert_eq!(digits.parse::<usize>().unwrap(), expected, "{name}");
+                    expected += 1;
+                }
+                rest = &rest[pos + 1..];
+            }
+            assert_eq!(segments(sql).count(), expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn every_statement_but_cleanup_and_health_filters_on_user_id() {
+        for (name, sql) in ALL_STATEMENTS {
+            if name.starts_with("cleanup") || *name == "health" || *name == "schema_version" {
+                continue;
+            }
+            assert!(sql.contains("user_id"), "{name}");
+        }
+    }
+}

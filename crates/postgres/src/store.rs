@@ -1,0 +1,927 @@
+//! [`PgTaskHistoryStore`]: the [`TaskHistoryStore`] on PostgreSQL.
+
+use std::fmt;
+use std::io::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use diesel::deserialize::{self, FromSql};
+use diesel::pg::{Pg, PgValue};
+use diesel::serialize::{self, IsNull, Output, ToSql};
+use diesel::sql_types::{Array, BigInt, Bool, Integer, Jsonb, Nullable, Text, Timestamptz};
+use diesel::QueryableByName;
+use diesel_async::{AnsiTransactionManager, AsyncPgConnection, TransactionManager};
+use futures::future::BoxFuture;
+use taskhistory_core::validate::{self, PreparedStep};
+use taskhistory_core::{
+    CleanupReport, HealthReport, HistoryEntry, StepRecord, StoreError, TaskCursor,
+    TaskHistoryStore, TaskPage, TaskQuery, TaskStatus, TaskStepResult, TaskSummary,
+};
+use tracing::Instrument;
+
+use crate::config::PgConfig;
+use crate::connection::{build_pool, Connector, LastError, Manager, Pool};
+use crate::error::from_diesel;
+use crate::migrate::{self, MigrationState};
+use crate::sql::{self, Statement};
+
+/// Rows per statement when a batch is split (inside one transaction).
+const CHUNK_ROWS: usize = 10_000;
+
+/// Pool figures, from [`PgTaskHistoryStore::pool_stats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct PoolStats {
+    /// Connections open.
+    pub connections: u32,
+    /// Open connections not in use.
+    pub idle: u32,
+    /// Connections lent out.
+    pub in_use: u32,
+    /// The most connections the pool opens.
+    pub max: u32,
+    /// Checkouts that had to wait for a connection.
+    pub waits: u64,
+    /// Checkouts that gave up after the pool timeout.
+    pub wait_timeouts: u64,
+    /// Connections opened since start.
+    pub created: u64,
+    /// Connections thrown away as broken.
+    pub closed_broken: u64,
+}
+
+/// Operation counters, from [`PgTaskHistoryStore::metrics`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StoreMetrics {
+    /// Database attempts made (each retry counts).
+    pub queries: u64,
+    /// Attempts that failed.
+    pub errors: u64,
+    /// Retries after transient failures.
+    pub retries: u64,
+}
+
+/// Options of [`PgTaskHistoryStore::cleanup_old_tasks_with`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CleanupOptions {
+    /// Tasks removed per transaction (default 1,000): small enough that writers never wait
+    /// long behind a batch.
+    pub batch_size: i64,
+    /// Stop after this long, leaving the rest for the next run (default: no limit).
+    pub time_limit: Option<Duration>,
+    /// Only count what would be removed.
+    pub dry_run: bool,
+}
+
+impl Default for CleanupOptions {
+    fn default() -> Self {
+        CleanupOptions {
+            batch_size: 1_000,
+            time_limit: None,
+            dry_run: false,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    queries: AtomicU64,
+    errors: AtomicU64,
+    retries: AtomicU64,
+}
+
+struct Inner {
+    pool: RwLock<Option<Pool>>,
+    config: PgConfig,
+    connector: Connector,
+    last_error: LastError,
+    counters: Counters,
+}
+
+/// The PostgreSQL store: diesel-async over a bb8 pool. Cheap to clone (clones share the pool).
+///
+/// Every operation is one statement (one round trip), retried on transient errors by the
+/// configured [`RetryPolicy`](taskhistory_core::RetryPolicy), bounded by the client command
+/// timeout, and traced with a `taskhistory` span (operation, user_id, task_id, rows,
+/// elapsed_ms).
+#[derive(Clone)]
+pub struct PgTaskHistoryStore {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for PgTaskHistoryStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgTaskHistoryStore")
+            .field("config", &self.inner.config)
+            .field("pool", &self.pool_stats())
+            .finish()
+    }
+}
+
+/// A checked-out connection that is thrown away, not returned to the pool, if it is dropped
+/// while a statement is in flight (command timeout, or the caller dropping the future).
+struct Checkout {
+    conn: bb8::PooledConnection<'static, Manager>,
+    in_flight: bool,
+    connector: Connector,
+}
+
+impl Drop for Checkout {
+    fn drop(&mut self) {
+        if self.in_flight {
+            // Marks the connection broken so the pool discards it, and asks the server to
+            // stop the statement.
+            AnsiTransactionManager::transaction_manager_status_mut(&mut *self.conn).set_in_error();
+            self.connector.cancel(self.conn.cancel_token());
+        }
+    }
+}
+
+/// What one attempt does with its connection.
+type Work<A, T> =
+    for<'c> fn(&'c mut AsyncPgConnection, &'c A) -> BoxFuture<'c, Result<T, StoreError>>;
+
+/// A step result encoded as JSON, bound as `jsonb`.
+#[derive(Debug)]
+struct JsonOf(Vec<u8>);
+
+impl JsonOf {
+    fn new(operation: &'static str, value: &TaskStepResult) -> Result<Self, StoreError> {
+        serde_json::to_vec(value)
+            .map(JsonOf)
+            .map_err(|e| StoreError::database(operation, e))
+    }
+}
+
+impl ToSql<Jsonb, Pg> for JsonOf {
+    fn to_sql<'b>(&'b self, out: &mut Output<'b, '_, Pg>) -> serialize::Result {
+        out.write_all(&[1])?;
+        out.write_all(&self.0)?;
+        Ok(IsNull::No)
+    }
+}
+
+/// A step result read from `jsonb`.
+struct Stored(TaskStepResult);
+
+impl FromSql<Jsonb, Pg> for Stored {
+    fn from_sql(value: PgValue<'_>) -> deserialize::Result<Self> {
+        let bytes = value.as_bytes();
+        match bytes.split_first() {
+            Some((1, json)) => {
+                Ok(Stored(serde_json::from_slice(json).map_err(|e| {
+                    format!("task_history.result is not a step result: {e}")
+                })?))
+            }
+            _ => Err("task_history.result: unsupported jsonb encoding".into()),
+        }
+    }
+}
+
+/// A status read from a `text` column.
+struct Status(TaskStatus);
+
+impl FromSql<Text, Pg> for Status {
+    fn from_sql(value: PgValue<'_>) -> deserialize::Result<Self> {
+        let text = std::str::from_utf8(value.as_bytes())?;
+        Ok(Status(
+            text.parse().map_err(|e| format!("status column: {e}"))?,
+        ))
+    }
+}
+
+#[derive(QueryableByName)]
+struct SaveOutcome {
+    #[diesel(sql_type = Nullable<Text>)]
+    refused_user: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    refused_task: Option<String>,
+    #[diesel(sql_type = BigInt)]
+    rows_written: i64,
+}
+
+#[derive(QueryableByName)]
+struct HistoryRow {
+    #[diesel(sql_type = Integer)]
+    step: i32,
+    #[diesel(sql_type = Jsonb)]
+    result: Stored,
+    #[diesel(sql_type = Timestamptz)]
+    timestamp: DateTime<Utc>,
+    #[diesel(sql_type = Text)]
+    status: Status,
+}
+
+#[derive(QueryableByName)]
+struct StatusRow {
+    #[diesel(sql_type = Text)]
+    status: Status,
+}
+
+#[derive(QueryableByName)]
+struct CancelRow {
+    #[diesel(sql_type = BigInt)]
+    #[allow(dead_code)]
+    step_count: i64,
+}
+
+#[derive(QueryableByName)]
+struct SummaryRow {
+    #[diesel(sql_type = Text)]
+    task_id: String,
+    #[diesel(sql_type = Text)]
+    status: Status,
+    #[diesel(sql_type = Integer)]
+    last_step: i32,
+    #[diesel(sql_type = BigInt)]
+    step_count: i64,
+    #[diesel(sql_type = Timestamptz)]
+    created_at: DateTime<Utc>,
+    #[diesel(sql_type = Timestamptz)]
+    updated_at: DateTime<Utc>,
+}
+
+#[derive(QueryableByName)]
+struct CleanupRow {
+    #[diesel(sql_type = BigInt)]
+    tasks_removed: i64,
+    #[diesel(sql_type = BigInt)]
+    steps_removed: i64,
+}
+
+#[derive(QueryableByName)]
+struct HealthRow {
+    #[diesel(sql_type = Text)]
+    server_version: String,
+    #[diesel(sql_type = Bool)]
+    migrated: bool,
+}
+
+#[derive(QueryableByName)]
+struct VersionRow {
+    #[diesel(sql_type = Nullable<Text>)]
+    version: Option<String>,
+}
+
+/// Arguments of one save statement: parallel arrays.
+struct SaveArgs<'a> {
+    steps: &'a [PreparedStep<'a>],
+}
+
+/// Saves one chunk; returns the refused task, if any.
+async fn save_chunk(
+    conn: &mut AsyncPgConnection,
+    steps: &[PreparedStep<'_>],
+) -> Result<Option<(String, String)>, StoreError> {
+    let op = "save_task_history";
+    let users: Vec<String> = steps.iter().map(|p| p.record.user_id.clone()).collect();
+    let tasks: Vec<String> = steps.iter().map(|p| p.record.task_id.clone()).collect();
+    let numbers: Vec<i32> = steps.iter().map(|p| p.record.step).collect();
+    let results = steps
+        .iter()
+        .map(|p| JsonOf::new(op, &p.record.result))
+        .collect::<Result<Vec<_>, _>>()?;
+    let times: Vec<Option<DateTime<Utc>>> = steps.iter().map(|p| p.timestamp).collect();
+    let statuses: Vec<&'static str> = steps
+        .iter()
+        .map(|p| p.record.result.status.as_str())
+        .collect();
+    let rows: Vec<SaveOutcome> = Statement::new(sql::SAVE_STEPS)
+        .bind::<Array<Text>, _>(users)
+        .bind::<Array<Text>, _>(tasks)
+        .bind::<Array<Integer>, _>(numbers)
+        .bind::<Array<Jsonb>, _>(results)
+        .bind::<Array<Nullable<Timestamptz>>, _>(times)
+        .bind::<Array<Text>, _>(statuses)
+        .fetch(conn)
+        .await
+        .map_err(|e| from_diesel(op, e))?;
+    match rows.into_iter().next() {
+        Some(SaveOutcome {
+            refused_user: Some(u),
+            refused_task: Some(t),
+            ..
+        }) => Ok(Some((u, t))),
+        Some(SaveOutcome { rows_written, .. }) => {
+            tracing::Span::current().record("rows", rows_written);
+            Ok(None)
+        }
+        None => Err(StoreError::database(
+            op,
+            "the save statement returned no row",
+        )),
+    }
+}
+
+/// Saves steps in one statement, or in chunks inside one transaction.
+fn save_steps<'c, 'a>(
+    conn: &'c mut AsyncPgConnection,
+    args: &'c SaveArgs<'a>,
+) -> BoxFuture<'c, Result<(), StoreError>> {
+    Box::pin(async move {
+        let op = "save_batch_task_history";
+        let refused = if args.steps.len() <= CHUNK_ROWS {
+            save_chunk(conn, args.steps).await?
+        } else {
+            AnsiTransactionManager::begin_transaction(conn)
+                .await
+                .map_err(|e| from_diesel(op, e))?;
+            let mut refused = None;
+            for chunk in args.steps.chunks(CHUNK_ROWS) {
+                match save_chunk(conn, chunk).await {
+                    Ok(None) => {}
+                    Ok(Some(r)) => {
+                        refused = Some(r);
+                        break;
+                    }
+                    Err(e) => {
+                        let _ = AnsiTransactionManager::rollback_transaction(conn).await;
+                        return Err(e);
+                    }
+                }
+            }
+            if refused.is_some() {
+                AnsiTransactionManager::rollback_transaction(conn)
+                    .await
+                    .map_err(|e| from_diesel(op, e))?;
+            } else {
+                AnsiTransactionManager::commit_transaction(conn)
+                    .await
+                    .map_err(|e| from_diesel(op, e))?;
+            }
+            refused
+        };
+        match refused {
+            Some((user_id, task_id)) => Err(StoreError::TaskCancelled { user_id, task_id }),
+            None => Ok(()),
+        }
+    })
+}
+
+fn load_history<'c>(
+    conn: &'c mut AsyncPgConnection,
+    (user_id, task_id): &'c (&str, &str),
+) -> BoxFuture<'c, Result<Vec<HistoryEntry>, StoreError>> {
+    Box::pin(async move {
+        let rows: Vec<HistoryRow> = Statement::new(sql::LOAD_HISTORY)
+            .bind::<Text, _>(user_id.to_string())
+            .bind::<Text, _>(task_id.to_string())
+            .fetch(conn)
+            .await
+            .map_err(|e| from_diesel("load_task_history", e))?;
+        tracing::Span::current().record("rows", rows.len());
+        Ok(rows
+            .into_iter()
+            .map(|r| HistoryEntry {
+                step: r.step,
+                result: r.result.0,
+                timestamp: r.timestamp,
+                status: r.status.0,
+            })
+            .collect())
+    })
+}
+
+fn task_status<'c>(
+    conn: &'c mut AsyncPgConnection,
+    (user_id, task_id): &'c (&str, &str),
+) -> BoxFuture<'c, Result<TaskStatus, StoreError>> {
+    Box::pin(async move {
+        let rows: Vec<StatusRow> = Statement::new(sql::TASK_STATUS)
+            .bind::<Text, _>(user_id.to_string())
+            .bind::<Text, _>(task_id.to_string())
+            .fetch(conn)
+            .await
+            .map_err(|e| from_diesel("check_task_status", e))?;
+        Ok(rows
+            .into_iter()
+            .next()
+            .map_or(TaskStatus::Pending, |r| r.status.0))
+    })
+}
+
+fn cancel_task<'c>(
+    conn: &'c mut AsyncPgConnection,
+    (user_id, task_id): &'c (&str, &str),
+) -> BoxFuture<'c, Result<bool, StoreError>> {
+    Box::pin(async move {
+        let entry = TaskStepResult::cancellation();
+        let rows: Vec<CancelRow> = Statement::new(sql::CANCEL_TASK)
+            .bind::<Text, _>(user_id.to_string())
+            .bind::<Text, _>(task_id.to_string())
+            .bind::<Jsonb, _>(JsonOf::new("mark_task_as_cancelled", &entry)?)
+            .fetch(conn)
+            .await
+            .map_err(|e| from_diesel("mark_task_as_cancelled", e))?;
+        Ok(!rows.is_empty())
+    })
+}
+
+fn list_tasks<'c>(
+    conn: &'c mut AsyncPgConnection,
+    (user_id, query): &'c (&str, &TaskQuery),
+) -> BoxFuture<'c, Result<TaskPage, StoreError>> {
+    Box::pin(async move {
+        let fetch = query.limit + 1;
+        let statement = match (&query.status, &query.after) {
+            (None, None) => Statement::new(sql::LIST_TASKS)
+                .bind::<Text, _>(user_id.to_string())
+                .bind::<BigInt, _>(fetch),
+            (
+                None,
+                Some(TaskCursor {
+                    last_updated,
+                    task_id,
+                }),
+            ) => Statement::new(sql::LIST_TASKS_AFTER)
+                .bind::<Text, _>(user_id.to_string())
+                .bind::<Timestamptz, _>(*last_updated)
+                .bind::<Text, _>(task_id.clone())
+                .bind::<BigInt, _>(fetch),
+            (Some(status), None) => Statement::new(sql::LIST_TASKS_WITH_STATUS)
+                .bind::<Text, _>(user_id.to_string())
+                .bind::<Text, _>(status.as_str())
+                .bind::<BigInt, _>(fetch),
+            (
+                Some(status),
+                Some(TaskCursor {
+                    last_updated,
+                    task_id,
+                }),
+            ) => Statement::new(sql::LIST_TASKS_WITH_STATUS_AFTER)
+                .bind::<Text, _>(user_id.to_string())
+                .bind::<Text, _>(status.as_str())
+                .bind::<Timestamptz, _>(*last_updated)
+                .bind::<Text, _>(task_id.clone())
+                .bind::<BigInt, _>(fetch),
+        };
+        let rows: Vec<SummaryRow> = statement
+            .fetch(conn)
+            .await
+            .map_err(|e| from_diesel("get_user_tasks", e))?;
+        tracing::Span::current().record("rows", rows.len());
+        let mut tasks: Vec<TaskSummary> = rows
+            .into_iter()
+            .map(|r| TaskSummary {
+                task_id: r.task_id,
+                status: r.status.0,
+                last_step: r.last_step,
+                step_count: r.step_count,
+                created_at: r.created_at,
+                last_updated: r.updated_at,
+            })
+            .collect();
+        let limit = usize::try_from(query.limit).unwrap_or(0);
+        let next = if tasks.len() > limit {
+            tasks.truncate(limit);
+            tasks.last().map(TaskSummary::cursor)
+        } else {
+            None
+        };
+        Ok(TaskPage { tasks, next })
+    })
+}
+
+fn cleanup_batch<'c>(
+    conn: &'c mut AsyncPgConnection,
+    (days, limit): &'c (i32, i64),
+) -> BoxFuture<'c, Result<CleanupReport, StoreError>> {
+    Box::pin(async move {
+        let rows: Vec<CleanupRow> = Statement::new(sql::CLEANUP_BATCH)
+            .bind::<Integer, _>(*days)
+            .bind::<BigInt, _>(*limit)
+            .fetch(conn)
+            .await
+            .map_err(|e| from_diesel("cleanup_old_tasks", e))?;
+        Ok(report(rows))
+    })
+}
+
+fn cleanup_preview<'c>(
+    conn: &'c mut AsyncPgConnection,
+    days: &'c i32,
+) -> BoxFuture<'c, Result<CleanupReport, StoreError>> {
+    Box::pin(async move {
+        let rows: Vec<CleanupRow> = Statement::new(sql::CLEANUP_PREVIEW)
+            .bind::<Integer, _>(*days)
+            .fetch(conn)
+            .await
+            .map_err(|e| from_diesel("cleanup_old_tasks", e))?;
+        Ok(report(rows))
+    })
+}
+
+fn report(rows: Vec<CleanupRow>) -> CleanupReport {
+    rows.into_iter()
+        .next()
+        .map_or_else(CleanupReport::default, |r| CleanupReport {
+            tasks_removed: u64::try_from(r.tasks_removed).unwrap_or(0),
+            steps_removed: u64::try_from(r.steps_removed).unwrap_or(0),
+        })
+}
+
+fn health<'c>(
+    conn: &'c mut AsyncPgConnection,
+    _: &'c (),
+) -> BoxFuture<'c, Result<(String, Option<String>), StoreError>> {
+    Box::pin(async move {
+        let op = "health_check";
+        let rows: Vec<HealthRow> = Statement::new(sql::HEALTH)
+            .fetch(conn)
+            .await
+            .map_err(|e| from_diesel(op, e))?;
+        let row = rows
+            .into_iter()
+            .next()
+            .ok_or_else(|| StoreError::database(op, "no row"))?;
+        let version = if row.migrated {
+            let v: Vec<VersionRow> = Statement::new(sql::SCHEMA_VERSION)
+                .fetch(conn)
+                .await
+                .map_err(|e| from_diesel(op, e))?;
+            v.into_iter().next().and_then(|r| r.version)
+        } else {
+            None
+        };
+        Ok((row.server_version, version))
+    })
+}
+
+impl PgTaskHistoryStore {
+    /// Connects with `config`. One connection is opened at once, so a wrong password, an
+    /// unknown database or an unreachable server fails here with the server's own reason;
+    /// the pool then fills to `min_size` in the background. Does not migrate: call
+    /// [`init_database_schema`](TaskHistoryStore::init_database_schema).
+    pub async fn connect(config: PgConfig) -> Result<Self, StoreError> {
+        config.validate()?;
+        let connector = Connector::new(&config)?;
+        let first = connector.connect().await?;
+        let last_error = LastError::default();
+        let pool = build_pool(&config, &connector, &last_error);
+        // The pool may already be full if min_size connections raced us; that is fine.
+        let _ = pool.add(first);
+        Ok(PgTaskHistoryStore {
+            inner: Arc::new(Inner {
+                pool: RwLock::new(Some(pool)),
+                config,
+                connector,
+                last_error,
+                counters: Counters::default(),
+            }),
+        })
+    }
+
+    /// [`connect`](Self::connect) with [`PgConfig::from_env`].
+    pub async fn from_env() -> Result<Self, StoreError> {
+        Self::connect(PgConfig::from_env()?).await
+    }
+
+    /// The configuration in use (its `Debug` hides the password).
+    pub fn config(&self) -> &PgConfig {
+        &self.inner.config
+    }
+
+    /// Pool figures.
+    pub fn pool_stats(&self) -> PoolStats {
+        let max = self.inner.config.max_size;
+        match self.pool() {
+            Ok(pool) => {
+                let s = pool.state();
+                PoolStats {
+                    connections: s.connections,
+                    idle: s.idle_connections,
+                    in_use: s.connections.saturating_sub(s.idle_connections),
+                    max,
+                    waits: s.statistics.get_waited,
+                    wait_timeouts: s.statistics.get_timed_out,
+                    created: s.statistics.connections_created,
+                    closed_broken: s.statistics.connections_closed_broken,
+                }
+            }
+            Err(_) => PoolStats {
+                connections: 0,
+                idle: 0,
+                in_use: 0,
+                max,
+                waits: 0,
+                wait_timeouts: 0,
+                created: 0,
+                closed_broken: 0,
+            },
+        }
+    }
+
+    /// Operation counters since start.
+    pub fn metrics(&self) -> StoreMetrics {
+        let c = &self.inner.counters;
+        StoreMetrics {
+            queries: c.queries.load(Ordering::Relaxed),
+            errors: c.errors.load(Ordering::Relaxed),
+            retries: c.retries.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The embedded migrations and which are applied.
+    pub async fn migration_status(&self) -> Result<Vec<MigrationState>, StoreError> {
+        self.pool()?;
+        migrate::status(&self.inner.connector, self.inner.config.schema.as_deref()).await
+    }
+
+    /// [`cleanup_old_tasks`](TaskHistoryStore::cleanup_old_tasks) with a batch size, a time
+    /// limit, a dry run, and `progress` called with the running total after each batch.
+    pub async fn cleanup_old_tasks_with(
+        &self,
+        days_old: i64,
+        options: CleanupOptions,
+        progress: &(dyn Fn(CleanupReport) + Send + Sync),
+    ) -> Result<CleanupReport, StoreError> {
+        validate::days(days_old)?;
+        if !(1..=100_000).contains(&options.batch_size) {
+            return Err(StoreError::invalid(
+                "batch_size",
+                format!("is {}; it must be between 1 and 100000", options.batch_size),
+            ));
+        }
+        let days =
+            i32::try_from(days_old).map_err(|_| StoreError::invalid("days_old", "too large"))?;
+        if options.dry_run {
+            return self
+                .run("cleanup_old_tasks", None, None, &days, cleanup_preview)
+                .await;
+        }
+        let started = Instant::now();
+        let mut total = CleanupReport::default();
+        loop {
+            let batch = self
+                .run(
+                    "cleanup_old_tasks",
+                    None,
+                    None,
+                    &(days, options.batch_size),
+                    cleanup_batch,
+                )
+                .await?;
+            total.tasks_removed += batch.tasks_removed;
+            total.steps_removed += batch.steps_removed;
+            progress(total);
+            let out_of_time = options
+                .time_limit
+                .is_some_and(|limit| started.elapsed() >= limit);
+            if batch.tasks_removed < u64::try_from(options.batch_size).unwrap_or(0) || out_of_time {
+                return Ok(total);
+            }
+        }
+    }
+
+    fn pool(&self) -> Result<Pool, StoreError> {
+        let guard = self.inner.pool.read().unwrap_or_else(|p| p.into_inner());
+        guard.clone().ok_or(StoreError::Closed)
+    }
+
+    async fn checkout(&self, operation: &'static str) -> Result<Checkout, StoreError> {
+        let pool = self.pool()?;
+        match pool.get_owned().await {
+            Ok(conn) => Ok(Checkout {
+                conn,
+                in_flight: false,
+                connector: self.inner.connector.clone(),
+            }),
+            Err(bb8::RunError::User(e)) => Err(StoreError::Unavailable {
+                operation,
+                source: e.to_string().into(),
+            }),
+            Err(bb8::RunError::TimedOut) => {
+                let s = pool.state();
+                let mut msg = format!(
+                    "no connection free within {:?} ({} open, {} idle, max {})",
+                    self.inner.config.pool_timeout,
+                    s.connections,
+                    s.idle_connections,
+                    self.inner.config.max_size
+                );
+                if let Some(last) = self.inner.last_error.get() {
+                    msg.push_str(&format!("; last connection error: {last}"));
+                }
+                Err(StoreError::Unavailable {
+                    operation,
+                    source: msg.into(),
+                })
+            }
+        }
+    }
+
+    /// One attempt: check out, run under the command timeout, discard the connection if
+    /// the statement did not finish.
+    async fn attempt<A: Sync, T>(
+        &self,
+        operation: &'static str,
+        args: &A,
+        work: Work<A, T>,
+    ) -> Result<T, StoreError> {
+        let mut checkout = self.checkout(operation).await?;
+        self.inner.counters.queries.fetch_add(1, Ordering::Relaxed);
+        checkout.in_flight = true;
+        let timeout = self.inner.config.command_timeout;
+        let outcome = tokio::time::timeout(timeout, work(&mut checkout.conn, args)).await;
+        let result = match outcome {
+            Ok(result) => {
+                checkout.in_flight = false;
+                result
+            }
+            Err(_) => Err(StoreError::Timeout {
+                operation,
+                source: format!("no answer within the command timeout of {timeout:?}").into(),
+            }),
+        };
+        if result.is_err() {
+            self.inner.counters.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    /// Runs `work` with retries, in a tracing span.
+    async fn run<A: Sync, T>(
+        &self,
+        operation: &'static str,
+        user_id: Option<&str>,
+        task_id: Option<&str>,
+        args: &A,
+        work: Work<A, T>,
+    ) -> Result<T, StoreError> {
+        let span = tracing::info_span!(
+            "taskhistory",
+            operation,
+            user_id = user_id.unwrap_or(""),
+            task_id = task_id.unwrap_or(""),
+            rows = tracing::field::Empty,
+            elapsed_ms = tracing::field::Empty,
+        );
+        let started = Instant::now();
+        let result = self
+            .inner
+            .config
+            .retry
+            .run(
+                || self.attempt(operation, args, work),
+                |error, retry, wait| {
+                    self.inner.counters.retries.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%error, retry, wait_ms = wait.as_millis() as u64, "retrying after a transient error");
+                },
+            )
+            .instrument(span.clone())
+            .await;
+        span.record("elapsed_ms", started.elapsed().as_secs_f64() * 1e3);
+        if let Err(error) = &result {
+            span.in_scope(|| tracing::debug!(%error, "operation failed"));
+        }
+        result
+    }
+}
+
+#[async_trait]
+impl TaskHistoryStore for PgTaskHistoryStore {
+    async fn init_database_schema(&self) -> Result<(), StoreError> {
+        self.pool()?;
+        let applied =
+            migrate::run(&self.inner.connector, self.inner.config.schema.as_deref()).await?;
+        tracing::info!(applied, "taskhistory schema is up to date");
+        Ok(())
+    }
+
+    async fn save_task_history(
+        &self,
+        user_id: &str,
+        task_id: &str,
+        step: i32,
+        step_result: &TaskStepResult,
+    ) -> Result<(), StoreError> {
+        validate::save(user_id, task_id, step, step_result)?;
+        let record = StepRecord {
+            user_id: user_id.to_owned(),
+            task_id: task_id.to_owned(),
+            step,
+            timestamp: None,
+            result: step_result.clone(),
+        };
+        let steps = [PreparedStep {
+            record: &record,
+            timestamp: None,
+        }];
+        let args = SaveArgs { steps: &steps };
+        self.run(
+            "save_task_history",
+            Some(user_id),
+            Some(task_id),
+            &args,
+            save_steps,
+        )
+        .await
+    }
+
+    async fn save_batch_task_history(&self, records: &[StepRecord]) -> Result<(), StoreError> {
+        let steps = validate::prepare_batch(records)?;
+        if steps.is_empty() {
+            return self.pool().map(drop);
+        }
+        let args = SaveArgs { steps: &steps };
+        self.run("save_batch_task_history", None, None, &args, save_steps)
+            .await
+    }
+
+    async fn load_task_history(
+        &self,
+        user_id: &str,
+        task_id: &str,
+    ) -> Result<Vec<HistoryEntry>, StoreError> {
+        validate::user_id(user_id)?;
+        validate::task_id(task_id)?;
+        self.run(
+            "load_task_history",
+            Some(user_id),
+            Some(task_id),
+            &(user_id, task_id),
+            load_history,
+        )
+        .await
+    }
+
+    async fn mark_task_as_cancelled(
+        &self,
+        user_id: &str,
+        task_id: &str,
+    ) -> Result<bool, StoreError> {
+        validate::user_id(user_id)?;
+        validate::task_id(task_id)?;
+        self.run(
+            "mark_task_as_cancelled",
+            Some(user_id),
+            Some(task_id),
+            &(user_id, task_id),
+            cancel_task,
+        )
+        .await
+    }
+
+    async fn check_task_status(
+        &self,
+        user_id: &str,
+        task_id: &str,
+    ) -> Result<TaskStatus, StoreError> {
+        validate::user_id(user_id)?;
+        validate::task_id(task_id)?;
+        self.run(
+            "check_task_status",
+            Some(user_id),
+            Some(task_id),
+            &(user_id, task_id),
+            task_status,
+        )
+        .await
+    }
+
+    async fn get_user_tasks_page(
+        &self,
+        user_id: &str,
+        query: &TaskQuery,
+    ) -> Result<TaskPage, StoreError> {
+        validate::user_id(user_id)?;
+        validate::query(query)?;
+        self.run(
+            "get_user_tasks",
+            Some(user_id),
+            None,
+            &(user_id, query),
+            list_tasks,
+        )
+        .await
+    }
+
+    async fn cleanup_old_tasks(&self, days_old: i64) -> Result<CleanupReport, StoreError> {
+        self.cleanup_old_tasks_with(days_old, CleanupOptions::default(), &|_| {})
+            .await
+    }
+
+    async fn health_check(&self) -> Result<HealthReport, StoreError> {
+        let started = Instant::now();
+        let (server_version, schema_version) =
+            self.run("health_check", None, None, &(), health).await?;
+        Ok(HealthReport {
+            backend: "postgres",
+            round_trip: started.elapsed(),
+            server_version: Some(server_version),
+            schema_version,
+        })
+    }
+
+    async fn close(&self) {
+        let pool = self
+            .inner
+            .pool
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        drop(pool);
+    }
+}

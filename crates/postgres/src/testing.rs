@@ -1,0 +1,268 @@
+//! Test support (feature `testing`): a real PostgreSQL server and a fresh schema per test.
+//!
+//! The server is, in order: `TEST_DATABASE_URL` if set; else the local server at
+//! 127.0.0.1:5432 (user `postgres`) if it answers; else a throwaway server started from the
+//! installed binaries (`/usr/lib/postgresql/<version>/bin`, via pgtemp), stopped when the
+//! test process exits. If none can be had, the test fails with a message saying how to get
+//! one: a missing database is never a silent skip.
+//!
+//! Each test process creates its own database (`th_<pid>_<time>`; databases left by
+//! processes gone for more than an hour are dropped), and each call of [`fresh_config`] a new
+//! schema in it, so tests run in parallel without sharing state.
+#![allow(clippy::expect_used, clippy::unwrap_used, missing_docs)]
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use taskhistory_core::{DynStore, RetryPolicy, TaskHistoryStore};
+use tokio::sync::OnceCell;
+
+use crate::{PgConfig, PgTaskHistoryStore, SslMode};
+
+const HOW_TO_GET_ONE: &str = "no PostgreSQL server for the tests. Either set \
+TEST_DATABASE_URL=postgres://user:password@host:port/db, or start a server at 127.0.0.1:5432 \
+(trust auth for user postgres; on Debian: pg_ctlcluster <version> main start), or install \
+Debian's postgresql package (apt-get install postgresql) so a throwaway server can be started \
+from its binaries. `bash .ci/run` does all of this for you.";
+
+/// The server the tests use: a connection URL for an administrative database.
+#[derive(Debug, Clone)]
+pub struct TestServer {
+    /// URL of a database the tests may create databases from.
+    pub admin_url: String,
+    /// Where it came from: `TEST_DATABASE_URL`, `local` or `throwaway`.
+    pub source: &'static str,
+}
+
+static SERVER: OnceCell<TestServer> = OnceCell::const_new();
+static DATABASE: OnceCell<String> = OnceCell::const_new();
+static THROWAWAY: OnceLock<pgtemp::PgTempDB> = OnceLock::new();
+static COUNTER: AtomicU64 = AtomicU64::new(0);
+
+async fn answers(url: &str) -> Result<(), String> {
+    let connect = tokio_postgres::connect(url, tokio_postgres::NoTls);
+    match tokio::time::timeout(Duration::from_secs(5), connect).await {
+        Ok(Ok((client, conn))) => {
+            let task = tokio::spawn(conn);
+            let r = client
+                .simple_query("SELECT 1")
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string());
+            drop(client);
+            let _ = task.await;
+            r
+        }
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("timed out".into()),
+    }
+}
+
+fn postgres_bin_dir() -> Option<std::path::PathBuf> {
+    let mut versions: Vec<(u32, std::path::PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let v = e.file_name().to_str()?.parse::<u32>().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((v, bin))
+        })
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, p)| p)
+}
+
+async fn start_throwaway() -> Result<TestServer, String> {
+    let bin = postgres_bin_dir().ok_or("no PostgreSQL binaries under /usr/lib/postgresql")?;
+    let db = tokio::task::spawn_blocking(move || {
+        pgtemp::PgTempDB::builder()
+            .with_bin_path(bin)
+            .with_config_param("max_connections", "300")
+            .with_config_param("fsync", "off")
+            .start()
+    })
+    .await
+    .map_err(|e| format!("starting a throwaway server failed: {e}"))?;
+    let url = db.connection_uri();
+    // Stop the server when this process exits: statics are never dropped.
+    if let Ok(pid_file) = std::fs::read_to_string(db.data_dir().join("postmaster.pid")) {
+        if let Some(pid) = pid_file.lines().next() {
+            let me = std::process::id();
+            let script = format!(
+                "while kill -0 {me} 2>/dev/null; do sleep 1; done; kill -INT {pid}; sleep 2; rm -rf '{}'",
+                db.data_dir().display()
+            );
+            let _ = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(script)
+                .spawn();
+        }
+    }
+    for _ in 0..50 {
+        if answers(&url).await.is_ok() {
+            let _ = THROWAWAY.set(db);
+            return Ok(TestServer {
+                admin_url: url,
+                source: "throwaway",
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err("the throwaway server did not start answering".into())
+}
+
+/// The server, found or started once per process. Panics with instructions if there is none.
+pub async fn server() -> &'static TestServer {
+    SERVER
+        .get_or_init(|| async {
+            if let Ok(url) = std::env::var("TEST_DATABASE_URL") {
+                if let Err(e) = answers(&url).await {
+                    panic!("TEST_DATABASE_URL does not answer ({e}); {HOW_TO_GET_ONE}");
+                }
+                return TestServer {
+                    admin_url: url,
+                    source: "TEST_DATABASE_URL",
+                };
+            }
+            let local = "postgres://postgres@127.0.0.1:5432/postgres";
+            if answers(local).await.is_ok() {
+                return TestServer {
+                    admin_url: local.to_owned(),
+                    source: "local",
+                };
+            }
+            match start_throwaway().await {
+                Ok(s) => s,
+                Err(e) => panic!("{HOW_TO_GET_ONE} ({e})"),
+            }
+        })
+        .await
+}
+
+/// Runs SQL on the admin database.
+pub async fn admin_execute(sql: &str) {
+    execute(&server().await.admin_url, sql).await;
+}
+
+async fn execute(url: &str, sql: &str) {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to the test server: {e}"));
+    let task = tokio::spawn(conn);
+    client
+        .batch_execute(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    drop(client);
+    let _ = task.await;
+}
+
+fn url_for(admin_url: &str, dbname: &str) -> String {
+    let mut config: tokio_postgres::Config = admin_url.parse().expect("test URL parses");
+    config.dbname(dbname);
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        _ => "127.0.0.1".to_owned(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let user = config.get_user().unwrap_or("postgres");
+    match config.get_password() {
+        Some(p) => format!(
+            "postgres://{user}:{}@{host}:{port}/{dbname}",
+            String::from_utf8_lossy(p)
+        ),
+        None => format!("postgres://{user}@{host}:{port}/{dbname}"),
+    }
+}
+
+/// This process's test database, created on first use.
+pub async fn database_url() -> String {
+    let server = server().await;
+    let name = DATABASE
+        .get_or_init(|| async {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let name = format!("th_{}_{now}", std::process::id());
+            drop_stale_databases(&server.admin_url, now).await;
+            admin_execute(&format!("CREATE DATABASE {name}")).await;
+            name
+        })
+        .await;
+    url_for(&server.admin_url, name)
+}
+
+async fn drop_stale_databases(admin_url: &str, now: u64) {
+    let Ok((client, conn)) = tokio_postgres::connect(admin_url, tokio_postgres::NoTls).await else {
+        return;
+    };
+    let task = tokio::spawn(conn);
+    if let Ok(rows) = client
+        .query(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'th\\_%'",
+            &[],
+        )
+        .await
+    {
+        for row in rows {
+            let name: String = row.get(0);
+            let created = name
+                .rsplit('_')
+                .next()
+                .and_then(|t| t.parse::<u64>().ok())
+                .unwrap_or(now);
+            if now.saturating_sub(created) > 3600 {
+                let _ = client
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await;
+            }
+        }
+    }
+    drop(client);
+    let _ = task.await;
+}
+
+/// A configuration for a new, empty schema of this process's test database: small pool,
+/// fast timeouts, quick retries.
+pub async fn fresh_config() -> PgConfig {
+    let url = database_url().await;
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    PgConfig::from_url(&url)
+        .expect("test URL parses")
+        .ssl_mode(SslMode::Disable)
+        .schema(format!("t{n}_{nanos}"))
+        .pool_size(1, 8)
+        .pool_timeout(Duration::from_secs(20))
+        .retry(RetryPolicy {
+            initial_backoff: Duration::from_millis(5),
+            ..RetryPolicy::default()
+        })
+}
+
+/// A migrated store on a fresh schema.
+pub async fn fresh_store() -> PgTaskHistoryStore {
+    store_for(fresh_config().await).await
+}
+
+/// A migrated store for `config`.
+pub async fn store_for(config: PgConfig) -> PgTaskHistoryStore {
+    let store = PgTaskHistoryStore::connect(config)
+        .await
+        .unwrap_or_else(|e| panic!("connecting the test store: {e}"));
+    store
+        .init_database_schema()
+        .await
+        .unwrap_or_else(|e| panic!("migrating the test schema: {e}"));
+    store
+}
+
+/// [`fresh_store`] as a [`DynStore`], for the behaviour suite.
+pub async fn fresh_dyn_store() -> DynStore {
+    std::sync::Arc::new(fresh_store().await)
+}

@@ -1,0 +1,3 @@
+//! The whole behaviour suite on PostgreSQL: a real server, a fresh schema per test.
+
+taskhistory_core::conformance_tests!(taskhistory_postgres::testing::fresh_dyn_store().await);

@@ -71,7 +71,23 @@ fn classify_message(operation: &'static str, message: &str, source: BoxError) ->
 /// Maps a tokio-postgres error (connecting, TLS) by its SQLSTATE where it has one.
 pub(crate) fn from_postgres(operation: &'static str, e: tokio_postgres::Error) -> StoreError {
     use tokio_postgres::error::SqlState;
-    match e.code() {
+    let code = e.code().cloned();
+    // tokio-postgres prints only "db error" or "error connecting to server": spell out the
+    // server's message, or the underlying I/O error, so the real cause reaches the user.
+    let text = match e.as_db_error() {
+        Some(db) => format!("{} {}: {}", db.severity(), db.code().code(), db.message()),
+        None => {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                text.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            text
+        }
+    };
+    let e: BoxError = text.into();
+    match code.as_ref() {
         Some(code)
             if *code == SqlState::INVALID_PASSWORD
                 || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
@@ -81,12 +97,12 @@ pub(crate) fn from_postgres(operation: &'static str, e: tokio_postgres::Error) -
             // Wrong password, unknown role or database: retrying will not help.
             StoreError::Database {
                 operation,
-                source: Box::new(e),
+                source: e,
             }
         }
         Some(code) if *code == SqlState::QUERY_CANCELED => StoreError::Timeout {
             operation,
-            source: Box::new(e),
+            source: e,
         },
         Some(code)
             if *code == SqlState::T_R_DEADLOCK_DETECTED
@@ -94,7 +110,7 @@ pub(crate) fn from_postgres(operation: &'static str, e: tokio_postgres::Error) -
         {
             StoreError::Conflict {
                 operation,
-                source: Box::new(e),
+                source: e,
             }
         }
         Some(code)
@@ -104,17 +120,17 @@ pub(crate) fn from_postgres(operation: &'static str, e: tokio_postgres::Error) -
         {
             StoreError::Unavailable {
                 operation,
-                source: Box::new(e),
+                source: e,
             }
         }
         Some(_) => StoreError::Database {
             operation,
-            source: Box::new(e),
+            source: e,
         },
         // No SQLSTATE: I/O, refused connection, TLS handshake, timeout while connecting.
         None => StoreError::Unavailable {
             operation,
-            source: Box::new(e),
+            source: e,
         },
     }
 }

@@ -20,5 +20,5 @@ mod store;
 pub mod testing;
 
 pub use config::{PgConfig, SslMode};
-pub use migrate::{MigrationState, MIGRATIONS};
+pub use migrate::{MigrationState, MIGRATIONS, MIGRATIONS_COUNT};
 pub use store::{CleanupOptions, PgTaskHistoryStore, PoolStats, StoreMetrics};

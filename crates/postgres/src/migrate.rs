@@ -11,6 +11,9 @@ use crate::connection::Connector;
 /// The store's migrations, embedded at build time from the workspace's `migrations/`.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations");
 
+/// How many migrations are embedded.
+pub const MIGRATIONS_COUNT: usize = 1;
+
 /// One migration and whether it is applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MigrationState {

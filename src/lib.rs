@@ -29,7 +29,9 @@ pub use taskhistory_core::*;
 pub use taskhistory_memory::MemoryStore;
 
 #[cfg(feature = "postgres")]
-pub use taskhistory_postgres::{CleanupOptions, PgConfig, PgTaskHistoryStore, PoolStats, SslMode, StoreMetrics};
+pub use taskhistory_postgres::{
+    CleanupOptions, PgConfig, PgTaskHistoryStore, PoolStats, SslMode, StoreMetrics,
+};
 
 /// The PostgreSQL backend crate, for everything beyond the store itself.
 #[cfg(feature = "postgres")]

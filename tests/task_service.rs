@@ -1,10 +1,13 @@
 //! An example upstream service, tested once against `MockTaskHistoryStore` (interactions) and
 //! once against `MemoryStore` (behaviour).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
 
 use serde_json::{json, Value};
-use taskhistory::{DynStore, ErrorCode, MemoryStore, MockTaskHistoryStore, StoreError, TaskStatus, TaskStepResult};
+use taskhistory::{
+    DynStore, ErrorCode, MemoryStore, MockTaskHistoryStore, StoreError, TaskStatus, TaskStepResult,
+};
 
 /// Runs a task's steps and records each one, stopping when the task is cancelled.
 struct TaskService {
@@ -30,10 +33,20 @@ impl TaskService {
             return Ok(StepOutcome::Stopped);
         }
         let (record, outcome) = match work() {
-            Ok(v) => (TaskStepResult::success(format!("step_{step}"), v, "done"), StepOutcome::Done),
-            Err(e) => (TaskStepResult::failure(format!("step_{step}"), ErrorCode::Execution, e), StepOutcome::Failed),
+            Ok(v) => (
+                TaskStepResult::success(format!("step_{step}"), v, "done"),
+                StepOutcome::Done,
+            ),
+            Err(e) => (
+                TaskStepResult::failure(format!("step_{step}"), ErrorCode::Execution, e),
+                StepOutcome::Failed,
+            ),
         };
-        match self.store.save_task_history(user, task, step, &record).await {
+        match self
+            .store
+            .save_task_history(user, task, step, &record)
+            .await
+        {
             Ok(()) => Ok(outcome),
             Err(StoreError::TaskCancelled { .. }) => Ok(StepOutcome::Stopped),
             Err(e) => Err(e),
@@ -44,9 +57,13 @@ impl TaskService {
 #[tokio::test]
 async fn mock_a_cancelled_task_is_not_worked_on() {
     let mut mock = MockTaskHistoryStore::new();
-    mock.expect_check_task_status().times(1).returning(|_, _| Ok(TaskStatus::Cancelled));
+    mock.expect_check_task_status()
+        .times(1)
+        .returning(|_, _| Ok(TaskStatus::Cancelled));
     mock.expect_save_task_history().times(0);
-    let service = TaskService { store: Arc::new(mock) };
+    let service = TaskService {
+        store: Arc::new(mock),
+    };
     let mut worked = false;
     let outcome = service
         .run_step("u", "t", 1, || {
@@ -62,33 +79,81 @@ async fn mock_a_cancelled_task_is_not_worked_on() {
 #[tokio::test]
 async fn mock_a_refused_save_stops_and_other_errors_propagate() {
     let mut mock = MockTaskHistoryStore::new();
-    mock.expect_check_task_status().returning(|_, _| Ok(TaskStatus::Running));
+    mock.expect_check_task_status()
+        .returning(|_, _| Ok(TaskStatus::Running));
     mock.expect_save_task_history()
         .withf(|u, t, step, r| u == "u" && t == "t" && *step == 2 && r.status == TaskStatus::Failed)
         .times(1)
-        .returning(|u, t, _, _| Err(StoreError::TaskCancelled { user_id: u.into(), task_id: t.into() }));
+        .returning(|u, t, _, _| {
+            Err(StoreError::TaskCancelled {
+                user_id: u.into(),
+                task_id: t.into(),
+            })
+        });
     mock.expect_save_task_history()
         .withf(|_, _, step, _| *step == 3)
         .times(1)
-        .returning(|_, _, _, _| Err(StoreError::Unavailable { operation: "save_task_history", source: "down".into() }));
-    let service = TaskService { store: Arc::new(mock) };
-    assert_eq!(service.run_step("u", "t", 2, || Err("boom".into())).await.unwrap(), StepOutcome::Stopped);
-    let err = service.run_step("u", "t", 3, || Ok(json!(3))).await.unwrap_err();
+        .returning(|_, _, _, _| {
+            Err(StoreError::Unavailable {
+                operation: "save_task_history",
+                source: "down".into(),
+            })
+        });
+    let service = TaskService {
+        store: Arc::new(mock),
+    };
+    assert_eq!(
+        service
+            .run_step("u", "t", 2, || Err("boom".into()))
+            .await
+            .unwrap(),
+        StepOutcome::Stopped
+    );
+    let err = service
+        .run_step("u", "t", 3, || Ok(json!(3)))
+        .await
+        .unwrap_err();
     assert!(err.is_transient());
 }
 
 #[tokio::test]
 async fn memory_steps_are_recorded_until_cancelled() {
     let store: DynStore = Arc::new(MemoryStore::new());
-    let service = TaskService { store: store.clone() };
-    assert_eq!(service.run_step("u", "t", 1, || Ok(json!({"rows": 10}))).await.unwrap(), StepOutcome::Done);
-    assert_eq!(service.run_step("u", "t", 2, || Err("bad row".into())).await.unwrap(), StepOutcome::Failed);
-    assert_eq!(store.check_task_status("u", "t").await.unwrap(), TaskStatus::Failed);
+    let service = TaskService {
+        store: store.clone(),
+    };
+    assert_eq!(
+        service
+            .run_step("u", "t", 1, || Ok(json!({"rows": 10})))
+            .await
+            .unwrap(),
+        StepOutcome::Done
+    );
+    assert_eq!(
+        service
+            .run_step("u", "t", 2, || Err("bad row".into()))
+            .await
+            .unwrap(),
+        StepOutcome::Failed
+    );
+    assert_eq!(
+        store.check_task_status("u", "t").await.unwrap(),
+        TaskStatus::Failed
+    );
     // A failed task cannot be cancelled; a running one can.
     assert!(!store.mark_task_as_cancelled("u", "t").await.unwrap());
-    store.save_task_history("u", "t2", 0, &TaskStepResult::running("s", json!(null), "")).await.unwrap();
+    store
+        .save_task_history("u", "t2", 0, &TaskStepResult::running("s", json!(null), ""))
+        .await
+        .unwrap();
     assert!(store.mark_task_as_cancelled("u", "t2").await.unwrap());
-    assert_eq!(service.run_step("u", "t2", 1, || Ok(json!(1))).await.unwrap(), StepOutcome::Stopped);
+    assert_eq!(
+        service
+            .run_step("u", "t2", 1, || Ok(json!(1)))
+            .await
+            .unwrap(),
+        StepOutcome::Stopped
+    );
     let history = store.load_task_history("u", "t").await.unwrap();
     assert_eq!(history.iter().map(|e| e.step).collect::<Vec<_>>(), [1, 2]);
     assert_eq!(history[1].result.error_code, Some(ErrorCode::Execution));

@@ -82,7 +82,8 @@ CREATE TABLE task_summary (
     step_count BIGINT NOT NULL,
     created_at TIMESTAMPTZ NOT NULL,
     updated_at TIMESTAMPTZ NOT NULL,
-    PRIMARY KEY (user_id, task_id),
+    -- INCLUDE: check_task_status is an index-only scan of the primary key.
+    PRIMARY KEY (user_id, task_id) INCLUDE (status),
     CONSTRAINT task_summary_status_check CHECK (
         status IN ('pending', 'running', 'completed', 'cancelled', 'timed_out', 'failed')
     )

@@ -1,4 +1,5 @@
 //! The whole behaviour suite on `MemoryStore`, used through `Arc<dyn TaskHistoryStore>`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
 

@@ -19,7 +19,7 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 /// (user_id, task_id, step, result, timestamp or NULL for now(), status), already
 /// de-duplicated and sorted by key. The task summaries touched are locked first, in key
 /// order; if any is cancelled nothing is written and the refused task is returned.
-pub(crate) const SAVE_STEPS: &str = r#"
+pub const SAVE_STEPS: &str = r#"
 WITH input AS (
     SELECT i.user_id, i.task_id, i.step, i.result, COALESCE(i.ts, now()) AS ts, i.status
     FROM unnest($1::text[], $2::text[], $3::int4[], $4::jsonb[], $5::timestamptz[], $6::text[])
@@ -66,7 +66,7 @@ FROM (SELECT 1) AS one LEFT JOIN refused r ON true
 "#;
 
 /// A task's steps in ascending order.
-pub(crate) const LOAD_HISTORY: &str = r#"
+pub const LOAD_HISTORY: &str = r#"
 SELECT step, result, timestamp, status
 FROM task_history
 WHERE user_id = $1 AND task_id = $2
@@ -74,14 +74,14 @@ ORDER BY step
 "#;
 
 /// A task's current status.
-pub(crate) const TASK_STATUS: &str = r#"
+pub const TASK_STATUS: &str = r#"
 SELECT status FROM task_summary WHERE user_id = $1 AND task_id = $2
 "#;
 
 /// Cancels a task that exists and is not terminal: appends the cancellation entry after the
 /// highest step and marks the summary, under the summary's row lock. Returns one row when
 /// it cancelled.
-pub(crate) const CANCEL_TASK: &str = r#"
+pub const CANCEL_TASK: &str = r#"
 WITH target AS MATERIALIZED (
     SELECT user_id, task_id, last_step
     FROM task_summary
@@ -103,7 +103,7 @@ RETURNING s.step_count
 "#;
 
 /// The first page of a user's tasks.
-pub(crate) const LIST_TASKS: &str = r#"
+pub const LIST_TASKS: &str = r#"
 SELECT task_id, status, last_step, step_count, created_at, updated_at
 FROM task_summary
 WHERE user_id = $1
@@ -112,7 +112,7 @@ LIMIT $2
 "#;
 
 /// A later page of a user's tasks.
-pub(crate) const LIST_TASKS_AFTER: &str = r#"
+pub const LIST_TASKS_AFTER: &str = r#"
 SELECT task_id, status, last_step, step_count, created_at, updated_at
 FROM task_summary
 WHERE user_id = $1 AND (updated_at, task_id) < ($2, $3)
@@ -121,7 +121,7 @@ LIMIT $4
 "#;
 
 /// The first page of a user's tasks in one status.
-pub(crate) const LIST_TASKS_WITH_STATUS: &str = r#"
+pub const LIST_TASKS_WITH_STATUS: &str = r#"
 SELECT task_id, status, last_step, step_count, created_at, updated_at
 FROM task_summary
 WHERE user_id = $1 AND status = $2
@@ -130,7 +130,7 @@ LIMIT $3
 "#;
 
 /// A later page of a user's tasks in one status.
-pub(crate) const LIST_TASKS_WITH_STATUS_AFTER: &str = r#"
+pub const LIST_TASKS_WITH_STATUS_AFTER: &str = r#"
 SELECT task_id, status, last_step, step_count, created_at, updated_at
 FROM task_summary
 WHERE user_id = $1 AND status = $2 AND (updated_at, task_id) < ($3, $4)
@@ -141,7 +141,7 @@ LIMIT $5
 /// One bounded batch of retention: up to `$2` whole tasks last active before now minus `$1`
 /// days, oldest first, skipping tasks a writer holds. Deletes their steps and summaries in
 /// one short transaction.
-pub(crate) const CLEANUP_BATCH: &str = r#"
+pub const CLEANUP_BATCH: &str = r#"
 WITH doomed AS MATERIALIZED (
     SELECT user_id, task_id
     FROM task_summary
@@ -162,20 +162,20 @@ SELECT (SELECT count(*) FROM tasks) AS tasks_removed, (SELECT count(*) FROM step
 "#;
 
 /// Counts what a cleanup would remove (dry runs).
-pub(crate) const CLEANUP_PREVIEW: &str = r#"
+pub const CLEANUP_PREVIEW: &str = r#"
 SELECT count(*) AS tasks_removed, COALESCE(sum(step_count), 0)::int8 AS steps_removed
 FROM task_summary
 WHERE updated_at < now() - make_interval(days => $1)
 "#;
 
 /// Server version and whether the migrations table exists.
-pub(crate) const HEALTH: &str = r#"
+pub const HEALTH: &str = r#"
 SELECT current_setting('server_version') AS server_version,
        to_regclass('__diesel_schema_migrations') IS NOT NULL AS migrated
 "#;
 
 /// The newest applied migration.
-pub(crate) const SCHEMA_VERSION: &str = r#"
+pub const SCHEMA_VERSION: &str = r#"
 SELECT max(version) AS version FROM __diesel_schema_migrations
 "#;
 

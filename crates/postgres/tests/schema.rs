@@ -1,5 +1,6 @@
 //! Migrations on a real server: adopting the Python service's table in place, concurrent
 //! start-up, the indexes the queries use, and start-up errors with their real cause.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use chrono::{NaiveDate, TimeZone, Utc};
 use serde_json::json;
@@ -38,7 +39,12 @@ async fn raw(config: &PgConfig) -> tokio_postgres::Client {
     let (client, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
     tokio::spawn(conn);
     let schema = config.schema.clone().unwrap();
-    client.batch_execute(&format!("CREATE SCHEMA {schema}; SET search_path TO {schema}")).await.unwrap();
+    client
+        .batch_execute(&format!(
+            "CREATE SCHEMA {schema}; SET search_path TO {schema}"
+        ))
+        .await
+        .unwrap();
     client
 }
 
@@ -52,7 +58,10 @@ fn python_dict(step: &str, status: &str, message: &str) -> String {
 }
 
 fn naive(h: u32, m: u32, s: u32, micros: u32) -> chrono::NaiveDateTime {
-    NaiveDate::from_ymd_opt(2024, 3, 1).unwrap().and_hms_micro_opt(h, m, s, micros).unwrap()
+    NaiveDate::from_ymd_opt(2024, 3, 1)
+        .unwrap()
+        .and_hms_micro_opt(h, m, s, micros)
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -63,31 +72,93 @@ async fn adopts_the_python_table_in_place_without_losing_a_step() {
     // The seed binds json.dumps(...) text to the JSONB column: send it as text.
     let insert_sql = SEED_INSERT.replace("$4", "$4::text::jsonb");
     let rows: Vec<(&str, &str, i32, String, chrono::NaiveDateTime, &str)> = vec![
-        ("user_123", "task_456", 0, python_dict("step_0", "running", "first try"), naive(10, 0, 0, 1), "running"),
+        (
+            "user_123",
+            "task_456",
+            0,
+            python_dict("step_0", "running", "first try"),
+            naive(10, 0, 0, 1),
+            "running",
+        ),
         // The same step saved again (a retry): the seed kept both rows.
-        ("user_123", "task_456", 0, python_dict("step_0", "running", "second try"), naive(10, 0, 5, 2), "running"),
-        ("user_123", "task_456", 1, python_dict("step_1", "completed", "done"), naive(10, 1, 0, 3), "completed"),
-        ("user_123", "task_789", 0, python_dict("step_0", "failed", "boom"), naive(9, 0, 0, 4), "failed"),
-        ("user_999", "task_456", 0, python_dict("step_0", "running", "other user"), naive(11, 0, 0, 5), "running"),
-        ("user_999", "task_456", 0, python_dict("step_0", "running", "other user, same time, later id"), naive(11, 0, 0, 5), "running"),
+        (
+            "user_123",
+            "task_456",
+            0,
+            python_dict("step_0", "running", "second try"),
+            naive(10, 0, 5, 2),
+            "running",
+        ),
+        (
+            "user_123",
+            "task_456",
+            1,
+            python_dict("step_1", "completed", "done"),
+            naive(10, 1, 0, 3),
+            "completed",
+        ),
+        (
+            "user_123",
+            "task_789",
+            0,
+            python_dict("step_0", "failed", "boom"),
+            naive(9, 0, 0, 4),
+            "failed",
+        ),
+        (
+            "user_999",
+            "task_456",
+            0,
+            python_dict("step_0", "running", "other user"),
+            naive(11, 0, 0, 5),
+            "running",
+        ),
+        (
+            "user_999",
+            "task_456",
+            0,
+            python_dict("step_0", "running", "other user, same time, later id"),
+            naive(11, 0, 0, 5),
+            "running",
+        ),
     ];
     for (u, t, s, r, ts, st) in &rows {
-        client.execute(insert_sql.as_str(), &[u, t, s, r, ts, st]).await.unwrap();
+        client
+            .execute(insert_sql.as_str(), &[u, t, s, r, ts, st])
+            .await
+            .unwrap();
     }
 
     let store = store_for(config.clone()).await;
 
     // Newest of each duplicate kept; the others moved, nothing lost.
-    let h = store.load_task_history("user_123", "task_456").await.unwrap();
+    let h = store
+        .load_task_history("user_123", "task_456")
+        .await
+        .unwrap();
     assert_eq!(h.iter().map(|e| e.step).collect::<Vec<_>>(), [0, 1]);
     assert_eq!(h[0].result.message, "second try");
-    assert_eq!(h[0].timestamp, Utc.from_utc_datetime(&naive(10, 0, 5, 2)), "read as UTC, microseconds kept");
+    assert_eq!(
+        h[0].timestamp,
+        Utc.from_utc_datetime(&naive(10, 0, 5, 2)),
+        "read as UTC, microseconds kept"
+    );
     assert_eq!(h[1].result.status, TaskStatus::Completed);
-    let other = store.load_task_history("user_999", "task_456").await.unwrap();
+    let other = store
+        .load_task_history("user_999", "task_456")
+        .await
+        .unwrap();
     assert_eq!(other[0].result.message, "other user, same time, later id");
-    let kept: i64 = client.query_one("SELECT count(*) FROM task_history", &[]).await.unwrap().get(0);
+    let kept: i64 = client
+        .query_one("SELECT count(*) FROM task_history", &[])
+        .await
+        .unwrap()
+        .get(0);
     let moved: Vec<String> = client
-        .query("SELECT result->>'message' FROM task_history_duplicates ORDER BY id", &[])
+        .query(
+            "SELECT result->>'message' FROM task_history_duplicates ORDER BY id",
+            &[],
+        )
         .await
         .unwrap()
         .iter()
@@ -97,12 +168,30 @@ async fn adopts_the_python_table_in_place_without_losing_a_step() {
     assert_eq!(moved, ["first try", "other user"]);
 
     // The summary was back-filled.
-    assert_eq!(store.check_task_status("user_123", "task_456").await.unwrap(), TaskStatus::Completed);
-    assert_eq!(store.check_task_status("user_123", "task_789").await.unwrap(), TaskStatus::Failed);
+    assert_eq!(
+        store
+            .check_task_status("user_123", "task_456")
+            .await
+            .unwrap(),
+        TaskStatus::Completed
+    );
+    assert_eq!(
+        store
+            .check_task_status("user_123", "task_789")
+            .await
+            .unwrap(),
+        TaskStatus::Failed
+    );
     let tasks = store.get_user_tasks("user_123", 10).await.unwrap();
-    assert_eq!(tasks.iter().map(|t| t.task_id.as_str()).collect::<Vec<_>>(), ["task_456", "task_789"]);
+    assert_eq!(
+        tasks.iter().map(|t| t.task_id.as_str()).collect::<Vec<_>>(),
+        ["task_456", "task_789"]
+    );
     assert_eq!((tasks[0].step_count, tasks[0].last_step), (2, 1));
-    assert_eq!(tasks[0].created_at, Utc.from_utc_datetime(&naive(10, 0, 5, 2)));
+    assert_eq!(
+        tasks[0].created_at,
+        Utc.from_utc_datetime(&naive(10, 0, 5, 2))
+    );
 
     // The seed's unused indexes are gone; the unique key now makes saves idempotent.
     let seed_indexes: i64 = client
@@ -112,15 +201,39 @@ async fn adopts_the_python_table_in_place_without_losing_a_step() {
         .get(0);
     assert_eq!(seed_indexes, 0);
     let again = TaskStepResult::success("step_1", json!(1), "again");
-    store.save_task_history("user_123", "task_456", 1, &again).await.unwrap();
-    store.save_task_history("user_123", "task_456", 1, &again).await.unwrap();
-    assert_eq!(store.load_task_history("user_123", "task_456").await.unwrap().len(), 2);
+    store
+        .save_task_history("user_123", "task_456", 1, &again)
+        .await
+        .unwrap();
+    store
+        .save_task_history("user_123", "task_456", 1, &again)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .load_task_history("user_123", "task_456")
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
     // Rows the Python service reads still have its shape.
     let shape: serde_json::Value =
         client.query_one("SELECT result FROM task_history WHERE step = 1 AND task_id = 'task_456' AND user_id = 'user_123'", &[]).await.unwrap().get(0);
     let mut keys: Vec<_> = shape.as_object().unwrap().keys().cloned().collect();
     keys.sort();
-    assert_eq!(keys, ["completed", "error_code", "error_message", "message", "result", "status", "step"]);
+    assert_eq!(
+        keys,
+        [
+            "completed",
+            "error_code",
+            "error_message",
+            "message",
+            "result",
+            "status",
+            "step"
+        ]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -135,7 +248,11 @@ async fn concurrent_migrations_apply_once() {
         r.unwrap();
     }
     let client = raw_existing(&config).await;
-    let applied: i64 = client.query_one("SELECT count(*) FROM __diesel_schema_migrations", &[]).await.unwrap().get(0);
+    let applied: i64 = client
+        .query_one("SELECT count(*) FROM __diesel_schema_migrations", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(applied as usize, taskhistory_postgres::MIGRATIONS_COUNT);
     let status = stores[0].migration_status().await.unwrap();
     assert!(status.iter().all(|m| m.applied));
@@ -143,7 +260,9 @@ async fn concurrent_migrations_apply_once() {
     assert_eq!(health.backend, "postgres");
     assert!(health.server_version.is_some());
     let digits = |s: &str| s.chars().filter(char::is_ascii_digit).collect::<String>();
-    let newest = status.last().map(|m| digits(m.name.split('_').next().unwrap_or("")));
+    let newest = status
+        .last()
+        .map(|m| digits(m.name.split('_').next().unwrap_or("")));
     assert_eq!(health.schema_version, newest);
 }
 
@@ -151,7 +270,13 @@ async fn raw_existing(config: &PgConfig) -> tokio_postgres::Client {
     let url = database_url().await;
     let (client, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
     tokio::spawn(conn);
-    client.batch_execute(&format!("SET search_path TO {}", config.schema.clone().unwrap())).await.unwrap();
+    client
+        .batch_execute(&format!(
+            "SET search_path TO {}",
+            config.schema.clone().unwrap()
+        ))
+        .await
+        .unwrap();
     client
 }
 
@@ -159,18 +284,33 @@ async fn raw_existing(config: &PgConfig) -> tokio_postgres::Client {
 async fn start_up_fails_fast_with_the_real_cause() {
     let base = fresh_config().await;
     let started = std::time::Instant::now();
-    let err = PgTaskHistoryStore::connect(base.clone().dbname("no_such_database_here")).await.unwrap_err();
+    let err = PgTaskHistoryStore::connect(base.clone().dbname("no_such_database_here"))
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("does not exist"), "{err}");
-    let err = PgTaskHistoryStore::connect(base.clone().user("no_such_role_here")).await.unwrap_err();
+    let err = PgTaskHistoryStore::connect(base.clone().user("no_such_role_here"))
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("no_such_role_here"), "{err}");
-    let err = PgTaskHistoryStore::connect(base.clone().host("127.0.0.1").port(1)).await.unwrap_err();
+    let err = PgTaskHistoryStore::connect(base.clone().host("127.0.0.1").port(1))
+        .await
+        .unwrap_err();
     assert!(err.is_transient(), "no server is a transient error: {err}");
-    assert!(started.elapsed() < std::time::Duration::from_secs(10), "not bb8's 30 s timeout");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "not bb8's 30 s timeout"
+    );
 }
 
 #[tokio::test(flavor = "current_thread")]
 async fn migrations_work_on_a_current_thread_runtime() {
     let store = store_for(fresh_config().await).await;
-    store.save_task_history("u", "t", 0, &TaskStepResult::running("s", json!(null), "")).await.unwrap();
-    assert_eq!(store.check_task_status("u", "t").await.unwrap(), TaskStatus::Running);
+    store
+        .save_task_history("u", "t", 0, &TaskStepResult::running("s", json!(null), ""))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.check_task_status("u", "t").await.unwrap(),
+        TaskStatus::Running
+    );
 }

@@ -1,0 +1,129 @@
+//! Timeouts on a real server: both fire as typed errors, and a connection whose statement did
+//! not finish is thrown away, never handed back to the pool half-used.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use serde_json::json;
+use taskhistory_core::{RetryPolicy, StoreError, TaskHistoryStore, TaskStepResult};
+use taskhistory_postgres::testing::{database_url, fresh_config, store_for};
+use tokio_postgres::NoTls;
+
+/// Holds the task's summary row locked in an open transaction, so writes to it wait.
+async fn lock_task(schema: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(&database_url().await, NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!(
+            "SET search_path TO {schema}; BEGIN; SELECT * FROM task_summary WHERE user_id = 'u' AND task_id = 't' FOR UPDATE"
+        ))
+        .await
+        .unwrap();
+    client
+}
+
+fn step() -> TaskStepResult {
+    TaskStepResult::running("s", json!(null), "")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_timeout_discards_the_connection() {
+    let config = fresh_config()
+        .await
+        .pool_size(1, 1)
+        .command_timeout(Duration::from_millis(300))
+        .statement_timeout(Duration::from_secs(30))
+        .retry(RetryPolicy::never());
+    let schema = config.schema.clone().unwrap();
+    let store = store_for(config).await;
+    store.save_task_history("u", "t", 0, &step()).await.unwrap();
+    let locker = lock_task(&schema).await;
+
+    let err = store
+        .save_task_history("u", "t", 1, &step())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::Timeout { .. }), "{err:?}");
+    assert!(err.is_transient());
+    locker.batch_execute("ROLLBACK").await.unwrap();
+
+    // The only connection was discarded (broken), not reused mid-statement; the pool opens a
+    // fresh one and serves again.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    store.save_task_history("u", "t", 2, &step()).await.unwrap();
+    let steps: Vec<i32> = store
+        .load_task_history("u", "t")
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.step)
+        .collect();
+    assert!(
+        steps == [0, 2] || steps == [0, 1, 2],
+        "the cancelled statement may or may not have committed: {steps:?}"
+    );
+    let stats = store.pool_stats();
+    assert!(stats.closed_broken >= 1, "{stats:?}");
+    assert!(store.metrics().errors >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statement_timeout_is_a_typed_timeout_and_the_pool_stays_healthy() {
+    let config = fresh_config()
+        .await
+        .pool_size(1, 1)
+        .statement_timeout(Duration::from_millis(200))
+        .retry(RetryPolicy::never());
+    let schema = config.schema.clone().unwrap();
+    let store = store_for(config).await;
+    store.save_task_history("u", "t", 0, &step()).await.unwrap();
+    let locker = lock_task(&schema).await;
+    let err = store.mark_task_as_cancelled("u", "t").await.unwrap_err();
+    assert!(matches!(err, StoreError::Timeout { .. }), "{err:?}");
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    // Same connection, still usable: the server cancelled the statement cleanly.
+    assert!(store.mark_task_as_cancelled("u", "t").await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_ride_out_a_lock_held_briefly() {
+    let config = fresh_config()
+        .await
+        .statement_timeout(Duration::from_millis(150))
+        .retry(RetryPolicy {
+            max_attempts: 10,
+            initial_backoff: Duration::from_millis(20),
+            ..RetryPolicy::default()
+        });
+    let schema = config.schema.clone().unwrap();
+    let store = store_for(config).await;
+    store.save_task_history("u", "t", 0, &step()).await.unwrap();
+    let locker = lock_task(&schema).await;
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        locker.batch_execute("ROLLBACK").await.unwrap();
+    });
+    store.save_task_history("u", "t", 1, &step()).await.unwrap();
+    release.await.unwrap();
+    assert!(store.metrics().retries >= 1, "{:?}", store.metrics());
+    assert_eq!(store.load_task_history("u", "t").await.unwrap().len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_password_never_shows() {
+    let config = fresh_config().await.password("hunter2-very-secret");
+    let store = store_for(config).await;
+    let shown = format!("{store:?} {:?}", store.config());
+    assert!(!shown.contains("hunter2-very-secret"), "{shown}");
+    let err = taskhistory_postgres::PgTaskHistoryStore::connect(
+        fresh_config()
+            .await
+            .password("hunter2-very-secret")
+            .dbname("missing_db_for_pw_test"),
+    )
+    .await
+    .unwrap_err();
+    assert!(!format!("{err} {err:?}").contains("hunter2-very-secret"));
+}

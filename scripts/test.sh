@@ -1,7 +1,15 @@
 #!/usr/bin/env bash
 # Runs every test: the behaviour suite on the memory store and on a real PostgreSQL, the
-# PostgreSQL store's own tests, the examples' tests and the doc tests.
+# PostgreSQL store's own tests, the examples' tests and the doc tests; then prints one
+# closing line with the totals.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/ensure-postgres.sh
-cargo test --workspace --all-features "$@"
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace --all-features "$@" 2>&1 | tee "$log" || status=$?
+echo
+awk '/^test result:/ { for (i = 1; i < NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"

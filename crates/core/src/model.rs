@@ -274,6 +274,22 @@ pub struct TaskPage {
     pub next: Option<TaskCursor>,
 }
 
+impl TaskPage {
+    /// A page from a listing that fetched one task more than `limit` (to learn whether
+    /// another page follows): keeps `limit` tasks, and the cursor after the last one when
+    /// there were more.
+    pub fn from_overfetch(mut tasks: Vec<TaskSummary>, limit: i64) -> Self {
+        let limit = usize::try_from(limit).unwrap_or(0);
+        let next = if tasks.len() > limit {
+            tasks.truncate(limit);
+            tasks.last().map(TaskSummary::cursor)
+        } else {
+            None
+        };
+        TaskPage { tasks, next }
+    }
+}
+
 /// What [`TaskHistoryStore::cleanup_old_tasks`](crate::TaskHistoryStore) removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CleanupReport {

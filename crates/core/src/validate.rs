@@ -38,6 +38,12 @@ pub fn task_id(value: &str) -> Result<(), StoreError> {
     id("task_id", value)
 }
 
+/// Checks the `user_id` and `task_id` that name one task.
+pub fn task(user: &str, task: &str) -> Result<(), StoreError> {
+    user_id(user)?;
+    task_id(task)
+}
+
 /// Checks an identifier reported as `field`.
 pub fn id(field: &str, value: &str) -> Result<(), StoreError> {
     if value.is_empty() {

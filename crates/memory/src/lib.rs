@@ -202,8 +202,7 @@ impl TaskHistoryStore for MemoryStore {
         user_id: &str,
         task_id: &str,
     ) -> Result<Vec<HistoryEntry>, StoreError> {
-        validate::user_id(user_id)?;
-        validate::task_id(task_id)?;
+        validate::task(user_id, task_id)?;
         let state = self.read()?;
         Ok(state
             .get(user_id)
@@ -217,8 +216,7 @@ impl TaskHistoryStore for MemoryStore {
         user_id: &str,
         task_id: &str,
     ) -> Result<bool, StoreError> {
-        validate::user_id(user_id)?;
-        validate::task_id(task_id)?;
+        validate::task(user_id, task_id)?;
         let mut state = self.write()?;
         let Some(user) = state.get_mut(user_id) else {
             return Ok(false);
@@ -256,8 +254,7 @@ impl TaskHistoryStore for MemoryStore {
         user_id: &str,
         task_id: &str,
     ) -> Result<TaskStatus, StoreError> {
-        validate::user_id(user_id)?;
-        validate::task_id(task_id)?;
+        validate::task(user_id, task_id)?;
         let state = self.read()?;
         Ok(state
             .get(user_id)
@@ -279,7 +276,6 @@ impl TaskHistoryStore for MemoryStore {
                 next: None,
             });
         };
-        let limit = usize::try_from(query.limit).unwrap_or(0);
         let keys: Box<dyn Iterator<Item = &(DateTime<Utc>, String)>> = match &query.after {
             Some(TaskCursor {
                 last_updated,
@@ -291,18 +287,12 @@ impl TaskHistoryStore for MemoryStore {
             ),
             None => Box::new(user.by_activity.iter().rev()),
         };
-        let mut tasks: Vec<TaskSummary> = keys
+        let tasks: Vec<TaskSummary> = keys
             .filter_map(|(_, id)| user.tasks.get(id).map(|t| summary(id, t)))
             .filter(|t| query.status.is_none_or(|s| s == t.status))
-            .take(limit + 1)
+            .take(usize::try_from(query.limit).unwrap_or(0).saturating_add(1))
             .collect();
-        let next = if tasks.len() > limit {
-            tasks.truncate(limit);
-            tasks.last().map(TaskSummary::cursor)
-        } else {
-            None
-        };
-        Ok(TaskPage { tasks, next })
+        Ok(TaskPage::from_overfetch(tasks, query.limit))
     }
 
     async fn cleanup_old_tasks(&self, days_old: i64) -> Result<CleanupReport, StoreError> {

@@ -462,7 +462,7 @@ fn list_tasks<'c>(
             .await
             .map_err(|e| from_diesel("get_user_tasks", e))?;
         tracing::Span::current().record("rows", rows.len());
-        let mut tasks: Vec<TaskSummary> = rows
+        let tasks: Vec<TaskSummary> = rows
             .into_iter()
             .map(|r| TaskSummary {
                 task_id: r.task_id,
@@ -473,14 +473,7 @@ fn list_tasks<'c>(
                 last_updated: r.updated_at,
             })
             .collect();
-        let limit = usize::try_from(query.limit).unwrap_or(0);
-        let next = if tasks.len() > limit {
-            tasks.truncate(limit);
-            tasks.last().map(TaskSummary::cursor)
-        } else {
-            None
-        };
-        Ok(TaskPage { tasks, next })
+        Ok(TaskPage::from_overfetch(tasks, query.limit))
     })
 }
 
@@ -835,8 +828,7 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         user_id: &str,
         task_id: &str,
     ) -> Result<Vec<HistoryEntry>, StoreError> {
-        validate::user_id(user_id)?;
-        validate::task_id(task_id)?;
+        validate::task(user_id, task_id)?;
         self.run(
             "load_task_history",
             Some(user_id),
@@ -852,8 +844,7 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         user_id: &str,
         task_id: &str,
     ) -> Result<bool, StoreError> {
-        validate::user_id(user_id)?;
-        validate::task_id(task_id)?;
+        validate::task(user_id, task_id)?;
         self.run(
             "mark_task_as_cancelled",
             Some(user_id),
@@ -869,8 +860,7 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         user_id: &str,
         task_id: &str,
     ) -> Result<TaskStatus, StoreError> {
-        validate::user_id(user_id)?;
-        validate::task_id(task_id)?;
+        validate::task(user_id, task_id)?;
         self.run(
             "check_task_status",
             Some(user_id),

@@ -165,13 +165,36 @@ pub fn save(
     step_result("step_result", result)
 }
 
-/// A batch record that passed validation, with its timestamp cut to the microsecond.
+/// A step that passed validation, borrowed from the caller: what stores write.
 #[derive(Debug, Clone, Copy)]
 pub struct PreparedStep<'a> {
-    /// The record as given.
-    pub record: &'a StepRecord,
+    /// The task's user.
+    pub user_id: &'a str,
+    /// The task.
+    pub task_id: &'a str,
+    /// The step number.
+    pub step: i32,
     /// Its timestamp, cut to the microsecond; `None` for "now".
     pub timestamp: Option<DateTime<Utc>>,
+    /// The step's outcome.
+    pub result: &'a TaskStepResult,
+}
+
+/// Checks one save ([`save`]) and returns it ready to write, without copying anything.
+pub fn prepare_save<'a>(
+    user: &'a str,
+    task: &'a str,
+    step_no: i32,
+    result: &'a TaskStepResult,
+) -> Result<PreparedStep<'a>, StoreError> {
+    save(user, task, step_no, result)?;
+    Ok(PreparedStep {
+        user_id: user,
+        task_id: task,
+        step: step_no,
+        timestamp: None,
+        result,
+    })
 }
 
 /// Validates a batch and puts it in the order every store applies it: sorted by
@@ -191,8 +214,11 @@ pub fn prepare_batch(records: &[StepRecord]) -> Result<Vec<PreparedStep<'_>>, St
         prepared.push((
             i,
             PreparedStep {
-                record: r,
+                user_id: &r.user_id,
+                task_id: &r.task_id,
+                step: r.step,
                 timestamp,
+                result: &r.result,
             },
         ));
     }
@@ -209,7 +235,7 @@ pub fn prepare_batch(records: &[StepRecord]) -> Result<Vec<PreparedStep<'_>>, St
 }
 
 fn key<'a>(p: &PreparedStep<'a>) -> (&'a str, &'a str, i32) {
-    (&p.record.user_id, &p.record.task_id, p.record.step)
+    (p.user_id, p.task_id, p.step)
 }
 
 fn no_nul(field: &str, value: &str) -> Result<(), StoreError> {
@@ -372,13 +398,7 @@ mod tests {
         let p = prepare_batch(&records).unwrap();
         let keys: Vec<_> = p
             .iter()
-            .map(|p| {
-                (
-                    p.record.task_id.as_str(),
-                    p.record.step,
-                    p.record.result.status,
-                )
-            })
+            .map(|p| (p.task_id, p.step, p.result.status))
             .collect();
         assert_eq!(
             keys,

@@ -187,11 +187,11 @@ impl TaskHistoryStore for MemoryStore {
         let writes = prepared
             .into_iter()
             .map(|p| Write {
-                user_id: p.record.user_id.clone(),
-                task_id: p.record.task_id.clone(),
-                step: p.record.step,
+                user_id: p.user_id.to_owned(),
+                task_id: p.task_id.to_owned(),
+                step: p.step,
                 timestamp: p.timestamp.unwrap_or(now),
-                result: p.record.result.clone(),
+                result: p.result.clone(),
             })
             .collect();
         self.apply(writes)

@@ -276,18 +276,15 @@ async fn save_chunk(
     steps: &[PreparedStep<'_>],
 ) -> Result<Option<(String, String)>, StoreError> {
     let op = "save_task_history";
-    let users: Vec<String> = steps.iter().map(|p| p.record.user_id.clone()).collect();
-    let tasks: Vec<String> = steps.iter().map(|p| p.record.task_id.clone()).collect();
-    let numbers: Vec<i32> = steps.iter().map(|p| p.record.step).collect();
+    let users: Vec<String> = steps.iter().map(|p| p.user_id.to_owned()).collect();
+    let tasks: Vec<String> = steps.iter().map(|p| p.task_id.to_owned()).collect();
+    let numbers: Vec<i32> = steps.iter().map(|p| p.step).collect();
     let results = steps
         .iter()
-        .map(|p| JsonOf::new(op, &p.record.result))
+        .map(|p| JsonOf::new(op, p.result))
         .collect::<Result<Vec<_>, _>>()?;
     let times: Vec<Option<DateTime<Utc>>> = steps.iter().map(|p| p.timestamp).collect();
-    let statuses: Vec<&'static str> = steps
-        .iter()
-        .map(|p| p.record.result.status.as_str())
-        .collect();
+    let statuses: Vec<&'static str> = steps.iter().map(|p| p.result.status.as_str()).collect();
     let rows: Vec<SaveOutcome> = Statement::new(sql::SAVE_STEPS)
         .bind::<Array<Text>, _>(users)
         .bind::<Array<Text>, _>(tasks)
@@ -790,18 +787,7 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         step: i32,
         step_result: &TaskStepResult,
     ) -> Result<(), StoreError> {
-        validate::save(user_id, task_id, step, step_result)?;
-        let record = StepRecord {
-            user_id: user_id.to_owned(),
-            task_id: task_id.to_owned(),
-            step,
-            timestamp: None,
-            result: step_result.clone(),
-        };
-        let steps = [PreparedStep {
-            record: &record,
-            timestamp: None,
-        }];
+        let steps = [validate::prepare_save(user_id, task_id, step, step_result)?];
         let args = SaveArgs { steps: &steps };
         self.run(
             "save_task_history",

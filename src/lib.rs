@@ -30,7 +30,7 @@ pub use taskhistory_memory::MemoryStore;
 
 #[cfg(feature = "postgres")]
 pub use taskhistory_postgres::{
-    CleanupOptions, PgConfig, PgTaskHistoryStore, PoolStats, SslMode, StoreMetrics,
+    CleanupOptions, PgConfig, PgTaskHistoryStore, PoolStats, SslMode, StoreMetrics, StoreStats,
 };
 
 /// The PostgreSQL backend crate, for everything beyond the store itself.

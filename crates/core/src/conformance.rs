@@ -13,10 +13,12 @@ use std::sync::Arc;
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use serde_json::json;
 
-use crate::validate::{self, canonical_result, MAX_ID_BYTES, MAX_JSON_DEPTH, MAX_PAGE_SIZE};
+use crate::validate::{
+    self, canonical_result, MAX_ID_BYTES, MAX_JSON_DEPTH, MAX_PAGE_SIZE, MAX_SCAN_SIZE,
+};
 use crate::{
-    DynStore, ErrorCode, HistoryEntry, StepRecord, StoreError, TaskCursor, TaskQuery, TaskStatus,
-    TaskStepResult, TaskSummary,
+    DynStore, ErrorCode, HistoryEntry, HistoryScan, StepKey, StepRecord, StoreError, TaskCursor,
+    TaskQuery, TaskStatus, TaskStepResult, TaskSummary,
 };
 
 /// Expands the whole suite into `#[tokio::test]`s, one per case, each on a fresh store made
@@ -42,6 +44,8 @@ macro_rules! conformance_tests {
             large_batch_is_one_write,
             cleanup_removes_whole_old_tasks,
             users_are_isolated,
+            scan_pages_visit_every_step_once,
+            scan_of_one_task,
             concurrent_saves_lose_nothing,
             cancel_racing_saves_stays_sticky,
             timestamps_keep_microseconds,
@@ -85,6 +89,11 @@ macro_rules! conformance_tests {
         #[case::list_negative_limit($crate::conformance::BadCall::ListNegativeLimit)]
         #[case::list_too_large_limit($crate::conformance::BadCall::ListTooLargeLimit)]
         #[case::list_bad_cursor($crate::conformance::BadCall::ListBadCursor)]
+        #[case::scan_empty_user($crate::conformance::BadCall::ScanEmptyUser)]
+        #[case::scan_zero_limit($crate::conformance::BadCall::ScanZeroLimit)]
+        #[case::scan_too_large_limit($crate::conformance::BadCall::ScanTooLargeLimit)]
+        #[case::scan_empty_task($crate::conformance::BadCall::ScanEmptyTask)]
+        #[case::scan_negative_after_step($crate::conformance::BadCall::ScanNegativeAfterStep)]
         #[case::cleanup_negative_days($crate::conformance::BadCall::CleanupNegativeDays)]
         #[case::cleanup_too_many_days($crate::conformance::BadCall::CleanupTooManyDays)]
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -608,6 +617,108 @@ pub async fn users_are_isolated(store: &DynStore) {
     assert_eq!(tasks(store, "bob").await.len(), 2);
 }
 
+/// Every page of a scan, following `next` until it ends.
+async fn scan_all(store: &DynStore, user: &str, mut scan: HistoryScan) -> Vec<StepRecord> {
+    let mut out = Vec::new();
+    loop {
+        let page = store.scan_history(user, &scan).await.unwrap();
+        assert!(
+            page.steps.len() as i64 <= scan.limit,
+            "page longer than its limit"
+        );
+        out.extend(page.steps);
+        match page.next {
+            Some(next) => scan = scan.after(Some(next)),
+            None => return out,
+        }
+    }
+}
+
+/// Scans read a user's steps in (task_id, step) byte order, page by page, each step once,
+/// with the timestamps and results `load_task_history` returns; never another user's.
+pub async fn scan_pages_visit_every_step_once(store: &DynStore) {
+    let t0 = Utc.with_ymd_and_hms(2026, 1, 2, 3, 4, 5).single().unwrap();
+    let mut records = Vec::new();
+    for (task, steps) in [("b", 3), ("a", 2), ("B", 1), ("é", 2), ("a-1", 1)] {
+        for step in 0..steps {
+            let at = t0 + Duration::microseconds(i64::from(step) * 1_000_001 + 7);
+            records.push(StepRecord::new("u", task, step * 10, running(task)).at(at));
+        }
+    }
+    records.push(StepRecord::new("v", "a", 0, running("other user")));
+    store.save_batch_task_history(&records).await.unwrap();
+    assert!(store.mark_task_as_cancelled("u", "b").await.unwrap());
+
+    let mut expected = Vec::new();
+    for task in ["B", "a", "a-1", "b", "é"] {
+        for e in history(store, "u", task).await {
+            expected.push(StepRecord::new("u", task, e.step, e.result).at(e.timestamp));
+        }
+    }
+    assert_eq!(expected.len(), 10);
+    for limit in [1, 3, 10, 11, MAX_SCAN_SIZE] {
+        let got = scan_all(store, "u", HistoryScan::all(limit)).await;
+        assert_eq!(got, expected, "limit {limit}");
+    }
+    // A full last page says there is no more only when there is no more.
+    let page = store
+        .scan_history("u", &HistoryScan::all(10))
+        .await
+        .unwrap();
+    assert_eq!((page.steps.len(), page.next), (10, None));
+    let page = store.scan_history("u", &HistoryScan::all(9)).await.unwrap();
+    assert_eq!(
+        page.next,
+        Some(StepKey {
+            task_id: "é".into(),
+            step: 0
+        })
+    );
+    assert!(store
+        .scan_history("nobody", &HistoryScan::all(5))
+        .await
+        .unwrap()
+        .steps
+        .is_empty());
+}
+
+/// A scan of one task reads only its steps, and `after` continues inside it.
+pub async fn scan_of_one_task(store: &DynStore) {
+    for task in ["t", "t2", "s"] {
+        for step in [0, 1, 2, 7] {
+            save(store, "u", task, step, &running(task)).await;
+        }
+    }
+    let steps_of = |records: &[StepRecord]| {
+        records
+            .iter()
+            .map(|r| (r.task_id.clone(), r.step))
+            .collect::<Vec<_>>()
+    };
+    let all = scan_all(store, "u", HistoryScan::task("t", 2)).await;
+    let t = |s: i32| ("t".to_string(), s);
+    assert_eq!(steps_of(&all), [t(0), t(1), t(2), t(7)]);
+    assert!(all.iter().all(|r| r.timestamp.is_some()));
+    let rest = store
+        .scan_history(
+            "u",
+            &HistoryScan::task("t", 10).after(Some(StepKey {
+                task_id: "t".into(),
+                step: 1,
+            })),
+        )
+        .await
+        .unwrap();
+    assert_eq!(steps_of(&rest.steps), [t(2), t(7)]);
+    assert_eq!(rest.next, None);
+    assert!(store
+        .scan_history("u", &HistoryScan::task("missing", 10))
+        .await
+        .unwrap()
+        .steps
+        .is_empty());
+}
+
 /// Rules 1 and 2 under concurrency: many writers, one task, nothing lost or doubled.
 pub async fn concurrent_saves_lose_nothing(store: &DynStore) {
     let writers = 16;
@@ -828,6 +939,11 @@ pub enum BadCall {
     ListNegativeLimit,
     ListTooLargeLimit,
     ListBadCursor,
+    ScanEmptyUser,
+    ScanZeroLimit,
+    ScanTooLargeLimit,
+    ScanEmptyTask,
+    ScanNegativeAfterStep,
     CleanupNegativeDays,
     CleanupTooManyDays,
 }
@@ -952,6 +1068,44 @@ async fn bad_call(store: &DynStore, call: BadCall) -> (Result<(), StoreError>, &
                 task_id: String::new(),
             }));
             (store.get_user_tasks_page("u", &q).await.map(drop), "cursor")
+        }
+        ScanEmptyUser => (
+            store.scan_history("", &HistoryScan::all(5)).await.map(drop),
+            "user_id",
+        ),
+        ScanZeroLimit => (
+            store
+                .scan_history("u", &HistoryScan::all(0))
+                .await
+                .map(drop),
+            "limit",
+        ),
+        ScanTooLargeLimit => (
+            store
+                .scan_history("u", &HistoryScan::all(MAX_SCAN_SIZE + 1))
+                .await
+                .map(drop),
+            "limit",
+        ),
+        ScanEmptyTask => (
+            store
+                .scan_history("u", &HistoryScan::task("", 5))
+                .await
+                .map(drop),
+            "task_id",
+        ),
+        ScanNegativeAfterStep => {
+            let after = Some(StepKey {
+                task_id: "t".into(),
+                step: -1,
+            });
+            (
+                store
+                    .scan_history("u", &HistoryScan::all(5).after(after))
+                    .await
+                    .map(drop),
+                "after.step",
+            )
         }
         CleanupNegativeDays => (store.cleanup_old_tasks(-1).await.map(drop), "days_old"),
         CleanupTooManyDays => (

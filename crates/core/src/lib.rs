@@ -18,8 +18,8 @@ pub mod conformance;
 
 pub use error::{BoxError, StoreError};
 pub use model::{
-    CleanupReport, HealthReport, HistoryEntry, StepRecord, TaskCursor, TaskPage, TaskQuery,
-    TaskStepResult, TaskSummary,
+    CleanupReport, HealthReport, HistoryEntry, HistoryPage, HistoryScan, StepKey, StepRecord,
+    TaskCursor, TaskPage, TaskQuery, TaskStepResult, TaskSummary,
 };
 pub use retry::RetryPolicy;
 pub use status::{ErrorCode, ParseEnumError, TaskStatus};

@@ -290,6 +290,91 @@ impl TaskPage {
     }
 }
 
+/// A step's place in a user's history in export order: by `task_id` (byte order), then
+/// `step`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct StepKey {
+    /// The task.
+    pub task_id: String,
+    /// The step number.
+    pub step: i32,
+}
+
+/// What [`TaskHistoryStore::scan_history`](crate::TaskHistoryStore) reads: one page of a
+/// user's steps in [`StepKey`] order, for exports and backups.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryScan {
+    /// Only this task's steps; `None` reads every task of the user.
+    pub task_id: Option<String>,
+    /// Continue strictly after this step; `None` starts at the beginning.
+    pub after: Option<StepKey>,
+    /// How many steps at most, 1 to [`MAX_SCAN_SIZE`](crate::validate::MAX_SCAN_SIZE).
+    pub limit: i64,
+}
+
+impl HistoryScan {
+    /// The first `limit` steps of all the user's tasks.
+    pub fn all(limit: i64) -> Self {
+        HistoryScan {
+            task_id: None,
+            after: None,
+            limit,
+        }
+    }
+
+    /// The first `limit` steps of one task.
+    pub fn task(task_id: impl Into<String>, limit: i64) -> Self {
+        HistoryScan {
+            task_id: Some(task_id.into()),
+            after: None,
+            limit,
+        }
+    }
+
+    /// The same scan continuing after `key`.
+    pub fn after(mut self, key: Option<StepKey>) -> Self {
+        self.after = key;
+        self
+    }
+
+    /// Where the scan resumes inside `task_id`: `Some(step)` to read the steps strictly
+    /// after `step` (`-1` from the first), `None` when the whole task lies before the cursor.
+    pub fn resume_in(&self, task_id: &str) -> Option<i32> {
+        match &self.after {
+            Some(a) if a.task_id.as_str() == task_id => Some(a.step),
+            Some(a) if a.task_id.as_str() > task_id => None,
+            _ => Some(-1),
+        }
+    }
+}
+
+/// One page of a user's steps, as [`StepRecord`]s with their stored timestamps: the lines
+/// `taskhistory export` writes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryPage {
+    /// The steps, in [`StepKey`] order.
+    pub steps: Vec<StepRecord>,
+    /// Where the next page starts; `None` when this page is the last.
+    pub next: Option<StepKey>,
+}
+
+impl HistoryPage {
+    /// A page from a scan that fetched one step more than `limit`.
+    pub fn from_overfetch(mut steps: Vec<StepRecord>, limit: i64) -> Self {
+        let limit = usize::try_from(limit).unwrap_or(0);
+        let next = if steps.len() > limit {
+            steps.truncate(limit);
+            steps.last().map(|s| StepKey {
+                task_id: s.task_id.clone(),
+                step: s.step,
+            })
+        } else {
+            None
+        };
+        HistoryPage { steps, next }
+    }
+}
+
 /// What [`TaskHistoryStore::cleanup_old_tasks`](crate::TaskHistoryStore) removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CleanupReport {

@@ -6,8 +6,8 @@ use async_trait::async_trait;
 
 use crate::error::StoreError;
 use crate::model::{
-    CleanupReport, HealthReport, HistoryEntry, StepRecord, TaskPage, TaskQuery, TaskStepResult,
-    TaskSummary,
+    CleanupReport, HealthReport, HistoryEntry, HistoryPage, HistoryScan, StepRecord, TaskPage,
+    TaskQuery, TaskStepResult, TaskSummary,
 };
 use crate::status::TaskStatus;
 
@@ -120,6 +120,16 @@ pub trait TaskHistoryStore: Send + Sync + std::fmt::Debug {
             .await?
             .tasks)
     }
+
+    /// One page of a user's steps in `(task_id, step)` order, optionally of one task, each
+    /// with its stored timestamp: what exports and backups read. Paging with
+    /// [`HistoryPage::next`](crate::HistoryPage) visits every step once, in constant memory,
+    /// however long the history.
+    async fn scan_history(
+        &self,
+        user_id: &str,
+        scan: &HistoryScan,
+    ) -> Result<HistoryPage, StoreError>;
 
     /// Removes whole tasks inactive for more than `days_old` days (rule 6).
     async fn cleanup_old_tasks(&self, days_old: i64) -> Result<CleanupReport, StoreError>;

@@ -7,19 +7,21 @@
 //! | step number | 0 or more |
 //! | step result | no NUL in any string or key (PostgreSQL's text and jsonb refuse it), JSON nested at most [`MAX_JSON_DEPTH`] deep, at most [`MAX_RESULT_BYTES`] encoded |
 //! | timestamp | from year 1 to year 9999, UTC; kept to the microsecond (finer digits are dropped) |
-//! | page size (`limit`) | 1 to [`MAX_PAGE_SIZE`] |
+//! | page size (`limit`) | 1 to [`MAX_PAGE_SIZE`]; for history scans 1 to [`MAX_SCAN_SIZE`] |
 //! | retention (`days`) | 0 to [`MAX_RETENTION_DAYS`] |
 
 use chrono::{DateTime, NaiveDate, SubsecRound, Utc};
 use serde_json::{Map, Number, Value};
 
 use crate::error::StoreError;
-use crate::model::{StepRecord, TaskCursor, TaskQuery, TaskStepResult};
+use crate::model::{HistoryScan, StepRecord, TaskCursor, TaskQuery, TaskStepResult};
 
 /// The longest `user_id` or `task_id`, in bytes.
 pub const MAX_ID_BYTES: usize = 255;
 /// The most tasks one listing returns.
 pub const MAX_PAGE_SIZE: i64 = 1000;
+/// The most steps one history scan returns.
+pub const MAX_SCAN_SIZE: i64 = 10_000;
 /// The deepest nesting of arrays and objects in a step result (`serde_json` reads back at
 /// most 128 levels; PostgreSQL's limit depends on its stack).
 pub const MAX_JSON_DEPTH: usize = 64;
@@ -79,6 +81,31 @@ pub fn limit(value: i64) -> Result<(), StoreError> {
             "limit",
             format!("is {value}; it must be between 1 and {MAX_PAGE_SIZE}"),
         ));
+    }
+    Ok(())
+}
+
+/// Checks the size of a history scan.
+pub fn scan_limit(value: i64) -> Result<(), StoreError> {
+    if !(1..=MAX_SCAN_SIZE).contains(&value) {
+        return Err(StoreError::invalid(
+            "limit",
+            format!("is {value}; it must be between 1 and {MAX_SCAN_SIZE}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a history scan of `user`'s steps.
+pub fn scan(user: &str, value: &HistoryScan) -> Result<(), StoreError> {
+    user_id(user)?;
+    scan_limit(value.limit)?;
+    if let Some(task) = &value.task_id {
+        task_id(task)?;
+    }
+    if let Some(after) = &value.after {
+        id("after.task_id", &after.task_id)?;
+        step("after.step", after.step)?;
     }
     Ok(())
 }
@@ -197,20 +224,26 @@ pub fn prepare_save<'a>(
     })
 }
 
+/// Checks one record of a batch (or one line of an import), reporting fields under
+/// `field` (e.g. `"records[3]"`); returns its timestamp cut to the microsecond.
+pub fn record(field: &str, r: &StepRecord) -> Result<Option<DateTime<Utc>>, StoreError> {
+    id(&format!("{field}.user_id"), &r.user_id)?;
+    id(&format!("{field}.task_id"), &r.task_id)?;
+    step(&format!("{field}.step"), r.step)?;
+    step_result(&format!("{field}.result"), &r.result)?;
+    match r.timestamp {
+        Some(ts) => Ok(Some(timestamp(&format!("{field}.timestamp"), ts)?)),
+        None => Ok(None),
+    }
+}
+
 /// Validates a batch and puts it in the order every store applies it: sorted by
 /// `(user_id, task_id, step)`, and where one step appears more than once, only the last
 /// occurrence kept. The first invalid record fails the whole batch.
 pub fn prepare_batch(records: &[StepRecord]) -> Result<Vec<PreparedStep<'_>>, StoreError> {
     let mut prepared = Vec::with_capacity(records.len());
     for (i, r) in records.iter().enumerate() {
-        id(&format!("records[{i}].user_id"), &r.user_id)?;
-        id(&format!("records[{i}].task_id"), &r.task_id)?;
-        step(&format!("records[{i}].step"), r.step)?;
-        step_result(&format!("records[{i}].result"), &r.result)?;
-        let timestamp = match r.timestamp {
-            Some(ts) => Some(timestamp(&format!("records[{i}].timestamp"), ts)?),
-            None => None,
-        };
+        let timestamp = record(&format!("records[{i}]"), r)?;
         prepared.push((
             i,
             PreparedStep {

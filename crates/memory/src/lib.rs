@@ -9,6 +9,7 @@
 //! It is not a production store: nothing survives the process, and one lock guards all data.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Bound;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
@@ -17,8 +18,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Duration, Utc};
 use taskhistory_core::validate::{self, canonical_result};
 use taskhistory_core::{
-    CleanupReport, HealthReport, HistoryEntry, StepRecord, StoreError, TaskCursor,
-    TaskHistoryStore, TaskPage, TaskQuery, TaskStatus, TaskStepResult, TaskSummary,
+    CleanupReport, HealthReport, HistoryEntry, HistoryPage, HistoryScan, StepRecord, StoreError,
+    TaskCursor, TaskHistoryStore, TaskPage, TaskQuery, TaskStatus, TaskStepResult, TaskSummary,
 };
 
 /// The in-memory store. Clones share the same data.
@@ -36,7 +37,8 @@ struct Inner {
 /// One user's tasks, with the listing order kept as an index.
 #[derive(Debug, Default)]
 struct UserTasks {
-    tasks: HashMap<String, Task>,
+    /// By `task_id` in byte order, the order of history scans.
+    tasks: BTreeMap<String, Task>,
     /// `(last_updated, task_id)` ascending; listings walk it backwards.
     by_activity: BTreeSet<(DateTime<Utc>, String)>,
 }
@@ -293,6 +295,39 @@ impl TaskHistoryStore for MemoryStore {
             .take(usize::try_from(query.limit).unwrap_or(0).saturating_add(1))
             .collect();
         Ok(TaskPage::from_overfetch(tasks, query.limit))
+    }
+
+    async fn scan_history(
+        &self,
+        user_id: &str,
+        scan: &HistoryScan,
+    ) -> Result<HistoryPage, StoreError> {
+        validate::scan(user_id, scan)?;
+        let state = self.read()?;
+        let Some(user) = state.get(user_id) else {
+            return Ok(HistoryPage::from_overfetch(Vec::new(), scan.limit));
+        };
+        let after = scan.after.as_ref();
+        // Tasks from the one holding the cursor on (or just the one asked for).
+        let tasks: Box<dyn Iterator<Item = (&String, &Task)>> = match (&scan.task_id, after) {
+            (Some(id), _) => Box::new(user.tasks.get_key_value(id.as_str()).into_iter()),
+            (None, Some(a)) => Box::new(user.tasks.range(a.task_id.clone()..)),
+            (None, None) => Box::new(user.tasks.iter()),
+        };
+        let wanted = usize::try_from(scan.limit).unwrap_or(0).saturating_add(1);
+        let steps: Vec<StepRecord> = tasks
+            .flat_map(|(task_id, task)| {
+                let from = scan.resume_in(task_id).unwrap_or(i32::MAX);
+                task.steps
+                    .range((Bound::Excluded(from), Bound::Unbounded))
+                    .map(move |(_, e)| {
+                        StepRecord::new(user_id, task_id.as_str(), e.step, e.result.clone())
+                            .at(e.timestamp)
+                    })
+            })
+            .take(wanted)
+            .collect();
+        Ok(HistoryPage::from_overfetch(steps, scan.limit))
     }
 
     async fn cleanup_old_tasks(&self, days_old: i64) -> Result<CleanupReport, StoreError> {

@@ -15,10 +15,12 @@ mod connection;
 mod error;
 mod migrate;
 pub mod sql;
+mod stats;
 mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 
 pub use config::{PgConfig, SslMode};
 pub use migrate::{MigrationState, MIGRATIONS, MIGRATIONS_COUNT};
+pub use stats::{RelationSize, StatusStats, StoreStats};
 pub use store::{CleanupOptions, PgTaskHistoryStore, PoolStats, StoreMetrics};

@@ -3,7 +3,8 @@
 //!
 //! Each `$n` placeholder appears once, in increasing order (a unit test checks it): the
 //! statement splits its text at the placeholders and diesel numbers the bound values in
-//! order. Every statement filters on `user_id`, except cleanup and migrations.
+//! order. Every statement filters on `user_id`, except cleanup, migrations and the
+//! operator's statements (health, schema version, statistics), which no service path sends.
 
 use std::marker::PhantomData;
 
@@ -136,6 +137,55 @@ FROM task_summary
 WHERE user_id = $1 AND status = $2 AND (updated_at, task_id) < ($3, $4)
 ORDER BY updated_at DESC, task_id DESC
 LIMIT $5
+"#;
+
+/// A page of a user's steps in `(task_id, step)` order after a key (`''`, -1 for the
+/// start): export scans. Walks the `(user_id, task_id, step)` unique index.
+pub const SCAN_HISTORY: &str = r#"
+SELECT task_id, step, result, timestamp
+FROM task_history
+WHERE user_id = $1 AND (task_id, step) > ($2, $3)
+ORDER BY task_id, step
+LIMIT $4
+"#;
+
+/// A page of one task's steps after a step number (-1 for the start).
+pub const SCAN_TASK_HISTORY: &str = r#"
+SELECT task_id, step, result, timestamp
+FROM task_history
+WHERE user_id = $1 AND task_id = $2 AND step > $3
+ORDER BY step
+LIMIT $4
+"#;
+
+/// Operator statistics: tasks and steps per status, oldest and newest activity. Reads the
+/// whole summary table (one row per task), so it is for `taskhistory stats`, never a
+/// service's path.
+pub const STATS_BY_STATUS: &str = r#"
+SELECT status, count(*)::int8 AS tasks, COALESCE(sum(step_count), 0)::int8 AS steps,
+       min(updated_at) AS oldest_activity, max(updated_at) AS newest_activity
+FROM task_summary
+GROUP BY status
+ORDER BY status
+"#;
+
+/// Operator statistics: the size on disk of the store's tables (with TOAST) and indexes, in
+/// the current schema, and the planner's row estimate.
+pub const STATS_RELATIONS: &str = r#"
+SELECT c.relname::text AS name,
+       CASE WHEN c.relkind = 'i' THEN 'index' ELSE 'table' END AS kind,
+       t.relname::text AS table_name,
+       CASE WHEN c.relkind = 'i' THEN pg_relation_size(c.oid) ELSE pg_table_size(c.oid) END
+           AS bytes,
+       GREATEST(c.reltuples, 0)::int8 AS estimated_rows
+FROM pg_class c
+JOIN pg_namespace n ON n.oid = c.relnamespace
+LEFT JOIN pg_index i ON i.indexrelid = c.oid
+JOIN pg_class t ON t.oid = COALESCE(i.indrelid, c.oid)
+WHERE n.nspname = current_schema()
+  AND c.relkind IN ('r', 'p', 'i')
+  AND t.relname IN ('task_history', 'task_summary', 'task_history_duplicates')
+ORDER BY t.relname, c.relkind DESC, c.relname
 "#;
 
 /// One bounded batch of retention: up to `$2` whole tasks last active before now minus `$1`
@@ -308,6 +358,10 @@ pub const ALL_STATEMENTS: &[(&str, &str)] = &[
     ("list_tasks_after", LIST_TASKS_AFTER),
     ("list_tasks_with_status", LIST_TASKS_WITH_STATUS),
     ("list_tasks_with_status_after", LIST_TASKS_WITH_STATUS_AFTER),
+    ("scan_history", SCAN_HISTORY),
+    ("scan_task_history", SCAN_TASK_HISTORY),
+    ("stats_by_status", STATS_BY_STATUS),
+    ("stats_relations", STATS_RELATIONS),
     ("cleanup_batch", CLEANUP_BATCH),
     ("cleanup_preview", CLEANUP_PREVIEW),
     ("health", HEALTH),
@@ -339,9 +393,13 @@ mod tests {
     }
 
     #[test]
-    fn every_statement_but_cleanup_and_health_filters_on_user_id() {
+    fn every_statement_but_cleanup_health_and_stats_filters_on_user_id() {
         for (name, sql) in ALL_STATEMENTS {
-            if name.starts_with("cleanup") || *name == "health" || *name == "schema_version" {
+            if name.starts_with("cleanup")
+                || name.starts_with("stats")
+                || *name == "health"
+                || *name == "schema_version"
+            {
                 continue;
             }
             assert!(sql.contains("user_id"), "{name}");

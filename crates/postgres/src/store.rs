@@ -17,8 +17,8 @@ use diesel_async::{AnsiTransactionManager, AsyncPgConnection, TransactionManager
 use futures::future::BoxFuture;
 use taskhistory_core::validate::{self, PreparedStep};
 use taskhistory_core::{
-    CleanupReport, HealthReport, HistoryEntry, StepRecord, StoreError, TaskCursor,
-    TaskHistoryStore, TaskPage, TaskQuery, TaskStatus, TaskStepResult, TaskSummary,
+    CleanupReport, HealthReport, HistoryEntry, HistoryPage, HistoryScan, StepRecord, StoreError,
+    TaskCursor, TaskHistoryStore, TaskPage, TaskQuery, TaskStatus, TaskStepResult, TaskSummary,
 };
 use tracing::Instrument;
 
@@ -140,7 +140,7 @@ impl Drop for Checkout {
 }
 
 /// What one attempt does with its connection.
-type Work<A, T> =
+pub(crate) type Work<A, T> =
     for<'c> fn(&'c mut AsyncPgConnection, &'c A) -> BoxFuture<'c, Result<T, StoreError>>;
 
 /// A step result encoded as JSON, bound as `jsonb`.
@@ -164,7 +164,7 @@ impl ToSql<Jsonb, Pg> for JsonOf {
 }
 
 /// A step result read from `jsonb`.
-struct Stored(TaskStepResult);
+pub(crate) struct Stored(pub(crate) TaskStepResult);
 
 impl FromSql<Jsonb, Pg> for Stored {
     fn from_sql(value: PgValue<'_>) -> deserialize::Result<Self> {
@@ -181,7 +181,7 @@ impl FromSql<Jsonb, Pg> for Stored {
 }
 
 /// A status read from a `text` column.
-struct Status(TaskStatus);
+pub(crate) struct Status(pub(crate) TaskStatus);
 
 impl FromSql<Text, Pg> for Status {
     fn from_sql(value: PgValue<'_>) -> deserialize::Result<Self> {
@@ -212,6 +212,18 @@ struct HistoryRow {
     timestamp: DateTime<Utc>,
     #[diesel(sql_type = Text)]
     status: Status,
+}
+
+#[derive(QueryableByName)]
+struct ScanRow {
+    #[diesel(sql_type = Text)]
+    task_id: String,
+    #[diesel(sql_type = Integer)]
+    step: i32,
+    #[diesel(sql_type = Jsonb)]
+    result: Stored,
+    #[diesel(sql_type = Timestamptz)]
+    timestamp: DateTime<Utc>,
 }
 
 #[derive(QueryableByName)]
@@ -378,6 +390,46 @@ fn load_history<'c>(
                 status: r.status.0,
             })
             .collect())
+    })
+}
+
+fn scan_history<'c>(
+    conn: &'c mut AsyncPgConnection,
+    (user_id, scan): &'c (&str, &HistoryScan),
+) -> BoxFuture<'c, Result<HistoryPage, StoreError>> {
+    Box::pin(async move {
+        let fetch = scan.limit + 1;
+        let statement = match &scan.task_id {
+            Some(task_id) => match scan.resume_in(task_id) {
+                Some(after) => Statement::new(sql::SCAN_TASK_HISTORY)
+                    .bind::<Text, _>(user_id.to_string())
+                    .bind::<Text, _>(task_id.clone())
+                    .bind::<Integer, _>(after)
+                    .bind::<BigInt, _>(fetch),
+                None => return Ok(HistoryPage::from_overfetch(Vec::new(), scan.limit)),
+            },
+            None => {
+                let (task_id, step) = scan
+                    .after
+                    .as_ref()
+                    .map_or((String::new(), -1), |a| (a.task_id.clone(), a.step));
+                Statement::new(sql::SCAN_HISTORY)
+                    .bind::<Text, _>(user_id.to_string())
+                    .bind::<Text, _>(task_id)
+                    .bind::<Integer, _>(step)
+                    .bind::<BigInt, _>(fetch)
+            }
+        };
+        let rows: Vec<ScanRow> = statement
+            .fetch(conn)
+            .await
+            .map_err(|e| from_diesel("scan_history", e))?;
+        tracing::Span::current().record("rows", rows.len());
+        let steps = rows
+            .into_iter()
+            .map(|r| StepRecord::new(*user_id, r.task_id, r.step, r.result.0).at(r.timestamp))
+            .collect();
+        Ok(HistoryPage::from_overfetch(steps, scan.limit))
     })
 }
 
@@ -732,7 +784,7 @@ impl PgTaskHistoryStore {
     }
 
     /// Runs `work` with retries, in a tracing span.
-    async fn run<A: Sync, T>(
+    pub(crate) async fn run<A: Sync, T>(
         &self,
         operation: &'static str,
         user_id: Option<&str>,
@@ -870,6 +922,22 @@ impl TaskHistoryStore for PgTaskHistoryStore {
             None,
             &(user_id, query),
             list_tasks,
+        )
+        .await
+    }
+
+    async fn scan_history(
+        &self,
+        user_id: &str,
+        scan: &HistoryScan,
+    ) -> Result<HistoryPage, StoreError> {
+        validate::scan(user_id, scan)?;
+        self.run(
+            "scan_history",
+            Some(user_id),
+            scan.task_id.as_deref(),
+            &(user_id, scan),
+            scan_history,
         )
         .await
     }

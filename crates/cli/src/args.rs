@@ -1,0 +1,172 @@
+//! Command-line arguments, and the configuration lookup: flags over environment over
+//! defaults.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use taskhistory_core::TaskStatus;
+
+use crate::error::exit;
+
+/// The operator tool of the taskhistory store.
+#[derive(Debug, Parser)]
+#[command(name = "taskhistory", version, about, after_help = exit::HELP)]
+pub(crate) struct Cli {
+    /// Where the store is.
+    #[command(flatten)]
+    pub(crate) db: DbArgs,
+    /// Print JSON for scripts instead of tables (one document, or one line per record).
+    #[arg(long, global = true)]
+    pub(crate) json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+/// Connection settings; each overrides the environment variable named in its help.
+#[derive(Debug, Args)]
+pub(crate) struct DbArgs {
+    /// PostgreSQL URL, e.g. postgres://user@host/db?sslmode=verify-full [env: DATABASE_URL]
+    #[arg(long, global = true, value_name = "URL")]
+    pub(crate) database_url: Option<String>,
+    /// Schema holding the store's tables [env: DB_SCHEMA; default: the search path]
+    #[arg(long, global = true, value_name = "NAME")]
+    pub(crate) schema: Option<String>,
+    /// disable, prefer, require or verify-full [env: DB_SSLMODE]
+    #[arg(long, global = true, value_name = "MODE")]
+    pub(crate) sslmode: Option<String>,
+    /// CA certificate (PEM) for verify-full [env: DB_SSLROOTCERT]
+    #[arg(long, global = true, value_name = "FILE")]
+    pub(crate) sslrootcert: Option<PathBuf>,
+    /// Seconds a statement may take [env: DB_COMMAND_TIMEOUT; default 60]
+    #[arg(long, global = true, value_name = "SECS")]
+    pub(crate) command_timeout: Option<String>,
+    /// Seconds to wait for a connection [env: DB_CONNECT_TIMEOUT; default 10]
+    #[arg(long, global = true, value_name = "SECS")]
+    pub(crate) connect_timeout: Option<String>,
+    /// Use an empty in-memory store instead of PostgreSQL: to try commands, or to check an
+    /// import file without a database. Nothing is kept.
+    #[arg(long, global = true, conflicts_with = "database_url")]
+    pub(crate) memory: bool,
+}
+
+impl DbArgs {
+    /// The value of configuration variable `key`: the flag, else the environment, else the
+    /// tool's default (a small pool: each command is one short process).
+    pub(crate) fn lookup(&self, key: &str) -> Option<String> {
+        let flag = match key {
+            "DATABASE_URL" => self.database_url.clone(),
+            "DB_SCHEMA" => self.schema.clone(),
+            "DB_SSLMODE" => self.sslmode.clone(),
+            "DB_SSLROOTCERT" => self
+                .sslrootcert
+                .as_ref()
+                .map(|p| p.to_string_lossy().into_owned()),
+            "DB_COMMAND_TIMEOUT" => self.command_timeout.clone(),
+            "DB_CONNECT_TIMEOUT" => self.connect_timeout.clone(),
+            _ => None,
+        };
+        flag.or_else(|| std::env::var(key).ok().filter(|v| !v.is_empty()))
+            .or_else(|| {
+                match key {
+                    "DB_MIN_SIZE" => Some("1"),
+                    "DB_MAX_SIZE" => Some("4"),
+                    "DB_APPLICATION_NAME" => Some("taskhistory-cli"),
+                    _ => None,
+                }
+                .map(str::to_owned)
+            })
+    }
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Apply pending migrations (safe to run from several places at once).
+    Migrate {
+        /// Only list applied and pending migrations.
+        #[arg(long)]
+        status: bool,
+    },
+    /// Check the store: exit 0 when healthy, 1 otherwise, with the reason.
+    Health,
+    /// Pool figures, tasks and steps per status, table and index sizes, oldest and newest
+    /// activity.
+    Stats,
+    /// A task's steps, in step order.
+    History {
+        /// The task's user.
+        user: String,
+        /// The task.
+        task: String,
+    },
+    /// A task's status.
+    Status {
+        /// The task's user.
+        user: String,
+        /// The task.
+        task: String,
+    },
+    /// A user's tasks, newest activity first, one page at a time.
+    Tasks {
+        /// The user.
+        user: String,
+        /// Tasks per page (1 to 1000).
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        /// Continue after this cursor (printed after each page).
+        #[arg(long)]
+        cursor: Option<String>,
+        /// Only tasks in this status.
+        #[arg(long, value_parser = parse_status)]
+        status: Option<TaskStatus>,
+    },
+    /// Cancel a task; later saves to it are refused.
+    Cancel {
+        /// The task's user.
+        user: String,
+        /// The task.
+        task: String,
+    },
+    /// Remove whole tasks inactive for more than N days, in bounded batches.
+    Cleanup {
+        /// Retention in days.
+        #[arg(long)]
+        days: i64,
+        /// Only count what would be removed.
+        #[arg(long)]
+        dry_run: bool,
+        /// Tasks removed per transaction.
+        #[arg(long, default_value_t = 1000)]
+        batch_size: i64,
+        /// Stop after this many seconds; the next run continues.
+        #[arg(long, value_name = "SECS")]
+        time_limit: Option<f64>,
+    },
+    /// Write a user's history (or one task's) as JSON Lines, one step per line, streaming.
+    Export {
+        /// The user.
+        user: String,
+        /// Only this task.
+        task: Option<String>,
+        /// Write to this file (replaced only when the export is complete) instead of stdout.
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// Read JSON Lines written by `export` and save them in batches; running it twice
+    /// changes nothing. A batch holding a bad line is not written at all.
+    Import {
+        /// The file to read; `-` for stdin.
+        file: PathBuf,
+        /// Lines per batch (one all-or-nothing write each).
+        #[arg(long, default_value_t = 1000)]
+        batch_size: usize,
+    },
+    /// The seed's section 4 scenarios end to end, on the in-memory store (or on PostgreSQL,
+    /// in schema `taskhistory_demo`, with --database-url).
+    Demo,
+}
+
+fn parse_status(value: &str) -> Result<TaskStatus, String> {
+    value.parse().map_err(|e| format!("{e}"))
+}

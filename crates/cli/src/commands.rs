@@ -1,0 +1,499 @@
+//! One function per command.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::json;
+use taskhistory_core::validate;
+use taskhistory_core::{
+    DynStore, HistoryScan, StoreError, TaskCursor, TaskHistoryStore, TaskQuery, TaskStatus,
+};
+use taskhistory_memory::MemoryStore;
+use taskhistory_postgres::{CleanupOptions, PgConfig, PgTaskHistoryStore};
+
+use crate::args::{Cli, Command, DbArgs};
+use crate::error::{exit, CliError};
+use crate::output::{bytes, clip, maybe_time, time, Output};
+use crate::progress::Progress;
+use crate::{demo, transfer};
+
+/// The store a command works on.
+pub(crate) enum Backend {
+    /// An empty in-memory store (`--memory`, and `demo` by default).
+    Memory(MemoryStore),
+    /// PostgreSQL.
+    Postgres(PgTaskHistoryStore),
+}
+
+impl Backend {
+    /// The store as the trait object every command but a few PostgreSQL-only ones uses.
+    pub(crate) fn store(&self) -> DynStore {
+        match self {
+            Backend::Memory(m) => Arc::new(m.clone()),
+            Backend::Postgres(p) => Arc::new(p.clone()),
+        }
+    }
+
+    fn postgres(&self, command: &str) -> Result<&PgTaskHistoryStore, CliError> {
+        match self {
+            Backend::Postgres(p) => Ok(p),
+            Backend::Memory(_) => Err(CliError::Other(format!(
+                "{command} needs PostgreSQL; drop --memory"
+            ))),
+        }
+    }
+}
+
+/// The PostgreSQL configuration: flags over environment over defaults.
+pub(crate) fn pg_config(db: &DbArgs) -> Result<PgConfig, CliError> {
+    Ok(PgConfig::from_lookup(|key| db.lookup(key))?)
+}
+
+async fn open(db: &DbArgs) -> Result<Backend, CliError> {
+    if db.memory {
+        return Ok(Backend::Memory(MemoryStore::new()));
+    }
+    Ok(Backend::Postgres(
+        PgTaskHistoryStore::connect(pg_config(db)?).await?,
+    ))
+}
+
+/// Runs the command; returns the exit code.
+pub(crate) async fn run(cli: Cli) -> Result<u8, CliError> {
+    let out = Output { json: cli.json };
+    let db = &cli.db;
+    match cli.command {
+        Command::Demo => demo::run(db, out).await,
+        Command::Health => health(db, out).await,
+        Command::Migrate { status } => {
+            let backend = open(db).await?;
+            migrate(&backend, status, out).await
+        }
+        Command::Stats => {
+            let backend = open(db).await?;
+            stats(backend.postgres("stats")?, out).await
+        }
+        Command::History { user, task } => {
+            validate::task(&user, &task)?;
+            history(&open(db).await?.store(), &user, &task, out).await
+        }
+        Command::Status { user, task } => {
+            validate::task(&user, &task)?;
+            status(&open(db).await?.store(), &user, &task, out).await
+        }
+        Command::Tasks {
+            user,
+            limit,
+            cursor,
+            status,
+        } => {
+            let after = cursor.map(|c| c.parse::<TaskCursor>()).transpose()?;
+            let mut query = TaskQuery::first(limit).after(after);
+            query.status = status;
+            validate::user_id(&user)?;
+            validate::query(&query)?;
+            tasks(&open(db).await?.store(), &user, &query, out).await
+        }
+        Command::Cancel { user, task } => {
+            validate::task(&user, &task)?;
+            cancel(&open(db).await?.store(), &user, &task, out).await
+        }
+        Command::Cleanup {
+            days,
+            dry_run,
+            batch_size,
+            time_limit,
+        } => {
+            validate::days(days)?;
+            let time_limit = time_limit
+                .map(|s| {
+                    Duration::try_from_secs_f64(s)
+                        .ok()
+                        .filter(|d| !d.is_zero())
+                        .ok_or_else(|| {
+                            CliError::BadInput(format!(
+                                "--time-limit {s}: expected a positive number of seconds"
+                            ))
+                        })
+                })
+                .transpose()?;
+            let options = CleanupOptions {
+                batch_size,
+                time_limit,
+                dry_run,
+            };
+            cleanup(&open(db).await?, days, options, out).await
+        }
+        Command::Export { user, task, output } => {
+            let scan = match &task {
+                Some(t) => HistoryScan::task(t, transfer::PAGE),
+                None => HistoryScan::all(transfer::PAGE),
+            };
+            validate::scan(&user, &scan)?;
+            let store = open(db).await?.store();
+            transfer::export(&store, &user, scan, output.as_deref(), out).await
+        }
+        Command::Import { file, batch_size } => {
+            if !(1..=100_000).contains(&batch_size) {
+                return Err(CliError::BadInput(format!(
+                    "--batch-size {batch_size}: it must be between 1 and 100000"
+                )));
+            }
+            let store = open(db).await?.store();
+            transfer::import(&store, &file, batch_size, out).await
+        }
+    }
+}
+
+async fn health(db: &DbArgs, out: Output) -> Result<u8, CliError> {
+    let started = Instant::now();
+    let verdict: Result<(String, Duration), String> = async {
+        let backend = open(db).await.map_err(|e| e.to_string())?;
+        let report = backend
+            .store()
+            .health_check()
+            .await
+            .map_err(|e| e.to_string())?;
+        if let Backend::Postgres(pg) = &backend {
+            let pending = pg
+                .migration_status()
+                .await
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .filter(|m| !m.applied)
+                .count();
+            if pending > 0 {
+                return Err(format!(
+                    "{pending} migration(s) pending: run `taskhistory migrate`"
+                ));
+            }
+        }
+        let what = match (&report.server_version, &report.schema_version) {
+            (Some(server), Some(schema)) => {
+                format!("{} {server}, schema {schema}", report.backend)
+            }
+            _ => report.backend.to_owned(),
+        };
+        Ok((what, report.round_trip))
+    }
+    .await;
+    let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
+    match verdict {
+        Ok((what, round_trip)) => {
+            let rt_ms = round_trip.as_secs_f64() * 1e3;
+            if out.json {
+                out.json(&json!({"healthy": true, "store": what, "round_trip_ms": rt_ms, "elapsed_ms": elapsed_ms}))?;
+            } else {
+                out.line(&format!("healthy: {what}; round trip {rt_ms:.2} ms"))?;
+            }
+            Ok(exit::OK)
+        }
+        Err(reason) => {
+            if out.json {
+                out.json(&json!({"healthy": false, "reason": reason, "elapsed_ms": elapsed_ms}))?;
+            } else {
+                out.line(&format!("unhealthy: {reason}"))?;
+            }
+            Ok(exit::OTHER)
+        }
+    }
+}
+
+async fn migrate(backend: &Backend, status_only: bool, out: Output) -> Result<u8, CliError> {
+    let pg = match backend {
+        Backend::Postgres(pg) => pg,
+        Backend::Memory(_) => {
+            if out.json {
+                out.json(&json!({"migrations": []}))?;
+            } else {
+                out.line("the in-memory store has no schema; nothing to migrate")?;
+            }
+            return Ok(exit::OK);
+        }
+    };
+    let before = pg.migration_status().await?;
+    if !status_only {
+        pg.init_database_schema().await?;
+    }
+    let after = if status_only {
+        before.clone()
+    } else {
+        pg.migration_status().await?
+    };
+    if out.json {
+        let list: Vec<_> = after
+            .iter()
+            .map(|m| json!({"name": m.name, "applied": m.applied}))
+            .collect();
+        out.json(&json!({"migrations": list}))?;
+    } else {
+        let rows = after
+            .iter()
+            .map(|m| {
+                let was = before.iter().any(|b| b.name == m.name && b.applied);
+                let state = match (m.applied, was) {
+                    (true, true) => "applied",
+                    (true, false) => "applied now",
+                    (false, _) => "pending",
+                };
+                vec![m.name.clone(), state.to_owned()]
+            })
+            .collect();
+        out.table(&["MIGRATION", "STATE"], rows)?;
+    }
+    Ok(exit::OK)
+}
+
+async fn stats(pg: &PgTaskHistoryStore, out: Output) -> Result<u8, CliError> {
+    let stats = pg.stats().await?;
+    if out.json {
+        out.json(&stats)?;
+        return Ok(exit::OK);
+    }
+    let p = &stats.pool;
+    out.pairs(&[
+        ("tasks", stats.tasks.to_string()),
+        ("steps", stats.steps.to_string()),
+        ("oldest activity", maybe_time(stats.oldest_activity)),
+        ("newest activity", maybe_time(stats.newest_activity)),
+        (
+            "pool",
+            format!(
+                "{} open ({} idle, {} in use) of max {}; {} waits, {} wait timeouts, {} created, {} closed broken",
+                p.connections, p.idle, p.in_use, p.max, p.waits, p.wait_timeouts, p.created, p.closed_broken
+            ),
+        ),
+    ])?;
+    let rows = stats
+        .statuses
+        .iter()
+        .map(|s| {
+            vec![
+                s.status.to_string(),
+                s.tasks.to_string(),
+                s.steps.to_string(),
+                maybe_time(s.oldest_activity),
+                maybe_time(s.newest_activity),
+            ]
+        })
+        .collect();
+    out.table(
+        &[
+            "STATUS",
+            "TASKS",
+            "STEPS",
+            "OLDEST ACTIVITY",
+            "NEWEST ACTIVITY",
+        ],
+        rows,
+    )?;
+    let rows = stats
+        .relations
+        .iter()
+        .map(|r| {
+            vec![
+                r.name.clone(),
+                r.kind.clone(),
+                r.table.clone(),
+                bytes(r.bytes),
+                r.estimated_rows.to_string(),
+            ]
+        })
+        .collect();
+    out.table(&["RELATION", "KIND", "TABLE", "SIZE", "ROWS (EST.)"], rows)?;
+    Ok(exit::OK)
+}
+
+/// Whether a task has any step: what tells "unknown" from "pending".
+async fn exists(store: &DynStore, user: &str, task: &str) -> Result<bool, StoreError> {
+    let page = store
+        .scan_history(user, &HistoryScan::task(task, 1))
+        .await?;
+    Ok(!page.steps.is_empty())
+}
+
+fn not_found(user: &str, task: &str) -> CliError {
+    CliError::NotFound(format!("task {task:?} of user {user:?}"))
+}
+
+async fn history(store: &DynStore, user: &str, task: &str, out: Output) -> Result<u8, CliError> {
+    let steps = store.load_task_history(user, task).await?;
+    if steps.is_empty() {
+        return Err(not_found(user, task));
+    }
+    if out.json {
+        out.json(&steps)?;
+    } else {
+        let rows = steps
+            .iter()
+            .map(|e| {
+                let r = &e.result;
+                let detail = match (&r.error_code, &r.error_message) {
+                    (Some(code), Some(msg)) => format!("{code}: {msg}"),
+                    (Some(code), None) => code.to_string(),
+                    _ => r.result.to_string(),
+                };
+                vec![
+                    e.step.to_string(),
+                    e.status.to_string(),
+                    time(e.timestamp),
+                    clip(&r.step, 24),
+                    clip(&r.message, 40),
+                    clip(&detail, 60),
+                ]
+            })
+            .collect();
+        out.table(
+            &["STEP", "STATUS", "TIMESTAMP", "NAME", "MESSAGE", "RESULT"],
+            rows,
+        )?;
+    }
+    Ok(exit::OK)
+}
+
+async fn status(store: &DynStore, user: &str, task: &str, out: Output) -> Result<u8, CliError> {
+    let status = store.check_task_status(user, task).await?;
+    if status == TaskStatus::Pending && !exists(store, user, task).await? {
+        return Err(not_found(user, task));
+    }
+    if out.json {
+        out.json(&json!({"user_id": user, "task_id": task, "status": status}))?;
+    } else {
+        out.line(status.as_str())?;
+    }
+    Ok(exit::OK)
+}
+
+#[derive(Serialize)]
+struct TasksPage<'a> {
+    tasks: &'a [taskhistory_core::TaskSummary],
+    next_cursor: Option<String>,
+}
+
+async fn tasks(
+    store: &DynStore,
+    user: &str,
+    query: &TaskQuery,
+    out: Output,
+) -> Result<u8, CliError> {
+    let page = store.get_user_tasks_page(user, query).await?;
+    let next_cursor = page.next.as_ref().map(ToString::to_string);
+    if out.json {
+        out.json(&TasksPage {
+            tasks: &page.tasks,
+            next_cursor,
+        })?;
+        return Ok(exit::OK);
+    }
+    let rows = page
+        .tasks
+        .iter()
+        .map(|t| {
+            vec![
+                t.task_id.clone(),
+                t.status.to_string(),
+                t.last_step.to_string(),
+                t.step_count.to_string(),
+                time(t.created_at),
+                time(t.last_updated),
+            ]
+        })
+        .collect();
+    out.table(
+        &[
+            "TASK",
+            "STATUS",
+            "LAST STEP",
+            "STEPS",
+            "CREATED",
+            "LAST UPDATED",
+        ],
+        rows,
+    )?;
+    match next_cursor {
+        Some(c) => out.line(&format!("more: --cursor '{c}'"))?,
+        None => out.line(&format!("{} task(s); no more", page.tasks.len()))?,
+    }
+    Ok(exit::OK)
+}
+
+async fn cancel(store: &DynStore, user: &str, task: &str, out: Output) -> Result<u8, CliError> {
+    let cancelled = store.mark_task_as_cancelled(user, task).await?;
+    let status = store.check_task_status(user, task).await?;
+    if !cancelled && !exists(store, user, task).await? {
+        return Err(not_found(user, task));
+    }
+    if out.json {
+        out.json(
+            &json!({"user_id": user, "task_id": task, "cancelled": cancelled, "status": status}),
+        )?;
+    } else if cancelled {
+        out.line("cancelled")?;
+    } else {
+        out.line(&format!("not cancelled: the task is already {status}"))?;
+    }
+    Ok(exit::OK)
+}
+
+async fn cleanup(
+    backend: &Backend,
+    days: i64,
+    options: CleanupOptions,
+    out: Output,
+) -> Result<u8, CliError> {
+    let started = Instant::now();
+    let (report, expected) = match backend {
+        Backend::Postgres(pg) => {
+            let preview = CleanupOptions {
+                dry_run: true,
+                ..options
+            };
+            let expected = pg.cleanup_old_tasks_with(days, preview, &|_| {}).await?;
+            if options.dry_run {
+                (expected, expected)
+            } else {
+                let progress = Progress::new("cleanup", "tasks", Some(expected.tasks_removed));
+                let report = pg
+                    .cleanup_old_tasks_with(days, options, &|r| progress.set(r.tasks_removed))
+                    .await?;
+                progress.finish(report.tasks_removed);
+                (report, expected)
+            }
+        }
+        Backend::Memory(m) => {
+            if options.dry_run {
+                return Err(CliError::Other(
+                    "cleanup --dry-run needs PostgreSQL; drop --memory".into(),
+                ));
+            }
+            let report = m.cleanup_old_tasks(days).await?;
+            (report, report)
+        }
+    };
+    let finished = options.dry_run || report.tasks_removed >= expected.tasks_removed;
+    let elapsed = started.elapsed().as_secs_f64();
+    if out.json {
+        out.json(&json!({
+            "dry_run": options.dry_run,
+            "tasks_removed": report.tasks_removed,
+            "steps_removed": report.steps_removed,
+            "finished": finished,
+            "elapsed_s": elapsed,
+        }))?;
+    } else {
+        let verb = if options.dry_run {
+            "would remove"
+        } else {
+            "removed"
+        };
+        out.line(&format!(
+            "{verb} {} task(s) and {} step(s) inactive for more than {days} day(s) in {elapsed:.2} s",
+            report.tasks_removed, report.steps_removed
+        ))?;
+        if !finished {
+            out.line("stopped at the time limit; run it again to continue")?;
+        }
+    }
+    Ok(exit::OK)
+}

@@ -1,0 +1,78 @@
+//! The tool's errors and the exit code of each class.
+
+use taskhistory_core::StoreError;
+
+/// Exit codes, one per class of failure (also listed in `--help`).
+pub(crate) mod exit {
+    /// Success.
+    pub(crate) const OK: u8 = 0;
+    /// Any other failure; also `health` when the store is not healthy.
+    pub(crate) const OTHER: u8 = 1;
+    /// Bad input: a malformed argument, an invalid id, limit or cursor, bad import lines
+    /// (clap's own usage errors use 2 as well).
+    pub(crate) const BAD_INPUT: u8 = 2;
+    /// The task asked for does not exist.
+    pub(crate) const NOT_FOUND: u8 = 3;
+    /// The database cannot be reached, or did not answer in time.
+    pub(crate) const UNAVAILABLE: u8 = 4;
+
+    /// The table printed at the end of `--help`.
+    pub(crate) const HELP: &str = "\
+Exit codes:
+  0  success
+  1  other failure (health: the store is not healthy)
+  2  bad input: bad arguments, invalid ids/limits/cursors, refused import lines
+  3  not found: the task does not exist
+  4  unavailable: the database cannot be reached or did not answer in time
+
+Configuration (flags over environment over defaults): DATABASE_URL, or DB_HOST, DB_PORT,
+DB_NAME, DB_USER, DB_PASSWORD; DB_SCHEMA, DB_SSLMODE, DB_SSLROOTCERT, DB_COMMAND_TIMEOUT,
+DB_STATEMENT_TIMEOUT, DB_CONNECT_TIMEOUT, DB_POOL_TIMEOUT, DB_MIN_SIZE (default 1 here),
+DB_MAX_SIZE (default 4 here), DB_APPLICATION_NAME (default taskhistory-cli).";
+}
+
+/// Why a command failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CliError {
+    /// The store refused or failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The task or user asked for does not exist.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// An argument or input file is wrong.
+    #[error("bad input: {0}")]
+    BadInput(String),
+    /// Reading or writing a file or a stream failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being read or written.
+        what: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// Anything else.
+    #[error("{0}")]
+    Other(String),
+}
+
+impl CliError {
+    /// The process exit code for this error's class.
+    pub(crate) fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Store(e) if e.is_invalid_input() => exit::BAD_INPUT,
+            CliError::Store(
+                StoreError::Unavailable { .. } | StoreError::Timeout { .. } | StoreError::Closed,
+            ) => exit::UNAVAILABLE,
+            CliError::Store(_) | CliError::Io { .. } | CliError::Other(_) => exit::OTHER,
+            CliError::NotFound(_) => exit::NOT_FOUND,
+            CliError::BadInput(_) => exit::BAD_INPUT,
+        }
+    }
+
+    /// An I/O error while doing `what`.
+    pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> CliError {
+        let what = what.into();
+        move |source| CliError::Io { what, source }
+    }
+}

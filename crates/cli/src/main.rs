@@ -1,0 +1,49 @@
+//! `taskhistory`: the operator tool of the taskhistory store.
+//!
+//! What it is for: running the store by hand or from cron: apply migrations, check health,
+//! read statistics, look at a user's tasks and histories, cancel a task, clean up expired
+//! tasks, back a user's history up as JSON Lines and restore it, and show the seed's
+//! scenarios end to end (`demo`). It reads the same configuration as the library
+//! (`DATABASE_URL` or `DB_HOST`, `DB_PORT`, ...; flags over environment over defaults).
+//!
+//! What it is not for: serving traffic (services link the library), or ad-hoc SQL (use
+//! `psql`). Every command is one short-lived process with a small pool.
+
+mod args;
+mod commands;
+mod demo;
+mod error;
+mod output;
+mod progress;
+mod transfer;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = args::Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("taskhistory: cannot start the async runtime: {e}");
+            return ExitCode::from(error::exit::OTHER);
+        }
+    };
+    match runtime.block_on(commands::run(cli)) {
+        Ok(code) => ExitCode::from(code),
+        // A reader that stopped early (`| head`) is not a failure of the tool.
+        Err(error::CliError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::BrokenPipe =>
+        {
+            ExitCode::from(error::exit::OK)
+        }
+        Err(e) => {
+            eprintln!("taskhistory: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}

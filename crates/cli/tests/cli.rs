@@ -1,0 +1,681 @@
+//! The `taskhistory` binary end to end: on the in-memory store (no server) and on a real
+//! PostgreSQL (the test harness's server; one schema per test), every exit code included.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::ffi::OsStr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use assert_cmd::Command;
+use chrono::{Duration, Utc};
+use serde_json::{json, Value};
+use taskhistory_core::{
+    ErrorCode, HistoryScan, StepRecord, TaskHistoryStore, TaskStatus, TaskStepResult,
+};
+use taskhistory_postgres::{testing, PgConfig, PgTaskHistoryStore, SslMode};
+
+/// The binary with no configuration inherited from the environment.
+fn bin() -> Command {
+    let mut cmd = Command::cargo_bin("taskhistory").unwrap();
+    for var in [
+        "DATABASE_URL",
+        "DB_HOST",
+        "DB_PORT",
+        "DB_NAME",
+        "DB_USER",
+        "DB_PASSWORD",
+        "DB_SCHEMA",
+        "DB_SSLMODE",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {}", self.stdout))
+    }
+}
+
+fn run(cmd: &mut Command) -> Run {
+    let out = cmd.output().unwrap();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn memory<S: AsRef<OsStr>>(args: &[S]) -> Run {
+    run(bin().arg("--memory").args(args))
+}
+
+/// A fresh schema name and the URL of this process's test database.
+static SCHEMAS: AtomicU32 = AtomicU32::new(0);
+
+struct Db {
+    url: String,
+    schema: String,
+}
+
+impl Db {
+    async fn fresh() -> Db {
+        let url = testing::database_url().await;
+        let n = SCHEMAS.fetch_add(1, Ordering::Relaxed);
+        let schema = format!(
+            "cli_{}_{n}_{}",
+            std::process::id(),
+            Utc::now().timestamp_micros()
+        );
+        Db { url, schema }
+    }
+
+    fn cli<S: AsRef<OsStr>>(&self, args: &[S]) -> Run {
+        run(bin()
+            .args(["--database-url", &self.url, "--schema", &self.schema])
+            .args(args))
+    }
+
+    /// The library's store on the same schema, migrated.
+    async fn store(&self) -> PgTaskHistoryStore {
+        let config = PgConfig::from_url(&self.url)
+            .unwrap()
+            .ssl_mode(SslMode::Disable)
+            .schema(self.schema.clone())
+            .pool_size(1, 4);
+        testing::store_for(config).await
+    }
+}
+
+#[test]
+fn demo_runs_the_seed_scenarios_on_the_memory_store() {
+    let r = run(bin().arg("demo"));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("on the memory store"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("the next write is refused"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("removed 1 task(s) and 3 step(s)"),
+        "{}",
+        r.stdout
+    );
+
+    let r = run(bin().args(["--json", "demo"]));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let j = r.json();
+    assert_eq!(j["backend"], "memory");
+    let steps: Vec<i64> = j["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["step"].as_i64().unwrap())
+        .collect();
+    assert_eq!(steps, [1, 2]);
+    assert_eq!(j["statuses"]["task_789"], "failed");
+    assert_eq!(j["statuses"]["unknown_task"], "pending");
+    assert_eq!(j["cancelled"], true);
+    assert_eq!(j["status_after_cancel"], "cancelled");
+    assert!(j["refused_write"].as_str().unwrap().contains("cancelled"));
+    assert_eq!(j["cancelled_failed_task"], false);
+    assert_eq!(
+        j["cleanup"],
+        json!({"tasks_removed": 1, "steps_removed": 3})
+    );
+    assert_eq!(j["tasks_after_cleanup"], json!(["task_456", "task_789"]));
+}
+
+#[test]
+fn help_lists_the_exit_codes() {
+    let r = run(bin().arg("--help"));
+    assert_eq!(r.code, 0);
+    for line in [
+        "0  success",
+        "2  bad input",
+        "3  not found",
+        "4  unavailable",
+    ] {
+        assert!(
+            r.stdout.contains(line),
+            "{line:?} missing from:\n{}",
+            r.stdout
+        );
+    }
+}
+
+#[test]
+fn every_exit_code_without_a_server() {
+    // 2: bad input, caught before any connection.
+    for args in [
+        &["tasks", "u", "--limit", "0"][..],
+        &["tasks", "u", "--cursor", "not-a-cursor"],
+        &["tasks", "u", "--status", "sleeping"],
+        &["history", "", "t"],
+        &["cleanup", "--days", "-1"],
+        &["export", "u", "--output"],
+    ] {
+        let r = memory(args);
+        assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
+        assert_eq!(r.stderr.trim().lines().count().min(1), 1, "{args:?}");
+    }
+    // Bad input names the field, on one line.
+    let r = memory(&["tasks", "u", "--limit", "0"]);
+    assert_eq!(
+        r.stderr.trim(),
+        "taskhistory: invalid input: limit: is 0; it must be between 1 and 1000"
+    );
+    // 3: not found.
+    for args in [
+        &["status", "u", "t"][..],
+        &["history", "u", "t"],
+        &["cancel", "u", "t"],
+    ] {
+        let r = memory(args);
+        assert_eq!(r.code, 3, "{args:?}: {}", r.stderr);
+        assert!(r.stderr.contains("not found"), "{}", r.stderr);
+    }
+    // 4: unavailable (nothing listens on port 1).
+    let dead = "postgres://postgres@127.0.0.1:1/none";
+    let r = run(bin().args(["--database-url", dead, "status", "u", "t"]));
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert!(r.stderr.contains("unavailable"), "{}", r.stderr);
+    // 1: health of a store that cannot be reached, with the reason.
+    let r = run(bin().args(["--database-url", dead, "health"]));
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stdout.starts_with("unhealthy:"), "{}", r.stdout);
+    let r = run(bin().args(["--database-url", dead, "--json", "health"]));
+    assert_eq!((r.code, &r.json()["healthy"]), (1, &json!(false)));
+    // 1: any other failure.
+    let r = memory(&["stats"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    // 0: health of the memory store.
+    assert_eq!(memory(&["health"]).code, 0);
+}
+
+#[test]
+fn the_password_never_shows() {
+    let url = "postgres://postgres:hunter2-secret@127.0.0.1:1/none";
+    for args in [
+        &["status", "u", "t"][..],
+        &["health"],
+        &["--json", "health"],
+    ] {
+        let r = run(bin().args(["--database-url", url]).args(args));
+        assert_ne!(r.code, 0);
+        assert!(
+            !r.stdout.contains("hunter2") && !r.stderr.contains("hunter2"),
+            "{args:?}: {}{}",
+            r.stdout,
+            r.stderr
+        );
+    }
+}
+
+fn write_lines(path: &Path, lines: &[String]) {
+    std::fs::write(path, lines.join("\n") + "\n").unwrap();
+}
+
+/// `--json import FILE --batch-size N`.
+fn import_args(file: &Path, batch: usize) -> Vec<String> {
+    let file = file.to_str().unwrap().to_owned();
+    [
+        "--json",
+        "import",
+        &file,
+        "--batch-size",
+        &batch.to_string(),
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// An import report's lines, imported, refused and skipped counts.
+fn counts(report: &Value) -> [u64; 4] {
+    ["lines", "imported", "refused", "skipped_cancelled"].map(|k| report[k].as_u64().unwrap())
+}
+
+fn record_line(user: &str, task: &str, step: i32) -> String {
+    let r = StepRecord::new(
+        user,
+        task,
+        step,
+        TaskStepResult::running(format!("s{step}"), json!({"n": step}), "m"),
+    )
+    .at(Utc::now() - Duration::minutes(10));
+    serde_json::to_string(&r).unwrap()
+}
+
+#[test]
+fn import_on_the_memory_store_checks_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("in.jsonl");
+    let mut lines: Vec<String> = (0..5).map(|i| record_line("u", "t", i)).collect();
+    lines[3] = "{not json".into();
+    write_lines(&file, &lines);
+    let r = memory(&import_args(&file, 2));
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    let j = r.json();
+    assert_eq!(counts(&j), [5, 3, 2, 0]);
+    assert_eq!(j["bad_lines"][0]["line"], 4);
+    assert!(r.stderr.contains("line 4:"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("lines 3-4 (its batch) were not imported"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[tokio::test]
+async fn migrate_status_health_and_stats() {
+    let db = Db::fresh().await;
+    let r = db.cli(&["--json", "migrate", "--status"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.json()["migrations"][0]["applied"], false);
+    let r = db.cli(&["health"]);
+    assert_eq!(r.code, 1, "{}", r.stdout);
+    assert!(r.stdout.contains("pending"), "{}", r.stdout);
+
+    let r = db.cli(&["migrate"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("applied now"), "{}", r.stdout);
+    let r = db.cli(&["--json", "migrate", "--status"]);
+    assert_eq!(r.json()["migrations"][0]["applied"], true);
+    // Applying again is a no-op.
+    assert_eq!(db.cli(&["migrate"]).code, 0);
+    let r = db.cli(&["health"]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(r.stdout.starts_with("healthy: postgres"), "{}", r.stdout);
+
+    let store = db.store().await;
+    let old = Utc::now() - Duration::days(3);
+    let records = [
+        StepRecord::new("u", "a", 0, TaskStepResult::running("x", json!(1), "m")).at(old),
+        StepRecord::new("u", "a", 1, TaskStepResult::running("x", json!(2), "m")),
+        StepRecord::new(
+            "v",
+            "b",
+            0,
+            TaskStepResult::failure("x", ErrorCode::Execution, "boom"),
+        ),
+    ];
+    store.save_batch_task_history(&records).await.unwrap();
+    let r = db.cli(&["--json", "stats"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let j = r.json();
+    assert_eq!(
+        (j["tasks"].as_u64(), j["steps"].as_u64()),
+        (Some(2), Some(3))
+    );
+    let statuses: Vec<(String, u64, u64)> = j["statuses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["status"].as_str().unwrap().to_owned(),
+                s["tasks"].as_u64().unwrap(),
+                s["steps"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        statuses,
+        [("failed".into(), 1, 1), ("running".into(), 1, 2)]
+    );
+    let names: Vec<&str> = j["relations"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"task_history") && names.contains(&"task_summary_pkey"),
+        "{names:?}"
+    );
+    assert!(j["pool"]["max"].as_u64().unwrap() >= 1);
+    let r = db.cli(&["stats"]);
+    assert!(
+        r.stdout.contains("task_summary") && r.stdout.contains("running"),
+        "{}",
+        r.stdout
+    );
+}
+
+#[tokio::test]
+async fn task_commands() {
+    let db = Db::fresh().await;
+    let store = db.store().await;
+    for (task, step) in [("t1", 0), ("t1", 1), ("t2", 0), ("t3", 0)] {
+        store
+            .save_task_history(
+                "u",
+                task,
+                step,
+                &TaskStepResult::running("s", json!({"k": step}), "working"),
+            )
+            .await
+            .unwrap();
+    }
+    store
+        .save_task_history(
+            "u",
+            "done",
+            0,
+            &TaskStepResult::success("s", json!(null), "ok"),
+        )
+        .await
+        .unwrap();
+
+    let r = db.cli(&["status", "u", "t1"]);
+    assert_eq!((r.code, r.stdout.trim()), (0, "running"), "{}", r.stderr);
+    let r = db.cli(&["status", "u", "nope"]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    let r = db.cli(&["--json", "history", "u", "t1"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let steps: Vec<i64> = r
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["step"].as_i64().unwrap())
+        .collect();
+    assert_eq!(steps, [0, 1]);
+    let r = db.cli(&["history", "u", "t1"]);
+    assert!(
+        r.stdout.contains("working") && r.stdout.contains("{\"k\":1}"),
+        "{}",
+        r.stdout
+    );
+    assert_eq!(db.cli(&["history", "u", "nope"]).code, 3);
+
+    // Pages through the listing with the cursor each page prints.
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut args = vec!["--json", "tasks", "u", "--limit", "2"];
+        if let Some(c) = &cursor {
+            args.extend(["--cursor", c.as_str()]);
+        }
+        let r = db.cli(&args);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let j = r.json();
+        for t in j["tasks"].as_array().unwrap() {
+            seen.push(t["task_id"].as_str().unwrap().to_owned());
+        }
+        match j["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    seen.sort();
+    assert_eq!(seen, ["done", "t1", "t2", "t3"]);
+    let r = db.cli(&["--json", "tasks", "u", "--status", "completed"]);
+    assert_eq!(r.json()["tasks"][0]["task_id"], "done");
+    let r = db.cli(&["tasks", "u", "--limit", "1"]);
+    assert!(r.stdout.contains("more: --cursor"), "{}", r.stdout);
+
+    let r = db.cli(&["cancel", "u", "t2"]);
+    assert_eq!((r.code, r.stdout.trim()), (0, "cancelled"), "{}", r.stderr);
+    assert_eq!(
+        store.check_task_status("u", "t2").await.unwrap(),
+        TaskStatus::Cancelled
+    );
+    let r = db.cli(&["--json", "cancel", "u", "done"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.json()["cancelled"], false);
+    assert_eq!(r.json()["status"], "completed");
+    assert_eq!(db.cli(&["cancel", "u", "nope"]).code, 3);
+    assert_eq!(db.cli(&["tasks", "u", "--cursor", "12:"]).code, 2);
+}
+
+/// Everything `export` writes for `user`, as text.
+fn export(db: &Db, user: &str, file: &Path) -> String {
+    let r = db.cli(&["export", user, "-o", file.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    std::fs::read_to_string(file).unwrap()
+}
+
+#[tokio::test]
+async fn export_import_round_trip_reproduces_the_history() {
+    let source = Db::fresh().await;
+    let store = source.store().await;
+    let base = Utc::now() - Duration::days(2);
+    let mut records = Vec::new();
+    for t in 0..12_i64 {
+        for s in 0..(t as i32 % 5 + 1) {
+            let result = match (t, s) {
+                (3, 1) => TaskStepResult::failure("crash", ErrorCode::Timeout, "took too long"),
+                (4, _) => TaskStepResult::success(
+                    "big",
+                    json!({"blob": "é".repeat(20_000), "n": 1e300, "i": -12345678901234567_i64}),
+                    "ok",
+                ),
+                _ => TaskStepResult::running(
+                    format!("step {s}"),
+                    json!({"t": t, "s": s, "nested": [1, {"a": null}]}),
+                    "läuft ✓",
+                ),
+            };
+            let at = base + Duration::microseconds(t * 1_000_003 + i64::from(s) * 7);
+            records.push(StepRecord::new("user-é", format!("task/{t:02}"), s * 3, result).at(at));
+        }
+    }
+    records.push(StepRecord::new(
+        "someone-else",
+        "x",
+        0,
+        TaskStepResult::running("x", json!(0), "m"),
+    ));
+    store.save_batch_task_history(&records).await.unwrap();
+    assert!(store
+        .mark_task_as_cancelled("user-é", "task/07")
+        .await
+        .unwrap());
+
+    let dir = tempfile::tempdir().unwrap();
+    let first = export(&source, "user-é", &dir.path().join("a.jsonl"));
+    let lines = first.lines().count();
+    assert_eq!(
+        lines,
+        records.len() - 1 + 1,
+        "every step of the user plus the cancellation"
+    );
+    assert!(!first.contains("someone-else"));
+
+    let target = Db::fresh().await;
+    assert_eq!(target.cli(&["migrate"]).code, 0);
+    let file = dir.path().join("a.jsonl");
+    let r = target.cli(&import_args(&file, 7));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let j = r.json();
+    assert_eq!(j["imported"].as_u64(), Some(lines as u64));
+    assert_eq!(
+        (j["refused"].as_u64(), j["skipped_cancelled"].as_u64()),
+        (Some(0), Some(0))
+    );
+    assert!(
+        r.stderr.contains("import:"),
+        "progress lines on a non-terminal: {}",
+        r.stderr
+    );
+
+    let second = export(&target, "user-é", &dir.path().join("b.jsonl"));
+    assert_eq!(second, first, "the round trip changed the history");
+    let target_store = target.store().await;
+    let summaries = |tasks: Vec<taskhistory_core::TaskSummary>| -> Vec<_> {
+        tasks
+            .into_iter()
+            .map(|t| {
+                (
+                    t.task_id,
+                    t.status,
+                    t.last_step,
+                    t.step_count,
+                    t.last_updated,
+                )
+            })
+            .collect()
+    };
+    let before = summaries(target_store.get_user_tasks("user-é", 100).await.unwrap());
+    assert_eq!(
+        before,
+        summaries(store.get_user_tasks("user-é", 100).await.unwrap())
+    );
+    assert_eq!(
+        target_store
+            .check_task_status("user-é", "task/07")
+            .await
+            .unwrap(),
+        TaskStatus::Cancelled
+    );
+
+    // Importing again changes nothing: the cancelled task's lines are skipped, the rest
+    // rewrite identical rows.
+    let r = target.cli(&import_args(&file, 7));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let j = r.json();
+    let skipped = j["skipped_cancelled"].as_u64().unwrap();
+    assert_eq!(skipped, 4, "task/07's three steps and its cancellation");
+    assert_eq!(j["imported"].as_u64().unwrap() + skipped, lines as u64);
+    let third = export(&target, "user-é", &dir.path().join("c.jsonl"));
+    assert_eq!(third, first);
+    assert_eq!(
+        before,
+        summaries(target_store.get_user_tasks("user-é", 100).await.unwrap())
+    );
+
+    // One task, to stdout.
+    let r = source.cli(&["export", "user-é", "task/03"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.stdout.lines().count(), 4);
+    assert!(
+        r.stderr.contains("exported 4 step(s) of 1 task(s)"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[tokio::test]
+async fn import_refuses_whole_the_batch_holding_a_bad_line() {
+    let db = Db::fresh().await;
+    let store = db.store().await;
+    let mut lines: Vec<String> = (0..6).map(|i| record_line("u", "t", i)).collect();
+    lines[2] = "{\"user_id\": \"u\", \"task_id\": \"t\"".into(); // line 3: cut short
+    lines[5] = record_line("", "t", 5); // line 6: empty user id
+    lines.insert(4, String::new()); // a blank line is ignored
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.jsonl");
+    write_lines(&file, &lines);
+    let r = db.cli(&import_args(&file, 2));
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    let j = r.json();
+    assert_eq!(counts(&j), [6, 2, 4, 0]);
+    let bad: Vec<u64> = j["bad_lines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["line"].as_u64().unwrap())
+        .collect();
+    assert_eq!(bad, [3, 7]);
+    assert!(r.stderr.contains("line 7: record.user_id"), "{}", r.stderr);
+    // Lines 1-2 were written; line 4 (valid, but batched with line 3) and line 6 were not.
+    let steps: Vec<i32> = store
+        .load_task_history("u", "t")
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.step)
+        .collect();
+    assert_eq!(steps, [0, 1]);
+}
+
+#[tokio::test]
+async fn cleanup_dry_run_then_batches_with_progress() {
+    let db = Db::fresh().await;
+    let store = db.store().await;
+    let old = Utc::now() - Duration::days(40);
+    let mut records = Vec::new();
+    for t in 0..5 {
+        for s in 0..3 {
+            records.push(
+                StepRecord::new(
+                    "u",
+                    format!("old{t}"),
+                    s,
+                    TaskStepResult::running("s", json!(s), "m"),
+                )
+                .at(old),
+            );
+        }
+    }
+    records.push(StepRecord::new(
+        "u",
+        "fresh",
+        0,
+        TaskStepResult::running("s", json!(0), "m"),
+    ));
+    store.save_batch_task_history(&records).await.unwrap();
+
+    let r = db.cli(&["--json", "cleanup", "--days", "30", "--dry-run"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.json()["tasks_removed"], 5);
+    assert_eq!(r.json()["steps_removed"], 15);
+    assert_eq!(
+        store.get_user_tasks("u", 10).await.unwrap().len(),
+        6,
+        "a dry run removes nothing"
+    );
+
+    let r = db.cli(&["cleanup", "--days", "30", "--batch-size", "2"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout.contains("removed 5 task(s) and 15 step(s)"),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stderr.contains("cleanup: 5/5 tasks"), "{}", r.stderr);
+    let left: Vec<String> = store
+        .get_user_tasks("u", 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.task_id)
+        .collect();
+    assert_eq!(left, ["fresh"]);
+    assert!(store
+        .scan_history("u", &HistoryScan::task("old0", 10))
+        .await
+        .unwrap()
+        .steps
+        .is_empty());
+    assert_eq!(
+        db.cli(&["cleanup", "--days", "30", "--batch-size", "0"])
+            .code,
+        2
+    );
+}
+
+#[tokio::test]
+async fn demo_on_postgres() {
+    let db = Db::fresh().await;
+    let r = db.cli(&["--json", "demo"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let j = r.json();
+    assert_eq!(j["backend"], "postgres");
+    assert_eq!(
+        j["cleanup"],
+        json!({"tasks_removed": 1, "steps_removed": 3})
+    );
+    // A second run works too: each run has its own user.
+    assert_eq!(db.cli(&["demo"]).code, 0);
+}

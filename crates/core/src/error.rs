@@ -81,6 +81,23 @@ impl StoreError {
         }
     }
 
+    /// The same error with an [`InvalidInput`](StoreError::InvalidInput)'s field placed
+    /// under `prefix` (`"result"` becomes `"records[3].result"`; an empty field becomes
+    /// `prefix`). Other errors are unchanged.
+    pub fn under(self, prefix: &str) -> Self {
+        match self {
+            StoreError::InvalidInput { field, reason } => StoreError::InvalidInput {
+                field: if field.is_empty() {
+                    prefix.to_owned()
+                } else {
+                    format!("{prefix}.{field}")
+                },
+                reason,
+            },
+            other => other,
+        }
+    }
+
     /// A [`StoreError::Database`] from anything printable (corrupt data read back, say).
     pub fn database(operation: &'static str, source: impl Into<BoxError>) -> Self {
         StoreError::Database {

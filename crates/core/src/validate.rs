@@ -158,18 +158,30 @@ pub fn query(value: &TaskQuery) -> Result<(), StoreError> {
 
 /// Checks a step result reported under `field` (e.g. `"step_result"`).
 pub fn step_result(field: &str, value: &TaskStepResult) -> Result<(), StoreError> {
-    no_nul(&format!("{field}.step"), &value.step)?;
-    no_nul(&format!("{field}.message"), &value.message)?;
+    step_result_fields(value).map_err(|e| e.under(field))
+}
+
+/// [`step_result`] with field names relative to the result: nothing is allocated unless
+/// the value is bad.
+fn step_result_fields(value: &TaskStepResult) -> Result<(), StoreError> {
+    no_nul("step", &value.step)?;
+    no_nul("message", &value.message)?;
+    let mut bound = RESULT_OVERHEAD + quoted_bound(&value.step) + quoted_bound(&value.message);
     if let Some(m) = &value.error_message {
-        no_nul(&format!("{field}.error_message"), m)?;
+        no_nul("error_message", m)?;
+        bound += quoted_bound(m);
     }
-    json(&format!("{field}.result"), &value.result, 1)?;
+    bound += json("result", &value.result, 1)?;
+    // Encoding only to measure is skipped when even the worst case fits.
+    if bound <= MAX_RESULT_BYTES {
+        return Ok(());
+    }
     let mut counter = ByteCounter(0);
     serde_json::to_writer(&mut counter, value)
-        .map_err(|e| StoreError::invalid(field, format!("does not encode as JSON: {e}")))?;
+        .map_err(|e| StoreError::invalid("", format!("does not encode as JSON: {e}")))?;
     if counter.0 > MAX_RESULT_BYTES {
         return Err(StoreError::invalid(
-            field,
+            "",
             format!(
                 "encodes to {} bytes; at most {MAX_RESULT_BYTES} are allowed",
                 counter.0
@@ -177,6 +189,15 @@ pub fn step_result(field: &str, value: &TaskStepResult) -> Result<(), StoreError
         ));
     }
     Ok(())
+}
+
+/// More than the encoded size of a step result's keys, status, code, booleans and
+/// punctuation.
+const RESULT_OVERHEAD: usize = 256;
+
+/// The most bytes a string can take in JSON: every character escaped as `\uXXXX`, quotes.
+fn quoted_bound(s: &str) -> usize {
+    s.len() * 6 + 2
 }
 
 /// Checks one save: ids, step number and result.
@@ -227,12 +248,17 @@ pub fn prepare_save<'a>(
 /// Checks one record of a batch (or one line of an import), reporting fields under
 /// `field` (e.g. `"records[3]"`); returns its timestamp cut to the microsecond.
 pub fn record(field: &str, r: &StepRecord) -> Result<Option<DateTime<Utc>>, StoreError> {
-    id(&format!("{field}.user_id"), &r.user_id)?;
-    id(&format!("{field}.task_id"), &r.task_id)?;
-    step(&format!("{field}.step"), r.step)?;
-    step_result(&format!("{field}.result"), &r.result)?;
+    record_fields(r).map_err(|e| e.under(field))
+}
+
+/// [`record`] with field names relative to the record.
+fn record_fields(r: &StepRecord) -> Result<Option<DateTime<Utc>>, StoreError> {
+    id("user_id", &r.user_id)?;
+    id("task_id", &r.task_id)?;
+    step("step", r.step)?;
+    step_result_fields(&r.result).map_err(|e| e.under("result"))?;
     match r.timestamp {
-        Some(ts) => Ok(Some(timestamp(&format!("{field}.timestamp"), ts)?)),
+        Some(ts) => Ok(Some(timestamp("timestamp", ts)?)),
         None => Ok(None),
     }
 }
@@ -243,7 +269,7 @@ pub fn record(field: &str, r: &StepRecord) -> Result<Option<DateTime<Utc>>, Stor
 pub fn prepare_batch(records: &[StepRecord]) -> Result<Vec<PreparedStep<'_>>, StoreError> {
     let mut prepared = Vec::with_capacity(records.len());
     for (i, r) in records.iter().enumerate() {
-        let timestamp = record(&format!("records[{i}]"), r)?;
+        let timestamp = record_fields(r).map_err(|e| e.under(&format!("records[{i}]")))?;
         prepared.push((
             i,
             PreparedStep {
@@ -281,21 +307,25 @@ fn no_nul(field: &str, value: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn json(field: &str, value: &Value, depth: usize) -> Result<(), StoreError> {
+/// Checks a JSON value and returns the most bytes it can encode to.
+fn json(field: &str, value: &Value, depth: usize) -> Result<usize, StoreError> {
     match value {
-        Value::String(s) => no_nul(field, s),
+        Value::String(s) => no_nul(field, s).map(|()| quoted_bound(s)),
         Value::Array(items) => {
             nested(field, depth)?;
-            items.iter().try_for_each(|v| json(field, v, depth + 1))
+            items
+                .iter()
+                .try_fold(2, |acc, v| Ok(acc + 1 + json(field, v, depth + 1)?))
         }
         Value::Object(map) => {
             nested(field, depth)?;
-            map.iter().try_for_each(|(k, v)| {
+            map.iter().try_fold(2, |acc, (k, v)| {
                 no_nul(field, k)?;
-                json(field, v, depth + 1)
+                Ok(acc + quoted_bound(k) + 2 + json(field, v, depth + 1)?)
             })
         }
-        Value::Null | Value::Bool(_) | Value::Number(_) => Ok(()),
+        // Numbers print in at most 24 bytes (`-1.7976931348623157e308`).
+        Value::Null | Value::Bool(_) | Value::Number(_) => Ok(24),
     }
 }
 
@@ -440,6 +470,24 @@ mod tests {
                 ("b", 2, TaskStatus::Failed)
             ]
         );
+    }
+
+    #[test]
+    fn the_size_limit_is_the_exact_encoded_size() {
+        // Worst case (all escaped) is far over the limit, the real encoding is just under.
+        let fits = "a".repeat(MAX_RESULT_BYTES - 400);
+        let r = TaskStepResult::success("s", json!(fits), "m");
+        assert!(quoted_bound(&fits) > MAX_RESULT_BYTES);
+        assert!(step_result("step_result", &r).is_ok());
+        let over = TaskStepResult::success("s", json!("a".repeat(MAX_RESULT_BYTES)), "m");
+        match step_result("step_result", &over) {
+            Err(StoreError::InvalidInput { field, .. }) => assert_eq!(field, "step_result"),
+            other => panic!("{other:?}"),
+        }
+        // Escapes count as what they encode to.
+        let escaped =
+            TaskStepResult::success("s", json!("\n".repeat(MAX_RESULT_BYTES / 2 + 1)), "m");
+        assert!(step_result("step_result", &escaped).is_err());
     }
 
     #[test]

@@ -21,6 +21,6 @@ mod store;
 pub mod testing;
 
 pub use config::{PgConfig, SslMode};
-pub use migrate::{MigrationState, MIGRATIONS, MIGRATIONS_COUNT};
+pub use migrate::{least_privilege_grants, MigrationState, MIGRATIONS, MIGRATIONS_COUNT};
 pub use stats::{RelationSize, StatusStats, StoreStats};
 pub use store::{CleanupOptions, PgTaskHistoryStore, PoolStats, StoreMetrics};

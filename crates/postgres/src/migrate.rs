@@ -7,6 +7,7 @@ use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use taskhistory_core::StoreError;
 
 use crate::connection::Connector;
+use crate::sql::{self, Statement};
 
 /// The store's migrations, embedded at build time from the workspace's `migrations/`.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations");
@@ -64,8 +65,40 @@ async fn with_harness<T: Send + 'static>(
     .map_err(failed)?
 }
 
-/// Applies pending migrations; returns how many were applied.
+#[derive(diesel::QueryableByName)]
+struct VersionRow {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    version: String,
+}
+
+/// True when every embedded migration is already applied (read without locks or DDL).
+async fn all_applied(connector: &Connector) -> bool {
+    let Ok(mut conn) = connector.connect().await else {
+        return false;
+    };
+    let Ok(rows) = Statement::new(sql::APPLIED_MIGRATIONS)
+        .fetch::<VersionRow>(&mut conn)
+        .await
+    else {
+        return false;
+    };
+    let Ok(embedded) =
+        diesel::migration::MigrationSource::<diesel::pg::Pg>::migrations(&MIGRATIONS)
+    else {
+        return false;
+    };
+    embedded.iter().all(|m| {
+        let version = m.name().version().to_string();
+        rows.iter().any(|r| r.version == version)
+    })
+}
+
+/// Applies pending migrations; returns how many were applied. When none is pending it
+/// only reads the migrations table: a role with no DDL rights (least privilege) can call it.
 pub(crate) async fn run(connector: &Connector, schema: Option<&str>) -> Result<usize, StoreError> {
+    if all_applied(connector).await {
+        return Ok(0);
+    }
     let conn = locked_connection(connector, schema).await?;
     with_harness(conn, |h| {
         h.run_pending_migrations(MIGRATIONS)
@@ -73,6 +106,19 @@ pub(crate) async fn run(connector: &Connector, schema: Option<&str>) -> Result<u
             .map_err(failed)
     })
     .await
+}
+
+/// The statements that give `role` what the store needs in `schema`, and nothing more: use
+/// of the schema, `SELECT, INSERT, UPDATE, DELETE` on the two tables, the history's id
+/// sequence, and reading the migrations table (health, start-up check). Migrations are run
+/// by the schema's owner, a different role. `schema` and `role` must be plain identifiers.
+pub fn least_privilege_grants(schema: &str, role: &str) -> String {
+    format!(
+        "GRANT USAGE ON SCHEMA \"{schema}\" TO \"{role}\";\n\
+         GRANT SELECT, INSERT, UPDATE, DELETE ON \"{schema}\".task_history, \"{schema}\".task_summary TO \"{role}\";\n\
+         GRANT USAGE ON SEQUENCE \"{schema}\".task_history_id_seq TO \"{role}\";\n\
+         GRANT SELECT ON \"{schema}\".__diesel_schema_migrations TO \"{role}\";\n"
+    )
 }
 
 /// Every embedded migration and whether it is applied.

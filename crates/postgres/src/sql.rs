@@ -224,6 +224,12 @@ SELECT current_setting('server_version') AS server_version,
        to_regclass('__diesel_schema_migrations') IS NOT NULL AS migrated
 "#;
 
+/// Every applied migration's version (to skip the locked migration path when nothing is
+/// pending, so a role without DDL rights can start).
+pub const APPLIED_MIGRATIONS: &str = r#"
+SELECT version FROM __diesel_schema_migrations
+"#;
+
 /// The newest applied migration.
 pub const SCHEMA_VERSION: &str = r#"
 SELECT max(version) AS version FROM __diesel_schema_migrations
@@ -366,6 +372,7 @@ pub const ALL_STATEMENTS: &[(&str, &str)] = &[
     ("cleanup_preview", CLEANUP_PREVIEW),
     ("health", HEALTH),
     ("schema_version", SCHEMA_VERSION),
+    ("applied_migrations", APPLIED_MIGRATIONS),
 ];
 
 #[cfg(test)]
@@ -399,6 +406,7 @@ mod tests {
                 || name.starts_with("stats")
                 || *name == "health"
                 || *name == "schema_version"
+                || *name == "applied_migrations"
             {
                 continue;
             }

@@ -266,3 +266,32 @@ pub async fn store_for(config: PgConfig) -> PgTaskHistoryStore {
 pub async fn fresh_dyn_store() -> DynStore {
     std::sync::Arc::new(fresh_store().await)
 }
+
+/// The role [`least_privilege_dyn_store`] connects as (created once per server).
+pub const APP_ROLE: &str = "taskhistory_test_app";
+const APP_PASSWORD: &str = "app-test-password";
+
+/// A store on a fresh schema migrated by the owner (the admin user), used through a role that
+/// has only [`least_privilege_grants`](crate::least_privilege_grants): the behaviour suite's
+/// store for least-privilege runs.
+pub async fn least_privilege_dyn_store() -> DynStore {
+    let owner_config = fresh_config().await;
+    let schema = owner_config
+        .schema
+        .clone()
+        .expect("fresh configs have a schema");
+    let owner = store_for(owner_config.clone()).await;
+    owner.close().await;
+    admin_execute(&format!(
+        "DO $$ BEGIN CREATE ROLE {APP_ROLE} LOGIN PASSWORD '{APP_PASSWORD}'; \
+         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$"
+    ))
+    .await;
+    execute(
+        &database_url().await,
+        &crate::least_privilege_grants(&schema, APP_ROLE),
+    )
+    .await;
+    let app = owner_config.user(APP_ROLE).password(APP_PASSWORD);
+    std::sync::Arc::new(store_for(app).await)
+}

@@ -1,0 +1,803 @@
+//! The load bench: the PostgreSQL store driven from N concurrent tokio tasks, each figure
+//! paired in the same run with a baseline doing the same work (the store's exact SQL through
+//! tokio-postgres, prepared, one connection per worker; COPY for batches). It prints ops/s,
+//! p50/p99 latency and the ratio store/baseline: the headline, since absolute figures drift
+//! on shared machines.
+//!
+//! ```sh
+//! cargo bench --bench load                       # full run (a few minutes)
+//! BENCH_SECS=1 BENCH_SCALE=0.1 cargo bench --bench load   # quick look
+//! ```
+//!
+//! The server is the tests' (TEST_DATABASE_URL, else 127.0.0.1:5432, else a throwaway one);
+//! the bench works in its own schema and drops it at the end.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::future::Future;
+use std::io::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use futures::pin_mut;
+use serde_json::json;
+use taskhistory::postgres::{sql, testing};
+use taskhistory::{
+    CleanupOptions, DynStore, HistoryScan, MemoryStore, PgConfig, PgTaskHistoryStore, SslMode,
+    StepRecord, TaskHistoryStore, TaskStatus, TaskStepResult,
+};
+use tokio::sync::Mutex;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{Json, ToSql, Type};
+use tokio_postgres::{Client, NoTls, Statement};
+
+fn env_f64(key: &str, default: f64) -> f64 {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn round_secs() -> Duration {
+    Duration::from_secs_f64(env_f64("BENCH_SECS", 2.0))
+}
+
+fn scaled(n: usize) -> usize {
+    ((n as f64) * env_f64("BENCH_SCALE", 1.0)).max(1.0) as usize
+}
+
+/// Latencies of one run.
+#[derive(Default, Clone)]
+struct Sample {
+    ops: u64,
+    secs: f64,
+    lat: Vec<Duration>,
+}
+
+impl Sample {
+    fn rate(&self) -> f64 {
+        self.ops as f64 / self.secs
+    }
+    fn pct(&self, p: f64) -> Duration {
+        let mut l = self.lat.clone();
+        l.sort();
+        if l.is_empty() {
+            return Duration::ZERO;
+        }
+        l[((l.len() - 1) as f64 * p).round() as usize]
+    }
+    fn merge(samples: &[Sample]) -> Sample {
+        let mut out = Sample::default();
+        for s in samples {
+            out.ops += s.ops;
+            out.secs += s.secs;
+            out.lat.extend_from_slice(&s.lat);
+        }
+        out
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Runs `op(worker, iteration)` from `workers` tasks for `dur`.
+async fn drive<F, Fut>(workers: usize, dur: Duration, op: F) -> Sample
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let op = Arc::new(op);
+    let started = Instant::now();
+    let handles: Vec<_> = (0..workers)
+        .map(|w| {
+            let op = op.clone();
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                let mut i = 0;
+                while started.elapsed() < dur {
+                    let t = Instant::now();
+                    op(w, i).await;
+                    lat.push(t.elapsed());
+                    i += 1;
+                }
+                lat
+            })
+        })
+        .collect();
+    let mut sample = Sample::default();
+    for h in handles {
+        sample.lat.extend(h.await.unwrap());
+    }
+    sample.ops = sample.lat.len() as u64;
+    sample.secs = started.elapsed().as_secs_f64();
+    sample
+}
+
+/// One raw tokio-postgres connection with the store's statements prepared.
+struct Raw {
+    client: Client,
+    save: Statement,
+    load: Statement,
+    status: Statement,
+    list: Statement,
+}
+
+async fn raw_connect(url: &str, schema: &str) -> Raw {
+    let mut config: tokio_postgres::Config = url.parse().unwrap();
+    config.options(format!("-c search_path={schema}"));
+    let (client, conn) = config.connect(NoTls).await.unwrap();
+    tokio::spawn(conn);
+    Raw {
+        save: client.prepare(sql::SAVE_STEPS).await.unwrap(),
+        load: client.prepare(sql::LOAD_HISTORY).await.unwrap(),
+        status: client.prepare(sql::TASK_STATUS).await.unwrap(),
+        list: client.prepare(sql::LIST_TASKS).await.unwrap(),
+        client,
+    }
+}
+
+/// Raw connections, one per worker up to the pool's maximum (like the store's pool), each
+/// used by one worker at a time (no pipelining the store does not do).
+#[derive(Clone)]
+struct RawPool(Arc<Vec<Mutex<Raw>>>);
+
+impl RawPool {
+    async fn new(url: &str, schema: &str, n: usize) -> Self {
+        let mut v = Vec::new();
+        for _ in 0..n {
+            v.push(Mutex::new(raw_connect(url, schema).await));
+        }
+        RawPool(Arc::new(v))
+    }
+    fn get(&self, worker: usize) -> &Mutex<Raw> {
+        &self.0[worker % self.0.len()]
+    }
+}
+
+async fn raw_save(raw: &Raw, records: &[StepRecord]) {
+    let users: Vec<&str> = records.iter().map(|r| r.user_id.as_str()).collect();
+    let tasks: Vec<&str> = records.iter().map(|r| r.task_id.as_str()).collect();
+    let steps: Vec<i32> = records.iter().map(|r| r.step).collect();
+    let results: Vec<Json<&TaskStepResult>> = records.iter().map(|r| Json(&r.result)).collect();
+    let times: Vec<Option<DateTime<Utc>>> = records.iter().map(|r| r.timestamp).collect();
+    let statuses: Vec<&str> = records.iter().map(|r| r.result.status.as_str()).collect();
+    let params: [&(dyn ToSql + Sync); 6] = [&users, &tasks, &steps, &results, &times, &statuses];
+    raw.client.query(&raw.save, &params).await.unwrap();
+}
+
+async fn copy_rows(raw: &Raw, records: &[StepRecord]) {
+    let sink = raw
+        .client
+        .copy_in(
+            "COPY task_history (user_id, task_id, step, result, timestamp, status) FROM STDIN BINARY",
+        )
+        .await
+        .unwrap();
+    let writer = BinaryCopyInWriter::new(
+        sink,
+        &[
+            Type::TEXT,
+            Type::TEXT,
+            Type::INT4,
+            Type::JSONB,
+            Type::TIMESTAMPTZ,
+            Type::TEXT,
+        ],
+    );
+    pin_mut!(writer);
+    let now = Utc::now();
+    for r in records {
+        let ts = r.timestamp.unwrap_or(now);
+        writer
+            .as_mut()
+            .write(&[
+                &r.user_id,
+                &r.task_id,
+                &r.step,
+                &Json(&r.result),
+                &ts,
+                &r.result.status.as_str(),
+            ])
+            .await
+            .unwrap();
+    }
+    writer.finish().await.unwrap();
+}
+
+fn step_result(i: u64) -> TaskStepResult {
+    TaskStepResult::running(
+        "data_processing",
+        json!({"processed_rows": i, "progress": 0.5, "stage": "transform"}),
+        "Step running",
+    )
+}
+
+fn records(user: &str, tasks: usize, steps: usize, at: Option<DateTime<Utc>>) -> Vec<StepRecord> {
+    let mut v = Vec::with_capacity(tasks * steps);
+    for t in 0..tasks {
+        for s in 0..steps {
+            let mut r = StepRecord::new(
+                user,
+                format!("task-{t:06}"),
+                s as i32,
+                step_result(s as u64),
+            );
+            r.timestamp = at;
+            v.push(r);
+        }
+    }
+    v
+}
+
+async fn seed(store: &PgTaskHistoryStore, records: &[StepRecord]) {
+    for chunk in records.chunks(50_000) {
+        store.save_batch_task_history(chunk).await.unwrap();
+    }
+}
+
+struct Row {
+    name: String,
+    store: String,
+    baseline: String,
+    ratio: String,
+}
+
+struct Report {
+    rows: Vec<Row>,
+}
+
+impl Report {
+    fn add(&mut self, name: &str, store: String, baseline: String, ratio: String) {
+        println!("{name:<44} {store:<34} {baseline:<34} {ratio}");
+        std::io::stdout().flush().ok();
+        self.rows.push(Row {
+            name: name.into(),
+            store,
+            baseline,
+            ratio,
+        });
+    }
+
+    fn markdown(&self) -> String {
+        let mut s = String::from("| workload | store | baseline | ratio |\n|---|---|---|---|\n");
+        for r in &self.rows {
+            s.push_str(&format!(
+                "| {} | {} | {} | {} |\n",
+                r.name, r.store, r.baseline, r.ratio
+            ));
+        }
+        s
+    }
+}
+
+fn describe(s: &Sample) -> String {
+    format!(
+        "{:.0}/s p50 {:.2} p99 {:.2} ms",
+        s.rate(),
+        ms(s.pct(0.5)),
+        ms(s.pct(0.99))
+    )
+}
+
+/// Alternates store and baseline rounds (three each) and keeps the median rate of each.
+async fn compare<S, SF, B, BF>(
+    report: &mut Report,
+    name: &str,
+    store_op: S,
+    base_op: B,
+    workers: usize,
+) where
+    S: Fn(u64, usize, u64) -> SF + Send + Sync + Clone + 'static,
+    SF: Future<Output = ()> + Send,
+    B: Fn(u64, usize, u64) -> BF + Send + Sync + Clone + 'static,
+    BF: Future<Output = ()> + Send,
+{
+    let (mut ss, mut bs) = (Vec::new(), Vec::new());
+    for round in 0..3u64 {
+        let op = store_op.clone();
+        ss.push(drive(workers, round_secs(), move |w, i| op(round, w, i)).await);
+        let op = base_op.clone();
+        bs.push(drive(workers, round_secs(), move |w, i| op(round, w, i)).await);
+    }
+    let rs = median(ss.iter().map(Sample::rate).collect());
+    let rb = median(bs.iter().map(Sample::rate).collect());
+    let (s, b) = (Sample::merge(&ss), Sample::merge(&bs));
+    report.add(
+        name,
+        format!(
+            "{rs:.0}/s p50 {:.2} p99 {:.2} ms",
+            ms(s.pct(0.5)),
+            ms(s.pct(0.99))
+        ),
+        format!(
+            "{rb:.0}/s p50 {:.2} p99 {:.2} ms",
+            ms(b.pct(0.5)),
+            ms(b.pct(0.99))
+        ),
+        format!("{:.2}", rs / rb),
+    );
+}
+
+fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1).map(|n| n.parse().unwrap_or(0)))
+        })
+        .unwrap_or(0)
+}
+
+/// Child-process mode: one operation, then its peak resident memory on stdout.
+async fn peak_child(what: &str) {
+    let url = std::env::var("BENCH_URL").unwrap();
+    let schema = std::env::var("BENCH_SCHEMA").unwrap();
+    let config = PgConfig::from_url(&url)
+        .unwrap()
+        .ssl_mode(SslMode::Disable)
+        .schema(schema)
+        .pool_size(1, 2);
+    let store = PgTaskHistoryStore::connect(config).await.unwrap();
+    match what {
+        "idle" => {}
+        "records" => {
+            let r = records("peak-batch", 1, 50_000, None);
+            std::hint::black_box(&r);
+        }
+        "batch" => {
+            let r = records("peak-batch", 1, 50_000, None);
+            store.save_batch_task_history(&r).await.unwrap();
+        }
+        "export" => {
+            // The loop `taskhistory export` runs: a page at a time, one JSON line per step.
+            let mut out = std::io::BufWriter::new(std::io::sink());
+            let mut scan = HistoryScan::all(5_000);
+            let mut n = 0u64;
+            loop {
+                let page = store.scan_history("export-user", &scan).await.unwrap();
+                for r in &page.steps {
+                    serde_json::to_writer(&mut out, r).unwrap();
+                    out.write_all(b"\n").unwrap();
+                    n += 1;
+                }
+                match page.next {
+                    Some(k) => scan = scan.after(Some(k)),
+                    None => break,
+                }
+            }
+            eprintln!("exported {n} steps");
+        }
+        other => panic!("unknown peak mode {other}"),
+    }
+    println!("{}", peak_rss_kib());
+}
+
+fn peak_of(url: &str, schema: &str, what: &str) -> u64 {
+    let exe = std::env::current_exe().unwrap();
+    let out = std::process::Command::new(exe)
+        .args(["--peak", what])
+        .env("BENCH_URL", url)
+        .env("BENCH_SCHEMA", schema)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    if let Some(pos) = args.iter().position(|a| a == "--peak") {
+        rt.block_on(peak_child(&args[pos + 1]));
+        return;
+    }
+    // `cargo bench` passes `--bench`; a filter-only run (`cargo test --benches`) does nothing.
+    if !args.iter().any(|a| a == "--bench") {
+        return;
+    }
+    rt.block_on(run());
+}
+
+async fn run() {
+    let url = testing::database_url().await;
+    let schema = format!("bench_{}", std::process::id());
+    let config = PgConfig::from_url(&url)
+        .unwrap()
+        .ssl_mode(SslMode::Disable)
+        .schema(schema.clone())
+        .pool_size(10, 20);
+    let pg = testing::store_for(config).await;
+    let store: DynStore = Arc::new(pg.clone());
+    let admin = raw_connect(&url, &schema).await;
+    let mut report = Report { rows: Vec::new() };
+    println!(
+        "{:<44} {:<34} {:<34} ratio",
+        "workload", "store", "baseline (raw tokio-postgres / COPY)"
+    );
+
+    // Single saves at concurrency 1, 8, 32.
+    for c in [1usize, 8, 32] {
+        let raw = RawPool::new(&url, &schema, c.min(20)).await;
+        let s = store.clone();
+        compare(
+            &mut report,
+            &format!("save_task_history, {c} concurrent"),
+            move |round, w, i| {
+                let s = s.clone();
+                async move {
+                    let (user, task) = (format!("s{c}-{round}-{w}"), format!("t{}", i / 20));
+                    s.save_task_history(&user, &task, (i % 20) as i32, &step_result(i))
+                        .await
+                        .unwrap();
+                }
+            },
+            move |round, w, i| {
+                let raw = raw.clone();
+                async move {
+                    let r = StepRecord::new(
+                        format!("r{c}-{round}-{w}"),
+                        format!("t{}", i / 20),
+                        (i % 20) as i32,
+                        step_result(i),
+                    );
+                    raw_save(&*raw.get(w).lock().await, &[r]).await;
+                }
+            },
+            c,
+        )
+        .await;
+    }
+
+    // Batches: the store's save vs the same statement raw vs COPY of the same rows.
+    for (size, rounds) in [(5_000usize, 5), (50_000, 3)] {
+        let size = scaled(size);
+        let (mut st, mut rw, mut cp) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 0..rounds {
+            let batch = records(&format!("batch-store-{size}-{round}"), size / 10, 10, None);
+            let t = Instant::now();
+            store.save_batch_task_history(&batch).await.unwrap();
+            st.push(size as f64 / t.elapsed().as_secs_f64());
+            let batch = records(&format!("batch-raw-{size}-{round}"), size / 10, 10, None);
+            let t = Instant::now();
+            if batch.len() > 10_000 {
+                admin.client.batch_execute("BEGIN").await.unwrap();
+                for chunk in batch.chunks(10_000) {
+                    raw_save(&admin, chunk).await;
+                }
+                admin.client.batch_execute("COMMIT").await.unwrap();
+            } else {
+                raw_save(&admin, &batch).await;
+            }
+            rw.push(size as f64 / t.elapsed().as_secs_f64());
+            let batch = records(&format!("batch-copy-{size}-{round}"), size / 10, 10, None);
+            let t = Instant::now();
+            copy_rows(&admin, &batch).await;
+            cp.push(size as f64 / t.elapsed().as_secs_f64());
+        }
+        let (st, rw, cp) = (median(st), median(rw), median(cp));
+        report.add(
+            &format!("save_batch_task_history, {size} steps"),
+            format!("{st:.0} rows/s"),
+            format!("same SQL {rw:.0} rows/s; COPY {cp:.0} rows/s"),
+            format!("{:.2} of same SQL, {:.2} of COPY", st / rw, st / cp),
+        );
+    }
+
+    // Reads: 16 tasks of 50 steps.
+    seed(&pg, &records("reader", 16, 50, None)).await;
+    let raw = RawPool::new(&url, &schema, 16).await;
+    let (s, r) = (store.clone(), raw.clone());
+    compare(
+        &mut report,
+        "load_task_history (50 steps), 16 concurrent",
+        move |_, w, _| {
+            let s = s.clone();
+            async move {
+                let h = s
+                    .load_task_history("reader", &format!("task-{w:06}"))
+                    .await
+                    .unwrap();
+                assert_eq!(h.len(), 50);
+            }
+        },
+        move |_, w, _| {
+            let r = r.clone();
+            async move {
+                let raw = r.get(w).lock().await;
+                let rows = raw
+                    .client
+                    .query(&raw.load, &[&"reader", &format!("task-{w:06}")])
+                    .await
+                    .unwrap();
+                let parsed: Vec<(i32, Json<TaskStepResult>, DateTime<Utc>, String)> = rows
+                    .iter()
+                    .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3)))
+                    .collect();
+                assert_eq!(parsed.len(), 50);
+            }
+        },
+        16,
+    )
+    .await;
+    let (s, r) = (store.clone(), raw.clone());
+    compare(
+        &mut report,
+        "check_task_status, 16 concurrent",
+        move |_, w, _| {
+            let s = s.clone();
+            async move {
+                let st = s
+                    .check_task_status("reader", &format!("task-{w:06}"))
+                    .await
+                    .unwrap();
+                assert_eq!(st, TaskStatus::Running);
+            }
+        },
+        move |_, w, _| {
+            let r = r.clone();
+            async move {
+                let raw = r.get(w).lock().await;
+                let row = raw
+                    .client
+                    .query_opt(&raw.status, &[&"reader", &format!("task-{w:06}")])
+                    .await
+                    .unwrap();
+                let status: String = row.unwrap().get(0);
+                assert_eq!(status, "running");
+            }
+        },
+        16,
+    )
+    .await;
+
+    // Listings: a user with 2,000 steps and one with 40,000 (10 steps a task).
+    seed(&pg, &records("list-2k", 200, 10, None)).await;
+    seed(&pg, &records("list-40k", scaled(4_000), 10, None)).await;
+    admin.client.batch_execute("ANALYZE").await.unwrap();
+    let mut p50 = Vec::new();
+    for user in ["list-2k", "list-40k"] {
+        let (s, r) = (store.clone(), raw.clone());
+        let mut ss = Vec::new();
+        let mut bs = Vec::new();
+        for _ in 0..3 {
+            let s2 = s.clone();
+            ss.push(
+                drive(1, round_secs(), move |_, _| {
+                    let s = s2.clone();
+                    async move {
+                        assert_eq!(s.get_user_tasks(user, 50).await.unwrap().len(), 50);
+                    }
+                })
+                .await,
+            );
+            let r2 = r.clone();
+            bs.push(
+                drive(1, round_secs(), move |_, _| {
+                    let r = r2.clone();
+                    async move {
+                        let raw = r.get(0).lock().await;
+                        let rows = raw.client.query(&raw.list, &[&user, &51i64]).await.unwrap();
+                        assert_eq!(rows.len(), 51);
+                    }
+                })
+                .await,
+            );
+        }
+        let (s, b) = (Sample::merge(&ss), Sample::merge(&bs));
+        p50.push(s.pct(0.5));
+        report.add(
+            &format!("get_user_tasks(50), user with {user}"),
+            describe(&s),
+            describe(&b),
+            format!(
+                "{:.2}",
+                median(ss.iter().map(Sample::rate).collect())
+                    / median(bs.iter().map(Sample::rate).collect())
+            ),
+        );
+    }
+    report.add(
+        "get_user_tasks p50: 40k-step user / 2k-step user",
+        format!("{:.3} / {:.3} ms", ms(p50[1]), ms(p50[0])),
+        "-".into(),
+        format!("{:.2}", p50[1].as_secs_f64() / p50[0].as_secs_f64()),
+    );
+
+    // Cleanup of 250,000 expired steps out of 500,000 while 8 writers save.
+    let half = scaled(25_000);
+    let old = Utc::now() - chrono::Duration::days(60);
+    for u in 0..10 {
+        seed(
+            &pg,
+            &records(&format!("cleanup-old-{u}"), half / 10, 10, Some(old)),
+        )
+        .await;
+        seed(
+            &pg,
+            &records(&format!("cleanup-new-{u}"), half / 10, 10, None),
+        )
+        .await;
+    }
+    admin.client.batch_execute("ANALYZE").await.unwrap();
+    let writers = |tag: &'static str, stop: Arc<AtomicBool>| {
+        let s = store.clone();
+        tokio::spawn(async move {
+            let handles: Vec<_> = (0..8)
+                .map(|w| {
+                    let (s, stop) = (s.clone(), stop.clone());
+                    tokio::spawn(async move {
+                        let mut lat = Vec::new();
+                        let mut i = 0u64;
+                        while !stop.load(Ordering::Relaxed) {
+                            let t = Instant::now();
+                            s.save_task_history(
+                                &format!("cw-{tag}-{w}"),
+                                &format!("t{}", i / 20),
+                                (i % 20) as i32,
+                                &step_result(i),
+                            )
+                            .await
+                            .unwrap();
+                            lat.push(t.elapsed());
+                            i += 1;
+                        }
+                        lat
+                    })
+                })
+                .collect();
+            let mut sample = Sample::default();
+            for h in handles {
+                sample.lat.extend(h.await.unwrap());
+            }
+            sample.ops = sample.lat.len() as u64;
+            sample
+        })
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let before = writers("before", stop.clone());
+    tokio::time::sleep(round_secs()).await;
+    stop.store(true, Ordering::Relaxed);
+    let before = before.await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let during = writers("during", stop.clone());
+    let t = Instant::now();
+    let removed = pg
+        .cleanup_old_tasks_with(30, CleanupOptions::default(), &|_| {})
+        .await
+        .unwrap();
+    let cleanup_secs = t.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let mut during = during.await.unwrap();
+    during.secs = cleanup_secs;
+    report.add(
+        &format!(
+            "cleanup: {} of {} steps, 8 writers",
+            removed.steps_removed,
+            half * 20
+        ),
+        format!(
+            "{cleanup_secs:.1} s ({:.0} steps/s); writers p99 {:.1} max {:.1} ms",
+            removed.steps_removed as f64 / cleanup_secs,
+            ms(during.pct(0.99)),
+            ms(during.pct(1.0))
+        ),
+        format!(
+            "writers without cleanup: p99 {:.1} max {:.1} ms",
+            ms(before.pct(0.99)),
+            ms(before.pct(1.0))
+        ),
+        format!(
+            "p99 {:.2}",
+            during.pct(0.99).as_secs_f64() / before.pct(0.99).as_secs_f64()
+        ),
+    );
+
+    // The memory store: microseconds.
+    let mem: DynStore = Arc::new(MemoryStore::new());
+    mem.save_batch_task_history(&records("m", 40, 50, None))
+        .await
+        .unwrap();
+    let n = 20_000u64;
+    for (name, which) in [
+        ("save", 0),
+        ("load (50 steps)", 1),
+        ("status", 2),
+        ("list 50 of 40", 3),
+    ] {
+        let t = Instant::now();
+        for i in 0..n {
+            match which {
+                0 => mem
+                    .save_task_history("w", "t", (i % 1000) as i32, &step_result(i))
+                    .await
+                    .unwrap(),
+                1 => assert_eq!(
+                    mem.load_task_history("m", "task-000007")
+                        .await
+                        .unwrap()
+                        .len(),
+                    50
+                ),
+                2 => assert_eq!(
+                    mem.check_task_status("m", "task-000007").await.unwrap(),
+                    TaskStatus::Running
+                ),
+                _ => assert_eq!(mem.get_user_tasks("m", 50).await.unwrap().len(), 40),
+            }
+        }
+        report.add(
+            &format!("memory store: {name}"),
+            format!("{:.2} µs/op", t.elapsed().as_secs_f64() * 1e6 / n as f64),
+            "-".into(),
+            "-".into(),
+        );
+    }
+
+    // Peak memory, each in its own process.
+    let floor = peak_of(&url, &schema, "idle");
+    let recs = peak_of(&url, &schema, "records");
+    let batch = peak_of(&url, &schema, "batch");
+    report.add(
+        "peak RSS: save_batch of 50,000 steps",
+        format!("{:.1} MiB", batch as f64 / 1024.0),
+        format!(
+            "idle {:.1} MiB; records alone {:.1} MiB",
+            floor as f64 / 1024.0,
+            recs as f64 / 1024.0
+        ),
+        format!(
+            "+{:.1} MiB over the records",
+            (batch as f64 - recs as f64) / 1024.0
+        ),
+    );
+    let export_steps = scaled(1_000_000);
+    let mut left = export_steps;
+    let mut t = 0;
+    while left > 0 {
+        let n = left.min(50_000);
+        let batch: Vec<StepRecord> = (0..n)
+            .map(|i| {
+                StepRecord::new(
+                    "export-user",
+                    format!("task-{:07}", (t * 50_000 + i) / 25),
+                    ((t * 50_000 + i) % 25) as i32,
+                    step_result(i as u64),
+                )
+            })
+            .collect();
+        pg.save_batch_task_history(&batch).await.unwrap();
+        left -= n;
+        t += 1;
+    }
+    let export = peak_of(&url, &schema, "export");
+    report.add(
+        &format!("peak RSS: export of {export_steps} steps"),
+        format!("{:.1} MiB", export as f64 / 1024.0),
+        format!("idle {:.1} MiB", floor as f64 / 1024.0),
+        format!("+{:.1} MiB", (export as f64 - floor as f64) / 1024.0),
+    );
+
+    println!("\n{}", report.markdown());
+    pg.close().await;
+    admin
+        .client
+        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .unwrap();
+}

@@ -1,0 +1,345 @@
+//! Faults on a real server: every backend killed under load, an exhausted pool, a thousand
+//! callers dropping their futures mid-query, and rounds of cancellation racing saves. After
+//! each, nothing acknowledged is lost or doubled and the same pool serves again.
+//!
+//! Run with `--nocapture` to see the figures (writes acknowledged, stored, recovery time).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use taskhistory_core::{
+    HistoryScan, RetryPolicy, StoreError, TaskHistoryStore, TaskStatus, TaskStepResult,
+};
+use taskhistory_postgres::testing::{admin_execute, database_url, fresh_config, store_for};
+use taskhistory_postgres::PgTaskHistoryStore;
+use tokio_postgres::NoTls;
+
+fn step(i: i32) -> TaskStepResult {
+    TaskStepResult::running(format!("s{i}"), json!({ "i": i }), "")
+}
+
+/// Every step of `user`, through the scan (the store's own paging).
+async fn all_steps(store: &PgTaskHistoryStore, user: &str) -> Vec<(String, i32)> {
+    let mut out = Vec::new();
+    let mut scan = HistoryScan::all(10_000);
+    loop {
+        let page = store.scan_history(user, &scan).await.unwrap();
+        out.extend(page.steps.iter().map(|r| (r.task_id.clone(), r.step)));
+        match page.next {
+            Some(k) => scan = scan.after(Some(k)),
+            None => return out,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_backends_under_load_lose_nothing_and_the_pool_recovers() {
+    let app = format!("th-kill-{}", std::process::id());
+    let config = fresh_config()
+        .await
+        .application_name(&app)
+        .pool_size(4, 16)
+        .retry(RetryPolicy {
+            max_attempts: 5,
+            initial_backoff: Duration::from_millis(20),
+            ..RetryPolicy::default()
+        });
+    let store = store_for(config).await;
+    let acked: Arc<Mutex<Vec<(String, i32)>>> = Arc::default();
+    let failed: Arc<Mutex<Vec<StoreError>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..32)
+        .map(|w| {
+            let (store, acked, failed, stop) =
+                (store.clone(), acked.clone(), failed.clone(), stop.clone());
+            tokio::spawn(async move {
+                let task = format!("w{w:02}");
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    match store.save_task_history("u", &task, i, &step(i)).await {
+                        Ok(()) => acked.lock().unwrap().push((task.clone(), i)),
+                        Err(e) => failed.lock().unwrap().push(e),
+                    }
+                    i += 1;
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let kill = format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{app}'"
+    );
+    let mut recoveries = Vec::new();
+    for _ in 0..3 {
+        admin_execute(&kill).await;
+        let killed_at = Instant::now();
+        // The same pool serves again: the first save that succeeds after the kill.
+        loop {
+            if store
+                .save_task_history("u", "probe", 0, &step(0))
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            assert!(
+                killed_at.elapsed() < Duration::from_secs(5),
+                "no recovery within 5 s"
+            );
+        }
+        recoveries.push(killed_at.elapsed());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+
+    let acked = acked.lock().unwrap().clone();
+    let failed: Vec<StoreError> = std::mem::take(&mut *failed.lock().unwrap());
+    for e in failed.iter() {
+        assert!(
+            e.is_transient(),
+            "a save failed with a non-transient error: {e}"
+        );
+    }
+    let stored: Vec<(String, i32)> = all_steps(&store, "u")
+        .await
+        .into_iter()
+        .filter(|(t, _)| t != "probe")
+        .collect();
+    let unique: BTreeSet<_> = stored.iter().cloned().collect();
+    assert_eq!(unique.len(), stored.len(), "a step is stored twice");
+    let missing: Vec<_> = acked.iter().filter(|k| !unique.contains(k)).collect();
+    assert!(
+        missing.is_empty(),
+        "acknowledged but not stored: {missing:?}"
+    );
+    // Summaries agree with the rows.
+    for t in store.get_user_tasks("u", 100).await.unwrap() {
+        let rows = unique.iter().filter(|(task, _)| *task == t.task_id).count();
+        if t.task_id != "probe" {
+            assert_eq!(t.step_count as usize, rows, "{}", t.task_id);
+        }
+    }
+    let metrics = store.metrics();
+    println!(
+        "killed every backend 3 times under 32 writers: {} saves acknowledged, {} stored, 0 \
+         duplicates, {} transient failures returned, {} retries; recovery {:?}",
+        acked.len(),
+        stored.len(),
+        failed.len(),
+        metrics.retries,
+        recoveries
+    );
+    assert!(metrics.retries > 0, "the kill did not hit the store");
+}
+
+/// Holds a task's summary row locked, so every write to that task waits.
+async fn lock_task(schema: &str, task: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(&database_url().await, NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!(
+            "SET search_path TO {schema}; BEGIN; \
+             SELECT 1 FROM task_summary WHERE user_id = 'u' AND task_id = '{task}' FOR UPDATE"
+        ))
+        .await
+        .unwrap();
+    client
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exhausted_pool_waits_then_says_so() {
+    let config = fresh_config()
+        .await
+        .pool_size(1, 2)
+        .pool_timeout(Duration::from_millis(300))
+        .retry(RetryPolicy::never());
+    let schema = config.schema.clone().unwrap();
+    let store = store_for(config).await;
+    store
+        .save_task_history("u", "t", 0, &step(0))
+        .await
+        .unwrap();
+    let locker = lock_task(&schema, "t").await;
+    // Both connections wait on the lock.
+    let blocked: Vec<_> = (1..=2)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move { store.save_task_history("u", "t", i, &step(i)).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(store.pool_stats().in_use, 2);
+
+    let started = Instant::now();
+    let err = store.check_task_status("u", "t").await.unwrap_err();
+    let waited = started.elapsed();
+    assert!(
+        matches!(&err, StoreError::Unavailable { .. }),
+        "expected a pool timeout, got {err:?}"
+    );
+    let text = err.to_string();
+    assert!(text.contains("no connection free within"), "{text}");
+    assert!(text.contains("max 2"), "{text}");
+    assert!(
+        waited >= Duration::from_millis(250),
+        "gave up after {waited:?}"
+    );
+    let stats = store.pool_stats();
+    assert!(stats.wait_timeouts >= 1, "{stats:?}");
+
+    // Released: the waiting saves finish, no deadlock, and the pool serves again.
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    for b in blocked {
+        tokio::time::timeout(Duration::from_secs(5), b)
+            .await
+            .expect("a blocked save never finished")
+            .unwrap()
+            .unwrap();
+    }
+    assert_eq!(
+        store.check_task_status("u", "t").await.unwrap(),
+        TaskStatus::Running
+    );
+    assert_eq!(store.load_task_history("u", "t").await.unwrap().len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_dropped_futures_leave_every_connection_usable() {
+    let config = fresh_config().await.pool_size(2, 8);
+    let store = store_for(config).await;
+    for i in 0..20 {
+        store
+            .save_task_history("u", "t", i, &step(i))
+            .await
+            .unwrap();
+    }
+    let mut dropped = 0;
+    for round in 0..100 {
+        let mut calls = Vec::new();
+        for k in 0..10 {
+            let store = store.clone();
+            let i = round * 10 + k;
+            // Deadlines from 0 to 6 ms: many calls are cut mid-flight, some finish.
+            let deadline = Duration::from_micros(fastrand_like(i) % 6_000);
+            calls.push(tokio::spawn(async move {
+                let work = async {
+                    if i % 2 == 0 {
+                        store
+                            .save_task_history("u", &format!("d{}", i % 7), i, &step(i))
+                            .await
+                            .map(drop)
+                    } else {
+                        store.load_task_history("u", "t").await.map(drop)
+                    }
+                };
+                tokio::select! {
+                    r = work => r.is_ok(),
+                    () = tokio::time::sleep(deadline) => false,
+                }
+            }));
+        }
+        for c in calls {
+            if !c.await.unwrap() {
+                dropped += 1;
+            }
+        }
+    }
+    assert!(dropped > 100, "only {dropped} of 1000 calls were cut short");
+    // Every connection the pool can hand out works: max_size concurrent calls at once.
+    let checks: Vec<_> = (0..8)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let h = store.load_task_history("u", "t").await.unwrap();
+                assert_eq!(h.len(), 20);
+                store.health_check().await.unwrap();
+            })
+        })
+        .collect();
+    for c in checks {
+        tokio::time::timeout(Duration::from_secs(10), c)
+            .await
+            .expect("the pool is stuck")
+            .unwrap();
+    }
+    let stats = store.pool_stats();
+    println!("{dropped} of 1000 calls dropped mid-flight; pool afterwards: {stats:?}");
+    assert!(stats.connections <= 8);
+}
+
+/// A cheap deterministic spread of numbers (no RNG needed for deadlines).
+fn fastrand_like(i: i32) -> u64 {
+    (i as u64).wrapping_mul(2_654_435_761) >> 7
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancellation_racing_saves_keeps_the_rules_in_every_round() {
+    let store = store_for(fresh_config().await.pool_size(2, 10)).await;
+    for round in 0..20 {
+        let task = format!("race{round}");
+        store
+            .save_task_history("u", &task, 0, &step(0))
+            .await
+            .unwrap();
+        let acked: Arc<Mutex<Vec<i32>>> = Arc::default();
+        let writers: Vec<_> = (0..6)
+            .map(|w| {
+                let (store, task, acked) = (store.clone(), task.clone(), acked.clone());
+                tokio::spawn(async move {
+                    for k in 0..8 {
+                        let s = 1 + w * 8 + k;
+                        match store.save_task_history("u", &task, s, &step(s)).await {
+                            Ok(()) => acked.lock().unwrap().push(s),
+                            Err(StoreError::TaskCancelled { .. }) => {}
+                            Err(e) => panic!("unexpected {e}"),
+                        }
+                    }
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_micros(200 * round as u64)).await;
+        let cancelled = store.mark_task_as_cancelled("u", &task).await.unwrap();
+        for w in writers {
+            w.await.unwrap();
+        }
+        let history = store.load_task_history("u", &task).await.unwrap();
+        let mut acked = acked.lock().unwrap().clone();
+        acked.push(0);
+        acked.sort();
+        let status = store.check_task_status("u", &task).await.unwrap();
+        if cancelled {
+            // Sticky: the cancellation is the last entry, right after the highest step
+            // written before it, and every acknowledged step is there, once.
+            let (last, rest) = history.split_last().unwrap();
+            assert_eq!(last.status, TaskStatus::Cancelled, "round {round}");
+            let steps: Vec<i32> = rest.iter().map(|e| e.step).collect();
+            assert_eq!(steps, acked, "round {round}");
+            assert_eq!(last.step, steps.last().unwrap() + 1, "round {round}");
+            assert_eq!(status, TaskStatus::Cancelled);
+            assert!(matches!(
+                store.save_task_history("u", &task, 1000, &step(1)).await,
+                Err(StoreError::TaskCancelled { .. })
+            ));
+        } else {
+            // Not cancelled only if it was already terminal, which running steps never are.
+            panic!("round {round}: the cancellation found nothing to cancel");
+        }
+        let summary = store
+            .get_user_tasks("u", 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|t| t.task_id == task)
+            .unwrap();
+        assert_eq!(summary.step_count as usize, history.len());
+    }
+}

@@ -92,7 +92,26 @@ pub(crate) enum Command {
     Health,
     /// Pool figures, tasks and steps per status, table and index sizes, oldest and newest
     /// activity.
-    Stats,
+    Stats {
+        /// Instead: the store's statements from pg_stat_statements, most total time first.
+        #[arg(long)]
+        queries: bool,
+        /// How many statements --queries lists.
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+    },
+    /// The plans PostgreSQL uses for the store's statements, on the current data.
+    Explain {
+        /// Sample user for the plans (they are generic plans: the value does not change them).
+        #[arg(long, default_value = "user_123")]
+        user: String,
+        /// Sample task.
+        #[arg(long, default_value = "task_456")]
+        task: String,
+        /// Also run each statement (EXPLAIN ANALYZE, BUFFERS) in a transaction rolled back.
+        #[arg(long)]
+        analyze: bool,
+    },
     /// A task's steps, in step order.
     History {
         /// The task's user.

@@ -70,9 +70,23 @@ pub(crate) async fn run(cli: Cli) -> Result<u8, CliError> {
             let backend = open(db).await?;
             migrate(&backend, status, out).await
         }
-        Command::Stats => {
+        Command::Stats { queries, limit } => {
             let backend = open(db).await?;
-            stats(backend.postgres("stats")?, out).await
+            let pg = backend.postgres("stats")?;
+            if queries {
+                query_stats(pg, limit, out).await
+            } else {
+                stats(pg, out).await
+            }
+        }
+        Command::Explain {
+            user,
+            task,
+            analyze,
+        } => {
+            validate::task(&user, &task)?;
+            let backend = open(db).await?;
+            explain(backend.postgres("explain")?, &user, &task, analyze, out).await
         }
         Command::History { user, task } => {
             validate::task(&user, &task)?;
@@ -302,6 +316,56 @@ async fn stats(pg: &PgTaskHistoryStore, out: Output) -> Result<u8, CliError> {
         })
         .collect();
     out.table(&["RELATION", "KIND", "TABLE", "SIZE", "ROWS (EST.)"], rows)?;
+    Ok(exit::OK)
+}
+
+async fn query_stats(pg: &PgTaskHistoryStore, limit: i64, out: Output) -> Result<u8, CliError> {
+    if !(1..=1000).contains(&limit) {
+        return Err(CliError::BadInput(format!(
+            "--limit {limit}: it must be between 1 and 1000"
+        )));
+    }
+    let rows = pg.query_stats(limit).await?;
+    if out.json {
+        out.json(&rows)?;
+        return Ok(exit::OK);
+    }
+    let table = rows
+        .iter()
+        .map(|q| {
+            vec![
+                q.calls.to_string(),
+                format!("{:.1}", q.total_ms),
+                format!("{:.3}", q.mean_ms),
+                q.rows.to_string(),
+                clip(
+                    &q.query.split_whitespace().collect::<Vec<_>>().join(" "),
+                    90,
+                ),
+            ]
+        })
+        .collect();
+    out.table(&["CALLS", "TOTAL MS", "MEAN MS", "ROWS", "QUERY"], table)?;
+    Ok(exit::OK)
+}
+
+async fn explain(
+    pg: &PgTaskHistoryStore,
+    user: &str,
+    task: &str,
+    analyze: bool,
+    out: Output,
+) -> Result<u8, CliError> {
+    let plans = pg.explain(user, task, analyze).await?;
+    if out.json {
+        out.json(&plans)?;
+        return Ok(exit::OK);
+    }
+    let text: Vec<String> = plans
+        .iter()
+        .map(|p| format!("-- {}\n{}\n", p.name, p.plan.join("\n")))
+        .collect();
+    out.line(&text.join("\n"))?;
     Ok(exit::OK)
 }
 

@@ -679,3 +679,67 @@ async fn demo_on_postgres() {
     // A second run works too: each run has its own user.
     assert_eq!(db.cli(&["demo"]).code, 0);
 }
+
+#[tokio::test]
+async fn explain_and_query_stats() {
+    let db = Db::fresh().await;
+    let store = db.store().await;
+    store
+        .save_task_history("u", "t", 0, &TaskStepResult::running("s", json!(1), "m"))
+        .await
+        .unwrap();
+    let r = db.cli(&[
+        "--json",
+        "explain",
+        "--user",
+        "u",
+        "--task",
+        "t",
+        "--analyze",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let plans = r.json();
+    let names: Vec<&str> = plans
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    for name in [
+        "save_steps",
+        "load_history",
+        "task_status",
+        "list_tasks",
+        "cleanup_batch",
+    ] {
+        assert!(names.contains(&name), "{name} missing from {names:?}");
+    }
+    let status_plan = plans
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "task_status")
+        .unwrap()["plan"]
+        .to_string();
+    assert!(status_plan.contains("task_summary_pkey"), "{status_plan}");
+    assert!(status_plan.contains("actual time"), "{status_plan}");
+    // ANALYZE ran the writes inside a rolled-back transaction: nothing changed.
+    assert_eq!(
+        store.check_task_status("u", "t").await.unwrap(),
+        TaskStatus::Running
+    );
+    assert_eq!(store.load_task_history("u", "t").await.unwrap().len(), 1);
+
+    // This server has no pg_stat_statements loaded: a clear message on how to enable it.
+    let r = db.cli(&["stats", "--queries"]);
+    if r.code == 0 {
+        assert!(r.stdout.contains("CALLS"), "{}", r.stdout);
+    } else {
+        assert_eq!(r.code, 1, "{}", r.stderr);
+        assert!(
+            r.stderr.contains("shared_preload_libraries"),
+            "{}",
+            r.stderr
+        );
+    }
+}

@@ -69,7 +69,13 @@ pub struct PgConfig {
     pub schema: Option<String>,
     /// Retries of transient failures.
     pub retry: RetryPolicy,
+    /// Called with the SQL text of every statement the store sends, before it is sent (for
+    /// statement logs and audits; see [`PgConfig::observe_statements`]). `None` costs nothing.
+    pub statement_observer: Option<StatementObserver>,
 }
+
+/// A callback that sees the SQL text of every statement (bound values are not included).
+pub type StatementObserver = std::sync::Arc<dyn Fn(&str) + Send + Sync>;
 
 impl fmt::Debug for PgConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -90,6 +96,10 @@ impl fmt::Debug for PgConfig {
             .field("pool_timeout", &self.pool_timeout)
             .field("schema", &self.schema)
             .field("retry", &self.retry)
+            .field(
+                "statement_observer",
+                &self.statement_observer.as_ref().map(|_| "<set>"),
+            )
             .finish()
     }
 }
@@ -114,6 +124,7 @@ impl Default for PgConfig {
             pool_timeout: Duration::from_secs(30),
             schema: None,
             retry: RetryPolicy::default(),
+            statement_observer: None,
         }
         .application_name("taskhistory")
     }
@@ -370,6 +381,13 @@ impl PgConfig {
         self.schema = Some(schema.into());
         self
     }
+    /// Calls `observer` with the SQL text of every statement the store sends (migrations
+    /// included), before sending it.
+    pub fn observe_statements(mut self, observer: impl Fn(&str) + Send + Sync + 'static) -> Self {
+        self.statement_observer = Some(std::sync::Arc::new(observer));
+        self
+    }
+
     /// Sets the retry policy for transient failures.
     pub fn retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;

@@ -17,7 +17,7 @@ use taskhistory_core::StoreError;
 use tokio_postgres::NoTls;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use crate::config::{PgConfig, SslMode};
+use crate::config::{PgConfig, SslMode, StatementObserver};
 use crate::error::from_postgres;
 
 /// The pool type.
@@ -30,6 +30,21 @@ pub(crate) type Pool = bb8::Pool<Manager>;
 pub(crate) struct Connector {
     pg: tokio_postgres::Config,
     tls: Option<MakeRustlsConnect>,
+    observer: Option<StatementObserver>,
+}
+
+/// Hands the SQL text of each statement to the configured observer.
+struct Observer(StatementObserver);
+
+impl diesel::connection::Instrumentation for Observer {
+    fn on_connection_event(&mut self, event: diesel::connection::InstrumentationEvent<'_>) {
+        if let diesel::connection::InstrumentationEvent::StartQuery { query, .. } = event {
+            let text = query.to_string();
+            // diesel appends the bound values after this marker; only the SQL is passed on.
+            let sql = text.split("-- binds:").next().unwrap_or(&text);
+            (self.0)(sql.trim());
+        }
+    }
 }
 
 impl Connector {
@@ -64,7 +79,11 @@ impl Connector {
                 Some(MakeRustlsConnect::new(verified_tls(config)?))
             }
         };
-        Ok(Connector { pg, tls })
+        Ok(Connector {
+            pg,
+            tls,
+            observer: config.statement_observer.clone(),
+        })
     }
 
     /// Opens one connection.
@@ -88,10 +107,17 @@ impl Connector {
                 AsyncPgConnection::try_from_client_and_connection(client, connection).await
             }
         };
-        conn.map_err(|e| StoreError::Unavailable {
+        let mut conn = conn.map_err(|e| StoreError::Unavailable {
             operation: op,
             source: Box::new(e),
-        })
+        })?;
+        if let Some(observer) = &self.observer {
+            diesel_async::AsyncConnection::set_instrumentation(
+                &mut conn,
+                Observer(observer.clone()),
+            );
+        }
+        Ok(conn)
     }
 
     /// Asks the server to cancel what `token`'s connection is running (best effort).

@@ -13,6 +13,7 @@
 mod config;
 mod connection;
 mod error;
+mod explain;
 mod migrate;
 pub mod sql;
 mod stats;
@@ -20,7 +21,8 @@ mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use config::{PgConfig, SslMode};
+pub use config::{PgConfig, SslMode, StatementObserver};
+pub use explain::{QueryStats, StatementPlan};
 pub use migrate::{least_privilege_grants, MigrationState, MIGRATIONS, MIGRATIONS_COUNT};
 pub use stats::{RelationSize, StatusStats, StoreStats};
 pub use store::{CleanupOptions, PgTaskHistoryStore, PoolStats, StoreMetrics};

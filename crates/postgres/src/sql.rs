@@ -188,6 +188,20 @@ WHERE n.nspname = current_schema()
 ORDER BY t.relname, c.relkind DESC, c.relname
 "#;
 
+/// Operator: whether `pg_stat_statements` is installed in this database.
+pub const PG_STAT_STATEMENTS_PRESENT: &str =
+    "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_stat_statements') AS present";
+
+/// Operator: the store's statements from `pg_stat_statements`, most total time first.
+pub const PG_STAT_STATEMENTS_TOP: &str = r#"
+SELECT query, calls, total_exec_time AS total_ms, mean_exec_time AS mean_ms, rows
+FROM pg_stat_statements
+WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND (query LIKE '%task_history%' OR query LIKE '%task_summary%')
+ORDER BY total_exec_time DESC
+LIMIT $1
+"#;
+
 /// One bounded batch of retention: up to `$2` whole tasks last active before now minus `$1`
 /// days, oldest first, skipping tasks a writer holds. Deletes their steps and summaries in
 /// one short transaction.

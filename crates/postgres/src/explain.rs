@@ -1,0 +1,194 @@
+//! Operator insight for `taskhistory explain` and `taskhistory stats --queries`: the plans
+//! PostgreSQL uses for the store's own statements, and their figures from
+//! `pg_stat_statements`. Not on any service path.
+
+use diesel::sql_types::{BigInt, Double, Text};
+use diesel::QueryableByName;
+use diesel_async::{
+    AnsiTransactionManager, AsyncPgConnection, SimpleAsyncConnection, TransactionManager,
+};
+use futures::future::BoxFuture;
+use serde::Serialize;
+use taskhistory_core::{validate, StoreError};
+
+use crate::error::from_diesel;
+use crate::sql;
+use crate::store::PgTaskHistoryStore;
+
+/// The plan of one of the store's statements.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StatementPlan {
+    /// The statement's name in [`sql::ALL_STATEMENTS`].
+    pub name: String,
+    /// The plan, one line per element.
+    pub plan: Vec<String>,
+}
+
+/// One statement's figures from `pg_stat_statements`.
+#[derive(Debug, Clone, PartialEq, Serialize, QueryableByName)]
+pub struct QueryStats {
+    /// The normalised statement text.
+    #[diesel(sql_type = Text)]
+    pub query: String,
+    /// Times executed.
+    #[diesel(sql_type = BigInt)]
+    pub calls: i64,
+    /// Total execution time, milliseconds.
+    #[diesel(sql_type = Double)]
+    pub total_ms: f64,
+    /// Mean execution time, milliseconds.
+    #[diesel(sql_type = Double)]
+    pub mean_ms: f64,
+    /// Rows returned or affected in all.
+    #[diesel(sql_type = BigInt)]
+    pub rows: i64,
+}
+
+#[derive(QueryableByName)]
+struct PlanLine {
+    #[diesel(sql_type = Text)]
+    #[diesel(column_name = "QUERY PLAN")]
+    line: String,
+}
+
+#[derive(QueryableByName)]
+struct Present {
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    present: bool,
+}
+
+fn literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// Sample arguments for each statement worth explaining (the generic plan does not depend
+/// on them; `EXPLAIN ANALYZE` runs with them).
+fn arguments(user: &str, task: &str) -> Vec<(&'static str, String)> {
+    let (u, t) = (literal(user), literal(task));
+    vec![
+        ("save_steps", format!("ARRAY[{u}], ARRAY[{t}], ARRAY[2147483600], ARRAY['{{}}'::jsonb], ARRAY[NULL::timestamptz], ARRAY['running']")),
+        ("load_history", format!("{u}, {t}")),
+        ("task_status", format!("{u}, {t}")),
+        ("cancel_task", format!("{u}, {t}, '{{}}'::jsonb")),
+        ("list_tasks", format!("{u}, 51")),
+        ("list_tasks_after", format!("{u}, now(), {t}, 51")),
+        ("list_tasks_with_status", format!("{u}, 'running', 51")),
+        ("list_tasks_with_status_after", format!("{u}, 'running', now(), {t}, 51")),
+        ("scan_history", format!("{u}, '', -1, 5001")),
+        ("scan_task_history", format!("{u}, {t}, -1, 5001")),
+        ("cleanup_preview", "30".to_owned()),
+        ("cleanup_batch", "30, 1000".to_owned()),
+    ]
+}
+
+type ExplainArgs = (String, String, bool);
+
+fn explain_all<'c>(
+    conn: &'c mut AsyncPgConnection,
+    (user, task, analyze): &'c ExplainArgs,
+) -> BoxFuture<'c, Result<Vec<StatementPlan>, StoreError>> {
+    Box::pin(async move {
+        let op = "explain";
+        let fail = |e| from_diesel(op, e);
+        // Writes run by ANALYZE are rolled back.
+        AnsiTransactionManager::begin_transaction(conn)
+            .await
+            .map_err(fail)?;
+        let result = async {
+            conn.batch_execute("SET LOCAL plan_cache_mode = force_generic_plan")
+                .await
+                .map_err(fail)?;
+            let mut plans = Vec::new();
+            for (name, args) in arguments(user, task) {
+                let Some((_, text)) = sql::ALL_STATEMENTS.iter().find(|(n, _)| *n == name) else {
+                    continue;
+                };
+                conn.batch_execute(&format!("PREPARE taskhistory_explain AS {text}"))
+                    .await
+                    .map_err(fail)?;
+                let options = if *analyze { "(ANALYZE, BUFFERS) " } else { "" };
+                let lines: Result<Vec<PlanLine>, _> = diesel_async::RunQueryDsl::load(
+                    diesel::sql_query(format!(
+                        "EXPLAIN {options}EXECUTE taskhistory_explain({args})"
+                    )),
+                    conn,
+                )
+                .await;
+                conn.batch_execute("DEALLOCATE taskhistory_explain")
+                    .await
+                    .map_err(fail)?;
+                plans.push(StatementPlan {
+                    name: name.to_owned(),
+                    plan: lines.map_err(fail)?.into_iter().map(|l| l.line).collect(),
+                });
+            }
+            Ok(plans)
+        }
+        .await;
+        let rolled_back = AnsiTransactionManager::rollback_transaction(conn).await;
+        let plans = result?;
+        rolled_back.map_err(fail)?;
+        Ok(plans)
+    })
+}
+
+fn query_stats<'c>(
+    conn: &'c mut AsyncPgConnection,
+    limit: &'c i64,
+) -> BoxFuture<'c, Result<Vec<QueryStats>, StoreError>> {
+    Box::pin(async move {
+        let op = "stats --queries";
+        let present: Vec<Present> = diesel_async::RunQueryDsl::load(
+            diesel::sql_query(sql::PG_STAT_STATEMENTS_PRESENT),
+            conn,
+        )
+        .await
+        .map_err(|e| from_diesel(op, e))?;
+        if !present.first().is_some_and(|p| p.present) {
+            return Err(StoreError::database(op, NOT_ENABLED));
+        }
+        diesel_async::RunQueryDsl::load(
+            diesel::sql_query(sql::PG_STAT_STATEMENTS_TOP).bind::<BigInt, _>(*limit),
+            conn,
+        )
+        .await
+        .map_err(|e| {
+            let text = e.to_string();
+            if text.contains("shared_preload_libraries") {
+                StoreError::database(op, NOT_ENABLED)
+            } else {
+                from_diesel(op, e)
+            }
+        })
+    })
+}
+
+/// What to do when `pg_stat_statements` is missing.
+const NOT_ENABLED: &str = "pg_stat_statements is not enabled on this server: add \
+    `shared_preload_libraries = 'pg_stat_statements'` to postgresql.conf, restart the server, \
+    then run `CREATE EXTENSION pg_stat_statements;` in this database";
+
+impl PgTaskHistoryStore {
+    /// The plans PostgreSQL uses for the store's statements (the generic plans its cached
+    /// prepared statements get), with `user`/`task` as sample arguments. With `analyze`,
+    /// each statement also runs (`EXPLAIN ANALYZE, BUFFERS`) inside a transaction that is
+    /// rolled back.
+    pub async fn explain(
+        &self,
+        user: &str,
+        task: &str,
+        analyze: bool,
+    ) -> Result<Vec<StatementPlan>, StoreError> {
+        validate::task(user, task)?;
+        let args = (user.to_owned(), task.to_owned(), analyze);
+        self.run("explain", Some(user), Some(task), &args, explain_all)
+            .await
+    }
+
+    /// The store's statements from `pg_stat_statements`, most total time first; a
+    /// `StoreError::Database` saying how to enable the extension when it is not.
+    pub async fn query_stats(&self, limit: i64) -> Result<Vec<QueryStats>, StoreError> {
+        self.run("stats --queries", None, None, &limit, query_stats)
+            .await
+    }
+}

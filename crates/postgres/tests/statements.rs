@@ -1,0 +1,119 @@
+//! Every statement the store sends, recorded through `PgConfig::observe_statements` while
+//! every operation runs: each is one of `sql::ALL_STATEMENTS` (SQL lives in one place) or
+//! transaction control, and each filters on `user_id` except cleanup, migrations and the
+//! operator's statements. This is what lets the tables be distributed by `user_id` (Citus).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+
+use chrono::{Duration, Utc};
+use serde_json::json;
+use taskhistory_core::{
+    HistoryScan, StepKey, StepRecord, TaskHistoryStore, TaskQuery, TaskStatus, TaskStepResult,
+};
+use taskhistory_postgres::testing::{fresh_config, store_for};
+use taskhistory_postgres::{sql, CleanupOptions};
+
+/// Statements that may go to every shard: retention, migrations and operator tools.
+const NOT_PER_USER: &[&str] = &[
+    "cleanup_batch",
+    "cleanup_preview",
+    "health",
+    "schema_version",
+    "applied_migrations",
+    "stats_by_status",
+    "stats_relations",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_statement_is_known_and_filters_on_user_id() {
+    let log: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sink = log.clone();
+    let config = fresh_config()
+        .await
+        .observe_statements(move |sql| sink.lock().unwrap().push(sql.to_owned()));
+    let store = store_for(config).await;
+    let migrations = std::mem::take(&mut *log.lock().unwrap());
+    assert!(!migrations.is_empty(), "the observer saw nothing");
+
+    // Every operation, every variant.
+    let r = |i: i32| TaskStepResult::running("s", json!({ "i": i }), "");
+    store.save_task_history("u", "t", 0, &r(0)).await.unwrap();
+    let old = Utc::now() - Duration::days(40);
+    let batch: Vec<StepRecord> = (0..3)
+        .map(|i| StepRecord::new("u", "old", i, r(i)).at(old))
+        .collect();
+    store.save_batch_task_history(&batch).await.unwrap();
+    let big: Vec<StepRecord> = (0..10_001)
+        .map(|i| StepRecord::new("u", "big", i, r(i)))
+        .collect();
+    store.save_batch_task_history(&big).await.unwrap();
+    store.load_task_history("u", "t").await.unwrap();
+    store.check_task_status("u", "t").await.unwrap();
+    let first = store
+        .get_user_tasks_page("u", &TaskQuery::first(1))
+        .await
+        .unwrap();
+    store
+        .get_user_tasks_page("u", &TaskQuery::first(1).after(first.next.clone()))
+        .await
+        .unwrap();
+    let by_status = TaskQuery::first(1).with_status(TaskStatus::Running);
+    let page = store.get_user_tasks_page("u", &by_status).await.unwrap();
+    store
+        .get_user_tasks_page("u", &by_status.clone().after(page.next))
+        .await
+        .unwrap();
+    store.scan_history("u", &HistoryScan::all(5)).await.unwrap();
+    let after = Some(StepKey {
+        task_id: "big".into(),
+        step: 3,
+    });
+    store
+        .scan_history("u", &HistoryScan::task("big", 5).after(after))
+        .await
+        .unwrap();
+    store.mark_task_as_cancelled("u", "t").await.unwrap();
+    let dry = CleanupOptions {
+        dry_run: true,
+        ..CleanupOptions::default()
+    };
+    store
+        .cleanup_old_tasks_with(30, dry, &|_| {})
+        .await
+        .unwrap();
+    store.cleanup_old_tasks(30).await.unwrap();
+    store.health_check().await.unwrap();
+    store.stats().await.unwrap();
+    store.init_database_schema().await.unwrap();
+
+    let sent = log.lock().unwrap().clone();
+    let known: Vec<(&str, &str)> = sql::ALL_STATEMENTS
+        .iter()
+        .map(|(name, text)| (*name, text.trim()))
+        .collect();
+    let mut seen = BTreeSet::new();
+    for statement in &sent {
+        if ["BEGIN", "COMMIT", "ROLLBACK"]
+            .iter()
+            .any(|c| statement.eq_ignore_ascii_case(c))
+        {
+            continue;
+        }
+        let Some((name, _)) = known.iter().find(|(_, text)| text == statement) else {
+            panic!("a statement outside sql.rs was sent:\n{statement}");
+        };
+        seen.insert(*name);
+        if !NOT_PER_USER.contains(name) {
+            assert!(
+                statement.contains("user_id = $1") || statement.contains("unnest($1::text[]"),
+                "{name} does not filter on user_id:\n{statement}"
+            );
+        }
+    }
+    // Every statement of sql.rs was exercised.
+    let all: BTreeSet<&str> = known.iter().map(|(name, _)| *name).collect();
+    let missing: Vec<_> = all.difference(&seen).collect();
+    assert!(missing.is_empty(), "not exercised: {missing:?}");
+}

@@ -161,6 +161,9 @@ pub(crate) enum Command {
         /// Stop after this many seconds; the next run continues.
         #[arg(long, value_name = "SECS")]
         time_limit: Option<f64>,
+        /// Only tasks in this status (per-status retention: run once per status and period).
+        #[arg(long, value_parser = parse_status)]
+        status: Option<TaskStatus>,
     },
     /// Write a user's history (or one task's) as JSON Lines, one step per line, streaming.
     Export {

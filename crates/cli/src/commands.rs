@@ -118,6 +118,7 @@ pub(crate) async fn run(cli: Cli) -> Result<u8, CliError> {
             dry_run,
             batch_size,
             time_limit,
+            status,
         } => {
             validate::days(days)?;
             let time_limit = time_limit
@@ -136,6 +137,7 @@ pub(crate) async fn run(cli: Cli) -> Result<u8, CliError> {
                 batch_size,
                 time_limit,
                 dry_run,
+                status,
             };
             cleanup(&open(db).await?, days, options, out).await
         }
@@ -526,9 +528,9 @@ async fn cleanup(
             }
         }
         Backend::Memory(m) => {
-            if options.dry_run {
+            if options.dry_run || options.status.is_some() {
                 return Err(CliError::Other(
-                    "cleanup --dry-run needs PostgreSQL; drop --memory".into(),
+                    "cleanup --dry-run and --status need PostgreSQL; drop --memory".into(),
                 ));
             }
             let report = m.cleanup_old_tasks(days).await?;

@@ -743,3 +743,62 @@ async fn explain_and_query_stats() {
         );
     }
 }
+
+#[tokio::test]
+async fn per_status_retention() {
+    let db = Db::fresh().await;
+    let store = db.store().await;
+    let old = Utc::now() - Duration::days(40);
+    let mut records = Vec::new();
+    for t in 0..3 {
+        records.push(
+            StepRecord::new(
+                "u",
+                format!("done{t}"),
+                0,
+                TaskStepResult::success("s", json!(t), "ok"),
+            )
+            .at(old),
+        );
+        records.push(
+            StepRecord::new(
+                "u",
+                format!("failed{t}"),
+                0,
+                TaskStepResult::failure("s", ErrorCode::Execution, "boom"),
+            )
+            .at(old),
+        );
+    }
+    store.save_batch_task_history(&records).await.unwrap();
+    let r = db.cli(&[
+        "--json",
+        "cleanup",
+        "--days",
+        "30",
+        "--status",
+        "completed",
+        "--dry-run",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.json()["tasks_removed"], 3);
+    let r = db.cli(&["cleanup", "--days", "30", "--status", "completed"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let mut left: Vec<String> = store
+        .get_user_tasks("u", 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.task_id)
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        ["failed0", "failed1", "failed2"],
+        "failed tasks are kept longer"
+    );
+    assert_eq!(
+        memory(&["cleanup", "--days", "1", "--status", "failed"]).code,
+        1
+    );
+}

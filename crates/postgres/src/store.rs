@@ -73,6 +73,9 @@ pub struct CleanupOptions {
     pub time_limit: Option<Duration>,
     /// Only count what would be removed.
     pub dry_run: bool,
+    /// Only tasks whose current status is this one (per-status retention: e.g. keep failed
+    /// tasks 90 days and completed ones 30, with two runs). `None`: every status.
+    pub status: Option<TaskStatus>,
 }
 
 impl Default for CleanupOptions {
@@ -81,6 +84,7 @@ impl Default for CleanupOptions {
             batch_size: 1_000,
             time_limit: None,
             dry_run: false,
+            status: None,
         }
     }
 }
@@ -528,12 +532,19 @@ fn list_tasks<'c>(
 
 fn cleanup_batch<'c>(
     conn: &'c mut AsyncPgConnection,
-    (days, limit): &'c (i32, i64),
+    (days, limit, status): &'c (i32, i64, Option<TaskStatus>),
 ) -> BoxFuture<'c, Result<CleanupReport, StoreError>> {
     Box::pin(async move {
-        let rows: Vec<CleanupRow> = Statement::new(sql::CLEANUP_BATCH)
-            .bind::<Integer, _>(*days)
-            .bind::<BigInt, _>(*limit)
+        let statement = match status {
+            None => Statement::new(sql::CLEANUP_BATCH)
+                .bind::<Integer, _>(*days)
+                .bind::<BigInt, _>(*limit),
+            Some(status) => Statement::new(sql::CLEANUP_BATCH_WITH_STATUS)
+                .bind::<Integer, _>(*days)
+                .bind::<Text, _>(status.as_str())
+                .bind::<BigInt, _>(*limit),
+        };
+        let rows: Vec<CleanupRow> = statement
             .fetch(conn)
             .await
             .map_err(|e| from_diesel("cleanup_old_tasks", e))?;
@@ -543,11 +554,16 @@ fn cleanup_batch<'c>(
 
 fn cleanup_preview<'c>(
     conn: &'c mut AsyncPgConnection,
-    days: &'c i32,
+    (days, status): &'c (i32, Option<TaskStatus>),
 ) -> BoxFuture<'c, Result<CleanupReport, StoreError>> {
     Box::pin(async move {
-        let rows: Vec<CleanupRow> = Statement::new(sql::CLEANUP_PREVIEW)
-            .bind::<Integer, _>(*days)
+        let statement = match status {
+            None => Statement::new(sql::CLEANUP_PREVIEW).bind::<Integer, _>(*days),
+            Some(status) => Statement::new(sql::CLEANUP_PREVIEW_WITH_STATUS)
+                .bind::<Integer, _>(*days)
+                .bind::<Text, _>(status.as_str()),
+        };
+        let rows: Vec<CleanupRow> = statement
             .fetch(conn)
             .await
             .map_err(|e| from_diesel("cleanup_old_tasks", e))?;
@@ -690,7 +706,13 @@ impl PgTaskHistoryStore {
             i32::try_from(days_old).map_err(|_| StoreError::invalid("days_old", "too large"))?;
         if options.dry_run {
             return self
-                .run("cleanup_old_tasks", None, None, &days, cleanup_preview)
+                .run(
+                    "cleanup_old_tasks",
+                    None,
+                    None,
+                    &(days, options.status),
+                    cleanup_preview,
+                )
                 .await;
         }
         let started = Instant::now();
@@ -701,7 +723,7 @@ impl PgTaskHistoryStore {
                     "cleanup_old_tasks",
                     None,
                     None,
-                    &(days, options.batch_size),
+                    &(days, options.batch_size, options.status),
                     cleanup_batch,
                 )
                 .await?;

@@ -19,6 +19,8 @@ use taskhistory_postgres::{sql, CleanupOptions};
 const NOT_PER_USER: &[&str] = &[
     "cleanup_batch",
     "cleanup_preview",
+    "cleanup_batch_with_status",
+    "cleanup_preview_with_status",
     "health",
     "schema_version",
     "applied_migrations",
@@ -81,6 +83,22 @@ async fn every_statement_is_known_and_filters_on_user_id() {
     };
     store
         .cleanup_old_tasks_with(30, dry, &|_| {})
+        .await
+        .unwrap();
+    let failed_only = CleanupOptions {
+        status: Some(TaskStatus::Failed),
+        ..CleanupOptions::default()
+    };
+    store
+        .cleanup_old_tasks_with(30, failed_only, &|_| {})
+        .await
+        .unwrap();
+    let failed_only = CleanupOptions {
+        dry_run: true,
+        ..failed_only
+    };
+    store
+        .cleanup_old_tasks_with(30, failed_only, &|_| {})
         .await
         .unwrap();
     store.cleanup_old_tasks(30).await.unwrap();

@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/ensure-postgres.sh
+bash scripts/ensure-pgbouncer.sh
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0

@@ -69,6 +69,12 @@ pub struct PgConfig {
     pub schema: Option<String>,
     /// Retries of transient failures.
     pub retry: RetryPolicy,
+    /// The server is reached through PgBouncer in transaction pooling mode (or another pooler
+    /// that does not keep sessions): no start-up `options`, no cached prepared statements;
+    /// each operation runs in its own transaction that sets `statement_timeout` and
+    /// `search_path` with `SET LOCAL`. Two more round trips per operation. Migrations must
+    /// then be run on a direct connection (`init_database_schema` only checks them).
+    pub pgbouncer: bool,
     /// Called with the SQL text of every statement the store sends, before it is sent (for
     /// statement logs and audits; see [`PgConfig::observe_statements`]). `None` costs nothing.
     pub statement_observer: Option<StatementObserver>,
@@ -96,6 +102,7 @@ impl fmt::Debug for PgConfig {
             .field("pool_timeout", &self.pool_timeout)
             .field("schema", &self.schema)
             .field("retry", &self.retry)
+            .field("pgbouncer", &self.pgbouncer)
             .field(
                 "statement_observer",
                 &self.statement_observer.as_ref().map(|_| "<set>"),
@@ -125,6 +132,7 @@ impl Default for PgConfig {
             schema: None,
             retry: RetryPolicy::default(),
             statement_observer: None,
+            pgbouncer: false,
         }
         .application_name("taskhistory")
     }
@@ -166,7 +174,7 @@ impl PgConfig {
     /// `DB_NAME`, `DB_USER`, `DB_PASSWORD`; then, in both cases, `DB_MIN_SIZE`,
     /// `DB_MAX_SIZE`, `DB_COMMAND_TIMEOUT`, `DB_STATEMENT_TIMEOUT`, `DB_CONNECT_TIMEOUT`,
     /// `DB_POOL_TIMEOUT` (seconds), `DB_SSLMODE`, `DB_SSLROOTCERT`, `DB_APPLICATION_NAME`
-    /// and `DB_SCHEMA`. A bad value is an `InvalidInput` naming the variable.
+    /// `DB_SCHEMA` and `DB_PGBOUNCER`. A bad value is an `InvalidInput` naming the variable.
     pub fn from_env() -> Result<Self, StoreError> {
         Self::from_lookup(|key| std::env::var(key).ok())
     }
@@ -239,6 +247,18 @@ impl PgConfig {
         }
         if let Some(v) = get("DB_APPLICATION_NAME") {
             c.pg.application_name(&v);
+        }
+        if let Some(v) = get("DB_PGBOUNCER") {
+            c.pgbouncer = match v.to_ascii_lowercase().as_str() {
+                "1" | "true" | "yes" | "on" => true,
+                "0" | "false" | "no" | "off" => false,
+                _ => {
+                    return Err(bad(
+                        "DB_PGBOUNCER",
+                        format!("{v:?}: expected true or false"),
+                    ))
+                }
+            };
         }
         if let Some(v) = get("DB_SCHEMA") {
             c.schema = Some(v);
@@ -388,6 +408,12 @@ impl PgConfig {
         self
     }
 
+    /// Talks to the server through PgBouncer in transaction mode ([`PgConfig::pgbouncer`]).
+    pub fn pgbouncer(mut self, on: bool) -> Self {
+        self.pgbouncer = on;
+        self
+    }
+
     /// Sets the retry policy for transient failures.
     pub fn retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
@@ -472,6 +498,7 @@ mod tests {
             ("DB_COMMAND_TIMEOUT", "0"),
             ("DB_SSLMODE", "maybe"),
             ("DB_SCHEMA", "a;b"),
+            ("DB_PGBOUNCER", "maybe"),
         ] {
             match PgConfig::from_lookup(env(&[(k, v)])) {
                 Err(StoreError::InvalidInput { field, .. }) => assert_eq!(field, k),
@@ -481,6 +508,12 @@ mod tests {
         let e = PgConfig::from_lookup(env(&[("DB_MIN_SIZE", "30"), ("DB_MAX_SIZE", "20")]))
             .unwrap_err();
         assert!(e.to_string().contains("DB_MIN_SIZE"));
+        assert!(
+            PgConfig::from_lookup(env(&[("DB_PGBOUNCER", "true")]))
+                .unwrap()
+                .pgbouncer
+        );
+        assert!(!PgConfig::from_lookup(env(&[])).unwrap().pgbouncer);
     }
 
     #[test]

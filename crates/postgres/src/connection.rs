@@ -19,6 +19,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::config::{PgConfig, SslMode, StatementObserver};
 use crate::error::from_postgres;
+use diesel_async::SimpleAsyncConnection;
 
 /// The pool type.
 pub(crate) type Manager = AsyncDieselConnectionManager<AsyncPgConnection>;
@@ -31,6 +32,27 @@ pub(crate) struct Connector {
     pg: tokio_postgres::Config,
     tls: Option<MakeRustlsConnect>,
     observer: Option<StatementObserver>,
+    /// Behind a transaction pooler: what each operation's transaction sets first.
+    transaction_setup: Option<Arc<str>>,
+}
+
+/// Wraps a client whose connection already runs, for use behind a transaction pooler:
+/// diesel-async's set-up statements (prepared, then executed) run inside one transaction so
+/// the pooler keeps them on one server connection.
+async fn behind_pooler(
+    client: tokio_postgres::Client,
+) -> Result<diesel::ConnectionResult<AsyncPgConnection>, StoreError> {
+    client
+        .batch_execute("BEGIN")
+        .await
+        .map_err(|e| from_postgres("connect", e))?;
+    let mut conn = AsyncPgConnection::try_from(client).await;
+    if let Ok(c) = &mut conn {
+        c.batch_execute("COMMIT")
+            .await
+            .map_err(|e| crate::error::from_diesel("connect", e))?;
+    }
+    Ok(conn)
 }
 
 /// Hands the SQL text of each statement to the configured observer.
@@ -58,7 +80,19 @@ impl Connector {
             // Validated as a plain identifier: no quoting or escaping needed.
             options.push_str(&format!(" -c search_path={schema}"));
         }
-        pg.options(&options);
+        let transaction_setup = config.pgbouncer.then(|| {
+            let mut setup = format!(
+                "SET LOCAL statement_timeout = {}",
+                config.statement_timeout.as_millis().max(1)
+            );
+            if let Some(schema) = &config.schema {
+                setup.push_str(&format!("; SET LOCAL search_path TO {schema}"));
+            }
+            Arc::from(setup)
+        });
+        if !config.pgbouncer {
+            pg.options(&options);
+        }
         pg.connect_timeout(config.connect_timeout);
         pg.keepalives(true).keepalives_idle(Duration::from_secs(60));
         let tls = match config.ssl_mode {
@@ -83,12 +117,20 @@ impl Connector {
             pg,
             tls,
             observer: config.statement_observer.clone(),
+            transaction_setup,
         })
+    }
+
+    /// Behind a transaction pooler, the `SET LOCAL`s each operation's transaction starts
+    /// with; `None` on a direct connection.
+    pub(crate) fn transaction_setup(&self) -> Option<&str> {
+        self.transaction_setup.as_deref()
     }
 
     /// Opens one connection.
     pub(crate) async fn connect(&self) -> Result<AsyncPgConnection, StoreError> {
         let op = "connect";
+        let pooled = self.transaction_setup.is_some();
         let conn = match &self.tls {
             None => {
                 let (client, connection) = self
@@ -96,7 +138,12 @@ impl Connector {
                     .connect(NoTls)
                     .await
                     .map_err(|e| from_postgres(op, e))?;
-                AsyncPgConnection::try_from_client_and_connection(client, connection).await
+                if pooled {
+                    tokio::spawn(connection);
+                    behind_pooler(client).await?
+                } else {
+                    AsyncPgConnection::try_from_client_and_connection(client, connection).await
+                }
             }
             Some(tls) => {
                 let (client, connection) = self
@@ -104,13 +151,26 @@ impl Connector {
                     .connect(tls.clone())
                     .await
                     .map_err(|e| from_postgres(op, e))?;
-                AsyncPgConnection::try_from_client_and_connection(client, connection).await
+                if pooled {
+                    tokio::spawn(connection);
+                    behind_pooler(client).await?
+                } else {
+                    AsyncPgConnection::try_from_client_and_connection(client, connection).await
+                }
             }
         };
         let mut conn = conn.map_err(|e| StoreError::Unavailable {
             operation: op,
             source: Box::new(e),
         })?;
+        if self.transaction_setup.is_some() {
+            // A pooler hands each transaction any server connection: a statement must be
+            // prepared, run and closed inside one transaction, never cached.
+            diesel_async::AsyncConnection::set_prepared_statement_cache_size(
+                &mut conn,
+                diesel::connection::CacheSize::Disabled,
+            );
+        }
         if let Some(observer) = &self.observer {
             diesel_async::AsyncConnection::set_instrumentation(
                 &mut conn,

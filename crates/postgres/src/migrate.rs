@@ -2,7 +2,9 @@
 //! under an advisory lock so that several processes starting at once apply them once.
 
 use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
-use diesel_async::{AsyncPgConnection, SimpleAsyncConnection};
+use diesel_async::{
+    AnsiTransactionManager, AsyncPgConnection, SimpleAsyncConnection, TransactionManager,
+};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use taskhistory_core::StoreError;
 
@@ -71,33 +73,60 @@ struct VersionRow {
     version: String,
 }
 
-/// True when every embedded migration is already applied (read without locks or DDL).
-async fn all_applied(connector: &Connector) -> bool {
-    let Ok(mut conn) = connector.connect().await else {
-        return false;
-    };
-    let Ok(rows) = Statement::new(sql::APPLIED_MIGRATIONS)
+/// The versions recorded in the migrations table; `None` when it cannot be read (no table
+/// yet). Behind a transaction pooler the read runs inside a transaction.
+async fn applied_versions(connector: &Connector) -> Option<Vec<String>> {
+    let mut conn = connector.connect().await.ok()?;
+    let setup = connector.transaction_setup();
+    if let Some(setup) = setup {
+        AnsiTransactionManager::begin_transaction(&mut conn)
+            .await
+            .ok()?;
+        conn.batch_execute(setup).await.ok()?;
+    }
+    let rows = Statement::new(sql::APPLIED_MIGRATIONS)
         .fetch::<VersionRow>(&mut conn)
         .await
-    else {
-        return false;
-    };
-    let Ok(embedded) =
-        diesel::migration::MigrationSource::<diesel::pg::Pg>::migrations(&MIGRATIONS)
-    else {
-        return false;
-    };
-    embedded.iter().all(|m| {
-        let version = m.name().version().to_string();
-        rows.iter().any(|r| r.version == version)
-    })
+        .ok()?;
+    if setup.is_some() {
+        AnsiTransactionManager::commit_transaction(&mut conn)
+            .await
+            .ok()?;
+    }
+    Some(rows.into_iter().map(|r| r.version).collect())
+}
+
+/// Every embedded migration, given the applied versions.
+fn states(applied: &[String]) -> Result<Vec<MigrationState>, StoreError> {
+    let embedded = diesel::migration::MigrationSource::<diesel::pg::Pg>::migrations(&MIGRATIONS)
+        .map_err(failed)?;
+    Ok(embedded
+        .iter()
+        .map(|m| MigrationState {
+            name: m.name().to_string(),
+            applied: applied.contains(&m.name().version().to_string()),
+        })
+        .collect())
 }
 
 /// Applies pending migrations; returns how many were applied. When none is pending it
-/// only reads the migrations table: a role with no DDL rights (least privilege) can call it.
+/// only reads the migrations table: a role with no DDL rights (least privilege), or a
+/// connection through a transaction pooler, can call it.
 pub(crate) async fn run(connector: &Connector, schema: Option<&str>) -> Result<usize, StoreError> {
-    if all_applied(connector).await {
+    let applied = applied_versions(connector).await.unwrap_or_default();
+    let pending = states(&applied)?.iter().filter(|m| !m.applied).count();
+    if pending == 0 {
         return Ok(0);
+    }
+    if connector.transaction_setup().is_some() {
+        return Err(StoreError::invalid(
+            "pgbouncer",
+            format!(
+                "{pending} migration(s) pending: apply them on a direct connection to the \
+                 server (`taskhistory migrate` without PgBouncer); a transaction pooler cannot \
+                 hold the migration lock"
+            ),
+        ));
     }
     let conn = locked_connection(connector, schema).await?;
     with_harness(conn, |h| {
@@ -126,6 +155,9 @@ pub(crate) async fn status(
     connector: &Connector,
     schema: Option<&str>,
 ) -> Result<Vec<MigrationState>, StoreError> {
+    if connector.transaction_setup().is_some() {
+        return states(&applied_versions(connector).await.unwrap_or_default());
+    }
     let conn = locked_connection(connector, schema).await?;
     with_harness(conn, |h| {
         let pending = h.pending_migrations(MIGRATIONS).map_err(failed)?;

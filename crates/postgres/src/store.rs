@@ -13,7 +13,9 @@ use diesel::pg::{Pg, PgValue};
 use diesel::serialize::{self, IsNull, Output, ToSql};
 use diesel::sql_types::{Array, BigInt, Bool, Integer, Jsonb, Nullable, Text, Timestamptz};
 use diesel::QueryableByName;
-use diesel_async::{AnsiTransactionManager, AsyncPgConnection, TransactionManager};
+use diesel_async::{
+    AnsiTransactionManager, AsyncPgConnection, SimpleAsyncConnection, TransactionManager,
+};
 use futures::future::BoxFuture;
 use taskhistory_core::validate::{self, PreparedStep};
 use taskhistory_core::{
@@ -139,6 +141,35 @@ impl Drop for Checkout {
             // stop the statement.
             AnsiTransactionManager::transaction_manager_status_mut(&mut *self.conn).set_in_error();
             self.connector.cancel(self.conn.cancel_token());
+        }
+    }
+}
+
+/// Runs `work` inside a transaction that starts with `setup` (behind a transaction pooler).
+async fn in_transaction<A: Sync, T>(
+    operation: &'static str,
+    conn: &mut AsyncPgConnection,
+    setup: &str,
+    args: &A,
+    work: Work<A, T>,
+) -> Result<T, StoreError> {
+    AnsiTransactionManager::begin_transaction(conn)
+        .await
+        .map_err(|e| from_diesel(operation, e))?;
+    let result = match conn.batch_execute(setup).await {
+        Ok(()) => work(conn, args).await,
+        Err(e) => Err(from_diesel(operation, e)),
+    };
+    match result {
+        Ok(value) => {
+            AnsiTransactionManager::commit_transaction(conn)
+                .await
+                .map_err(|e| from_diesel(operation, e))?;
+            Ok(value)
+        }
+        Err(e) => {
+            let _ = AnsiTransactionManager::rollback_transaction(conn).await;
+            Err(e)
         }
     }
 }
@@ -788,7 +819,15 @@ impl PgTaskHistoryStore {
         self.inner.counters.queries.fetch_add(1, Ordering::Relaxed);
         checkout.in_flight = true;
         let timeout = self.inner.config.command_timeout;
-        let outcome = tokio::time::timeout(timeout, work(&mut checkout.conn, args)).await;
+        let conn = &mut *checkout.conn;
+        let setup = self.inner.connector.transaction_setup();
+        let outcome = tokio::time::timeout(timeout, async move {
+            match setup {
+                None => work(conn, args).await,
+                Some(setup) => in_transaction(operation, conn, setup, args, work).await,
+            }
+        })
+        .await;
         let result = match outcome {
             Ok(result) => {
                 checkout.in_flight = false;

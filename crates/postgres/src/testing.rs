@@ -295,3 +295,137 @@ pub async fn least_privilege_dyn_store() -> DynStore {
     let app = owner_config.user(APP_ROLE).password(APP_PASSWORD);
     std::sync::Arc::new(store_for(app).await)
 }
+
+/// A PgBouncer (Debian's package) in transaction pooling mode in front of the test server,
+/// started once per process and stopped when the process exits.
+#[derive(Debug)]
+pub struct PgBouncer {
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    /// The process (stopped by a watchdog when this process exits).
+    child: std::sync::Mutex<std::process::Child>,
+}
+
+impl PgBouncer {
+    /// Its process id (to stop or signal it in a test).
+    pub fn pid(&self) -> u32 {
+        self.child.lock().unwrap_or_else(|p| p.into_inner()).id()
+    }
+}
+
+static PGBOUNCER: OnceCell<PgBouncer> = OnceCell::const_new();
+
+const NO_PGBOUNCER: &str = "no pgbouncer binary: install Debian's package \
+    (`apt-get install pgbouncer`; `bash scripts/ensure-postgres.sh` does it)";
+
+fn running_as_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// The PgBouncer of this process, started on first use. Panics with instructions when the
+/// package is missing.
+pub async fn pgbouncer() -> &'static PgBouncer {
+    PGBOUNCER
+        .get_or_init(|| async {
+            let server = server().await;
+            let binary = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
+                .into_iter()
+                .find(|p| std::path::Path::new(p).exists())
+                .unwrap_or_else(|| panic!("{NO_PGBOUNCER}"));
+            let admin: tokio_postgres::Config = server.admin_url.parse().expect("admin URL parses");
+            let host = match admin.get_hosts().first() {
+                Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+                _ => "127.0.0.1".to_owned(),
+            };
+            let server_port = admin.get_ports().first().copied().unwrap_or(5432);
+            let user = admin.get_user().unwrap_or("postgres").to_owned();
+            let password = admin
+                .get_password()
+                .map(|p| String::from_utf8_lossy(p).into_owned())
+                .unwrap_or_default();
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .expect("a free port");
+            let dir = std::env::temp_dir().join(format!("th-pgbouncer-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).expect("pgbouncer dir");
+            let d = dir.display();
+            std::fs::write(
+                dir.join("userlist.txt"),
+                format!("\"{user}\" \"{password}\"\n\"{APP_ROLE}\" \"{APP_PASSWORD}\"\n"),
+            )
+            .expect("userlist");
+            std::fs::write(
+                dir.join("pgbouncer.ini"),
+                format!(
+                    "[databases]\n* = host={host} port={server_port}\n\n[pgbouncer]\n\
+                     listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
+                     auth_type = trust\nauth_file = {d}/userlist.txt\n\
+                     pool_mode = transaction\n\
+                     ignore_startup_parameters = options, extra_float_digits\n\
+                     max_client_conn = 1000\ndefault_pool_size = 20\n\
+                     logfile = {d}/pgbouncer.log\npidfile = {d}/pgbouncer.pid\n"
+                ),
+            )
+            .expect("pgbouncer.ini");
+            let mut command = if running_as_root() {
+                let _ = std::process::Command::new("chown")
+                    .args(["-R", "postgres:postgres"])
+                    .arg(&dir)
+                    .status();
+                let mut c = std::process::Command::new("runuser");
+                c.args(["-u", "postgres", "--", binary]);
+                c
+            } else {
+                std::process::Command::new(binary)
+            };
+            let mut child = command
+                .arg(dir.join("pgbouncer.ini"))
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("starting pgbouncer: {e}; {NO_PGBOUNCER}"));
+            // Stop it when this process exits: statics are never dropped.
+            let me = std::process::id();
+            let script = format!(
+                "while kill -0 {me} 2>/dev/null; do sleep 1; done; kill {} 2>/dev/null; \
+                 pkill -f '{d}/pgbouncer.ini'; rm -rf '{d}'",
+                child.id()
+            );
+            let _ = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(script)
+                .spawn();
+            for _ in 0..100 {
+                if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+                {
+                    return PgBouncer {
+                        port,
+                        child: std::sync::Mutex::new(child),
+                    };
+                }
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("pgbouncer exited at start ({status}); see {d}/pgbouncer.log");
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("pgbouncer did not start listening on port {port}; see {d}/pgbouncer.log");
+        })
+        .await
+}
+
+/// A store on a fresh schema, migrated on a direct connection, then used through
+/// [`pgbouncer`] in transaction pooling mode: the behaviour suite's store for PgBouncer runs.
+pub async fn pgbouncer_dyn_store() -> DynStore {
+    let direct = fresh_config().await;
+    store_for(direct.clone()).await.close().await;
+    let bouncer = pgbouncer().await;
+    let through = direct.host("127.0.0.1").port(bouncer.port).pgbouncer(true);
+    std::sync::Arc::new(store_for(through).await)
+}

@@ -7,6 +7,7 @@
 //! ```sh
 //! cargo bench --bench load                       # full run (a few minutes)
 //! BENCH_SECS=1 BENCH_SCALE=0.1 cargo bench --bench load   # quick look
+//! BENCH_ONLY=reads,list cargo bench --bench load         # some sections only
 //! ```
 //!
 //! The server is the tests' (TEST_DATABASE_URL, else 127.0.0.1:5432, else a throwaway one);
@@ -37,6 +38,12 @@ fn env_f64(key: &str, default: f64) -> f64 {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// Whether `name` runs: every section unless `BENCH_ONLY` (comma-separated: save, batch,
+/// reads, list, cleanup, memory, peak) says otherwise.
+fn section(name: &str) -> bool {
+    std::env::var("BENCH_ONLY").map_or(true, |only| only.split(',').any(|o| o.trim() == name))
 }
 
 fn round_secs() -> Duration {
@@ -431,368 +438,376 @@ async fn run() {
         "workload", "store", "baseline (raw tokio-postgres / COPY)"
     );
 
-    // Single saves at concurrency 1, 8, 32.
-    for c in [1usize, 8, 32] {
-        let raw = RawPool::new(&url, &schema, c.min(20)).await;
-        let s = store.clone();
+    if section("save") {
+        // Single saves at concurrency 1, 8, 32.
+        for c in [1usize, 8, 32] {
+            let raw = RawPool::new(&url, &schema, c.min(20)).await;
+            let s = store.clone();
+            compare(
+                &mut report,
+                &format!("save_task_history, {c} concurrent"),
+                move |round, w, i| {
+                    let s = s.clone();
+                    async move {
+                        let (user, task) = (format!("s{c}-{round}-{w}"), format!("t{}", i / 20));
+                        s.save_task_history(&user, &task, (i % 20) as i32, &step_result(i))
+                            .await
+                            .unwrap();
+                    }
+                },
+                move |round, w, i| {
+                    let raw = raw.clone();
+                    async move {
+                        let r = StepRecord::new(
+                            format!("r{c}-{round}-{w}"),
+                            format!("t{}", i / 20),
+                            (i % 20) as i32,
+                            step_result(i),
+                        );
+                        raw_save(&*raw.get(w).lock().await, &[r]).await;
+                    }
+                },
+                c,
+            )
+            .await;
+        }
+    }
+    if section("batch") {
+        // Batches: the store's save vs the same statement raw vs COPY of the same rows.
+        for (size, rounds) in [(5_000usize, 5), (50_000, 3)] {
+            let size = scaled(size);
+            let (mut st, mut rw, mut cp) = (Vec::new(), Vec::new(), Vec::new());
+            for round in 0..rounds {
+                let batch = records(&format!("batch-store-{size}-{round}"), size / 10, 10, None);
+                let t = Instant::now();
+                store.save_batch_task_history(&batch).await.unwrap();
+                st.push(size as f64 / t.elapsed().as_secs_f64());
+                let batch = records(&format!("batch-raw-{size}-{round}"), size / 10, 10, None);
+                let t = Instant::now();
+                if batch.len() > 10_000 {
+                    admin.client.batch_execute("BEGIN").await.unwrap();
+                    for chunk in batch.chunks(10_000) {
+                        raw_save(&admin, chunk).await;
+                    }
+                    admin.client.batch_execute("COMMIT").await.unwrap();
+                } else {
+                    raw_save(&admin, &batch).await;
+                }
+                rw.push(size as f64 / t.elapsed().as_secs_f64());
+                let batch = records(&format!("batch-copy-{size}-{round}"), size / 10, 10, None);
+                let t = Instant::now();
+                copy_rows(&admin, &batch).await;
+                cp.push(size as f64 / t.elapsed().as_secs_f64());
+            }
+            let (st, rw, cp) = (median(st), median(rw), median(cp));
+            report.add(
+                &format!("save_batch_task_history, {size} steps"),
+                format!("{st:.0} rows/s"),
+                format!("same SQL {rw:.0} rows/s; COPY {cp:.0} rows/s"),
+                format!("{:.2} of same SQL, {:.2} of COPY", st / rw, st / cp),
+            );
+        }
+    }
+    if section("reads") {
+        // Reads: 16 tasks of 50 steps.
+        seed(&pg, &records("reader", 16, 50, None)).await;
+        let raw = RawPool::new(&url, &schema, 16).await;
+        let (s, r) = (store.clone(), raw.clone());
         compare(
             &mut report,
-            &format!("save_task_history, {c} concurrent"),
-            move |round, w, i| {
+            "load_task_history (50 steps), 16 concurrent",
+            move |_, w, _| {
                 let s = s.clone();
                 async move {
-                    let (user, task) = (format!("s{c}-{round}-{w}"), format!("t{}", i / 20));
-                    s.save_task_history(&user, &task, (i % 20) as i32, &step_result(i))
+                    let h = s
+                        .load_task_history("reader", &format!("task-{w:06}"))
                         .await
                         .unwrap();
+                    assert_eq!(h.len(), 50);
                 }
             },
-            move |round, w, i| {
-                let raw = raw.clone();
+            move |_, w, _| {
+                let r = r.clone();
                 async move {
-                    let r = StepRecord::new(
-                        format!("r{c}-{round}-{w}"),
-                        format!("t{}", i / 20),
-                        (i % 20) as i32,
-                        step_result(i),
-                    );
-                    raw_save(&*raw.get(w).lock().await, &[r]).await;
+                    let raw = r.get(w).lock().await;
+                    let rows = raw
+                        .client
+                        .query(&raw.load, &[&"reader", &format!("task-{w:06}")])
+                        .await
+                        .unwrap();
+                    let parsed: Vec<(i32, Json<TaskStepResult>, DateTime<Utc>, String)> = rows
+                        .iter()
+                        .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3)))
+                        .collect();
+                    assert_eq!(parsed.len(), 50);
                 }
             },
-            c,
+            16,
+        )
+        .await;
+        let (s, r) = (store.clone(), raw.clone());
+        compare(
+            &mut report,
+            "check_task_status, 16 concurrent",
+            move |_, w, _| {
+                let s = s.clone();
+                async move {
+                    let st = s
+                        .check_task_status("reader", &format!("task-{w:06}"))
+                        .await
+                        .unwrap();
+                    assert_eq!(st, TaskStatus::Running);
+                }
+            },
+            move |_, w, _| {
+                let r = r.clone();
+                async move {
+                    let raw = r.get(w).lock().await;
+                    let row = raw
+                        .client
+                        .query_opt(&raw.status, &[&"reader", &format!("task-{w:06}")])
+                        .await
+                        .unwrap();
+                    let status: String = row.unwrap().get(0);
+                    assert_eq!(status, "running");
+                }
+            },
+            16,
         )
         .await;
     }
-
-    // Batches: the store's save vs the same statement raw vs COPY of the same rows.
-    for (size, rounds) in [(5_000usize, 5), (50_000, 3)] {
-        let size = scaled(size);
-        let (mut st, mut rw, mut cp) = (Vec::new(), Vec::new(), Vec::new());
-        for round in 0..rounds {
-            let batch = records(&format!("batch-store-{size}-{round}"), size / 10, 10, None);
-            let t = Instant::now();
-            store.save_batch_task_history(&batch).await.unwrap();
-            st.push(size as f64 / t.elapsed().as_secs_f64());
-            let batch = records(&format!("batch-raw-{size}-{round}"), size / 10, 10, None);
-            let t = Instant::now();
-            if batch.len() > 10_000 {
-                admin.client.batch_execute("BEGIN").await.unwrap();
-                for chunk in batch.chunks(10_000) {
-                    raw_save(&admin, chunk).await;
-                }
-                admin.client.batch_execute("COMMIT").await.unwrap();
-            } else {
-                raw_save(&admin, &batch).await;
+    if section("list") {
+        // Listings: a user with 2,000 steps and one with 40,000 (10 steps a task).
+        let raw = RawPool::new(&url, &schema, 1).await;
+        seed(&pg, &records("list-2k", 200, 10, None)).await;
+        seed(&pg, &records("list-40k", scaled(4_000), 10, None)).await;
+        admin.client.batch_execute("ANALYZE").await.unwrap();
+        let mut p50 = Vec::new();
+        for user in ["list-2k", "list-40k"] {
+            let (s, r) = (store.clone(), raw.clone());
+            let mut ss = Vec::new();
+            let mut bs = Vec::new();
+            for _ in 0..3 {
+                let s2 = s.clone();
+                ss.push(
+                    drive(1, round_secs(), move |_, _| {
+                        let s = s2.clone();
+                        async move {
+                            assert_eq!(s.get_user_tasks(user, 50).await.unwrap().len(), 50);
+                        }
+                    })
+                    .await,
+                );
+                let r2 = r.clone();
+                bs.push(
+                    drive(1, round_secs(), move |_, _| {
+                        let r = r2.clone();
+                        async move {
+                            let raw = r.get(0).lock().await;
+                            let rows = raw.client.query(&raw.list, &[&user, &51i64]).await.unwrap();
+                            assert_eq!(rows.len(), 51);
+                        }
+                    })
+                    .await,
+                );
             }
-            rw.push(size as f64 / t.elapsed().as_secs_f64());
-            let batch = records(&format!("batch-copy-{size}-{round}"), size / 10, 10, None);
-            let t = Instant::now();
-            copy_rows(&admin, &batch).await;
-            cp.push(size as f64 / t.elapsed().as_secs_f64());
+            let (s, b) = (Sample::merge(&ss), Sample::merge(&bs));
+            p50.push(s.pct(0.5));
+            report.add(
+                &format!("get_user_tasks(50), user with {user}"),
+                describe(&s),
+                describe(&b),
+                format!(
+                    "{:.2}",
+                    median(ss.iter().map(Sample::rate).collect())
+                        / median(bs.iter().map(Sample::rate).collect())
+                ),
+            );
         }
-        let (st, rw, cp) = (median(st), median(rw), median(cp));
         report.add(
-            &format!("save_batch_task_history, {size} steps"),
-            format!("{st:.0} rows/s"),
-            format!("same SQL {rw:.0} rows/s; COPY {cp:.0} rows/s"),
-            format!("{:.2} of same SQL, {:.2} of COPY", st / rw, st / cp),
+            "get_user_tasks p50: 40k-step user / 2k-step user",
+            format!("{:.3} / {:.3} ms", ms(p50[1]), ms(p50[0])),
+            "-".into(),
+            format!("{:.2}", p50[1].as_secs_f64() / p50[0].as_secs_f64()),
         );
     }
-
-    // Reads: 16 tasks of 50 steps.
-    seed(&pg, &records("reader", 16, 50, None)).await;
-    let raw = RawPool::new(&url, &schema, 16).await;
-    let (s, r) = (store.clone(), raw.clone());
-    compare(
-        &mut report,
-        "load_task_history (50 steps), 16 concurrent",
-        move |_, w, _| {
-            let s = s.clone();
-            async move {
-                let h = s
-                    .load_task_history("reader", &format!("task-{w:06}"))
-                    .await
-                    .unwrap();
-                assert_eq!(h.len(), 50);
-            }
-        },
-        move |_, w, _| {
-            let r = r.clone();
-            async move {
-                let raw = r.get(w).lock().await;
-                let rows = raw
-                    .client
-                    .query(&raw.load, &[&"reader", &format!("task-{w:06}")])
-                    .await
-                    .unwrap();
-                let parsed: Vec<(i32, Json<TaskStepResult>, DateTime<Utc>, String)> = rows
-                    .iter()
-                    .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3)))
-                    .collect();
-                assert_eq!(parsed.len(), 50);
-            }
-        },
-        16,
-    )
-    .await;
-    let (s, r) = (store.clone(), raw.clone());
-    compare(
-        &mut report,
-        "check_task_status, 16 concurrent",
-        move |_, w, _| {
-            let s = s.clone();
-            async move {
-                let st = s
-                    .check_task_status("reader", &format!("task-{w:06}"))
-                    .await
-                    .unwrap();
-                assert_eq!(st, TaskStatus::Running);
-            }
-        },
-        move |_, w, _| {
-            let r = r.clone();
-            async move {
-                let raw = r.get(w).lock().await;
-                let row = raw
-                    .client
-                    .query_opt(&raw.status, &[&"reader", &format!("task-{w:06}")])
-                    .await
-                    .unwrap();
-                let status: String = row.unwrap().get(0);
-                assert_eq!(status, "running");
-            }
-        },
-        16,
-    )
-    .await;
-
-    // Listings: a user with 2,000 steps and one with 40,000 (10 steps a task).
-    seed(&pg, &records("list-2k", 200, 10, None)).await;
-    seed(&pg, &records("list-40k", scaled(4_000), 10, None)).await;
-    admin.client.batch_execute("ANALYZE").await.unwrap();
-    let mut p50 = Vec::new();
-    for user in ["list-2k", "list-40k"] {
-        let (s, r) = (store.clone(), raw.clone());
-        let mut ss = Vec::new();
-        let mut bs = Vec::new();
-        for _ in 0..3 {
-            let s2 = s.clone();
-            ss.push(
-                drive(1, round_secs(), move |_, _| {
-                    let s = s2.clone();
-                    async move {
-                        assert_eq!(s.get_user_tasks(user, 50).await.unwrap().len(), 50);
-                    }
-                })
-                .await,
-            );
-            let r2 = r.clone();
-            bs.push(
-                drive(1, round_secs(), move |_, _| {
-                    let r = r2.clone();
-                    async move {
-                        let raw = r.get(0).lock().await;
-                        let rows = raw.client.query(&raw.list, &[&user, &51i64]).await.unwrap();
-                        assert_eq!(rows.len(), 51);
-                    }
-                })
-                .await,
-            );
+    if section("cleanup") {
+        // Cleanup of 250,000 expired steps out of 500,000 while 8 writers save.
+        let half = scaled(25_000);
+        let old = Utc::now() - chrono::Duration::days(60);
+        for u in 0..10 {
+            seed(
+                &pg,
+                &records(&format!("cleanup-old-{u}"), half / 10, 10, Some(old)),
+            )
+            .await;
+            seed(
+                &pg,
+                &records(&format!("cleanup-new-{u}"), half / 10, 10, None),
+            )
+            .await;
         }
-        let (s, b) = (Sample::merge(&ss), Sample::merge(&bs));
-        p50.push(s.pct(0.5));
+        admin.client.batch_execute("ANALYZE").await.unwrap();
+        let writers = |tag: &'static str, stop: Arc<AtomicBool>| {
+            let s = store.clone();
+            tokio::spawn(async move {
+                let handles: Vec<_> = (0..8)
+                    .map(|w| {
+                        let (s, stop) = (s.clone(), stop.clone());
+                        tokio::spawn(async move {
+                            let mut lat = Vec::new();
+                            let mut i = 0u64;
+                            while !stop.load(Ordering::Relaxed) {
+                                let t = Instant::now();
+                                s.save_task_history(
+                                    &format!("cw-{tag}-{w}"),
+                                    &format!("t{}", i / 20),
+                                    (i % 20) as i32,
+                                    &step_result(i),
+                                )
+                                .await
+                                .unwrap();
+                                lat.push(t.elapsed());
+                                i += 1;
+                            }
+                            lat
+                        })
+                    })
+                    .collect();
+                let mut sample = Sample::default();
+                for h in handles {
+                    sample.lat.extend(h.await.unwrap());
+                }
+                sample.ops = sample.lat.len() as u64;
+                sample
+            })
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let before = writers("before", stop.clone());
+        tokio::time::sleep(round_secs()).await;
+        stop.store(true, Ordering::Relaxed);
+        let before = before.await.unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let during = writers("during", stop.clone());
+        let t = Instant::now();
+        let removed = pg
+            .cleanup_old_tasks_with(30, CleanupOptions::default(), &|_| {})
+            .await
+            .unwrap();
+        let cleanup_secs = t.elapsed().as_secs_f64();
+        stop.store(true, Ordering::Relaxed);
+        let mut during = during.await.unwrap();
+        during.secs = cleanup_secs;
         report.add(
-            &format!("get_user_tasks(50), user with {user}"),
-            describe(&s),
-            describe(&b),
+            &format!(
+                "cleanup: {} of {} steps, 8 writers",
+                removed.steps_removed,
+                half * 20
+            ),
             format!(
-                "{:.2}",
-                median(ss.iter().map(Sample::rate).collect())
-                    / median(bs.iter().map(Sample::rate).collect())
+                "{cleanup_secs:.1} s ({:.0} steps/s); writers p99 {:.1} max {:.1} ms",
+                removed.steps_removed as f64 / cleanup_secs,
+                ms(during.pct(0.99)),
+                ms(during.pct(1.0))
+            ),
+            format!(
+                "writers without cleanup: p99 {:.1} max {:.1} ms",
+                ms(before.pct(0.99)),
+                ms(before.pct(1.0))
+            ),
+            format!(
+                "p99 {:.2}",
+                during.pct(0.99).as_secs_f64() / before.pct(0.99).as_secs_f64()
             ),
         );
     }
-    report.add(
-        "get_user_tasks p50: 40k-step user / 2k-step user",
-        format!("{:.3} / {:.3} ms", ms(p50[1]), ms(p50[0])),
-        "-".into(),
-        format!("{:.2}", p50[1].as_secs_f64() / p50[0].as_secs_f64()),
-    );
-
-    // Cleanup of 250,000 expired steps out of 500,000 while 8 writers save.
-    let half = scaled(25_000);
-    let old = Utc::now() - chrono::Duration::days(60);
-    for u in 0..10 {
-        seed(
-            &pg,
-            &records(&format!("cleanup-old-{u}"), half / 10, 10, Some(old)),
-        )
-        .await;
-        seed(
-            &pg,
-            &records(&format!("cleanup-new-{u}"), half / 10, 10, None),
-        )
-        .await;
-    }
-    admin.client.batch_execute("ANALYZE").await.unwrap();
-    let writers = |tag: &'static str, stop: Arc<AtomicBool>| {
-        let s = store.clone();
-        tokio::spawn(async move {
-            let handles: Vec<_> = (0..8)
-                .map(|w| {
-                    let (s, stop) = (s.clone(), stop.clone());
-                    tokio::spawn(async move {
-                        let mut lat = Vec::new();
-                        let mut i = 0u64;
-                        while !stop.load(Ordering::Relaxed) {
-                            let t = Instant::now();
-                            s.save_task_history(
-                                &format!("cw-{tag}-{w}"),
-                                &format!("t{}", i / 20),
-                                (i % 20) as i32,
-                                &step_result(i),
-                            )
+    if section("memory") {
+        // The memory store: microseconds.
+        let mem: DynStore = Arc::new(MemoryStore::new());
+        mem.save_batch_task_history(&records("m", 40, 50, None))
+            .await
+            .unwrap();
+        let n = 20_000u64;
+        for (name, which) in [
+            ("save", 0),
+            ("load (50 steps)", 1),
+            ("status", 2),
+            ("list 50 of 40", 3),
+        ] {
+            let t = Instant::now();
+            for i in 0..n {
+                match which {
+                    0 => mem
+                        .save_task_history("w", "t", (i % 1000) as i32, &step_result(i))
+                        .await
+                        .unwrap(),
+                    1 => assert_eq!(
+                        mem.load_task_history("m", "task-000007")
                             .await
-                            .unwrap();
-                            lat.push(t.elapsed());
-                            i += 1;
-                        }
-                        lat
-                    })
+                            .unwrap()
+                            .len(),
+                        50
+                    ),
+                    2 => assert_eq!(
+                        mem.check_task_status("m", "task-000007").await.unwrap(),
+                        TaskStatus::Running
+                    ),
+                    _ => assert_eq!(mem.get_user_tasks("m", 50).await.unwrap().len(), 40),
+                }
+            }
+            report.add(
+                &format!("memory store: {name}"),
+                format!("{:.2} µs/op", t.elapsed().as_secs_f64() * 1e6 / n as f64),
+                "-".into(),
+                "-".into(),
+            );
+        }
+    }
+    if section("peak") {
+        // Peak memory, each in its own process.
+        let floor = peak_of(&url, &schema, "idle");
+        let recs = peak_of(&url, &schema, "records");
+        let batch = peak_of(&url, &schema, "batch");
+        report.add(
+            "peak RSS: save_batch of 50,000 steps",
+            format!("{:.1} MiB", batch as f64 / 1024.0),
+            format!(
+                "idle {:.1} MiB; records alone {:.1} MiB",
+                floor as f64 / 1024.0,
+                recs as f64 / 1024.0
+            ),
+            format!(
+                "+{:.1} MiB over the records",
+                (batch as f64 - recs as f64) / 1024.0
+            ),
+        );
+        let export_steps = scaled(1_000_000);
+        let mut left = export_steps;
+        let mut t = 0;
+        while left > 0 {
+            let n = left.min(50_000);
+            let batch: Vec<StepRecord> = (0..n)
+                .map(|i| {
+                    StepRecord::new(
+                        "export-user",
+                        format!("task-{:07}", (t * 50_000 + i) / 25),
+                        ((t * 50_000 + i) % 25) as i32,
+                        step_result(i as u64),
+                    )
                 })
                 .collect();
-            let mut sample = Sample::default();
-            for h in handles {
-                sample.lat.extend(h.await.unwrap());
-            }
-            sample.ops = sample.lat.len() as u64;
-            sample
-        })
-    };
-    let stop = Arc::new(AtomicBool::new(false));
-    let before = writers("before", stop.clone());
-    tokio::time::sleep(round_secs()).await;
-    stop.store(true, Ordering::Relaxed);
-    let before = before.await.unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let during = writers("during", stop.clone());
-    let t = Instant::now();
-    let removed = pg
-        .cleanup_old_tasks_with(30, CleanupOptions::default(), &|_| {})
-        .await
-        .unwrap();
-    let cleanup_secs = t.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    let mut during = during.await.unwrap();
-    during.secs = cleanup_secs;
-    report.add(
-        &format!(
-            "cleanup: {} of {} steps, 8 writers",
-            removed.steps_removed,
-            half * 20
-        ),
-        format!(
-            "{cleanup_secs:.1} s ({:.0} steps/s); writers p99 {:.1} max {:.1} ms",
-            removed.steps_removed as f64 / cleanup_secs,
-            ms(during.pct(0.99)),
-            ms(during.pct(1.0))
-        ),
-        format!(
-            "writers without cleanup: p99 {:.1} max {:.1} ms",
-            ms(before.pct(0.99)),
-            ms(before.pct(1.0))
-        ),
-        format!(
-            "p99 {:.2}",
-            during.pct(0.99).as_secs_f64() / before.pct(0.99).as_secs_f64()
-        ),
-    );
-
-    // The memory store: microseconds.
-    let mem: DynStore = Arc::new(MemoryStore::new());
-    mem.save_batch_task_history(&records("m", 40, 50, None))
-        .await
-        .unwrap();
-    let n = 20_000u64;
-    for (name, which) in [
-        ("save", 0),
-        ("load (50 steps)", 1),
-        ("status", 2),
-        ("list 50 of 40", 3),
-    ] {
-        let t = Instant::now();
-        for i in 0..n {
-            match which {
-                0 => mem
-                    .save_task_history("w", "t", (i % 1000) as i32, &step_result(i))
-                    .await
-                    .unwrap(),
-                1 => assert_eq!(
-                    mem.load_task_history("m", "task-000007")
-                        .await
-                        .unwrap()
-                        .len(),
-                    50
-                ),
-                2 => assert_eq!(
-                    mem.check_task_status("m", "task-000007").await.unwrap(),
-                    TaskStatus::Running
-                ),
-                _ => assert_eq!(mem.get_user_tasks("m", 50).await.unwrap().len(), 40),
-            }
+            pg.save_batch_task_history(&batch).await.unwrap();
+            left -= n;
+            t += 1;
         }
+        let export = peak_of(&url, &schema, "export");
         report.add(
-            &format!("memory store: {name}"),
-            format!("{:.2} µs/op", t.elapsed().as_secs_f64() * 1e6 / n as f64),
-            "-".into(),
-            "-".into(),
+            &format!("peak RSS: export of {export_steps} steps"),
+            format!("{:.1} MiB", export as f64 / 1024.0),
+            format!("idle {:.1} MiB", floor as f64 / 1024.0),
+            format!("+{:.1} MiB", (export as f64 - floor as f64) / 1024.0),
         );
     }
-
-    // Peak memory, each in its own process.
-    let floor = peak_of(&url, &schema, "idle");
-    let recs = peak_of(&url, &schema, "records");
-    let batch = peak_of(&url, &schema, "batch");
-    report.add(
-        "peak RSS: save_batch of 50,000 steps",
-        format!("{:.1} MiB", batch as f64 / 1024.0),
-        format!(
-            "idle {:.1} MiB; records alone {:.1} MiB",
-            floor as f64 / 1024.0,
-            recs as f64 / 1024.0
-        ),
-        format!(
-            "+{:.1} MiB over the records",
-            (batch as f64 - recs as f64) / 1024.0
-        ),
-    );
-    let export_steps = scaled(1_000_000);
-    let mut left = export_steps;
-    let mut t = 0;
-    while left > 0 {
-        let n = left.min(50_000);
-        let batch: Vec<StepRecord> = (0..n)
-            .map(|i| {
-                StepRecord::new(
-                    "export-user",
-                    format!("task-{:07}", (t * 50_000 + i) / 25),
-                    ((t * 50_000 + i) % 25) as i32,
-                    step_result(i as u64),
-                )
-            })
-            .collect();
-        pg.save_batch_task_history(&batch).await.unwrap();
-        left -= n;
-        t += 1;
-    }
-    let export = peak_of(&url, &schema, "export");
-    report.add(
-        &format!("peak RSS: export of {export_steps} steps"),
-        format!("{:.1} MiB", export as f64 / 1024.0),
-        format!("idle {:.1} MiB", floor as f64 / 1024.0),
-        format!("+{:.1} MiB", (export as f64 - floor as f64) / 1024.0),
-    );
-
     println!("\n{}", report.markdown());
     pg.close().await;
     admin

@@ -508,6 +508,66 @@ async fn run() {
             );
         }
     }
+    if section("watch") {
+        // The write path with watching on (100 watchers reading what they are told about)
+        // against the same store with notifications off.
+        let off_config = PgConfig::from_url(&url)
+            .unwrap()
+            .ssl_mode(SslMode::Disable)
+            .schema(schema.clone())
+            .pool_size(10, 20)
+            .notifications(false);
+        let off: DynStore = Arc::new(PgTaskHistoryStore::connect(off_config).await.unwrap());
+        let mut drains = Vec::new();
+        for k in 0..100 {
+            let mut events = pg.watch_user(&format!("watched-{k}")).await.unwrap();
+            drains.push(tokio::spawn(async move {
+                let mut n = 0u64;
+                while let Some(Ok(_)) = futures::StreamExt::next(&mut events).await {
+                    n += 1;
+                }
+                n
+            }));
+        }
+        for c in [1usize, 8] {
+            let (on, off) = (store.clone(), off.clone());
+            compare(
+                &mut report,
+                &format!("save_task_history, {c} concurrent: watching on (100 watchers) / off"),
+                move |round, w, i| {
+                    let on = on.clone();
+                    async move {
+                        on.save_task_history(
+                            &format!("watched-{w}"),
+                            &format!("on{round}-{}", i / 20),
+                            (i % 20) as i32,
+                            &step_result(i),
+                        )
+                        .await
+                        .unwrap();
+                    }
+                },
+                move |round, w, i| {
+                    let off = off.clone();
+                    async move {
+                        off.save_task_history(
+                            &format!("watched-{w}"),
+                            &format!("off{round}-{}", i / 20),
+                            (i % 20) as i32,
+                            &step_result(i),
+                        )
+                        .await
+                        .unwrap();
+                    }
+                },
+                c,
+            )
+            .await;
+        }
+        for d in drains {
+            d.abort();
+        }
+    }
     if section("reads") {
         // Reads: 16 tasks of 50 steps.
         seed(&pg, &records("reader", 16, 50, None)).await;

@@ -184,6 +184,17 @@ pub(crate) enum Command {
         #[arg(long, default_value_t = 1000)]
         batch_size: usize,
     },
+    /// Print a user's task events (a task's only, when given) as they are committed, until
+    /// interrupted; `--json` prints one JSON object per line.
+    Watch {
+        /// The user.
+        user: String,
+        /// Only this task.
+        task: Option<String>,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+    },
     /// The seed's section 4 scenarios end to end, on the in-memory store (or on PostgreSQL,
     /// in schema `taskhistory_demo`, with --database-url).
     Demo,

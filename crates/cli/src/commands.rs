@@ -150,6 +150,14 @@ pub(crate) async fn run(cli: Cli) -> Result<u8, CliError> {
             let store = open(db).await?.store();
             transfer::export(&store, &user, scan, output.as_deref(), out).await
         }
+        Command::Watch { user, task, count } => {
+            match &task {
+                Some(t) => validate::task(&user, t)?,
+                None => validate::user_id(&user)?,
+            }
+            let store = open(db).await?.store();
+            watch(&store, &user, task.as_deref(), count, out).await
+        }
         Command::Import { file, batch_size } => {
             if !(1..=100_000).contains(&batch_size) {
                 return Err(CliError::BadInput(format!(
@@ -368,6 +376,63 @@ async fn explain(
         .map(|p| format!("-- {}\n{}\n", p.name, p.plan.join("\n")))
         .collect();
     out.line(&text.join("\n"))?;
+    Ok(exit::OK)
+}
+
+async fn watch(
+    store: &DynStore,
+    user: &str,
+    task: Option<&str>,
+    count: Option<u64>,
+    out: Output,
+) -> Result<u8, CliError> {
+    use futures::StreamExt;
+    let mut events = match task {
+        Some(t) => store.watch_task(user, t).await?,
+        None => store.watch_user(user).await?,
+    };
+    eprintln!(
+        "watching {}; Ctrl-C to stop",
+        task.map_or_else(
+            || format!("user {user:?}"),
+            |t| format!("task {t:?} of user {user:?}")
+        )
+    );
+    let mut seen = 0;
+    while count.is_none_or(|c| seen < c) {
+        let event = tokio::select! {
+            e = events.next() => e,
+            _ = tokio::signal::ctrl_c() => None,
+        };
+        let Some(event) = event else { break };
+        match event {
+            Ok(e) => {
+                seen += 1;
+                if out.json {
+                    let line = serde_json::to_string(&e)
+                        .map_err(|err| CliError::Other(format!("writing JSON: {err}")))?;
+                    out.line(&line)?;
+                } else {
+                    out.line(&format!(
+                        "{}  {}  step {}  {}{}",
+                        time(e.timestamp),
+                        e.task_id,
+                        e.step,
+                        e.status,
+                        if e.kind == taskhistory_core::TaskEventKind::Cancelled {
+                            "  (cancelled)"
+                        } else {
+                            ""
+                        }
+                    ))?;
+                }
+            }
+            Err(StoreError::Lagged { missed }) => {
+                eprintln!("taskhistory: fell behind; {missed} event(s) dropped");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
     Ok(exit::OK)
 }
 

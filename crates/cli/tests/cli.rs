@@ -802,3 +802,62 @@ async fn per_status_retention() {
         1
     );
 }
+
+#[tokio::test]
+async fn watch_prints_events_as_lines() {
+    use std::io::{BufRead, BufReader};
+    let db = Db::fresh().await;
+    let store = db.store().await;
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("taskhistory"))
+        .args(["--database-url", &db.url, "--schema", &db.schema])
+        .args(["--json", "watch", "u", "--count", "3"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until it is watching.
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    assert!(line.starts_with("watching"), "{line}");
+    store
+        .save_task_history("v", "t", 0, &TaskStepResult::running("s", json!(0), "m"))
+        .await
+        .unwrap();
+    for step in 0..2 {
+        store
+            .save_task_history(
+                "u",
+                "t",
+                step,
+                &TaskStepResult::running("s", json!(step), "m"),
+            )
+            .await
+            .unwrap();
+    }
+    assert!(store.mark_task_as_cancelled("u", "t").await.unwrap());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let events: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let got: Vec<(String, i64, String)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["user_id"].as_str().unwrap().to_owned(),
+                e["step"].as_i64().unwrap(),
+                e["kind"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("u".to_owned(), 0, "step_saved".to_owned()),
+            ("u".to_owned(), 1, "step_saved".to_owned()),
+            ("u".to_owned(), 2, "cancelled".to_owned()),
+        ]
+    );
+}

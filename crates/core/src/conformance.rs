@@ -18,8 +18,9 @@ use crate::validate::{
 };
 use crate::{
     DynStore, ErrorCode, HistoryEntry, HistoryScan, StepKey, StepRecord, StoreError, TaskCursor,
-    TaskQuery, TaskStatus, TaskStepResult, TaskSummary,
+    TaskEvent, TaskEventKind, TaskEventStream, TaskQuery, TaskStatus, TaskStepResult, TaskSummary,
 };
+use futures::StreamExt;
 
 /// Expands the whole suite into `#[tokio::test]`s, one per case, each on a fresh store made
 /// by `$make` (an expression of type [`DynStore`]; it may `.await`).
@@ -46,6 +47,9 @@ macro_rules! conformance_tests {
             users_are_isolated,
             scan_pages_visit_every_step_once,
             scan_of_one_task,
+            watch_task_sees_its_steps_in_order,
+            watch_user_sees_only_that_user,
+            slow_watcher_does_not_hold_writers_back,
             concurrent_saves_lose_nothing,
             cancel_racing_saves_stays_sticky,
             timestamps_keep_microseconds,
@@ -94,6 +98,8 @@ macro_rules! conformance_tests {
         #[case::scan_too_large_limit($crate::conformance::BadCall::ScanTooLargeLimit)]
         #[case::scan_empty_task($crate::conformance::BadCall::ScanEmptyTask)]
         #[case::scan_negative_after_step($crate::conformance::BadCall::ScanNegativeAfterStep)]
+        #[case::watch_empty_user($crate::conformance::BadCall::WatchEmptyUser)]
+        #[case::watch_nul_task($crate::conformance::BadCall::WatchNulTask)]
         #[case::cleanup_negative_days($crate::conformance::BadCall::CleanupNegativeDays)]
         #[case::cleanup_too_many_days($crate::conformance::BadCall::CleanupTooManyDays)]
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -719,6 +725,125 @@ pub async fn scan_of_one_task(store: &DynStore) {
         .is_empty());
 }
 
+async fn next_event(events: &mut TaskEventStream) -> TaskEvent {
+    tokio::time::timeout(std::time::Duration::from_secs(10), events.next())
+        .await
+        .expect("no event within 10 s")
+        .expect("the event stream ended")
+        .expect("the event stream failed")
+}
+
+async fn assert_quiet(events: &mut TaskEventStream) {
+    let next = tokio::time::timeout(std::time::Duration::from_millis(300), events.next()).await;
+    assert!(next.is_err(), "unexpected event: {next:?}");
+}
+
+fn key(e: &TaskEvent) -> (&str, &str, i32, TaskStatus, TaskEventKind) {
+    (&e.user_id, &e.task_id, e.step, e.status, e.kind)
+}
+
+/// Watching a task: every step committed after the call, in commit order, the cancellation
+/// last; nothing from before the call, from other tasks, or from refused writes.
+pub async fn watch_task_sees_its_steps_in_order(store: &DynStore) {
+    save(store, "u", "t", 0, &running("before")).await;
+    let mut events = store.watch_task("u", "t").await.unwrap();
+    let mut other = store.watch_task("u", "t2").await.unwrap();
+    save(store, "u", "t", 1, &running("a")).await;
+    save(store, "u", "t", 2, &done("b")).await;
+    let batch = [
+        StepRecord::new("u", "t", 3, running("c")),
+        StepRecord::new("u", "t2", 0, running("d")),
+        StepRecord::new("v", "t", 0, running("e")),
+    ];
+    store.save_batch_task_history(&batch).await.unwrap();
+    assert!(store.mark_task_as_cancelled("u", "t").await.unwrap());
+    let refused = store.save_task_history("u", "t", 9, &running("no")).await;
+    assert!(matches!(refused, Err(StoreError::TaskCancelled { .. })));
+
+    use TaskEventKind::{Cancelled, StepSaved};
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        got.push(next_event(&mut events).await);
+    }
+    let keys: Vec<_> = got.iter().map(key).collect();
+    assert_eq!(
+        keys,
+        [
+            ("u", "t", 1, TaskStatus::Running, StepSaved),
+            ("u", "t", 2, TaskStatus::Completed, StepSaved),
+            ("u", "t", 3, TaskStatus::Running, StepSaved),
+            ("u", "t", 4, TaskStatus::Cancelled, Cancelled),
+        ]
+    );
+    let history = history(store, "u", "t").await;
+    for e in &got {
+        let stored = history.iter().find(|h| h.step == e.step).unwrap();
+        assert_eq!(e.timestamp, stored.timestamp);
+    }
+    assert_quiet(&mut events).await;
+    let e = next_event(&mut other).await;
+    assert_eq!(key(&e), ("u", "t2", 0, TaskStatus::Running, StepSaved));
+    assert_quiet(&mut other).await;
+}
+
+/// Watching a user: every task of that user, in commit order per task; no other user's.
+pub async fn watch_user_sees_only_that_user(store: &DynStore) {
+    let mut events = store.watch_user("u").await.unwrap();
+    save(store, "v", "a", 0, &running("not mine")).await;
+    save(store, "u", "a", 0, &running("1")).await;
+    save(store, "u", "b", 0, &running("2")).await;
+    save(store, "u", "a", 1, &running("3")).await;
+    save(store, "v", "b", 0, &running("not mine")).await;
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(next_event(&mut events).await);
+    }
+    assert!(got.iter().all(|e| e.user_id == "u"), "{got:?}");
+    let of = |task: &str| -> Vec<i32> {
+        got.iter()
+            .filter(|e| e.task_id == task)
+            .map(|e| e.step)
+            .collect()
+    };
+    assert_eq!((of("a"), of("b")), (vec![0, 1], vec![0]));
+    assert_quiet(&mut events).await;
+}
+
+/// A watcher that reads nothing while 10,000 steps are written does not slow the writers
+/// down; afterwards it either catches up (every step once, in order) or is told it lagged
+/// and goes on with newer steps, still in order.
+pub async fn slow_watcher_does_not_hold_writers_back(store: &DynStore) {
+    let mut events = store.watch_task("u", "t").await.unwrap();
+    let total = 10_000;
+    for chunk in 0..10 {
+        let batch: Vec<StepRecord> = (0..1000)
+            .map(|i| StepRecord::new("u", "t", chunk * 1000 + i, running("x")))
+            .collect();
+        store.save_batch_task_history(&batch).await.unwrap();
+    }
+    let (mut last, mut received, mut lagged) = (-1, 0, 0u64);
+    while last < total - 1 {
+        let next = tokio::time::timeout(std::time::Duration::from_secs(20), events.next())
+            .await
+            .expect("the watcher never caught up")
+            .expect("the event stream ended");
+        match next {
+            Ok(e) => {
+                assert!(e.step > last, "step {} after {last}", e.step);
+                last = e.step;
+                received += 1;
+            }
+            Err(StoreError::Lagged { missed }) => lagged += missed,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(
+        received + lagged,
+        total as u64,
+        "lost without a lagged error"
+    );
+}
+
 /// Rules 1 and 2 under concurrency: many writers, one task, nothing lost or doubled.
 pub async fn concurrent_saves_lose_nothing(store: &DynStore) {
     let writers = 16;
@@ -944,6 +1069,8 @@ pub enum BadCall {
     ScanTooLargeLimit,
     ScanEmptyTask,
     ScanNegativeAfterStep,
+    WatchEmptyUser,
+    WatchNulTask,
     CleanupNegativeDays,
     CleanupTooManyDays,
 }
@@ -1107,6 +1234,8 @@ async fn bad_call(store: &DynStore, call: BadCall) -> (Result<(), StoreError>, &
                 "after.step",
             )
         }
+        WatchEmptyUser => (store.watch_user("").await.map(drop), "user_id"),
+        WatchNulTask => (store.watch_task("u", "t\0").await.map(drop), "task_id"),
         CleanupNegativeDays => (store.cleanup_old_tasks(-1).await.map(drop), "days_old"),
         CleanupTooManyDays => (
             store

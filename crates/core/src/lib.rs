@@ -19,10 +19,10 @@ pub mod conformance;
 pub use error::{BoxError, StoreError};
 pub use model::{
     CleanupReport, HealthReport, HistoryEntry, HistoryPage, HistoryScan, StepKey, StepRecord,
-    TaskCursor, TaskPage, TaskQuery, TaskStepResult, TaskSummary,
+    TaskCursor, TaskEvent, TaskEventKind, TaskPage, TaskQuery, TaskStepResult, TaskSummary,
 };
 pub use retry::RetryPolicy;
 pub use status::{ErrorCode, ParseEnumError, TaskStatus};
 #[cfg(feature = "mock")]
 pub use store::MockTaskHistoryStore;
-pub use store::{DynStore, TaskHistoryStore};
+pub use store::{DynStore, TaskEventStream, TaskHistoryStore};

@@ -375,6 +375,60 @@ impl HistoryPage {
     }
 }
 
+/// What happened to a task, as watchers see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskEventKind {
+    /// A step was saved (or saved again).
+    StepSaved,
+    /// The task was cancelled: the step is the cancellation entry.
+    Cancelled,
+}
+
+/// One committed change to a task, from
+/// [`TaskHistoryStore::watch_task`](crate::TaskHistoryStore::watch_task) and
+/// [`watch_user`](crate::TaskHistoryStore::watch_user).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskEvent {
+    /// The task's user.
+    pub user_id: String,
+    /// The task.
+    pub task_id: String,
+    /// The step saved (for a cancellation, its entry's step).
+    pub step: i32,
+    /// The task's status after this step (the step's own status: a save of a lower step than
+    /// the highest does not change the task's status).
+    pub status: TaskStatus,
+    /// The step's timestamp.
+    pub timestamp: DateTime<Utc>,
+    /// What happened.
+    pub kind: TaskEventKind,
+}
+
+impl TaskEvent {
+    /// The event for a stored step.
+    pub fn of_step(
+        user_id: &str,
+        task_id: &str,
+        step: i32,
+        status: TaskStatus,
+        timestamp: DateTime<Utc>,
+    ) -> Self {
+        TaskEvent {
+            user_id: user_id.to_owned(),
+            task_id: task_id.to_owned(),
+            step,
+            status,
+            timestamp,
+            kind: if status == TaskStatus::Cancelled {
+                TaskEventKind::Cancelled
+            } else {
+                TaskEventKind::StepSaved
+            },
+        }
+    }
+}
+
 /// What [`TaskHistoryStore::cleanup_old_tasks`](crate::TaskHistoryStore) removed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CleanupReport {

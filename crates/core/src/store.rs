@@ -6,13 +6,17 @@ use async_trait::async_trait;
 
 use crate::error::StoreError;
 use crate::model::{
-    CleanupReport, HealthReport, HistoryEntry, HistoryPage, HistoryScan, StepRecord, TaskPage,
-    TaskQuery, TaskStepResult, TaskSummary,
+    CleanupReport, HealthReport, HistoryEntry, HistoryPage, HistoryScan, StepRecord, TaskEvent,
+    TaskPage, TaskQuery, TaskStepResult, TaskSummary,
 };
 use crate::status::TaskStatus;
 
 /// A shared, type-erased store: what services hold.
 pub type DynStore = Arc<dyn TaskHistoryStore>;
+
+/// The events of [`TaskHistoryStore::watch_task`] and [`TaskHistoryStore::watch_user`].
+pub type TaskEventStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<TaskEvent, StoreError>> + Send>>;
 
 /// Keeps the execution history of asynchronous tasks.
 ///
@@ -133,6 +137,17 @@ pub trait TaskHistoryStore: Send + Sync + std::fmt::Debug {
 
     /// Removes whole tasks inactive for more than `days_old` days (rule 6).
     async fn cleanup_old_tasks(&self, days_old: i64) -> Result<CleanupReport, StoreError>;
+
+    /// The events of one task from now on: each step saved (and the cancellation), with its
+    /// step number, in commit order. Steps saved before the call are not replayed. A step
+    /// saved again is delivered again; a watcher that is behind (or reconnecting) may
+    /// receive only the newest save of a step it had not yet seen.
+    async fn watch_task(&self, user_id: &str, task_id: &str)
+        -> Result<TaskEventStream, StoreError>;
+
+    /// The events of all of a user's tasks from now on, in commit order per task; never
+    /// another user's.
+    async fn watch_user(&self, user_id: &str) -> Result<TaskEventStream, StoreError>;
 
     /// Checks that the store can serve requests.
     async fn health_check(&self) -> Result<HealthReport, StoreError>;

@@ -19,8 +19,10 @@ use chrono::{DateTime, Duration, Utc};
 use taskhistory_core::validate::{self, canonical_result};
 use taskhistory_core::{
     CleanupReport, HealthReport, HistoryEntry, HistoryPage, HistoryScan, StepRecord, StoreError,
-    TaskCursor, TaskHistoryStore, TaskPage, TaskQuery, TaskStatus, TaskStepResult, TaskSummary,
+    TaskCursor, TaskEvent, TaskEventStream, TaskHistoryStore, TaskPage, TaskQuery, TaskStatus,
+    TaskStepResult, TaskSummary,
 };
+use tokio::sync::broadcast;
 
 /// The in-memory store. Clones share the same data.
 #[derive(Debug, Clone, Default)]
@@ -28,10 +30,25 @@ pub struct MemoryStore {
     inner: Arc<Inner>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Inner {
     state: RwLock<HashMap<String, UserTasks>>,
     closed: AtomicBool,
+    /// Every committed step, in commit order, for watchers.
+    events: broadcast::Sender<Arc<TaskEvent>>,
+}
+
+/// Events kept for watchers that are behind; past it they get `StoreError::Lagged`.
+pub const EVENT_BUFFER: usize = 4096;
+
+impl Default for Inner {
+    fn default() -> Self {
+        Inner {
+            state: RwLock::default(),
+            closed: AtomicBool::default(),
+            events: broadcast::channel(EVENT_BUFFER).0,
+        }
+    }
 }
 
 /// One user's tasks, with the listing order kept as an index.
@@ -74,6 +91,38 @@ impl MemoryStore {
         Ok(())
     }
 
+    /// A stream of the events of `user_id` (and of `task_id` only, when given) from now on.
+    fn subscribe(
+        &self,
+        user_id: &str,
+        task_id: Option<&str>,
+    ) -> Result<TaskEventStream, StoreError> {
+        self.check_open()?;
+        let rx = self.inner.events.subscribe();
+        let filter = (user_id.to_owned(), task_id.map(str::to_owned));
+        Ok(Box::pin(futures::stream::unfold(
+            (rx, filter),
+            |(mut rx, filter)| async move {
+                loop {
+                    match rx.recv().await {
+                        Ok(event) => {
+                            let (user, task) = &filter;
+                            if event.user_id == *user
+                                && task.as_ref().is_none_or(|t| *t == event.task_id)
+                            {
+                                return Some((Ok((*event).clone()), (rx, filter)));
+                            }
+                        }
+                        Err(broadcast::error::RecvError::Lagged(missed)) => {
+                            return Some((Err(StoreError::Lagged { missed }), (rx, filter)));
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return None,
+                    }
+                }
+            },
+        )))
+    }
+
     fn read(&self) -> Result<RwLockReadGuard<'_, HashMap<String, UserTasks>>, StoreError> {
         self.check_open()?;
         Ok(self
@@ -108,6 +157,14 @@ impl MemoryStore {
             }
         }
         for w in writes {
+            // Sent under the lock: watchers see writes in commit order.
+            let _ = self.inner.events.send(Arc::new(TaskEvent::of_step(
+                &w.user_id,
+                &w.task_id,
+                w.step,
+                w.result.status,
+                w.timestamp,
+            )));
             let user = state.entry(w.user_id).or_default();
             let entry = HistoryEntry {
                 step: w.step,
@@ -246,6 +303,13 @@ impl TaskHistoryStore for MemoryStore {
         task.last_step = step;
         task.status = TaskStatus::Cancelled;
         task.last_updated = task.last_updated.max(now);
+        let _ = self.inner.events.send(Arc::new(TaskEvent::of_step(
+            user_id,
+            task_id,
+            step,
+            TaskStatus::Cancelled,
+            now,
+        )));
         user.by_activity
             .insert((task.last_updated, task_id.to_owned()));
         Ok(true)
@@ -328,6 +392,20 @@ impl TaskHistoryStore for MemoryStore {
             .take(wanted)
             .collect();
         Ok(HistoryPage::from_overfetch(steps, scan.limit))
+    }
+
+    async fn watch_task(
+        &self,
+        user_id: &str,
+        task_id: &str,
+    ) -> Result<TaskEventStream, StoreError> {
+        validate::task(user_id, task_id)?;
+        self.subscribe(user_id, Some(task_id))
+    }
+
+    async fn watch_user(&self, user_id: &str) -> Result<TaskEventStream, StoreError> {
+        validate::user_id(user_id)?;
+        self.subscribe(user_id, None)
     }
 
     async fn cleanup_old_tasks(&self, days_old: i64) -> Result<CleanupReport, StoreError> {

@@ -69,6 +69,13 @@ pub struct PgConfig {
     pub schema: Option<String>,
     /// Retries of transient failures.
     pub retry: RetryPolicy,
+    /// Saves and cancellations notify watchers (`pg_notify`, one per statement, sent at
+    /// commit) so that `watch_task`/`watch_user` in any process see them. Default on;
+    /// `DB_NOTIFY=false` turns it off for stores nobody watches.
+    pub notifications: bool,
+    /// A direct connection for the watchers' `LISTEN` when the store itself goes through
+    /// PgBouncer in transaction mode, where `LISTEN` cannot work (`DB_LISTEN_URL`).
+    pub(crate) listen: Option<tokio_postgres::Config>,
     /// The server is reached through PgBouncer in transaction pooling mode (or another pooler
     /// that does not keep sessions): no start-up `options`, no cached prepared statements;
     /// each operation runs in its own transaction that sets `statement_timeout` and
@@ -103,6 +110,14 @@ impl fmt::Debug for PgConfig {
             .field("schema", &self.schema)
             .field("retry", &self.retry)
             .field("pgbouncer", &self.pgbouncer)
+            .field("notifications", &self.notifications)
+            .field(
+                "listen",
+                &self
+                    .listen
+                    .as_ref()
+                    .map(|l| (l.get_hosts().to_vec(), l.get_ports().to_vec())),
+            )
             .field(
                 "statement_observer",
                 &self.statement_observer.as_ref().map(|_| "<set>"),
@@ -133,6 +148,8 @@ impl Default for PgConfig {
             retry: RetryPolicy::default(),
             statement_observer: None,
             pgbouncer: false,
+            notifications: true,
+            listen: None,
         }
         .application_name("taskhistory")
     }
@@ -174,7 +191,7 @@ impl PgConfig {
     /// `DB_NAME`, `DB_USER`, `DB_PASSWORD`; then, in both cases, `DB_MIN_SIZE`,
     /// `DB_MAX_SIZE`, `DB_COMMAND_TIMEOUT`, `DB_STATEMENT_TIMEOUT`, `DB_CONNECT_TIMEOUT`,
     /// `DB_POOL_TIMEOUT` (seconds), `DB_SSLMODE`, `DB_SSLROOTCERT`, `DB_APPLICATION_NAME`
-    /// `DB_SCHEMA` and `DB_PGBOUNCER`. A bad value is an `InvalidInput` naming the variable.
+    /// `DB_SCHEMA`, `DB_PGBOUNCER`, `DB_NOTIFY` and `DB_LISTEN_URL`. A bad value is an `InvalidInput` naming the variable.
     pub fn from_env() -> Result<Self, StoreError> {
         Self::from_lookup(|key| std::env::var(key).ok())
     }
@@ -405,6 +422,22 @@ impl PgConfig {
     /// included), before sending it.
     pub fn observe_statements(mut self, observer: impl Fn(&str) + Send + Sync + 'static) -> Self {
         self.statement_observer = Some(std::sync::Arc::new(observer));
+        self
+    }
+
+    /// Watchers `LISTEN` on this direct URL instead of the store's own connection settings
+    /// (needed behind PgBouncer in transaction mode).
+    pub fn listen_url(mut self, url: &str) -> Result<Self, StoreError> {
+        self.listen = Some(
+            url.parse()
+                .map_err(|e| bad("DB_LISTEN_URL", format!("not a PostgreSQL URL: {e}")))?,
+        );
+        Ok(self)
+    }
+
+    /// Turns notifications for watchers on or off ([`PgConfig::notifications`]).
+    pub fn notifications(mut self, on: bool) -> Self {
+        self.notifications = on;
         self
     }
 

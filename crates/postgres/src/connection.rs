@@ -20,6 +20,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use crate::config::{PgConfig, SslMode, StatementObserver};
 use crate::error::from_postgres;
 use diesel_async::SimpleAsyncConnection;
+use tokio::sync::mpsc;
 
 /// The pool type.
 pub(crate) type Manager = AsyncDieselConnectionManager<AsyncPgConnection>;
@@ -34,6 +35,33 @@ pub(crate) struct Connector {
     observer: Option<StatementObserver>,
     /// Behind a transaction pooler: what each operation's transaction sets first.
     transaction_setup: Option<Arc<str>>,
+    /// Where watchers `LISTEN`, when not where the store connects.
+    listen: Option<tokio_postgres::Config>,
+}
+
+/// Drives a listening connection, passing notification payloads on until it ends.
+async fn forward_notifications<S, T>(
+    mut connection: tokio_postgres::Connection<S, T>,
+    tx: mpsc::UnboundedSender<String>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+    while let Some(message) = futures::StreamExt::next(&mut messages).await {
+        match message {
+            Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                if tx.send(n.payload().to_owned()).is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "taskhistory: the watchers' connection was lost");
+                return;
+            }
+        }
+    }
 }
 
 /// Wraps a client whose connection already runs, for use behind a transaction pooler:
@@ -118,6 +146,7 @@ impl Connector {
             tls,
             observer: config.statement_observer.clone(),
             transaction_setup,
+            listen: config.listen.clone(),
         })
     }
 
@@ -178,6 +207,46 @@ impl Connector {
             );
         }
         Ok(conn)
+    }
+
+    /// Whether watchers can `LISTEN` here: not through a transaction pooler, unless a direct
+    /// URL for them was given.
+    pub(crate) fn can_listen(&self) -> bool {
+        self.transaction_setup.is_none() || self.listen.is_some()
+    }
+
+    /// Opens a dedicated connection (never pooled) that `LISTEN`s on `channel`. Notification
+    /// payloads arrive on the receiver, which ends when the connection is lost; dropping the
+    /// client closes it.
+    pub(crate) async fn listen(
+        &self,
+        channel: &str,
+    ) -> Result<(tokio_postgres::Client, mpsc::UnboundedReceiver<String>), StoreError> {
+        let op = "watch";
+        let pg = self.listen.as_ref().unwrap_or(&self.pg);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let client = match &self.tls {
+            None => {
+                let (client, connection) =
+                    pg.connect(NoTls).await.map_err(|e| from_postgres(op, e))?;
+                tokio::spawn(forward_notifications(connection, tx));
+                client
+            }
+            Some(tls) => {
+                let (client, connection) = pg
+                    .connect(tls.clone())
+                    .await
+                    .map_err(|e| from_postgres(op, e))?;
+                tokio::spawn(forward_notifications(connection, tx));
+                client
+            }
+        };
+        // The channel name is built from a validated schema name: a plain identifier.
+        client
+            .batch_execute(&format!("LISTEN \"{channel}\""))
+            .await
+            .map_err(|e| from_postgres(op, e))?;
+        Ok((client, rx))
     }
 
     /// Asks the server to cancel what `token`'s connection is running (best effort).

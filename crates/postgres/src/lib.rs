@@ -20,6 +20,7 @@ mod stats;
 mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
+mod watch;
 
 pub use config::{PgConfig, SslMode, StatementObserver};
 pub use explain::{QueryStats, StatementPlan};

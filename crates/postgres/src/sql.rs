@@ -18,7 +18,7 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
 /// Saves one or many steps: one statement, one round trip. Inputs are parallel arrays
 /// (user_id, task_id, step, result, timestamp or NULL for now(), status), already
-/// de-duplicated and sorted by key. The task summaries touched are locked first, in key
+/// de-duplicated and sorted by key, and the notification channel (NULL: no notification). The task summaries touched are locked first, in key
 /// order; if any is cancelled nothing is written and the refused task is returned.
 pub const SAVE_STEPS: &str = r#"
 WITH input AS (
@@ -60,9 +60,19 @@ WITH input AS (
         created_at = LEAST(s.created_at, EXCLUDED.created_at),
         updated_at = GREATEST(s.updated_at, EXCLUDED.updated_at)
     RETURNING 1
+), notified AS (
+    -- Watchers: one notification per statement (not per row), sent at commit, carrying
+    -- each step's key, status and time (all an event needs: watchers read nothing); '*' when the list would not fit in a notification; no channel: none.
+    SELECT pg_notify(c.channel, CASE WHEN length(j.payload) <= 7900 THEN j.payload ELSE '*' END)
+    FROM (SELECT $7::text AS channel) c,
+         (SELECT json_agg(json_build_array(user_id, task_id, step, status, timestamp))::text
+             AS payload
+          FROM written) j
+    WHERE c.channel IS NOT NULL AND j.payload IS NOT NULL
 )
 SELECT r.user_id AS refused_user, r.task_id AS refused_task,
-       (SELECT count(*) FROM written) AS rows_written
+       (SELECT count(*) FROM written) AS rows_written,
+       (SELECT count(*) FROM notified) AS notified
 FROM (SELECT 1) AS one LEFT JOIN refused r ON true
 "#;
 
@@ -94,13 +104,20 @@ WITH target AS MATERIALIZED (
     INSERT INTO task_history (user_id, task_id, step, result, timestamp, status)
     SELECT user_id, task_id, last_step + 1, $3::jsonb, now(), 'cancelled' FROM target
     RETURNING user_id, task_id, step, timestamp
+), updated AS (
+    UPDATE task_summary s
+    SET status = 'cancelled', last_step = e.step, step_count = s.step_count + 1,
+        updated_at = GREATEST(s.updated_at, e.timestamp)
+    FROM entry e
+    WHERE s.user_id = e.user_id AND s.task_id = e.task_id
+    RETURNING s.user_id, s.task_id, s.step_count, e.step, e.timestamp
+), notified AS (
+    SELECT pg_notify(c.channel, json_build_array(json_build_array(
+        u.user_id, u.task_id, u.step, 'cancelled', u.timestamp))::text)
+    FROM (SELECT $4::text AS channel) c, updated u
+    WHERE c.channel IS NOT NULL
 )
-UPDATE task_summary s
-SET status = 'cancelled', last_step = e.step, step_count = s.step_count + 1,
-    updated_at = GREATEST(s.updated_at, e.timestamp)
-FROM entry e
-WHERE s.user_id = e.user_id AND s.task_id = e.task_id
-RETURNING s.step_count
+SELECT step_count, (SELECT count(*) FROM notified) AS notified FROM updated
 "#;
 
 /// The first page of a user's tasks.
@@ -186,6 +203,12 @@ WHERE n.nspname = current_schema()
   AND c.relkind IN ('r', 'p', 'i')
   AND t.relname IN ('task_history', 'task_summary', 'task_history_duplicates')
 ORDER BY t.relname, c.relkind DESC, c.relname
+"#;
+
+/// Watchers: a marker notification a new watcher sends itself, so it knows which
+/// notifications are older than its watch.
+pub const WATCH_FENCE: &str = r#"
+SELECT 1::int4 AS one FROM (SELECT pg_notify($1, $2)) AS n
 "#;
 
 /// Operator: whether `pg_stat_statements` is installed in this database.
@@ -417,6 +440,7 @@ pub const ALL_STATEMENTS: &[(&str, &str)] = &[
     ("health", HEALTH),
     ("schema_version", SCHEMA_VERSION),
     ("applied_migrations", APPLIED_MIGRATIONS),
+    ("watch_fence", WATCH_FENCE),
 ];
 
 #[cfg(test)]
@@ -451,6 +475,7 @@ mod tests {
                 || *name == "health"
                 || *name == "schema_version"
                 || *name == "applied_migrations"
+                || *name == "watch_fence"
             {
                 continue;
             }

@@ -20,7 +20,8 @@ use futures::future::BoxFuture;
 use taskhistory_core::validate::{self, PreparedStep};
 use taskhistory_core::{
     CleanupReport, HealthReport, HistoryEntry, HistoryPage, HistoryScan, StepRecord, StoreError,
-    TaskCursor, TaskHistoryStore, TaskPage, TaskQuery, TaskStatus, TaskStepResult, TaskSummary,
+    TaskCursor, TaskEventStream, TaskHistoryStore, TaskPage, TaskQuery, TaskStatus, TaskStepResult,
+    TaskSummary,
 };
 use tracing::Instrument;
 
@@ -29,6 +30,7 @@ use crate::connection::{build_pool, Connector, LastError, Manager, Pool};
 use crate::error::from_diesel;
 use crate::migrate::{self, MigrationState};
 use crate::sql::{self, Statement};
+use crate::watch::Hub;
 
 /// Rows per statement when a batch is split (inside one transaction).
 const CHUNK_ROWS: usize = 10_000;
@@ -104,6 +106,9 @@ struct Inner {
     connector: Connector,
     last_error: LastError,
     counters: Counters,
+    /// The notification channel of this schema, when saves notify watchers.
+    channel: Option<String>,
+    hub: Hub,
 }
 
 /// The PostgreSQL store: diesel-async over a bb8 pool. Cheap to clone (clones share the pool).
@@ -312,15 +317,17 @@ struct VersionRow {
     version: Option<String>,
 }
 
-/// Arguments of one save statement: parallel arrays.
+/// Arguments of one save statement: parallel arrays, and the watchers' channel.
 struct SaveArgs<'a> {
     steps: &'a [PreparedStep<'a>],
+    channel: Option<&'a str>,
 }
 
 /// Saves one chunk; returns the refused task, if any.
 async fn save_chunk(
     conn: &mut AsyncPgConnection,
     steps: &[PreparedStep<'_>],
+    channel: Option<&str>,
 ) -> Result<Option<(String, String)>, StoreError> {
     let op = "save_task_history";
     let users: Vec<String> = steps.iter().map(|p| p.user_id.to_owned()).collect();
@@ -339,6 +346,7 @@ async fn save_chunk(
         .bind::<Array<Jsonb>, _>(results)
         .bind::<Array<Nullable<Timestamptz>>, _>(times)
         .bind::<Array<Text>, _>(statuses)
+        .bind::<Nullable<Text>, _>(channel.map(str::to_owned))
         .fetch(conn)
         .await
         .map_err(|e| from_diesel(op, e))?;
@@ -367,14 +375,14 @@ fn save_steps<'c, 'a>(
     Box::pin(async move {
         let op = "save_batch_task_history";
         let refused = if args.steps.len() <= CHUNK_ROWS {
-            save_chunk(conn, args.steps).await?
+            save_chunk(conn, args.steps, args.channel).await?
         } else {
             AnsiTransactionManager::begin_transaction(conn)
                 .await
                 .map_err(|e| from_diesel(op, e))?;
             let mut refused = None;
             for chunk in args.steps.chunks(CHUNK_ROWS) {
-                match save_chunk(conn, chunk).await {
+                match save_chunk(conn, chunk, args.channel).await {
                     Ok(None) => {}
                     Ok(Some(r)) => {
                         refused = Some(r);
@@ -488,7 +496,7 @@ fn task_status<'c>(
 
 fn cancel_task<'c>(
     conn: &'c mut AsyncPgConnection,
-    (user_id, task_id): &'c (&str, &str),
+    (user_id, task_id, channel): &'c (&str, &str, Option<&str>),
 ) -> BoxFuture<'c, Result<bool, StoreError>> {
     Box::pin(async move {
         let entry = TaskStepResult::cancellation();
@@ -496,6 +504,7 @@ fn cancel_task<'c>(
             .bind::<Text, _>(user_id.to_string())
             .bind::<Text, _>(task_id.to_string())
             .bind::<Jsonb, _>(JsonOf::new("mark_task_as_cancelled", &entry)?)
+            .bind::<Nullable<Text>, _>(channel.map(str::to_owned))
             .fetch(conn)
             .await
             .map_err(|e| from_diesel("mark_task_as_cancelled", e))?;
@@ -647,6 +656,12 @@ impl PgTaskHistoryStore {
         config.validate()?;
         let connector = Connector::new(&config)?;
         let first = connector.connect().await?;
+        let channel = config.notifications.then(|| {
+            format!(
+                "taskhistory_{}",
+                config.schema.as_deref().unwrap_or("public")
+            )
+        });
         let last_error = LastError::default();
         let pool = build_pool(&config, &connector, &last_error);
         // The pool may already be full if min_size connections raced us; that is fine.
@@ -658,6 +673,8 @@ impl PgTaskHistoryStore {
                 connector,
                 last_error,
                 counters: Counters::default(),
+                channel,
+                hub: Hub::default(),
             }),
         })
     }
@@ -768,6 +785,26 @@ impl PgTaskHistoryStore {
                 return Ok(total);
             }
         }
+    }
+
+    /// What a watch needs: the hub, the connector and the channel; an error saying why when
+    /// watching cannot work with this configuration.
+    pub(crate) fn watch_parts(&self) -> Result<(&Hub, &Connector, String), StoreError> {
+        self.pool()?;
+        let Some(channel) = &self.inner.channel else {
+            return Err(StoreError::invalid(
+                "DB_NOTIFY",
+                "watching needs notifications: saves do not notify with DB_NOTIFY=false",
+            ));
+        };
+        if !self.inner.connector.can_listen() {
+            return Err(StoreError::invalid(
+                "DB_LISTEN_URL",
+                "LISTEN cannot work through PgBouncer in transaction mode: give the watchers a \
+                 direct URL (DB_LISTEN_URL or PgConfig::listen_url)",
+            ));
+        }
+        Ok((&self.inner.hub, &self.inner.connector, channel.clone()))
     }
 
     fn pool(&self) -> Result<Pool, StoreError> {
@@ -901,7 +938,10 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         step_result: &TaskStepResult,
     ) -> Result<(), StoreError> {
         let steps = [validate::prepare_save(user_id, task_id, step, step_result)?];
-        let args = SaveArgs { steps: &steps };
+        let args = SaveArgs {
+            steps: &steps,
+            channel: self.inner.channel.as_deref(),
+        };
         self.run(
             "save_task_history",
             Some(user_id),
@@ -917,7 +957,10 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         if steps.is_empty() {
             return self.pool().map(drop);
         }
-        let args = SaveArgs { steps: &steps };
+        let args = SaveArgs {
+            steps: &steps,
+            channel: self.inner.channel.as_deref(),
+        };
         self.run("save_batch_task_history", None, None, &args, save_steps)
             .await
     }
@@ -948,7 +991,7 @@ impl TaskHistoryStore for PgTaskHistoryStore {
             "mark_task_as_cancelled",
             Some(user_id),
             Some(task_id),
-            &(user_id, task_id),
+            &(user_id, task_id, self.inner.channel.as_deref()),
             cancel_task,
         )
         .await
@@ -1003,6 +1046,20 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         .await
     }
 
+    async fn watch_task(
+        &self,
+        user_id: &str,
+        task_id: &str,
+    ) -> Result<TaskEventStream, StoreError> {
+        validate::task(user_id, task_id)?;
+        self.start_watch(user_id, Some(task_id)).await
+    }
+
+    async fn watch_user(&self, user_id: &str) -> Result<TaskEventStream, StoreError> {
+        validate::user_id(user_id)?;
+        self.start_watch(user_id, None).await
+    }
+
     async fn cleanup_old_tasks(&self, days_old: i64) -> Result<CleanupReport, StoreError> {
         self.cleanup_old_tasks_with(days_old, CleanupOptions::default(), &|_| {})
             .await
@@ -1021,6 +1078,7 @@ impl TaskHistoryStore for PgTaskHistoryStore {
     }
 
     async fn close(&self) {
+        self.inner.hub.stop().await;
         let pool = self
             .inner
             .pool

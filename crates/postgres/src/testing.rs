@@ -426,6 +426,12 @@ pub async fn pgbouncer_dyn_store() -> DynStore {
     let direct = fresh_config().await;
     store_for(direct.clone()).await.close().await;
     let bouncer = pgbouncer().await;
-    let through = direct.host("127.0.0.1").port(bouncer.port).pgbouncer(true);
+    // Watchers LISTEN on a direct connection: LISTEN cannot work through transaction pooling.
+    let through = direct
+        .host("127.0.0.1")
+        .port(bouncer.port)
+        .pgbouncer(true)
+        .listen_url(&database_url().await)
+        .expect("the test URL parses");
     std::sync::Arc::new(store_for(through).await)
 }

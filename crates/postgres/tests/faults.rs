@@ -343,3 +343,58 @@ async fn cancellation_racing_saves_keeps_the_rules_in_every_round() {
         assert_eq!(summary.step_count as usize, history.len());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watcher_survives_a_lost_listener_and_misses_nothing() {
+    use futures::StreamExt;
+    let app = format!("th-watch-{}", std::process::id());
+    let store = store_for(fresh_config().await.application_name(&app)).await;
+    store
+        .save_task_history("u", "t", 0, &step(0))
+        .await
+        .unwrap();
+    let mut events = store.watch_task("u", "t").await.unwrap();
+    let mut user_events = store.watch_user("u").await.unwrap();
+    store
+        .save_task_history("u", "t", 1, &step(1))
+        .await
+        .unwrap();
+    // Kill the listener's backend (there is exactly one), then write while it reconnects.
+    let (admin, conn) = tokio_postgres::connect(&database_url().await, NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let killed: i64 = admin
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE application_name = $1 AND query LIKE 'LISTEN%'",
+            &[&app],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(killed, 1, "the listener's backend was not found");
+    for i in 2..40 {
+        store
+            .save_task_history("u", "t", i, &step(i))
+            .await
+            .unwrap();
+    }
+    assert!(store.mark_task_as_cancelled("u", "t").await.unwrap());
+    for stream in [&mut events, &mut user_events] {
+        let mut steps = Vec::new();
+        while steps.last() != Some(&40) {
+            let e = tokio::time::timeout(Duration::from_secs(10), stream.next())
+                .await
+                .expect("the watcher did not catch up within 10 s")
+                .unwrap()
+                .unwrap();
+            steps.push(e.step);
+        }
+        assert_eq!(
+            steps,
+            (1..=40).collect::<Vec<_>>(),
+            "lost or doubled across the reconnect"
+        );
+    }
+}

@@ -24,6 +24,7 @@ const NOT_PER_USER: &[&str] = &[
     "health",
     "schema_version",
     "applied_migrations",
+    "watch_fence",
     "stats_by_status",
     "stats_relations",
 ];
@@ -104,6 +105,7 @@ async fn every_statement_is_known_and_filters_on_user_id() {
     store.cleanup_old_tasks(30).await.unwrap();
     store.health_check().await.unwrap();
     store.stats().await.unwrap();
+    drop(store.watch_user("u").await.unwrap());
     store.init_database_schema().await.unwrap();
 
     let sent = log.lock().unwrap().clone();

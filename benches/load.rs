@@ -100,15 +100,30 @@ where
     F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send,
 {
+    let stop = Arc::new(AtomicBool::new(false));
+    let timer = stop.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(dur).await;
+        timer.store(true, Ordering::Relaxed);
+    });
+    drive_until(workers, stop, op).await
+}
+
+/// Runs `op(worker, iteration)` from `workers` tasks until `stop` is set.
+async fn drive_until<F, Fut>(workers: usize, stop: Arc<AtomicBool>, op: F) -> Sample
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send,
+{
     let op = Arc::new(op);
     let started = Instant::now();
     let handles: Vec<_> = (0..workers)
         .map(|w| {
-            let op = op.clone();
+            let (op, stop) = (op.clone(), stop.clone());
             tokio::spawn(async move {
                 let mut lat = Vec::new();
                 let mut i = 0;
-                while started.elapsed() < dur {
+                while !stop.load(Ordering::Relaxed) {
                     let t = Instant::now();
                     op(w, i).await;
                     lat.push(t.elapsed());
@@ -716,37 +731,19 @@ async fn run() {
         admin.client.batch_execute("ANALYZE").await.unwrap();
         let writers = |tag: &'static str, stop: Arc<AtomicBool>| {
             let s = store.clone();
-            tokio::spawn(async move {
-                let handles: Vec<_> = (0..8)
-                    .map(|w| {
-                        let (s, stop) = (s.clone(), stop.clone());
-                        tokio::spawn(async move {
-                            let mut lat = Vec::new();
-                            let mut i = 0u64;
-                            while !stop.load(Ordering::Relaxed) {
-                                let t = Instant::now();
-                                s.save_task_history(
-                                    &format!("cw-{tag}-{w}"),
-                                    &format!("t{}", i / 20),
-                                    (i % 20) as i32,
-                                    &step_result(i),
-                                )
-                                .await
-                                .unwrap();
-                                lat.push(t.elapsed());
-                                i += 1;
-                            }
-                            lat
-                        })
-                    })
-                    .collect();
-                let mut sample = Sample::default();
-                for h in handles {
-                    sample.lat.extend(h.await.unwrap());
+            tokio::spawn(drive_until(8, stop, move |w, i| {
+                let s = s.clone();
+                async move {
+                    s.save_task_history(
+                        &format!("cw-{tag}-{w}"),
+                        &format!("t{}", i / 20),
+                        (i % 20) as i32,
+                        &step_result(i),
+                    )
+                    .await
+                    .unwrap();
                 }
-                sample.ops = sample.lat.len() as u64;
-                sample
-            })
+            }))
         };
         let stop = Arc::new(AtomicBool::new(false));
         let before = writers("before", stop.clone());

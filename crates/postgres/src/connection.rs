@@ -26,6 +26,29 @@ use tokio::sync::mpsc;
 pub(crate) type Manager = AsyncDieselConnectionManager<AsyncPgConnection>;
 pub(crate) type Pool = bb8::Pool<Manager>;
 
+/// Opens a tokio-postgres connection, with TLS or without as configured, and evaluates
+/// `$then` with its client and connection (whose type depends on the TLS choice).
+macro_rules! open {
+    ($tls:expr, $pg:expr, $op:expr, |$client:ident, $connection:ident| $then:expr) => {
+        match $tls {
+            None => {
+                let ($client, $connection) = $pg
+                    .connect(NoTls)
+                    .await
+                    .map_err(|e| from_postgres($op, e))?;
+                $then
+            }
+            Some(tls) => {
+                let ($client, $connection) = $pg
+                    .connect(tls.clone())
+                    .await
+                    .map_err(|e| from_postgres($op, e))?;
+                $then
+            }
+        }
+    };
+}
+
 /// Opens connections as the configuration says: one place for the pool, the migrator and
 /// anything else that needs a connection.
 #[derive(Clone)]
@@ -160,34 +183,12 @@ impl Connector {
     pub(crate) async fn connect(&self) -> Result<AsyncPgConnection, StoreError> {
         let op = "connect";
         let pooled = self.transaction_setup.is_some();
-        let conn = match &self.tls {
-            None => {
-                let (client, connection) = self
-                    .pg
-                    .connect(NoTls)
-                    .await
-                    .map_err(|e| from_postgres(op, e))?;
-                if pooled {
-                    tokio::spawn(connection);
-                    behind_pooler(client).await?
-                } else {
-                    AsyncPgConnection::try_from_client_and_connection(client, connection).await
-                }
-            }
-            Some(tls) => {
-                let (client, connection) = self
-                    .pg
-                    .connect(tls.clone())
-                    .await
-                    .map_err(|e| from_postgres(op, e))?;
-                if pooled {
-                    tokio::spawn(connection);
-                    behind_pooler(client).await?
-                } else {
-                    AsyncPgConnection::try_from_client_and_connection(client, connection).await
-                }
-            }
-        };
+        let conn = open!(&self.tls, self.pg, op, |client, connection| if pooled {
+            tokio::spawn(connection);
+            behind_pooler(client).await?
+        } else {
+            AsyncPgConnection::try_from_client_and_connection(client, connection).await
+        });
         let mut conn = conn.map_err(|e| StoreError::Unavailable {
             operation: op,
             source: Box::new(e),
@@ -225,22 +226,10 @@ impl Connector {
         let op = "watch";
         let pg = self.listen.as_ref().unwrap_or(&self.pg);
         let (tx, rx) = mpsc::unbounded_channel();
-        let client = match &self.tls {
-            None => {
-                let (client, connection) =
-                    pg.connect(NoTls).await.map_err(|e| from_postgres(op, e))?;
-                tokio::spawn(forward_notifications(connection, tx));
-                client
-            }
-            Some(tls) => {
-                let (client, connection) = pg
-                    .connect(tls.clone())
-                    .await
-                    .map_err(|e| from_postgres(op, e))?;
-                tokio::spawn(forward_notifications(connection, tx));
-                client
-            }
-        };
+        let client = open!(&self.tls, pg, op, |client, connection| {
+            tokio::spawn(forward_notifications(connection, tx));
+            client
+        });
         // The channel name is built from a validated schema name: a plain identifier.
         client
             .batch_execute(&format!("LISTEN \"{channel}\""))

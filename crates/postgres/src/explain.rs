@@ -76,8 +76,8 @@ fn arguments(user: &str, task: &str) -> Vec<(&'static str, String)> {
         ("list_tasks_with_status_after", format!("{u}, 'running', now(), {t}, 51")),
         ("scan_history", format!("{u}, '', -1, 5001")),
         ("scan_task_history", format!("{u}, {t}, -1, 5001")),
-        ("cleanup_preview", "30".to_owned()),
-        ("cleanup_batch", "30, 1000".to_owned()),
+        ("cleanup_preview", "30, NULL".to_owned()),
+        ("cleanup_batch", "30, NULL, 1000".to_owned()),
     ]
 }
 

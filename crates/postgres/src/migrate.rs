@@ -73,27 +73,48 @@ struct VersionRow {
     version: String,
 }
 
-/// The versions recorded in the migrations table; `None` when it cannot be read (no table
-/// yet). Behind a transaction pooler the read runs inside a transaction.
-async fn applied_versions(connector: &Connector) -> Option<Vec<String>> {
-    let mut conn = connector.connect().await.ok()?;
+#[derive(diesel::QueryableByName)]
+struct Migrated {
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    migrated: bool,
+}
+
+/// The versions recorded in the migrations table (none when it does not exist yet). Behind a
+/// transaction pooler the reads run inside one transaction. Connection errors are returned,
+/// not taken for "nothing applied".
+async fn applied_versions(connector: &Connector) -> Result<Vec<String>, StoreError> {
+    let fail = |e| crate::error::from_diesel(OP, e);
+    let mut conn = connector.connect().await?;
     let setup = connector.transaction_setup();
     if let Some(setup) = setup {
         AnsiTransactionManager::begin_transaction(&mut conn)
             .await
-            .ok()?;
-        conn.batch_execute(setup).await.ok()?;
+            .map_err(fail)?;
+        conn.batch_execute(setup).await.map_err(fail)?;
     }
-    let rows = Statement::new(sql::APPLIED_MIGRATIONS)
-        .fetch::<VersionRow>(&mut conn)
+    let migrated = Statement::new(sql::HEALTH)
+        .fetch::<Migrated>(&mut conn)
         .await
-        .ok()?;
+        .map_err(fail)?
+        .first()
+        .is_some_and(|m| m.migrated);
+    let versions = if migrated {
+        Statement::new(sql::APPLIED_MIGRATIONS)
+            .fetch::<VersionRow>(&mut conn)
+            .await
+            .map_err(fail)?
+            .into_iter()
+            .map(|r| r.version)
+            .collect()
+    } else {
+        Vec::new()
+    };
     if setup.is_some() {
         AnsiTransactionManager::commit_transaction(&mut conn)
             .await
-            .ok()?;
+            .map_err(fail)?;
     }
-    Some(rows.into_iter().map(|r| r.version).collect())
+    Ok(versions)
 }
 
 /// Every embedded migration, given the applied versions.
@@ -113,7 +134,7 @@ fn states(applied: &[String]) -> Result<Vec<MigrationState>, StoreError> {
 /// only reads the migrations table: a role with no DDL rights (least privilege), or a
 /// connection through a transaction pooler, can call it.
 pub(crate) async fn run(connector: &Connector, schema: Option<&str>) -> Result<usize, StoreError> {
-    let applied = applied_versions(connector).await.unwrap_or_default();
+    let applied = applied_versions(connector).await?;
     let pending = states(&applied)?.iter().filter(|m| !m.applied).count();
     if pending == 0 {
         return Ok(0);
@@ -156,7 +177,7 @@ pub(crate) async fn status(
     schema: Option<&str>,
 ) -> Result<Vec<MigrationState>, StoreError> {
     if connector.transaction_setup().is_some() {
-        return states(&applied_versions(connector).await.unwrap_or_default());
+        return states(&applied_versions(connector).await?);
     }
     let conn = locked_connection(connector, schema).await?;
     with_harness(conn, |h| {

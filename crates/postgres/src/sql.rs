@@ -225,35 +225,15 @@ ORDER BY total_exec_time DESC
 LIMIT $1
 "#;
 
-/// One bounded batch of retention: up to `$2` whole tasks last active before now minus `$1`
-/// days, oldest first, skipping tasks a writer holds. Deletes their steps and summaries in
-/// one short transaction.
+/// One bounded batch of retention: up to `$3` whole tasks last active before now minus `$1`
+/// days (only those in status `$2`, unless NULL), oldest first, skipping tasks a writer
+/// holds. Deletes their steps and summaries in one short transaction.
 pub const CLEANUP_BATCH: &str = r#"
 WITH doomed AS MATERIALIZED (
     SELECT user_id, task_id
     FROM task_summary
     WHERE updated_at < now() - make_interval(days => $1)
-    ORDER BY updated_at
-    LIMIT $2
-    FOR UPDATE SKIP LOCKED
-), steps AS (
-    DELETE FROM task_history h USING doomed d
-    WHERE h.user_id = d.user_id AND h.task_id = d.task_id
-    RETURNING 1
-), tasks AS (
-    DELETE FROM task_summary s USING doomed d
-    WHERE s.user_id = d.user_id AND s.task_id = d.task_id
-    RETURNING 1
-)
-SELECT (SELECT count(*) FROM tasks) AS tasks_removed, (SELECT count(*) FROM steps) AS steps_removed
-"#;
-
-/// [`CLEANUP_BATCH`] for tasks in one status only (per-status retention).
-pub const CLEANUP_BATCH_WITH_STATUS: &str = r#"
-WITH doomed AS MATERIALIZED (
-    SELECT user_id, task_id
-    FROM task_summary
-    WHERE updated_at < now() - make_interval(days => $1) AND status = $2
+      AND status = COALESCE($2::text, status)
     ORDER BY updated_at
     LIMIT $3
     FOR UPDATE SKIP LOCKED
@@ -269,18 +249,12 @@ WITH doomed AS MATERIALIZED (
 SELECT (SELECT count(*) FROM tasks) AS tasks_removed, (SELECT count(*) FROM steps) AS steps_removed
 "#;
 
-/// [`CLEANUP_PREVIEW`] for tasks in one status only.
-pub const CLEANUP_PREVIEW_WITH_STATUS: &str = r#"
-SELECT count(*) AS tasks_removed, COALESCE(sum(step_count), 0)::int8 AS steps_removed
-FROM task_summary
-WHERE updated_at < now() - make_interval(days => $1) AND status = $2
-"#;
-
-/// Counts what a cleanup would remove (dry runs).
+/// Counts what a cleanup would remove (dry runs), with the same filters.
 pub const CLEANUP_PREVIEW: &str = r#"
 SELECT count(*) AS tasks_removed, COALESCE(sum(step_count), 0)::int8 AS steps_removed
 FROM task_summary
 WHERE updated_at < now() - make_interval(days => $1)
+  AND status = COALESCE($2::text, status)
 "#;
 
 /// Server version and whether the migrations table exists.
@@ -435,8 +409,6 @@ pub const ALL_STATEMENTS: &[(&str, &str)] = &[
     ("stats_relations", STATS_RELATIONS),
     ("cleanup_batch", CLEANUP_BATCH),
     ("cleanup_preview", CLEANUP_PREVIEW),
-    ("cleanup_batch_with_status", CLEANUP_BATCH_WITH_STATUS),
-    ("cleanup_preview_with_status", CLEANUP_PREVIEW_WITH_STATUS),
     ("health", HEALTH),
     ("schema_version", SCHEMA_VERSION),
     ("applied_migrations", APPLIED_MIGRATIONS),

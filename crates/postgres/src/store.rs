@@ -575,16 +575,10 @@ fn cleanup_batch<'c>(
     (days, limit, status): &'c (i32, i64, Option<TaskStatus>),
 ) -> BoxFuture<'c, Result<CleanupReport, StoreError>> {
     Box::pin(async move {
-        let statement = match status {
-            None => Statement::new(sql::CLEANUP_BATCH)
-                .bind::<Integer, _>(*days)
-                .bind::<BigInt, _>(*limit),
-            Some(status) => Statement::new(sql::CLEANUP_BATCH_WITH_STATUS)
-                .bind::<Integer, _>(*days)
-                .bind::<Text, _>(status.as_str())
-                .bind::<BigInt, _>(*limit),
-        };
-        let rows: Vec<CleanupRow> = statement
+        let rows: Vec<CleanupRow> = Statement::new(sql::CLEANUP_BATCH)
+            .bind::<Integer, _>(*days)
+            .bind::<Nullable<Text>, _>(status.map(TaskStatus::as_str))
+            .bind::<BigInt, _>(*limit)
             .fetch(conn)
             .await
             .map_err(|e| from_diesel("cleanup_old_tasks", e))?;
@@ -597,13 +591,9 @@ fn cleanup_preview<'c>(
     (days, status): &'c (i32, Option<TaskStatus>),
 ) -> BoxFuture<'c, Result<CleanupReport, StoreError>> {
     Box::pin(async move {
-        let statement = match status {
-            None => Statement::new(sql::CLEANUP_PREVIEW).bind::<Integer, _>(*days),
-            Some(status) => Statement::new(sql::CLEANUP_PREVIEW_WITH_STATUS)
-                .bind::<Integer, _>(*days)
-                .bind::<Text, _>(status.as_str()),
-        };
-        let rows: Vec<CleanupRow> = statement
+        let rows: Vec<CleanupRow> = Statement::new(sql::CLEANUP_PREVIEW)
+            .bind::<Integer, _>(*days)
+            .bind::<Nullable<Text>, _>(status.map(TaskStatus::as_str))
             .fetch(conn)
             .await
             .map_err(|e| from_diesel("cleanup_old_tasks", e))?;

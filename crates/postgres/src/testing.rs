@@ -159,7 +159,9 @@ async fn execute(url: &str, sql: &str) {
 }
 
 fn url_for(admin_url: &str, dbname: &str) -> String {
-    let mut config: tokio_postgres::Config = admin_url.parse().expect("test URL parses");
+    let mut config: tokio_postgres::Config = admin_url
+        .parse()
+        .unwrap_or_else(|e| panic!("the test server's URL does not parse: {e}"));
     config.dbname(dbname);
     let host = match config.get_hosts().first() {
         Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
@@ -234,7 +236,7 @@ pub async fn fresh_config() -> PgConfig {
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
     PgConfig::from_url(&url)
-        .expect("test URL parses")
+        .unwrap_or_else(|e| panic!("the test database URL does not parse: {e}"))
         .ssl_mode(SslMode::Disable)
         .schema(format!("t{n}_{nanos}"))
         .pool_size(1, 8)
@@ -279,7 +281,7 @@ pub async fn least_privilege_dyn_store() -> DynStore {
     let schema = owner_config
         .schema
         .clone()
-        .expect("fresh configs have a schema");
+        .unwrap_or_else(|| panic!("fresh_config() always sets a schema"));
     let owner = store_for(owner_config.clone()).await;
     owner.close().await;
     admin_execute(&format!(
@@ -336,7 +338,10 @@ pub async fn pgbouncer() -> &'static PgBouncer {
                 .into_iter()
                 .find(|p| std::path::Path::new(p).exists())
                 .unwrap_or_else(|| panic!("{NO_PGBOUNCER}"));
-            let admin: tokio_postgres::Config = server.admin_url.parse().expect("admin URL parses");
+            let admin: tokio_postgres::Config = server
+                .admin_url
+                .parse()
+                .unwrap_or_else(|e| panic!("the test server's URL does not parse: {e}"));
             let host = match admin.get_hosts().first() {
                 Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
                 _ => "127.0.0.1".to_owned(),
@@ -350,15 +355,16 @@ pub async fn pgbouncer() -> &'static PgBouncer {
             let port = std::net::TcpListener::bind("127.0.0.1:0")
                 .and_then(|l| l.local_addr())
                 .map(|a| a.port())
-                .expect("a free port");
+                .unwrap_or_else(|e| panic!("no free port for pgbouncer: {e}"));
             let dir = std::env::temp_dir().join(format!("th-pgbouncer-{}", std::process::id()));
-            std::fs::create_dir_all(&dir).expect("pgbouncer dir");
+            std::fs::create_dir_all(&dir)
+                .unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
             let d = dir.display();
             std::fs::write(
                 dir.join("userlist.txt"),
                 format!("\"{user}\" \"{password}\"\n\"{APP_ROLE}\" \"{APP_PASSWORD}\"\n"),
             )
-            .expect("userlist");
+            .unwrap_or_else(|e| panic!("writing pgbouncer's userlist.txt: {e}"));
             std::fs::write(
                 dir.join("pgbouncer.ini"),
                 format!(
@@ -371,7 +377,7 @@ pub async fn pgbouncer() -> &'static PgBouncer {
                      logfile = {d}/pgbouncer.log\npidfile = {d}/pgbouncer.pid\n"
                 ),
             )
-            .expect("pgbouncer.ini");
+            .unwrap_or_else(|e| panic!("writing pgbouncer.ini: {e}"));
             let mut command = if running_as_root() {
                 let _ = std::process::Command::new("chown")
                     .args(["-R", "postgres:postgres"])
@@ -432,6 +438,6 @@ pub async fn pgbouncer_dyn_store() -> DynStore {
         .port(bouncer.port)
         .pgbouncer(true)
         .listen_url(&database_url().await)
-        .expect("the test URL parses");
+        .unwrap_or_else(|e| panic!("the test database URL does not parse: {e}"));
     std::sync::Arc::new(store_for(through).await)
 }

@@ -232,7 +232,7 @@ impl PgTaskHistoryStore {
         hub.ensure_listening(connector, &channel).await?;
         let mut rx = hub.subscribe(user);
         // Fence: every notification before ours is of a write older than this watch.
-        let id = format!("{:016x}", fastrand_id());
+        let id = format!("{:016x}", fastrand::u64(..));
         self.run(
             "watch",
             Some(user),
@@ -273,15 +273,6 @@ impl PgTaskHistoryStore {
         watcher.snapshot().await?;
         Ok(Box::pin(futures::stream::unfold(watcher, Watcher::next)))
     }
-}
-
-fn fastrand_id() -> u64 {
-    use std::time::{SystemTime, UNIX_EPOCH};
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0);
-    nanos ^ (u64::from(std::process::id()) << 32)
 }
 
 impl Watcher {
@@ -362,6 +353,11 @@ impl Watcher {
     async fn resync(&mut self) -> Result<(), StoreError> {
         // Wakes queued before this point are covered by what is read now.
         while self.rx.try_recv().is_ok() {}
+        if let Some(task) = self.task.clone() {
+            // One task: read on from the last step delivered (an index range scan).
+            let last = self.last.get(&task).copied().unwrap_or(-1);
+            return self.read_task(&task, last).await;
+        }
         for (task, step) in self.current().await? {
             let last = self.last.get(&task).copied().unwrap_or(-1);
             if step > last {

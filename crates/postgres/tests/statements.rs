@@ -19,8 +19,6 @@ use taskhistory_postgres::{sql, CleanupOptions};
 const NOT_PER_USER: &[&str] = &[
     "cleanup_batch",
     "cleanup_preview",
-    "cleanup_batch_with_status",
-    "cleanup_preview_with_status",
     "health",
     "schema_version",
     "applied_migrations",

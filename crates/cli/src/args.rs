@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use taskhistory_core::TaskStatus;
+use taskhistory_postgres::PartitionInterval;
 
 use crate::error::exit;
 
@@ -195,9 +196,43 @@ pub(crate) enum Command {
         #[arg(long)]
         count: Option<u64>,
     },
+    /// The partitioned layout: list partitions, make them ahead, or convert the plain table.
+    Partitions {
+        /// What to do.
+        #[command(subcommand)]
+        action: PartitionsAction,
+    },
     /// The seed's section 4 scenarios end to end, on the in-memory store (or on PostgreSQL,
     /// in schema `taskhistory_demo`, with --database-url).
     Demo,
+}
+
+/// `taskhistory partitions ...`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum PartitionsAction {
+    /// The layout and each partition: range, size, estimated rows.
+    List,
+    /// Make partitions for this period and N more (moving any rows the default partition
+    /// holds for them). Run it from cron well before a period starts.
+    Ensure {
+        /// Periods past the current one.
+        #[arg(long, default_value_t = 3)]
+        ahead: u32,
+    },
+    /// Convert the plain table into the partitioned layout, in one transaction: writes wait
+    /// while rows are copied (reads go on). Grants on the table must be given again after.
+    Convert {
+        /// Time one partition covers: day, week or month.
+        #[arg(long, default_value = "month", value_parser = parse_interval)]
+        interval: PartitionInterval,
+        /// Periods past the current one to make.
+        #[arg(long, default_value_t = 3)]
+        ahead: u32,
+    },
+}
+
+fn parse_interval(value: &str) -> Result<PartitionInterval, String> {
+    value.parse()
 }
 
 fn parse_status(value: &str) -> Result<TaskStatus, String> {

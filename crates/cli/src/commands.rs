@@ -10,9 +10,9 @@ use taskhistory_core::{
     DynStore, HistoryScan, StoreError, TaskCursor, TaskHistoryStore, TaskQuery, TaskStatus,
 };
 use taskhistory_memory::MemoryStore;
-use taskhistory_postgres::{CleanupOptions, PgConfig, PgTaskHistoryStore};
+use taskhistory_postgres::{CleanupOptions, Layout, Partitioning, PgConfig, PgTaskHistoryStore};
 
-use crate::args::{Cli, Command, DbArgs};
+use crate::args::{Cli, Command, DbArgs, PartitionsAction};
 use crate::error::{exit, CliError};
 use crate::output::{bytes, clip, maybe_time, time, Output};
 use crate::progress::Progress;
@@ -78,6 +78,10 @@ pub(crate) async fn run(cli: Cli) -> Result<u8, CliError> {
             } else {
                 stats(pg, out).await
             }
+        }
+        Command::Partitions { action } => {
+            let backend = open(db).await?;
+            partitions(backend.postgres("partitions")?, action, out).await
         }
         Command::Explain {
             user,
@@ -567,6 +571,63 @@ async fn cancel(store: &DynStore, user: &str, task: &str, out: Output) -> Result
     Ok(exit::OK)
 }
 
+async fn partitions(
+    pg: &PgTaskHistoryStore,
+    action: PartitionsAction,
+    out: Output,
+) -> Result<u8, CliError> {
+    let made = match action {
+        PartitionsAction::List => None,
+        PartitionsAction::Ensure { ahead } => Some(pg.ensure_partitions(ahead).await?),
+        PartitionsAction::Convert { interval, ahead } => {
+            let started = Instant::now();
+            let made = pg
+                .convert_to_partitioned(Partitioning { interval, ahead })
+                .await?;
+            if !out.json {
+                out.line(&format!(
+                    "converted in {:.2} s",
+                    started.elapsed().as_secs_f64()
+                ))?;
+            }
+            Some(made)
+        }
+    };
+    let layout = pg.layout().await?;
+    let list = pg.partitions().await?;
+    if out.json {
+        out.json(&json!({ "layout": layout, "made": made, "partitions": list }))?;
+        return Ok(exit::OK);
+    }
+    if let Some(made) = &made {
+        out.line(&format!(
+            "made {} partition(s): {}",
+            made.len(),
+            made.join(", ")
+        ))?;
+    }
+    match layout {
+        Layout::Plain => out.line("layout: plain (one table; `taskhistory partitions convert`)")?,
+        Layout::Partitioned { interval } => {
+            out.line(&format!("layout: partitioned by {interval} (task start)"))?
+        }
+    }
+    let rows = list
+        .iter()
+        .map(|p| {
+            vec![
+                p.name.clone(),
+                maybe_time(p.from),
+                maybe_time(p.to),
+                bytes(p.bytes),
+                p.estimated_rows.to_string(),
+            ]
+        })
+        .collect();
+    out.table(&["PARTITION", "FROM", "TO", "SIZE", "ROWS (EST.)"], rows)?;
+    Ok(exit::OK)
+}
+
 async fn cleanup(
     backend: &Backend,
     days: i64,
@@ -609,6 +670,7 @@ async fn cleanup(
             "dry_run": options.dry_run,
             "tasks_removed": report.tasks_removed,
             "steps_removed": report.steps_removed,
+            "partitions_dropped": report.partitions_dropped,
             "finished": finished,
             "elapsed_s": elapsed,
         }))?;
@@ -622,6 +684,12 @@ async fn cleanup(
             "{verb} {} task(s) and {} step(s) inactive for more than {days} day(s) in {elapsed:.2} s",
             report.tasks_removed, report.steps_removed
         ))?;
+        if report.partitions_dropped > 0 {
+            out.line(&format!(
+                "{} whole partition(s) dropped",
+                report.partitions_dropped
+            ))?;
+        }
         if !finished {
             out.line("stopped at the time limit; run it again to continue")?;
         }

@@ -130,7 +130,7 @@ fn demo_runs_the_seed_scenarios_on_the_memory_store() {
     assert_eq!(j["cancelled_failed_task"], false);
     assert_eq!(
         j["cleanup"],
-        json!({"tasks_removed": 1, "steps_removed": 3})
+        json!({"tasks_removed": 1, "steps_removed": 3, "partitions_dropped": 0})
     );
     assert_eq!(j["tasks_after_cleanup"], json!(["task_456", "task_789"]));
 }
@@ -674,7 +674,7 @@ async fn demo_on_postgres() {
     assert_eq!(j["backend"], "postgres");
     assert_eq!(
         j["cleanup"],
-        json!({"tasks_removed": 1, "steps_removed": 3})
+        json!({"tasks_removed": 1, "steps_removed": 3, "partitions_dropped": 0})
     );
     // A second run works too: each run has its own user.
     assert_eq!(db.cli(&["demo"]).code, 0);
@@ -860,4 +860,58 @@ async fn watch_prints_events_as_lines() {
             ("u".to_owned(), 2, "cancelled".to_owned()),
         ]
     );
+}
+
+#[tokio::test]
+async fn partitions_convert_ensure_list_and_cleanup_drops() {
+    let db = Db::fresh().await;
+    let store = db.store().await;
+    let r = db.cli(&["--json", "partitions", "list"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.json()["layout"]["layout"], "plain");
+    // A task that started 200 days ago, long finished.
+    let old = Utc::now() - Duration::days(200);
+    store
+        .save_batch_task_history(&[StepRecord::new(
+            "u",
+            "ancient",
+            0,
+            TaskStepResult::success("s", json!(1), "ok"),
+        )
+        .at(old)])
+        .await
+        .unwrap();
+    let r = db.cli(&[
+        "partitions",
+        "convert",
+        "--interval",
+        "month",
+        "--ahead",
+        "2",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout.contains("layout: partitioned by month"),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("task_history_default"), "{}", r.stdout);
+    let r = db.cli(&["--json", "partitions", "ensure", "--ahead", "4"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let made = r.json()["made"].as_array().unwrap().len();
+    assert_eq!(made, 2, "two more months ahead: {}", r.stdout);
+    let r = db.cli(&["--json", "cleanup", "--days", "30"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let report = r.json();
+    assert_eq!(report["tasks_removed"], 1);
+    assert!(
+        report["partitions_dropped"].as_u64().unwrap() >= 1,
+        "{report}"
+    );
+    assert!(store
+        .load_task_history("u", "ancient")
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(memory(&["partitions", "list"]).code, 1);
 }

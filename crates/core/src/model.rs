@@ -436,6 +436,10 @@ pub struct CleanupReport {
     pub tasks_removed: u64,
     /// Steps (history rows) removed with them.
     pub steps_removed: u64,
+    /// Whole partitions dropped to remove them (PostgreSQL's partitioned layout; always 0
+    /// elsewhere). Their tasks and steps are counted above too.
+    #[serde(default)]
+    pub partitions_dropped: u64,
 }
 
 /// What [`TaskHistoryStore::health_check`](crate::TaskHistoryStore) found.

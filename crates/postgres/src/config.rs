@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use taskhistory_core::{RetryPolicy, StoreError};
 
+use crate::partition::Partitioning;
+
 /// How the connection is encrypted, with libpq's names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SslMode {
@@ -85,6 +87,11 @@ pub struct PgConfig {
     /// Called with the SQL text of every statement the store sends, before it is sent (for
     /// statement logs and audits; see [`PgConfig::observe_statements`]). `None` costs nothing.
     pub statement_observer: Option<StatementObserver>,
+    /// The partitioned layout: `init_database_schema` converts a plain `task_history` into
+    /// it and makes partitions ahead (`DB_PARTITION_INTERVAL` = day, week or month turns it
+    /// on; `DB_PARTITIONS_AHEAD`, default 3). `None` (the default) keeps the layout found,
+    /// and still makes partitions ahead if it is partitioned.
+    pub partitioning: Option<Partitioning>,
 }
 
 /// A callback that sees the SQL text of every statement (bound values are not included).
@@ -118,6 +125,7 @@ impl fmt::Debug for PgConfig {
                     .as_ref()
                     .map(|l| (l.get_hosts().to_vec(), l.get_ports().to_vec())),
             )
+            .field("partitioning", &self.partitioning)
             .field(
                 "statement_observer",
                 &self.statement_observer.as_ref().map(|_| "<set>"),
@@ -150,6 +158,7 @@ impl Default for PgConfig {
             pgbouncer: false,
             notifications: true,
             listen: None,
+            partitioning: None,
         }
         .application_name("taskhistory")
     }
@@ -191,7 +200,8 @@ impl PgConfig {
     /// `DB_NAME`, `DB_USER`, `DB_PASSWORD`; then, in both cases, `DB_MIN_SIZE`,
     /// `DB_MAX_SIZE`, `DB_COMMAND_TIMEOUT`, `DB_STATEMENT_TIMEOUT`, `DB_CONNECT_TIMEOUT`,
     /// `DB_POOL_TIMEOUT` (seconds), `DB_SSLMODE`, `DB_SSLROOTCERT`, `DB_APPLICATION_NAME`
-    /// `DB_SCHEMA`, `DB_PGBOUNCER`, `DB_NOTIFY` and `DB_LISTEN_URL`. A bad value is an `InvalidInput` naming the variable.
+    /// `DB_SCHEMA`, `DB_PGBOUNCER`, `DB_NOTIFY`, `DB_LISTEN_URL`, `DB_PARTITION_INTERVAL` and
+    /// `DB_PARTITIONS_AHEAD`. A bad value is an `InvalidInput` naming the variable.
     pub fn from_env() -> Result<Self, StoreError> {
         Self::from_lookup(|key| std::env::var(key).ok())
     }
@@ -279,6 +289,16 @@ impl PgConfig {
         }
         if let Some(v) = get("DB_SCHEMA") {
             c.schema = Some(v);
+        }
+        if let Some(v) = get("DB_PARTITION_INTERVAL") {
+            c.partitioning = Some(Partitioning {
+                interval: v.parse().map_err(|e| bad("DB_PARTITION_INTERVAL", e))?,
+                ..Partitioning::default()
+            });
+        }
+        if let Some(ahead) = num("DB_PARTITIONS_AHEAD")? {
+            let p = c.partitioning.get_or_insert_with(Partitioning::default);
+            p.ahead = ahead;
         }
         c.validate()?;
         Ok(c)

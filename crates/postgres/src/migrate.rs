@@ -15,7 +15,7 @@ use crate::sql::{self, Statement};
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations");
 
 /// How many migrations are embedded.
-pub const MIGRATIONS_COUNT: usize = 1;
+pub const MIGRATIONS_COUNT: usize = 2;
 
 /// One migration and whether it is applied.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -18,47 +18,64 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
 /// Saves one or many steps: one statement, one round trip. Inputs are parallel arrays
 /// (user_id, task_id, step, result, timestamp or NULL for now(), status), already
-/// de-duplicated and sorted by key, and the notification channel (NULL: no notification). The task summaries touched are locked first, in key
-/// order; if any is cancelled nothing is written and the refused task is returned.
+/// de-duplicated and sorted by key, and the notification channel (NULL: no notification).
+/// The task summaries touched are locked first, in key order; if any is cancelled nothing
+/// is written and the refused task is returned. Each row carries its task's start time
+/// (the partition key of the partitioned layout): the summary's for a known task, else the
+/// earliest timestamp saved; a concurrent save that created the task first makes this one
+/// fail with a serialization failure, which is retried.
 pub const SAVE_STEPS: &str = r#"
 WITH input AS (
     SELECT i.user_id, i.task_id, i.step, i.result, COALESCE(i.ts, now()) AS ts, i.status
     FROM unnest($1::text[], $2::text[], $3::int4[], $4::jsonb[], $5::timestamptz[], $6::text[])
         AS i(user_id, task_id, step, result, ts, status)
 ), locked AS MATERIALIZED (
-    SELECT s.user_id, s.task_id, s.status
+    SELECT s.user_id, s.task_id, s.status, s.started_at
     FROM task_summary s
     WHERE (s.user_id, s.task_id) IN (SELECT DISTINCT user_id, task_id FROM input)
     ORDER BY s.user_id, s.task_id
     FOR UPDATE
 ), refused AS (
     SELECT user_id, task_id FROM locked WHERE status = 'cancelled' LIMIT 1
+), keyed AS MATERIALIZED (
+    -- The id is drawn here so that the rows returned tell an insert (this id) from an
+    -- update (the row's older id): what step_count adds.
+    SELECT i.*, nextval('task_history_id_seq') AS id,
+           COALESCE(l.started_at, min(i.ts) OVER (PARTITION BY i.user_id, i.task_id))
+               AS started_at
+    FROM input i LEFT JOIN locked l ON l.user_id = i.user_id AND l.task_id = i.task_id
 ), written AS (
-    INSERT INTO task_history AS h (user_id, task_id, step, result, timestamp, status)
-    SELECT user_id, task_id, step, result, ts, status FROM input
+    INSERT INTO task_history AS h
+        (id, user_id, task_id, step, result, timestamp, status, started_at)
+    SELECT id, user_id, task_id, step, result, ts, status, started_at FROM keyed
     WHERE NOT EXISTS (SELECT 1 FROM refused)
-    ON CONFLICT (user_id, task_id, step) DO UPDATE
-        SET result = EXCLUDED.result, timestamp = EXCLUDED.timestamp, status = EXCLUDED.status
-    RETURNING h.user_id, h.task_id, h.step, h.status, h.timestamp, (h.xmax = 0) AS inserted
+    ON CONFLICT ON CONSTRAINT task_history_user_task_step_key DO UPDATE
+        SET result = EXCLUDED.result, timestamp = EXCLUDED.timestamp, status = EXCLUDED.status,
+            started_at = EXCLUDED.started_at
+    RETURNING h.id, h.user_id, h.task_id, h.step, h.status, h.timestamp, h.started_at
 ), per_task AS (
-    SELECT DISTINCT ON (user_id, task_id)
-        user_id, task_id, status, step AS last_step,
-        count(*) FILTER (WHERE inserted) OVER w AS added,
-        min(timestamp) OVER w AS first_ts,
-        max(timestamp) OVER w AS last_ts
-    FROM written
-    WINDOW w AS (PARTITION BY user_id, task_id)
-    ORDER BY user_id, task_id, step DESC
+    SELECT DISTINCT ON (w.user_id, w.task_id)
+        w.user_id, w.task_id, w.status, w.step AS last_step, w.started_at,
+        count(*) FILTER (WHERE w.id = k.id) OVER t AS added,
+        min(w.timestamp) OVER t AS first_ts,
+        max(w.timestamp) OVER t AS last_ts
+    FROM written w
+    JOIN keyed k ON k.user_id = w.user_id AND k.task_id = w.task_id AND k.step = w.step
+    WINDOW t AS (PARTITION BY w.user_id, w.task_id)
+    ORDER BY w.user_id, w.task_id, w.step DESC
 ), summary AS (
     INSERT INTO task_summary AS s
-        (user_id, task_id, status, last_step, step_count, created_at, updated_at)
-    SELECT user_id, task_id, status, last_step, added, first_ts, last_ts FROM per_task
+        (user_id, task_id, status, last_step, step_count, created_at, updated_at, started_at)
+    SELECT user_id, task_id, status, last_step, added, first_ts, last_ts, started_at
+    FROM per_task
     ON CONFLICT (user_id, task_id) DO UPDATE SET
         status = CASE WHEN EXCLUDED.last_step >= s.last_step THEN EXCLUDED.status ELSE s.status END,
         last_step = GREATEST(s.last_step, EXCLUDED.last_step),
         step_count = s.step_count + EXCLUDED.step_count,
         created_at = LEAST(s.created_at, EXCLUDED.created_at),
-        updated_at = GREATEST(s.updated_at, EXCLUDED.updated_at)
+        updated_at = GREATEST(s.updated_at, EXCLUDED.updated_at),
+        started_at = CASE WHEN s.started_at = EXCLUDED.started_at THEN s.started_at
+                          ELSE taskhistory_start_conflict() END
     RETURNING 1
 ), notified AS (
     -- Watchers: one notification per statement (not per row), sent at commit, carrying
@@ -94,15 +111,16 @@ SELECT status FROM task_summary WHERE user_id = $1 AND task_id = $2
 /// it cancelled.
 pub const CANCEL_TASK: &str = r#"
 WITH target AS MATERIALIZED (
-    SELECT user_id, task_id, last_step
+    SELECT user_id, task_id, last_step, started_at
     FROM task_summary
     WHERE user_id = $1 AND task_id = $2
       AND status NOT IN ('completed', 'cancelled', 'timed_out', 'failed')
       AND last_step < 2147483647
     FOR UPDATE
 ), entry AS (
-    INSERT INTO task_history (user_id, task_id, step, result, timestamp, status)
-    SELECT user_id, task_id, last_step + 1, $3::jsonb, now(), 'cancelled' FROM target
+    INSERT INTO task_history (user_id, task_id, step, result, timestamp, status, started_at)
+    SELECT user_id, task_id, last_step + 1, $3::jsonb, now(), 'cancelled', started_at
+    FROM target
     RETURNING user_id, task_id, step, timestamp
 ), updated AS (
     UPDATE task_summary s
@@ -227,14 +245,15 @@ LIMIT $1
 
 /// One bounded batch of retention: up to `$3` whole tasks last active before now minus `$1`
 /// days (only those in status `$2`, unless NULL), oldest first, skipping tasks a writer
-/// holds. Deletes their steps and summaries in one short transaction.
+/// holds. Written against the `task_summary_inactive_since` expression index (UTC
+/// wall-clock time orders like the instant itself). Deletes their steps and summaries in one short transaction.
 pub const CLEANUP_BATCH: &str = r#"
 WITH doomed AS MATERIALIZED (
     SELECT user_id, task_id
     FROM task_summary
-    WHERE updated_at < now() - make_interval(days => $1)
+    WHERE (updated_at AT TIME ZONE 'UTC') < (now() - make_interval(days => $1)) AT TIME ZONE 'UTC'
       AND status = COALESCE($2::text, status)
-    ORDER BY updated_at
+    ORDER BY (updated_at AT TIME ZONE 'UTC')
     LIMIT $3
     FOR UPDATE SKIP LOCKED
 ), steps AS (
@@ -253,7 +272,7 @@ SELECT (SELECT count(*) FROM tasks) AS tasks_removed, (SELECT count(*) FROM step
 pub const CLEANUP_PREVIEW: &str = r#"
 SELECT count(*) AS tasks_removed, COALESCE(sum(step_count), 0)::int8 AS steps_removed
 FROM task_summary
-WHERE updated_at < now() - make_interval(days => $1)
+WHERE (updated_at AT TIME ZONE 'UTC') < (now() - make_interval(days => $1)) AT TIME ZONE 'UTC'
   AND status = COALESCE($2::text, status)
 "#;
 
@@ -273,6 +292,162 @@ SELECT version FROM __diesel_schema_migrations
 pub const SCHEMA_VERSION: &str = r#"
 SELECT max(version) AS version FROM __diesel_schema_migrations
 "#;
+
+/// Partitioned layout: whether `task_history` is partitioned, and the table's comment
+/// (which records the interval, `taskhistory: partitioned by month`).
+pub const PARTITION_LAYOUT: &str = r#"
+SELECT EXISTS (SELECT 1 FROM pg_partitioned_table WHERE partrelid = to_regclass('task_history'))
+           AS partitioned,
+       COALESCE(obj_description(to_regclass('task_history'), 'pg_class'), '') AS note
+"#;
+
+/// Partitioned layout: every partition of `task_history` with its range (NULL for the
+/// default partition), size on disk and the planner's row estimate, oldest first. The
+/// bounds are printed and read back in the same session, so time zone settings cancel out.
+pub const PARTITION_LIST: &str = r#"
+SELECT c.relname::text AS name,
+       m.b[1]::timestamptz AS range_from,
+       m.b[2]::timestamptz AS range_to,
+       pg_table_size(c.oid) AS bytes,
+       GREATEST(c.reltuples, 0)::int8 AS estimated_rows
+FROM pg_inherits i
+JOIN pg_class c ON c.oid = i.inhrelid
+CROSS JOIN LATERAL (
+    SELECT regexp_match(pg_get_expr(c.relpartbound, c.oid),
+                        'FROM \(''([^'']*)''\) TO \(''([^'']*)''\)') AS b
+) m
+WHERE i.inhparent = to_regclass('task_history')
+ORDER BY range_from NULLS FIRST, name
+"#;
+
+/// Partitioned layout: the oldest and newest task start (which partitions a conversion
+/// creates).
+pub const PARTITION_START_RANGE: &str = r#"
+SELECT min(started_at) AS oldest, max(started_at) AS newest FROM task_summary
+"#;
+
+/// Partition-drop retention, before any lock: whether a task started in [`$1`, `$2`) must
+/// stay (active within `$3` days, or, with a status `$4`, in another status).
+pub const PARTITION_KEEPS_TASKS: &str = r#"
+SELECT EXISTS (
+    SELECT 1 FROM task_summary
+    WHERE started_at >= $1 AND started_at < $2
+      AND NOT (updated_at < now() - make_interval(days => $3)
+               AND status = COALESCE($4::text, status))
+) AS kept
+"#;
+
+/// Partition-drop retention, with the partition locked against writes: removes the
+/// summaries of its expired tasks (same filters), counting them and their steps.
+pub const PARTITION_RETIRE_TASKS: &str = r#"
+WITH gone AS (
+    DELETE FROM task_summary
+    WHERE started_at >= $1 AND started_at < $2
+      AND updated_at < now() - make_interval(days => $3)
+      AND status = COALESCE($4::text, status)
+    RETURNING step_count
+)
+SELECT count(*) AS tasks_removed, COALESCE(sum(step_count), 0)::int8 AS steps_removed FROM gone
+"#;
+
+/// Partition-drop retention: whether any task started in [`$1`, `$2`) is left (then the
+/// partition stays and the transaction is rolled back).
+pub const PARTITION_HAS_TASKS: &str = r#"
+SELECT EXISTS (SELECT 1 FROM task_summary WHERE started_at >= $1 AND started_at < $2) AS kept
+"#;
+
+/// Partitioned layout DDL. Names and bounds are made by the store (`task_history_p`
+/// followed by digits; UTC instants), never taken from input, so they are written into
+/// the text; DDL cannot take bound values.
+pub mod ddl {
+    /// The partition that takes rows no ranged partition covers.
+    pub const DEFAULT_PARTITION: &str = "task_history_default";
+
+    /// Serializes partition work across processes, inside its transaction.
+    pub fn lock(schema: &str) -> String {
+        format!(
+            "SELECT pg_advisory_xact_lock(hashtextextended('taskhistory:partitions:{schema}', 0))"
+        )
+    }
+
+    /// Sets the lock wait limit for the rest of the transaction.
+    pub fn lock_timeout(millis: u128) -> String {
+        format!("SET LOCAL lock_timeout = {millis}")
+    }
+
+    /// Stops writes into a partition (reads go on) until the transaction ends.
+    pub fn lock_partition(name: &str) -> String {
+        format!("LOCK TABLE {name} IN EXCLUSIVE MODE")
+    }
+
+    /// Drops a partition.
+    pub fn drop_partition(name: &str) -> String {
+        format!("DROP TABLE {name}")
+    }
+
+    /// A new partition for [`from`, `to`), made beside the table, filled with the rows of
+    /// that range the default partition holds, then attached (which takes only a SHARE
+    /// UPDATE EXCLUSIVE lock on the table: reads and writes go on).
+    pub fn add_partition(name: &str, from: &str, to: &str) -> String {
+        format!(
+            "CREATE TABLE {name} (LIKE task_history INCLUDING DEFAULTS INCLUDING CONSTRAINTS);\n\
+             WITH moved AS (\n\
+                 DELETE FROM {DEFAULT_PARTITION} WHERE started_at >= '{from}' AND started_at < '{to}'\n\
+                 RETURNING *\n\
+             ) INSERT INTO {name} SELECT * FROM moved;\n\
+             ALTER TABLE task_history ATTACH PARTITION {name} FOR VALUES FROM ('{from}') TO ('{to}');"
+        )
+    }
+
+    /// The conversion of the plain table into the partitioned layout, in one transaction
+    /// the caller opens: writes wait while rows are copied (reads go on); `partitions` are
+    /// (name, from, to) of the ranged partitions to create.
+    pub fn convert(interval: &str, partitions: &[(String, String, String)]) -> String {
+        let mut sql = String::from(
+            "LOCK TABLE task_history IN EXCLUSIVE MODE;\n\
+             ALTER TABLE task_history RENAME TO task_history_plain;\n\
+             ALTER TABLE task_history_plain RENAME CONSTRAINT task_history_user_task_step_key\n\
+                 TO task_history_plain_key;\n\
+             ALTER TABLE task_history_plain RENAME CONSTRAINT task_history_status_check\n\
+                 TO task_history_plain_status_check;\n\
+             CREATE TABLE task_history (\n\
+                 id BIGINT NOT NULL DEFAULT nextval('task_history_id_seq'),\n\
+                 user_id TEXT COLLATE \"C\" NOT NULL,\n\
+                 task_id TEXT COLLATE \"C\" NOT NULL,\n\
+                 step INTEGER NOT NULL,\n\
+                 result JSONB NOT NULL,\n\
+                 timestamp TIMESTAMPTZ NOT NULL,\n\
+                 status TEXT NOT NULL DEFAULT 'pending',\n\
+                 started_at TIMESTAMPTZ NOT NULL,\n\
+                 CONSTRAINT task_history_user_task_step_key UNIQUE (user_id, task_id, step, started_at),\n\
+                 CONSTRAINT task_history_status_check CHECK (\n\
+                     status IN ('pending', 'running', 'completed', 'cancelled', 'timed_out', 'failed')\n\
+                 )\n\
+             ) PARTITION BY RANGE (started_at);\n",
+        );
+        sql.push_str(&format!(
+            "CREATE TABLE {DEFAULT_PARTITION} PARTITION OF task_history DEFAULT;\n"
+        ));
+        for (name, from, to) in partitions {
+            sql.push_str(&format!(
+                "CREATE TABLE {name} PARTITION OF task_history FOR VALUES FROM ('{from}') TO ('{to}');\n"
+            ));
+        }
+        sql.push_str(&format!(
+            "INSERT INTO task_history (id, user_id, task_id, step, result, timestamp, status, started_at)\n\
+             SELECT h.id, h.user_id, h.task_id, h.step, h.result, h.timestamp, h.status,\n\
+                    COALESCE(s.started_at, h.started_at, h.timestamp)\n\
+             FROM task_history_plain h\n\
+             LEFT JOIN task_summary s ON s.user_id = h.user_id AND s.task_id = h.task_id;\n\
+             ALTER SEQUENCE task_history_id_seq OWNED BY task_history.id;\n\
+             DROP TABLE task_history_plain;\n\
+             CREATE INDEX IF NOT EXISTS task_summary_started_at ON task_summary (started_at);\n\
+             COMMENT ON TABLE task_history IS 'taskhistory: partitioned by {interval}';\n\
+             ANALYZE task_history;\n"
+        ));
+        sql
+    }
+}
 
 /// A statement with its bound values, sent as a named prepared statement that diesel-async
 /// caches per connection (keyed by the SQL text).
@@ -413,6 +588,12 @@ pub const ALL_STATEMENTS: &[(&str, &str)] = &[
     ("schema_version", SCHEMA_VERSION),
     ("applied_migrations", APPLIED_MIGRATIONS),
     ("watch_fence", WATCH_FENCE),
+    ("partition_layout", PARTITION_LAYOUT),
+    ("partition_list", PARTITION_LIST),
+    ("partition_start_range", PARTITION_START_RANGE),
+    ("partition_keeps_tasks", PARTITION_KEEPS_TASKS),
+    ("partition_retire_tasks", PARTITION_RETIRE_TASKS),
+    ("partition_has_tasks", PARTITION_HAS_TASKS),
 ];
 
 #[cfg(test)]
@@ -440,10 +621,11 @@ mod tests {
     }
 
     #[test]
-    fn every_statement_but_cleanup_health_and_stats_filters_on_user_id() {
+    fn every_statement_but_cleanup_health_stats_and_partitions_filters_on_user_id() {
         for (name, sql) in ALL_STATEMENTS {
             if name.starts_with("cleanup")
                 || name.starts_with("stats")
+                || name.starts_with("partition")
                 || *name == "health"
                 || *name == "schema_version"
                 || *name == "applied_migrations"

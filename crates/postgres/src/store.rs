@@ -29,6 +29,7 @@ use crate::config::PgConfig;
 use crate::connection::{build_pool, Connector, LastError, Manager, Pool};
 use crate::error::from_diesel;
 use crate::migrate::{self, MigrationState};
+use crate::partition::Layout;
 use crate::sql::{self, Statement};
 use crate::watch::Hub;
 
@@ -607,6 +608,7 @@ fn report(rows: Vec<CleanupRow>) -> CleanupReport {
         .map_or_else(CleanupReport::default, |r| CleanupReport {
             tasks_removed: u64::try_from(r.tasks_removed).unwrap_or(0),
             steps_removed: u64::try_from(r.steps_removed).unwrap_or(0),
+            partitions_dropped: 0,
         })
 }
 
@@ -754,7 +756,16 @@ impl PgTaskHistoryStore {
                 .await;
         }
         let started = Instant::now();
-        let mut total = CleanupReport::default();
+        let deadline = options.time_limit.map(|limit| started + limit);
+        // Partitioned layout: whole expired partitions go first, then batched deletes take
+        // the expired tasks left (in the default partition, or in partitions that keep an
+        // active task).
+        let mut total = self
+            .drop_expired_partitions(days, options.status, deadline, progress)
+            .await?;
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Ok(total);
+        }
         loop {
             let batch = self
                 .run(
@@ -795,6 +806,11 @@ impl PgTaskHistoryStore {
             ));
         }
         Ok((&self.inner.hub, &self.inner.connector, channel.clone()))
+    }
+
+    /// Opens connections (dedicated ones for DDL and LISTEN).
+    pub(crate) fn connector(&self) -> &Connector {
+        &self.inner.connector
     }
 
     fn pool(&self) -> Result<Pool, StoreError> {
@@ -917,6 +933,18 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         let applied =
             migrate::run(&self.inner.connector, self.inner.config.schema.as_deref()).await?;
         tracing::info!(applied, "taskhistory schema is up to date");
+        let wanted = self.inner.config.partitioning;
+        if let Some(partitioning) = wanted {
+            self.convert_to_partitioned(partitioning).await?;
+        }
+        if matches!(self.layout().await?, Layout::Partitioned { .. }) {
+            let ahead = wanted.unwrap_or_default().ahead;
+            // A role without DDL rights cannot make partitions; writes still land (in the
+            // default partition), so the store starts and says why.
+            if let Err(error) = self.ensure_partitions(ahead).await {
+                tracing::warn!(%error, "could not make partitions ahead; writes go to the default partition until `taskhistory partitions ensure` runs");
+            }
+        }
         Ok(())
     }
 

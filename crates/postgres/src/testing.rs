@@ -269,6 +269,18 @@ pub async fn fresh_dyn_store() -> DynStore {
     std::sync::Arc::new(fresh_store().await)
 }
 
+/// A migrated store on a fresh schema in the partitioned layout (monthly, 3 ahead).
+pub async fn partitioned_store() -> PgTaskHistoryStore {
+    let mut config = fresh_config().await;
+    config.partitioning = Some(crate::Partitioning::default());
+    store_for(config).await
+}
+
+/// [`partitioned_store`] as a [`DynStore`]: the behaviour suite on the partitioned layout.
+pub async fn partitioned_dyn_store() -> DynStore {
+    std::sync::Arc::new(partitioned_store().await)
+}
+
 /// The role [`least_privilege_dyn_store`] connects as (created once per server).
 pub const APP_ROLE: &str = "taskhistory_test_app";
 const APP_PASSWORD: &str = "app-test-password";

@@ -1,0 +1,671 @@
+//! The partitioned layout (opt-in): `task_history` range-partitioned by each task's start
+//! time, partitions made ahead of time, a default partition so that no write ever fails for
+//! lack of one, and retention that drops whole expired partitions instead of deleting rows.
+//!
+//! The key is the task's start (`started_at`, fixed when the task is first saved and carried
+//! on every step row), not the step's own timestamp: all of a task's steps live in one
+//! partition, so dropping a partition removes whole tasks, never the early steps of a task
+//! that is still active. A partition is dropped only when none of its tasks has activity
+//! inside the cutoff (nor, with a status filter, is in another status); its tasks' summary
+//! rows go in the same transaction. Every other expired task is removed by the batched
+//! deletes of the plain layout.
+//!
+//! Not for: the plain layout (nothing here runs unless the table is partitioned), or
+//! partitioning by anything but time.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Datelike, Months, NaiveTime, SecondsFormat, TimeDelta, TimeZone, Utc};
+use diesel::sql_types::{BigInt, Bool, Integer, Nullable, Text, Timestamptz};
+use diesel::QueryableByName;
+use diesel_async::{AsyncPgConnection, SimpleAsyncConnection};
+use futures::future::BoxFuture;
+use serde::Serialize;
+use taskhistory_core::{CleanupReport, StoreError, TaskStatus};
+
+use crate::error::from_diesel;
+use crate::sql::{self, ddl, Statement};
+use crate::store::PgTaskHistoryStore;
+
+/// How much time one partition covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PartitionInterval {
+    /// A calendar day (UTC).
+    Day,
+    /// A week, Monday to Sunday (UTC).
+    Week,
+    /// A calendar month (UTC). The default.
+    #[default]
+    Month,
+}
+
+impl PartitionInterval {
+    /// `day`, `week` or `month`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PartitionInterval::Day => "day",
+            PartitionInterval::Week => "week",
+            PartitionInterval::Month => "month",
+        }
+    }
+
+    /// The start of the period holding `t`.
+    pub fn floor(self, t: DateTime<Utc>) -> DateTime<Utc> {
+        let day = t.date_naive();
+        let start = match self {
+            PartitionInterval::Day => day,
+            PartitionInterval::Week => {
+                day - chrono::Days::new(u64::from(day.weekday().num_days_from_monday()))
+            }
+            PartitionInterval::Month => day.with_day(1).unwrap_or(day),
+        };
+        Utc.from_utc_datetime(&start.and_time(NaiveTime::MIN))
+    }
+
+    /// The period start `n` periods after the period start `start` (before it when `n` is
+    /// negative); `None` past the calendar's range.
+    pub fn shift(self, start: DateTime<Utc>, n: i64) -> Option<DateTime<Utc>> {
+        match self {
+            PartitionInterval::Day => start.checked_add_signed(TimeDelta::try_days(n)?),
+            PartitionInterval::Week => {
+                start.checked_add_signed(TimeDelta::try_days(n.checked_mul(7)?)?)
+            }
+            PartitionInterval::Month => {
+                let months = Months::new(u32::try_from(n.unsigned_abs()).ok()?);
+                if n >= 0 {
+                    start.checked_add_months(months)
+                } else {
+                    start.checked_sub_months(months)
+                }
+            }
+        }
+    }
+}
+
+impl fmt::Display for PartitionInterval {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for PartitionInterval {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "day" | "daily" => Ok(PartitionInterval::Day),
+            "week" | "weekly" => Ok(PartitionInterval::Week),
+            "month" | "monthly" => Ok(PartitionInterval::Month),
+            _ => Err(format!("{s:?}: expected day, week or month")),
+        }
+    }
+}
+
+/// The partitioned layout's settings ([`PgConfig::partitioning`](crate::PgConfig)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Partitioning {
+    /// The time one partition covers (a conversion records it; later runs read it back).
+    pub interval: PartitionInterval,
+    /// Partitions kept ready past the current one (default 3).
+    pub ahead: u32,
+}
+
+impl Default for Partitioning {
+    fn default() -> Self {
+        Partitioning {
+            interval: PartitionInterval::Month,
+            ahead: 3,
+        }
+    }
+}
+
+/// How `task_history` is laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "layout", rename_all = "lowercase")]
+pub enum Layout {
+    /// One table (the default).
+    Plain,
+    /// Range-partitioned by task start.
+    Partitioned {
+        /// The time one partition covers.
+        interval: PartitionInterval,
+    },
+}
+
+/// One partition of the partitioned layout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PartitionInfo {
+    /// Table name.
+    pub name: String,
+    /// First task start it holds (`None`: the default partition).
+    pub from: Option<DateTime<Utc>>,
+    /// First task start past it (`None`: the default partition).
+    pub to: Option<DateTime<Utc>>,
+    /// Size on disk, with TOAST.
+    pub bytes: u64,
+    /// The planner's row estimate (0 until ANALYZE or autovacuum has seen it).
+    pub estimated_rows: u64,
+}
+
+impl PartitionInfo {
+    /// Whether this is the default partition (rows no ranged partition covers).
+    pub fn is_default(&self) -> bool {
+        self.from.is_none()
+    }
+
+    fn overlaps(&self, from: DateTime<Utc>, to: DateTime<Utc>) -> bool {
+        match (self.from, self.to) {
+            (Some(f), Some(t)) => f < to && from < t,
+            _ => false,
+        }
+    }
+}
+
+/// Partitions further back than this are not made by a conversion: older tasks go to the
+/// default partition (and leave by batched deletes).
+const MAX_PERIODS_BACK: i64 = 120;
+/// How long a retention drop waits for its locks before giving up on this partition (it
+/// is tried again, then left for the next run): writers never queue longer than this.
+const DROP_LOCK_WAIT_MS: u128 = 50;
+/// How long partition making waits for its locks.
+const DDL_LOCK_WAIT_MS: u128 = 5_000;
+const DROP_ATTEMPTS: u32 = 3;
+
+#[derive(QueryableByName)]
+struct LayoutRow {
+    #[diesel(sql_type = Bool)]
+    partitioned: bool,
+    #[diesel(sql_type = Text)]
+    note: String,
+}
+
+#[derive(QueryableByName)]
+struct PartitionRow {
+    #[diesel(sql_type = Text)]
+    name: String,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    range_from: Option<DateTime<Utc>>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    range_to: Option<DateTime<Utc>>,
+    #[diesel(sql_type = BigInt)]
+    bytes: i64,
+    #[diesel(sql_type = BigInt)]
+    estimated_rows: i64,
+}
+
+#[derive(QueryableByName)]
+struct StartRange {
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    oldest: Option<DateTime<Utc>>,
+}
+
+#[derive(QueryableByName)]
+struct Kept {
+    #[diesel(sql_type = Bool)]
+    kept: bool,
+}
+
+#[derive(QueryableByName)]
+struct Retired {
+    #[diesel(sql_type = BigInt)]
+    tasks_removed: i64,
+    #[diesel(sql_type = BigInt)]
+    steps_removed: i64,
+}
+
+const OP: &str = "partitions";
+const CLEANUP: &str = "cleanup_old_tasks";
+
+fn read_layout(rows: Vec<LayoutRow>) -> Result<Layout, StoreError> {
+    let Some(row) = rows.into_iter().next() else {
+        return Err(StoreError::database(OP, "the layout query returned no row"));
+    };
+    if !row.partitioned {
+        return Ok(Layout::Plain);
+    }
+    // "taskhistory: partitioned by month"; a table partitioned by hand, without the note,
+    // is taken as monthly.
+    let interval = row
+        .note
+        .rsplit(' ')
+        .next()
+        .and_then(|word| word.parse().ok())
+        .unwrap_or_default();
+    Ok(Layout::Partitioned { interval })
+}
+
+fn layout_work<'c>(
+    conn: &'c mut AsyncPgConnection,
+    _: &'c (),
+) -> BoxFuture<'c, Result<Layout, StoreError>> {
+    Box::pin(async move {
+        let rows = Statement::new(sql::PARTITION_LAYOUT)
+            .fetch(conn)
+            .await
+            .map_err(|e| from_diesel(OP, e))?;
+        read_layout(rows)
+    })
+}
+
+async fn list_on(conn: &mut AsyncPgConnection) -> Result<Vec<PartitionInfo>, StoreError> {
+    let rows: Vec<PartitionRow> = Statement::new(sql::PARTITION_LIST)
+        .fetch(conn)
+        .await
+        .map_err(|e| from_diesel(OP, e))?;
+    Ok(rows
+        .into_iter()
+        .map(|r| PartitionInfo {
+            name: r.name,
+            from: r.range_from,
+            to: r.range_to,
+            bytes: u64::try_from(r.bytes).unwrap_or(0),
+            estimated_rows: u64::try_from(r.estimated_rows).unwrap_or(0),
+        })
+        .collect())
+}
+
+fn list_work<'c>(
+    conn: &'c mut AsyncPgConnection,
+    _: &'c (),
+) -> BoxFuture<'c, Result<Vec<PartitionInfo>, StoreError>> {
+    Box::pin(list_on(conn))
+}
+
+/// Arguments of the retention checks: range, days, status.
+type RetireArgs = (DateTime<Utc>, DateTime<Utc>, i32, Option<TaskStatus>);
+
+fn keeps_tasks<'c>(
+    conn: &'c mut AsyncPgConnection,
+    (from, to, days, status): &'c RetireArgs,
+) -> BoxFuture<'c, Result<bool, StoreError>> {
+    Box::pin(async move {
+        let rows: Vec<Kept> = Statement::new(sql::PARTITION_KEEPS_TASKS)
+            .bind::<Timestamptz, _>(*from)
+            .bind::<Timestamptz, _>(*to)
+            .bind::<Integer, _>(*days)
+            .bind::<Nullable<Text>, _>(status.map(TaskStatus::as_str))
+            .fetch(conn)
+            .await
+            .map_err(|e| from_diesel(CLEANUP, e))?;
+        Ok(rows.first().is_none_or(|r| r.kept))
+    })
+}
+
+/// A partition's name: `task_history_p` and its first day, `YYYYMMDD`.
+fn partition_name(from: DateTime<Utc>) -> Option<String> {
+    (1..=9999)
+        .contains(&from.year())
+        .then(|| format!("task_history_p{}", from.format("%Y%m%d")))
+}
+
+/// An instant as a SQL literal's text (UTC, RFC 3339).
+fn literal(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+/// Ranged partitions (name, from, to) for the periods from `first` to `last` inclusive,
+/// skipping any that overlaps one of `existing`.
+fn periods(
+    interval: PartitionInterval,
+    first: DateTime<Utc>,
+    count: i64,
+    existing: &[PartitionInfo],
+) -> Vec<(String, String, String)> {
+    (0..count)
+        .filter_map(|n| {
+            let from = interval.shift(first, n)?;
+            let to = interval.shift(first, n + 1)?;
+            if existing.iter().any(|p| p.overlaps(from, to)) {
+                return None;
+            }
+            Some((partition_name(from)?, literal(from), literal(to)))
+        })
+        .collect()
+}
+
+/// A dedicated connection (never a pooled one: DDL and explicit transactions stay off the
+/// service's connections) running one transaction at a time.
+struct DdlConnection<'s> {
+    store: &'s PgTaskHistoryStore,
+    conn: AsyncPgConnection,
+}
+
+impl<'s> DdlConnection<'s> {
+    async fn open(store: &'s PgTaskHistoryStore) -> Result<Self, StoreError> {
+        Ok(DdlConnection {
+            store,
+            conn: store.connector().connect().await?,
+        })
+    }
+
+    async fn execute(&mut self, operation: &'static str, sql: &str) -> Result<(), StoreError> {
+        self.conn
+            .batch_execute(sql)
+            .await
+            .map_err(|e| from_diesel(operation, e))
+    }
+
+    /// `BEGIN`, the pooler's `SET LOCAL`s if any, the partition lock and a lock wait limit.
+    async fn begin(
+        &mut self,
+        operation: &'static str,
+        lock_wait_ms: u128,
+    ) -> Result<(), StoreError> {
+        self.execute(operation, "BEGIN").await?;
+        let setup = self
+            .store
+            .connector()
+            .transaction_setup()
+            .map(str::to_owned);
+        let mut sql = setup.map(|s| format!("{s};")).unwrap_or_default();
+        sql.push_str(&ddl::lock(self.store.schema_name()));
+        sql.push(';');
+        sql.push_str(&ddl::lock_timeout(lock_wait_ms));
+        self.execute(operation, &sql).await
+    }
+
+    async fn rollback(&mut self) {
+        let _ = self.conn.batch_execute("ROLLBACK").await;
+    }
+
+    /// Runs `work` inside [`begin`](Self::begin) and `COMMIT`; rolls back on error.
+    async fn transaction<T>(
+        &mut self,
+        operation: &'static str,
+        lock_wait_ms: u128,
+        work: impl for<'c> FnOnce(
+            &'c mut AsyncPgConnection,
+        ) -> BoxFuture<'c, Result<Option<T>, StoreError>>,
+    ) -> Result<Option<T>, StoreError> {
+        if let Err(e) = self.begin(operation, lock_wait_ms).await {
+            self.rollback().await;
+            return Err(e);
+        }
+        match work(&mut self.conn).await {
+            Ok(Some(value)) => {
+                self.execute(operation, "COMMIT").await?;
+                Ok(Some(value))
+            }
+            Ok(None) => {
+                self.rollback().await;
+                Ok(None)
+            }
+            Err(e) => {
+                self.rollback().await;
+                Err(e)
+            }
+        }
+    }
+}
+
+impl PgTaskHistoryStore {
+    /// Whether `task_history` is plain or partitioned (and by what interval).
+    pub async fn layout(&self) -> Result<Layout, StoreError> {
+        self.run(OP, None, None, &(), layout_work).await
+    }
+
+    /// The partitions of the partitioned layout, oldest first, the default one first of
+    /// all; empty on the plain layout.
+    pub async fn partitions(&self) -> Result<Vec<PartitionInfo>, StoreError> {
+        self.run(OP, None, None, &(), list_work).await
+    }
+
+    /// Makes sure a partition exists for the current period and `ahead` more; returns the
+    /// names of those it made. Rows the default partition holds for a new partition's range
+    /// move into it. Takes only a SHARE UPDATE EXCLUSIVE lock on the table (reads and writes
+    /// go on; the default partition is locked while it is checked). Safe to run from many
+    /// processes at once. `InvalidInput` on the plain layout.
+    pub async fn ensure_partitions(&self, ahead: u32) -> Result<Vec<String>, StoreError> {
+        let Layout::Partitioned { interval } = self.layout().await? else {
+            return Err(StoreError::invalid(
+                "layout",
+                "task_history is not partitioned: convert it first (`taskhistory partitions \
+                 convert`, or PgConfig::partitioning with init_database_schema)",
+            ));
+        };
+        let mut conn = DdlConnection::open(self).await?;
+        let made = conn
+            .transaction(OP, DDL_LOCK_WAIT_MS, |c| {
+                Box::pin(async move {
+                    // Listed under the lock: another process may just have made some.
+                    let existing = list_on(c).await?;
+                    let first = interval.floor(Utc::now());
+                    let missing = periods(interval, first, i64::from(ahead) + 1, &existing);
+                    for (name, from, to) in &missing {
+                        c.batch_execute(&ddl::add_partition(name, from, to))
+                            .await
+                            .map_err(|e| from_diesel(OP, e))?;
+                    }
+                    Ok(Some(missing.into_iter().map(|(name, _, _)| name).collect()))
+                })
+            })
+            .await?;
+        let made: Vec<String> = made.unwrap_or_default();
+        if !made.is_empty() {
+            tracing::info!(partitions = ?made, "partitions made");
+        }
+        Ok(made)
+    }
+
+    /// Converts the plain table into the partitioned layout (documented in
+    /// `docs/operations.md`): one transaction that makes the partitioned table, a default
+    /// partition and one partition per period from the oldest task's start (at most 120
+    /// periods back) to `ahead` periods past the current one, copies every row (each with
+    /// its task's start), and drops the plain table. Writes wait while it runs (reads go on);
+    /// if it fails, nothing changed. Returns the partitions made; does nothing and returns
+    /// none when the table is already partitioned. Grants on the table must be given again
+    /// ([`least_privilege_grants`](crate::least_privilege_grants)).
+    pub async fn convert_to_partitioned(
+        &self,
+        partitioning: Partitioning,
+    ) -> Result<Vec<String>, StoreError> {
+        if self.layout().await? != Layout::Plain {
+            return Ok(Vec::new());
+        }
+        let mut conn = DdlConnection::open(self).await?;
+        let made = conn
+            .transaction(OP, DDL_LOCK_WAIT_MS, |c| {
+                Box::pin(async move {
+                    let partitioned = Statement::new(sql::PARTITION_LAYOUT)
+                        .fetch::<LayoutRow>(c)
+                        .await
+                        .map_err(|e| from_diesel(OP, e))?
+                        .first()
+                        .is_some_and(|r| r.partitioned);
+                    if partitioned {
+                        // Another process converted it while this one waited for the lock.
+                        return Ok(Some(Vec::new()));
+                    }
+                    let oldest = Statement::new(sql::PARTITION_START_RANGE)
+                        .fetch::<StartRange>(c)
+                        .await
+                        .map_err(|e| from_diesel(OP, e))?
+                        .into_iter()
+                        .next()
+                        .and_then(|r| r.oldest);
+                    let interval = partitioning.interval;
+                    let now = interval.floor(Utc::now());
+                    let back = oldest.map_or(0, |o| {
+                        let o = interval.floor(o);
+                        (0..MAX_PERIODS_BACK)
+                            .find(|n| interval.shift(now, -n).is_some_and(|s| s <= o))
+                            .unwrap_or(MAX_PERIODS_BACK)
+                    });
+                    let first = interval.shift(now, -back).unwrap_or(now);
+                    let count = back + i64::from(partitioning.ahead) + 1;
+                    let parts = periods(interval, first, count, &[]);
+                    c.batch_execute(&ddl::convert(interval.as_str(), &parts))
+                        .await
+                        .map_err(|e| from_diesel(OP, e))?;
+                    Ok(Some(parts.into_iter().map(|(name, _, _)| name).collect()))
+                })
+            })
+            .await?;
+        let made: Vec<String> = made.unwrap_or_default();
+        tracing::info!(
+            partitions = made.len(),
+            "task_history converted to the partitioned layout"
+        );
+        Ok(made)
+    }
+
+    /// Retention on the partitioned layout: drops each partition whose range ended before
+    /// the cutoff and none of whose tasks must stay, with its tasks' summaries; returns what
+    /// went. Each drop waits at most 50 ms for its locks (so writers queue no longer behind
+    /// it), is tried three times, and is otherwise left to the batched deletes and the next
+    /// run. Nothing on the plain layout.
+    pub(crate) async fn drop_expired_partitions(
+        &self,
+        days: i32,
+        status: Option<TaskStatus>,
+        deadline: Option<Instant>,
+        progress: &(dyn Fn(CleanupReport) + Send + Sync),
+    ) -> Result<CleanupReport, StoreError> {
+        let mut total = CleanupReport::default();
+        if !matches!(self.layout().await?, Layout::Partitioned { .. }) {
+            return Ok(total);
+        }
+        let cutoff = Utc::now() - TimeDelta::days(i64::from(days));
+        let candidates: Vec<PartitionInfo> = self
+            .run(CLEANUP, None, None, &(), list_work)
+            .await?
+            .into_iter()
+            .filter(|p| p.to.is_some_and(|to| to <= cutoff))
+            .collect();
+        let mut conn: Option<DdlConnection<'_>> = None;
+        for partition in candidates {
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                break;
+            }
+            let (Some(from), Some(to)) = (partition.from, partition.to) else {
+                continue;
+            };
+            let args = (from, to, days, status);
+            if self.run(CLEANUP, None, None, &args, keeps_tasks).await? {
+                continue;
+            }
+            let c = match &mut conn {
+                Some(c) => c,
+                None => conn.insert(DdlConnection::open(self).await?),
+            };
+            for attempt in 1..=DROP_ATTEMPTS {
+                match retire(c, &partition.name, args).await {
+                    Ok(Some(report)) => {
+                        tracing::info!(partition = %partition.name, tasks = report.tasks_removed, steps = report.steps_removed, "partition dropped");
+                        total.tasks_removed += report.tasks_removed;
+                        total.steps_removed += report.steps_removed;
+                        total.partitions_dropped += 1;
+                        progress(total);
+                        break;
+                    }
+                    Ok(None) => break,
+                    // Lock wait limit reached, or a deadlock with a writer: the writer goes on.
+                    Err(e @ (StoreError::Timeout { .. } | StoreError::Conflict { .. })) => {
+                        tracing::debug!(partition = %partition.name, attempt, error = %e, "partition drop gave way");
+                        tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt))).await;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    /// The store's schema name (`public` when none is set).
+    fn schema_name(&self) -> &str {
+        self.config().schema.as_deref().unwrap_or("public")
+    }
+}
+
+/// One partition drop: writes into it stop, its expired tasks' summaries go, and if no task
+/// is left in its range it is dropped; otherwise everything is rolled back (`None`).
+async fn retire(
+    conn: &mut DdlConnection<'_>,
+    name: &str,
+    args: RetireArgs,
+) -> Result<Option<CleanupReport>, StoreError> {
+    let name = name.to_owned();
+    conn.transaction(CLEANUP, DROP_LOCK_WAIT_MS, move |c| {
+        Box::pin(async move {
+            let fail = |e| from_diesel(CLEANUP, e);
+            c.batch_execute(&ddl::lock_partition(&name))
+                .await
+                .map_err(fail)?;
+            let (from, to, days, status) = args;
+            let retired: Vec<Retired> = Statement::new(sql::PARTITION_RETIRE_TASKS)
+                .bind::<Timestamptz, _>(from)
+                .bind::<Timestamptz, _>(to)
+                .bind::<Integer, _>(days)
+                .bind::<Nullable<Text>, _>(status.map(TaskStatus::as_str))
+                .fetch(c)
+                .await
+                .map_err(fail)?;
+            let left: Vec<Kept> = Statement::new(sql::PARTITION_HAS_TASKS)
+                .bind::<Timestamptz, _>(from)
+                .bind::<Timestamptz, _>(to)
+                .fetch(c)
+                .await
+                .map_err(fail)?;
+            if left.first().is_none_or(|r| r.kept) {
+                return Ok(None);
+            }
+            c.batch_execute(&ddl::drop_partition(&name))
+                .await
+                .map_err(fail)?;
+            Ok(Some(retired.first().map_or_else(
+                CleanupReport::default,
+                |r| CleanupReport {
+                    tasks_removed: u64::try_from(r.tasks_removed).unwrap_or(0),
+                    steps_removed: u64::try_from(r.steps_removed).unwrap_or(0),
+                    partitions_dropped: 0,
+                },
+            )))
+        })
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    #[test]
+    fn periods_start_on_calendar_boundaries() {
+        let t = at("2026-11-25T13:45:00Z");
+        assert_eq!(PartitionInterval::Day.floor(t), at("2026-11-25T00:00:00Z"));
+        assert_eq!(PartitionInterval::Week.floor(t), at("2026-11-23T00:00:00Z"));
+        assert_eq!(
+            PartitionInterval::Month.floor(t),
+            at("2026-11-01T00:00:00Z")
+        );
+        let m = PartitionInterval::Month;
+        assert_eq!(m.shift(m.floor(t), 2), Some(at("2027-01-01T00:00:00Z")));
+        assert_eq!(m.shift(m.floor(t), -11), Some(at("2025-12-01T00:00:00Z")));
+        assert_eq!("Weekly".parse(), Ok(PartitionInterval::Week));
+        assert!("hourly".parse::<PartitionInterval>().is_err());
+    }
+
+    #[test]
+    fn periods_skip_existing_ranges() {
+        let m = PartitionInterval::Month;
+        let existing = [PartitionInfo {
+            name: "task_history_p20261201".into(),
+            from: Some(at("2026-12-01T00:00:00Z")),
+            to: Some(at("2027-01-01T00:00:00Z")),
+            bytes: 0,
+            estimated_rows: 0,
+        }];
+        let made = periods(m, at("2026-11-01T00:00:00Z"), 3, &existing);
+        let names: Vec<&str> = made.iter().map(|(n, _, _)| n.as_str()).collect();
+        assert_eq!(names, ["task_history_p20261101", "task_history_p20270101"]);
+        assert_eq!(made[0].1, "2026-11-01T00:00:00Z");
+        assert_eq!(made[0].2, "2026-12-01T00:00:00Z");
+    }
+}

@@ -1,0 +1,422 @@
+//! The partitioned layout on a real server: conversion keeps every row and task, partitions
+//! are made ahead (rows waiting in the default partition move into them), retention drops
+//! whole expired partitions and keeps summaries right, never cuts a task that is still
+//! active, honours per-status retention, and stays whole-task under racing writers.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, TimeDelta, Utc};
+use serde_json::json;
+use taskhistory_core::{
+    HistoryEntry, StepRecord, TaskHistoryStore, TaskQuery, TaskStatus, TaskStepResult, TaskSummary,
+};
+use taskhistory_postgres::testing::{database_url, fresh_store, partitioned_store};
+use taskhistory_postgres::{
+    CleanupOptions, Layout, PartitionInterval, Partitioning, PgTaskHistoryStore,
+};
+use tokio_postgres::NoTls;
+
+const MONTH: PartitionInterval = PartitionInterval::Month;
+
+fn running(i: i32) -> TaskStepResult {
+    TaskStepResult::running(format!("s{i}"), json!({ "i": i }), "")
+}
+
+/// The start of the month `n` months from this one, plus `days`.
+fn month(n: i64, days: i64) -> DateTime<Utc> {
+    MONTH.shift(MONTH.floor(Utc::now()), n).unwrap() + TimeDelta::days(days)
+}
+
+fn partition_of(t: DateTime<Utc>) -> String {
+    format!("task_history_p{}", MONTH.floor(t).format("%Y%m%d"))
+}
+
+/// `steps` steps of one task, the first at `start`, one minute apart.
+async fn seed(
+    store: &PgTaskHistoryStore,
+    user: &str,
+    task: &str,
+    start: DateTime<Utc>,
+    steps: i32,
+) {
+    let records: Vec<StepRecord> = (0..steps)
+        .map(|i| {
+            StepRecord::new(user, task, i, running(i)).at(start + TimeDelta::minutes(i64::from(i)))
+        })
+        .collect();
+    store.save_batch_task_history(&records).await.unwrap();
+}
+
+/// Which partition holds each of a task's rows, with how many.
+async fn placement(store: &PgTaskHistoryStore, user: &str, task: &str) -> BTreeMap<String, i64> {
+    let (client, connection) = tokio_postgres::connect(&database_url().await, NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let schema = store.config().schema.clone().unwrap();
+    client
+        .batch_execute(&format!("SET search_path TO {schema}"))
+        .await
+        .unwrap();
+    client
+        .query(
+            "SELECT tableoid::regclass::text, count(*) FROM task_history \
+             WHERE user_id = $1 AND task_id = $2 GROUP BY 1",
+            &[&user, &task],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+async fn tasks(store: &PgTaskHistoryStore, user: &str) -> Vec<TaskSummary> {
+    store.get_user_tasks(user, 1000).await.unwrap()
+}
+
+async fn history(store: &PgTaskHistoryStore, user: &str, task: &str) -> Vec<HistoryEntry> {
+    store.load_task_history(user, task).await.unwrap()
+}
+
+async fn partition_names(store: &PgTaskHistoryStore) -> Vec<String> {
+    store
+        .partitions()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.name)
+        .collect()
+}
+
+/// The seeded world of the retention tests: `u/old` alone in the month four months back,
+/// `v/other` (expired) and `u/mixed` (started then, active now) three months back, and a
+/// fresh `u/new`.
+async fn seeded_then_converted() -> PgTaskHistoryStore {
+    let store = fresh_store().await;
+    seed(&store, "u", "old", month(-4, 2), 3).await;
+    seed(&store, "v", "other", month(-3, 1), 3).await;
+    seed(&store, "u", "mixed", month(-3, 1), 3).await;
+    store
+        .save_task_history("u", "mixed", 3, &running(3))
+        .await
+        .unwrap();
+    seed(&store, "u", "new", Utc::now(), 2).await;
+    store
+        .convert_to_partitioned(Partitioning::default())
+        .await
+        .unwrap();
+    store
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conversion_keeps_every_row_and_task_together() {
+    let store = fresh_store().await;
+    assert_eq!(store.layout().await.unwrap(), Layout::Plain);
+    assert!(store.partitions().await.unwrap().is_empty());
+    seed(&store, "u", "old", month(-4, 2), 3).await;
+    seed(&store, "u", "late", month(-3, 27), 3).await;
+    // A step saved long after the task started stays with its task.
+    store
+        .save_task_history(
+            "u",
+            "late",
+            3,
+            &running(3).with_status(TaskStatus::Completed),
+        )
+        .await
+        .unwrap();
+    seed(&store, "v", "new", Utc::now(), 2).await;
+    let before = (
+        tasks(&store, "u").await,
+        history(&store, "u", "old").await,
+        history(&store, "u", "late").await,
+        history(&store, "v", "new").await,
+    );
+
+    let made = store
+        .convert_to_partitioned(Partitioning::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.layout().await.unwrap(),
+        Layout::Partitioned { interval: MONTH }
+    );
+    // From the oldest task's month to three past this one.
+    assert_eq!(made.len(), 8, "{made:?}");
+    assert_eq!(made.first(), Some(&partition_of(month(-4, 0))));
+    assert_eq!(made.last(), Some(&partition_of(month(3, 0))));
+    let names = partition_names(&store).await;
+    assert_eq!(
+        names.first().map(String::as_str),
+        Some("task_history_default")
+    );
+
+    let after = (
+        tasks(&store, "u").await,
+        history(&store, "u", "old").await,
+        history(&store, "u", "late").await,
+        history(&store, "v", "new").await,
+    );
+    assert_eq!(before, after);
+    let late = placement(&store, "u", "late").await;
+    assert_eq!(late, BTreeMap::from([(partition_of(month(-3, 27)), 4)]));
+
+    // Writes go on, and a new step of an old task joins its task's partition.
+    store
+        .save_task_history("u", "old", 3, &running(3))
+        .await
+        .unwrap();
+    let old = placement(&store, "u", "old").await;
+    assert_eq!(old, BTreeMap::from([(partition_of(month(-4, 2)), 4)]));
+    assert_eq!(
+        store.check_task_status("u", "old").await.unwrap(),
+        TaskStatus::Running
+    );
+    assert_eq!(tasks(&store, "u").await[0].step_count, 4);
+    // Converting again changes nothing.
+    assert!(store
+        .convert_to_partitioned(Partitioning::default())
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_are_made_ahead_and_take_their_rows_from_the_default() {
+    let store = partitioned_store().await;
+    let names = partition_names(&store).await;
+    assert_eq!(names.len(), 5, "default + this month + 3 ahead: {names:?}");
+    // No partition for these: they land in the default one, and nothing fails.
+    seed(&store, "u", "future", month(5, 3), 2).await;
+    seed(&store, "u", "ancient", month(-30, 0), 2).await;
+    let default = BTreeMap::from([("task_history_default".to_owned(), 2)]);
+    assert_eq!(placement(&store, "u", "future").await, default);
+
+    let made = store.ensure_partitions(6).await.unwrap();
+    assert_eq!(
+        made,
+        [4, 5, 6].map(|n| partition_of(month(n, 0))).to_vec(),
+        "only the missing ones"
+    );
+    assert_eq!(
+        placement(&store, "u", "future").await,
+        BTreeMap::from([(partition_of(month(5, 3)), 2)])
+    );
+    assert_eq!(placement(&store, "u", "ancient").await, default);
+    assert_eq!(history(&store, "u", "future").await.len(), 2);
+    assert!(store.ensure_partitions(6).await.unwrap().is_empty());
+    // On the plain layout there is nothing to ensure.
+    let plain = fresh_store().await;
+    let err = plain.ensure_partitions(3).await.unwrap_err();
+    assert!(err.to_string().contains("not partitioned"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_drops_expired_partitions_and_never_cuts_an_active_task() {
+    let store = seeded_then_converted().await;
+    let old_partition = partition_of(month(-4, 2));
+    let mixed_partition = partition_of(month(-3, 1));
+    let dry = CleanupOptions {
+        dry_run: true,
+        ..CleanupOptions::default()
+    };
+    let preview = store
+        .cleanup_old_tasks_with(30, dry, &|_| {})
+        .await
+        .unwrap();
+    assert_eq!((preview.tasks_removed, preview.steps_removed), (2, 6));
+    assert!(partition_names(&store).await.contains(&old_partition));
+
+    let report = store.cleanup_old_tasks(30).await.unwrap();
+    assert_eq!(report.tasks_removed, 2, "u/old and v/other: {report:?}");
+    assert_eq!(report.steps_removed, 6, "{report:?}");
+    // The month of u/old went whole (and the empty month before it, if any); the month of
+    // u/mixed stays: it has an active task, so v/other left it by batched delete.
+    assert!(report.partitions_dropped >= 1, "{report:?}");
+    let names = partition_names(&store).await;
+    assert!(!names.contains(&old_partition), "{names:?}");
+    assert!(names.contains(&mixed_partition), "{names:?}");
+
+    assert_eq!(history(&store, "u", "mixed").await.len(), 4);
+    assert!(history(&store, "u", "old").await.is_empty());
+    assert!(history(&store, "v", "other").await.is_empty());
+    assert!(tasks(&store, "v").await.is_empty());
+    let ids: Vec<String> = tasks(&store, "u")
+        .await
+        .into_iter()
+        .map(|t| t.task_id)
+        .collect();
+    assert_eq!(ids, ["new", "mixed"]);
+    // The same id starts over as a new task, in this month's partition.
+    store
+        .save_task_history("u", "old", 0, &running(0))
+        .await
+        .unwrap();
+    assert_eq!(
+        placement(&store, "u", "old").await,
+        BTreeMap::from([(partition_of(Utc::now()), 1)])
+    );
+    assert_eq!(store.cleanup_old_tasks(30).await.unwrap().tasks_removed, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_status_retention_drops_a_partition_only_when_all_its_tasks_go() {
+    // Two tasks of the same month, ended long ago: one completed, one failed.
+    let store = fresh_store().await;
+    for (task, status, day) in [
+        ("done", TaskStatus::Completed, 1),
+        ("broke", TaskStatus::Failed, 2),
+    ] {
+        let records: Vec<StepRecord> = (0..3)
+            .map(|i| {
+                let result = running(i);
+                let result = if i == 2 {
+                    result.with_status(status)
+                } else {
+                    result
+                };
+                StepRecord::new("u", task, i, result).at(month(-4, day))
+            })
+            .collect();
+        store.save_batch_task_history(&records).await.unwrap();
+    }
+    store
+        .convert_to_partitioned(Partitioning::default())
+        .await
+        .unwrap();
+    let partition = partition_of(month(-4, 1));
+
+    let completed = CleanupOptions {
+        status: Some(TaskStatus::Completed),
+        ..CleanupOptions::default()
+    };
+    let first = store
+        .cleanup_old_tasks_with(30, completed, &|_| {})
+        .await
+        .unwrap();
+    assert_eq!(
+        (first.tasks_removed, first.steps_removed),
+        (1, 3),
+        "{first:?}"
+    );
+    assert!(
+        partition_names(&store).await.contains(&partition),
+        "a failed task is still in it"
+    );
+    assert_eq!(history(&store, "u", "broke").await.len(), 3);
+
+    let failed = CleanupOptions {
+        status: Some(TaskStatus::Failed),
+        ..CleanupOptions::default()
+    };
+    let second = store
+        .cleanup_old_tasks_with(30, failed, &|_| {})
+        .await
+        .unwrap();
+    assert_eq!(
+        (second.tasks_removed, second.steps_removed),
+        (1, 3),
+        "{second:?}"
+    );
+    assert!(second.partitions_dropped >= 1, "{second:?}");
+    assert!(!partition_names(&store).await.contains(&partition));
+    assert!(tasks(&store, "u").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writers_racing_a_partition_drop_never_leave_a_partial_task() {
+    // Each round, two writers wake a little later than the last round's, each saving three
+    // steps to one expired task: some rounds they come first (the partition stays), some
+    // while the drop is under way, some after it (their tasks start over).
+    let mut dropped_rounds = 0;
+    for round in 0..16u64 {
+        let store = fresh_store().await;
+        for t in 0..20 {
+            seed(&store, "u", &format!("t{t:02}"), month(-4, 1), 5).await;
+        }
+        store
+            .convert_to_partitioned(Partitioning::default())
+            .await
+            .unwrap();
+        let acked: Arc<Mutex<Vec<(String, i32)>>> = Arc::default();
+        let writers: Vec<_> = (0..2)
+            .map(|w| {
+                let (store, acked) = (store.clone(), acked.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(round + w)).await;
+                    let task = format!("t{:02}", (round + w * 7) % 20);
+                    for k in 0..3 {
+                        let step = 100 + (w as i32) * 10 + k;
+                        if store
+                            .save_task_history("u", &task, step, &running(step))
+                            .await
+                            .is_ok()
+                        {
+                            acked.lock().unwrap().push((task.clone(), step));
+                        }
+                    }
+                })
+            })
+            .collect();
+        let report = store.cleanup_old_tasks(30).await.unwrap();
+        for w in writers {
+            w.await.unwrap();
+        }
+        eprintln!("round {round}: {report:?}");
+        if report.tasks_removed == 20 {
+            dropped_rounds += 1;
+        }
+        let acked = acked.lock().unwrap().clone();
+        assert_eq!(acked.len(), 6, "every save succeeds (round {round})");
+        let summaries: BTreeMap<String, TaskSummary> = store
+            .get_user_tasks_page("u", &TaskQuery::first(100))
+            .await
+            .unwrap()
+            .tasks
+            .into_iter()
+            .map(|t| (t.task_id.clone(), t))
+            .collect();
+        for t in 0..20 {
+            let task = format!("t{t:02}");
+            let steps: Vec<i32> = history(&store, "u", &task)
+                .await
+                .iter()
+                .map(|e| e.step)
+                .collect();
+            let original = steps.iter().filter(|s| **s < 5).count();
+            assert!(
+                original == 0 || original == 5,
+                "round {round}: {task} lost part of its history: {steps:?} ({report:?})"
+            );
+            match summaries.get(&task) {
+                Some(s) => {
+                    assert_eq!(s.step_count, steps.len() as i64, "round {round}: {task}");
+                    assert_eq!(Some(&s.last_step), steps.last(), "round {round}: {task}");
+                }
+                None => assert!(
+                    steps.is_empty(),
+                    "round {round}: {task} has steps, no summary"
+                ),
+            }
+            let mut sorted = steps.clone();
+            sorted.dedup();
+            assert_eq!(sorted, steps, "round {round}: {task} has a step twice");
+        }
+        // A save makes its task active, so no cleanup after it may remove it: every
+        // acknowledged step is there (in the old task, or in a new one of the same id).
+        for (task, step) in &acked {
+            assert!(
+                history(&store, "u", task)
+                    .await
+                    .iter()
+                    .any(|e| e.step == *step),
+                "round {round}: {task}/{step} acknowledged but gone ({report:?})"
+            );
+        }
+    }
+    eprintln!("the partition went before the writers in {dropped_rounds} of 16 rounds");
+}

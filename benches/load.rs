@@ -99,7 +99,7 @@ async fn copy_rows(raw: &Raw, records: &[StepRecord]) {
     let sink = raw
         .client
         .copy_in(
-            "COPY task_history (user_id, task_id, step, result, timestamp, status) FROM STDIN BINARY",
+            "COPY task_history (user_id, task_id, step, result, timestamp, status, started_at) FROM STDIN BINARY",
         )
         .await
         .unwrap();
@@ -112,6 +112,7 @@ async fn copy_rows(raw: &Raw, records: &[StepRecord]) {
             Type::JSONB,
             Type::TIMESTAMPTZ,
             Type::TEXT,
+            Type::TIMESTAMPTZ,
         ],
     );
     pin_mut!(writer);
@@ -127,6 +128,7 @@ async fn copy_rows(raw: &Raw, records: &[StepRecord]) {
                 &Json(&r.result),
                 &ts,
                 &r.result.status.as_str(),
+                &ts,
             ])
             .await
             .unwrap();

@@ -3,15 +3,23 @@
 -- convert`): all of a task's steps share it, so they always live in one partition, and a
 -- partition is dropped only with whole tasks.
 --
--- Instant on a large table: the history column is added without a default (rows written
--- before this version keep NULL; the summary's value stands for them, and a conversion
--- fills them in). The summary, one row per task, is filled from created_at.
-
-ALTER TABLE task_history ADD COLUMN started_at TIMESTAMPTZ;
+-- The summary, one row per task, is filled from created_at; every existing step row then
+-- takes its task's value. On a large adopted table this rewrites the history once (about
+-- as long as version 1's column changes); a new database has nothing to fill. Reads of one
+-- task join the summary on (user_id, task_id, started_at), which lets the partitioned
+-- layout touch only the task's partition.
 
 ALTER TABLE task_summary ADD COLUMN started_at TIMESTAMPTZ;
 UPDATE task_summary SET started_at = created_at;
 ALTER TABLE task_summary ALTER COLUMN started_at SET NOT NULL;
+
+ALTER TABLE task_history ADD COLUMN started_at TIMESTAMPTZ;
+UPDATE task_history h SET started_at = s.started_at
+FROM task_summary s
+WHERE s.user_id = h.user_id AND s.task_id = h.task_id;
+-- Rows of no task (none are made by the store) keep their own time.
+UPDATE task_history SET started_at = timestamp WHERE started_at IS NULL;
+ALTER TABLE task_history ALTER COLUMN started_at SET NOT NULL;
 
 -- Two saves that both create the same task pick their start times independently; the one
 -- that commits second finds the other's summary and calls this: a serialization failure,

@@ -24,15 +24,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     client
         .batch_execute(
             r#"
-INSERT INTO task_history (user_id, task_id, step, result, timestamp, status)
+INSERT INTO task_history (user_id, task_id, step, result, timestamp, status, started_at)
 SELECT 'user_' || u, 'task_' || t, s,
        jsonb_build_object('step', 'step_' || s, 'result', jsonb_build_object('rows', s), 'completed', true,
                           'message', 'done', 'status', 'completed', 'error_code', null, 'error_message', null),
        now() - make_interval(mins => (u * 100 + t) % 5000) + make_interval(secs => s),
-       CASE WHEN s = 9 THEN 'completed' ELSE 'running' END
+       CASE WHEN s = 9 THEN 'completed' ELSE 'running' END,
+       now() - make_interval(mins => (u * 100 + t) % 5000)
 FROM generate_series(1, 1000) u, generate_series(1, 100) t, generate_series(0, 9) s;
-INSERT INTO task_summary (user_id, task_id, status, last_step, step_count, created_at, updated_at)
-SELECT user_id, task_id, 'completed', 9, 10, min(timestamp), max(timestamp)
+INSERT INTO task_summary
+    (user_id, task_id, status, last_step, step_count, created_at, updated_at, started_at)
+SELECT user_id, task_id, 'completed', 9, 10, min(timestamp), max(timestamp), min(started_at)
 FROM task_history GROUP BY user_id, task_id;
 "#,
         )

@@ -93,12 +93,16 @@ SELECT r.user_id AS refused_user, r.task_id AS refused_task,
 FROM (SELECT 1) AS one LEFT JOIN refused r ON true
 "#;
 
-/// A task's steps in ascending order.
+/// A task's steps in ascending order. Reached through the task's summary: the join on its
+/// start time lets the partitioned layout read only the task's partition (run-time
+/// pruning); on the plain layout it is one more primary-key probe.
 pub const LOAD_HISTORY: &str = r#"
-SELECT step, result, timestamp, status
-FROM task_history
-WHERE user_id = $1 AND task_id = $2
-ORDER BY step
+SELECT h.step, h.result, h.timestamp, h.status
+FROM task_summary s
+JOIN task_history h
+    ON h.user_id = s.user_id AND h.task_id = s.task_id AND h.started_at = s.started_at
+WHERE s.user_id = $1 AND s.task_id = $2
+ORDER BY h.step
 "#;
 
 /// A task's current status.
@@ -184,12 +188,15 @@ ORDER BY task_id, step
 LIMIT $4
 "#;
 
-/// A page of one task's steps after a step number (-1 for the start).
+/// A page of one task's steps after a step number (-1 for the start); through the summary
+/// like [`LOAD_HISTORY`].
 pub const SCAN_TASK_HISTORY: &str = r#"
-SELECT task_id, step, result, timestamp
-FROM task_history
-WHERE user_id = $1 AND task_id = $2 AND step > $3
-ORDER BY step
+SELECT h.task_id, h.step, h.result, h.timestamp
+FROM task_summary s
+JOIN task_history h
+    ON h.user_id = s.user_id AND h.task_id = s.task_id AND h.started_at = s.started_at
+WHERE s.user_id = $1 AND s.task_id = $2 AND h.step > $3
+ORDER BY h.step
 LIMIT $4
 "#;
 

@@ -420,3 +420,54 @@ async fn writers_racing_a_partition_drop_never_leave_a_partial_task() {
     }
     eprintln!("the partition went before the writers in {dropped_rounds} of 16 rounds");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saves_creating_one_task_at_once_agree_on_its_start() {
+    for store in [fresh_store().await, partitioned_store().await] {
+        for round in 0..10 {
+            let task = format!("t{round}");
+            // Eight first saves of one new task, each with its own (different) time, so each
+            // picks a different start; whichever commits first sets it for all.
+            let saves: Vec<_> = (0..8)
+                .map(|i| {
+                    let (store, task) = (store.clone(), task.clone());
+                    tokio::spawn(async move {
+                        let at = month(0, 0) + TimeDelta::hours(i64::from(i) + 1);
+                        let record = StepRecord::new("u", &task, i, running(i)).at(at);
+                        store.save_batch_task_history(&[record]).await
+                    })
+                })
+                .collect();
+            for s in saves {
+                s.await.unwrap().unwrap();
+            }
+            let steps: Vec<i32> = history(&store, "u", &task)
+                .await
+                .iter()
+                .map(|e| e.step)
+                .collect();
+            assert_eq!(steps, (0..8).collect::<Vec<_>>(), "round {round}");
+            let summary = store
+                .get_user_tasks_page("u", &TaskQuery::first(100))
+                .await
+                .unwrap()
+                .tasks
+                .into_iter()
+                .find(|t| t.task_id == task)
+                .unwrap();
+            assert_eq!(summary.step_count, 8, "round {round}");
+            if store.layout().await.unwrap() != Layout::Plain {
+                assert_eq!(
+                    placement(&store, "u", &task).await.len(),
+                    1,
+                    "round {round}"
+                );
+            }
+        }
+        eprintln!(
+            "{:?}: {} retries",
+            store.layout().await.unwrap(),
+            store.metrics().retries
+        );
+    }
+}

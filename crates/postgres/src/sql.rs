@@ -212,7 +212,8 @@ ORDER BY status
 "#;
 
 /// Operator statistics: the size on disk of the store's tables (with TOAST) and indexes, in
-/// the current schema, and the planner's row estimate.
+/// the current schema (partitions of the partitioned layout included), and the planner's
+/// row estimate.
 pub const STATS_RELATIONS: &str = r#"
 SELECT c.relname::text AS name,
        CASE WHEN c.relkind = 'i' THEN 'index' ELSE 'table' END AS kind,
@@ -226,7 +227,8 @@ LEFT JOIN pg_index i ON i.indexrelid = c.oid
 JOIN pg_class t ON t.oid = COALESCE(i.indrelid, c.oid)
 WHERE n.nspname = current_schema()
   AND c.relkind IN ('r', 'p', 'i')
-  AND t.relname IN ('task_history', 'task_summary', 'task_history_duplicates')
+  AND (t.relname IN ('task_history', 'task_summary', 'task_history_duplicates')
+       OR (t.relispartition AND t.relname LIKE 'task\_history\_%'))
 ORDER BY t.relname, c.relkind DESC, c.relname
 "#;
 

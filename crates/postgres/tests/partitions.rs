@@ -177,6 +177,15 @@ async fn conversion_keeps_every_row_and_task_together() {
         TaskStatus::Running
     );
     assert_eq!(tasks(&store, "u").await[0].step_count, 4);
+    // Operator statistics count the partitions' sizes.
+    let stats = store.stats().await.unwrap();
+    let partition = partition_of(month(-4, 2));
+    let sized = stats
+        .relations
+        .iter()
+        .find(|r| r.name == partition)
+        .unwrap_or_else(|| panic!("{partition} not in {:?}", stats.relations));
+    assert!(sized.bytes > 0);
     // Converting again changes nothing.
     assert!(store
         .convert_to_partitioned(Partitioning::default())

@@ -40,8 +40,6 @@ use common::{drive, drive_until, median, ms, round_secs, scaled, section, Sample
 /// One raw tokio-postgres connection with the store's statements prepared.
 struct Raw {
     client: Client,
-    /// The store's notification channel: the raw saves notify too, as the store's do.
-    channel: String,
     save: Statement,
     load: Statement,
     status: Statement,
@@ -54,7 +52,6 @@ async fn raw_connect(url: &str, schema: &str) -> Raw {
     let (client, conn) = config.connect(NoTls).await.unwrap();
     tokio::spawn(conn);
     Raw {
-        channel: format!("taskhistory_{schema}"),
         save: client.prepare(sql::SAVE_STEPS).await.unwrap(),
         load: client.prepare(sql::LOAD_HISTORY).await.unwrap(),
         status: client.prepare(sql::TASK_STATUS).await.unwrap(),
@@ -88,10 +85,7 @@ async fn raw_save(raw: &Raw, records: &[StepRecord]) {
     let results: Vec<Json<&TaskStepResult>> = records.iter().map(|r| Json(&r.result)).collect();
     let times: Vec<Option<DateTime<Utc>>> = records.iter().map(|r| r.timestamp).collect();
     let statuses: Vec<&str> = records.iter().map(|r| r.result.status.as_str()).collect();
-    let channel = Some(raw.channel.as_str());
-    let params: [&(dyn ToSql + Sync); 7] = [
-        &users, &tasks, &steps, &results, &times, &statuses, &channel,
-    ];
+    let params: [&(dyn ToSql + Sync); 6] = [&users, &tasks, &steps, &results, &times, &statuses];
     raw.client.query(&raw.save, &params).await.unwrap();
 }
 

@@ -102,8 +102,6 @@ fn postgres(c: &mut Criterion) {
             client.prepare(sql::TASK_STATUS).await.unwrap(),
         )
     });
-    // The raw saves notify on the store's channel, as the store's saves do.
-    let channel = format!("taskhistory_{schema}");
     let mut g = c.benchmark_group("postgres raw tokio-postgres");
     let mut i = 0;
     g.bench_function("save_task_history", |b| {
@@ -111,7 +109,7 @@ fn postgres(c: &mut Criterion) {
             i += 1;
             let step = i % 10_000;
             let r = result(step);
-            let (client, save, channel) = (&client, &save, &channel);
+            let (client, save) = (&client, &save);
             async move {
                 client
                     .query(
@@ -123,7 +121,6 @@ fn postgres(c: &mut Criterion) {
                             &vec![Json(&r)],
                             &vec![None::<chrono::DateTime<chrono::Utc>>],
                             &vec![r.status.as_str()],
-                            &Some(channel.as_str()),
                         ],
                     )
                     .await

@@ -66,10 +66,10 @@ fn literal(s: &str) -> String {
 fn arguments(user: &str, task: &str) -> Vec<(&'static str, String)> {
     let (u, t) = (literal(user), literal(task));
     vec![
-        ("save_steps", format!("ARRAY[{u}], ARRAY[{t}], ARRAY[2147483600], ARRAY['{{}}'::jsonb], ARRAY[NULL::timestamptz], ARRAY['running'], NULL")),
+        ("save_steps", format!("ARRAY[{u}], ARRAY[{t}], ARRAY[2147483600], ARRAY['{{}}'::jsonb], ARRAY[NULL::timestamptz], ARRAY['running']")),
         ("load_history", format!("{u}, {t}")),
         ("task_status", format!("{u}, {t}")),
-        ("cancel_task", format!("{u}, {t}, '{{}}'::jsonb, NULL")),
+        ("cancel_task", format!("{u}, {t}, '{{}}'::jsonb")),
         ("list_tasks", format!("{u}, 51")),
         ("list_tasks_after", format!("{u}, now(), {t}, 51")),
         ("list_tasks_with_status", format!("{u}, 'running', 51")),

@@ -15,6 +15,7 @@ mod connection;
 mod error;
 mod explain;
 mod migrate;
+mod notify;
 mod partition;
 pub mod sql;
 mod stats;

@@ -18,7 +18,9 @@ use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
 /// Saves one or many steps: one statement, one round trip. Inputs are parallel arrays
 /// (user_id, task_id, step, result, timestamp or NULL for now(), status), already
-/// de-duplicated and sorted by key, and the notification channel (NULL: no notification).
+/// de-duplicated and sorted by key. Returns the refused task if any, and for watchers the
+/// statement's `seq` (the highest id it drew: drawn after the task's lock, so per task it
+/// grows in commit order) and its `now()` (the time of steps saved without one).
 /// The task summaries touched are locked first, in key order; if any is cancelled nothing
 /// is written and the refused task is returned. Each row carries its task's start time
 /// (the partition key of the partitioned layout): the summary's for a known task, else the
@@ -77,19 +79,11 @@ WITH input AS (
         started_at = CASE WHEN s.started_at = EXCLUDED.started_at THEN s.started_at
                           ELSE taskhistory_start_conflict() END
     RETURNING 1
-), notified AS (
-    -- Watchers: one notification per statement (not per row), sent at commit, carrying
-    -- each step's key, status and time (all an event needs: watchers read nothing); '*' when the list would not fit in a notification; no channel: none.
-    SELECT pg_notify(c.channel, CASE WHEN length(j.payload) <= 7900 THEN j.payload ELSE '*' END)
-    FROM (SELECT $7::text AS channel) c,
-         (SELECT json_agg(json_build_array(user_id, task_id, step, status, timestamp))::text
-             AS payload
-          FROM written) j
-    WHERE c.channel IS NOT NULL AND j.payload IS NOT NULL
 )
 SELECT r.user_id AS refused_user, r.task_id AS refused_task,
        (SELECT count(*) FROM written) AS rows_written,
-       (SELECT count(*) FROM notified) AS notified
+       (SELECT max(id) FROM keyed) AS seq,
+       now() AS saved_at
 FROM (SELECT 1) AS one LEFT JOIN refused r ON true
 "#;
 
@@ -112,7 +106,7 @@ SELECT status FROM task_summary WHERE user_id = $1 AND task_id = $2
 
 /// Cancels a task that exists and is not terminal: appends the cancellation entry after the
 /// highest step and marks the summary, under the summary's row lock. Returns one row when
-/// it cancelled.
+/// it cancelled, with the entry's step, time and id (the watchers' `seq`).
 pub const CANCEL_TASK: &str = r#"
 WITH target AS MATERIALIZED (
     SELECT user_id, task_id, last_step, started_at
@@ -125,21 +119,16 @@ WITH target AS MATERIALIZED (
     INSERT INTO task_history (user_id, task_id, step, result, timestamp, status, started_at)
     SELECT user_id, task_id, last_step + 1, $3::jsonb, now(), 'cancelled', started_at
     FROM target
-    RETURNING user_id, task_id, step, timestamp
+    RETURNING id, user_id, task_id, step, timestamp
 ), updated AS (
     UPDATE task_summary s
     SET status = 'cancelled', last_step = e.step, step_count = s.step_count + 1,
         updated_at = GREATEST(s.updated_at, e.timestamp)
     FROM entry e
     WHERE s.user_id = e.user_id AND s.task_id = e.task_id
-    RETURNING s.user_id, s.task_id, s.step_count, e.step, e.timestamp
-), notified AS (
-    SELECT pg_notify(c.channel, json_build_array(json_build_array(
-        u.user_id, u.task_id, u.step, 'cancelled', u.timestamp))::text)
-    FROM (SELECT $4::text AS channel) c, updated u
-    WHERE c.channel IS NOT NULL
+    RETURNING e.id, e.step, e.timestamp
 )
-SELECT step_count, (SELECT count(*) FROM notified) AS notified FROM updated
+SELECT id AS seq, step, timestamp FROM updated
 "#;
 
 /// The first page of a user's tasks.
@@ -230,6 +219,16 @@ WHERE n.nspname = current_schema()
   AND (t.relname IN ('task_history', 'task_summary', 'task_history_duplicates')
        OR (t.relispartition AND t.relname LIKE 'task\_history\_%'))
 ORDER BY t.relname, c.relkind DESC, c.relname
+"#;
+
+/// Watchers: the notifier's transaction. A notification is not data: its commit need not
+/// wait for the disk, so PostgreSQL's notification lock is held only for a moment.
+pub const NOTIFY_TRANSACTION: &str = "BEGIN; SET LOCAL synchronous_commit TO off";
+
+/// Watchers: the events of recent saves, sent by the store's notifier in its own
+/// transaction (never a writer's), one notification per payload of at most 7,900 bytes.
+pub const NOTIFY_EVENTS: &str = r#"
+SELECT count(pg_notify($1, p))::int8 AS sent FROM unnest($2::text[]) AS p
 "#;
 
 /// Watchers: a marker notification a new watcher sends itself, so it knows which
@@ -597,6 +596,7 @@ pub const ALL_STATEMENTS: &[(&str, &str)] = &[
     ("schema_version", SCHEMA_VERSION),
     ("applied_migrations", APPLIED_MIGRATIONS),
     ("watch_fence", WATCH_FENCE),
+    ("notify_events", NOTIFY_EVENTS),
     ("partition_layout", PARTITION_LAYOUT),
     ("partition_list", PARTITION_LIST),
     ("partition_start_range", PARTITION_START_RANGE),
@@ -639,6 +639,7 @@ mod tests {
                 || *name == "schema_version"
                 || *name == "applied_migrations"
                 || *name == "watch_fence"
+                || *name == "notify_events"
             {
                 continue;
             }

@@ -20,7 +20,7 @@ use futures::future::BoxFuture;
 use taskhistory_core::validate::{self, PreparedStep};
 use taskhistory_core::{
     CleanupReport, HealthReport, HistoryEntry, HistoryPage, HistoryScan, StepRecord, StoreError,
-    TaskCursor, TaskEventStream, TaskHistoryStore, TaskPage, TaskQuery, TaskStatus, TaskStepResult,
+    TaskCursor, TaskEvent, TaskEventStream, TaskHistoryStore, TaskPage, TaskQuery, TaskStatus, TaskStepResult,
     TaskSummary,
 };
 use tracing::Instrument;
@@ -31,6 +31,7 @@ use crate::error::from_diesel;
 use crate::migrate::{self, MigrationState};
 use crate::partition::Layout;
 use crate::sql::{self, Statement};
+use crate::notify::{Notifier, Sequenced};
 use crate::watch::Hub;
 
 /// Rows per statement when a batch is split (inside one transaction).
@@ -109,6 +110,8 @@ struct Inner {
     counters: Counters,
     /// The notification channel of this schema, when saves notify watchers.
     channel: Option<String>,
+    /// Sends committed writes' events to the channel (when it is set).
+    notifier: Option<Notifier>,
     hub: Hub,
 }
 
@@ -241,6 +244,10 @@ struct SaveOutcome {
     refused_task: Option<String>,
     #[diesel(sql_type = BigInt)]
     rows_written: i64,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    seq: Option<i64>,
+    #[diesel(sql_type = Timestamptz)]
+    saved_at: DateTime<Utc>,
 }
 
 #[derive(QueryableByName)]
@@ -276,8 +283,11 @@ struct StatusRow {
 #[derive(QueryableByName)]
 struct CancelRow {
     #[diesel(sql_type = BigInt)]
-    #[allow(dead_code)]
-    step_count: i64,
+    seq: i64,
+    #[diesel(sql_type = Integer)]
+    step: i32,
+    #[diesel(sql_type = Timestamptz)]
+    timestamp: DateTime<Utc>,
 }
 
 #[derive(QueryableByName)]
@@ -318,18 +328,26 @@ struct VersionRow {
     version: Option<String>,
 }
 
-/// Arguments of one save statement: parallel arrays, and the watchers' channel.
-struct SaveArgs<'a> {
-    steps: &'a [PreparedStep<'a>],
-    channel: Option<&'a str>,
+/// What one save statement did: refused a cancelled task, or saved (with what watchers'
+/// events need: the statement's `seq` and `now()`).
+enum Chunk {
+    Refused(String, String),
+    Saved(Saved),
 }
 
-/// Saves one chunk; returns the refused task, if any.
+/// A saved chunk: its length, `seq` and the time of steps saved without one.
+#[derive(Clone, Copy)]
+struct Saved {
+    len: usize,
+    seq: i64,
+    at: DateTime<Utc>,
+}
+
+/// Saves one chunk.
 async fn save_chunk(
     conn: &mut AsyncPgConnection,
     steps: &[PreparedStep<'_>],
-    channel: Option<&str>,
-) -> Result<Option<(String, String)>, StoreError> {
+) -> Result<Chunk, StoreError> {
     let op = "save_task_history";
     let users: Vec<String> = steps.iter().map(|p| p.user_id.to_owned()).collect();
     let tasks: Vec<String> = steps.iter().map(|p| p.task_id.to_owned()).collect();
@@ -347,7 +365,6 @@ async fn save_chunk(
         .bind::<Array<Jsonb>, _>(results)
         .bind::<Array<Nullable<Timestamptz>>, _>(times)
         .bind::<Array<Text>, _>(statuses)
-        .bind::<Nullable<Text>, _>(channel.map(str::to_owned))
         .fetch(conn)
         .await
         .map_err(|e| from_diesel(op, e))?;
@@ -356,10 +373,19 @@ async fn save_chunk(
             refused_user: Some(u),
             refused_task: Some(t),
             ..
-        }) => Ok(Some((u, t))),
-        Some(SaveOutcome { rows_written, .. }) => {
+        }) => Ok(Chunk::Refused(u, t)),
+        Some(SaveOutcome {
+            rows_written,
+            seq,
+            saved_at,
+            ..
+        }) => {
             tracing::Span::current().record("rows", rows_written);
-            Ok(None)
+            Ok(Chunk::Saved(Saved {
+                len: steps.len(),
+                seq: seq.unwrap_or(0),
+                at: saved_at,
+            }))
         }
         None => Err(StoreError::database(
             op,
@@ -368,25 +394,30 @@ async fn save_chunk(
     }
 }
 
-/// Saves steps in one statement, or in chunks inside one transaction.
+/// Saves steps in one statement, or in chunks inside one transaction; returns each chunk's
+/// figures for the watchers' events.
 fn save_steps<'c, 'a>(
     conn: &'c mut AsyncPgConnection,
-    args: &'c SaveArgs<'a>,
-) -> BoxFuture<'c, Result<(), StoreError>> {
+    steps: &'c &'a [PreparedStep<'a>],
+) -> BoxFuture<'c, Result<Vec<Saved>, StoreError>> {
     Box::pin(async move {
         let op = "save_batch_task_history";
-        let refused = if args.steps.len() <= CHUNK_ROWS {
-            save_chunk(conn, args.steps, args.channel).await?
+        let refused = if steps.len() <= CHUNK_ROWS {
+            match save_chunk(conn, steps).await? {
+                Chunk::Saved(saved) => return Ok(vec![saved]),
+                Chunk::Refused(u, t) => (u, t),
+            }
         } else {
             AnsiTransactionManager::begin_transaction(conn)
                 .await
                 .map_err(|e| from_diesel(op, e))?;
+            let mut saved = Vec::new();
             let mut refused = None;
-            for chunk in args.steps.chunks(CHUNK_ROWS) {
-                match save_chunk(conn, chunk, args.channel).await {
-                    Ok(None) => {}
-                    Ok(Some(r)) => {
-                        refused = Some(r);
+            for chunk in steps.chunks(CHUNK_ROWS) {
+                match save_chunk(conn, chunk).await {
+                    Ok(Chunk::Saved(s)) => saved.push(s),
+                    Ok(Chunk::Refused(u, t)) => {
+                        refused = Some((u, t));
                         break;
                     }
                     Err(e) => {
@@ -395,22 +426,40 @@ fn save_steps<'c, 'a>(
                     }
                 }
             }
-            if refused.is_some() {
-                AnsiTransactionManager::rollback_transaction(conn)
-                    .await
-                    .map_err(|e| from_diesel(op, e))?;
-            } else {
-                AnsiTransactionManager::commit_transaction(conn)
-                    .await
-                    .map_err(|e| from_diesel(op, e))?;
+            match refused {
+                Some(r) => {
+                    AnsiTransactionManager::rollback_transaction(conn)
+                        .await
+                        .map_err(|e| from_diesel(op, e))?;
+                    r
+                }
+                None => {
+                    AnsiTransactionManager::commit_transaction(conn)
+                        .await
+                        .map_err(|e| from_diesel(op, e))?;
+                    return Ok(saved);
+                }
             }
-            refused
         };
-        match refused {
-            Some((user_id, task_id)) => Err(StoreError::TaskCancelled { user_id, task_id }),
-            None => Ok(()),
-        }
+        let (user_id, task_id) = refused;
+        Err(StoreError::TaskCancelled { user_id, task_id })
     })
+}
+
+/// The watchers' events of saved steps, chunk by chunk.
+fn step_events(steps: &[PreparedStep<'_>], saved: &[Saved]) -> Vec<Sequenced> {
+    let mut out = Vec::with_capacity(steps.len());
+    let mut rest = steps;
+    for chunk in saved {
+        let (these, more) = rest.split_at(chunk.len.min(rest.len()));
+        rest = more;
+        out.extend(these.iter().map(|p| {
+            let at = p.timestamp.unwrap_or(chunk.at);
+            let event = TaskEvent::of_step(p.user_id, p.task_id, p.step, p.result.status, at);
+            (chunk.seq, event)
+        }));
+    }
+    out
 }
 
 fn load_history<'c>(
@@ -497,19 +546,18 @@ fn task_status<'c>(
 
 fn cancel_task<'c>(
     conn: &'c mut AsyncPgConnection,
-    (user_id, task_id, channel): &'c (&str, &str, Option<&str>),
-) -> BoxFuture<'c, Result<bool, StoreError>> {
+    (user_id, task_id): &'c (&str, &str),
+) -> BoxFuture<'c, Result<Option<CancelRow>, StoreError>> {
     Box::pin(async move {
         let entry = TaskStepResult::cancellation();
         let rows: Vec<CancelRow> = Statement::new(sql::CANCEL_TASK)
             .bind::<Text, _>(user_id.to_string())
             .bind::<Text, _>(task_id.to_string())
             .bind::<Jsonb, _>(JsonOf::new("mark_task_as_cancelled", &entry)?)
-            .bind::<Nullable<Text>, _>(channel.map(str::to_owned))
             .fetch(conn)
             .await
             .map_err(|e| from_diesel("mark_task_as_cancelled", e))?;
-        Ok(!rows.is_empty())
+        Ok(rows.into_iter().next())
     })
 }
 
@@ -656,6 +704,9 @@ impl PgTaskHistoryStore {
         });
         let last_error = LastError::default();
         let pool = build_pool(&config, &connector, &last_error);
+        let notifier = channel
+            .clone()
+            .map(|c| Notifier::new(connector.clone(), c));
         // The pool may already be full if min_size connections raced us; that is fine.
         let _ = pool.add(first);
         Ok(PgTaskHistoryStore {
@@ -665,6 +716,7 @@ impl PgTaskHistoryStore {
                 connector,
                 last_error,
                 counters: Counters::default(),
+                notifier,
                 channel,
                 hub: Hub::default(),
             }),
@@ -806,6 +858,19 @@ impl PgTaskHistoryStore {
             ));
         }
         Ok((&self.inner.hub, &self.inner.connector, channel.clone()))
+    }
+
+    /// Hands committed writes' events to the notifier (nothing when notifications are off).
+    fn notify(&self, events: Vec<Sequenced>) {
+        if let Some(notifier) = &self.inner.notifier {
+            notifier.post(events);
+        }
+    }
+
+    fn notify_steps(&self, steps: &[PreparedStep<'_>], saved: &[Saved]) {
+        if self.inner.notifier.is_some() {
+            self.notify(step_events(steps, saved));
+        }
     }
 
     /// Opens connections (dedicated ones for DDL and LISTEN).
@@ -956,18 +1021,17 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         step_result: &TaskStepResult,
     ) -> Result<(), StoreError> {
         let steps = [validate::prepare_save(user_id, task_id, step, step_result)?];
-        let args = SaveArgs {
-            steps: &steps,
-            channel: self.inner.channel.as_deref(),
-        };
-        self.run(
-            "save_task_history",
-            Some(user_id),
-            Some(task_id),
-            &args,
-            save_steps,
-        )
-        .await
+        let saved = self
+            .run(
+                "save_task_history",
+                Some(user_id),
+                Some(task_id),
+                &&steps[..],
+                save_steps,
+            )
+            .await?;
+        self.notify_steps(&steps, &saved);
+        Ok(())
     }
 
     async fn save_batch_task_history(&self, records: &[StepRecord]) -> Result<(), StoreError> {
@@ -975,12 +1039,11 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         if steps.is_empty() {
             return self.pool().map(drop);
         }
-        let args = SaveArgs {
-            steps: &steps,
-            channel: self.inner.channel.as_deref(),
-        };
-        self.run("save_batch_task_history", None, None, &args, save_steps)
-            .await
+        let saved = self
+            .run("save_batch_task_history", None, None, &&steps[..], save_steps)
+            .await?;
+        self.notify_steps(&steps, &saved);
+        Ok(())
     }
 
     async fn load_task_history(
@@ -1005,14 +1068,24 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         task_id: &str,
     ) -> Result<bool, StoreError> {
         validate::task(user_id, task_id)?;
-        self.run(
-            "mark_task_as_cancelled",
-            Some(user_id),
-            Some(task_id),
-            &(user_id, task_id, self.inner.channel.as_deref()),
-            cancel_task,
-        )
-        .await
+        let entry = self
+            .run(
+                "mark_task_as_cancelled",
+                Some(user_id),
+                Some(task_id),
+                &(user_id, task_id),
+                cancel_task,
+            )
+            .await?;
+        Ok(match entry {
+            Some(e) => {
+                let event =
+                    TaskEvent::of_step(user_id, task_id, e.step, TaskStatus::Cancelled, e.timestamp);
+                self.notify(vec![(e.seq, event)]);
+                true
+            }
+            None => false,
+        })
     }
 
     async fn check_task_status(
@@ -1096,6 +1169,9 @@ impl TaskHistoryStore for PgTaskHistoryStore {
     }
 
     async fn close(&self) {
+        if let Some(notifier) = &self.inner.notifier {
+            notifier.stop().await;
+        }
         self.inner.hub.stop().await;
         let pool = self
             .inner

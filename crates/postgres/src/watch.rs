@@ -1,16 +1,20 @@
 //! Live task events: one `LISTEN` connection per store (dedicated, never pooled) fans
 //! notifications out to every watcher of the store.
 //!
-//! Saves notify once per statement, at commit, with each step's key, status and time (what
-//! an event holds; never the result, so the size does not depend on the steps), or `*` when
-//! the list would pass PostgreSQL's 8,000-byte limit; then watchers read what they have not
-//! seen from the history. After a lost connection the
-//! listener reconnects by itself and every watcher re-reads what it has not seen yet
-//! (resynchronisation), so no committed step is missed and none is delivered twice.
+//! After their commit, saves and cancellations hand their events (each step's key, status and
+//! time; never the result) to the store's notifier (`notify.rs`), which sends them in batches
+//! from its own transaction. After a lost connection the listener reconnects by itself and
+//! every watcher re-reads what it has not seen yet (resynchronisation); every watcher also
+//! resynchronises every 10 s, which catches the events of a process that died between a
+//! commit and its notifier's next send. A notification that arrives after a read already
+//! delivered its step (a send in flight while the watch started or resynchronised) is
+//! dropped, so no committed step is missed and none is delivered twice.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use chrono::{DateTime, Utc};
 use diesel::sql_types::{Integer, Text};
@@ -210,6 +214,15 @@ fn send_fence<'c>(
     })
 }
 
+/// How often a watcher re-reads history without being told to.
+const RESYNC_EVERY: Duration = Duration::from_secs(10);
+/// How long after a read a notification of a step it covered is taken as late (sent before
+/// the read, arriving after it) and dropped.
+const SETTLE: Duration = Duration::from_secs(2);
+/// A periodic resynchronisation of a user's tasks looks at tasks active since its previous
+/// one, less this margin (for clocks and commit delays).
+const RESYNC_MARGIN: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
+
 /// One watcher: what it has delivered, and what it has read but not yet handed out.
 struct Watcher {
     store: PgTaskHistoryStore,
@@ -217,8 +230,14 @@ struct Watcher {
     task: Option<String>,
     /// The highest step delivered (or existing when the watch began), per task.
     last: HashMap<String, i32>,
+    /// Per task, the highest step a history read covered and until when a notification at
+    /// or below it is late.
+    settled: HashMap<String, (i32, Instant)>,
     rx: broadcast::Receiver<Wake>,
     pending: VecDeque<TaskEvent>,
+    /// When the next periodic resynchronisation is due, and when the previous one started.
+    next_resync: Instant,
+    last_resync: DateTime<Utc>,
 }
 
 impl PgTaskHistoryStore {
@@ -267,8 +286,11 @@ impl PgTaskHistoryStore {
             user: user.to_owned(),
             task: task.map(str::to_owned),
             last: HashMap::new(),
+            settled: HashMap::new(),
             rx,
             pending: VecDeque::new(),
+            next_resync: Instant::now() + RESYNC_EVERY,
+            last_resync: Utc::now(),
         };
         watcher.snapshot().await?;
         Ok(Box::pin(futures::stream::unfold(watcher, Watcher::next)))
@@ -278,14 +300,17 @@ impl PgTaskHistoryStore {
 impl Watcher {
     /// Records the highest existing step of each watched task: those are not delivered.
     async fn snapshot(&mut self) -> Result<(), StoreError> {
-        for (task, step) in self.current().await? {
+        let until = Instant::now() + SETTLE;
+        for (task, step) in self.current(None).await? {
+            self.settled.insert(task.clone(), (step, until));
             self.last.insert(task, step);
         }
         Ok(())
     }
 
-    /// The watched tasks and their highest step now.
-    async fn current(&self) -> Result<Vec<(String, i32)>, StoreError> {
+    /// The watched tasks and their highest step now (for a user's watch: only tasks active
+    /// since `since`, when given).
+    async fn current(&self, since: Option<DateTime<Utc>>) -> Result<Vec<(String, i32)>, StoreError> {
         match &self.task {
             Some(task) => Ok(self
                 .store
@@ -299,10 +324,20 @@ impl Watcher {
                 let mut query = TaskQuery::first(1000);
                 loop {
                     let page = self.store.get_user_tasks_page(&self.user, &query).await?;
-                    out.extend(page.tasks.iter().map(|t| (t.task_id.clone(), t.last_step)));
+                    let recent = |t: &&taskhistory_core::TaskSummary| {
+                        since.is_none_or(|s| t.last_updated >= s)
+                    };
+                    out.extend(
+                        page.tasks
+                            .iter()
+                            .filter(recent)
+                            .map(|t| (t.task_id.clone(), t.last_step)),
+                    );
+                    // Newest activity first: past `since`, nothing further is recent.
+                    let older = page.tasks.last().is_some_and(|t| !recent(&t));
                     match page.next {
-                        Some(next) => query = query.after(Some(next)),
-                        None => return Ok(out),
+                        Some(next) if !older => query = query.after(Some(next)),
+                        _ => return Ok(out),
                     }
                 }
             }
@@ -318,18 +353,23 @@ impl Watcher {
             if let Some(event) = self.pending.pop_front() {
                 return Some((Ok(event), self));
             }
-            let wake = match self.rx.recv().await {
-                Ok(w) => w,
-                Err(broadcast::error::RecvError::Lagged(_)) => Wake::All,
-                Err(broadcast::error::RecvError::Closed) => return None,
+            let received = tokio::select! {
+                r = self.rx.recv() => Some(r),
+                () = tokio::time::sleep_until(self.next_resync) => None,
             };
-            let read = match wake {
-                Wake::Steps(events) => {
-                    self.take_steps(&events);
-                    Ok(())
+            let read = match received {
+                Some(Ok(Wake::Steps(events))) => self.take_steps(&events).await,
+                Some(Ok(Wake::All) | Err(broadcast::error::RecvError::Lagged(_))) => {
+                    self.resync(None).await
                 }
-                Wake::All => self.resync().await,
-                Wake::Fence(_) => Ok(()),
+                Some(Ok(Wake::Fence(_))) => Ok(()),
+                Some(Err(broadcast::error::RecvError::Closed)) => return None,
+                None => {
+                    let since = self.last_resync - RESYNC_MARGIN;
+                    self.last_resync = Utc::now();
+                    self.next_resync = Instant::now() + RESYNC_EVERY;
+                    self.resync(Some(since)).await
+                }
             };
             if let Err(e) = read {
                 return Some((Err(e), self));
@@ -338,27 +378,52 @@ impl Watcher {
     }
 
     /// Queues the events of one commit that concern this watcher: no read needed.
-    fn take_steps(&mut self, events: &[TaskEvent]) {
+    ///
+    /// A step beyond the next one after the last delivered (a gap: a step whose
+    /// notification is late or was lost with a process that died after its commit, or
+    /// steps that simply skip numbers) is not taken on trust: the task's steps after the
+    /// last delivered one are read from history first, in step order, and notifications
+    /// of steps that read covered are dropped when they come.
+    async fn take_steps(&mut self, events: &[TaskEvent]) -> Result<(), StoreError> {
         for e in events {
-            if self.watches(&e.user_id, &e.task_id) {
-                let last = self.last.entry(e.task_id.clone()).or_insert(-1);
-                *last = (*last).max(e.step);
-                self.pending.push_back(e.clone());
+            if !self.watches(&e.user_id, &e.task_id) {
+                continue;
             }
+            let late = self
+                .settled
+                .get(&e.task_id)
+                .is_some_and(|(step, until)| Instant::now() < *until && e.step <= *step);
+            if late {
+                continue;
+            }
+            let last = self.last.get(&e.task_id).copied().unwrap_or(-1);
+            if e.step > last.saturating_add(1) {
+                self.read_task(&e.task_id, last).await?;
+                if self.last.get(&e.task_id).is_some_and(|l| *l >= e.step) {
+                    continue;
+                }
+            }
+            let last = self.last.entry(e.task_id.clone()).or_insert(-1);
+            *last = (*last).max(e.step);
+            self.pending.push_back(e.clone());
         }
+        Ok(())
     }
 
-    /// Reads every step not delivered yet (after a reconnect, a lag or an oversized
-    /// notification). Steps saved again at or below the last delivered one are not re-read.
-    async fn resync(&mut self) -> Result<(), StoreError> {
+    /// Reads every step not delivered yet (after a reconnect or a lag, and periodically,
+    /// then only of tasks active since `since`). Steps saved again at or below the last
+    /// delivered one are not re-read.
+    async fn resync(&mut self, since: Option<DateTime<Utc>>) -> Result<(), StoreError> {
         // Wakes queued before this point are covered by what is read now.
         while self.rx.try_recv().is_ok() {}
+        let now = Instant::now();
+        self.settled.retain(|_, (_, until)| *until > now);
         if let Some(task) = self.task.clone() {
             // One task: read on from the last step delivered (an index range scan).
             let last = self.last.get(&task).copied().unwrap_or(-1);
             return self.read_task(&task, last).await;
         }
-        for (task, step) in self.current().await? {
+        for (task, step) in self.current(since).await? {
             let last = self.last.get(&task).copied().unwrap_or(-1);
             if step > last {
                 self.read_task(&task, last).await?;
@@ -386,6 +451,8 @@ impl Watcher {
                 ));
                 let last = self.last.entry(task.to_owned()).or_insert(-1);
                 *last = (*last).max(r.step);
+                self.settled
+                    .insert(task.to_owned(), (*last, Instant::now() + SETTLE));
             }
             match page.next {
                 Some(next) => scan = scan.after(Some(next)),

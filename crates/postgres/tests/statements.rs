@@ -31,6 +31,7 @@ const NOT_PER_USER: &[&str] = &[
     "partition_keeps_tasks",
     "partition_retire_tasks",
     "partition_has_tasks",
+    "notify_events",
 ];
 
 /// The partitioned layout's DDL (`sql::ddl`), sent on its own connection by operator and
@@ -149,6 +150,7 @@ async fn every_statement_is_known_and_filters_on_user_id() {
             .iter()
             .any(|c| statement.eq_ignore_ascii_case(c))
             || DDL_PREFIXES.iter().any(|p| statement.starts_with(p))
+            || statement == sql::NOTIFY_TRANSACTION
         {
             continue;
         }

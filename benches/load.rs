@@ -431,23 +431,24 @@ async fn run() {
             .notifications(false);
         let off: DynStore = Arc::new(PgTaskHistoryStore::connect(off_config).await.unwrap());
         let mut drains = Vec::new();
+        let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
         for k in 0..100 {
             let mut events = pg.watch_user(&format!("watched-{k}")).await.unwrap();
+            let received = received.clone();
             drains.push(tokio::spawn(async move {
-                let mut n = 0u64;
                 while let Some(Ok(_)) = futures::StreamExt::next(&mut events).await {
-                    n += 1;
+                    received.fetch_add(1, Ordering::Relaxed);
                 }
-                n
             }));
         }
+        let on_saves = Arc::new(std::sync::atomic::AtomicU64::new(0));
         for c in [1usize, 8] {
-            let (on, off) = (store.clone(), off.clone());
+            let (on, off, counted) = (store.clone(), off.clone(), on_saves.clone());
             compare(
                 &mut report,
                 &format!("save_task_history, {c} concurrent: watching on (100 watchers) / off"),
                 move |round, w, i| {
-                    let on = on.clone();
+                    let (on, counted) = (on.clone(), counted.clone());
                     async move {
                         on.save_task_history(
                             &format!("watched-{w}"),
@@ -457,13 +458,16 @@ async fn run() {
                         )
                         .await
                         .unwrap();
+                        counted.fetch_add(1, Ordering::Relaxed);
                     }
                 },
                 move |round, w, i| {
                     let off = off.clone();
                     async move {
+                        // Users nobody watches: the watchers' periodic re-read of
+                        // history would deliver these steps too.
                         off.save_task_history(
-                            &format!("watched-{w}"),
+                            &format!("unwatched-{w}"),
                             &format!("off{round}-{}", i / 20),
                             (i % 20) as i32,
                             &step_result(i),
@@ -476,6 +480,12 @@ async fn run() {
             )
             .await;
         }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        println!(
+            "  watchers received {} events for {} saves of the watching store",
+            received.load(Ordering::Relaxed),
+            on_saves.load(Ordering::Relaxed)
+        );
         for d in drains {
             d.abort();
         }

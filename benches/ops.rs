@@ -97,7 +97,7 @@ fn postgres(c: &mut Criterion) {
     });
     let (save, load, status) = rt.block_on(async {
         (
-            client.prepare(sql::SAVE_STEPS).await.unwrap(),
+            client.prepare(sql::SAVE_STEP).await.unwrap(),
             client.prepare(sql::LOAD_HISTORY).await.unwrap(),
             client.prepare(sql::TASK_STATUS).await.unwrap(),
         )
@@ -115,12 +115,12 @@ fn postgres(c: &mut Criterion) {
                     .query(
                         save,
                         &[
-                            &vec!["raw-writer"],
-                            &vec!["t"],
-                            &vec![step],
-                            &vec![Json(&r)],
-                            &vec![None::<chrono::DateTime<chrono::Utc>>],
-                            &vec![r.status.as_str()],
+                            &"raw-writer",
+                            &"t",
+                            &step,
+                            &Json(&r),
+                            &None::<chrono::DateTime<chrono::Utc>>,
+                            &r.status.as_str(),
                         ],
                     )
                     .await

@@ -67,6 +67,7 @@ fn arguments(user: &str, task: &str) -> Vec<(&'static str, String)> {
     let (u, t) = (literal(user), literal(task));
     vec![
         ("save_steps", format!("ARRAY[{u}], ARRAY[{t}], ARRAY[2147483600], ARRAY['{{}}'::jsonb], ARRAY[NULL::timestamptz], ARRAY['running']")),
+        ("save_step", format!("{u}, {t}, 2147483600, '{{}}'::jsonb, NULL::timestamptz, 'running'")),
         ("load_history", format!("{u}, {t}")),
         ("task_status", format!("{u}, {t}")),
         ("cancel_task", format!("{u}, {t}, '{{}}'::jsonb")),

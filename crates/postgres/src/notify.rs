@@ -6,8 +6,8 @@
 //! starts to commit until its commit record is flushed, so transactions that notify commit
 //! one at a time and lose group commit. Writers here never notify: after its commit a save
 //! hands its events to the notifier, which gathers them for a couple of milliseconds and
-//! sends them with `synchronous_commit = off` (a notification is not data; its transaction
-//! holds the lock only for a moment). Within a batch events are sent in `seq` order, which
+//! sends them in one statement with `synchronous_commit = off` (a notification is not data;
+//! its transaction holds the lock only for a moment). Within a batch events are sent in `seq` order, which
 //! per task is commit order. If the process dies between a commit and the next send, or a
 //! send's outcome is unknown, those events are not sent: watchers re-read history
 //! periodically and catch up (`watch.rs`).
@@ -27,7 +27,7 @@ use crate::error::from_diesel;
 use crate::sql::{self, Statement};
 
 /// How long the notifier gathers events before sending them.
-const GATHER: Duration = Duration::from_millis(2);
+const GATHER: Duration = Duration::from_millis(10);
 /// PostgreSQL refuses payloads of 8,000 bytes or more.
 const MAX_PAYLOAD: usize = 7_900;
 const OP: &str = "notify";
@@ -35,11 +35,14 @@ const OP: &str = "notify";
 /// An event with its ordering key (see [`sql::SAVE_STEPS`]).
 pub(crate) type Sequenced = (i64, TaskEvent);
 
+/// The running notifier: where events go, and its task.
+type Running = (mpsc::UnboundedSender<Vec<Sequenced>>, JoinHandle<()>);
+
 /// The notifier of one store; started on first use, stopped by [`Notifier::stop`].
 pub(crate) struct Notifier {
     connector: Connector,
     channel: String,
-    sender: Mutex<Option<(mpsc::UnboundedSender<Vec<Sequenced>>, JoinHandle<()>)>>,
+    sender: Mutex<Option<Running>>,
 }
 
 impl Notifier {
@@ -58,7 +61,10 @@ impl Notifier {
         }
         let mut sender = self.sender.lock().unwrap_or_else(|p| p.into_inner());
         // (Re)start when not running: first use, or the runtime that ran it has ended.
-        if sender.as_ref().is_none_or(|(tx, task)| tx.is_closed() || task.is_finished()) {
+        if sender
+            .as_ref()
+            .is_none_or(|(tx, task)| tx.is_closed() || task.is_finished())
+        {
             let (tx, rx) = mpsc::unbounded_channel();
             let task = tokio::spawn(run(rx, self.connector.clone(), self.channel.clone()));
             *sender = Some((tx, task));
@@ -70,15 +76,14 @@ impl Notifier {
 
     /// Sends what is pending (waiting at most a second) and stops.
     pub(crate) async fn stop(&self) {
-        let taken = self
-            .sender
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let taken = self.sender.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some((tx, task)) = taken {
             drop(tx);
             let abort = task.abort_handle();
-            if tokio::time::timeout(Duration::from_secs(1), task).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(1), task)
+                .await
+                .is_err()
+            {
                 abort.abort();
             }
         }
@@ -101,7 +106,8 @@ fn payloads(events: &[Sequenced]) -> Vec<String> {
     let mut out = Vec::new();
     let mut current = String::from("[");
     for (_, e) in events {
-        let Ok(item) = serde_json::to_string(&(&e.user_id, &e.task_id, e.step, e.status, e.timestamp))
+        let Ok(item) =
+            serde_json::to_string(&(&e.user_id, &e.task_id, e.step, e.status, e.timestamp))
         else {
             continue;
         };
@@ -128,10 +134,41 @@ struct Sent {
     sent: i64,
 }
 
-/// Where a send failed: before `COMMIT` (nothing was sent: try again) or at it (unknown).
+/// Why a send failed: refused by the server (nothing was sent: try again), or the outcome
+/// is unknown (the connection went: sending again could deliver twice).
 enum Failure {
-    Before(StoreError),
-    AtCommit(StoreError),
+    Refused(StoreError),
+    Unknown(StoreError),
+}
+
+fn failure(e: diesel::result::Error) -> Failure {
+    let lost = matches!(
+        &e,
+        diesel::result::Error::DatabaseError(
+            diesel::result::DatabaseErrorKind::UnableToSendCommand
+                | diesel::result::DatabaseErrorKind::ClosedConnection,
+            _
+        )
+    );
+    let error = from_diesel(OP, e);
+    if lost || matches!(error, StoreError::Unavailable { .. }) {
+        Failure::Unknown(error)
+    } else {
+        Failure::Refused(error)
+    }
+}
+
+/// Opens the notifier's connection. On a direct connection its session does not wait for
+/// the disk at commit, and each send is one statement in its own transaction (one round
+/// trip); behind a transaction pooler the setting is made per transaction instead.
+async fn open(connector: &Connector) -> Result<AsyncPgConnection, Failure> {
+    let mut conn = connector.connect().await.map_err(Failure::Refused)?;
+    if connector.transaction_setup().is_none() {
+        conn.batch_execute(sql::NOTIFY_SESSION)
+            .await
+            .map_err(failure)?;
+    }
+    Ok(conn)
 }
 
 async fn send(
@@ -142,23 +179,34 @@ async fn send(
 ) -> Result<(), Failure> {
     let c = match conn {
         Some(c) => c,
-        None => conn.insert(connector.connect().await.map_err(Failure::Before)?),
+        None => conn.insert(open(connector).await?),
     };
-    c.batch_execute(sql::NOTIFY_TRANSACTION)
-        .await
-        .map_err(|e| Failure::Before(from_diesel(OP, e)))?;
+    let pooled = connector.transaction_setup().is_some();
+    if pooled {
+        c.batch_execute(sql::NOTIFY_TRANSACTION)
+            .await
+            .map_err(failure)?;
+    }
     let sent = Statement::new(sql::NOTIFY_EVENTS)
         .bind::<Text, _>(channel.to_owned())
         .bind::<Array<Text>, _>(payloads.to_vec())
         .fetch::<Sent>(c)
         .await;
-    if let Err(e) = sent {
-        let _ = c.batch_execute("ROLLBACK").await;
-        return Err(Failure::Before(from_diesel(OP, e)));
+    match sent {
+        Ok(_) if pooled => c
+            .batch_execute("COMMIT")
+            .await
+            .map_err(|e| match failure(e) {
+                Failure::Refused(e) | Failure::Unknown(e) => Failure::Unknown(e),
+            }),
+        Ok(_) => Ok(()),
+        Err(e) => {
+            if pooled {
+                let _ = c.batch_execute("ROLLBACK").await;
+            }
+            Err(failure(e))
+        }
     }
-    c.batch_execute("COMMIT")
-        .await
-        .map_err(|e| Failure::AtCommit(from_diesel(OP, e)))
 }
 
 async fn run(
@@ -178,12 +226,12 @@ async fn run(
         for attempt in 1..=3u32 {
             match send(&mut conn, &connector, &channel, &payloads).await {
                 Ok(()) => break,
-                Err(Failure::Before(error)) => {
+                Err(Failure::Refused(error)) => {
                     conn = None;
                     tracing::warn!(%error, attempt, "taskhistory: sending watchers' events failed; retrying");
                     tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
                 }
-                Err(Failure::AtCommit(error)) => {
+                Err(Failure::Unknown(error)) => {
                     conn = None;
                     tracing::warn!(%error, events = batch.len(), "taskhistory: watchers' events may not have been sent; watchers catch up at their next resynchronisation");
                     break;
@@ -203,7 +251,13 @@ mod tests {
     fn payloads_stay_under_the_limit_and_keep_every_event_in_order() {
         let events: Vec<Sequenced> = (0..200)
             .map(|i| {
-                let e = TaskEvent::of_step("u".repeat(100).as_str(), &format!("t{i}"), i, TaskStatus::Running, Utc::now());
+                let e = TaskEvent::of_step(
+                    "u".repeat(100).as_str(),
+                    &format!("t{i}"),
+                    i,
+                    TaskStatus::Running,
+                    Utc::now(),
+                );
                 (i64::from(i), e)
             })
             .collect();

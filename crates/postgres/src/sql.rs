@@ -16,27 +16,21 @@ use diesel::QueryResult;
 use diesel_async::methods::LoadQuery;
 use diesel_async::{AsyncPgConnection, RunQueryDsl};
 
-/// Saves one or many steps: one statement, one round trip. Inputs are parallel arrays
-/// (user_id, task_id, step, result, timestamp or NULL for now(), status), already
-/// de-duplicated and sorted by key. Returns the refused task if any, and for watchers the
-/// statement's `seq` (the highest id it drew: drawn after the task's lock, so per task it
-/// grows in commit order) and its `now()` (the time of steps saved without one).
-/// The task summaries touched are locked first, in key order; if any is cancelled nothing
-/// is written and the refused task is returned. Each row carries its task's start time
-/// (the partition key of the partitioned layout): the summary's for a known task, else the
-/// earliest timestamp saved; a concurrent save that created the task first makes this one
-/// fail with a serialization failure, which is retried.
-pub const SAVE_STEPS: &str = r#"
-WITH input AS (
-    SELECT i.user_id, i.task_id, i.step, i.result, COALESCE(i.ts, now()) AS ts, i.status
-    FROM unnest($1::text[], $2::text[], $3::int4[], $4::jsonb[], $5::timestamptz[], $6::text[])
-        AS i(user_id, task_id, step, result, ts, status)
-), locked AS MATERIALIZED (
+/// The part of the save statements after their input: locks, upserts, summary, outcome.
+macro_rules! save_body {
+    () => {
+        r#"), locked AS MATERIALIZED (
+    -- One primary-key probe per task, in key order (the lock order of every writer). Written
+    -- as a lateral lookup so that the cached generic plan, which cannot know how many rows
+    -- the arrays hold, never turns it into a scan of the whole summary table.
     SELECT s.user_id, s.task_id, s.status, s.started_at
-    FROM task_summary s
-    WHERE (s.user_id, s.task_id) IN (SELECT DISTINCT user_id, task_id FROM input)
-    ORDER BY s.user_id, s.task_id
-    FOR UPDATE
+    FROM (SELECT DISTINCT user_id, task_id FROM input ORDER BY user_id, task_id) k
+    CROSS JOIN LATERAL (
+        SELECT t.user_id, t.task_id, t.status, t.started_at
+        FROM task_summary t
+        WHERE t.user_id = k.user_id AND t.task_id = k.task_id
+        FOR UPDATE
+    ) s
 ), refused AS (
     SELECT user_id, task_id FROM locked WHERE status = 'cancelled' LIMIT 1
 ), keyed AS MATERIALIZED (
@@ -85,7 +79,42 @@ SELECT r.user_id AS refused_user, r.task_id AS refused_task,
        (SELECT max(id) FROM keyed) AS seq,
        now() AS saved_at
 FROM (SELECT 1) AS one LEFT JOIN refused r ON true
-"#;
+"#
+    };
+}
+
+/// Saves one or many steps: one statement, one round trip. Inputs are parallel arrays
+/// (user_id, task_id, step, result, timestamp or NULL for now(), status), already
+/// de-duplicated and sorted by key. Returns the refused task if any, and for watchers the
+/// statement's `seq` (the highest id it drew: drawn after the task's lock, so per task it
+/// grows in commit order) and its `now()` (the time of steps saved without one).
+/// The task summaries touched are locked first, in key order; if any is cancelled nothing
+/// is written and the refused task is returned. Each row carries its task's start time
+/// (the partition key of the partitioned layout): the summary's for a known task, else the
+/// earliest timestamp saved; a concurrent save that created the task first makes this one
+/// fail with a serialization failure, which is retried.
+pub const SAVE_STEPS: &str = concat!(
+    r#"
+WITH input AS (
+    SELECT i.user_id, i.task_id, i.step, i.result, COALESCE(i.ts, now()) AS ts, i.status
+    FROM unnest($1::text[], $2::text[], $3::int4[], $4::jsonb[], $5::timestamptz[], $6::text[])
+        AS i(user_id, task_id, step, result, ts, status)
+"#,
+    save_body!()
+);
+
+/// [`SAVE_STEPS`] for one step, with scalar parameters in the same order: the planner knows
+/// it writes one row, so PostgreSQL settles on the cached generic plan instead of planning
+/// the statement again at every call (an array's length is unknown to a generic plan, which
+/// keeps the batch statement on custom plans).
+pub const SAVE_STEP: &str = concat!(
+    r#"
+WITH input AS (
+    SELECT $1::text AS user_id, $2::text AS task_id, $3::int4 AS step, $4::jsonb AS result,
+           COALESCE($5::timestamptz, now()) AS ts, $6::text AS status
+"#,
+    save_body!()
+);
 
 /// A task's steps in ascending order. Reached through the task's summary: the join on its
 /// start time lets the partitioned layout read only the task's partition (run-time
@@ -221,8 +250,13 @@ WHERE n.nspname = current_schema()
 ORDER BY t.relname, c.relkind DESC, c.relname
 "#;
 
-/// Watchers: the notifier's transaction. A notification is not data: its commit need not
-/// wait for the disk, so PostgreSQL's notification lock is held only for a moment.
+/// Watchers: the notifier's session (a direct connection of its own). A notification is not
+/// data: its commit need not wait for the disk, so PostgreSQL's notification lock is held
+/// only for a moment.
+pub const NOTIFY_SESSION: &str = "SET synchronous_commit TO off";
+
+/// Watchers: the notifier's transaction behind a transaction pooler (where a session
+/// setting would not stay).
 pub const NOTIFY_TRANSACTION: &str = "BEGIN; SET LOCAL synchronous_commit TO off";
 
 /// Watchers: the events of recent saves, sent by the store's notifier in its own
@@ -511,27 +545,28 @@ where
     }
 }
 
-/// Splits SQL at `$n` placeholders.
+/// Splits SQL at `$n` placeholders. Runs on every call (diesel walks a query several times),
+/// so it jumps from `$` to `$` (a word-at-a-time search) instead of looking at every byte.
 fn segments(sql: &str) -> impl Iterator<Item = &str> {
-    let bytes = sql.as_bytes();
     let mut start = 0;
-    let mut i = 0;
+    let mut from = 0;
     let mut done = false;
     std::iter::from_fn(move || {
         if done {
             return None;
         }
-        while i < bytes.len() {
-            if bytes[i] == b'$' && bytes.get(i + 1).is_some_and(u8::is_ascii_digit) {
-                let seg = &sql[start..i];
-                i += 1;
-                while bytes.get(i).is_some_and(u8::is_ascii_digit) {
-                    i += 1;
-                }
-                start = i;
+        while let Some(offset) = sql[from..].find('$') {
+            let dollar = from + offset;
+            let digits = sql[dollar + 1..]
+                .bytes()
+                .take_while(u8::is_ascii_digit)
+                .count();
+            from = dollar + 1 + digits;
+            if digits > 0 {
+                let seg = &sql[start..dollar];
+                start = from;
                 return Some(seg);
             }
-            i += 1;
         }
         done = true;
         Some(&sql[start..])
@@ -579,6 +614,7 @@ impl Query for Statement {
 /// Every statement, for tests and tools (`taskhistory explain`, the benches' baseline).
 pub const ALL_STATEMENTS: &[(&str, &str)] = &[
     ("save_steps", SAVE_STEPS),
+    ("save_step", SAVE_STEP),
     ("load_history", LOAD_HISTORY),
     ("task_status", TASK_STATUS),
     ("cancel_task", CANCEL_TASK),

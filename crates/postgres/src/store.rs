@@ -20,8 +20,8 @@ use futures::future::BoxFuture;
 use taskhistory_core::validate::{self, PreparedStep};
 use taskhistory_core::{
     CleanupReport, HealthReport, HistoryEntry, HistoryPage, HistoryScan, StepRecord, StoreError,
-    TaskCursor, TaskEvent, TaskEventStream, TaskHistoryStore, TaskPage, TaskQuery, TaskStatus, TaskStepResult,
-    TaskSummary,
+    TaskCursor, TaskEvent, TaskEventStream, TaskHistoryStore, TaskPage, TaskQuery, TaskStatus,
+    TaskStepResult, TaskSummary,
 };
 use tracing::Instrument;
 
@@ -29,9 +29,9 @@ use crate::config::PgConfig;
 use crate::connection::{build_pool, Connector, LastError, Manager, Pool};
 use crate::error::from_diesel;
 use crate::migrate::{self, MigrationState};
+use crate::notify::{Notifier, Sequenced};
 use crate::partition::Layout;
 use crate::sql::{self, Statement};
-use crate::notify::{Notifier, Sequenced};
 use crate::watch::Hub;
 
 /// Rows per statement when a batch is split (inside one transaction).
@@ -349,22 +349,36 @@ async fn save_chunk(
     steps: &[PreparedStep<'_>],
 ) -> Result<Chunk, StoreError> {
     let op = "save_task_history";
-    let users: Vec<String> = steps.iter().map(|p| p.user_id.to_owned()).collect();
-    let tasks: Vec<String> = steps.iter().map(|p| p.task_id.to_owned()).collect();
-    let numbers: Vec<i32> = steps.iter().map(|p| p.step).collect();
-    let results = steps
-        .iter()
-        .map(|p| JsonOf::new(op, p.result))
-        .collect::<Result<Vec<_>, _>>()?;
-    let times: Vec<Option<DateTime<Utc>>> = steps.iter().map(|p| p.timestamp).collect();
-    let statuses: Vec<&'static str> = steps.iter().map(|p| p.result.status.as_str()).collect();
-    let rows: Vec<SaveOutcome> = Statement::new(sql::SAVE_STEPS)
-        .bind::<Array<Text>, _>(users)
-        .bind::<Array<Text>, _>(tasks)
-        .bind::<Array<Integer>, _>(numbers)
-        .bind::<Array<Jsonb>, _>(results)
-        .bind::<Array<Nullable<Timestamptz>>, _>(times)
-        .bind::<Array<Text>, _>(statuses)
+    let statement = match steps {
+        // One step: the scalar statement (its generic plan is cached; see sql::SAVE_STEP).
+        [p] => Statement::new(sql::SAVE_STEP)
+            .bind::<Text, _>(p.user_id.to_owned())
+            .bind::<Text, _>(p.task_id.to_owned())
+            .bind::<Integer, _>(p.step)
+            .bind::<Jsonb, _>(JsonOf::new(op, p.result)?)
+            .bind::<Nullable<Timestamptz>, _>(p.timestamp)
+            .bind::<Text, _>(p.result.status.as_str()),
+        _ => {
+            let users: Vec<String> = steps.iter().map(|p| p.user_id.to_owned()).collect();
+            let tasks: Vec<String> = steps.iter().map(|p| p.task_id.to_owned()).collect();
+            let numbers: Vec<i32> = steps.iter().map(|p| p.step).collect();
+            let results = steps
+                .iter()
+                .map(|p| JsonOf::new(op, p.result))
+                .collect::<Result<Vec<_>, _>>()?;
+            let times: Vec<Option<DateTime<Utc>>> = steps.iter().map(|p| p.timestamp).collect();
+            let statuses: Vec<&'static str> =
+                steps.iter().map(|p| p.result.status.as_str()).collect();
+            Statement::new(sql::SAVE_STEPS)
+                .bind::<Array<Text>, _>(users)
+                .bind::<Array<Text>, _>(tasks)
+                .bind::<Array<Integer>, _>(numbers)
+                .bind::<Array<Jsonb>, _>(results)
+                .bind::<Array<Nullable<Timestamptz>>, _>(times)
+                .bind::<Array<Text>, _>(statuses)
+        }
+    };
+    let rows: Vec<SaveOutcome> = statement
         .fetch(conn)
         .await
         .map_err(|e| from_diesel(op, e))?;
@@ -704,9 +718,7 @@ impl PgTaskHistoryStore {
         });
         let last_error = LastError::default();
         let pool = build_pool(&config, &connector, &last_error);
-        let notifier = channel
-            .clone()
-            .map(|c| Notifier::new(connector.clone(), c));
+        let notifier = channel.clone().map(|c| Notifier::new(connector.clone(), c));
         // The pool may already be full if min_size connections raced us; that is fine.
         let _ = pool.add(first);
         Ok(PgTaskHistoryStore {
@@ -1040,7 +1052,13 @@ impl TaskHistoryStore for PgTaskHistoryStore {
             return self.pool().map(drop);
         }
         let saved = self
-            .run("save_batch_task_history", None, None, &&steps[..], save_steps)
+            .run(
+                "save_batch_task_history",
+                None,
+                None,
+                &&steps[..],
+                save_steps,
+            )
             .await?;
         self.notify_steps(&steps, &saved);
         Ok(())
@@ -1079,8 +1097,13 @@ impl TaskHistoryStore for PgTaskHistoryStore {
             .await?;
         Ok(match entry {
             Some(e) => {
-                let event =
-                    TaskEvent::of_step(user_id, task_id, e.step, TaskStatus::Cancelled, e.timestamp);
+                let event = TaskEvent::of_step(
+                    user_id,
+                    task_id,
+                    e.step,
+                    TaskStatus::Cancelled,
+                    e.timestamp,
+                );
                 self.notify(vec![(e.seq, event)]);
                 true
             }

@@ -310,7 +310,10 @@ impl Watcher {
 
     /// The watched tasks and their highest step now (for a user's watch: only tasks active
     /// since `since`, when given).
-    async fn current(&self, since: Option<DateTime<Utc>>) -> Result<Vec<(String, i32)>, StoreError> {
+    async fn current(
+        &self,
+        since: Option<DateTime<Utc>>,
+    ) -> Result<Vec<(String, i32)>, StoreError> {
         match &self.task {
             Some(task) => Ok(self
                 .store

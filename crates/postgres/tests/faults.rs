@@ -410,15 +410,27 @@ async fn steps_whose_notification_never_left_reach_watchers_by_the_periodic_resy
     let config = fresh_config().await;
     let silent = store_for(config.clone().notifications(false)).await;
     let store = store_for(config).await;
-    store.save_task_history("u", "t", 0, &step(0)).await.unwrap();
+    store
+        .save_task_history("u", "t", 0, &step(0))
+        .await
+        .unwrap();
     let mut events = store.watch_task("u", "t").await.unwrap();
     let mut user_events = store.watch_user("u").await.unwrap();
     let started = Instant::now();
     for i in 1..4 {
-        silent.save_task_history("u", "t", i, &step(i)).await.unwrap();
+        silent
+            .save_task_history("u", "t", i, &step(i))
+            .await
+            .unwrap();
     }
-    silent.save_task_history("u", "other", 0, &step(0)).await.unwrap();
-    store.save_task_history("u", "t", 4, &step(4)).await.unwrap();
+    silent
+        .save_task_history("u", "other", 0, &step(0))
+        .await
+        .unwrap();
+    store
+        .save_task_history("u", "t", 4, &step(4))
+        .await
+        .unwrap();
     for (stream, expected) in [
         (&mut events, vec![("t", 1), ("t", 2), ("t", 3), ("t", 4)]),
         (

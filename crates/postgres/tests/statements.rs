@@ -151,6 +151,7 @@ async fn every_statement_is_known_and_filters_on_user_id() {
             .any(|c| statement.eq_ignore_ascii_case(c))
             || DDL_PREFIXES.iter().any(|p| statement.starts_with(p))
             || statement == sql::NOTIFY_TRANSACTION
+            || statement == sql::NOTIFY_SESSION
         {
             continue;
         }
@@ -160,7 +161,9 @@ async fn every_statement_is_known_and_filters_on_user_id() {
         seen.insert(*name);
         if !NOT_PER_USER.contains(name) {
             assert!(
-                statement.contains("user_id = $1") || statement.contains("unnest($1::text[]"),
+                statement.contains("user_id = $1")
+                    || statement.contains("unnest($1::text[]")
+                    || statement.contains("$1::text AS user_id"),
                 "{name} does not filter on user_id:\n{statement}"
             );
         }

@@ -5,7 +5,10 @@
 //! keeps a per-task summary row right in the same transaction, so status checks and task
 //! lists cost the same however long histories grow. Migrations (the top-level `migrations/`
 //! folder, embedded) are applied by `init_database_schema`, and adopt a database made by the
-//! Python `DatabaseManager` in place.
+//! Python `DatabaseManager` in place. An opt-in partitioned layout (by task start) makes
+//! retention drop whole partitions ([`PgTaskHistoryStore::convert_to_partitioned`]); live
+//! task events reach watchers of any process through LISTEN/NOTIFY, sent by a per-store
+//! notifier outside the writers' transactions.
 //!
 //! What it is not for: tests of code that merely uses a store (use `taskhistory-memory`), or
 //! arbitrary queries over the history (the SQL is fixed, in [`sql`]).

@@ -289,13 +289,31 @@ const APP_PASSWORD: &str = "app-test-password";
 /// has only [`least_privilege_grants`](crate::least_privilege_grants): the behaviour suite's
 /// store for least-privilege runs.
 pub async fn least_privilege_dyn_store() -> DynStore {
+    least_privilege(None).await
+}
+
+/// [`least_privilege_dyn_store`] on a schema its owner converted to the partitioned layout
+/// (monthly): the app role's start-up finds every partition it needs already made.
+pub async fn least_privilege_partitioned_dyn_store() -> DynStore {
+    least_privilege(Some(crate::Partitioning::default())).await
+}
+
+async fn least_privilege(partitioning: Option<crate::Partitioning>) -> DynStore {
     let owner_config = fresh_config().await;
+    let mut migrating = owner_config.clone();
+    migrating.partitioning = partitioning;
+    let owner = store_for(migrating).await;
+    owner.close().await;
+    std::sync::Arc::new(app_role_store(&owner_config).await)
+}
+
+/// The store of `owner_config`'s schema (migrated by its owner) used through [`APP_ROLE`],
+/// after giving that role [`least_privilege_grants`](crate::least_privilege_grants).
+pub async fn app_role_store(owner_config: &PgConfig) -> PgTaskHistoryStore {
     let schema = owner_config
         .schema
         .clone()
         .unwrap_or_else(|| panic!("fresh_config() always sets a schema"));
-    let owner = store_for(owner_config.clone()).await;
-    owner.close().await;
     admin_execute(&format!(
         "DO $$ BEGIN CREATE ROLE {APP_ROLE} LOGIN PASSWORD '{APP_PASSWORD}'; \
          EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$"
@@ -306,8 +324,9 @@ pub async fn least_privilege_dyn_store() -> DynStore {
         &crate::least_privilege_grants(&schema, APP_ROLE),
     )
     .await;
-    let app = owner_config.user(APP_ROLE).password(APP_PASSWORD);
-    std::sync::Arc::new(store_for(app).await)
+    let mut app = owner_config.clone().user(APP_ROLE).password(APP_PASSWORD);
+    app.partitioning = None;
+    store_for(app).await
 }
 
 /// A PgBouncer (Debian's package) in transaction pooling mode in front of the test server,

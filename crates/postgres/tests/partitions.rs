@@ -480,3 +480,37 @@ async fn saves_creating_one_task_at_once_agree_on_its_start() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_without_ddl_rights_cleans_up_by_batched_deletes() {
+    let owner_config = taskhistory_postgres::testing::fresh_config().await;
+    let owner = taskhistory_postgres::testing::store_for(owner_config.clone()).await;
+    seed(&owner, "u", "old", month(-4, 2), 3).await;
+    seed(&owner, "u", "new", Utc::now(), 2).await;
+    owner
+        .convert_to_partitioned(Partitioning::default())
+        .await
+        .unwrap();
+    let app = taskhistory_postgres::testing::app_role_store(&owner_config).await;
+    let report = app.cleanup_old_tasks(30).await.unwrap();
+    assert_eq!(
+        (
+            report.tasks_removed,
+            report.steps_removed,
+            report.partitions_dropped
+        ),
+        (1, 3, 0),
+        "{report:?}"
+    );
+    assert!(app.load_task_history("u", "old").await.unwrap().is_empty());
+    assert_eq!(app.load_task_history("u", "new").await.unwrap().len(), 2);
+    // The owner drops what is left: the now empty expired partitions.
+    assert!(
+        owner
+            .cleanup_old_tasks(30)
+            .await
+            .unwrap()
+            .partitions_dropped
+            >= 1
+    );
+}

@@ -417,8 +417,12 @@ impl Watcher {
     /// then only of tasks active since `since`). Steps saved again at or below the last
     /// delivered one are not re-read.
     async fn resync(&mut self, since: Option<DateTime<Utc>>) -> Result<(), StoreError> {
-        // Wakes queued before this point are covered by what is read now.
-        while self.rx.try_recv().is_ok() {}
+        // A full re-read covers every wake queued before it. A periodic one reads only
+        // recently active tasks (by their steps' times, which a save may set in the past),
+        // so its queued wakes stay: steps it reads are dropped from them as late copies.
+        if since.is_none() {
+            while self.rx.try_recv().is_ok() {}
+        }
         let now = Instant::now();
         self.settled.retain(|_, (_, until)| *until > now);
         if let Some(task) = self.task.clone() {

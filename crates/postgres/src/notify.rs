@@ -142,19 +142,10 @@ enum Failure {
 }
 
 fn failure(e: diesel::result::Error) -> Failure {
-    let lost = matches!(
-        &e,
-        diesel::result::Error::DatabaseError(
-            diesel::result::DatabaseErrorKind::UnableToSendCommand
-                | diesel::result::DatabaseErrorKind::ClosedConnection,
-            _
-        )
-    );
-    let error = from_diesel(OP, e);
-    if lost || matches!(error, StoreError::Unavailable { .. }) {
-        Failure::Unknown(error)
-    } else {
-        Failure::Refused(error)
+    // `Unavailable`: the connection went or the server is going away; the outcome is unknown.
+    match from_diesel(OP, e) {
+        error @ StoreError::Unavailable { .. } => Failure::Unknown(error),
+        error => Failure::Refused(error),
     }
 }
 

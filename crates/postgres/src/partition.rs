@@ -27,7 +27,7 @@ use taskhistory_core::{CleanupReport, StoreError, TaskStatus};
 
 use crate::error::from_diesel;
 use crate::sql::{self, ddl, Statement};
-use crate::store::PgTaskHistoryStore;
+use crate::store::{report, CleanupRow, PgTaskHistoryStore};
 
 /// How much time one partition covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
@@ -208,14 +208,6 @@ struct Kept {
     kept: bool,
 }
 
-#[derive(QueryableByName)]
-struct Retired {
-    #[diesel(sql_type = BigInt)]
-    tasks_removed: i64,
-    #[diesel(sql_type = BigInt)]
-    steps_removed: i64,
-}
-
 const OP: &str = "partitions";
 const CLEANUP: &str = "cleanup_old_tasks";
 
@@ -237,17 +229,19 @@ fn read_layout(rows: Vec<LayoutRow>) -> Result<Layout, StoreError> {
     Ok(Layout::Partitioned { interval })
 }
 
+async fn layout_on(conn: &mut AsyncPgConnection) -> Result<Layout, StoreError> {
+    let rows = Statement::new(sql::PARTITION_LAYOUT)
+        .fetch(conn)
+        .await
+        .map_err(|e| from_diesel(OP, e))?;
+    read_layout(rows)
+}
+
 fn layout_work<'c>(
     conn: &'c mut AsyncPgConnection,
     _: &'c (),
 ) -> BoxFuture<'c, Result<Layout, StoreError>> {
-    Box::pin(async move {
-        let rows = Statement::new(sql::PARTITION_LAYOUT)
-            .fetch(conn)
-            .await
-            .map_err(|e| from_diesel(OP, e))?;
-        read_layout(rows)
-    })
+    Box::pin(layout_on(conn))
 }
 
 async fn list_on(conn: &mut AsyncPgConnection) -> Result<Vec<PartitionInfo>, StoreError> {
@@ -469,13 +463,7 @@ impl PgTaskHistoryStore {
         let made = conn
             .transaction(OP, DDL_LOCK_WAIT_MS, |c| {
                 Box::pin(async move {
-                    let partitioned = Statement::new(sql::PARTITION_LAYOUT)
-                        .fetch::<LayoutRow>(c)
-                        .await
-                        .map_err(|e| from_diesel(OP, e))?
-                        .first()
-                        .is_some_and(|r| r.partitioned);
-                    if partitioned {
+                    if layout_on(c).await? != Layout::Plain {
                         // Another process converted it while this one waited for the lock.
                         return Ok(Some(Vec::new()));
                     }
@@ -609,7 +597,7 @@ async fn retire(
                 .await
                 .map_err(fail)?;
             let (from, to, days, status) = args;
-            let retired: Vec<Retired> = Statement::new(sql::PARTITION_RETIRE_TASKS)
+            let retired: Vec<CleanupRow> = Statement::new(sql::PARTITION_RETIRE_TASKS)
                 .bind::<Timestamptz, _>(from)
                 .bind::<Timestamptz, _>(to)
                 .bind::<Integer, _>(days)
@@ -629,14 +617,7 @@ async fn retire(
             c.batch_execute(&ddl::drop_partition(&name))
                 .await
                 .map_err(fail)?;
-            Ok(Some(retired.first().map_or_else(
-                CleanupReport::default,
-                |r| CleanupReport {
-                    tasks_removed: u64::try_from(r.tasks_removed).unwrap_or(0),
-                    steps_removed: u64::try_from(r.steps_removed).unwrap_or(0),
-                    partitions_dropped: 0,
-                },
-            )))
+            Ok(Some(report(retired)))
         })
     })
     .await

@@ -362,10 +362,9 @@ WHERE i.inhparent = to_regclass('task_history')
 ORDER BY range_from NULLS FIRST, name
 "#;
 
-/// Partitioned layout: the oldest and newest task start (which partitions a conversion
-/// creates).
+/// Partitioned layout: the oldest task start (from which a conversion makes partitions).
 pub const PARTITION_START_RANGE: &str = r#"
-SELECT min(started_at) AS oldest, max(started_at) AS newest FROM task_summary
+SELECT min(started_at) AS oldest FROM task_summary
 "#;
 
 /// Partition-drop retention, before any lock: whether a task started in [`$1`, `$2`) must

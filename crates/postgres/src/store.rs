@@ -306,8 +306,9 @@ struct SummaryRow {
     updated_at: DateTime<Utc>,
 }
 
+/// What a retention statement removed (cleanup batches, previews, partition drops).
 #[derive(QueryableByName)]
-struct CleanupRow {
+pub(crate) struct CleanupRow {
     #[diesel(sql_type = BigInt)]
     tasks_removed: i64,
     #[diesel(sql_type = BigInt)]
@@ -664,7 +665,7 @@ fn cleanup_preview<'c>(
     })
 }
 
-fn report(rows: Vec<CleanupRow>) -> CleanupReport {
+pub(crate) fn report(rows: Vec<CleanupRow>) -> CleanupReport {
     rows.into_iter()
         .next()
         .map_or_else(CleanupReport::default, |r| CleanupReport {

@@ -1,6 +1,8 @@
 //! Memory and PostgreSQL side by side on random input (proptest): random ids, step numbers,
 //! statuses and JSON (deep nesting, long strings, NUL, escaped lone surrogates, huge
-//! numbers, large payloads, SQL-injection strings). Both stores must give the same outcome
+//! numbers, large payloads, SQL-injection strings). PostgreSQL runs twice: with the default
+//! configuration, and with every batch of new tasks going by `COPY` (`copy_min_rows(1)`).
+//! The stores must give the same outcome
 //! on every input: accepted and read back identically, or `InvalidInput` naming the same
 //! field. Nothing may panic.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -207,6 +209,7 @@ fn memory_and_postgres_agree_on_every_input() {
         .build()
         .unwrap();
     let pg: DynStore = rt.block_on(testing::fresh_dyn_store());
+    let pg_copy: DynStore = rt.block_on(testing::copy_dyn_store());
     let memory: DynStore = std::sync::Arc::new(MemoryStore::new());
     let config = ProptestConfig {
         cases: 256,
@@ -215,11 +218,16 @@ fn memory_and_postgres_agree_on_every_input() {
     proptest!(config, |(c in case())| {
         // A user of its own per case, so cases never see each other's steps.
         let user = format!("user-{}", CASES.fetch_add(1, Ordering::Relaxed));
-        let (on_memory, on_pg) = rt.block_on(async {
-            (apply(&memory, &user, &c).await, apply(&pg, &user, &c).await)
+        let (on_memory, on_pg, on_copy) = rt.block_on(async {
+            (
+                apply(&memory, &user, &c).await,
+                apply(&pg, &user, &c).await,
+                apply(&pg_copy, &user, &c).await,
+            )
         });
         prop_assert!(!matches!(on_pg, Outcome::Other(_)), "postgres failed: {on_pg:?}");
         prop_assert_eq!(&on_memory, &on_pg);
+        prop_assert_eq!(&on_pg, &on_copy);
         if let Outcome::Stored(h) = &on_pg {
             // Accepted input round-trips: the stored result is what jsonb keeps of it.
             let want = taskhistory::validate::canonical_result(&c.result);

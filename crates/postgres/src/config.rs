@@ -92,6 +92,15 @@ pub struct PgConfig {
     /// on; `DB_PARTITIONS_AHEAD`, default 3). `None` (the default) keeps the layout found,
     /// and still makes partitions ahead if it is partitioned.
     pub partitioning: Option<Partitioning>,
+    /// Batches of at least this many steps whose tasks are all new go in by `COPY` (binary)
+    /// into `task_history`, after one statement that creates their summaries; other batches
+    /// (and any batch touching a task that already exists) use the upsert statement. `None`:
+    /// never. Default 1,000 (`DB_COPY_MIN_ROWS`, 0 = never).
+    pub copy_min_rows: Option<u32>,
+    /// Connections of the second, lazily opened pool that carries `COPY` batches (diesel-async
+    /// cannot send `COPY`); a batch waits for one when all are busy. Default 2
+    /// (`DB_COPY_CONNECTIONS`).
+    pub copy_connections: u32,
 }
 
 /// A callback that sees the SQL text of every statement (bound values are not included).
@@ -126,6 +135,8 @@ impl fmt::Debug for PgConfig {
                     .map(|l| (l.get_hosts().to_vec(), l.get_ports().to_vec())),
             )
             .field("partitioning", &self.partitioning)
+            .field("copy_min_rows", &self.copy_min_rows)
+            .field("copy_connections", &self.copy_connections)
             .field(
                 "statement_observer",
                 &self.statement_observer.as_ref().map(|_| "<set>"),
@@ -159,6 +170,8 @@ impl Default for PgConfig {
             notifications: true,
             listen: None,
             partitioning: None,
+            copy_min_rows: Some(1_000),
+            copy_connections: 2,
         }
         .application_name("taskhistory")
     }
@@ -201,7 +214,7 @@ impl PgConfig {
     /// `DB_MAX_SIZE`, `DB_COMMAND_TIMEOUT`, `DB_STATEMENT_TIMEOUT`, `DB_CONNECT_TIMEOUT`,
     /// `DB_POOL_TIMEOUT` (seconds), `DB_SSLMODE`, `DB_SSLROOTCERT`, `DB_APPLICATION_NAME`
     /// `DB_SCHEMA`, `DB_PGBOUNCER`, `DB_NOTIFY`, `DB_LISTEN_URL`, `DB_PARTITION_INTERVAL` and
-    /// `DB_PARTITIONS_AHEAD`. A bad value is an `InvalidInput` naming the variable.
+    /// `DB_PARTITIONS_AHEAD`, `DB_COPY_MIN_ROWS`, `DB_COPY_CONNECTIONS`. A bad value is an `InvalidInput` naming the variable.
     pub fn from_env() -> Result<Self, StoreError> {
         Self::from_lookup(|key| std::env::var(key).ok())
     }
@@ -300,6 +313,12 @@ impl PgConfig {
             let p = c.partitioning.get_or_insert_with(Partitioning::default);
             p.ahead = ahead;
         }
+        if let Some(v) = num("DB_COPY_MIN_ROWS")? {
+            c.copy_min_rows = (v > 0).then_some(v);
+        }
+        if let Some(v) = num("DB_COPY_CONNECTIONS")? {
+            c.copy_connections = v;
+        }
         c.validate()?;
         Ok(c)
     }
@@ -308,6 +327,9 @@ impl PgConfig {
     pub fn validate(&self) -> Result<(), StoreError> {
         if self.max_size == 0 {
             return Err(bad("DB_MAX_SIZE", "must be at least 1"));
+        }
+        if self.copy_connections == 0 {
+            return Err(bad("DB_COPY_CONNECTIONS", "must be at least 1"));
         }
         if self.min_size > self.max_size {
             return Err(bad(
@@ -453,6 +475,13 @@ impl PgConfig {
                 .map_err(|e| bad("DB_LISTEN_URL", format!("not a PostgreSQL URL: {e}")))?,
         );
         Ok(self)
+    }
+
+    /// Batches of at least `min_rows` steps of new tasks go in by `COPY`
+    /// ([`PgConfig::copy_min_rows`]); `None` turns that off.
+    pub fn copy_min_rows(mut self, min_rows: Option<u32>) -> Self {
+        self.copy_min_rows = min_rows;
+        self
     }
 
     /// Turns notifications for watchers on or off ([`PgConfig::notifications`]).

@@ -210,6 +210,25 @@ impl Connector {
         Ok(conn)
     }
 
+    /// Opens one plain tokio-postgres connection with the pool's settings (start-up options
+    /// on a direct connection; behind a pooler the caller runs
+    /// [`transaction_setup`](Self::transaction_setup) in each transaction): for COPY, which
+    /// diesel-async does not speak.
+    pub(crate) async fn connect_raw(&self) -> Result<tokio_postgres::Client, StoreError> {
+        let op = "connect";
+        Ok(open!(&self.tls, self.pg, op, |client, connection| {
+            tokio::spawn(connection);
+            client
+        }))
+    }
+
+    /// Hands `sql` to the configured statement observer (statements sent outside diesel).
+    pub(crate) fn observe(&self, sql: &str) {
+        if let Some(observer) = &self.observer {
+            observer(sql.trim());
+        }
+    }
+
     /// Whether watchers can `LISTEN` here: not through a transaction pooler, unless a direct
     /// URL for them was given.
     pub(crate) fn can_listen(&self) -> bool {

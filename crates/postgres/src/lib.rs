@@ -15,6 +15,7 @@
 
 mod config;
 mod connection;
+mod copy;
 mod error;
 mod explain;
 mod migrate;

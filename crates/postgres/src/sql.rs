@@ -116,6 +116,45 @@ WITH input AS (
     save_body!()
 );
 
+/// Creates the summaries of a `COPY` batch's tasks (inputs: per task, parallel arrays of
+/// user_id, task_id, status of its highest step, highest step, step count, earliest and
+/// latest timestamp given (NULL if none), and whether a step has no timestamp, i.e. takes
+/// `now()`), but only when none of them exists: if one does, it inserts nothing. A task
+/// created meanwhile by another writer is skipped (`claimed` then falls short and the
+/// caller rolls back). The inserted rows are this transaction's until it commits, so the
+/// tasks' steps can then be appended by `COPY` without conflict checks. Returns how many
+/// were created, `now()` (the time of steps without one) and the watchers' `seq`.
+pub const CLAIM_NEW_TASKS: &str = r#"
+WITH input AS (
+    SELECT i.user_id, i.task_id, i.status, i.last_step, i.step_count,
+           LEAST(i.first_ts, CASE WHEN i.stamped THEN now() END) AS first_ts,
+           GREATEST(i.last_ts, CASE WHEN i.stamped THEN now() END) AS last_ts
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::int8[],
+                $6::timestamptz[], $7::timestamptz[], $8::bool[])
+        AS i(user_id, task_id, status, last_step, step_count, first_ts, last_ts, stamped)
+), known AS (
+    SELECT 1 FROM input i
+    WHERE EXISTS (
+        SELECT 1 FROM task_summary s WHERE s.user_id = i.user_id AND s.task_id = i.task_id
+    )
+    LIMIT 1
+), claimed AS (
+    INSERT INTO task_summary
+        (user_id, task_id, status, last_step, step_count, created_at, updated_at, started_at)
+    SELECT user_id, task_id, status, last_step, step_count, first_ts, last_ts, first_ts
+    FROM input
+    WHERE NOT EXISTS (SELECT 1 FROM known)
+    ON CONFLICT (user_id, task_id) DO NOTHING
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM claimed) AS claimed, now() AS saved_at,
+       nextval('task_history_id_seq') AS seq
+"#;
+
+/// The steps of tasks [`CLAIM_NEW_TASKS`] created, in binary `COPY` format. Each row
+/// carries its user (a distributed table routes `COPY` rows by it).
+pub const COPY_STEPS: &str = "COPY task_history (user_id, task_id, step, result, timestamp, status, started_at) FROM STDIN (FORMAT binary)";
+
 /// A task's steps in ascending order. Reached through the task's summary: the join on its
 /// start time lets the partitioned layout read only the task's partition (run-time
 /// pruning); on the plain layout it is one more primary-key probe.
@@ -614,6 +653,8 @@ impl Query for Statement {
 pub const ALL_STATEMENTS: &[(&str, &str)] = &[
     ("save_steps", SAVE_STEPS),
     ("save_step", SAVE_STEP),
+    ("claim_new_tasks", CLAIM_NEW_TASKS),
+    ("copy_steps", COPY_STEPS),
     ("load_history", LOAD_HISTORY),
     ("task_status", TASK_STATUS),
     ("cancel_task", CANCEL_TASK),

@@ -27,6 +27,7 @@ use tracing::Instrument;
 
 use crate::config::PgConfig;
 use crate::connection::{build_pool, Connector, LastError, Manager, Pool};
+use crate::copy::{self, CopyPool};
 use crate::error::from_diesel;
 use crate::migrate::{self, MigrationState};
 use crate::notify::{Notifier, Sequenced};
@@ -104,6 +105,8 @@ struct Counters {
 
 struct Inner {
     pool: RwLock<Option<Pool>>,
+    /// Connections for `COPY` batches (when [`PgConfig::copy_min_rows`] is set).
+    copy_pool: RwLock<Option<CopyPool>>,
     config: PgConfig,
     connector: Connector,
     last_error: LastError,
@@ -720,11 +723,15 @@ impl PgTaskHistoryStore {
         let last_error = LastError::default();
         let pool = build_pool(&config, &connector, &last_error);
         let notifier = channel.clone().map(|c| Notifier::new(connector.clone(), c));
+        let copy_pool = config
+            .copy_min_rows
+            .map(|_| copy::build_copy_pool(&config, &connector));
         // The pool may already be full if min_size connections raced us; that is fine.
         let _ = pool.add(first);
         Ok(PgTaskHistoryStore {
             inner: Arc::new(Inner {
                 pool: RwLock::new(Some(pool)),
+                copy_pool: RwLock::new(copy_pool),
                 config,
                 connector,
                 last_error,
@@ -965,6 +972,73 @@ impl PgTaskHistoryStore {
         result
     }
 
+    /// A batch by `COPY` (see [`copy`]) when it is large enough and every task it touches
+    /// is new; `None` when it is not, or `COPY` batches are off: then nothing was written.
+    async fn copy_new_tasks(
+        &self,
+        steps: &[PreparedStep<'_>],
+    ) -> Result<Option<copy::Copied>, StoreError> {
+        let large = self
+            .inner
+            .config
+            .copy_min_rows
+            .is_some_and(|min| steps.len() >= usize::try_from(min).unwrap_or(usize::MAX));
+        if !large {
+            return Ok(None);
+        }
+        let op = "save_batch_task_history";
+        self.retried(op, None, None, || self.attempt_copy(steps))
+            .await
+    }
+
+    /// One attempt of [`copy_new_tasks`](Self::copy_new_tasks), under the command timeout.
+    async fn attempt_copy(
+        &self,
+        steps: &[PreparedStep<'_>],
+    ) -> Result<Option<copy::Copied>, StoreError> {
+        let op = "save_batch_task_history";
+        let pool = self
+            .inner
+            .copy_pool
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(StoreError::Closed)?;
+        let mut conn = match pool.get().await {
+            Ok(conn) => conn,
+            Err(bb8::RunError::User(e)) => return Err(e),
+            Err(bb8::RunError::TimedOut) => {
+                return Err(StoreError::Unavailable {
+                    operation: op,
+                    source: format!(
+                        "no COPY connection free within {:?} (max {})",
+                        self.inner.config.pool_timeout, self.inner.config.copy_connections
+                    )
+                    .into(),
+                })
+            }
+        };
+        self.inner.counters.queries.fetch_add(1, Ordering::Relaxed);
+        let timeout = self.inner.config.command_timeout;
+        let connector = &self.inner.connector;
+        let result =
+            tokio::time::timeout(timeout, copy::save_new_tasks(&mut conn, connector, steps))
+                .await
+                .unwrap_or_else(|_| {
+                    // The connection is left unclean, so the pool discards it (closing it ends
+                    // the transaction on the server).
+                    Err(StoreError::Timeout {
+                        operation: op,
+                        source: format!("no answer within the command timeout of {timeout:?}")
+                            .into(),
+                    })
+                });
+        if result.is_err() {
+            self.inner.counters.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
     /// Runs `work` with retries, in a tracing span.
     pub(crate) async fn run<A: Sync, T>(
         &self,
@@ -974,6 +1048,25 @@ impl PgTaskHistoryStore {
         args: &A,
         work: Work<A, T>,
     ) -> Result<T, StoreError> {
+        self.retried(operation, user_id, task_id, || {
+            self.attempt(operation, args, work)
+        })
+        .await
+    }
+
+    /// Runs `attempt` until it succeeds or fails for good (the retry policy), in a tracing
+    /// span.
+    async fn retried<T, F, Fut>(
+        &self,
+        operation: &'static str,
+        user_id: Option<&str>,
+        task_id: Option<&str>,
+        attempt: F,
+    ) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
         let span = tracing::info_span!(
             "taskhistory",
             operation,
@@ -988,7 +1081,7 @@ impl PgTaskHistoryStore {
             .config
             .retry
             .run(
-                || self.attempt(operation, args, work),
+                attempt,
                 |error, retry, wait| {
                     self.inner.counters.retries.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(%error, retry, wait_ms = wait.as_millis() as u64, "retrying after a transient error");
@@ -1051,6 +1144,15 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         let steps = validate::prepare_batch(records)?;
         if steps.is_empty() {
             return self.pool().map(drop);
+        }
+        if let Some(copied) = self.copy_new_tasks(&steps).await? {
+            let saved = Saved {
+                len: steps.len(),
+                seq: copied.seq,
+                at: copied.at,
+            };
+            self.notify_steps(&steps, &[saved]);
+            return Ok(());
         }
         let saved = self
             .run(
@@ -1204,5 +1306,12 @@ impl TaskHistoryStore for PgTaskHistoryStore {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         drop(pool);
+        let copy_pool = self
+            .inner
+            .copy_pool
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        drop(copy_pool);
     }
 }

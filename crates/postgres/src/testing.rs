@@ -269,6 +269,13 @@ pub async fn fresh_dyn_store() -> DynStore {
     std::sync::Arc::new(fresh_store().await)
 }
 
+/// A migrated store on a fresh schema whose batches of new tasks go by `COPY` from one row
+/// up ([`PgConfig::copy_min_rows`]): the behaviour suite on the `COPY` path.
+pub async fn copy_dyn_store() -> DynStore {
+    let config = fresh_config().await.copy_min_rows(Some(1));
+    std::sync::Arc::new(store_for(config).await)
+}
+
 /// A migrated store on a fresh schema in the partitioned layout (monthly, 3 ahead).
 pub async fn partitioned_store() -> PgTaskHistoryStore {
     let mut config = fresh_config().await;
@@ -460,15 +467,20 @@ pub async fn pgbouncer() -> &'static PgBouncer {
 /// A store on a fresh schema, migrated on a direct connection, then used through
 /// [`pgbouncer`] in transaction pooling mode: the behaviour suite's store for PgBouncer runs.
 pub async fn pgbouncer_dyn_store() -> DynStore {
+    std::sync::Arc::new(store_for(pgbouncer_config().await).await)
+}
+
+/// The configuration of [`pgbouncer_dyn_store`]: a fresh schema, migrated on a direct
+/// connection, reached through [`pgbouncer`] in transaction pooling mode.
+pub async fn pgbouncer_config() -> PgConfig {
     let direct = fresh_config().await;
     store_for(direct.clone()).await.close().await;
     let bouncer = pgbouncer().await;
     // Watchers LISTEN on a direct connection: LISTEN cannot work through transaction pooling.
-    let through = direct
+    direct
         .host("127.0.0.1")
         .port(bouncer.port)
         .pgbouncer(true)
         .listen_url(&database_url().await)
-        .unwrap_or_else(|e| panic!("the test database URL does not parse: {e}"));
-    std::sync::Arc::new(store_for(through).await)
+        .unwrap_or_else(|e| panic!("the test database URL does not parse: {e}"))
 }

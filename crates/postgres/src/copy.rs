@@ -1,0 +1,296 @@
+//! Batches of new tasks by `COPY`: the bulk path of `save_batch_task_history`.
+//!
+//! An upsert statement costs the server a conflict check per row and one WAL record per row;
+//! `COPY` appends rows in multi-row batches. When every task of a large batch is new, no
+//! conflict is possible once the batch's transaction has created the tasks' summaries (the
+//! summary rows are its own until commit: a concurrent writer of the same task waits on
+//! them), so the steps can go in by `COPY`. This module holds that path: a small pool of
+//! plain tokio-postgres connections (diesel-async does not speak `COPY`), the per-task
+//! summaries a batch starts with, and the transaction `BEGIN; CLAIM_NEW_TASKS; COPY; COMMIT`.
+//!
+//! Not for batches touching a task that exists: the claim then inserts nothing, the
+//! transaction is rolled back, and the caller uses the upsert statement, which also checks
+//! for cancelled tasks. The SQL is in [`sql`](crate::sql) like every other statement.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::pin_mut;
+use taskhistory_core::validate::PreparedStep;
+use taskhistory_core::StoreError;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{Json, ToSql, Type};
+
+use crate::config::PgConfig;
+use crate::connection::Connector;
+use crate::error::from_postgres;
+use crate::sql;
+
+const OP: &str = "save_batch_task_history";
+
+/// The pool of `COPY` connections.
+pub(crate) type CopyPool = bb8::Pool<CopyManager>;
+
+/// Opens plain connections with the store's settings.
+pub(crate) struct CopyManager {
+    connector: Connector,
+}
+
+/// A `COPY` connection; `clean` is false while a transaction may be open on it, so a
+/// connection dropped mid-way (timeout, cancelled caller, failed rollback) is discarded.
+pub(crate) struct CopyConn {
+    client: tokio_postgres::Client,
+    clean: bool,
+}
+
+impl bb8::ManageConnection for CopyManager {
+    type Connection = CopyConn;
+    type Error = StoreError;
+
+    async fn connect(&self) -> Result<CopyConn, StoreError> {
+        Ok(CopyConn {
+            client: self.connector.connect_raw().await?,
+            clean: true,
+        })
+    }
+
+    async fn is_valid(&self, conn: &mut CopyConn) -> Result<(), StoreError> {
+        if conn.client.is_closed() {
+            return Err(StoreError::Unavailable {
+                operation: OP,
+                source: "the COPY connection was closed".into(),
+            });
+        }
+        Ok(())
+    }
+
+    fn has_broken(&self, conn: &mut CopyConn) -> bool {
+        !conn.clean || conn.client.is_closed()
+    }
+}
+
+/// Builds the `COPY` pool: nothing is opened until a batch needs it, idle connections close
+/// after a minute.
+pub(crate) fn build_copy_pool(config: &PgConfig, connector: &Connector) -> CopyPool {
+    bb8::Pool::builder()
+        .max_size(config.copy_connections)
+        .min_idle(Some(0))
+        .idle_timeout(Some(Duration::from_secs(60)))
+        .connection_timeout(config.pool_timeout)
+        .retry_connection(false)
+        .test_on_check_out(true)
+        .build_unchecked(CopyManager {
+            connector: connector.clone(),
+        })
+}
+
+/// What each task's summary starts as, as the parallel arrays of
+/// [`CLAIM_NEW_TASKS`](sql::CLAIM_NEW_TASKS).
+#[derive(Debug, Default, PartialEq)]
+struct NewTasks<'a> {
+    users: Vec<&'a str>,
+    tasks: Vec<&'a str>,
+    statuses: Vec<&'static str>,
+    last_steps: Vec<i32>,
+    counts: Vec<i64>,
+    first: Vec<Option<DateTime<Utc>>>,
+    last: Vec<Option<DateTime<Utc>>>,
+    stamped: Vec<bool>,
+}
+
+impl<'a> NewTasks<'a> {
+    /// One entry per task of `steps` (sorted by key, one entry per step, as
+    /// [`prepare_batch`](taskhistory_core::validate::prepare_batch) leaves them).
+    fn of(steps: &[PreparedStep<'a>]) -> Self {
+        let mut out = NewTasks::default();
+        for run in steps.chunk_by(|a, b| a.user_id == b.user_id && a.task_id == b.task_id) {
+            let (Some(first), Some(highest)) = (run.first(), run.last()) else {
+                continue;
+            };
+            out.users.push(first.user_id);
+            out.tasks.push(first.task_id);
+            out.statuses.push(highest.result.status.as_str());
+            out.last_steps.push(highest.step);
+            out.counts
+                .push(i64::try_from(run.len()).unwrap_or(i64::MAX));
+            out.first.push(run.iter().filter_map(|p| p.timestamp).min());
+            out.last.push(run.iter().filter_map(|p| p.timestamp).max());
+            out.stamped.push(run.iter().any(|p| p.timestamp.is_none()));
+        }
+        out
+    }
+
+    fn len(&self) -> usize {
+        self.users.len()
+    }
+}
+
+/// What a `COPY` batch did, for the watchers' events.
+pub(crate) struct Copied {
+    /// The statement's `seq`.
+    pub(crate) seq: i64,
+    /// `now()` of the transaction: the time of steps saved without one.
+    pub(crate) at: DateTime<Utc>,
+}
+
+/// Saves `steps` (sorted, de-duplicated) by `COPY` if every task they touch is new, in one
+/// transaction; `None` (nothing written) when one is not, or another writer created one
+/// meanwhile: the caller then uses the upsert statement.
+pub(crate) async fn save_new_tasks(
+    conn: &mut CopyConn,
+    connector: &Connector,
+    steps: &[PreparedStep<'_>],
+) -> Result<Option<Copied>, StoreError> {
+    conn.clean = false;
+    let client = &conn.client;
+    connector.observe("BEGIN");
+    let begin = match connector.transaction_setup() {
+        Some(setup) => {
+            connector.observe(setup);
+            format!("BEGIN; {setup}")
+        }
+        None => "BEGIN".to_owned(),
+    };
+    client
+        .batch_execute(&begin)
+        .await
+        .map_err(|e| from_postgres(OP, e))?;
+    let result = claim_and_copy(client, connector, steps).await;
+    let end = if matches!(result, Ok(Some(_))) {
+        "COMMIT"
+    } else {
+        "ROLLBACK"
+    };
+    connector.observe(end);
+    match client.batch_execute(end).await {
+        Ok(()) => {
+            conn.clean = true;
+            result
+        }
+        // The batch's own error says more than the failed rollback after it.
+        Err(_) if result.is_err() => result,
+        Err(e) => Err(from_postgres(OP, e)),
+    }
+}
+
+async fn claim_and_copy(
+    client: &tokio_postgres::Client,
+    connector: &Connector,
+    steps: &[PreparedStep<'_>],
+) -> Result<Option<Copied>, StoreError> {
+    let new = NewTasks::of(steps);
+    connector.observe(sql::CLAIM_NEW_TASKS);
+    let params: [(&(dyn ToSql + Sync), Type); 8] = [
+        (&new.users, Type::TEXT_ARRAY),
+        (&new.tasks, Type::TEXT_ARRAY),
+        (&new.statuses, Type::TEXT_ARRAY),
+        (&new.last_steps, Type::INT4_ARRAY),
+        (&new.counts, Type::INT8_ARRAY),
+        (&new.first, Type::TIMESTAMPTZ_ARRAY),
+        (&new.last, Type::TIMESTAMPTZ_ARRAY),
+        (&new.stamped, Type::BOOL_ARRAY),
+    ];
+    let rows = client
+        .query_typed(sql::CLAIM_NEW_TASKS, &params)
+        .await
+        .map_err(|e| from_postgres(OP, e))?;
+    let row = rows
+        .first()
+        .ok_or_else(|| StoreError::database(OP, "the claim statement returned no row"))?;
+    let read = |e: tokio_postgres::Error| StoreError::database(OP, e);
+    let claimed: i64 = row.try_get("claimed").map_err(read)?;
+    let at: DateTime<Utc> = row.try_get("saved_at").map_err(read)?;
+    let seq: i64 = row.try_get("seq").map_err(read)?;
+    if usize::try_from(claimed).ok() != Some(new.len()) {
+        return Ok(None);
+    }
+    match copy_steps(client, connector, steps, &new, at).await {
+        Ok(()) => Ok(Some(Copied { seq, at })),
+        // A step row without its task's summary (left by hand, say): the upsert path
+        // handles it.
+        Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => Ok(None),
+        Err(e) => Err(from_postgres(OP, e)),
+    }
+}
+
+async fn copy_steps(
+    client: &tokio_postgres::Client,
+    connector: &Connector,
+    steps: &[PreparedStep<'_>],
+    new: &NewTasks<'_>,
+    now: DateTime<Utc>,
+) -> Result<(), tokio_postgres::Error> {
+    connector.observe(sql::COPY_STEPS);
+    let sink = client.copy_in(sql::COPY_STEPS).await?;
+    let types = [
+        Type::TEXT,
+        Type::TEXT,
+        Type::INT4,
+        Type::JSONB,
+        Type::TIMESTAMPTZ,
+        Type::TEXT,
+        Type::TIMESTAMPTZ,
+    ];
+    let writer = BinaryCopyInWriter::new(sink, &types);
+    pin_mut!(writer);
+    let runs = steps.chunk_by(|a, b| a.user_id == b.user_id && a.task_id == b.task_id);
+    for (i, run) in runs.enumerate() {
+        // The task's start, as CLAIM_NEW_TASKS computed it: its earliest step time.
+        let started = match (new.first.get(i).copied().flatten(), new.stamped.get(i)) {
+            (Some(first), Some(true)) => first.min(now),
+            (Some(first), _) => first,
+            (None, _) => now,
+        };
+        for p in run {
+            let ts = p.timestamp.unwrap_or(now);
+            writer
+                .as_mut()
+                .write(&[
+                    &p.user_id,
+                    &p.task_id,
+                    &p.step,
+                    &Json(p.result),
+                    &ts,
+                    &p.result.status.as_str(),
+                    &started,
+                ])
+                .await?;
+        }
+    }
+    writer.finish().await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use chrono::TimeZone;
+    use taskhistory_core::{StepRecord, TaskStepResult};
+
+    #[test]
+    fn a_summary_per_task_from_its_highest_step_and_its_times() {
+        let t = |s: i64| Utc.timestamp_opt(1_700_000_000 + s, 0).unwrap();
+        let done = TaskStepResult::success("done", serde_json::json!({}), "");
+        let run = TaskStepResult::running("s", serde_json::json!({}), "");
+        let records = vec![
+            StepRecord::new("u", "b", 1, done.clone()).at(t(5)),
+            StepRecord::new("u", "a", 0, run.clone()).at(t(9)),
+            StepRecord::new("u", "b", 0, run.clone()).at(t(7)),
+            StepRecord::new("u", "a", 2, run.clone()),
+            StepRecord::new("v", "a", 3, done.clone()),
+        ];
+        let steps = taskhistory_core::validate::prepare_batch(&records).unwrap();
+        let new = NewTasks::of(&steps);
+        assert_eq!(new.users, ["u", "u", "v"]);
+        assert_eq!(new.tasks, ["a", "b", "a"]);
+        assert_eq!(new.statuses, ["running", "completed", "completed"]);
+        assert_eq!(new.last_steps, [2, 1, 3]);
+        assert_eq!(new.counts, [2, 2, 1]);
+        assert_eq!(new.first, [Some(t(9)), Some(t(5)), None]);
+        assert_eq!(new.last, [Some(t(9)), Some(t(7)), None]);
+        assert_eq!(new.stamped, [true, false, true]);
+    }
+}

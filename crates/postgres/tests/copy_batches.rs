@@ -1,0 +1,166 @@
+//! Batches by `COPY` (`copy.rs`): the whole behaviour suite with every batch of new tasks
+//! going by `COPY` (`copy_min_rows(1)`), and what only that path can get wrong: batches
+//! mixing new and existing tasks fall back to the upsert statement, and a `COPY` batch
+//! racing single saves of the same new tasks loses nothing and keeps summaries exact.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+taskhistory_core::conformance_tests!(taskhistory_postgres::testing::copy_dyn_store().await);
+
+mod copy_path {
+    use std::sync::{Arc, Mutex};
+
+    use serde_json::json;
+    use taskhistory_core::{StepRecord, StoreError, TaskHistoryStore, TaskQuery, TaskStepResult};
+    use taskhistory_postgres::testing::{database_url, fresh_config, store_for};
+    use taskhistory_postgres::{sql, PgTaskHistoryStore};
+
+    fn r(i: i32) -> TaskStepResult {
+        TaskStepResult::running("s", json!({ "i": i }), "")
+    }
+
+    fn batch(user: &str, task: &str, steps: std::ops::Range<i32>) -> Vec<StepRecord> {
+        steps
+            .map(|i| StepRecord::new(user, task, i, r(i)))
+            .collect()
+    }
+
+    /// A store whose batches of new tasks go by COPY, and a count of the COPYs it sent.
+    async fn observed() -> (PgTaskHistoryStore, Arc<Mutex<usize>>, String) {
+        let copies = Arc::new(Mutex::new(0));
+        let sink = copies.clone();
+        let config = fresh_config()
+            .await
+            .copy_min_rows(Some(1))
+            .observe_statements(move |s| {
+                if s == sql::COPY_STEPS {
+                    *sink.lock().unwrap() += 1;
+                }
+            });
+        let schema = config.schema.clone().unwrap();
+        (store_for(config).await, copies, schema)
+    }
+
+    async fn summary(store: &PgTaskHistoryStore, user: &str, task: &str) -> (i64, i32) {
+        let page = store
+            .get_user_tasks_page(user, &TaskQuery::first(1000))
+            .await
+            .unwrap();
+        let t = page.tasks.iter().find(|t| t.task_id == task).unwrap();
+        (t.step_count, t.last_step)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn new_tasks_go_by_copy_and_mixed_batches_by_the_upsert() {
+        let (store, copies, _) = observed().await;
+        store
+            .save_batch_task_history(&batch("u", "a", 0..3))
+            .await
+            .unwrap();
+        assert_eq!(
+            *copies.lock().unwrap(),
+            1,
+            "a batch of a new task goes by COPY"
+        );
+
+        // Task a exists: the whole batch takes the upsert statement, b included.
+        let mut mixed = batch("u", "a", 2..6);
+        mixed.extend(batch("u", "b", 0..2));
+        store.save_batch_task_history(&mixed).await.unwrap();
+        assert_eq!(*copies.lock().unwrap(), 1, "a mixed batch does not COPY");
+        assert_eq!(store.load_task_history("u", "a").await.unwrap().len(), 6);
+        assert_eq!(summary(&store, "u", "a").await, (6, 5));
+        assert_eq!(summary(&store, "u", "b").await, (2, 1));
+
+        // A cancelled task in the batch refuses all of it, its new tasks too.
+        assert!(store.mark_task_as_cancelled("u", "a").await.unwrap());
+        let mut refused = batch("u", "a", 10..11);
+        refused.extend(batch("u", "c", 0..3));
+        let err = store.save_batch_task_history(&refused).await.unwrap_err();
+        assert!(matches!(err, StoreError::TaskCancelled { .. }), "{err:?}");
+        assert!(store.load_task_history("u", "c").await.unwrap().is_empty());
+        assert_eq!(*copies.lock().unwrap(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn steps_left_without_their_summary_are_upserted_not_duplicated() {
+        let (store, copies, schema) = observed().await;
+        store
+            .save_batch_task_history(&batch("u", "orphan", 0..3))
+            .await
+            .unwrap();
+        // The summary is gone (by hand): the claim succeeds, COPY meets the old rows, and
+        // the batch is redone by the upsert statement.
+        let (client, conn) = tokio_postgres::connect(&database_url().await, tokio_postgres::NoTls)
+            .await
+            .unwrap();
+        let driver = tokio::spawn(conn);
+        client
+            .batch_execute(&format!(
+                "DELETE FROM {schema}.task_summary WHERE task_id = 'orphan'"
+            ))
+            .await
+            .unwrap();
+        drop(client);
+        driver.await.unwrap().unwrap();
+        let mut again = batch("u", "orphan", 0..5);
+        again[1].result = TaskStepResult::running("s", json!({ "again": 1 }), "");
+        store.save_batch_task_history(&again).await.unwrap();
+        assert_eq!(
+            *copies.lock().unwrap(),
+            2,
+            "the second batch tried COPY first"
+        );
+        let h = store.load_task_history("u", "orphan").await.unwrap();
+        assert_eq!(
+            h.iter().map(|e| e.step).collect::<Vec<_>>(),
+            [0, 1, 2, 3, 4]
+        );
+        assert_eq!(h[1].result.result, json!({ "again": 1 }));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn copy_batches_racing_single_saves_lose_nothing() {
+        let (store, copies, _) = observed().await;
+        let tasks = 8;
+        for round in 0..8 {
+            let user = format!("u{round}");
+            let mut records = Vec::new();
+            for t in 0..tasks {
+                records.extend(batch(&user, &format!("t{t}"), 0..40));
+            }
+            let writer = {
+                let store = store.clone();
+                tokio::spawn(async move { store.save_batch_task_history(&records).await })
+            };
+            let mut singles = Vec::new();
+            for t in 0..tasks {
+                let (store, user) = (store.clone(), user.clone());
+                singles.push(tokio::spawn(async move {
+                    for step in 40..45 {
+                        store
+                            .save_task_history(&user, &format!("t{t}"), step, &r(step))
+                            .await?;
+                    }
+                    Ok::<_, StoreError>(())
+                }));
+            }
+            writer.await.unwrap().unwrap();
+            for s in singles {
+                s.await.unwrap().unwrap();
+            }
+            for t in 0..tasks {
+                let task = format!("t{t}");
+                let h = store.load_task_history(&user, &task).await.unwrap();
+                let expected: Vec<i32> = (0..45).collect();
+                assert_eq!(h.iter().map(|e| e.step).collect::<Vec<_>>(), expected);
+                assert_eq!(
+                    summary(&store, &user, &task).await,
+                    (45, 44),
+                    "{user}/{task}"
+                );
+            }
+        }
+        // Some rounds went by COPY (the batch claimed first), others fell back.
+        assert!(*copies.lock().unwrap() >= 1);
+    }
+}

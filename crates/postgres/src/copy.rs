@@ -14,13 +14,13 @@
 
 use std::time::Duration;
 
+use bytes::{BufMut, Bytes, BytesMut};
 use chrono::{DateTime, Utc};
-use futures::pin_mut;
+use futures::SinkExt;
 use taskhistory_core::validate::PreparedStep;
 use taskhistory_core::StoreError;
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::{Json, ToSql, Type};
+use tokio_postgres::types::{ToSql, Type};
 
 use crate::config::PgConfig;
 use crate::connection::Connector;
@@ -152,11 +152,22 @@ pub(crate) async fn save_new_tasks(
         }
         None => "BEGIN".to_owned(),
     };
-    client
-        .batch_execute(&begin)
-        .await
-        .map_err(|e| from_postgres(OP, e))?;
-    let result = claim_and_copy(client, connector, steps).await;
+    connector.observe(sql::TRANSACTION_TIME);
+    // One round trip: the transaction's time comes back with its start (pipelined).
+    let (begun, now) = futures::join!(
+        client.batch_execute(&begin),
+        client.query_typed(sql::TRANSACTION_TIME, &[])
+    );
+    begun.map_err(|e| from_postgres(OP, e))?;
+    let result = match now.map_err(|e| from_postgres(OP, e)).and_then(|rows| {
+        rows.first()
+            .ok_or_else(|| StoreError::database(OP, "SELECT now() returned no row"))?
+            .try_get::<_, DateTime<Utc>>(0)
+            .map_err(|e| StoreError::database(OP, e))
+    }) {
+        Ok(now) => claim_and_copy(client, connector, steps, now).await,
+        Err(e) => Err(e),
+    };
     let end = if matches!(result, Ok(Some(_))) {
         "COMMIT"
     } else {
@@ -174,13 +185,23 @@ pub(crate) async fn save_new_tasks(
     }
 }
 
+/// Bytes of `COPY` data sent at a time: large enough that the connection task is woken a
+/// few times per batch, not once per page. The first chunk is encoded while the server runs
+/// the claim.
+const COPY_CHUNK: usize = 1 << 20;
+
+/// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01 UTC).
+const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+
+/// Claims the tasks, encoding the first chunk of rows while the server runs the claim, then
+/// (only if every task was new) sends the rows by `COPY`.
 async fn claim_and_copy(
     client: &tokio_postgres::Client,
     connector: &Connector,
     steps: &[PreparedStep<'_>],
+    now: DateTime<Utc>,
 ) -> Result<Option<Copied>, StoreError> {
     let new = NewTasks::of(steps);
-    connector.observe(sql::CLAIM_NEW_TASKS);
     let params: [(&(dyn ToSql + Sync), Type); 8] = [
         (&new.users, Type::TEXT_ARRAY),
         (&new.tasks, Type::TEXT_ARRAY),
@@ -191,75 +212,158 @@ async fn claim_and_copy(
         (&new.last, Type::TIMESTAMPTZ_ARRAY),
         (&new.stamped, Type::BOOL_ARRAY),
     ];
-    let rows = client
-        .query_typed(sql::CLAIM_NEW_TASKS, &params)
-        .await
-        .map_err(|e| from_postgres(OP, e))?;
-    let row = rows
+    connector.observe(sql::CLAIM_NEW_TASKS);
+    let mut rows = Rows::new(steps, &new, now);
+    let mut buf = BytesMut::with_capacity(COPY_CHUNK + COPY_CHUNK / 4);
+    // The binary COPY header: signature, flags, header extension length.
+    buf.put_slice(b"PGCOPY\n\xff\r\n\0");
+    buf.put_i32(0);
+    buf.put_i32(0);
+    let (claim, done) = futures::join!(client.query_typed(sql::CLAIM_NEW_TASKS, &params), async {
+        rows.fill(&mut buf, COPY_CHUNK)
+    });
+    let claim = claim.map_err(|e| from_postgres(OP, e))?;
+    let row = claim
         .first()
         .ok_or_else(|| StoreError::database(OP, "the claim statement returned no row"))?;
     let read = |e: tokio_postgres::Error| StoreError::database(OP, e);
     let claimed: i64 = row.try_get("claimed").map_err(read)?;
-    let at: DateTime<Utc> = row.try_get("saved_at").map_err(read)?;
     let seq: i64 = row.try_get("seq").map_err(read)?;
     if usize::try_from(claimed).ok() != Some(new.len()) {
         return Ok(None);
     }
-    match copy_steps(client, connector, steps, &new, at).await {
-        Ok(()) => Ok(Some(Copied { seq, at })),
+    connector.observe(sql::COPY_STEPS);
+    match copy_steps(client, &mut rows, buf, done).await {
+        Ok(()) => Ok(Some(Copied { seq, at: now })),
         // A step row without its task's summary (left by hand, say): the upsert path
         // handles it.
-        Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => Ok(None),
-        Err(e) => Err(from_postgres(OP, e)),
+        Err(CopyError::Server(e)) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => Ok(None),
+        Err(CopyError::Server(e)) => Err(from_postgres(OP, e)),
+        Err(CopyError::Encode(e)) => Err(StoreError::database(OP, e)),
+        Err(CopyError::TooLarge) => Err(StoreError::database(OP, "a COPY field is over 2 GiB")),
     }
 }
 
+/// Sends `buf` (the header and the first rows; `done` says whether they were all) and the
+/// rest of `rows`, a chunk at a time.
 async fn copy_steps(
     client: &tokio_postgres::Client,
-    connector: &Connector,
-    steps: &[PreparedStep<'_>],
-    new: &NewTasks<'_>,
+    rows: &mut Rows<'_, '_>,
+    mut buf: BytesMut,
+    mut done: Result<bool, CopyError>,
+) -> Result<(), CopyError> {
+    let sink = client.copy_in::<_, Bytes>(sql::COPY_STEPS).await?;
+    futures::pin_mut!(sink);
+    loop {
+        if done? {
+            buf.put_i16(-1);
+            sink.send(buf.freeze()).await?;
+            break;
+        }
+        sink.send(buf.split().freeze()).await?;
+        done = rows.fill(&mut buf, COPY_CHUNK);
+    }
+    sink.finish().await?;
+    Ok(())
+}
+
+/// The rows of a `COPY` batch, encoded a chunk at a time.
+struct Rows<'s, 'a> {
+    steps: &'s [PreparedStep<'a>],
+    new: &'s NewTasks<'a>,
     now: DateTime<Utc>,
-) -> Result<(), tokio_postgres::Error> {
-    connector.observe(sql::COPY_STEPS);
-    let sink = client.copy_in(sql::COPY_STEPS).await?;
-    let types = [
-        Type::TEXT,
-        Type::TEXT,
-        Type::INT4,
-        Type::JSONB,
-        Type::TIMESTAMPTZ,
-        Type::TEXT,
-        Type::TIMESTAMPTZ,
-    ];
-    let writer = BinaryCopyInWriter::new(sink, &types);
-    pin_mut!(writer);
-    let runs = steps.chunk_by(|a, b| a.user_id == b.user_id && a.task_id == b.task_id);
-    for (i, run) in runs.enumerate() {
-        // The task's start, as CLAIM_NEW_TASKS computed it: its earliest step time.
-        let started = match (new.first.get(i).copied().flatten(), new.stamped.get(i)) {
-            (Some(first), Some(true)) => first.min(now),
-            (Some(first), _) => first,
-            (None, _) => now,
-        };
-        for p in run {
-            let ts = p.timestamp.unwrap_or(now);
-            writer
-                .as_mut()
-                .write(&[
-                    &p.user_id,
-                    &p.task_id,
-                    &p.step,
-                    &Json(p.result),
-                    &ts,
-                    &p.result.status.as_str(),
-                    &started,
-                ])
-                .await?;
+    /// The next step to encode, and its task's index in `new`.
+    next: usize,
+    task: usize,
+}
+
+impl<'s, 'a> Rows<'s, 'a> {
+    fn new(steps: &'s [PreparedStep<'a>], new: &'s NewTasks<'a>, now: DateTime<Utc>) -> Self {
+        Rows {
+            steps,
+            new,
+            now,
+            next: 0,
+            task: 0,
         }
     }
-    writer.finish().await?;
+
+    /// Encodes rows into `buf` until it holds `limit` bytes or the rows run out; `true`
+    /// when they ran out.
+    fn fill(&mut self, buf: &mut BytesMut, limit: usize) -> Result<bool, CopyError> {
+        while let Some(p) = self.steps.get(self.next) {
+            if buf.len() >= limit {
+                return Ok(false);
+            }
+            if let Some(prev) = self.next.checked_sub(1).and_then(|i| self.steps.get(i)) {
+                if (prev.user_id, prev.task_id) != (p.user_id, p.task_id) {
+                    self.task += 1;
+                }
+            }
+            // The task's start, as CLAIM_NEW_TASKS computes it: its earliest step time.
+            let first = self.new.first.get(self.task).copied().flatten();
+            let stamped = self.new.stamped.get(self.task).copied().unwrap_or(false);
+            let started = match first {
+                Some(first) if stamped => first.min(self.now),
+                Some(first) => first,
+                None => self.now,
+            };
+            encode_row(buf, p, p.timestamp.unwrap_or(self.now), started)?;
+            self.next += 1;
+        }
+        Ok(true)
+    }
+}
+
+/// One row of `COPY_STEPS` in PostgreSQL's binary format: a field count, then each field's
+/// length and bytes (text as UTF-8, int4 and timestamptz big-endian, jsonb as version 1
+/// followed by the JSON text).
+fn encode_row(
+    buf: &mut BytesMut,
+    p: &PreparedStep<'_>,
+    ts: DateTime<Utc>,
+    started: DateTime<Utc>,
+) -> Result<(), CopyError> {
+    buf.put_i16(7);
+    put_text(buf, p.user_id)?;
+    put_text(buf, p.task_id)?;
+    buf.put_i32(4);
+    buf.put_i32(p.step);
+    let at = buf.len();
+    buf.put_i32(0);
+    buf.put_u8(1);
+    serde_json::to_writer((&mut *buf).writer(), p.result).map_err(CopyError::Encode)?;
+    let len = i32::try_from(buf.len() - at - 4).map_err(|_| CopyError::TooLarge)?;
+    buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
+    put_time(buf, ts);
+    put_text(buf, p.result.status.as_str())?;
+    put_time(buf, started);
     Ok(())
+}
+
+fn put_text(buf: &mut BytesMut, text: &str) -> Result<(), CopyError> {
+    buf.put_i32(i32::try_from(text.len()).map_err(|_| CopyError::TooLarge)?);
+    buf.put_slice(text.as_bytes());
+    Ok(())
+}
+
+fn put_time(buf: &mut BytesMut, t: DateTime<Utc>) {
+    buf.put_i32(8);
+    buf.put_i64(t.timestamp_micros().saturating_sub(PG_EPOCH_MICROS));
+}
+
+/// Why `COPY` data could not be sent.
+#[derive(Debug)]
+enum CopyError {
+    Server(tokio_postgres::Error),
+    Encode(serde_json::Error),
+    TooLarge,
+}
+
+impl From<tokio_postgres::Error> for CopyError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        CopyError::Server(e)
+    }
 }
 
 #[cfg(test)]

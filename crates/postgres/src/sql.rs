@@ -123,7 +123,7 @@ WITH input AS (
 /// created meanwhile by another writer is skipped (`claimed` then falls short and the
 /// caller rolls back). The inserted rows are this transaction's until it commits, so the
 /// tasks' steps can then be appended by `COPY` without conflict checks. Returns how many
-/// were created, `now()` (the time of steps without one) and the watchers' `seq`.
+/// were created and the watchers' `seq`.
 pub const CLAIM_NEW_TASKS: &str = r#"
 WITH input AS (
     SELECT i.user_id, i.task_id, i.status, i.last_step, i.step_count,
@@ -147,9 +147,11 @@ WITH input AS (
     ON CONFLICT (user_id, task_id) DO NOTHING
     RETURNING 1
 )
-SELECT (SELECT count(*) FROM claimed) AS claimed, now() AS saved_at,
-       nextval('task_history_id_seq') AS seq
+SELECT (SELECT count(*) FROM claimed) AS claimed, nextval('task_history_id_seq') AS seq
 "#;
+
+/// The transaction's time (`now()`): the time of a `COPY` batch's steps saved without one.
+pub const TRANSACTION_TIME: &str = "SELECT now()";
 
 /// The steps of tasks [`CLAIM_NEW_TASKS`] created, in binary `COPY` format. Each row
 /// carries its user (a distributed table routes `COPY` rows by it).
@@ -655,6 +657,7 @@ pub const ALL_STATEMENTS: &[(&str, &str)] = &[
     ("save_step", SAVE_STEP),
     ("claim_new_tasks", CLAIM_NEW_TASKS),
     ("copy_steps", COPY_STEPS),
+    ("transaction_time", TRANSACTION_TIME),
     ("load_history", LOAD_HISTORY),
     ("task_status", TASK_STATUS),
     ("cancel_task", CANCEL_TASK),
@@ -716,6 +719,7 @@ mod tests {
                 || *name == "applied_migrations"
                 || *name == "watch_fence"
                 || *name == "notify_events"
+                || *name == "transaction_time"
             {
                 continue;
             }

@@ -32,6 +32,7 @@ const NOT_PER_USER: &[&str] = &[
     "partition_retire_tasks",
     "partition_has_tasks",
     "notify_events",
+    "transaction_time",
 ];
 
 /// The partitioned layout's DDL (`sql::ddl`), sent on its own connection by operator and

@@ -319,6 +319,9 @@ pub(crate) fn build_pool(config: &PgConfig, connector: &Connector, last_error: &
         .min_idle(Some(config.min_size))
         .connection_timeout(config.pool_timeout)
         .test_on_check_out(true)
+        // The connection used last goes out first: under light load the same few server
+        // processes stay warm (FIFO would rotate every call through every connection).
+        .queue_strategy(bb8::QueueStrategy::Lifo)
         .error_sink(Box::new(last_error.clone()))
         .build_unchecked(manager)
 }

@@ -80,6 +80,7 @@ pub(crate) fn build_copy_pool(config: &PgConfig, connector: &Connector) -> CopyP
         .connection_timeout(config.pool_timeout)
         .retry_connection(false)
         .test_on_check_out(true)
+        .queue_strategy(bb8::QueueStrategy::Lifo)
         .build_unchecked(CopyManager {
             connector: connector.clone(),
         })

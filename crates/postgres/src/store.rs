@@ -140,13 +140,13 @@ impl fmt::Debug for PgTaskHistoryStore {
 
 /// A checked-out connection that is thrown away, not returned to the pool, if it is dropped
 /// while a statement is in flight (command timeout, or the caller dropping the future).
-struct Checkout {
+struct Checkout<'s> {
     conn: bb8::PooledConnection<'static, Manager>,
     in_flight: bool,
-    connector: Connector,
+    connector: &'s Connector,
 }
 
-impl Drop for Checkout {
+impl Drop for Checkout<'_> {
     fn drop(&mut self) {
         if self.in_flight {
             // Marks the connection broken so the pool discards it, and asks the server to
@@ -903,13 +903,13 @@ impl PgTaskHistoryStore {
         guard.clone().ok_or(StoreError::Closed)
     }
 
-    async fn checkout(&self, operation: &'static str) -> Result<Checkout, StoreError> {
+    async fn checkout(&self, operation: &'static str) -> Result<Checkout<'_>, StoreError> {
         let pool = self.pool()?;
         match pool.get_owned().await {
             Ok(conn) => Ok(Checkout {
                 conn,
                 in_flight: false,
-                connector: self.inner.connector.clone(),
+                connector: &self.inner.connector,
             }),
             Err(bb8::RunError::User(e)) => Err(StoreError::Unavailable {
                 operation,

@@ -29,7 +29,8 @@ Configuration (flags over environment over defaults): DATABASE_URL, or DB_HOST, 
 DB_NAME, DB_USER, DB_PASSWORD; DB_SCHEMA, DB_SSLMODE, DB_SSLROOTCERT, DB_COMMAND_TIMEOUT,
 DB_STATEMENT_TIMEOUT, DB_CONNECT_TIMEOUT, DB_POOL_TIMEOUT, DB_MIN_SIZE (default 1 here),
 DB_MAX_SIZE (default 4 here), DB_APPLICATION_NAME (default taskhistory-cli), DB_PGBOUNCER
-(true behind PgBouncer in transaction mode), DB_NOTIFY, DB_LISTEN_URL (watch through PgBouncer).";
+(true behind PgBouncer in transaction mode), DB_NOTIFY, DB_LISTEN_URL (watch through PgBouncer),
+DB_COPY_MIN_ROWS (imports of new tasks by COPY from this batch size; 0 = never), DB_COPY_CONNECTIONS.";
 }
 
 /// Why a command failed.

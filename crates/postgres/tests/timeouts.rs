@@ -180,3 +180,72 @@ async fn the_password_never_reaches_the_logs() {
     assert!(logs.contains("PgConfig"), "{logs}");
     assert!(!logs.contains(secret), "the password was logged:\n{logs}");
 }
+
+/// A `COPY` batch that cannot finish in time (its claim waits on another transaction's
+/// uncommitted summary of the same task) fails with `Timeout`; its connection, left inside
+/// a transaction, is thrown away, and the next batch gets a clean one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_timeout_during_a_copy_batch_discards_its_connection() {
+    use taskhistory_core::StepRecord;
+    let config = fresh_config()
+        .await
+        .copy_min_rows(Some(1))
+        .command_timeout(Duration::from_millis(300))
+        .statement_timeout(Duration::from_secs(30))
+        .retry(RetryPolicy::never());
+    let schema = config.schema.clone().unwrap();
+    let store = store_for(config).await;
+    let (blocker, conn) = tokio_postgres::connect(&database_url().await, NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    blocker
+        .batch_execute(&format!(
+            "SET search_path TO {schema}; BEGIN; INSERT INTO task_summary \
+             (user_id, task_id, status, last_step, step_count, created_at, updated_at, started_at) \
+             VALUES ('u', 'new', 'running', 0, 1, now(), now(), now())"
+        ))
+        .await
+        .unwrap();
+    let batch: Vec<StepRecord> = (0..3)
+        .map(|i| StepRecord::new("u", "new", i, step()))
+        .collect();
+    let err = store.save_batch_task_history(&batch).await.unwrap_err();
+    assert!(matches!(err, StoreError::Timeout { .. }), "{err:?}");
+    blocker.batch_execute("ROLLBACK").await.unwrap();
+
+    // Kept, the connection would now sit idle inside the claim's transaction; thrown away,
+    // its server process is gone. (Other tests' claims pass through that state for moments
+    // only, so this waits for none to be left. The pattern is the claim's input: the start
+    // of its text, which pg_stat_activity keeps.)
+    let mut left = i64::MAX;
+    for _ in 0..40 {
+        let row = blocker
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE state LIKE 'idle in transaction%' \
+                 AND query LIKE '%$3::text[], $4::int4[], $5::int8[]%'",
+                &[],
+            )
+            .await
+            .unwrap();
+        left = row.get(0);
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        left, 0,
+        "a timed-out COPY connection was kept in its transaction"
+    );
+
+    // Twice: with two COPY connections at most, a reused half-open transaction would show.
+    for task in ["new", "other"] {
+        let batch: Vec<StepRecord> = (0..3)
+            .map(|i| StepRecord::new("u", task, i, step()))
+            .collect();
+        store.save_batch_task_history(&batch).await.unwrap();
+        assert_eq!(store.load_task_history("u", task).await.unwrap().len(), 3);
+    }
+}

@@ -101,6 +101,12 @@ pub struct PgConfig {
     /// cannot send `COPY`); a batch waits for one when all are busy. Default 2
     /// (`DB_COPY_CONNECTIONS`).
     pub copy_connections: u32,
+    /// Connections shared by concurrent reads (status checks, history loads, task lists),
+    /// whose statements are pipelined: many small reads then cost the client and the server
+    /// a few socket reads and writes instead of one round trip each. Default 2
+    /// (`DB_PIPELINED_READS`); 0 sends reads through the pool like writes. Not used behind a
+    /// transaction pooler.
+    pub pipelined_reads: u32,
 }
 
 /// A callback that sees the SQL text of every statement (bound values are not included).
@@ -137,6 +143,7 @@ impl fmt::Debug for PgConfig {
             .field("partitioning", &self.partitioning)
             .field("copy_min_rows", &self.copy_min_rows)
             .field("copy_connections", &self.copy_connections)
+            .field("pipelined_reads", &self.pipelined_reads)
             .field(
                 "statement_observer",
                 &self.statement_observer.as_ref().map(|_| "<set>"),
@@ -172,6 +179,7 @@ impl Default for PgConfig {
             partitioning: None,
             copy_min_rows: Some(1_000),
             copy_connections: 2,
+            pipelined_reads: 2,
         }
         .application_name("taskhistory")
     }
@@ -214,7 +222,7 @@ impl PgConfig {
     /// `DB_MAX_SIZE`, `DB_COMMAND_TIMEOUT`, `DB_STATEMENT_TIMEOUT`, `DB_CONNECT_TIMEOUT`,
     /// `DB_POOL_TIMEOUT` (seconds), `DB_SSLMODE`, `DB_SSLROOTCERT`, `DB_APPLICATION_NAME`
     /// `DB_SCHEMA`, `DB_PGBOUNCER`, `DB_NOTIFY`, `DB_LISTEN_URL`, `DB_PARTITION_INTERVAL` and
-    /// `DB_PARTITIONS_AHEAD`, `DB_COPY_MIN_ROWS`, `DB_COPY_CONNECTIONS`. A bad value is an `InvalidInput` naming the variable.
+    /// `DB_PARTITIONS_AHEAD`, `DB_COPY_MIN_ROWS`, `DB_COPY_CONNECTIONS`, `DB_PIPELINED_READS`. A bad value is an `InvalidInput` naming the variable.
     pub fn from_env() -> Result<Self, StoreError> {
         Self::from_lookup(|key| std::env::var(key).ok())
     }
@@ -318,6 +326,9 @@ impl PgConfig {
         }
         if let Some(v) = num("DB_COPY_CONNECTIONS")? {
             c.copy_connections = v;
+        }
+        if let Some(v) = num("DB_PIPELINED_READS")? {
+            c.pipelined_reads = v;
         }
         c.validate()?;
         Ok(c)
@@ -481,6 +492,13 @@ impl PgConfig {
     /// ([`PgConfig::copy_min_rows`]); `None` turns that off.
     pub fn copy_min_rows(mut self, min_rows: Option<u32>) -> Self {
         self.copy_min_rows = min_rows;
+        self
+    }
+
+    /// Sets how many connections concurrent reads share ([`PgConfig::pipelined_reads`]; 0:
+    /// none, reads go through the pool).
+    pub fn pipelined_reads(mut self, connections: u32) -> Self {
+        self.pipelined_reads = connections;
         self
     }
 

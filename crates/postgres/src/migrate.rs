@@ -93,14 +93,14 @@ async fn applied_versions(connector: &Connector) -> Result<Vec<String>, StoreErr
         conn.batch_execute(setup).await.map_err(fail)?;
     }
     let migrated = Statement::new(sql::HEALTH)
-        .fetch::<Migrated>(&mut conn)
+        .fetch::<Migrated, _>(&mut conn)
         .await
         .map_err(fail)?
         .first()
         .is_some_and(|m| m.migrated);
     let versions = if migrated {
         Statement::new(sql::APPLIED_MIGRATIONS)
-            .fetch::<VersionRow>(&mut conn)
+            .fetch::<VersionRow, _>(&mut conn)
             .await
             .map_err(fail)?
             .into_iter()

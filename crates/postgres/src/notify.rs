@@ -181,7 +181,7 @@ async fn send(
     let sent = Statement::new(sql::NOTIFY_EVENTS)
         .bind::<Text, _>(channel.to_owned())
         .bind::<Array<Text>, _>(payloads.to_vec())
-        .fetch::<Sent>(c)
+        .fetch::<Sent, _>(c)
         .await;
     match sent {
         Ok(_) if pooled => c

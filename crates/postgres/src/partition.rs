@@ -468,7 +468,7 @@ impl PgTaskHistoryStore {
                         return Ok(Some(Vec::new()));
                     }
                     let oldest = Statement::new(sql::PARTITION_START_RANGE)
-                        .fetch::<StartRange>(c)
+                        .fetch::<StartRange, _>(c)
                         .await
                         .map_err(|e| from_diesel(OP, e))?
                         .into_iter()

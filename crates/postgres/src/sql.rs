@@ -14,7 +14,7 @@ use diesel::serialize::ToSql;
 use diesel::sql_types::{HasSqlType, Untyped};
 use diesel::QueryResult;
 use diesel_async::methods::LoadQuery;
-use diesel_async::{AsyncPgConnection, RunQueryDsl};
+use diesel_async::{AsyncConnectionCore, RunQueryDsl};
 
 /// The part of the save statements after their input: locks, upserts, summary, outcome.
 macro_rules! save_body {
@@ -560,11 +560,13 @@ impl Statement {
         self
     }
 
-    /// Runs the statement and reads its rows.
-    pub(crate) async fn fetch<T>(self, conn: &mut AsyncPgConnection) -> QueryResult<Vec<T>>
+    /// Runs the statement and reads its rows, on a connection of its own or on one shared
+    /// by concurrent reads (`&AsyncPgConnection`: pipelined).
+    pub(crate) async fn fetch<T, C>(self, conn: &mut C) -> QueryResult<Vec<T>>
     where
+        C: AsyncConnectionCore<Backend = Pg> + Send,
         T: Send + 'static,
-        Self: LoadQuery<'static, AsyncPgConnection, T>,
+        Self: LoadQuery<'static, C, T>,
     {
         RunQueryDsl::load(self, conn).await
     }

@@ -2,7 +2,7 @@
 
 use std::fmt;
 use std::io::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
@@ -13,8 +13,10 @@ use diesel::pg::{Pg, PgValue};
 use diesel::serialize::{self, IsNull, Output, ToSql};
 use diesel::sql_types::{Array, BigInt, Bool, Integer, Jsonb, Nullable, Text, Timestamptz};
 use diesel::QueryableByName;
+use diesel_async::methods::LoadQuery;
 use diesel_async::{
-    AnsiTransactionManager, AsyncPgConnection, SimpleAsyncConnection, TransactionManager,
+    AnsiTransactionManager, AsyncConnectionCore, AsyncPgConnection, SimpleAsyncConnection,
+    TransactionManager,
 };
 use futures::future::BoxFuture;
 use taskhistory_core::validate::{self, PreparedStep};
@@ -116,6 +118,8 @@ struct Inner {
     /// Sends committed writes' events to the channel (when it is set).
     notifier: Option<Notifier>,
     hub: Hub,
+    /// Connections shared by concurrent reads, when pipelining is on.
+    shared: Option<SharedReads>,
 }
 
 /// The PostgreSQL store: diesel-async over a bb8 pool. Cheap to clone (clones share the pool).
@@ -189,6 +193,43 @@ async fn in_transaction<A: Sync, T>(
 /// What one attempt does with its connection.
 pub(crate) type Work<A, T> =
     for<'c> fn(&'c mut AsyncPgConnection, &'c A) -> BoxFuture<'c, Result<T, StoreError>>;
+
+/// What one read does on a connection shared by concurrent reads (see [`SharedReads`]).
+type SharedWork<A, T> =
+    for<'c> fn(&'c mut &'c AsyncPgConnection, &'c A) -> BoxFuture<'c, Result<T, StoreError>>;
+
+/// The reads that may share a connection, as [`SharedWork`].
+fn load_history_shared<'c>(
+    conn: &'c mut &'c AsyncPgConnection,
+    args: &'c (&str, &str),
+) -> BoxFuture<'c, Result<Vec<HistoryEntry>, StoreError>> {
+    load_history(conn, args)
+}
+
+fn task_status_shared<'c>(
+    conn: &'c mut &'c AsyncPgConnection,
+    args: &'c (&str, &str),
+) -> BoxFuture<'c, Result<TaskStatus, StoreError>> {
+    task_status(conn, args)
+}
+
+fn list_tasks_shared<'c>(
+    conn: &'c mut &'c AsyncPgConnection,
+    args: &'c (&str, &TaskQuery),
+) -> BoxFuture<'c, Result<TaskPage, StoreError>> {
+    list_tasks(conn, args)
+}
+
+/// Connections shared by concurrent reads (status checks, history loads, task lists):
+/// tokio-postgres pipelines the statements of every caller using one, so many small reads
+/// cost a few socket writes and wake-ups instead of one each. Opened on first use; a
+/// connection that fails or times out is dropped from its slot and replaced by the next
+/// read. Off behind a transaction pooler ([`PgConfig::pgbouncer`]) and when
+/// [`PgConfig::pipelined_reads`] is 0.
+struct SharedReads {
+    slots: Vec<tokio::sync::Mutex<Option<Arc<AsyncPgConnection>>>>,
+    next: AtomicUsize,
+}
 
 /// A step result encoded as JSON, bound as `jsonb`.
 #[derive(Debug)]
@@ -480,10 +521,14 @@ fn step_events(steps: &[PreparedStep<'_>], saved: &[Saved]) -> Vec<Sequenced> {
     out
 }
 
-fn load_history<'c>(
-    conn: &'c mut AsyncPgConnection,
+fn load_history<'c, C>(
+    conn: &'c mut C,
     (user_id, task_id): &'c (&str, &str),
-) -> BoxFuture<'c, Result<Vec<HistoryEntry>, StoreError>> {
+) -> BoxFuture<'c, Result<Vec<HistoryEntry>, StoreError>>
+where
+    C: AsyncConnectionCore<Backend = Pg> + Send,
+    Statement: LoadQuery<'static, C, HistoryRow>,
+{
     Box::pin(async move {
         let rows: Vec<HistoryRow> = Statement::new(sql::LOAD_HISTORY)
             .bind::<Text, _>(user_id.to_string())
@@ -544,10 +589,14 @@ fn scan_history<'c>(
     })
 }
 
-fn task_status<'c>(
-    conn: &'c mut AsyncPgConnection,
+fn task_status<'c, C>(
+    conn: &'c mut C,
     (user_id, task_id): &'c (&str, &str),
-) -> BoxFuture<'c, Result<TaskStatus, StoreError>> {
+) -> BoxFuture<'c, Result<TaskStatus, StoreError>>
+where
+    C: AsyncConnectionCore<Backend = Pg> + Send,
+    Statement: LoadQuery<'static, C, StatusRow>,
+{
     Box::pin(async move {
         let rows: Vec<StatusRow> = Statement::new(sql::TASK_STATUS)
             .bind::<Text, _>(user_id.to_string())
@@ -579,10 +628,14 @@ fn cancel_task<'c>(
     })
 }
 
-fn list_tasks<'c>(
-    conn: &'c mut AsyncPgConnection,
+fn list_tasks<'c, C>(
+    conn: &'c mut C,
     (user_id, query): &'c (&str, &TaskQuery),
-) -> BoxFuture<'c, Result<TaskPage, StoreError>> {
+) -> BoxFuture<'c, Result<TaskPage, StoreError>>
+where
+    C: AsyncConnectionCore<Backend = Pg> + Send,
+    Statement: LoadQuery<'static, C, SummaryRow>,
+{
     Box::pin(async move {
         let fetch = query.limit + 1;
         let statement = match (&query.status, &query.after) {
@@ -726,6 +779,12 @@ impl PgTaskHistoryStore {
         let copy_pool = config
             .copy_min_rows
             .map(|_| copy::build_copy_pool(&config, &connector));
+        let shared = (config.pipelined_reads > 0 && !config.pgbouncer).then(|| SharedReads {
+            slots: (0..config.pipelined_reads)
+                .map(|_| tokio::sync::Mutex::new(None))
+                .collect(),
+            next: AtomicUsize::new(0),
+        });
         // The pool may already be full if min_size connections raced us; that is fine.
         let _ = pool.add(first);
         Ok(PgTaskHistoryStore {
@@ -739,6 +798,7 @@ impl PgTaskHistoryStore {
                 notifier,
                 channel,
                 hub: Hub::default(),
+                shared,
             }),
         })
     }
@@ -1039,6 +1099,83 @@ impl PgTaskHistoryStore {
         result
     }
 
+    /// A read: on a connection shared by concurrent reads when pipelining is on (else as
+    /// [`run`](Self::run)), with the same retries, timeout and span.
+    async fn read<A: Sync, T>(
+        &self,
+        operation: &'static str,
+        user_id: Option<&str>,
+        task_id: Option<&str>,
+        args: &A,
+        work: Work<A, T>,
+        shared_work: SharedWork<A, T>,
+    ) -> Result<T, StoreError> {
+        match &self.inner.shared {
+            Some(shared) => {
+                self.retried(operation, user_id, task_id, || {
+                    self.attempt_shared(shared, operation, args, shared_work)
+                })
+                .await
+            }
+            None => self.run(operation, user_id, task_id, args, work).await,
+        }
+    }
+
+    /// One attempt of a read on a shared connection (opened if its slot is empty). A
+    /// connection that fails with a connection error or does not answer in time leaves its
+    /// slot; reads still running on it finish or fail on their own.
+    async fn attempt_shared<A: Sync, T>(
+        &self,
+        shared: &SharedReads,
+        operation: &'static str,
+        args: &A,
+        work: SharedWork<A, T>,
+    ) -> Result<T, StoreError> {
+        self.pool()?;
+        let n = shared.slots.len().max(1);
+        let slot = shared.next.fetch_add(1, Ordering::Relaxed) % n;
+        let Some(slot) = shared.slots.get(slot) else {
+            return Err(StoreError::Closed);
+        };
+        let conn = {
+            let mut held = slot.lock().await;
+            match &*held {
+                Some(conn) => Arc::clone(conn),
+                None => {
+                    let conn = Arc::new(self.inner.connector.connect().await?);
+                    *held = Some(Arc::clone(&conn));
+                    conn
+                }
+            }
+        };
+        self.inner.counters.queries.fetch_add(1, Ordering::Relaxed);
+        let timeout = self.inner.config.command_timeout;
+        let result = tokio::time::timeout(timeout, async {
+            let mut conn: &AsyncPgConnection = &conn;
+            work(&mut conn, args).await
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(StoreError::Timeout {
+                operation,
+                source: format!("no answer within the command timeout of {timeout:?}").into(),
+            })
+        });
+        if let Err(error) = &result {
+            self.inner.counters.errors.fetch_add(1, Ordering::Relaxed);
+            if matches!(
+                error,
+                StoreError::Unavailable { .. } | StoreError::Timeout { .. }
+            ) {
+                let mut held = slot.lock().await;
+                if held.as_ref().is_some_and(|c| Arc::ptr_eq(c, &conn)) {
+                    *held = None;
+                }
+            }
+        }
+        result
+    }
+
     /// Runs `work` with retries, in a tracing span.
     pub(crate) async fn run<A: Sync, T>(
         &self,
@@ -1173,12 +1310,13 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         task_id: &str,
     ) -> Result<Vec<HistoryEntry>, StoreError> {
         validate::task(user_id, task_id)?;
-        self.run(
+        self.read(
             "load_task_history",
             Some(user_id),
             Some(task_id),
             &(user_id, task_id),
             load_history,
+            load_history_shared,
         )
         .await
     }
@@ -1220,12 +1358,13 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         task_id: &str,
     ) -> Result<TaskStatus, StoreError> {
         validate::task(user_id, task_id)?;
-        self.run(
+        self.read(
             "check_task_status",
             Some(user_id),
             Some(task_id),
             &(user_id, task_id),
             task_status,
+            task_status_shared,
         )
         .await
     }
@@ -1237,12 +1376,13 @@ impl TaskHistoryStore for PgTaskHistoryStore {
     ) -> Result<TaskPage, StoreError> {
         validate::user_id(user_id)?;
         validate::query(query)?;
-        self.run(
+        self.read(
             "get_user_tasks",
             Some(user_id),
             None,
             &(user_id, query),
             list_tasks,
+            list_tasks_shared,
         )
         .await
     }
@@ -1313,5 +1453,10 @@ impl TaskHistoryStore for PgTaskHistoryStore {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         drop(copy_pool);
+        if let Some(shared) = &self.inner.shared {
+            for slot in &shared.slots {
+                slot.lock().await.take();
+            }
+        }
     }
 }

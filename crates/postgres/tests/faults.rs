@@ -179,8 +179,16 @@ async fn an_exhausted_pool_waits_then_says_so() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(store.pool_stats().in_use, 2);
 
+    // Reads do not need the pool (they share connections of their own) and still answer.
+    assert_eq!(
+        store.check_task_status("u", "t").await.unwrap(),
+        taskhistory_core::TaskStatus::Running
+    );
     let started = Instant::now();
-    let err = store.check_task_status("u", "t").await.unwrap_err();
+    let err = store
+        .save_task_history("u", "other", 0, &step(0))
+        .await
+        .unwrap_err();
     let waited = started.elapsed();
     assert!(
         matches!(&err, StoreError::Unavailable { .. }),
@@ -466,5 +474,95 @@ async fn steps_whose_notification_never_left_reach_watchers_by_the_periodic_resy
     println!(
         "un-notified steps delivered {:.1} s after they were saved",
         started.elapsed().as_secs_f64()
+    );
+}
+
+/// Reads share connections of their own (pipelined). Killing every server process of the
+/// store under 16 readers: reads fail only with transient errors (most are retried away),
+/// the shared connections are replaced, and reads keep being answered correctly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_shared_read_connections_are_replaced() {
+    let app = format!("th-kill-reads-{}", std::process::id());
+    let config = fresh_config()
+        .await
+        .application_name(&app)
+        .retry(RetryPolicy {
+            max_attempts: 5,
+            initial_backoff: Duration::from_millis(20),
+            ..RetryPolicy::default()
+        });
+    let store = store_for(config).await;
+    for i in 0..5 {
+        store
+            .save_task_history("u", "t", i, &step(i))
+            .await
+            .unwrap();
+    }
+    let answered = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let failed: Arc<Mutex<Vec<StoreError>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let readers: Vec<_> = (0..16)
+        .map(|r| {
+            let (store, answered, failed, stop) = (
+                store.clone(),
+                answered.clone(),
+                failed.clone(),
+                stop.clone(),
+            );
+            tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    let outcome = match r % 3 {
+                        0 => store
+                            .check_task_status("u", "t")
+                            .await
+                            .map(|s| assert_eq!(s, taskhistory_core::TaskStatus::Running)),
+                        1 => store
+                            .load_task_history("u", "t")
+                            .await
+                            .map(|h| assert_eq!(h.len(), 5)),
+                        _ => store
+                            .get_user_tasks("u", 10)
+                            .await
+                            .map(|t| assert_eq!(t.len(), 1)),
+                    };
+                    match outcome {
+                        Ok(()) => {
+                            answered.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => failed.lock().unwrap().push(e),
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let kill = format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{app}'"
+    );
+    for _ in 0..3 {
+        admin_execute(&kill).await;
+        let before = answered.load(Ordering::Relaxed);
+        let killed_at = Instant::now();
+        while answered.load(Ordering::Relaxed) < before + 100 {
+            assert!(
+                killed_at.elapsed() < Duration::from_secs(5),
+                "reads did not recover within 5 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        r.await.unwrap();
+    }
+    for e in failed.lock().unwrap().iter() {
+        assert!(
+            e.is_transient(),
+            "a read failed with a non-transient error: {e}"
+        );
+    }
+    assert!(
+        store.metrics().retries > 0,
+        "the kill did not hit the readers"
     );
 }

@@ -190,6 +190,14 @@ async fn in_transaction<A: Sync, T>(
     }
 }
 
+/// The error of an attempt that did not finish within the command timeout.
+fn timed_out(operation: &'static str, timeout: Duration) -> StoreError {
+    StoreError::Timeout {
+        operation,
+        source: format!("no answer within the command timeout of {timeout:?}").into(),
+    }
+}
+
 /// What one attempt does with its connection.
 pub(crate) type Work<A, T> =
     for<'c> fn(&'c mut AsyncPgConnection, &'c A) -> BoxFuture<'c, Result<T, StoreError>>;
@@ -1021,10 +1029,7 @@ impl PgTaskHistoryStore {
                 checkout.in_flight = false;
                 result
             }
-            Err(_) => Err(StoreError::Timeout {
-                operation,
-                source: format!("no answer within the command timeout of {timeout:?}").into(),
-            }),
+            Err(_) => Err(timed_out(operation, timeout)),
         };
         if result.is_err() {
             self.inner.counters.errors.fetch_add(1, Ordering::Relaxed);
@@ -1087,11 +1092,7 @@ impl PgTaskHistoryStore {
                 .unwrap_or_else(|_| {
                     // The connection is left unclean, so the pool discards it (closing it ends
                     // the transaction on the server).
-                    Err(StoreError::Timeout {
-                        operation: op,
-                        source: format!("no answer within the command timeout of {timeout:?}")
-                            .into(),
-                    })
+                    Err(timed_out(op, timeout))
                 });
         if result.is_err() {
             self.inner.counters.errors.fetch_add(1, Ordering::Relaxed);
@@ -1155,12 +1156,7 @@ impl PgTaskHistoryStore {
             work(&mut conn, args).await
         })
         .await
-        .unwrap_or_else(|_| {
-            Err(StoreError::Timeout {
-                operation,
-                source: format!("no answer within the command timeout of {timeout:?}").into(),
-            })
-        });
+        .unwrap_or_else(|_| Err(timed_out(operation, timeout)));
         if let Err(error) = &result {
             self.inner.counters.errors.fetch_add(1, Ordering::Relaxed);
             if matches!(

@@ -30,7 +30,8 @@ DB_NAME, DB_USER, DB_PASSWORD; DB_SCHEMA, DB_SSLMODE, DB_SSLROOTCERT, DB_COMMAND
 DB_STATEMENT_TIMEOUT, DB_CONNECT_TIMEOUT, DB_POOL_TIMEOUT, DB_MIN_SIZE (default 1 here),
 DB_MAX_SIZE (default 4 here), DB_APPLICATION_NAME (default taskhistory-cli), DB_PGBOUNCER
 (true behind PgBouncer in transaction mode), DB_NOTIFY, DB_LISTEN_URL (watch through PgBouncer),
-DB_COPY_MIN_ROWS (imports of new tasks by COPY from this batch size; 0 = never), DB_COPY_CONNECTIONS.";
+DB_COPY_MIN_ROWS (imports of new tasks by COPY from this batch size; 0 = never), DB_COPY_CONNECTIONS,
+DB_PIPELINED_READS (connections shared by reads; 0 = reads use the pool).";
 }
 
 /// Why a command failed.

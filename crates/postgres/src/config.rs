@@ -617,6 +617,37 @@ mod tests {
     }
 
     #[test]
+    fn copy_batches_and_shared_reads_from_the_environment() {
+        let d = PgConfig::from_lookup(env(&[])).unwrap();
+        assert_eq!(
+            (d.copy_min_rows, d.copy_connections, d.pipelined_reads),
+            (Some(1_000), 2, 2)
+        );
+        let c = PgConfig::from_lookup(env(&[
+            ("DB_COPY_MIN_ROWS", "0"),
+            ("DB_COPY_CONNECTIONS", "3"),
+            ("DB_PIPELINED_READS", "0"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            (c.copy_min_rows, c.copy_connections, c.pipelined_reads),
+            (None, 3, 0)
+        );
+        let c = PgConfig::from_lookup(env(&[("DB_COPY_MIN_ROWS", "500")])).unwrap();
+        assert_eq!(c.copy_min_rows, Some(500));
+        for (k, v) in [
+            ("DB_COPY_CONNECTIONS", "0"),
+            ("DB_COPY_MIN_ROWS", "-1"),
+            ("DB_PIPELINED_READS", "x"),
+        ] {
+            match PgConfig::from_lookup(env(&[(k, v)])) {
+                Err(StoreError::InvalidInput { field, .. }) => assert_eq!(field, k),
+                other => panic!("{k}={v}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn url_with_verify_full_and_no_password_in_debug() {
         let c = PgConfig::from_lookup(env(&[(
             "DATABASE_URL",

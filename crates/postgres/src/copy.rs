@@ -95,15 +95,15 @@ struct NewTasks<'a> {
     statuses: Vec<&'static str>,
     last_steps: Vec<i32>,
     counts: Vec<i64>,
-    first: Vec<Option<DateTime<Utc>>>,
-    last: Vec<Option<DateTime<Utc>>>,
-    stamped: Vec<bool>,
+    first: Vec<DateTime<Utc>>,
+    last: Vec<DateTime<Utc>>,
 }
 
 impl<'a> NewTasks<'a> {
     /// One entry per task of `steps` (sorted by key, one entry per step, as
-    /// [`prepare_batch`](taskhistory_core::validate::prepare_batch) leaves them).
-    fn of(steps: &[PreparedStep<'a>]) -> Self {
+    /// [`prepare_batch`](taskhistory_core::validate::prepare_batch) leaves them); steps
+    /// without a timestamp count as `now`.
+    fn of(steps: &[PreparedStep<'a>], now: DateTime<Utc>) -> Self {
         let mut out = NewTasks::default();
         for run in steps.chunk_by(|a, b| a.user_id == b.user_id && a.task_id == b.task_id) {
             let (Some(first), Some(highest)) = (run.first(), run.last()) else {
@@ -115,9 +115,9 @@ impl<'a> NewTasks<'a> {
             out.last_steps.push(highest.step);
             out.counts
                 .push(i64::try_from(run.len()).unwrap_or(i64::MAX));
-            out.first.push(run.iter().filter_map(|p| p.timestamp).min());
-            out.last.push(run.iter().filter_map(|p| p.timestamp).max());
-            out.stamped.push(run.iter().any(|p| p.timestamp.is_none()));
+            let times = run.iter().map(|p| p.timestamp.unwrap_or(now));
+            out.first.push(times.clone().min().unwrap_or(now));
+            out.last.push(times.max().unwrap_or(now));
         }
         out
     }
@@ -202,8 +202,8 @@ async fn claim_and_copy(
     steps: &[PreparedStep<'_>],
     now: DateTime<Utc>,
 ) -> Result<Option<Copied>, StoreError> {
-    let new = NewTasks::of(steps);
-    let params: [(&(dyn ToSql + Sync), Type); 8] = [
+    let new = NewTasks::of(steps, now);
+    let params: [(&(dyn ToSql + Sync), Type); 7] = [
         (&new.users, Type::TEXT_ARRAY),
         (&new.tasks, Type::TEXT_ARRAY),
         (&new.statuses, Type::TEXT_ARRAY),
@@ -211,7 +211,6 @@ async fn claim_and_copy(
         (&new.counts, Type::INT8_ARRAY),
         (&new.first, Type::TIMESTAMPTZ_ARRAY),
         (&new.last, Type::TIMESTAMPTZ_ARRAY),
-        (&new.stamped, Type::BOOL_ARRAY),
     ];
     connector.observe(sql::CLAIM_NEW_TASKS);
     let mut rows = Rows::new(steps, &new, now);
@@ -301,14 +300,8 @@ impl<'s, 'a> Rows<'s, 'a> {
                     self.task += 1;
                 }
             }
-            // The task's start, as CLAIM_NEW_TASKS computes it: its earliest step time.
-            let first = self.new.first.get(self.task).copied().flatten();
-            let stamped = self.new.stamped.get(self.task).copied().unwrap_or(false);
-            let started = match first {
-                Some(first) if stamped => first.min(self.now),
-                Some(first) => first,
-                None => self.now,
-            };
+            // The task's start, the one its summary got: its earliest step time.
+            let started = self.new.first.get(self.task).copied().unwrap_or(self.now);
             encode_row(buf, p, p.timestamp.unwrap_or(self.now), started)?;
             self.next += 1;
         }
@@ -388,14 +381,15 @@ mod tests {
             StepRecord::new("v", "a", 3, done.clone()),
         ];
         let steps = taskhistory_core::validate::prepare_batch(&records).unwrap();
-        let new = NewTasks::of(&steps);
+        let now = t(8);
+        let new = NewTasks::of(&steps, now);
         assert_eq!(new.users, ["u", "u", "v"]);
         assert_eq!(new.tasks, ["a", "b", "a"]);
         assert_eq!(new.statuses, ["running", "completed", "completed"]);
         assert_eq!(new.last_steps, [2, 1, 3]);
         assert_eq!(new.counts, [2, 2, 1]);
-        assert_eq!(new.first, [Some(t(9)), Some(t(5)), None]);
-        assert_eq!(new.last, [Some(t(9)), Some(t(7)), None]);
-        assert_eq!(new.stamped, [true, false, true]);
+        // Task u/a: step 0 at t(9), step 2 without a time (now = t(8)).
+        assert_eq!(new.first, [t(8), t(5), t(8)]);
+        assert_eq!(new.last, [t(9), t(7), t(8)]);
     }
 }

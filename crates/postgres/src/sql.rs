@@ -118,20 +118,18 @@ WITH input AS (
 
 /// Creates the summaries of a `COPY` batch's tasks (inputs: per task, parallel arrays of
 /// user_id, task_id, status of its highest step, highest step, step count, earliest and
-/// latest timestamp given (NULL if none), and whether a step has no timestamp, i.e. takes
-/// `now()`), but only when none of them exists: if one does, it inserts nothing. A task
-/// created meanwhile by another writer is skipped (`claimed` then falls short and the
-/// caller rolls back). The inserted rows are this transaction's until it commits, so the
-/// tasks' steps can then be appended by `COPY` without conflict checks. Returns how many
-/// were created and the watchers' `seq`.
+/// latest step time, the times computed by the caller with the transaction's `now()` for
+/// steps without one), but only when none of them exists: if one does, it inserts nothing.
+/// A task created meanwhile by another writer is skipped (`claimed` then falls short and
+/// the caller rolls back). The inserted rows are this transaction's until it commits, so
+/// the tasks' steps can then be appended by `COPY` without conflict checks. Returns how
+/// many were created and the watchers' `seq`.
 pub const CLAIM_NEW_TASKS: &str = r#"
 WITH input AS (
-    SELECT i.user_id, i.task_id, i.status, i.last_step, i.step_count,
-           LEAST(i.first_ts, CASE WHEN i.stamped THEN now() END) AS first_ts,
-           GREATEST(i.last_ts, CASE WHEN i.stamped THEN now() END) AS last_ts
+    SELECT *
     FROM unnest($1::text[], $2::text[], $3::text[], $4::int4[], $5::int8[],
-                $6::timestamptz[], $7::timestamptz[], $8::bool[])
-        AS i(user_id, task_id, status, last_step, step_count, first_ts, last_ts, stamped)
+                $6::timestamptz[], $7::timestamptz[])
+        AS i(user_id, task_id, status, last_step, step_count, first_ts, last_ts)
 ), known AS (
     SELECT 1 FROM input i
     WHERE EXISTS (

@@ -1083,17 +1083,24 @@ impl PgTaskHistoryStore {
                 })
             }
         };
+        // On timeout the connection is left unclean, so the pool discards it (closing it
+        // ends the transaction on the server).
+        let connector = &self.inner.connector;
+        self.bounded(op, copy::save_new_tasks(&mut conn, connector, steps))
+            .await
+    }
+
+    /// Runs one attempt's database work under the command timeout, counting it.
+    async fn bounded<T>(
+        &self,
+        operation: &'static str,
+        work: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
         self.inner.counters.queries.fetch_add(1, Ordering::Relaxed);
         let timeout = self.inner.config.command_timeout;
-        let connector = &self.inner.connector;
-        let result =
-            tokio::time::timeout(timeout, copy::save_new_tasks(&mut conn, connector, steps))
-                .await
-                .unwrap_or_else(|_| {
-                    // The connection is left unclean, so the pool discards it (closing it ends
-                    // the transaction on the server).
-                    Err(timed_out(op, timeout))
-                });
+        let result = tokio::time::timeout(timeout, work)
+            .await
+            .unwrap_or_else(|_| Err(timed_out(operation, timeout)));
         if result.is_err() {
             self.inner.counters.errors.fetch_add(1, Ordering::Relaxed);
         }
@@ -1149,16 +1156,13 @@ impl PgTaskHistoryStore {
                 }
             }
         };
-        self.inner.counters.queries.fetch_add(1, Ordering::Relaxed);
-        let timeout = self.inner.config.command_timeout;
-        let result = tokio::time::timeout(timeout, async {
-            let mut conn: &AsyncPgConnection = &conn;
-            work(&mut conn, args).await
-        })
-        .await
-        .unwrap_or_else(|_| Err(timed_out(operation, timeout)));
+        let result = self
+            .bounded(operation, async {
+                let mut conn: &AsyncPgConnection = &conn;
+                work(&mut conn, args).await
+            })
+            .await;
         if let Err(error) = &result {
-            self.inner.counters.errors.fetch_add(1, Ordering::Relaxed);
             if matches!(
                 error,
                 StoreError::Unavailable { .. } | StoreError::Timeout { .. }

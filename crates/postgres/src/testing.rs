@@ -140,6 +140,30 @@ pub async fn server() -> &'static TestServer {
         .await
 }
 
+/// A plain tokio-postgres client on this process's test database (its connection driven
+/// in the background), for tests that act beside the store.
+pub async fn test_db_client() -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(&database_url().await, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to the test database: {e}"));
+    tokio::spawn(conn);
+    client
+}
+
+/// Holds the summary row of `u`/`task` in `schema` locked in an open transaction, so writes
+/// to that task wait until the returned client rolls back (or is dropped).
+pub async fn lock_summary(schema: &str, task: &str) -> tokio_postgres::Client {
+    let client = test_db_client().await;
+    client
+        .batch_execute(&format!(
+            "SET search_path TO {schema}; BEGIN; \
+             SELECT 1 FROM task_summary WHERE user_id = 'u' AND task_id = '{task}' FOR UPDATE"
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("locking the summary of {task}: {e}"));
+    client
+}
+
 /// Runs SQL on the admin database.
 pub async fn admin_execute(sql: &str) {
     execute(&server().await.admin_url, sql).await;

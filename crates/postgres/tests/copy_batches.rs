@@ -11,7 +11,7 @@ mod copy_path {
 
     use serde_json::json;
     use taskhistory_core::{StepRecord, StoreError, TaskHistoryStore, TaskQuery, TaskStepResult};
-    use taskhistory_postgres::testing::{database_url, fresh_config, store_for};
+    use taskhistory_postgres::testing::{fresh_config, store_for, test_db_client};
     use taskhistory_postgres::{sql, PgTaskHistoryStore};
 
     fn r(i: i32) -> TaskStepResult {
@@ -90,18 +90,13 @@ mod copy_path {
             .unwrap();
         // The summary is gone (by hand): the claim succeeds, COPY meets the old rows, and
         // the batch is redone by the upsert statement.
-        let (client, conn) = tokio_postgres::connect(&database_url().await, tokio_postgres::NoTls)
+        test_db_client()
             .await
-            .unwrap();
-        let driver = tokio::spawn(conn);
-        client
             .batch_execute(&format!(
                 "DELETE FROM {schema}.task_summary WHERE task_id = 'orphan'"
             ))
             .await
             .unwrap();
-        drop(client);
-        driver.await.unwrap().unwrap();
         let mut again = batch("u", "orphan", 0..5);
         again[1].result = TaskStepResult::running("s", json!({ "again": 1 }), "");
         store.save_batch_task_history(&again).await.unwrap();

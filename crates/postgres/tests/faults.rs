@@ -14,9 +14,10 @@ use serde_json::json;
 use taskhistory_core::{
     HistoryScan, RetryPolicy, StoreError, TaskHistoryStore, TaskStatus, TaskStepResult,
 };
-use taskhistory_postgres::testing::{admin_execute, database_url, fresh_config, store_for};
+use taskhistory_postgres::testing::{
+    admin_execute, fresh_config, lock_summary, store_for, test_db_client,
+};
 use taskhistory_postgres::PgTaskHistoryStore;
-use tokio_postgres::NoTls;
 
 fn step(i: i32) -> TaskStepResult {
     TaskStepResult::running(format!("s{i}"), json!({ "i": i }), "")
@@ -139,22 +140,6 @@ async fn killed_backends_under_load_lose_nothing_and_the_pool_recovers() {
     assert!(metrics.retries > 0, "the kill did not hit the store");
 }
 
-/// Holds a task's summary row locked, so every write to that task waits.
-async fn lock_task(schema: &str, task: &str) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(&database_url().await, NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    client
-        .batch_execute(&format!(
-            "SET search_path TO {schema}; BEGIN; \
-             SELECT 1 FROM task_summary WHERE user_id = 'u' AND task_id = '{task}' FOR UPDATE"
-        ))
-        .await
-        .unwrap();
-    client
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exhausted_pool_waits_then_says_so() {
     let config = fresh_config()
@@ -168,7 +153,7 @@ async fn an_exhausted_pool_waits_then_says_so() {
         .save_task_history("u", "t", 0, &step(0))
         .await
         .unwrap();
-    let locker = lock_task(&schema, "t").await;
+    let locker = lock_summary(&schema, "t").await;
     // Both connections wait on the lock.
     let blocked: Vec<_> = (1..=2)
         .map(|i| {
@@ -368,10 +353,7 @@ async fn a_watcher_survives_a_lost_listener_and_misses_nothing() {
         .await
         .unwrap();
     // Kill the listener's backend (there is exactly one), then write while it reconnects.
-    let (admin, conn) = tokio_postgres::connect(&database_url().await, NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let admin = test_db_client().await;
     let killed: i64 = admin
         .query_one(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \

@@ -8,23 +8,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use taskhistory_core::{TaskHistoryStore, TaskStepResult};
-use taskhistory_postgres::testing::{database_url, fresh_config, store_for};
-use tokio_postgres::NoTls;
-
-/// Holds the task's summary row locked in an open transaction, so writes to it wait.
-async fn lock_task(schema: &str) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(&database_url().await, NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    client
-        .batch_execute(&format!(
-            "SET search_path TO {schema}; BEGIN; SELECT * FROM task_summary WHERE user_id = 'u' AND task_id = 't' FOR UPDATE"
-        ))
-        .await
-        .unwrap();
-    client
-}
+use taskhistory_postgres::testing::{fresh_config, lock_summary, store_for};
 
 fn step() -> TaskStepResult {
     TaskStepResult::running("s", json!(null), "")
@@ -62,7 +46,7 @@ async fn the_password_never_reaches_the_logs() {
     let schema = config.schema.clone().unwrap();
     let store = store_for(config).await;
     store.save_task_history("u", "t", 0, &step()).await.unwrap();
-    let locker = lock_task(&schema).await;
+    let locker = lock_summary(&schema, "t").await;
     let _ = store.save_task_history("u", "t", 1, &step()).await;
     locker.batch_execute("ROLLBACK").await.unwrap();
     tracing::debug!(config = ?store.config(), "the configuration, as a service would log it");

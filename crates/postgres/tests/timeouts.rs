@@ -6,23 +6,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use taskhistory_core::{RetryPolicy, StoreError, TaskHistoryStore, TaskStepResult};
-use taskhistory_postgres::testing::{database_url, fresh_config, store_for};
-use tokio_postgres::NoTls;
-
-/// Holds the task's summary row locked in an open transaction, so writes to it wait.
-async fn lock_task(schema: &str) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(&database_url().await, NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    client
-        .batch_execute(&format!(
-            "SET search_path TO {schema}; BEGIN; SELECT * FROM task_summary WHERE user_id = 'u' AND task_id = 't' FOR UPDATE"
-        ))
-        .await
-        .unwrap();
-    client
-}
+use taskhistory_postgres::testing::{fresh_config, lock_summary, store_for, test_db_client};
 
 fn step() -> TaskStepResult {
     TaskStepResult::running("s", json!(null), "")
@@ -39,7 +23,7 @@ async fn command_timeout_discards_the_connection() {
     let schema = config.schema.clone().unwrap();
     let store = store_for(config).await;
     store.save_task_history("u", "t", 0, &step()).await.unwrap();
-    let locker = lock_task(&schema).await;
+    let locker = lock_summary(&schema, "t").await;
 
     let err = store
         .save_task_history("u", "t", 1, &step())
@@ -79,7 +63,7 @@ async fn statement_timeout_is_a_typed_timeout_and_the_pool_stays_healthy() {
     let schema = config.schema.clone().unwrap();
     let store = store_for(config).await;
     store.save_task_history("u", "t", 0, &step()).await.unwrap();
-    let locker = lock_task(&schema).await;
+    let locker = lock_summary(&schema, "t").await;
     let err = store.mark_task_as_cancelled("u", "t").await.unwrap_err();
     assert!(matches!(err, StoreError::Timeout { .. }), "{err:?}");
     locker.batch_execute("ROLLBACK").await.unwrap();
@@ -100,7 +84,7 @@ async fn retries_ride_out_a_lock_held_briefly() {
     let schema = config.schema.clone().unwrap();
     let store = store_for(config).await;
     store.save_task_history("u", "t", 0, &step()).await.unwrap();
-    let locker = lock_task(&schema).await;
+    let locker = lock_summary(&schema, "t").await;
     let release = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(400)).await;
         locker.batch_execute("ROLLBACK").await.unwrap();
@@ -142,10 +126,7 @@ async fn command_timeout_during_a_copy_batch_discards_its_connection() {
         .retry(RetryPolicy::never());
     let schema = config.schema.clone().unwrap();
     let store = store_for(config).await;
-    let (blocker, conn) = tokio_postgres::connect(&database_url().await, NoTls)
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let blocker = test_db_client().await;
     blocker
         .batch_execute(&format!(
             "SET search_path TO {schema}; BEGIN; INSERT INTO task_summary \

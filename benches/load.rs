@@ -23,7 +23,8 @@ use std::time::Instant;
 use chrono::{DateTime, Utc};
 use futures::pin_mut;
 use serde_json::json;
-use taskhistory::postgres::{sql, testing};
+use taskhistory::postgres::__private::sql;
+use taskhistory::postgres::testing;
 use taskhistory::{
     CleanupOptions, DynStore, HistoryScan, MemoryStore, PgConfig, PgTaskHistoryStore, SslMode,
     StepRecord, TaskHistoryStore, TaskStatus, TaskStepResult,

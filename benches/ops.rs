@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use serde_json::json;
-use taskhistory::postgres::{sql, testing};
+use taskhistory::postgres::__private::sql;
+use taskhistory::postgres::testing;
 use taskhistory::{
     DynStore, MemoryStore, PgConfig, SslMode, StepRecord, TaskHistoryStore, TaskStepResult,
 };

@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use taskhistory_core::TaskHistoryStore;
-use taskhistory_postgres::sql;
+use taskhistory_postgres::__private::sql;
 use taskhistory_postgres::testing::{database_url, fresh_config, store_for};
 use tokio_postgres::NoTls;
 

@@ -1,15 +1,11 @@
-//! Opening connections (TLS with rustls, server settings at start-up) and the bb8 pool around
-//! them, which keeps the last connection error so callers see the real cause.
+//! Opening connections: TLS with rustls, and the server settings every session of the store
+//! starts with (`statement_timeout`, `search_path`, untranslated messages).
 
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use diesel::ConnectionError;
-use diesel_async::pooled_connection::{
-    AsyncDieselConnectionManager, ManagerConfig, PoolError, RecyclingMethod,
-};
 use diesel_async::AsyncPgConnection;
-use futures::FutureExt;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
@@ -22,38 +18,54 @@ use crate::error::from_postgres;
 use diesel_async::SimpleAsyncConnection;
 use tokio::sync::mpsc;
 
-/// The pool type.
-pub(crate) type Manager = AsyncDieselConnectionManager<AsyncPgConnection>;
-pub(crate) type Pool = bb8::Pool<Manager>;
-
 /// Opens a tokio-postgres connection, with TLS or without as configured, and evaluates
-/// `$then` with its client and connection (whose type depends on the TLS choice).
+/// `$then` with its client and connection (whose type depends on the TLS choice). With a
+/// connector, its session settings (falling back once to translated messages, see
+/// `Connector::refused_untranslated`); with `@with`, the settings given.
 macro_rules! open {
-    ($tls:expr, $pg:expr, $op:expr, |$client:ident, $connection:ident| $then:expr) => {
-        match $tls {
-            None => {
-                let ($client, $connection) = $pg
-                    .connect(NoTls)
-                    .await
-                    .map_err(|e| from_postgres($op, e))?;
-                $then
+    ($connector:expr, $op:expr, |$client:ident, $connection:ident| $then:expr) => {{
+        let c = $connector;
+        if !c.untranslated() {
+            open!(@with c.tls, c.pg_translated, $op, |$client, $connection| $then)
+        } else {
+            match open!(@raw c.tls, c.pg, |$client, $connection| $then) {
+                Err(e) if c.refused_untranslated(&e) => {
+                    open!(@with c.tls, c.pg_translated, $op, |$client, $connection| $then)
+                }
+                Err(e) => return Err(from_postgres($op, e)),
+                Ok(value) => value,
             }
-            Some(tls) => {
-                let ($client, $connection) = $pg
-                    .connect(tls.clone())
-                    .await
-                    .map_err(|e| from_postgres($op, e))?;
-                $then
-            }
+        }
+    }};
+    (@with $tls:expr, $pg:expr, $op:expr, |$client:ident, $connection:ident| $then:expr) => {
+        open!(@raw $tls, $pg, |$client, $connection| $then).map_err(|e| from_postgres($op, e))?
+    };
+    (@raw $tls:expr, $pg:expr, |$client:ident, $connection:ident| $then:expr) => {
+        match &$tls {
+            None => match $pg.connect(NoTls).await {
+                Ok(($client, $connection)) => Ok($then),
+                Err(e) => Err(e),
+            },
+            Some(tls) => match $pg.connect(tls.clone()).await {
+                Ok(($client, $connection)) => Ok($then),
+                Err(e) => Err(e),
+            },
         }
     };
 }
+
+/// The start-up option that asks for untranslated server messages (see [`crate::error`]).
+const UNTRANSLATED: &str = " -c lc_messages=C";
 
 /// Opens connections as the configuration says: one place for the pool, the migrator and
 /// anything else that needs a connection.
 #[derive(Clone)]
 pub(crate) struct Connector {
     pg: tokio_postgres::Config,
+    /// `pg` without [`UNTRANSLATED`], for a role that may not set `lc_messages`.
+    pg_translated: tokio_postgres::Config,
+    /// Whether sessions start with untranslated messages: true until the server refuses it.
+    untranslated: Arc<AtomicBool>,
     tls: Option<MakeRustlsConnect>,
     observer: Option<StatementObserver>,
     /// Behind a transaction pooler: what each operation's transaction sets first.
@@ -141,11 +153,6 @@ impl Connector {
             }
             Arc::from(setup)
         });
-        if !config.pgbouncer {
-            pg.options(&options);
-        }
-        pg.connect_timeout(config.connect_timeout);
-        pg.keepalives(true).keepalives_idle(Duration::from_secs(60));
         let tls = match config.ssl_mode {
             SslMode::Disable => {
                 pg.ssl_mode(tokio_postgres::config::SslMode::Disable);
@@ -164,8 +171,21 @@ impl Connector {
                 Some(MakeRustlsConnect::new(verified_tls(config)?))
             }
         };
+        let mut pg_translated = pg.clone();
+        if !config.pgbouncer {
+            pg_translated.options(&options);
+            pg.options(&format!("{options}{UNTRANSLATED}"));
+        }
+        for pg in [&mut pg, &mut pg_translated] {
+            pg.connect_timeout(config.connect_timeout);
+            pg.keepalives(true).keepalives_idle(Duration::from_secs(60));
+        }
+        // Behind a pooler no start-up options reach the server: messages are as it speaks.
+        let untranslated = Arc::new(AtomicBool::new(!config.pgbouncer));
         Ok(Connector {
             pg,
+            pg_translated,
+            untranslated,
             tls,
             observer: config.statement_observer.clone(),
             transaction_setup,
@@ -183,7 +203,7 @@ impl Connector {
     pub(crate) async fn connect(&self) -> Result<AsyncPgConnection, StoreError> {
         let op = "connect";
         let pooled = self.transaction_setup.is_some();
-        let conn = open!(&self.tls, self.pg, op, |client, connection| if pooled {
+        let conn = open!(self, op, |client, connection| if pooled {
             tokio::spawn(connection);
             behind_pooler(client).await?
         } else {
@@ -216,10 +236,38 @@ impl Connector {
     /// diesel-async does not speak.
     pub(crate) async fn connect_raw(&self) -> Result<tokio_postgres::Client, StoreError> {
         let op = "connect";
-        Ok(open!(&self.tls, self.pg, op, |client, connection| {
+        Ok(open!(self, op, |client, connection| {
             tokio::spawn(connection);
             client
         }))
+    }
+
+    /// Whether the store's sessions get untranslated server messages, which the error map
+    /// needs for the SQLSTATEs diesel-async drops (false behind a transaction pooler, or when
+    /// the role may not set `lc_messages`: then only an English-speaking server is classified
+    /// right, and `health` says so).
+    pub(crate) fn untranslated(&self) -> bool {
+        self.untranslated.load(Ordering::Relaxed)
+    }
+
+    /// Notes that the server refused untranslated messages to this role (insufficient
+    /// privilege to set `lc_messages`; PostgreSQL 15+ lets a superuser
+    /// `GRANT SET ON PARAMETER lc_messages`, see `least_privilege_grants`), so that sessions
+    /// open without asking; `true` when that was the reason `error` refused a session.
+    fn refused_untranslated(&self, error: &tokio_postgres::Error) -> bool {
+        let refused = error.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
+            && error
+                .as_db_error()
+                .is_some_and(|db| db.message().contains("lc_messages"));
+        if refused && self.untranslated.swap(false, Ordering::Relaxed) {
+            tracing::warn!(
+                "taskhistory: this role may not set lc_messages, so the server's messages may be \
+                 translated and some errors (statement timeout, deadlock, shutdown) may not be \
+                 recognised; grant it with `GRANT SET ON PARAMETER lc_messages TO <role>` \
+                 (PostgreSQL 15+), or run the server with lc_messages = 'C' or English"
+            );
+        }
+        refused
     }
 
     /// Hands `sql` to the configured statement observer (statements sent outside diesel).
@@ -245,7 +293,7 @@ impl Connector {
         let op = "watch";
         let pg = self.listen.as_ref().unwrap_or(&self.pg);
         let (tx, rx) = mpsc::unbounded_channel();
-        let client = open!(&self.tls, pg, op, |client, connection| {
+        let client = open!(@with self.tls, pg, op, |client, connection| {
             tokio::spawn(forward_notifications(connection, tx));
             client
         });
@@ -272,58 +320,6 @@ impl Connector {
             });
         }
     }
-}
-
-/// The last error a pool met while opening connections.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct LastError(Arc<Mutex<Option<String>>>);
-
-impl LastError {
-    pub(crate) fn get(&self) -> Option<String> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-}
-
-impl bb8::ErrorSink<PoolError> for LastError {
-    fn sink(&self, error: PoolError) {
-        tracing::warn!(error = %error, "taskhistory: opening a pooled connection failed");
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.to_string());
-    }
-
-    fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<PoolError>> {
-        Box::new(self.clone())
-    }
-}
-
-/// Builds the pool. It opens nothing by itself: the caller adds a first connection it opened
-/// directly (so start-up errors are the real ones) and the pool fills up to `min_size` in
-/// the background.
-pub(crate) fn build_pool(config: &PgConfig, connector: &Connector, last_error: &LastError) -> Pool {
-    let connector = connector.clone();
-    let mut manager_config = ManagerConfig::<AsyncPgConnection>::default();
-    manager_config.recycling_method = RecyclingMethod::Fast;
-    manager_config.custom_setup = Box::new(move |_url: &str| {
-        let connector = connector.clone();
-        async move {
-            connector
-                .connect()
-                .await
-                .map_err(|e| ConnectionError::BadConnection(e.to_string()))
-        }
-        .boxed()
-    });
-    // The URL is unused: custom_setup connects from the parsed configuration.
-    let manager = Manager::new_with_config("postgres://", manager_config);
-    bb8::Pool::builder()
-        .max_size(config.max_size)
-        .min_idle(Some(config.min_size))
-        .connection_timeout(config.pool_timeout)
-        .test_on_check_out(true)
-        // The connection used last goes out first: under light load the same few server
-        // processes stay warm (FIFO would rotate every call through every connection).
-        .queue_strategy(bb8::QueueStrategy::Lifo)
-        .error_sink(Box::new(last_error.clone()))
-        .build_unchecked(manager)
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {

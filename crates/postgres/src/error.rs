@@ -1,33 +1,57 @@
-//! From diesel, bb8 and tokio-postgres errors to [`StoreError`].
+//! The one error map: every diesel, tokio-postgres and pool error becomes a [`StoreError`]
+//! through [`classify`], by SQLSTATE.
 //!
-//! diesel-async keeps the SQLSTATE only as a [`DatabaseErrorKind`] for some classes (unique,
-//! check, not-null, serialization failure, read-only); query_canceled (57014), deadlock
-//! (40P01) and admin_shutdown (57P01) arrive as `Unknown` with the code dropped, so for those
-//! three the server's (English) message is matched. A lost socket arrives as
-//! `UnableToSendCommand`.
+//! tokio-postgres errors carry their SQLSTATE. diesel-async keeps it only as a
+//! [`DatabaseErrorKind`] for some classes (unique, check, not-null, serialization failure,
+//! read-only) and drops it for the rest; for those the SQLSTATE is recovered from the server's
+//! message, which is reliable because every session of the store asks for untranslated
+//! messages (`lc_messages = 'C'`, see `Connector`): where the role may not set that, the store
+//! says so at start-up and in `health`. A lost socket has no SQLSTATE at all.
 
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use taskhistory_core::{BoxError, StoreError};
+use tokio_postgres::error::SqlState;
+
+/// The one classification: what a failure with this SQLSTATE (`None`: no answer from the
+/// server, the connection is gone) means for the caller.
+pub(crate) fn classify(
+    operation: &'static str,
+    code: Option<&SqlState>,
+    source: BoxError,
+) -> StoreError {
+    let Some(code) = code else {
+        // I/O, refused connection, TLS handshake, a socket that closed mid-way.
+        return StoreError::Unavailable { operation, source };
+    };
+    if *code == SqlState::QUERY_CANCELED {
+        // statement_timeout, or a cancel request.
+        StoreError::Timeout { operation, source }
+    } else if *code == SqlState::T_R_DEADLOCK_DETECTED
+        || *code == SqlState::T_R_SERIALIZATION_FAILURE
+    {
+        StoreError::Conflict { operation, source }
+    } else if *code == SqlState::ADMIN_SHUTDOWN
+        || *code == SqlState::CRASH_SHUTDOWN
+        || *code == SqlState::CANNOT_CONNECT_NOW
+        || *code == SqlState::TOO_MANY_CONNECTIONS
+        // A primary that became a replica (failover): try again on a new connection.
+        || *code == SqlState::READ_ONLY_SQL_TRANSACTION
+        || code.code().starts_with("08")
+    {
+        StoreError::Unavailable { operation, source }
+    } else {
+        // Wrong password, unknown role or database, constraint violations, bad SQL: retrying
+        // will not help.
+        StoreError::Database { operation, source }
+    }
+}
 
 /// Maps a diesel error from `operation`.
 pub(crate) fn from_diesel(operation: &'static str, e: DieselError) -> StoreError {
     match e {
         DieselError::DatabaseError(kind, info) => {
-            let message = info.message().to_owned();
-            let source: BoxError = describe(&*info).into();
-            match kind {
-                DatabaseErrorKind::UnableToSendCommand | DatabaseErrorKind::ClosedConnection => {
-                    StoreError::Unavailable { operation, source }
-                }
-                DatabaseErrorKind::SerializationFailure => {
-                    StoreError::Conflict { operation, source }
-                }
-                // A primary that became a replica (failover): try again on a new connection.
-                DatabaseErrorKind::ReadOnlyTransaction => {
-                    StoreError::Unavailable { operation, source }
-                }
-                _ => classify_message(operation, &message, source),
-            }
+            let code = sqlstate_of(kind, info.message());
+            classify(operation, code.as_ref(), describe(&*info).into())
         }
         DieselError::BrokenTransactionManager => StoreError::Unavailable {
             operation,
@@ -40,6 +64,41 @@ pub(crate) fn from_diesel(operation: &'static str, e: DieselError) -> StoreError
     }
 }
 
+/// The SQLSTATE behind a diesel error kind; for `Unknown`, recovered from the server's
+/// untranslated message. `None` for a lost connection.
+fn sqlstate_of(kind: DatabaseErrorKind, message: &str) -> Option<SqlState> {
+    Some(match kind {
+        DatabaseErrorKind::UnableToSendCommand | DatabaseErrorKind::ClosedConnection => {
+            return None
+        }
+        DatabaseErrorKind::SerializationFailure => SqlState::T_R_SERIALIZATION_FAILURE,
+        DatabaseErrorKind::ReadOnlyTransaction => SqlState::READ_ONLY_SQL_TRANSACTION,
+        DatabaseErrorKind::UniqueViolation => SqlState::UNIQUE_VIOLATION,
+        DatabaseErrorKind::ForeignKeyViolation => SqlState::FOREIGN_KEY_VIOLATION,
+        DatabaseErrorKind::NotNullViolation => SqlState::NOT_NULL_VIOLATION,
+        DatabaseErrorKind::CheckViolation => SqlState::CHECK_VIOLATION,
+        _ => return Some(sqlstate_of_message(message)),
+    })
+}
+
+/// The SQLSTATEs diesel-async drops that the store must tell apart, from the server's
+/// message in the `C` locale (`src/backend` of PostgreSQL writes these texts).
+fn sqlstate_of_message(message: &str) -> SqlState {
+    const BY_MESSAGE: &[(&str, SqlState)] = &[
+        ("canceling statement due to", SqlState::QUERY_CANCELED),
+        ("deadlock detected", SqlState::T_R_DEADLOCK_DETECTED),
+        ("terminating connection due to administrator command", SqlState::ADMIN_SHUTDOWN),
+        ("terminating connection because of crash", SqlState::CRASH_SHUTDOWN),
+        ("the database system is", SqlState::CANNOT_CONNECT_NOW),
+        ("sorry, too many clients", SqlState::TOO_MANY_CONNECTIONS),
+        ("server closed the connection", SqlState::CONNECTION_FAILURE),
+    ];
+    BY_MESSAGE
+        .iter()
+        .find(|(prefix, _)| message.starts_with(prefix) || message.contains(prefix))
+        .map_or(SqlState::INTERNAL_ERROR, |(_, code)| code.clone())
+}
+
 fn describe(info: &(dyn diesel::result::DatabaseErrorInformation + Send + Sync)) -> String {
     let mut s = info.message().to_owned();
     if let Some(d) = info.details() {
@@ -49,29 +108,8 @@ fn describe(info: &(dyn diesel::result::DatabaseErrorInformation + Send + Sync))
     s
 }
 
-/// SQLSTATEs diesel-async drops, recognised by the server's message.
-fn classify_message(operation: &'static str, message: &str, source: BoxError) -> StoreError {
-    if message.starts_with("canceling statement due to") {
-        // 57014: statement_timeout, or pg_cancel_backend / a client cancel request.
-        StoreError::Timeout { operation, source }
-    } else if message.starts_with("deadlock detected") {
-        // 40P01
-        StoreError::Conflict { operation, source }
-    } else if message.starts_with("terminating connection")
-        || message.starts_with("the database system is")
-        || message.contains("server closed the connection")
-    {
-        // 57P01 admin_shutdown, 57P02, 57P03 cannot_connect_now.
-        StoreError::Unavailable { operation, source }
-    } else {
-        StoreError::Database { operation, source }
-    }
-}
-
-/// Maps a tokio-postgres error (connecting, TLS) by its SQLSTATE where it has one.
+/// Maps a tokio-postgres error (connecting, TLS, `COPY`) by its SQLSTATE.
 pub(crate) fn from_postgres(operation: &'static str, e: tokio_postgres::Error) -> StoreError {
-    use tokio_postgres::error::SqlState;
-    let code = e.code().cloned();
     // tokio-postgres prints only "db error" or "error connecting to server": spell out the
     // server's message, or the underlying I/O error, so the real cause reaches the user.
     let text = match e.as_db_error() {
@@ -86,53 +124,7 @@ pub(crate) fn from_postgres(operation: &'static str, e: tokio_postgres::Error) -
             text
         }
     };
-    let e: BoxError = text.into();
-    match code.as_ref() {
-        Some(code)
-            if *code == SqlState::INVALID_PASSWORD
-                || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
-                || *code == SqlState::INVALID_CATALOG_NAME
-                || *code == SqlState::INSUFFICIENT_PRIVILEGE =>
-        {
-            // Wrong password, unknown role or database: retrying will not help.
-            StoreError::Database {
-                operation,
-                source: e,
-            }
-        }
-        Some(code) if *code == SqlState::QUERY_CANCELED => StoreError::Timeout {
-            operation,
-            source: e,
-        },
-        Some(code)
-            if *code == SqlState::T_R_DEADLOCK_DETECTED
-                || *code == SqlState::T_R_SERIALIZATION_FAILURE =>
-        {
-            StoreError::Conflict {
-                operation,
-                source: e,
-            }
-        }
-        Some(code)
-            if *code == SqlState::ADMIN_SHUTDOWN
-                || *code == SqlState::CANNOT_CONNECT_NOW
-                || *code == SqlState::TOO_MANY_CONNECTIONS =>
-        {
-            StoreError::Unavailable {
-                operation,
-                source: e,
-            }
-        }
-        Some(_) => StoreError::Database {
-            operation,
-            source: e,
-        },
-        // No SQLSTATE: I/O, refused connection, TLS handshake, timeout while connecting.
-        None => StoreError::Unavailable {
-            operation,
-            source: e,
-        },
-    }
+    classify(operation, e.code(), text.into())
 }
 
 #[cfg(test)]
@@ -168,41 +160,64 @@ mod tests {
         from_diesel("op", DieselError::DatabaseError(kind, Box::new(Info(msg))))
     }
 
+    fn code(c: &str) -> StoreError {
+        classify("op", Some(&SqlState::from_code(c)), "x".into())
+    }
+
     #[test]
-    fn classes() {
-        assert!(matches!(
+    fn diesel_errors_go_through_the_same_classes_as_sqlstates() {
+        let same = |a: StoreError, b: StoreError| {
+            assert_eq!(
+                std::mem::discriminant(&a),
+                std::mem::discriminant(&b),
+                "{a:?} / {b:?}"
+            )
+        };
+        same(
             db(DatabaseErrorKind::UnableToSendCommand, "broken pipe"),
-            StoreError::Unavailable { .. }
-        ));
-        assert!(matches!(
-            db(DatabaseErrorKind::SerializationFailure, "x"),
-            StoreError::Conflict { .. }
-        ));
-        assert!(matches!(
+            classify("op", None, "x".into()),
+        );
+        same(db(DatabaseErrorKind::SerializationFailure, "x"), code("40001"));
+        same(db(DatabaseErrorKind::ReadOnlyTransaction, "x"), code("25006"));
+        same(
             db(
                 DatabaseErrorKind::Unknown,
-                "canceling statement due to statement timeout"
+                "canceling statement due to statement timeout",
             ),
-            StoreError::Timeout { .. }
-        ));
-        assert!(matches!(
-            db(DatabaseErrorKind::Unknown, "deadlock detected"),
-            StoreError::Conflict { .. }
-        ));
-        assert!(matches!(
+            code("57014"),
+        );
+        same(db(DatabaseErrorKind::Unknown, "deadlock detected"), code("40P01"));
+        same(
             db(
                 DatabaseErrorKind::Unknown,
-                "terminating connection due to administrator command"
+                "terminating connection due to administrator command",
             ),
+            code("57P01"),
+        );
+        same(db(DatabaseErrorKind::UniqueViolation, "duplicate key"), code("23505"));
+        same(db(DatabaseErrorKind::Unknown, "syntax error"), code("42601"));
+    }
+
+    #[test]
+    fn classes_by_sqlstate() {
+        assert!(matches!(code("57014"), StoreError::Timeout { .. }));
+        assert!(matches!(code("40P01"), StoreError::Conflict { .. }));
+        assert!(matches!(code("40001"), StoreError::Conflict { .. }));
+        for transient in ["57P01", "57P02", "57P03", "53300", "25006", "08006", "08001"] {
+            assert!(
+                matches!(code(transient), StoreError::Unavailable { .. }),
+                "{transient}"
+            );
+        }
+        for lasting in ["28P01", "28000", "3D000", "42501", "23505", "42P01"] {
+            assert!(
+                matches!(code(lasting), StoreError::Database { .. }),
+                "{lasting}"
+            );
+        }
+        assert!(matches!(
+            classify("op", None, "x".into()),
             StoreError::Unavailable { .. }
-        ));
-        assert!(matches!(
-            db(DatabaseErrorKind::UniqueViolation, "duplicate key"),
-            StoreError::Database { .. }
-        ));
-        assert!(matches!(
-            db(DatabaseErrorKind::Unknown, "syntax error"),
-            StoreError::Database { .. }
         ));
     }
 }

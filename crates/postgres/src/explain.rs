@@ -4,14 +4,15 @@
 
 use diesel::sql_types::{BigInt, Double, Text};
 use diesel::QueryableByName;
-use diesel_async::{
-    AnsiTransactionManager, AsyncPgConnection, SimpleAsyncConnection, TransactionManager,
-};
+use diesel_async::{AsyncPgConnection, SimpleAsyncConnection};
 use futures::future::BoxFuture;
 use serde::Serialize;
 use taskhistory_core::{validate, StoreError};
 
 use crate::error::from_diesel;
+use crate::connection::Connector;
+use crate::exec::{Call, Tx};
+use crate::session::Transaction;
 use crate::sql;
 use crate::store::PgTaskHistoryStore;
 
@@ -82,23 +83,36 @@ fn arguments(user: &str, task: &str) -> Vec<(&'static str, String)> {
     ]
 }
 
-type ExplainArgs = (String, String, bool);
+/// The sample task and whether to run the statements (`ANALYZE`).
+struct ExplainArgs<'a> {
+    user: &'a str,
+    task: &'a str,
+    analyze: bool,
+    connector: &'a Connector,
+}
 
-fn explain_all<'c>(
+fn explain_all<'c, 'a>(
     conn: &'c mut AsyncPgConnection,
-    (user, task, analyze): &'c ExplainArgs,
+    p: &'c ExplainArgs<'a>,
 ) -> BoxFuture<'c, Result<Vec<StatementPlan>, StoreError>> {
     Box::pin(async move {
         let op = "explain";
         let fail = |e| from_diesel(op, e);
+        let ExplainArgs {
+            user,
+            task,
+            analyze,
+            connector,
+        } = *p;
         // Writes run by ANALYZE are rolled back.
-        AnsiTransactionManager::begin_transaction(conn)
-            .await
-            .map_err(fail)?;
+        let mut conn = Transaction::begin(
+            conn,
+            connector,
+            op,
+            "SET LOCAL plan_cache_mode = force_generic_plan",
+        )
+        .await?;
         let result = async {
-            conn.batch_execute("SET LOCAL plan_cache_mode = force_generic_plan")
-                .await
-                .map_err(fail)?;
             let mut plans = Vec::new();
             for (name, args) in arguments(user, task) {
                 let Some((_, text)) = sql::ALL_STATEMENTS.iter().find(|(n, _)| *n == name) else {
@@ -107,12 +121,12 @@ fn explain_all<'c>(
                 conn.batch_execute(&format!("PREPARE taskhistory_explain AS {text}"))
                     .await
                     .map_err(fail)?;
-                let options = if *analyze { "(ANALYZE, BUFFERS) " } else { "" };
+                let options = if analyze { "(ANALYZE, BUFFERS) " } else { "" };
                 let lines: Result<Vec<PlanLine>, _> = diesel_async::RunQueryDsl::load(
                     diesel::sql_query(format!(
                         "EXPLAIN {options}EXECUTE taskhistory_explain({args})"
                     )),
-                    conn,
+                    &mut *conn,
                 )
                 .await;
                 conn.batch_execute("DEALLOCATE taskhistory_explain")
@@ -126,9 +140,9 @@ fn explain_all<'c>(
             Ok(plans)
         }
         .await;
-        let rolled_back = AnsiTransactionManager::rollback_transaction(conn).await;
+        let rolled_back = conn.rollback().await;
         let plans = result?;
-        rolled_back.map_err(fail)?;
+        rolled_back?;
         Ok(plans)
     })
 }
@@ -181,15 +195,22 @@ impl PgTaskHistoryStore {
         analyze: bool,
     ) -> Result<Vec<StatementPlan>, StoreError> {
         validate::task(user, task)?;
-        let args = (user.to_owned(), task.to_owned(), analyze);
-        self.run("explain", Some(user), Some(task), &args, explain_all)
+        let args = ExplainArgs {
+            user,
+            task,
+            analyze,
+            connector: self.connector(),
+        };
+        self.exec()
+            .pooled(Call::task("explain", user, task), Tx::Own, &args, explain_all)
             .await
     }
 
     /// The store's statements from `pg_stat_statements`, most total time first; a
     /// `StoreError::Database` saying how to enable the extension when it is not.
     pub async fn query_stats(&self, limit: i64) -> Result<Vec<QueryStats>, StoreError> {
-        self.run("stats --queries", None, None, &limit, query_stats)
+        self.exec()
+            .pooled(Call::new("stats --queries"), Tx::Statement, &limit, query_stats)
             .await
     }
 }

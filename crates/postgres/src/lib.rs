@@ -15,13 +15,15 @@
 
 mod config;
 mod connection;
-mod copy;
 mod error;
+mod exec;
 mod explain;
 mod migrate;
 mod notify;
+mod ops;
 mod partition;
-pub mod sql;
+mod session;
+mod sql;
 mod stats;
 mod store;
 #[cfg(feature = "testing")]
@@ -33,4 +35,15 @@ pub use explain::{QueryStats, StatementPlan};
 pub use migrate::{least_privilege_grants, MigrationState, MIGRATIONS, MIGRATIONS_COUNT};
 pub use partition::{Layout, PartitionInfo, PartitionInterval, Partitioning};
 pub use stats::{RelationSize, StatusStats, StoreStats};
-pub use store::{CleanupOptions, PgTaskHistoryStore, PoolStats, StoreMetrics};
+pub use exec::{PoolStats, StoreMetrics};
+pub use store::{CleanupOptions, PgTaskHistoryStore};
+
+/// Not part of the API (no semver promise): the statements' text, for this workspace's
+/// statement tests, plan examples and like-for-like benchmarks.
+#[doc(hidden)]
+pub mod __private {
+    /// Every SQL statement of the store.
+    pub mod sql {
+        pub use crate::sql::*;
+    }
+}

@@ -2,13 +2,12 @@
 //! under an advisory lock so that several processes starting at once apply them once.
 
 use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
-use diesel_async::{
-    AnsiTransactionManager, AsyncPgConnection, SimpleAsyncConnection, TransactionManager,
-};
+use diesel_async::{AsyncPgConnection, SimpleAsyncConnection};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use taskhistory_core::StoreError;
 
 use crate::connection::Connector;
+use crate::session::Transaction;
 use crate::sql::{self, Statement};
 
 /// The store's migrations, embedded at build time from the workspace's `migrations/`.
@@ -79,42 +78,33 @@ struct Migrated {
     migrated: bool,
 }
 
-/// The versions recorded in the migrations table (none when it does not exist yet). Behind a
-/// transaction pooler the reads run inside one transaction. Connection errors are returned,
-/// not taken for "nothing applied".
+/// The versions recorded in the migrations table (none when it does not exist yet), read in
+/// one transaction (so that behind a transaction pooler both reads see one server
+/// connection). Connection errors are returned, not taken for "nothing applied".
 async fn applied_versions(connector: &Connector) -> Result<Vec<String>, StoreError> {
     let fail = |e| crate::error::from_diesel(OP, e);
     let mut conn = connector.connect().await?;
-    let setup = connector.transaction_setup();
-    if let Some(setup) = setup {
-        AnsiTransactionManager::begin_transaction(&mut conn)
+    let mut tx = Transaction::begin(&mut conn, connector, OP, "").await?;
+    let versions = async {
+        let migrated = Statement::new(sql::HEALTH)
+            .fetch::<Migrated, _>(&mut *tx)
             .await
-            .map_err(fail)?;
-        conn.batch_execute(setup).await.map_err(fail)?;
-    }
-    let migrated = Statement::new(sql::HEALTH)
-        .fetch::<Migrated, _>(&mut conn)
-        .await
-        .map_err(fail)?
-        .first()
-        .is_some_and(|m| m.migrated);
-    let versions = if migrated {
-        Statement::new(sql::APPLIED_MIGRATIONS)
-            .fetch::<VersionRow, _>(&mut conn)
+            .map_err(fail)?
+            .first()
+            .is_some_and(|m| m.migrated);
+        if !migrated {
+            return Ok(Vec::new());
+        }
+        Ok(Statement::new(sql::APPLIED_MIGRATIONS)
+            .fetch::<VersionRow, _>(&mut *tx)
             .await
             .map_err(fail)?
             .into_iter()
             .map(|r| r.version)
-            .collect()
-    } else {
-        Vec::new()
-    };
-    if setup.is_some() {
-        AnsiTransactionManager::commit_transaction(&mut conn)
-            .await
-            .map_err(fail)?;
+            .collect())
     }
-    Ok(versions)
+    .await;
+    tx.finish(versions).await
 }
 
 /// Every embedded migration, given the applied versions.

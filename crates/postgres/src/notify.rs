@@ -24,6 +24,7 @@ use tokio::task::JoinHandle;
 
 use crate::connection::Connector;
 use crate::error::from_diesel;
+use crate::session::Transaction;
 use crate::sql::{self, Statement};
 
 /// How long the notifier gathers events before sending them.
@@ -172,29 +173,22 @@ async fn send(
         Some(c) => c,
         None => conn.insert(open(connector).await?),
     };
-    let pooled = connector.transaction_setup().is_some();
-    if pooled {
-        c.batch_execute(sql::NOTIFY_TRANSACTION)
-            .await
-            .map_err(failure)?;
-    }
-    let sent = Statement::new(sql::NOTIFY_EVENTS)
+    let statement = Statement::new(sql::NOTIFY_EVENTS)
         .bind::<Text, _>(channel.to_owned())
-        .bind::<Array<Text>, _>(payloads.to_vec())
-        .fetch::<Sent, _>(c)
-        .await;
+        .bind::<Array<Text>, _>(payloads.to_vec());
+    if connector.transaction_setup().is_none() {
+        // One statement, its own transaction (the session does not wait for the disk).
+        return statement.fetch::<Sent, _>(c).await.map(drop).map_err(failure);
+    }
+    let tx = Transaction::begin(c, connector, OP, sql::NOTIFY_LOCAL)
+        .await
+        .map_err(Failure::Refused)?;
+    let mut tx = tx;
+    let sent = statement.fetch::<Sent, _>(&mut *tx).await;
     match sent {
-        Ok(_) if pooled => c
-            .batch_execute("COMMIT")
-            .await
-            .map_err(|e| match failure(e) {
-                Failure::Refused(e) | Failure::Unknown(e) => Failure::Unknown(e),
-            }),
-        Ok(_) => Ok(()),
+        Ok(_) => tx.commit().await.map_err(Failure::Unknown),
         Err(e) => {
-            if pooled {
-                let _ = c.batch_execute("ROLLBACK").await;
-            }
+            let _ = tx.rollback().await;
             Err(failure(e))
         }
     }

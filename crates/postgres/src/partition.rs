@@ -26,8 +26,11 @@ use serde::Serialize;
 use taskhistory_core::{CleanupReport, StoreError, TaskStatus};
 
 use crate::error::from_diesel;
+use crate::exec::{Call, Tx};
+use crate::ops::rows::{report, CleanupRow};
+use crate::session::Transaction;
 use crate::sql::{self, ddl, Statement};
-use crate::store::{report, CleanupRow, PgTaskHistoryStore};
+use crate::store::PgTaskHistoryStore;
 
 /// How much time one partition covers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
@@ -320,8 +323,8 @@ fn periods(
         .collect()
 }
 
-/// A dedicated connection (never a pooled one: DDL and explicit transactions stay off the
-/// service's connections) running one transaction at a time.
+/// A dedicated connection (never a pooled one: DDL stays off the service's connections)
+/// running one transaction at a time.
 struct DdlConnection<'s> {
     store: &'s PgTaskHistoryStore,
     conn: AsyncPgConnection,
@@ -335,37 +338,8 @@ impl<'s> DdlConnection<'s> {
         })
     }
 
-    async fn execute(&mut self, operation: &'static str, sql: &str) -> Result<(), StoreError> {
-        self.conn
-            .batch_execute(sql)
-            .await
-            .map_err(|e| from_diesel(operation, e))
-    }
-
-    /// `BEGIN`, the pooler's `SET LOCAL`s if any, the partition lock and a lock wait limit.
-    async fn begin(
-        &mut self,
-        operation: &'static str,
-        lock_wait_ms: u128,
-    ) -> Result<(), StoreError> {
-        self.execute(operation, "BEGIN").await?;
-        let setup = self
-            .store
-            .connector()
-            .transaction_setup()
-            .map(str::to_owned);
-        let mut sql = setup.map(|s| format!("{s};")).unwrap_or_default();
-        sql.push_str(&ddl::lock(self.store.schema_name()));
-        sql.push(';');
-        sql.push_str(&ddl::lock_timeout(lock_wait_ms));
-        self.execute(operation, &sql).await
-    }
-
-    async fn rollback(&mut self) {
-        let _ = self.conn.batch_execute("ROLLBACK").await;
-    }
-
-    /// Runs `work` inside [`begin`](Self::begin) and `COMMIT`; rolls back on error.
+    /// Runs `work` in a transaction that first takes the partition lock and sets a lock wait
+    /// limit; commits when it returns a value, rolls back on `None` or an error.
     async fn transaction<T>(
         &mut self,
         operation: &'static str,
@@ -374,21 +348,18 @@ impl<'s> DdlConnection<'s> {
             &'c mut AsyncPgConnection,
         ) -> BoxFuture<'c, Result<Option<T>, StoreError>>,
     ) -> Result<Option<T>, StoreError> {
-        if let Err(e) = self.begin(operation, lock_wait_ms).await {
-            self.rollback().await;
-            return Err(e);
-        }
-        match work(&mut self.conn).await {
-            Ok(Some(value)) => {
-                self.execute(operation, "COMMIT").await?;
-                Ok(Some(value))
-            }
-            Ok(None) => {
-                self.rollback().await;
-                Ok(None)
-            }
+        let locks = format!(
+            "{}; {}",
+            ddl::lock(self.store.schema_name()),
+            ddl::lock_timeout(lock_wait_ms)
+        );
+        let connector = self.store.connector();
+        let mut tx = Transaction::begin(&mut self.conn, connector, operation, &locks).await?;
+        match work(&mut tx).await {
+            Ok(Some(value)) => tx.commit().await.map(|()| Some(value)),
+            Ok(None) => tx.rollback().await.map(|()| None),
             Err(e) => {
-                self.rollback().await;
+                let _ = tx.rollback().await;
                 Err(e)
             }
         }
@@ -398,13 +369,13 @@ impl<'s> DdlConnection<'s> {
 impl PgTaskHistoryStore {
     /// Whether `task_history` is plain or partitioned (and by what interval).
     pub async fn layout(&self) -> Result<Layout, StoreError> {
-        self.run(OP, None, None, &(), layout_work).await
+        self.exec().pooled(Call::new(OP), Tx::Statement, &(), layout_work).await
     }
 
     /// The partitions of the partitioned layout, oldest first, the default one first of
     /// all; empty on the plain layout.
     pub async fn partitions(&self) -> Result<Vec<PartitionInfo>, StoreError> {
-        self.run(OP, None, None, &(), list_work).await
+        self.exec().pooled(Call::new(OP), Tx::Statement, &(), list_work).await
     }
 
     /// Makes sure a partition exists for the current period and `ahead` more; returns the
@@ -517,8 +488,7 @@ impl PgTaskHistoryStore {
             return Ok(total);
         }
         let cutoff = Utc::now() - TimeDelta::days(i64::from(days));
-        let candidates: Vec<PartitionInfo> = self
-            .run(CLEANUP, None, None, &(), list_work)
+        let candidates: Vec<PartitionInfo> = self.exec().pooled(Call::new(CLEANUP), Tx::Statement, &(), list_work)
             .await?
             .into_iter()
             .filter(|p| p.to.is_some_and(|to| to <= cutoff))
@@ -532,7 +502,7 @@ impl PgTaskHistoryStore {
                 continue;
             };
             let args = (from, to, days, status);
-            if self.run(CLEANUP, None, None, &args, keeps_tasks).await? {
+            if self.exec().pooled(Call::new(CLEANUP), Tx::Statement, &args, keeps_tasks).await? {
                 continue;
             }
             let c = match &mut conn {

@@ -294,9 +294,9 @@ ORDER BY t.relname, c.relkind DESC, c.relname
 /// only for a moment.
 pub const NOTIFY_SESSION: &str = "SET synchronous_commit TO off";
 
-/// Watchers: the notifier's transaction behind a transaction pooler (where a session
-/// setting would not stay).
-pub const NOTIFY_TRANSACTION: &str = "BEGIN; SET LOCAL synchronous_commit TO off";
+/// Watchers: what the notifier's transaction sets behind a transaction pooler (where a
+/// session setting would not stay).
+pub const NOTIFY_LOCAL: &str = "SET LOCAL synchronous_commit TO off";
 
 /// Watchers: the events of recent saves, sent by the store's notifier in its own
 /// transaction (never a writer's), one notification per payload of at most 7,900 bytes.

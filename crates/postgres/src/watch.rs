@@ -31,6 +31,7 @@ use tokio::task::JoinHandle;
 use crate::connection::Connector;
 use crate::error::from_diesel;
 use crate::sql::{self, Statement};
+use crate::exec::{Call, Tx};
 use crate::store::PgTaskHistoryStore;
 
 /// What the listener tells watchers.
@@ -252,14 +253,14 @@ impl PgTaskHistoryStore {
         let mut rx = hub.subscribe(user);
         // Fence: every notification before ours is of a write older than this watch.
         let id = format!("{:016x}", fastrand::u64(..));
-        self.run(
-            "watch",
-            Some(user),
-            task,
-            &(channel.clone(), id.clone()),
-            send_fence,
-        )
-        .await?;
+        let call = Call {
+            task_id: task,
+            ..Call::user("watch", user)
+        };
+        let fence = (channel.clone(), id.clone());
+        self.exec()
+            .pooled(call, Tx::Statement, &fence, send_fence)
+            .await?;
         let wait = async {
             loop {
                 match rx.recv().await {

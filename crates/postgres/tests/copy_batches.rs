@@ -12,7 +12,8 @@ mod copy_path {
     use serde_json::json;
     use taskhistory_core::{StepRecord, StoreError, TaskHistoryStore, TaskQuery, TaskStepResult};
     use taskhistory_postgres::testing::{fresh_config, store_for, test_db_client};
-    use taskhistory_postgres::{sql, PgTaskHistoryStore};
+    use taskhistory_postgres::__private::sql;
+    use taskhistory_postgres::PgTaskHistoryStore;
 
     fn r(i: i32) -> TaskStepResult {
         TaskStepResult::running("s", json!({ "i": i }), "")

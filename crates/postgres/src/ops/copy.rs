@@ -12,8 +12,6 @@
 //! transaction is rolled back, and the caller uses the upsert statement, which also checks
 //! for cancelled tasks. The SQL is in [`sql`](crate::sql) like every other statement.
 
-use std::time::Duration;
-
 use bytes::{BufMut, Bytes, BytesMut};
 use chrono::{DateTime, Utc};
 use futures::SinkExt;
@@ -22,69 +20,14 @@ use taskhistory_core::StoreError;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 
-use crate::config::PgConfig;
+use futures::future::BoxFuture;
+
 use crate::connection::Connector;
 use crate::error::from_postgres;
+use crate::session::{RawSession, Transaction};
 use crate::sql;
 
 const OP: &str = "save_batch_task_history";
-
-/// The pool of `COPY` connections.
-pub(crate) type CopyPool = bb8::Pool<CopyManager>;
-
-/// Opens plain connections with the store's settings.
-pub(crate) struct CopyManager {
-    connector: Connector,
-}
-
-/// A `COPY` connection; `clean` is false while a transaction may be open on it, so a
-/// connection dropped mid-way (timeout, cancelled caller, failed rollback) is discarded.
-pub(crate) struct CopyConn {
-    client: tokio_postgres::Client,
-    clean: bool,
-}
-
-impl bb8::ManageConnection for CopyManager {
-    type Connection = CopyConn;
-    type Error = StoreError;
-
-    async fn connect(&self) -> Result<CopyConn, StoreError> {
-        Ok(CopyConn {
-            client: self.connector.connect_raw().await?,
-            clean: true,
-        })
-    }
-
-    async fn is_valid(&self, conn: &mut CopyConn) -> Result<(), StoreError> {
-        if conn.client.is_closed() {
-            return Err(StoreError::Unavailable {
-                operation: OP,
-                source: "the COPY connection was closed".into(),
-            });
-        }
-        Ok(())
-    }
-
-    fn has_broken(&self, conn: &mut CopyConn) -> bool {
-        !conn.clean || conn.client.is_closed()
-    }
-}
-
-/// Builds the `COPY` pool: nothing is opened until a batch needs it, idle connections close
-/// after a minute.
-pub(crate) fn build_copy_pool(config: &PgConfig, connector: &Connector) -> CopyPool {
-    bb8::Pool::builder()
-        .max_size(config.copy_connections)
-        .min_idle(Some(0))
-        .idle_timeout(Some(Duration::from_secs(60)))
-        .connection_timeout(config.pool_timeout)
-        .retry_connection(false)
-        .test_on_check_out(true)
-        .queue_strategy(bb8::QueueStrategy::Lifo)
-        .build_unchecked(CopyManager {
-            connector: connector.clone(),
-        })
-}
 
 /// What each task's summary starts as, as the parallel arrays of
 /// [`CLAIM_NEW_TASKS`](sql::CLAIM_NEW_TASKS).
@@ -135,55 +78,47 @@ pub(crate) struct Copied {
     pub(crate) at: DateTime<Utc>,
 }
 
-/// Saves `steps` (sorted, de-duplicated) by `COPY` if every task they touch is new, in one
-/// transaction; `None` (nothing written) when one is not, or another writer created one
-/// meanwhile: the caller then uses the upsert statement.
-pub(crate) async fn save_new_tasks(
-    conn: &mut CopyConn,
-    connector: &Connector,
-    steps: &[PreparedStep<'_>],
-) -> Result<Option<Copied>, StoreError> {
-    conn.clean = false;
-    let client = &conn.client;
-    connector.observe("BEGIN");
-    let begin = match connector.transaction_setup() {
-        Some(setup) => {
-            connector.observe(setup);
-            format!("BEGIN; {setup}")
+/// A batch for the `COPY` path.
+pub(crate) struct CopyNewTasks<'a> {
+    /// Sorted and de-duplicated by `prepare_batch`.
+    pub(crate) steps: &'a [PreparedStep<'a>],
+    pub(crate) connector: &'a Connector,
+}
+
+/// Saves the steps by `COPY` if every task they touch is new, in one transaction; `None`
+/// (nothing written) when one is not, or another writer created one meanwhile: the caller
+/// then uses the upsert statement.
+pub(crate) fn run<'c, 'a>(
+    conn: &'c mut RawSession,
+    p: &'c CopyNewTasks<'a>,
+) -> BoxFuture<'c, Result<Option<Copied>, StoreError>> {
+    Box::pin(async move {
+        let tx = Transaction::begin(conn, p.connector, OP, "").await?;
+        let client = &tx.client;
+        p.connector.observe(sql::TRANSACTION_TIME);
+        let now = client
+            .query_typed(sql::TRANSACTION_TIME, &[])
+            .await
+            .map_err(|e| from_postgres(OP, e))
+            .and_then(|rows| {
+                rows.first()
+                    .ok_or_else(|| StoreError::database(OP, "SELECT now() returned no row"))?
+                    .try_get::<_, DateTime<Utc>>(0)
+                    .map_err(|e| StoreError::database(OP, e))
+            });
+        let result = match now {
+            Ok(now) => claim_and_copy(client, p.connector, p.steps, now).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(Some(copied)) => tx.commit().await.map(|()| Some(copied)),
+            Ok(None) => tx.rollback().await.map(|()| None),
+            Err(e) => {
+                let _ = tx.rollback().await;
+                Err(e)
+            }
         }
-        None => "BEGIN".to_owned(),
-    };
-    connector.observe(sql::TRANSACTION_TIME);
-    // One round trip: the transaction's time comes back with its start (pipelined).
-    let (begun, now) = futures::join!(
-        client.batch_execute(&begin),
-        client.query_typed(sql::TRANSACTION_TIME, &[])
-    );
-    begun.map_err(|e| from_postgres(OP, e))?;
-    let result = match now.map_err(|e| from_postgres(OP, e)).and_then(|rows| {
-        rows.first()
-            .ok_or_else(|| StoreError::database(OP, "SELECT now() returned no row"))?
-            .try_get::<_, DateTime<Utc>>(0)
-            .map_err(|e| StoreError::database(OP, e))
-    }) {
-        Ok(now) => claim_and_copy(client, connector, steps, now).await,
-        Err(e) => Err(e),
-    };
-    let end = if matches!(result, Ok(Some(_))) {
-        "COMMIT"
-    } else {
-        "ROLLBACK"
-    };
-    connector.observe(end);
-    match client.batch_execute(end).await {
-        Ok(()) => {
-            conn.clean = true;
-            result
-        }
-        // The batch's own error says more than the failed rollback after it.
-        Err(_) if result.is_err() => result,
-        Err(e) => Err(from_postgres(OP, e)),
-    }
+    })
 }
 
 /// Bytes of `COPY` data sent at a time: large enough that the connection task is woken a

@@ -1,0 +1,541 @@
+//! The one execution path. Every database operation of the store goes through an
+//! [`Executor`] method, one per connection kind:
+//!
+//! | method | connection | for |
+//! |---|---|---|
+//! | [`write`](Executor::write) | a pooled diesel-async connection, to itself | saves, cancel, cleanup, operator statements |
+//! | [`read`](Executor::read) | a connection shared by concurrent reads (pipelined), or a pooled one | status, history, task lists |
+//! | [`copy`](Executor::copy) | a plain tokio-postgres connection of the `COPY` pool | batches of new tasks |
+//!
+//! and each owns, in one place, what every operation gets: the tracing span, the retry
+//! policy, the command timeout of each attempt, the counters, the transaction (with the
+//! transaction pooler's set-up, see [`Tx`]), noting faults for the pools' health check
+//! ([`Health`]), and throwing away a connection whose statement did not finish (timeout, or
+//! the caller dropped the future), with a cancel request to the server.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use diesel_async::AsyncPgConnection;
+use futures::future::BoxFuture;
+use taskhistory_core::StoreError;
+use tracing::Instrument;
+
+use crate::config::PgConfig;
+use crate::connection::Connector;
+use crate::session::{
+    add, build_pool, Health, LastError, Lease, Pool, PoolSettings, RawSession, Session,
+    Transaction,
+};
+
+/// Which operation, and for whom (the tracing span's fields).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Call<'a> {
+    pub(crate) operation: &'static str,
+    pub(crate) user_id: Option<&'a str>,
+    pub(crate) task_id: Option<&'a str>,
+}
+
+impl<'a> Call<'a> {
+    /// An operation on no user in particular (operator statements, cleanup).
+    pub(crate) fn new(operation: &'static str) -> Self {
+        Call {
+            operation,
+            user_id: None,
+            task_id: None,
+        }
+    }
+
+    /// An operation on one user's data.
+    pub(crate) fn user(operation: &'static str, user_id: &'a str) -> Self {
+        Call {
+            user_id: Some(user_id),
+            ..Call::new(operation)
+        }
+    }
+
+    /// An operation on one task.
+    pub(crate) fn task(operation: &'static str, user_id: &'a str, task_id: &'a str) -> Self {
+        Call {
+            task_id: Some(task_id),
+            ..Call::user(operation, user_id)
+        }
+    }
+}
+
+/// How a write uses transactions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Tx {
+    /// One statement (its own implicit transaction); behind a transaction pooler it runs in
+    /// a transaction that starts with the pooler's `SET LOCAL`s.
+    Statement,
+    /// Several statements that commit together (or not at all, on an error).
+    Always,
+    /// The work begins its own [`Transaction`] (it decides between commit and rollback).
+    Own,
+}
+
+/// A write's work: what one attempt does on its connection with the operation's parameters.
+pub(crate) type Write<P, T> =
+    for<'c> fn(&'c mut AsyncPgConnection, &'c P) -> BoxFuture<'c, Result<T, StoreError>>;
+
+/// A read's work, on a connection that concurrent reads may share.
+pub(crate) type Read<P, T> =
+    for<'c> fn(&'c mut &'c AsyncPgConnection, &'c P) -> BoxFuture<'c, Result<T, StoreError>>;
+
+/// A `COPY` batch's work, on a plain tokio-postgres connection.
+pub(crate) type Copy<P, T> =
+    for<'c> fn(&'c mut RawSession, &'c P) -> BoxFuture<'c, Result<T, StoreError>>;
+
+#[derive(Default)]
+struct Counters {
+    queries: AtomicU64,
+    errors: AtomicU64,
+    retries: AtomicU64,
+}
+
+/// Connections shared by concurrent reads: tokio-postgres pipelines the statements of every
+/// caller using one, so many small reads cost a few socket writes and wake-ups instead of one
+/// each. Opened on first use; a connection that failed, timed out, or was opened before the
+/// last fault (see [`Health`]) is replaced by the next read.
+struct SharedReads {
+    slots: Vec<tokio::sync::Mutex<Option<(Arc<AsyncPgConnection>, u64)>>>,
+    next: AtomicUsize,
+}
+
+/// A lent connection that is thrown away, with a cancel request to the server, if it is
+/// dropped while its statement is in flight (command timeout, or the caller dropping the
+/// future).
+struct InFlight<'a, C: Session> {
+    lease: Lease<C>,
+    connector: &'a Connector,
+    done: bool,
+}
+
+impl<C: Session> Drop for InFlight<'_, C> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.lease.set_broken();
+            self.connector.cancel(self.lease.cancel_token());
+        }
+    }
+}
+
+/// Runs every operation (see the module's doc).
+pub(crate) struct Executor {
+    connector: Connector,
+    pool: RwLock<Option<Pool<AsyncPgConnection>>>,
+    /// Connections for `COPY` batches (when [`PgConfig::copy_min_rows`] is set).
+    copy_pool: RwLock<Option<Pool<RawSession>>>,
+    shared: Option<SharedReads>,
+    health: Arc<Health>,
+    last_error: LastError,
+    counters: Counters,
+    command_timeout: Duration,
+    retry: taskhistory_core::RetryPolicy,
+    pool_timeout: Duration,
+    max_connections: u32,
+    copy_connections: u32,
+}
+
+/// Pool figures, from [`PgTaskHistoryStore::pool_stats`](crate::PgTaskHistoryStore::pool_stats).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct PoolStats {
+    /// Connections open.
+    pub connections: u32,
+    /// Open connections not in use.
+    pub idle: u32,
+    /// Connections lent out.
+    pub in_use: u32,
+    /// The most connections the pool opens.
+    pub max: u32,
+    /// Checkouts that had to wait for a connection.
+    pub waits: u64,
+    /// Checkouts that gave up after the pool timeout.
+    pub wait_timeouts: u64,
+    /// Connections opened since start.
+    pub created: u64,
+    /// Connections thrown away as broken (when returned, or found dead at checkout).
+    pub closed_broken: u64,
+}
+
+/// Operation counters, from [`PgTaskHistoryStore::metrics`](crate::PgTaskHistoryStore::metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StoreMetrics {
+    /// Database attempts made (each retry counts).
+    pub queries: u64,
+    /// Attempts that failed.
+    pub errors: u64,
+    /// Retries after transient failures.
+    pub retries: u64,
+}
+
+/// The error of an attempt that did not finish within the command timeout.
+fn timed_out(operation: &'static str, timeout: Duration) -> StoreError {
+    StoreError::Timeout {
+        operation,
+        source: format!("no answer within the command timeout of {timeout:?}").into(),
+    }
+}
+
+impl Executor {
+    /// Opens one connection at once (so a wrong password or an unreachable server fails here
+    /// with the server's own reason) and builds the pools around it.
+    pub(crate) async fn connect(config: &PgConfig) -> Result<Self, StoreError> {
+        let connector = Connector::new(config)?;
+        let first = connector.connect().await?;
+        let health = Arc::new(Health::default());
+        let last_error = LastError::default();
+        let pool = build_pool(
+            PoolSettings {
+                max_size: config.max_size,
+                min_idle: config.min_size,
+                idle_timeout: Some(Duration::from_secs(600)),
+                connection_timeout: config.pool_timeout,
+            },
+            &connector,
+            &health,
+            &last_error,
+        );
+        add(&pool, &health, first);
+        // `COPY` connections: none opened until a batch needs one, idle ones close after a
+        // minute.
+        let copy_pool = config.copy_min_rows.map(|_| {
+            build_pool(
+                PoolSettings {
+                    max_size: config.copy_connections,
+                    min_idle: 0,
+                    idle_timeout: Some(Duration::from_secs(60)),
+                    connection_timeout: config.pool_timeout,
+                },
+                &connector,
+                &health,
+                &last_error,
+            )
+        });
+        let shared = (config.pipelined_reads > 0 && !config.pgbouncer).then(|| SharedReads {
+            slots: (0..config.pipelined_reads)
+                .map(|_| tokio::sync::Mutex::new(None))
+                .collect(),
+            next: AtomicUsize::new(0),
+        });
+        Ok(Executor {
+            connector,
+            pool: RwLock::new(Some(pool)),
+            copy_pool: RwLock::new(copy_pool),
+            shared,
+            health,
+            last_error,
+            counters: Counters::default(),
+            command_timeout: config.command_timeout,
+            retry: config.retry.clone(),
+            pool_timeout: config.pool_timeout,
+            max_connections: config.max_size,
+            copy_connections: config.copy_connections,
+        })
+    }
+
+    /// Opens connections (dedicated ones: DDL, migrations, LISTEN, the notifier).
+    pub(crate) fn connector(&self) -> &Connector {
+        &self.connector
+    }
+
+    /// `Closed` once [`close`](Self::close) ran.
+    pub(crate) fn ensure_open(&self) -> Result<(), StoreError> {
+        self.pool().map(drop)
+    }
+
+    fn pool(&self) -> Result<Pool<AsyncPgConnection>, StoreError> {
+        let guard = self.pool.read().unwrap_or_else(|p| p.into_inner());
+        guard.clone().ok_or(StoreError::Closed)
+    }
+
+    /// Any statement on a pooled connection (see [`Tx`]): writes, and reads too large or too
+    /// rare to share a connection.
+    pub(crate) async fn pooled<P: Sync, T>(
+        &self,
+        call: Call<'_>,
+        tx: Tx,
+        params: &P,
+        work: Write<P, T>,
+    ) -> Result<T, StoreError> {
+        let op = call.operation;
+        let in_transaction = match tx {
+            Tx::Always => true,
+            Tx::Statement => self.connector.transaction_setup().is_some(),
+            Tx::Own => false,
+        };
+        self.execute(call, || async {
+            let pool = self.pool()?;
+            let max = self.max_connections;
+            self.bounded(op, (&pool, max), async |conn: &mut AsyncPgConnection| {
+                if !in_transaction {
+                    return work(conn, params).await;
+                }
+                let mut t = Transaction::begin(conn, &self.connector, op, "").await?;
+                let result = work(&mut t, params).await;
+                t.finish(result).await
+            })
+            .await
+        })
+        .await
+    }
+
+    /// A read: on a connection shared by concurrent reads when pipelining is on, else on a
+    /// pooled connection (in a transaction behind a pooler).
+    pub(crate) async fn read<P: Sync, T>(
+        &self,
+        call: Call<'_>,
+        params: &P,
+        work: Read<P, T>,
+    ) -> Result<T, StoreError> {
+        let Some(shared) = &self.shared else {
+            return self
+                .pooled(call, Tx::Statement, &(params, work), read_on_pooled)
+                .await;
+        };
+        self.execute(call, || self.read_shared(shared, call.operation, params, work))
+            .await
+    }
+
+    /// A batch by `COPY`, on a connection of the `COPY` pool.
+    pub(crate) async fn copy<P: Sync, T>(
+        &self,
+        call: Call<'_>,
+        params: &P,
+        work: Copy<P, T>,
+    ) -> Result<T, StoreError> {
+        self.execute(call, || async {
+            let pool = self
+                .copy_pool
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+                .ok_or(StoreError::Closed)?;
+            let max = self.copy_connections;
+            self.bounded(call.operation, (&pool, max), async |conn: &mut RawSession| {
+                work(conn, params).await
+            })
+            .await
+        })
+        .await
+    }
+
+    /// Runs `attempt` until it succeeds or fails for good (the retry policy), in a tracing
+    /// span.
+    async fn execute<T, F, Fut>(&self, call: Call<'_>, attempt: F) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        let span = tracing::info_span!(
+            "taskhistory",
+            operation = call.operation,
+            user_id = call.user_id.unwrap_or(""),
+            task_id = call.task_id.unwrap_or(""),
+            rows = tracing::field::Empty,
+            elapsed_ms = tracing::field::Empty,
+        );
+        let started = Instant::now();
+        let result = self
+            .retry
+            .run(attempt, |error, retry, wait| {
+                self.counters.retries.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(%error, retry, wait_ms = wait.as_millis() as u64, "retrying after a transient error");
+            })
+            .instrument(span.clone())
+            .await;
+        span.record("elapsed_ms", started.elapsed().as_secs_f64() * 1e3);
+        if let Err(error) = &result {
+            span.in_scope(|| tracing::debug!(%error, "operation failed"));
+        }
+        result
+    }
+
+    /// One attempt on a connection of `pool`: checked out, run under the command timeout,
+    /// counted; thrown away if its statement did not finish.
+    async fn bounded<C: Session, T>(
+        &self,
+        operation: &'static str,
+        (pool, max): (&Pool<C>, u32),
+        work: impl AsyncFnOnce(&mut C) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let lease = self.checkout(operation, pool, max).await?;
+        let mut conn = InFlight {
+            lease,
+            connector: &self.connector,
+            done: false,
+        };
+        let (result, finished) = self.counted(operation, work(&mut conn.lease)).await;
+        // An attempt past the command timeout leaves `done` false: the connection is thrown
+        // away and its statement cancelled.
+        conn.done = finished;
+        result
+    }
+
+    /// Runs one attempt's database work under the command timeout, counting it and noting
+    /// connection-class failures for the pools' health check; `false` with it when the work
+    /// did not finish (the command timeout cut it short).
+    async fn counted<T>(
+        &self,
+        operation: &'static str,
+        work: impl Future<Output = Result<T, StoreError>>,
+    ) -> (Result<T, StoreError>, bool) {
+        self.counters.queries.fetch_add(1, Ordering::Relaxed);
+        let timeout = self.command_timeout;
+        let (result, finished) = match tokio::time::timeout(timeout, work).await {
+            Ok(result) => (result, true),
+            Err(_) => (Err(timed_out(operation, timeout)), false),
+        };
+        if let Err(error) = &result {
+            self.counters.errors.fetch_add(1, Ordering::Relaxed);
+            if matches!(error, StoreError::Unavailable { .. }) {
+                self.health.fault();
+            }
+        }
+        (result, finished)
+    }
+
+    /// A connection of `pool` (whose size is `max`), or `Unavailable` saying why none.
+    async fn checkout<C: Session>(
+        &self,
+        operation: &'static str,
+        pool: &Pool<C>,
+        max: u32,
+    ) -> Result<Lease<C>, StoreError> {
+        match pool.get_owned().await {
+            Ok(conn) => Ok(conn),
+            Err(bb8::RunError::User(e)) => Err(e),
+            Err(bb8::RunError::TimedOut) => {
+                let s = pool.state();
+                let mut msg = format!(
+                    "no connection free within {:?} ({} open, {} idle, max {})",
+                    self.pool_timeout,
+                    s.connections,
+                    s.idle_connections,
+                    max
+                );
+                if let Some(last) = self.last_error.get() {
+                    msg.push_str(&format!("; last connection error: {last}"));
+                }
+                Err(StoreError::Unavailable {
+                    operation,
+                    source: msg.into(),
+                })
+            }
+        }
+    }
+
+    /// One attempt of a read on a shared connection (opened if its slot is empty or its
+    /// connection predates the last fault). A connection that fails with a connection error
+    /// or does not answer in time leaves its slot; reads still running on it finish or fail
+    /// on their own.
+    async fn read_shared<P: Sync, T>(
+        &self,
+        shared: &SharedReads,
+        operation: &'static str,
+        params: &P,
+        work: Read<P, T>,
+    ) -> Result<T, StoreError> {
+        self.ensure_open()?;
+        let n = shared.slots.len().max(1);
+        let slot = shared.next.fetch_add(1, Ordering::Relaxed) % n;
+        let Some(slot) = shared.slots.get(slot) else {
+            return Err(StoreError::Closed);
+        };
+        let conn = {
+            let mut held = slot.lock().await;
+            let epoch = self.health.epoch();
+            match &*held {
+                Some((conn, opened)) if *opened == epoch => Arc::clone(conn),
+                _ => {
+                    let conn = Arc::new(self.connector.connect().await?);
+                    *held = Some((Arc::clone(&conn), epoch));
+                    conn
+                }
+            }
+        };
+        let (result, _) = self
+            .counted(operation, async {
+                let mut shared: &AsyncPgConnection = &conn;
+                work(&mut shared, params).await
+            })
+            .await;
+        if let Err(StoreError::Unavailable { .. } | StoreError::Timeout { .. }) = &result {
+            let mut held = slot.lock().await;
+            if held.as_ref().is_some_and(|(c, _)| Arc::ptr_eq(c, &conn)) {
+                *held = None;
+            }
+        }
+        result
+    }
+
+    /// Pool figures.
+    pub(crate) fn pool_stats(&self, max: u32) -> PoolStats {
+        match self.pool() {
+            Ok(pool) => {
+                let s = pool.state();
+                PoolStats {
+                    connections: s.connections,
+                    idle: s.idle_connections,
+                    in_use: s.connections.saturating_sub(s.idle_connections),
+                    max,
+                    waits: s.statistics.get_waited,
+                    wait_timeouts: s.statistics.get_timed_out,
+                    created: s.statistics.connections_created,
+                    closed_broken: s.statistics.connections_closed_broken
+                        + s.statistics.connections_closed_invalid,
+                }
+            }
+            Err(_) => PoolStats {
+                connections: 0,
+                idle: 0,
+                in_use: 0,
+                max,
+                waits: 0,
+                wait_timeouts: 0,
+                created: 0,
+                closed_broken: 0,
+            },
+        }
+    }
+
+    /// Operation counters since start.
+    pub(crate) fn metrics(&self) -> StoreMetrics {
+        let c = &self.counters;
+        StoreMetrics {
+            queries: c.queries.load(Ordering::Relaxed),
+            errors: c.errors.load(Ordering::Relaxed),
+            retries: c.retries.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Closes every pool and shared connection; later calls fail with `Closed`.
+    pub(crate) async fn close(&self) {
+        drop(self.pool.write().unwrap_or_else(|p| p.into_inner()).take());
+        drop(
+            self.copy_pool
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(),
+        );
+        if let Some(shared) = &self.shared {
+            for slot in &shared.slots {
+                slot.lock().await.take();
+            }
+        }
+    }
+}
+
+/// A read's work on a pooled connection.
+fn read_on_pooled<'c, P: Sync, T>(
+    conn: &'c mut AsyncPgConnection,
+    (params, work): &'c (&P, Read<P, T>),
+) -> BoxFuture<'c, Result<T, StoreError>> {
+    Box::pin(async move {
+        let mut conn: &AsyncPgConnection = conn;
+        work(&mut conn, params).await
+    })
+}

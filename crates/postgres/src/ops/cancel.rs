@@ -1,0 +1,42 @@
+//! `mark_task_as_cancelled`: statement [`CANCEL_TASK`](crate::sql::CANCEL_TASK), which appends
+//! the cancellation entry under the task's summary lock.
+
+use chrono::{DateTime, Utc};
+use diesel::sql_types::{BigInt, Integer, Jsonb, Text, Timestamptz};
+use diesel::QueryableByName;
+use diesel_async::AsyncPgConnection;
+use futures::future::BoxFuture;
+use taskhistory_core::{StoreError, TaskStepResult};
+
+use super::rows::{JsonOf, TaskKey};
+use crate::error::from_diesel;
+use crate::sql::{self, Statement};
+
+/// The cancellation entry written (none when the task was missing or already final).
+#[derive(QueryableByName)]
+pub(crate) struct Cancelled {
+    #[diesel(sql_type = BigInt)]
+    pub(crate) seq: i64,
+    #[diesel(sql_type = Integer)]
+    pub(crate) step: i32,
+    #[diesel(sql_type = Timestamptz)]
+    pub(crate) timestamp: DateTime<Utc>,
+}
+
+pub(crate) fn run<'c, 'a>(
+    conn: &'c mut AsyncPgConnection,
+    key: &'c TaskKey<'a>,
+) -> BoxFuture<'c, Result<Option<Cancelled>, StoreError>> {
+    Box::pin(async move {
+        let op = "mark_task_as_cancelled";
+        let entry = TaskStepResult::cancellation();
+        let rows: Vec<Cancelled> = Statement::new(sql::CANCEL_TASK)
+            .bind::<Text, _>(key.user_id.to_owned())
+            .bind::<Text, _>(key.task_id.to_owned())
+            .bind::<Jsonb, _>(JsonOf::new(op, &entry)?)
+            .fetch(conn)
+            .await
+            .map_err(|e| from_diesel(op, e))?;
+        Ok(rows.into_iter().next())
+    })
+}

@@ -1,0 +1,196 @@
+//! The reads that may share a pipelined connection: `load_task_history`
+//! ([`LOAD_HISTORY`](crate::sql::LOAD_HISTORY)), `check_task_status`
+//! ([`TASK_STATUS`](crate::sql::TASK_STATUS)) and `get_user_tasks`
+//! ([`LIST_TASKS`](crate::sql::LIST_TASKS) and its three variants, by filter and cursor).
+
+use chrono::{DateTime, Utc};
+use diesel::sql_types::{BigInt, Integer, Jsonb, Text, Timestamptz};
+use diesel::QueryableByName;
+use diesel::pg::Pg;
+use diesel_async::methods::LoadQuery;
+use diesel_async::{AsyncConnectionCore, AsyncPgConnection};
+use futures::future::BoxFuture;
+use taskhistory_core::{
+    HistoryEntry, StoreError, TaskCursor, TaskPage, TaskQuery, TaskStatus, TaskSummary,
+};
+
+use super::rows::{Status, Stored, TaskKey};
+use crate::error::from_diesel;
+use crate::sql::{self, Statement};
+
+#[derive(QueryableByName)]
+struct HistoryRow {
+    #[diesel(sql_type = Integer)]
+    step: i32,
+    #[diesel(sql_type = Jsonb)]
+    result: Stored,
+    #[diesel(sql_type = Timestamptz)]
+    timestamp: DateTime<Utc>,
+    #[diesel(sql_type = Text)]
+    status: Status,
+}
+
+/// A task's history, oldest step first.
+pub(crate) fn load_history<'c, 'a>(
+    conn: &'c mut &'c AsyncPgConnection,
+    key: &'c TaskKey<'a>,
+) -> BoxFuture<'c, Result<Vec<HistoryEntry>, StoreError>> {
+    load_history_on(conn, key)
+}
+
+fn load_history_on<'c, 'a, C>(
+    conn: &'c mut C,
+    key: &'c TaskKey<'a>,
+) -> BoxFuture<'c, Result<Vec<HistoryEntry>, StoreError>>
+where
+    C: AsyncConnectionCore<Backend = Pg> + Send,
+    Statement: LoadQuery<'static, C, HistoryRow>,
+{
+    Box::pin(async move {
+        let rows: Vec<HistoryRow> = Statement::new(sql::LOAD_HISTORY)
+            .bind::<Text, _>(key.user_id.to_owned())
+            .bind::<Text, _>(key.task_id.to_owned())
+            .fetch(conn)
+            .await
+            .map_err(|e| from_diesel("load_task_history", e))?;
+        tracing::Span::current().record("rows", rows.len());
+        Ok(rows
+            .into_iter()
+            .map(|r| HistoryEntry {
+                step: r.step,
+                result: r.result.0,
+                timestamp: r.timestamp,
+                status: r.status.0,
+            })
+            .collect())
+    })
+}
+
+#[derive(QueryableByName)]
+struct StatusRow {
+    #[diesel(sql_type = Text)]
+    status: Status,
+}
+
+/// A task's status; `Pending` for a task with no step.
+pub(crate) fn task_status<'c, 'a>(
+    conn: &'c mut &'c AsyncPgConnection,
+    key: &'c TaskKey<'a>,
+) -> BoxFuture<'c, Result<TaskStatus, StoreError>> {
+    task_status_on(conn, key)
+}
+
+fn task_status_on<'c, 'a, C>(
+    conn: &'c mut C,
+    key: &'c TaskKey<'a>,
+) -> BoxFuture<'c, Result<TaskStatus, StoreError>>
+where
+    C: AsyncConnectionCore<Backend = Pg> + Send,
+    Statement: LoadQuery<'static, C, StatusRow>,
+{
+    Box::pin(async move {
+        let rows: Vec<StatusRow> = Statement::new(sql::TASK_STATUS)
+            .bind::<Text, _>(key.user_id.to_owned())
+            .bind::<Text, _>(key.task_id.to_owned())
+            .fetch(conn)
+            .await
+            .map_err(|e| from_diesel("check_task_status", e))?;
+        Ok(rows
+            .into_iter()
+            .next()
+            .map_or(TaskStatus::Pending, |r| r.status.0))
+    })
+}
+
+/// The parameters of a task list.
+pub(crate) struct ListTasks<'a> {
+    pub(crate) user_id: &'a str,
+    pub(crate) query: &'a TaskQuery,
+}
+
+#[derive(QueryableByName)]
+struct SummaryRow {
+    #[diesel(sql_type = Text)]
+    task_id: String,
+    #[diesel(sql_type = Text)]
+    status: Status,
+    #[diesel(sql_type = Integer)]
+    last_step: i32,
+    #[diesel(sql_type = BigInt)]
+    step_count: i64,
+    #[diesel(sql_type = Timestamptz)]
+    created_at: DateTime<Utc>,
+    #[diesel(sql_type = Timestamptz)]
+    updated_at: DateTime<Utc>,
+}
+
+/// A page of a user's tasks, most recently updated first.
+pub(crate) fn list_tasks<'c, 'a>(
+    conn: &'c mut &'c AsyncPgConnection,
+    p: &'c ListTasks<'a>,
+) -> BoxFuture<'c, Result<TaskPage, StoreError>> {
+    list_tasks_on(conn, p)
+}
+
+fn list_tasks_on<'c, 'a, C>(
+    conn: &'c mut C,
+    p: &'c ListTasks<'a>,
+) -> BoxFuture<'c, Result<TaskPage, StoreError>>
+where
+    C: AsyncConnectionCore<Backend = Pg> + Send,
+    Statement: LoadQuery<'static, C, SummaryRow>,
+{
+    Box::pin(async move {
+        let user_id = p.user_id.to_owned();
+        let fetch = p.query.limit + 1;
+        let statement = match (&p.query.status, &p.query.after) {
+            (None, None) => Statement::new(sql::LIST_TASKS)
+                .bind::<Text, _>(user_id)
+                .bind::<BigInt, _>(fetch),
+            (
+                None,
+                Some(TaskCursor {
+                    last_updated,
+                    task_id,
+                }),
+            ) => Statement::new(sql::LIST_TASKS_AFTER)
+                .bind::<Text, _>(user_id)
+                .bind::<Timestamptz, _>(*last_updated)
+                .bind::<Text, _>(task_id.clone())
+                .bind::<BigInt, _>(fetch),
+            (Some(status), None) => Statement::new(sql::LIST_TASKS_WITH_STATUS)
+                .bind::<Text, _>(user_id)
+                .bind::<Text, _>(status.as_str())
+                .bind::<BigInt, _>(fetch),
+            (
+                Some(status),
+                Some(TaskCursor {
+                    last_updated,
+                    task_id,
+                }),
+            ) => Statement::new(sql::LIST_TASKS_WITH_STATUS_AFTER)
+                .bind::<Text, _>(user_id)
+                .bind::<Text, _>(status.as_str())
+                .bind::<Timestamptz, _>(*last_updated)
+                .bind::<Text, _>(task_id.clone())
+                .bind::<BigInt, _>(fetch),
+        };
+        let rows: Vec<SummaryRow> = statement
+            .fetch(conn)
+            .await
+            .map_err(|e| from_diesel("get_user_tasks", e))?;
+        tracing::Span::current().record("rows", rows.len());
+        let tasks: Vec<TaskSummary> = rows
+            .into_iter()
+            .map(|r| TaskSummary {
+                task_id: r.task_id,
+                status: r.status.0,
+                last_step: r.last_step,
+                step_count: r.step_count,
+                created_at: r.created_at,
+                last_updated: r.updated_at,
+            })
+            .collect();
+        Ok(TaskPage::from_overfetch(tasks, p.query.limit))
+    })
+}

@@ -1,0 +1,153 @@
+//! `save_task_history` and the upsert path of `save_batch_task_history`: statements
+//! [`SAVE_STEP`](crate::sql::SAVE_STEP) (one step) and [`SAVE_STEPS`](crate::sql::SAVE_STEPS)
+//! (many, as arrays), in chunks of [`CHUNK_ROWS`] inside one transaction past that.
+
+use chrono::{DateTime, Utc};
+use diesel::sql_types::{Array, BigInt, Integer, Jsonb, Nullable, Text, Timestamptz};
+use diesel::QueryableByName;
+use diesel_async::AsyncPgConnection;
+use futures::future::BoxFuture;
+use taskhistory_core::validate::PreparedStep;
+use taskhistory_core::{StoreError, TaskEvent};
+
+use super::rows::JsonOf;
+use crate::error::from_diesel;
+use crate::exec::Tx;
+use crate::notify::Sequenced;
+use crate::sql::{self, Statement};
+
+/// Rows per statement when a batch is split (inside one transaction).
+pub(crate) const CHUNK_ROWS: usize = 10_000;
+
+/// The steps to save: validated, and for a batch sorted and de-duplicated by
+/// [`prepare_batch`](taskhistory_core::validate::prepare_batch).
+pub(crate) struct SaveSteps<'a> {
+    pub(crate) operation: &'static str,
+    pub(crate) steps: &'a [PreparedStep<'a>],
+}
+
+impl SaveSteps<'_> {
+    /// One statement, or several chunks that must commit together.
+    pub(crate) fn tx(&self) -> Tx {
+        if self.steps.len() > CHUNK_ROWS {
+            Tx::Always
+        } else {
+            Tx::Statement
+        }
+    }
+}
+
+#[derive(QueryableByName)]
+struct SaveOutcome {
+    #[diesel(sql_type = Nullable<Text>)]
+    refused_user: Option<String>,
+    #[diesel(sql_type = Nullable<Text>)]
+    refused_task: Option<String>,
+    #[diesel(sql_type = BigInt)]
+    rows_written: i64,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    seq: Option<i64>,
+    #[diesel(sql_type = Timestamptz)]
+    saved_at: DateTime<Utc>,
+}
+
+/// A saved chunk, for the watchers' events: its length, the statement's `seq` and `now()`
+/// (the time of steps saved without one).
+#[derive(Clone, Copy)]
+pub(crate) struct Saved {
+    pub(crate) len: usize,
+    pub(crate) seq: i64,
+    pub(crate) at: DateTime<Utc>,
+}
+
+/// Saves the steps, a chunk per statement; a chunk touching a cancelled task fails the whole
+/// call with `TaskCancelled` (the executor's transaction rolls the earlier chunks back).
+pub(crate) fn run<'c, 'a>(
+    conn: &'c mut AsyncPgConnection,
+    p: &'c SaveSteps<'a>,
+) -> BoxFuture<'c, Result<Vec<Saved>, StoreError>> {
+    Box::pin(async move {
+        let mut saved = Vec::with_capacity(p.steps.len().div_ceil(CHUNK_ROWS));
+        for chunk in p.steps.chunks(CHUNK_ROWS) {
+            saved.push(save_chunk(conn, p.operation, chunk).await?);
+        }
+        Ok(saved)
+    })
+}
+
+async fn save_chunk(
+    conn: &mut AsyncPgConnection,
+    op: &'static str,
+    steps: &[PreparedStep<'_>],
+) -> Result<Saved, StoreError> {
+    let statement = match steps {
+        // One step: the scalar statement (its generic plan is cached; see sql::SAVE_STEP).
+        [p] => Statement::new(sql::SAVE_STEP)
+            .bind::<Text, _>(p.user_id.to_owned())
+            .bind::<Text, _>(p.task_id.to_owned())
+            .bind::<Integer, _>(p.step)
+            .bind::<Jsonb, _>(JsonOf::new(op, p.result)?)
+            .bind::<Nullable<Timestamptz>, _>(p.timestamp)
+            .bind::<Text, _>(p.result.status.as_str()),
+        _ => {
+            let users: Vec<String> = steps.iter().map(|p| p.user_id.to_owned()).collect();
+            let tasks: Vec<String> = steps.iter().map(|p| p.task_id.to_owned()).collect();
+            let numbers: Vec<i32> = steps.iter().map(|p| p.step).collect();
+            let results = steps
+                .iter()
+                .map(|p| JsonOf::new(op, p.result))
+                .collect::<Result<Vec<_>, _>>()?;
+            let times: Vec<Option<DateTime<Utc>>> = steps.iter().map(|p| p.timestamp).collect();
+            let statuses: Vec<&'static str> =
+                steps.iter().map(|p| p.result.status.as_str()).collect();
+            Statement::new(sql::SAVE_STEPS)
+                .bind::<Array<Text>, _>(users)
+                .bind::<Array<Text>, _>(tasks)
+                .bind::<Array<Integer>, _>(numbers)
+                .bind::<Array<Jsonb>, _>(results)
+                .bind::<Array<Nullable<Timestamptz>>, _>(times)
+                .bind::<Array<Text>, _>(statuses)
+        }
+    };
+    let rows: Vec<SaveOutcome> = statement
+        .fetch(conn)
+        .await
+        .map_err(|e| from_diesel(op, e))?;
+    match rows.into_iter().next() {
+        Some(SaveOutcome {
+            refused_user: Some(user_id),
+            refused_task: Some(task_id),
+            ..
+        }) => Err(StoreError::TaskCancelled { user_id, task_id }),
+        Some(SaveOutcome {
+            rows_written,
+            seq,
+            saved_at,
+            ..
+        }) => {
+            tracing::Span::current().record("rows", rows_written);
+            Ok(Saved {
+                len: steps.len(),
+                seq: seq.unwrap_or(0),
+                at: saved_at,
+            })
+        }
+        None => Err(StoreError::database(op, "the save statement returned no row")),
+    }
+}
+
+/// The watchers' events of saved steps, chunk by chunk.
+pub(crate) fn events(steps: &[PreparedStep<'_>], saved: &[Saved]) -> Vec<Sequenced> {
+    let mut out = Vec::with_capacity(steps.len());
+    let mut rest = steps;
+    for chunk in saved {
+        let (these, more) = rest.split_at(chunk.len.min(rest.len()));
+        rest = more;
+        out.extend(these.iter().map(|p| {
+            let at = p.timestamp.unwrap_or(chunk.at);
+            let event = TaskEvent::of_step(p.user_id, p.task_id, p.step, p.result.status, at);
+            (chunk.seq, event)
+        }));
+    }
+    out
+}

@@ -24,11 +24,11 @@ use chrono::{DateTime, Utc};
 use futures::pin_mut;
 use serde_json::json;
 use taskhistory::postgres::__private::sql;
-use taskhistory::postgres::testing;
 use taskhistory::{
     CleanupOptions, DynStore, HistoryScan, MemoryStore, PgConfig, PgTaskHistoryStore, SslMode,
     StepRecord, TaskHistoryStore, TaskStatus, TaskStepResult,
 };
+use taskhistory_testing as testing;
 use tokio::sync::Mutex;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{Json, ToSql, Type};

@@ -9,10 +9,10 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, Criterion};
 use serde_json::json;
 use taskhistory::postgres::__private::sql;
-use taskhistory::postgres::testing;
 use taskhistory::{
     DynStore, MemoryStore, PgConfig, SslMode, StepRecord, TaskHistoryStore, TaskStepResult,
 };
+use taskhistory_testing as testing;
 use tokio_postgres::types::Json;
 use tokio_postgres::NoTls;
 

@@ -27,11 +27,11 @@ use std::time::{Duration, Instant};
 
 use common::{drive, drive_until, env_f64, ms, round_secs, Sample};
 use serde_json::json;
-use taskhistory::postgres::testing;
 use taskhistory::postgres::Partitioning;
 use taskhistory::{
     CleanupOptions, PgConfig, PgTaskHistoryStore, SslMode, TaskHistoryStore, TaskStepResult,
 };
+use taskhistory_testing as testing;
 use tokio_postgres::{Client, NoTls};
 
 const STEPS_PER_TASK: i64 = 50;

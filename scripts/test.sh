@@ -6,6 +6,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/ensure-postgres.sh
 bash scripts/ensure-pgbouncer.sh
+# The translated-messages test starts its own server speaking German: it needs the locale.
+if ! locale -a 2>/dev/null | grep -qix 'de_DE\.utf-\?8'; then
+  if [ "$(id -u)" = 0 ]; then
+    command -v localedef >/dev/null 2>&1 \
+      || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq locales >/dev/null; }
+    localedef -i de_DE -f UTF-8 de_DE.UTF-8
+  else
+    echo "test.sh: no de_DE.UTF-8 locale (as root: localedef -i de_DE -f UTF-8 de_DE.UTF-8)" >&2
+  fi
+fi
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0

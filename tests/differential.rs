@@ -12,11 +12,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use chrono::{DateTime, TimeZone, Utc};
 use proptest::prelude::*;
 use serde_json::{Map, Number, Value};
-use taskhistory::postgres::testing;
 use taskhistory::{
     DynStore, ErrorCode, HistoryEntry, MemoryStore, StepRecord, StoreError, TaskStatus,
     TaskStepResult,
 };
+use taskhistory_testing as testing;
 
 /// Strings that have broken stores before.
 const NASTY: &[&str] = &[

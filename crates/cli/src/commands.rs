@@ -197,12 +197,21 @@ async fn health(db: &DbArgs, out: Output) -> Result<u8, CliError> {
                 ));
             }
         }
-        let what = match (&report.server_version, &report.schema_version) {
+        let mut what = match (&report.server_version, &report.schema_version) {
             (Some(server), Some(schema)) => {
                 format!("{} {server}, schema {schema}", report.backend)
             }
             _ => report.backend.to_owned(),
         };
+        if let Backend::Postgres(pg) = &backend {
+            if !pg.untranslated_messages() {
+                what.push_str(
+                    " (server messages may be translated: this role may not set lc_messages, \
+                     so timeouts, deadlocks and shutdowns on a server that does not speak \
+                     English are not recognised; GRANT SET ON PARAMETER lc_messages TO it)",
+                );
+            }
+        }
         Ok((what, report.round_trip))
     }
     .await;

@@ -12,7 +12,8 @@ use serde_json::{json, Value};
 use taskhistory_core::{
     ErrorCode, HistoryScan, StepRecord, TaskHistoryStore, TaskStatus, TaskStepResult,
 };
-use taskhistory_postgres::{testing, PgConfig, PgTaskHistoryStore, SslMode};
+use taskhistory_postgres::{PgConfig, PgTaskHistoryStore, SslMode};
+use taskhistory_testing as testing;
 
 /// The binary with no configuration inherited from the environment.
 fn bin() -> Command {

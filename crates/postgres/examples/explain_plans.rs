@@ -6,7 +6,7 @@
 
 use taskhistory_core::TaskHistoryStore;
 use taskhistory_postgres::__private::sql;
-use taskhistory_postgres::testing::{database_url, fresh_config, store_for};
+use taskhistory_testing::{database_url, fresh_config, store_for};
 use tokio_postgres::NoTls;
 
 #[tokio::main]

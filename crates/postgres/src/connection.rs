@@ -255,7 +255,8 @@ impl Connector {
     /// `GRANT SET ON PARAMETER lc_messages`, see `least_privilege_grants`), so that sessions
     /// open without asking; `true` when that was the reason `error` refused a session.
     fn refused_untranslated(&self, error: &tokio_postgres::Error) -> bool {
-        let refused = error.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
+        let refused = error.code()
+            == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
             && error
                 .as_db_error()
                 .is_some_and(|db| db.message().contains("lc_messages"));

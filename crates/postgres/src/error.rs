@@ -87,8 +87,14 @@ fn sqlstate_of_message(message: &str) -> SqlState {
     const BY_MESSAGE: &[(&str, SqlState)] = &[
         ("canceling statement due to", SqlState::QUERY_CANCELED),
         ("deadlock detected", SqlState::T_R_DEADLOCK_DETECTED),
-        ("terminating connection due to administrator command", SqlState::ADMIN_SHUTDOWN),
-        ("terminating connection because of crash", SqlState::CRASH_SHUTDOWN),
+        (
+            "terminating connection due to administrator command",
+            SqlState::ADMIN_SHUTDOWN,
+        ),
+        (
+            "terminating connection because of crash",
+            SqlState::CRASH_SHUTDOWN,
+        ),
         ("the database system is", SqlState::CANNOT_CONNECT_NOW),
         ("sorry, too many clients", SqlState::TOO_MANY_CONNECTIONS),
         ("server closed the connection", SqlState::CONNECTION_FAILURE),
@@ -177,8 +183,14 @@ mod tests {
             db(DatabaseErrorKind::UnableToSendCommand, "broken pipe"),
             classify("op", None, "x".into()),
         );
-        same(db(DatabaseErrorKind::SerializationFailure, "x"), code("40001"));
-        same(db(DatabaseErrorKind::ReadOnlyTransaction, "x"), code("25006"));
+        same(
+            db(DatabaseErrorKind::SerializationFailure, "x"),
+            code("40001"),
+        );
+        same(
+            db(DatabaseErrorKind::ReadOnlyTransaction, "x"),
+            code("25006"),
+        );
         same(
             db(
                 DatabaseErrorKind::Unknown,
@@ -186,7 +198,10 @@ mod tests {
             ),
             code("57014"),
         );
-        same(db(DatabaseErrorKind::Unknown, "deadlock detected"), code("40P01"));
+        same(
+            db(DatabaseErrorKind::Unknown, "deadlock detected"),
+            code("40P01"),
+        );
         same(
             db(
                 DatabaseErrorKind::Unknown,
@@ -194,8 +209,14 @@ mod tests {
             ),
             code("57P01"),
         );
-        same(db(DatabaseErrorKind::UniqueViolation, "duplicate key"), code("23505"));
-        same(db(DatabaseErrorKind::Unknown, "syntax error"), code("42601"));
+        same(
+            db(DatabaseErrorKind::UniqueViolation, "duplicate key"),
+            code("23505"),
+        );
+        same(
+            db(DatabaseErrorKind::Unknown, "syntax error"),
+            code("42601"),
+        );
     }
 
     #[test]
@@ -203,7 +224,9 @@ mod tests {
         assert!(matches!(code("57014"), StoreError::Timeout { .. }));
         assert!(matches!(code("40P01"), StoreError::Conflict { .. }));
         assert!(matches!(code("40001"), StoreError::Conflict { .. }));
-        for transient in ["57P01", "57P02", "57P03", "53300", "25006", "08006", "08001"] {
+        for transient in [
+            "57P01", "57P02", "57P03", "53300", "25006", "08006", "08001",
+        ] {
             assert!(
                 matches!(code(transient), StoreError::Unavailable { .. }),
                 "{transient}"

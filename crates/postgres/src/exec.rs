@@ -26,8 +26,7 @@ use tracing::Instrument;
 use crate::config::PgConfig;
 use crate::connection::Connector;
 use crate::session::{
-    add, build_pool, Health, LastError, Lease, Pool, PoolSettings, RawSession, Session,
-    Transaction,
+    add, build_pool, Health, LastError, Lease, Pool, PoolSettings, RawSession, Session, Transaction,
 };
 
 /// Which operation, and for whom (the tracing span's fields).
@@ -296,8 +295,10 @@ impl Executor {
                 .pooled(call, Tx::Statement, &(params, work), read_on_pooled)
                 .await;
         };
-        self.execute(call, || self.read_shared(shared, call.operation, params, work))
-            .await
+        self.execute(call, || {
+            self.read_shared(shared, call.operation, params, work)
+        })
+        .await
     }
 
     /// A batch by `COPY`, on a connection of the `COPY` pool.
@@ -315,9 +316,11 @@ impl Executor {
                 .clone()
                 .ok_or(StoreError::Closed)?;
             let max = self.copy_connections;
-            self.bounded(call.operation, (&pool, max), async |conn: &mut RawSession| {
-                work(conn, params).await
-            })
+            self.bounded(
+                call.operation,
+                (&pool, max),
+                async |conn: &mut RawSession| work(conn, params).await,
+            )
             .await
         })
         .await
@@ -412,10 +415,7 @@ impl Executor {
                 let s = pool.state();
                 let mut msg = format!(
                     "no connection free within {:?} ({} open, {} idle, max {})",
-                    self.pool_timeout,
-                    s.connections,
-                    s.idle_connections,
-                    max
+                    self.pool_timeout, s.connections, s.idle_connections, max
                 );
                 if let Some(last) = self.last_error.get() {
                     msg.push_str(&format!("; last connection error: {last}"));

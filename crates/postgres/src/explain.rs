@@ -9,8 +9,8 @@ use futures::future::BoxFuture;
 use serde::Serialize;
 use taskhistory_core::{validate, StoreError};
 
-use crate::error::from_diesel;
 use crate::connection::Connector;
+use crate::error::from_diesel;
 use crate::exec::{Call, Tx};
 use crate::session::Transaction;
 use crate::sql;
@@ -202,7 +202,12 @@ impl PgTaskHistoryStore {
             connector: self.connector(),
         };
         self.exec()
-            .pooled(Call::task("explain", user, task), Tx::Own, &args, explain_all)
+            .pooled(
+                Call::task("explain", user, task),
+                Tx::Own,
+                &args,
+                explain_all,
+            )
             .await
     }
 
@@ -210,7 +215,12 @@ impl PgTaskHistoryStore {
     /// `StoreError::Database` saying how to enable the extension when it is not.
     pub async fn query_stats(&self, limit: i64) -> Result<Vec<QueryStats>, StoreError> {
         self.exec()
-            .pooled(Call::new("stats --queries"), Tx::Statement, &limit, query_stats)
+            .pooled(
+                Call::new("stats --queries"),
+                Tx::Statement,
+                &limit,
+                query_stats,
+            )
             .await
     }
 }

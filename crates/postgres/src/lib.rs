@@ -26,16 +26,14 @@ mod session;
 mod sql;
 mod stats;
 mod store;
-#[cfg(feature = "testing")]
-pub mod testing;
 mod watch;
 
 pub use config::{PgConfig, SslMode, StatementObserver};
+pub use exec::{PoolStats, StoreMetrics};
 pub use explain::{QueryStats, StatementPlan};
-pub use migrate::{least_privilege_grants, MigrationState, MIGRATIONS, MIGRATIONS_COUNT};
+pub use migrate::{least_privilege_grants, MigrationState};
 pub use partition::{Layout, PartitionInfo, PartitionInterval, Partitioning};
 pub use stats::{RelationSize, StatusStats, StoreStats};
-pub use exec::{PoolStats, StoreMetrics};
 pub use store::{CleanupOptions, PgTaskHistoryStore};
 
 /// Not part of the API (no semver promise): the statements' text, for this workspace's

@@ -10,11 +10,9 @@ use crate::connection::Connector;
 use crate::session::Transaction;
 use crate::sql::{self, Statement};
 
-/// The store's migrations, embedded at build time from the workspace's `migrations/`.
-pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("../../migrations");
-
-/// How many migrations are embedded.
-pub const MIGRATIONS_COUNT: usize = 2;
+/// The store's migrations, embedded at build time from the workspace's `migrations/` (the
+/// crate's `migrations` is a link to it, so that the packaged crate carries them).
+const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
 /// One migration and whether it is applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,14 +148,18 @@ pub(crate) async fn run(connector: &Connector, schema: Option<&str>) -> Result<u
 
 /// The statements that give `role` what the store needs in `schema`, and nothing more: use
 /// of the schema, `SELECT, INSERT, UPDATE, DELETE` on the two tables, the history's id
-/// sequence, and reading the migrations table (health, start-up check). Migrations are run
-/// by the schema's owner, a different role. `schema` and `role` must be plain identifiers.
+/// sequence, reading the migrations table (health, start-up check), and on PostgreSQL 15+
+/// setting `lc_messages` (so its sessions get untranslated messages, which the error map
+/// reads: a superuser must run that grant). Migrations are run by the schema's owner, a
+/// different role. `schema` and `role` must be plain identifiers.
 pub fn least_privilege_grants(schema: &str, role: &str) -> String {
     format!(
         "GRANT USAGE ON SCHEMA \"{schema}\" TO \"{role}\";\n\
          GRANT SELECT, INSERT, UPDATE, DELETE ON \"{schema}\".task_history, \"{schema}\".task_summary TO \"{role}\";\n\
          GRANT USAGE ON SEQUENCE \"{schema}\".task_history_id_seq TO \"{role}\";\n\
-         GRANT SELECT ON \"{schema}\".__diesel_schema_migrations TO \"{role}\";\n"
+         GRANT SELECT ON \"{schema}\".__diesel_schema_migrations TO \"{role}\";\n\
+         DO $$ BEGIN IF current_setting('server_version_num')::int >= 150000 THEN \
+         EXECUTE 'GRANT SET ON PARAMETER lc_messages TO \"{role}\"'; END IF; END $$;\n"
     )
 }
 

@@ -178,7 +178,11 @@ async fn send(
         .bind::<Array<Text>, _>(payloads.to_vec());
     if connector.transaction_setup().is_none() {
         // One statement, its own transaction (the session does not wait for the disk).
-        return statement.fetch::<Sent, _>(c).await.map(drop).map_err(failure);
+        return statement
+            .fetch::<Sent, _>(c)
+            .await
+            .map(drop)
+            .map_err(failure);
     }
     let tx = Transaction::begin(c, connector, OP, sql::NOTIFY_LOCAL)
         .await

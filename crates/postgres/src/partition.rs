@@ -369,13 +369,17 @@ impl<'s> DdlConnection<'s> {
 impl PgTaskHistoryStore {
     /// Whether `task_history` is plain or partitioned (and by what interval).
     pub async fn layout(&self) -> Result<Layout, StoreError> {
-        self.exec().pooled(Call::new(OP), Tx::Statement, &(), layout_work).await
+        self.exec()
+            .pooled(Call::new(OP), Tx::Statement, &(), layout_work)
+            .await
     }
 
     /// The partitions of the partitioned layout, oldest first, the default one first of
     /// all; empty on the plain layout.
     pub async fn partitions(&self) -> Result<Vec<PartitionInfo>, StoreError> {
-        self.exec().pooled(Call::new(OP), Tx::Statement, &(), list_work).await
+        self.exec()
+            .pooled(Call::new(OP), Tx::Statement, &(), list_work)
+            .await
     }
 
     /// Makes sure a partition exists for the current period and `ahead` more; returns the
@@ -488,7 +492,9 @@ impl PgTaskHistoryStore {
             return Ok(total);
         }
         let cutoff = Utc::now() - TimeDelta::days(i64::from(days));
-        let candidates: Vec<PartitionInfo> = self.exec().pooled(Call::new(CLEANUP), Tx::Statement, &(), list_work)
+        let candidates: Vec<PartitionInfo> = self
+            .exec()
+            .pooled(Call::new(CLEANUP), Tx::Statement, &(), list_work)
             .await?
             .into_iter()
             .filter(|p| p.to.is_some_and(|to| to <= cutoff))
@@ -502,7 +508,11 @@ impl PgTaskHistoryStore {
                 continue;
             };
             let args = (from, to, days, status);
-            if self.exec().pooled(Call::new(CLEANUP), Tx::Statement, &args, keeps_tasks).await? {
+            if self
+                .exec()
+                .pooled(Call::new(CLEANUP), Tx::Statement, &args, keeps_tasks)
+                .await?
+            {
                 continue;
             }
             let c = match &mut conn {

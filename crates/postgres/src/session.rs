@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use diesel_async::pooled_connection::PoolableConnection;
-use diesel_async::{AnsiTransactionManager, AsyncPgConnection, SimpleAsyncConnection};
 use diesel_async::TransactionManager;
+use diesel_async::{AnsiTransactionManager, AsyncPgConnection, SimpleAsyncConnection};
 use taskhistory_core::StoreError;
 
 use crate::connection::Connector;

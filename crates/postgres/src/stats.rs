@@ -11,9 +11,9 @@ use serde::Serialize;
 use taskhistory_core::{StoreError, TaskStatus};
 
 use crate::error::from_diesel;
-use crate::sql::{self, Statement};
 use crate::exec::{Call, PoolStats, Tx};
 use crate::ops::rows::Status;
+use crate::sql::{self, Statement};
 use crate::store::PgTaskHistoryStore;
 
 /// What [`PgTaskHistoryStore::stats`] found.
@@ -118,7 +118,10 @@ impl PgTaskHistoryStore {
     /// sizes, pool figures. It reads every summary row (one per task): run it from tools, not
     /// from request paths.
     pub async fn stats(&self) -> Result<StoreStats, StoreError> {
-        let (status_rows, relation_rows) = self.exec().pooled(Call::new("stats"), Tx::Statement, &(), read).await?;
+        let (status_rows, relation_rows) = self
+            .exec()
+            .pooled(Call::new("stats"), Tx::Statement, &(), read)
+            .await?;
         let statuses: Vec<StatusStats> = status_rows
             .into_iter()
             .map(|r| StatusStats {

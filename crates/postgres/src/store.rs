@@ -10,8 +10,7 @@ use async_trait::async_trait;
 use taskhistory_core::validate::{self, PreparedStep};
 use taskhistory_core::{
     CleanupReport, HealthReport, HistoryEntry, HistoryPage, HistoryScan, StepRecord, StoreError,
-    TaskEvent, TaskEventStream, TaskHistoryStore, TaskPage, TaskQuery, TaskStatus,
-    TaskStepResult,
+    TaskEvent, TaskEventStream, TaskHistoryStore, TaskPage, TaskQuery, TaskStatus, TaskStepResult,
 };
 
 use crate::config::PgConfig;
@@ -417,7 +416,12 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         let health = self
             .inner
             .exec
-            .pooled(Call::new("health_check"), Tx::Statement, &(), ops::health::run)
+            .pooled(
+                Call::new("health_check"),
+                Tx::Statement,
+                &(),
+                ops::health::run,
+            )
             .await?;
         Ok(HealthReport {
             backend: "postgres",

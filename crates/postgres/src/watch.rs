@@ -30,8 +30,8 @@ use tokio::task::JoinHandle;
 
 use crate::connection::Connector;
 use crate::error::from_diesel;
-use crate::sql::{self, Statement};
 use crate::exec::{Call, Tx};
+use crate::sql::{self, Statement};
 use crate::store::PgTaskHistoryStore;
 
 /// What the listener tells watchers.
@@ -265,6 +265,13 @@ impl PgTaskHistoryStore {
             loop {
                 match rx.recv().await {
                     Ok(Wake::Fence(f)) if *f == *id => return Ok(()),
+                    // The listener is back after losing its connection: the fence may have
+                    // been sent while it was away, so it goes again.
+                    Ok(Wake::All) => {
+                        self.exec()
+                            .pooled(call, Tx::Statement, &fence, send_fence)
+                            .await?;
+                    }
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
                     Err(broadcast::error::RecvError::Closed) => {
                         return Err(StoreError::Unavailable {

@@ -4,16 +4,16 @@
 //! racing single saves of the same new tasks loses nothing and keeps summaries exact.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-taskhistory_core::conformance_tests!(taskhistory_postgres::testing::copy_dyn_store().await);
+taskhistory_core::conformance_tests!(taskhistory_testing::copy_dyn_store().await);
 
 mod copy_path {
     use std::sync::{Arc, Mutex};
 
     use serde_json::json;
     use taskhistory_core::{StepRecord, StoreError, TaskHistoryStore, TaskQuery, TaskStepResult};
-    use taskhistory_postgres::testing::{fresh_config, store_for, test_db_client};
     use taskhistory_postgres::__private::sql;
     use taskhistory_postgres::PgTaskHistoryStore;
+    use taskhistory_testing::{fresh_config, store_for, test_db_client};
 
     fn r(i: i32) -> TaskStepResult {
         TaskStepResult::running("s", json!({ "i": i }), "")

@@ -14,10 +14,8 @@ use serde_json::json;
 use taskhistory_core::{
     HistoryScan, RetryPolicy, StoreError, TaskHistoryStore, TaskStatus, TaskStepResult,
 };
-use taskhistory_postgres::testing::{
-    admin_execute, fresh_config, lock_summary, store_for, test_db_client,
-};
 use taskhistory_postgres::PgTaskHistoryStore;
+use taskhistory_testing::{admin_execute, fresh_config, lock_summary, store_for, test_db_client};
 
 fn step(i: i32) -> TaskStepResult {
     TaskStepResult::running(format!("s{i}"), json!({ "i": i }), "")

@@ -2,16 +2,14 @@
 //! (`least_privilege_grants`); the schema is created and migrated by its owner.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-taskhistory_core::conformance_tests!(
-    taskhistory_postgres::testing::least_privilege_dyn_store().await
-);
+taskhistory_core::conformance_tests!(taskhistory_testing::least_privilege_dyn_store().await);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_app_role_cannot_change_the_schema() {
-    use taskhistory_postgres::testing::{database_url, APP_ROLE};
-    let _ = taskhistory_postgres::testing::least_privilege_dyn_store().await;
+    use taskhistory_testing::{app_password, app_role, database_url};
+    let _ = taskhistory_testing::least_privilege_dyn_store().await;
     let mut config: tokio_postgres::Config = database_url().await.parse().unwrap();
-    config.user(APP_ROLE).password("app-test-password");
+    config.user(app_role()).password(app_password());
     let (client, conn) = config.connect(tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(conn);
     let err = client

@@ -5,5 +5,5 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 taskhistory_core::conformance_tests!(
-    taskhistory_postgres::testing::least_privilege_partitioned_dyn_store().await
+    taskhistory_testing::least_privilege_partitioned_dyn_store().await
 );

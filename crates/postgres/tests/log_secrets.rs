@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use taskhistory_core::{TaskHistoryStore, TaskStepResult};
-use taskhistory_postgres::testing::{fresh_config, lock_summary, store_for};
+use taskhistory_testing::{fresh_config, lock_summary, store_for};
 
 fn step() -> TaskStepResult {
     TaskStepResult::running("s", json!(null), "")

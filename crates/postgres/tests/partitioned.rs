@@ -3,4 +3,4 @@
 //! layouts. Partition-specific behaviour is in `partitions.rs`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-taskhistory_core::conformance_tests!(taskhistory_postgres::testing::partitioned_dyn_store().await);
+taskhistory_core::conformance_tests!(taskhistory_testing::partitioned_dyn_store().await);

@@ -13,10 +13,10 @@ use serde_json::json;
 use taskhistory_core::{
     HistoryEntry, StepRecord, TaskHistoryStore, TaskQuery, TaskStatus, TaskStepResult, TaskSummary,
 };
-use taskhistory_postgres::testing::{database_url, fresh_store, partitioned_store};
 use taskhistory_postgres::{
     CleanupOptions, Layout, PartitionInterval, Partitioning, PgTaskHistoryStore,
 };
+use taskhistory_testing::{database_url, fresh_store, partitioned_store};
 use tokio_postgres::NoTls;
 
 const MONTH: PartitionInterval = PartitionInterval::Month;
@@ -483,15 +483,15 @@ async fn saves_creating_one_task_at_once_agree_on_its_start() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_role_without_ddl_rights_cleans_up_by_batched_deletes() {
-    let owner_config = taskhistory_postgres::testing::fresh_config().await;
-    let owner = taskhistory_postgres::testing::store_for(owner_config.clone()).await;
+    let owner_config = taskhistory_testing::fresh_config().await;
+    let owner = taskhistory_testing::store_for(owner_config.clone()).await;
     seed(&owner, "u", "old", month(-4, 2), 3).await;
     seed(&owner, "u", "new", Utc::now(), 2).await;
     owner
         .convert_to_partitioned(Partitioning::default())
         .await
         .unwrap();
-    let app = taskhistory_postgres::testing::app_role_store(&owner_config).await;
+    let app = taskhistory_testing::app_role_store(&owner_config).await;
     let report = app.cleanup_old_tasks(30).await.unwrap();
     assert_eq!(
         (

@@ -2,12 +2,12 @@
 //! mode, with `PgConfig::pgbouncer` on.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-taskhistory_core::conformance_tests!(taskhistory_postgres::testing::pgbouncer_dyn_store().await);
+taskhistory_core::conformance_tests!(taskhistory_testing::pgbouncer_dyn_store().await);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watching_through_pgbouncer_needs_a_direct_listen_url() {
     use taskhistory_core::{StoreError, TaskHistoryStore};
-    use taskhistory_postgres::testing::{fresh_config, pgbouncer, store_for};
+    use taskhistory_testing::{fresh_config, pgbouncer, store_for};
     let direct = fresh_config().await;
     store_for(direct.clone()).await.close().await;
     let port = pgbouncer().await.port;
@@ -31,7 +31,7 @@ async fn watching_through_pgbouncer_needs_a_direct_listen_url() {
 async fn copy_batches_through_pgbouncer() {
     use std::sync::{Arc, Mutex};
     use taskhistory_core::{StepRecord, TaskHistoryStore, TaskStepResult};
-    use taskhistory_postgres::testing::{pgbouncer_config, store_for};
+    use taskhistory_testing::{pgbouncer_config, store_for};
     let copies = Arc::new(Mutex::new(0));
     let sink = copies.clone();
     let config = pgbouncer_config()

@@ -12,9 +12,9 @@ use serde_json::json;
 use taskhistory_core::{
     HistoryScan, StepKey, StepRecord, TaskHistoryStore, TaskQuery, TaskStatus, TaskStepResult,
 };
-use taskhistory_postgres::testing::{fresh_config, store_for};
 use taskhistory_postgres::__private::sql;
 use taskhistory_postgres::{CleanupOptions, Partitioning};
+use taskhistory_testing::{fresh_config, store_for};
 
 /// Statements that may go to every shard: retention, migrations and operator tools.
 const NOT_PER_USER: &[&str] = &[
@@ -174,7 +174,9 @@ async fn every_statement_is_known_and_filters_on_user_id() {
             .iter()
             .any(|c| statement.eq_ignore_ascii_case(c))
             || DDL_PREFIXES.iter().any(|p| statement.starts_with(p))
-            || TRANSACTION_SETTINGS.iter().any(|p| statement.starts_with(p))
+            || TRANSACTION_SETTINGS
+                .iter()
+                .any(|p| statement.starts_with(p))
             || statement == sql::NOTIFY_SESSION
         {
             continue;

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use taskhistory_core::{RetryPolicy, StoreError, TaskHistoryStore, TaskStepResult};
-use taskhistory_postgres::testing::{fresh_config, lock_summary, store_for, test_db_client};
+use taskhistory_testing::{fresh_config, lock_summary, store_for, test_db_client};
 
 fn step() -> TaskStepResult {
     TaskStepResult::running("s", json!(null), "")

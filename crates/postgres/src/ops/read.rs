@@ -4,9 +4,9 @@
 //! ([`LIST_TASKS`](crate::sql::LIST_TASKS) and its three variants, by filter and cursor).
 
 use chrono::{DateTime, Utc};
+use diesel::pg::Pg;
 use diesel::sql_types::{BigInt, Integer, Jsonb, Text, Timestamptz};
 use diesel::QueryableByName;
-use diesel::pg::Pg;
 use diesel_async::methods::LoadQuery;
 use diesel_async::{AsyncConnectionCore, AsyncPgConnection};
 use futures::future::BoxFuture;

@@ -132,7 +132,10 @@ async fn save_chunk(
                 at: saved_at,
             })
         }
-        None => Err(StoreError::database(op, "the save statement returned no row")),
+        None => Err(StoreError::database(
+            op,
+            "the save statement returned no row",
+        )),
     }
 }
 

@@ -1,4 +1,5 @@
-//! Test support (feature `testing`): a real PostgreSQL server and a fresh schema per test.
+//! Test support of the taskhistory workspace (not published): a real PostgreSQL server and
+//! a fresh schema per test, PgBouncer, and servers of a test's own to restart or kill.
 //!
 //! The server is, in order: `TEST_DATABASE_URL` if set; else the local server at
 //! 127.0.0.1:5432 (user `postgres`) if it answers; else a throwaway server started from the
@@ -18,7 +19,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use taskhistory_core::{DynStore, RetryPolicy, TaskHistoryStore};
 use tokio::sync::OnceCell;
 
-use crate::{PgConfig, PgTaskHistoryStore, SslMode};
+use taskhistory_postgres::{PgConfig, PgTaskHistoryStore, SslMode};
 
 const HOW_TO_GET_ONE: &str = "no PostgreSQL server for the tests. Either set \
 TEST_DATABASE_URL=postgres://user:password@host:port/db, or start a server at 127.0.0.1:5432 \
@@ -212,36 +213,107 @@ pub async fn database_url() -> String {
                 .map(|d| d.as_secs())
                 .unwrap_or(0);
             let name = format!("th_{}_{now}", std::process::id());
-            drop_stale_databases(&server.admin_url, now).await;
+            sweep(&server.admin_url, now).await;
             admin_execute(&format!("CREATE DATABASE {name}")).await;
+            // Dropped when this process exits, however it ends: statics are never dropped.
+            drop_at_exit(
+                &server.admin_url,
+                &[
+                    format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+                    format!("DROP OWNED BY {}", app_role()),
+                    format!("DROP ROLE IF EXISTS {}", app_role()),
+                ],
+            );
             name
         })
         .await;
     url_for(&server.admin_url, name)
 }
 
-async fn drop_stale_databases(admin_url: &str, now: u64) {
+/// Runs each of `statements` on the server with `psql` once this process has exited.
+fn drop_at_exit(admin_url: &str, statements: &[String]) {
+    let me = std::process::id();
+    let script = format!(
+        "while kill -0 {me} 2>/dev/null; do sleep 0.5; done; \
+         for s in \"$@\"; do psql -X -q -d \"$TH_ADMIN_URL\" -c \"$s\" >/dev/null 2>&1; done"
+    );
+    let spawned = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .arg("sh")
+        .args(statements)
+        .env("TH_ADMIN_URL", admin_url)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn();
+    if let Err(e) = spawned {
+        panic!("cannot arrange the test database's removal at exit (sh): {e}");
+    }
+}
+
+/// Whether process `pid` is alive on this machine (a zombie is not).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
+}
+
+/// Drops what test processes that are gone left behind (a killed run): their databases
+/// `th_<pid>_<time>` and roles `th_app_<pid>`, and anything of that kind over a day old.
+async fn sweep(admin_url: &str, now: u64) {
     let Ok((client, conn)) = tokio_postgres::connect(admin_url, tokio_postgres::NoTls).await else {
         return;
     };
     let task = tokio::spawn(conn);
+    let left = |name: &str| {
+        let mut parts = name.split('_').skip(1);
+        let pid = parts.next().and_then(|p| p.parse::<u32>().ok());
+        let created = parts.next().and_then(|t| t.parse::<u64>().ok());
+        match pid {
+            Some(pid) if pid != std::process::id() => {
+                !alive(pid) || created.is_some_and(|c| now.saturating_sub(c) > 86_400)
+            }
+            _ => false,
+        }
+    };
     if let Ok(rows) = client
         .query(
-            "SELECT datname FROM pg_database WHERE datname LIKE 'th\\_%'",
+            "SELECT datname FROM pg_database WHERE datname ~ '^th_[0-9]+_[0-9]+$'",
             &[],
         )
         .await
     {
         for row in rows {
             let name: String = row.get(0);
-            let created = name
-                .rsplit('_')
-                .next()
-                .and_then(|t| t.parse::<u64>().ok())
-                .unwrap_or(now);
-            if now.saturating_sub(created) > 3600 {
+            if left(&name) {
                 let _ = client
                     .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .await;
+            }
+        }
+    }
+    if let Ok(rows) = client
+        .query(
+            "SELECT rolname FROM pg_roles WHERE rolname ~ '^th_app_[0-9]+$' \
+             OR rolname = 'taskhistory_test_app'",
+            &[],
+        )
+        .await
+    {
+        for row in rows {
+            let name: String = row.get(0);
+            let gone = name == "taskhistory_test_app"
+                || name
+                    .rsplit('_')
+                    .next()
+                    .and_then(|p| p.parse::<u32>().ok())
+                    .is_some_and(|pid| pid != std::process::id() && !alive(pid));
+            if gone {
+                let _ = client
+                    .batch_execute(&format!("DROP OWNED BY {name}; DROP ROLE IF EXISTS {name}"))
                     .await;
             }
         }
@@ -303,7 +375,7 @@ pub async fn copy_dyn_store() -> DynStore {
 /// A migrated store on a fresh schema in the partitioned layout (monthly, 3 ahead).
 pub async fn partitioned_store() -> PgTaskHistoryStore {
     let mut config = fresh_config().await;
-    config.partitioning = Some(crate::Partitioning::default());
+    config.partitioning = Some(taskhistory_postgres::Partitioning::default());
     store_for(config).await
 }
 
@@ -312,12 +384,19 @@ pub async fn partitioned_dyn_store() -> DynStore {
     std::sync::Arc::new(partitioned_store().await)
 }
 
-/// The role [`least_privilege_dyn_store`] connects as (created once per server).
-pub const APP_ROLE: &str = "taskhistory_test_app";
-const APP_PASSWORD: &str = "app-test-password";
+/// The role [`least_privilege_dyn_store`] connects as: one per test process, dropped when
+/// it exits.
+pub fn app_role() -> String {
+    format!("th_app_{}", std::process::id())
+}
+
+/// The password of [`app_role`] (made for this process; tests only).
+pub fn app_password() -> String {
+    format!("app-{}", std::process::id())
+}
 
 /// A store on a fresh schema migrated by the owner (the admin user), used through a role that
-/// has only [`least_privilege_grants`](crate::least_privilege_grants): the behaviour suite's
+/// has only [`least_privilege_grants`](taskhistory_postgres::least_privilege_grants): the behaviour suite's
 /// store for least-privilege runs.
 pub async fn least_privilege_dyn_store() -> DynStore {
     least_privilege(None).await
@@ -326,10 +405,10 @@ pub async fn least_privilege_dyn_store() -> DynStore {
 /// [`least_privilege_dyn_store`] on a schema its owner converted to the partitioned layout
 /// (monthly): the app role's start-up finds every partition it needs already made.
 pub async fn least_privilege_partitioned_dyn_store() -> DynStore {
-    least_privilege(Some(crate::Partitioning::default())).await
+    least_privilege(Some(taskhistory_postgres::Partitioning::default())).await
 }
 
-async fn least_privilege(partitioning: Option<crate::Partitioning>) -> DynStore {
+async fn least_privilege(partitioning: Option<taskhistory_postgres::Partitioning>) -> DynStore {
     let owner_config = fresh_config().await;
     let mut migrating = owner_config.clone();
     migrating.partitioning = partitioning;
@@ -338,24 +417,33 @@ async fn least_privilege(partitioning: Option<crate::Partitioning>) -> DynStore 
     std::sync::Arc::new(app_role_store(&owner_config).await)
 }
 
-/// The store of `owner_config`'s schema (migrated by its owner) used through [`APP_ROLE`],
-/// after giving that role [`least_privilege_grants`](crate::least_privilege_grants).
+/// The store of `owner_config`'s schema (migrated by its owner) used through [`app_role`],
+/// after giving that role [`least_privilege_grants`](taskhistory_postgres::least_privilege_grants).
 pub async fn app_role_store(owner_config: &PgConfig) -> PgTaskHistoryStore {
     let schema = owner_config
         .schema
         .clone()
         .unwrap_or_else(|| panic!("fresh_config() always sets a schema"));
+    let role = app_role();
+    let url = database_url().await;
     admin_execute(&format!(
-        "DO $$ BEGIN CREATE ROLE {APP_ROLE} LOGIN PASSWORD '{APP_PASSWORD}'; \
-         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$"
+        "DO $$ BEGIN CREATE ROLE {role} LOGIN PASSWORD '{}'; \
+         EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$",
+        app_password()
     ))
     .await;
-    execute(
-        &database_url().await,
-        &crate::least_privilege_grants(&schema, APP_ROLE),
-    )
-    .await;
-    let mut app = owner_config.clone().user(APP_ROLE).password(APP_PASSWORD);
+    {
+        // One at a time: concurrent grants of the same cluster-wide parameter right to the
+        // same role conflict ("tuple concurrently updated").
+        static GRANTING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+        let _one = GRANTING.lock().await;
+        execute(
+            &url,
+            &taskhistory_postgres::least_privilege_grants(&schema, &role),
+        )
+        .await;
+    }
+    let mut app = owner_config.clone().user(&role).password(app_password());
     app.partitioning = None;
     store_for(app).await
 }
@@ -424,7 +512,11 @@ pub async fn pgbouncer() -> &'static PgBouncer {
             let d = dir.display();
             std::fs::write(
                 dir.join("userlist.txt"),
-                format!("\"{user}\" \"{password}\"\n\"{APP_ROLE}\" \"{APP_PASSWORD}\"\n"),
+                format!(
+                    "\"{user}\" \"{password}\"\n\"{}\" \"{}\"\n",
+                    app_role(),
+                    app_password()
+                ),
             )
             .unwrap_or_else(|e| panic!("writing pgbouncer's userlist.txt: {e}"));
             std::fs::write(
@@ -507,4 +599,155 @@ pub async fn pgbouncer_config() -> PgConfig {
         .pgbouncer(true)
         .listen_url(&database_url().await)
         .unwrap_or_else(|e| panic!("the test database URL does not parse: {e}"))
+}
+
+/// A PostgreSQL server of a test's own, started from the installed binaries in a temporary
+/// folder, for tests that restart, kill or reconfigure a server (never the shared one).
+/// Stopped and removed when dropped.
+#[derive(Debug)]
+pub struct OwnServer {
+    /// Its port on 127.0.0.1.
+    pub port: u16,
+    bin: std::path::PathBuf,
+    dir: tempfile::TempDir,
+    settings: Vec<String>,
+}
+
+impl OwnServer {
+    /// Makes a cluster (trust auth, user `postgres`) and starts it with `settings`
+    /// (`name=value` pairs for `postgres -c`). Panics saying what is missing.
+    pub fn start(settings: &[&str]) -> OwnServer {
+        let bin = postgres_bin_dir().unwrap_or_else(|| {
+            panic!("no PostgreSQL binaries under /usr/lib/postgresql: apt-get install postgresql")
+        });
+        let dir = tempfile::Builder::new()
+            .prefix("th-own-server-")
+            .tempdir()
+            .unwrap_or_else(|e| panic!("a folder for a test server: {e}"));
+        if running_as_root() {
+            let _ = std::process::Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir.path())
+                .status();
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or_else(|e| panic!("no free port for a test server: {e}"));
+        let server = OwnServer {
+            port,
+            bin,
+            dir,
+            settings: settings.iter().map(|s| (*s).to_owned()).collect(),
+        };
+        let data = server.data();
+        server.run(
+            "initdb",
+            &["-D", &data, "-U", "postgres", "--auth=trust", "--no-sync"],
+        );
+        server.pg_ctl_start();
+        server
+    }
+
+    fn data(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    /// Runs one of the server's programs (as `postgres` when this process is root).
+    fn command(&self, program: &str, args: &[&str]) -> std::process::Command {
+        let path = self.bin.join(program);
+        let mut c = if running_as_root() {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(path);
+            c
+        } else {
+            std::process::Command::new(path)
+        };
+        c.args(args).stdin(std::process::Stdio::null());
+        c
+    }
+
+    fn run(&self, program: &str, args: &[&str]) {
+        let out = self
+            .command(program, args)
+            .output()
+            .unwrap_or_else(|e| panic!("running {program}: {e}"));
+        assert!(
+            out.status.success(),
+            "{program} {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn options(&self) -> String {
+        let mut o = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c fsync=off",
+            self.port,
+            self.dir.path().display()
+        );
+        for s in &self.settings {
+            o.push_str(&format!(" -c {s}"));
+        }
+        o
+    }
+
+    /// Starts the server and waits until it accepts connections (after a crash, retried
+    /// while the dead server's processes let go of its shared memory).
+    fn pg_ctl_start(&self) {
+        let data = self.data();
+        let log = self.dir.path().join("server.log").display().to_string();
+        let options = self.options();
+        let args = [
+            "-D", &data, "-l", &log, "-o", &options, "-w", "-t", "60", "start",
+        ];
+        for _ in 0..50 {
+            let out = self.command("pg_ctl", &args).output();
+            if out.is_ok_and(|o| o.status.success()) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let log = std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default();
+        panic!("the test server did not start:\n{log}");
+    }
+
+    /// Its URL (user `postgres`, database `postgres`).
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// `pg_ctl restart -m fast`: every connection is closed by the server.
+    pub fn restart(&self) {
+        let data = self.data();
+        self.run("pg_ctl", &["-D", &data, "-m", "fast", "-w", "stop"]);
+        self.pg_ctl_start();
+    }
+
+    /// Kills the postmaster with SIGKILL (a crash), then starts the server again.
+    pub fn crash_and_start(&self) {
+        let pid_file = self.dir.path().join("data").join("postmaster.pid");
+        let pid = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|t| t.lines().next().map(str::to_owned))
+            .unwrap_or_else(|| panic!("no postmaster.pid in the test server's folder"));
+        let killed = std::process::Command::new("kill")
+            .args(["-9", &pid])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(killed, "kill -9 {pid} failed");
+        while alive(pid.parse().unwrap_or(0)) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.pg_ctl_start();
+    }
+}
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        let data = self.data();
+        let _ = self
+            .command("pg_ctl", &["-D", &data, "-m", "immediate", "-w", "stop"])
+            .output();
+    }
 }

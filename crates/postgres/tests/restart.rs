@@ -1,0 +1,135 @@
+//! A server restarted, or crashed and started again, under a store with a warm pool: once
+//! the server accepts connections, no caller gets an error that a healthy connection would
+//! have avoided. A server of the test's own (never the shared one).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use serde_json::json;
+use taskhistory_core::{
+    HistoryScan, RetryPolicy, StepRecord, StoreError, TaskHistoryStore, TaskQuery, TaskStatus,
+    TaskStepResult,
+};
+use taskhistory_postgres::{PgConfig, PgTaskHistoryStore, SslMode};
+use taskhistory_testing::{store_for, OwnServer};
+
+/// Every operation of the contract once; the errors that reached the caller.
+async fn every_operation(
+    store: &PgTaskHistoryStore,
+    round: usize,
+) -> Vec<(&'static str, StoreError)> {
+    let run = TaskStepResult::running("s", json!({ "round": round }), "");
+    let task = format!("t{round}");
+    let big: Vec<StepRecord> = (0..50)
+        .map(|i| StepRecord::new("u", format!("big{round}"), i, run.clone()))
+        .collect();
+    let mut errors = Vec::new();
+    let mut note = |op: &'static str, r: Result<(), StoreError>| {
+        if let Err(e) = r {
+            errors.push((op, e));
+        }
+    };
+    note(
+        "save_task_history",
+        store.save_task_history("u", &task, 0, &run).await,
+    );
+    note(
+        "save_batch_task_history (upsert)",
+        store
+            .save_batch_task_history(&[StepRecord::new("u", task.as_str(), 1, run.clone())])
+            .await,
+    );
+    note(
+        "save_batch_task_history (COPY)",
+        store.save_batch_task_history(&big).await,
+    );
+    note(
+        "load_task_history",
+        store.load_task_history("u", &task).await.map(drop),
+    );
+    note(
+        "check_task_status",
+        store.check_task_status("u", &task).await.map(drop),
+    );
+    note(
+        "get_user_tasks_page",
+        store
+            .get_user_tasks_page("u", &TaskQuery::first(10))
+            .await
+            .map(drop),
+    );
+    note(
+        "scan_history",
+        store
+            .scan_history("u", &HistoryScan::all(100))
+            .await
+            .map(drop),
+    );
+    note(
+        "mark_task_as_cancelled",
+        store.mark_task_as_cancelled("u", &task).await.map(drop),
+    );
+    note(
+        "cleanup_old_tasks",
+        store.cleanup_old_tasks(30).await.map(drop),
+    );
+    note("health_check", store.health_check().await.map(drop));
+    note("watch_user", store.watch_user("u").await.map(drop));
+    errors
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_or_crashed_server_reaches_no_caller_once_it_answers() {
+    let server = OwnServer::start(&[]);
+    let config = PgConfig::from_url(&server.url())
+        .unwrap()
+        .ssl_mode(SslMode::Disable)
+        .schema("restarts")
+        .pool_size(12, 16)
+        .pool_timeout(Duration::from_secs(20))
+        .copy_min_rows(Some(10))
+        .retry(RetryPolicy {
+            initial_backoff: Duration::from_millis(5),
+            ..RetryPolicy::default()
+        });
+    let store = store_for(config).await;
+    assert!(every_operation(&store, 0).await.is_empty());
+
+    for (round, how) in [(1, "restart -m fast"), (2, "kill -9 and start")] {
+        // A warm pool: at least 10 idle connections, all of the server before the fault.
+        let mut tries = 0;
+        while store.pool_stats().idle < 10 {
+            tries += 1;
+            assert!(
+                tries < 500,
+                "the pool did not fill: {:?}",
+                store.pool_stats()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let before = store.pool_stats();
+        match round {
+            1 => server.restart(),
+            _ => server.crash_and_start(),
+        }
+        let errors = every_operation(&store, round).await;
+        assert!(
+            errors.is_empty(),
+            "after {how}, errors reached the callers: {errors:#?}"
+        );
+        // The dead idle connections were found and replaced, not handed out.
+        let after = store.pool_stats();
+        assert!(
+            after.closed_broken >= before.closed_broken + 1,
+            "after {how}: no dead connection was dropped ({before:?} -> {after:?})"
+        );
+        assert_eq!(
+            store
+                .check_task_status("u", &format!("t{round}"))
+                .await
+                .unwrap(),
+            TaskStatus::Cancelled
+        );
+    }
+    store.close().await;
+}

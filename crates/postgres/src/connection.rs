@@ -174,7 +174,7 @@ impl Connector {
         let mut pg_translated = pg.clone();
         if !config.pgbouncer {
             pg_translated.options(&options);
-            pg.options(&format!("{options}{UNTRANSLATED}"));
+            pg.options(format!("{options}{UNTRANSLATED}"));
         }
         for pg in [&mut pg, &mut pg_translated] {
             pg.connect_timeout(config.connect_timeout);

@@ -100,9 +100,12 @@ struct Counters {
 /// each. Opened on first use; a connection that failed, timed out, or was opened before the
 /// last fault (see [`Health`]) is replaced by the next read.
 struct SharedReads {
-    slots: Vec<tokio::sync::Mutex<Option<(Arc<AsyncPgConnection>, u64)>>>,
+    slots: Vec<tokio::sync::Mutex<Option<SharedConn>>>,
     next: AtomicUsize,
 }
+
+/// A shared read connection and the fault epoch it was opened in.
+type SharedConn = (Arc<AsyncPgConnection>, u64);
 
 /// A lent connection that is thrown away, with a cancel request to the server, if it is
 /// dropped while its statement is in flight (command timeout, or the caller dropping the

@@ -120,7 +120,7 @@ async fn a_restarted_or_crashed_server_reaches_no_caller_once_it_answers() {
         // The dead idle connections were found and replaced, not handed out.
         let after = store.pool_stats();
         assert!(
-            after.closed_broken >= before.closed_broken + 1,
+            after.closed_broken > before.closed_broken,
             "after {how}: no dead connection was dropped ({before:?} -> {after:?})"
         );
         assert_eq!(

@@ -1,13 +1,16 @@
 //! The load bench: the PostgreSQL store driven from N concurrent tokio tasks, each figure
-//! paired in the same run with a baseline doing the same work (the store's exact SQL through
-//! tokio-postgres, prepared, one connection per worker; COPY for batches). It prints ops/s,
-//! p50/p99 latency and the ratio store/baseline: the headline, since absolute figures drift
-//! on shared machines.
+//! paired in the same run with the best a user could do with the raw driver for the same
+//! work: the store's exact SQL through tokio-postgres, prepared; writes on a connection per
+//! worker, reads pipelined on as many shared connections as the store shares (2); batches
+//! of new tasks as the same claim and a binary `COPY` sent in 1 MiB chunks, and the upsert
+//! path against the same upsert statement. Store and baseline rounds alternate, each going
+//! first in every other round. It prints ops/s, p50/p99 latency and the ratio
+//! store/baseline: the headline, since absolute figures drift on shared machines.
 //!
 //! ```sh
 //! cargo bench --bench load                       # full run (a few minutes)
-//! BENCH_SECS=1 BENCH_SCALE=0.1 cargo bench --bench load   # quick look
-//! BENCH_ONLY=reads,list cargo bench --bench load         # some sections only
+//! BENCH_SHORT=1 cargo bench --bench load         # the ratio table in a minute or two (CI)
+//! BENCH_ONLY=reads,list cargo bench --bench load # some sections only
 //! ```
 //!
 //! The server is the tests' (TEST_DATABASE_URL, else 127.0.0.1:5432, else a throwaway one);
@@ -20,8 +23,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::{BufMut, BytesMut};
 use chrono::{DateTime, Utc};
-use futures::pin_mut;
+use futures::SinkExt;
 use serde_json::json;
 use taskhistory::postgres::__private::sql;
 use taskhistory::{
@@ -30,13 +34,12 @@ use taskhistory::{
 };
 use taskhistory_testing as testing;
 use tokio::sync::Mutex;
-use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{Json, ToSql, Type};
 use tokio_postgres::{Client, NoTls, Statement};
 
 mod common;
 
-use common::{drive, drive_until, median, ms, round_secs, scaled, section, Sample};
+use common::{drive, drive_until, median, ms, round_secs, scaled, section, short, Sample};
 
 /// One raw tokio-postgres connection with the store's statements prepared.
 struct Raw {
@@ -81,6 +84,25 @@ impl RawPool {
     }
 }
 
+/// Raw connections shared by every worker, as the store shares its read connections: each
+/// worker sends on `w % n` without waiting for the others, and tokio-postgres pipelines the
+/// statements of one connection.
+#[derive(Clone)]
+struct SharedRaw(Arc<Vec<Raw>>);
+
+impl SharedRaw {
+    async fn new(url: &str, schema: &str, n: usize) -> Self {
+        let mut v = Vec::new();
+        for _ in 0..n {
+            v.push(raw_connect(url, schema).await);
+        }
+        SharedRaw(Arc::new(v))
+    }
+    fn get(&self, worker: usize) -> &Raw {
+        &self.0[worker % self.0.len()]
+    }
+}
+
 async fn raw_save(raw: &Raw, records: &[StepRecord]) {
     if let [r] = records {
         // One step: the store's scalar statement, as the store sends it.
@@ -105,45 +127,89 @@ async fn raw_save(raw: &Raw, records: &[StepRecord]) {
     raw.client.query(&raw.save, &params).await.unwrap();
 }
 
+/// The best raw `COPY` of a batch of new tasks (sorted by task, as `records` makes them),
+/// doing what the store's `COPY` path does: in one transaction, the transaction time, the
+/// same claim statement for the tasks' summaries, then the rows in binary `COPY` format
+/// encoded by the driver's own `ToSql` and sent in 1 MiB chunks.
 async fn copy_rows(raw: &Raw, records: &[StepRecord]) {
-    let sink = raw
-        .client
-        .copy_in(
-            "COPY task_history (user_id, task_id, step, result, timestamp, status, started_at) FROM STDIN BINARY",
-        )
+    let client = &raw.client;
+    client.batch_execute("BEGIN").await.unwrap();
+    let now: DateTime<Utc> = client
+        .query_one(sql::TRANSACTION_TIME, &[])
+        .await
+        .unwrap()
+        .get(0);
+    let tasks: Vec<&[StepRecord]> = records
+        .chunk_by(|a, b| (&a.user_id, &a.task_id) == (&b.user_id, &b.task_id))
+        .collect();
+    let at = |r: &StepRecord| r.timestamp.unwrap_or(now);
+    let users: Vec<&str> = tasks.iter().map(|t| t[0].user_id.as_str()).collect();
+    let ids: Vec<&str> = tasks.iter().map(|t| t[0].task_id.as_str()).collect();
+    let last: Vec<&StepRecord> = tasks
+        .iter()
+        .map(|t| t.iter().max_by_key(|r| r.step).unwrap())
+        .collect();
+    let statuses: Vec<&str> = last.iter().map(|r| r.result.status.as_str()).collect();
+    let last_steps: Vec<i32> = last.iter().map(|r| r.step).collect();
+    let counts: Vec<i64> = tasks.iter().map(|t| t.len() as i64).collect();
+    let first: Vec<DateTime<Utc>> = tasks
+        .iter()
+        .map(|t| t.iter().map(at).min().unwrap())
+        .collect();
+    let latest: Vec<DateTime<Utc>> = tasks
+        .iter()
+        .map(|t| t.iter().map(at).max().unwrap())
+        .collect();
+    let params: [&(dyn ToSql + Sync); 7] = [
+        &users,
+        &ids,
+        &statuses,
+        &last_steps,
+        &counts,
+        &first,
+        &latest,
+    ];
+    let claimed: i64 = client
+        .query_one(sql::CLAIM_NEW_TASKS, &params)
+        .await
+        .unwrap()
+        .get("claimed");
+    assert_eq!(claimed as usize, tasks.len());
+    let sink = client
+        .copy_in::<_, bytes::Bytes>(sql::COPY_STEPS)
         .await
         .unwrap();
-    let writer = BinaryCopyInWriter::new(
-        sink,
-        &[
-            Type::TEXT,
-            Type::TEXT,
-            Type::INT4,
-            Type::JSONB,
-            Type::TIMESTAMPTZ,
-            Type::TEXT,
-            Type::TIMESTAMPTZ,
-        ],
-    );
-    pin_mut!(writer);
-    let now = Utc::now();
-    for r in records {
-        let ts = r.timestamp.unwrap_or(now);
-        writer
-            .as_mut()
-            .write(&[
-                &r.user_id,
-                &r.task_id,
-                &r.step,
-                &Json(&r.result),
-                &ts,
-                &r.result.status.as_str(),
-                &ts,
-            ])
-            .await
-            .unwrap();
+    futures::pin_mut!(sink);
+    let mut buf = BytesMut::with_capacity(1 << 21);
+    buf.put_slice(b"PGCOPY\n\xff\r\n\0");
+    buf.put_i32(0);
+    buf.put_i32(0);
+    let field = |buf: &mut BytesMut, ty: &Type, v: &(dyn ToSql + Sync)| {
+        let at = buf.len();
+        buf.put_i32(0);
+        v.to_sql_checked(ty, buf).unwrap();
+        let len = (buf.len() - at - 4) as i32;
+        buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
+    };
+    for (t, task) in tasks.iter().enumerate() {
+        for r in *task {
+            buf.put_i16(7);
+            field(&mut buf, &Type::TEXT, &r.user_id);
+            field(&mut buf, &Type::TEXT, &r.task_id);
+            field(&mut buf, &Type::INT4, &r.step);
+            field(&mut buf, &Type::JSONB, &Json(&r.result));
+            field(&mut buf, &Type::TIMESTAMPTZ, &at(r));
+            field(&mut buf, &Type::TEXT, &r.result.status.as_str());
+            field(&mut buf, &Type::TIMESTAMPTZ, &first[t]);
+            if buf.len() >= 1 << 20 {
+                sink.send(buf.split().freeze()).await.unwrap();
+            }
+        }
     }
-    writer.finish().await.unwrap();
+    buf.put_i16(-1);
+    sink.send(buf.freeze()).await.unwrap();
+    sink.finish().await.unwrap();
+    client.batch_execute("COMMIT").await.unwrap();
 }
 
 fn step_result(i: u64) -> TaskStepResult {
@@ -221,7 +287,8 @@ fn describe(s: &Sample) -> String {
     )
 }
 
-/// Alternates store and baseline rounds (three each) and keeps the median rate of each.
+/// Alternates store and baseline rounds (three each; the store goes first in rounds 0 and 2,
+/// the baseline in round 1) and keeps the median rate of each.
 async fn compare<S, SF, B, BF>(
     report: &mut Report,
     name: &str,
@@ -236,10 +303,15 @@ async fn compare<S, SF, B, BF>(
 {
     let (mut ss, mut bs) = (Vec::new(), Vec::new());
     for round in 0..3u64 {
-        let op = store_op.clone();
-        ss.push(drive(workers, round_secs(), move |w, i| op(round, w, i)).await);
-        let op = base_op.clone();
-        bs.push(drive(workers, round_secs(), move |w, i| op(round, w, i)).await);
+        for store_turn in [round % 2 == 0, round % 2 == 1] {
+            if store_turn {
+                let op = store_op.clone();
+                ss.push(drive(workers, round_secs(), move |w, i| op(round, w, i)).await);
+            } else {
+                let op = base_op.clone();
+                bs.push(drive(workers, round_secs(), move |w, i| op(round, w, i)).await);
+            }
+        }
     }
     let rs = median(ss.iter().map(Sample::rate).collect());
     let rb = median(bs.iter().map(Sample::rate).collect());
@@ -402,29 +474,46 @@ async fn run() {
         }
     }
     if section("batch") {
-        // Batches: the store's save vs the same statement raw vs COPY of the same rows.
-        for (size, rounds) in [(5_000usize, 6), (50_000, 3)] {
-            let size = scaled(size);
-            let (mut st, mut rw, mut cp) = (Vec::new(), Vec::new(), Vec::new());
+        // Batches of new tasks, both paths of the store against the same work raw: the
+        // default store (`COPY` from 1,000 steps) against the best raw `COPY` with the same
+        // claim, and a store with `COPY` off against the same upsert statement.
+        let upsert_config = PgConfig::from_url(&url)
+            .unwrap()
+            .ssl_mode(SslMode::Disable)
+            .schema(schema.clone())
+            .pool_size(2, 4)
+            .copy_min_rows(None)
+            .notifications(false);
+        let upsert: DynStore = Arc::new(PgTaskHistoryStore::connect(upsert_config).await.unwrap());
+        // The short mode keeps the full size of the small batch: scaled down it would fall
+        // under `copy_min_rows` and compare another path.
+        let sizes: &[(usize, usize)] = if short() {
+            &[(5_000, 4)]
+        } else {
+            &[(5_000, 6), (50_000, 3)]
+        };
+        for &(size, rounds) in sizes {
+            let (mut st, mut cp, mut su, mut rw) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for round in 0..rounds {
-                // The three go in a rotating order, so none always follows the same one.
-                for k in 0..3 {
-                    match (round + k) % 3 {
+                // The four go in a rotating order, so none always follows the same one.
+                for k in 0..4 {
+                    let user = format!("batch-{k}-{size}-{round}");
+                    let batch = records(&user, size / 10, 10, None);
+                    let t = Instant::now();
+                    let into = match (round + k) % 4 {
                         0 => {
-                            let batch = records(
-                                &format!("batch-store-{size}-{round}"),
-                                size / 10,
-                                10,
-                                None,
-                            );
-                            let t = Instant::now();
                             store.save_batch_task_history(&batch).await.unwrap();
-                            st.push(size as f64 / t.elapsed().as_secs_f64());
+                            &mut st
                         }
                         1 => {
-                            let batch =
-                                records(&format!("batch-raw-{size}-{round}"), size / 10, 10, None);
-                            let t = Instant::now();
+                            copy_rows(&admin, &batch).await;
+                            &mut cp
+                        }
+                        2 => {
+                            upsert.save_batch_task_history(&batch).await.unwrap();
+                            &mut su
+                        }
+                        _ => {
                             if batch.len() > 10_000 {
                                 admin.client.batch_execute("BEGIN").await.unwrap();
                                 for chunk in batch.chunks(10_000) {
@@ -434,26 +523,27 @@ async fn run() {
                             } else {
                                 raw_save(&admin, &batch).await;
                             }
-                            rw.push(size as f64 / t.elapsed().as_secs_f64());
+                            &mut rw
                         }
-                        _ => {
-                            let batch =
-                                records(&format!("batch-copy-{size}-{round}"), size / 10, 10, None);
-                            let t = Instant::now();
-                            copy_rows(&admin, &batch).await;
-                            cp.push(size as f64 / t.elapsed().as_secs_f64());
-                        }
-                    }
+                    };
+                    into.push(size as f64 / t.elapsed().as_secs_f64());
                 }
             }
-            let (st, rw, cp) = (median(st), median(rw), median(cp));
+            let (st, cp, su, rw) = (median(st), median(cp), median(su), median(rw));
             report.add(
-                &format!("save_batch_task_history, {size} steps"),
+                &format!("save_batch_task_history, {size} new steps: COPY path"),
                 format!("{st:.0} rows/s"),
-                format!("same SQL {rw:.0} rows/s; COPY {cp:.0} rows/s"),
-                format!("{:.2} of same SQL, {:.2} of COPY", st / rw, st / cp),
+                format!("raw claim + COPY {cp:.0} rows/s"),
+                format!("{:.2}", st / cp),
+            );
+            report.add(
+                &format!("save_batch_task_history, {size} new steps: upsert path (COPY off)"),
+                format!("{su:.0} rows/s"),
+                format!("same upsert SQL {rw:.0} rows/s"),
+                format!("{:.2}", su / rw),
             );
         }
+        upsert.close().await;
     }
     if section("watch") {
         // The write path with watching on (100 watchers reading what they are told about)
@@ -528,7 +618,8 @@ async fn run() {
     if section("reads") {
         // Reads: 16 tasks of 50 steps.
         seed(&pg, &records("reader", 16, 50, None)).await;
-        let raw = RawPool::new(&url, &schema, 16).await;
+        // As many shared, pipelined connections as the store shares for reads.
+        let raw = SharedRaw::new(&url, &schema, pg.config().pipelined_reads.max(1) as usize).await;
         let (s, r) = (store.clone(), raw.clone());
         compare(
             &mut report,
@@ -546,7 +637,7 @@ async fn run() {
             move |_, w, _| {
                 let r = r.clone();
                 async move {
-                    let raw = r.get(w).lock().await;
+                    let raw = r.get(w);
                     let rows = raw
                         .client
                         .query(&raw.load, &[&"reader", &format!("task-{w:06}")])
@@ -579,7 +670,7 @@ async fn run() {
             move |_, w, _| {
                 let r = r.clone();
                 async move {
-                    let raw = r.get(w).lock().await;
+                    let raw = r.get(w);
                     let row = raw
                         .client
                         .query_opt(&raw.status, &[&"reader", &format!("task-{w:06}")])

@@ -15,18 +15,30 @@ pub(crate) fn env_f64(key: &str, default: f64) -> f64 {
         .unwrap_or(default)
 }
 
+/// The short mode (`BENCH_SHORT=1`): the ratio sections only, short rounds, a tenth of the
+/// data; a minute or two, for CI's log (no thresholds: the machines are noisy).
+pub(crate) fn short() -> bool {
+    std::env::var_os("BENCH_SHORT").is_some_and(|v| v != "0")
+}
+
 /// Whether `name` runs: every section unless `BENCH_ONLY` (comma-separated: save, batch,
-/// reads, list, cleanup, memory, peak) says otherwise.
+/// watch, reads, list, cleanup, memory, peak) says otherwise; in the short mode only save,
+/// batch, reads and list.
 pub(crate) fn section(name: &str) -> bool {
-    std::env::var("BENCH_ONLY").map_or(true, |only| only.split(',').any(|o| o.trim() == name))
+    match std::env::var("BENCH_ONLY") {
+        Ok(only) => only.split(',').any(|o| o.trim() == name),
+        Err(_) if short() => ["save", "batch", "reads", "list"].contains(&name),
+        Err(_) => true,
+    }
 }
 
 pub(crate) fn round_secs() -> Duration {
-    Duration::from_secs_f64(env_f64("BENCH_SECS", 2.0))
+    Duration::from_secs_f64(env_f64("BENCH_SECS", if short() { 0.4 } else { 2.0 }))
 }
 
 pub(crate) fn scaled(n: usize) -> usize {
-    ((n as f64) * env_f64("BENCH_SCALE", 1.0)).max(1.0) as usize
+    let scale = env_f64("BENCH_SCALE", if short() { 0.1 } else { 1.0 });
+    ((n as f64) * scale).max(1.0) as usize
 }
 
 /// Latencies of one run.

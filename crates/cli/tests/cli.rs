@@ -167,7 +167,8 @@ fn every_exit_code_without_a_server() {
     ] {
         let r = memory(args);
         assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
-        assert_eq!(r.stderr.trim().lines().count().min(1), 1, "{args:?}");
+        // Something is said (clap's own errors take several lines, ours one).
+        assert!(!r.stderr.trim().is_empty(), "{args:?}: nothing on stderr");
     }
     // Bad input names the field, on one line.
     let r = memory(&["tasks", "u", "--limit", "0"]);

@@ -43,6 +43,7 @@ macro_rules! conformance_tests {
             batch_is_all_or_nothing,
             empty_batch_is_a_no_op,
             large_batch_is_one_write,
+            large_batch_on_existing_tasks_with_a_late_cancelled_task_changes_nothing,
             cleanup_removes_whole_old_tasks,
             users_are_isolated,
             scan_pages_visit_every_step_once,
@@ -522,7 +523,8 @@ pub async fn empty_batch_is_a_no_op(store: &DynStore) {
     assert!(tasks(store, "u").await.is_empty());
 }
 
-/// Rule 5: a batch far larger than PostgreSQL's 32,767 bind parameters is one write.
+/// Rule 5: a batch of 20,010 steps (more than one statement's chunk of 10,000 on
+/// PostgreSQL) of new tasks is one write, duplicates resolved.
 pub async fn large_batch_is_one_write(store: &DynStore) {
     let n_tasks = 20;
     let per_task = 1_000;
@@ -550,6 +552,43 @@ pub async fn large_batch_is_one_write(store: &DynStore) {
         history(store, "bulk", "task-15").await[0].result.message,
         "bulk"
     );
+}
+
+/// Rule 5 on existing tasks: a batch of 24,000 steps that rewrites and extends tasks that
+/// exist (so it cannot go by `COPY`, and spans several statements' chunks), one of which
+/// was cancelled, is refused whole: a chunk written before the one that meets the
+/// cancelled task is rolled back too.
+pub async fn large_batch_on_existing_tasks_with_a_late_cancelled_task_changes_nothing(
+    store: &DynStore,
+) {
+    let per_task = 1_000;
+    let seed: Vec<StepRecord> = (0..24)
+        .map(|t| StepRecord::new("bulk", format!("task-{t:02}"), 0, running("seed")))
+        .collect();
+    store.save_batch_task_history(&seed).await.unwrap();
+    // The last task in key order: its rows come in the batch's last chunk.
+    assert!(store
+        .mark_task_as_cancelled("bulk", "task-23")
+        .await
+        .unwrap());
+    let before_tasks = tasks(store, "bulk").await;
+    let before_first = history(store, "bulk", "task-00").await;
+    let records: Vec<StepRecord> = (0..24)
+        .flat_map(|t| {
+            (0..per_task).map(move |s| {
+                let r = TaskStepResult::running(format!("s{s}"), json!({ "i": s }), "bulk");
+                StepRecord::new("bulk", format!("task-{t:02}"), s, r)
+            })
+        })
+        .collect();
+    let err = store.save_batch_task_history(&records).await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::TaskCancelled { task_id, .. } if task_id == "task-23"),
+        "{err:?}"
+    );
+    assert_eq!(tasks(store, "bulk").await, before_tasks);
+    assert_eq!(history(store, "bulk", "task-00").await, before_first);
+    assert_eq!(history(store, "bulk", "task-22").await.len(), 1);
 }
 
 /// Rule 6: cleanup removes whole tasks whose last activity is older than the cutoff.
@@ -733,6 +772,31 @@ async fn next_event(events: &mut TaskEventStream) -> TaskEvent {
         .expect("the event stream failed")
 }
 
+/// Nothing more is pending on `events`: a step saved now (`user`/`task`/`step`, a task the
+/// stream watches) is the very next event, so no late duplicate or stray event came before
+/// it. An event the test causes, not a quiet window on a clock.
+async fn assert_next_is_new(
+    store: &DynStore,
+    events: &mut TaskEventStream,
+    (user, task, step): (&str, &str, i32),
+) {
+    save(store, user, task, step, &running("sentinel")).await;
+    let e = next_event(events).await;
+    assert_eq!(
+        key(&e),
+        (
+            user,
+            task,
+            step,
+            TaskStatus::Running,
+            TaskEventKind::StepSaved
+        ),
+        "an event came before the sentinel step: {e:?}"
+    );
+}
+
+/// Nothing more arrives on a stream whose task can change no more (cancelled): the one
+/// check left on a clock, kept short.
 async fn assert_quiet(events: &mut TaskEventStream) {
     let next = tokio::time::timeout(std::time::Duration::from_millis(300), events.next()).await;
     assert!(next.is_err(), "unexpected event: {next:?}");
@@ -783,7 +847,7 @@ pub async fn watch_task_sees_its_steps_in_order(store: &DynStore) {
     assert_quiet(&mut events).await;
     let e = next_event(&mut other).await;
     assert_eq!(key(&e), ("u", "t2", 0, TaskStatus::Running, StepSaved));
-    assert_quiet(&mut other).await;
+    assert_next_is_new(store, &mut other, ("u", "t2", 1)).await;
 }
 
 /// Watching a user: every task of that user, in commit order per task; no other user's.
@@ -806,7 +870,7 @@ pub async fn watch_user_sees_only_that_user(store: &DynStore) {
             .collect()
     };
     assert_eq!((of("a"), of("b")), (vec![0, 1], vec![0]));
-    assert_quiet(&mut events).await;
+    assert_next_is_new(store, &mut events, ("u", "c", 0)).await;
 }
 
 /// A watcher that reads nothing while 10,000 steps are written does not slow the writers
@@ -893,32 +957,43 @@ pub async fn cancel_racing_saves_stays_sticky(store: &DynStore) {
     for round in 0..3 {
         let task = format!("race-{round}");
         save(store, "u", &task, 0, &running("start")).await;
+        let saved = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut handles = Vec::new();
         for w in 0..8 {
             let store = Arc::clone(store);
-            let task = task.clone();
+            let (task, saved) = (task.clone(), Arc::clone(&saved));
+            // Each writer saves until it is refused (at most 20,000 steps).
             handles.push(tokio::spawn(async move {
                 let mut acked = Vec::new();
-                for i in 1..=40 {
-                    let step = w * 100 + i;
+                for i in 1..=20_000 {
+                    let step = i * 8 + w;
                     match store
                         .save_task_history("u", &task, step, &running("w"))
                         .await
                     {
-                        Ok(()) => acked.push(step),
+                        Ok(()) => {
+                            acked.push(step);
+                            saved.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
                         Err(StoreError::TaskCancelled { .. }) => return (acked, true),
                         Err(e) => panic!("unexpected error {e:?}"),
                     }
+                    tokio::task::yield_now().await;
                 }
                 (acked, false)
             }));
         }
-        tokio::time::sleep(std::time::Duration::from_millis(2 * round as u64)).await;
+        // The cancellation comes while the writers are saving: after 8 * (round + 1) saves.
+        while saved.load(std::sync::atomic::Ordering::Relaxed) < 8 * (round + 1) {
+            tokio::task::yield_now().await;
+        }
         let cancelled = store.mark_task_as_cancelled("u", &task).await.unwrap();
         assert!(cancelled, "the task was running");
         let mut acked = BTreeSet::from([0]);
         for h in handles {
-            let (steps, _) = h.await.unwrap();
+            let (steps, refused) = h.await.unwrap();
+            // The race happened: every writer was still saving and met the cancellation.
+            assert!(refused, "a writer was never refused");
             acked.extend(steps);
         }
         let h = history(store, "u", &task).await;

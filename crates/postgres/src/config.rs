@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use taskhistory_core::{RetryPolicy, StoreError};
 
-use crate::partition::Partitioning;
+use crate::layout::Partitioning;
 
 /// How the connection is encrypted, with libpq's names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -18,6 +18,8 @@ mod connection;
 mod error;
 mod exec;
 mod explain;
+mod layout;
+mod listen;
 mod migrate;
 mod notify;
 mod ops;
@@ -31,8 +33,8 @@ mod watch;
 pub use config::{PgConfig, SslMode, StatementObserver};
 pub use exec::{PoolStats, StoreMetrics};
 pub use explain::{QueryStats, StatementPlan};
+pub use layout::{Layout, PartitionInfo, PartitionInterval, Partitioning};
 pub use migrate::{least_privilege_grants, MigrationState};
-pub use partition::{Layout, PartitionInfo, PartitionInterval, Partitioning};
 pub use stats::{RelationSize, StatusStats, StoreStats};
 pub use store::{CleanupOptions, PgTaskHistoryStore};
 

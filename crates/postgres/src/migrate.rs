@@ -148,7 +148,8 @@ pub(crate) async fn run(connector: &Connector, schema: Option<&str>) -> Result<u
 
 /// The statements that give `role` what the store needs in `schema`, and nothing more: use
 /// of the schema, `SELECT, INSERT, UPDATE, DELETE` on the two tables, the history's id
-/// sequence, reading the migrations table (health, start-up check), and on PostgreSQL 15+
+/// sequence, reading the migrations table (health, start-up check) and the layout's settings
+/// (`taskhistory_layout`), and on PostgreSQL 15+
 /// setting `lc_messages` (so its sessions get untranslated messages, which the error map
 /// reads: a superuser must run that grant). Migrations are run by the schema's owner, a
 /// different role. `schema` and `role` must be plain identifiers.
@@ -157,7 +158,7 @@ pub fn least_privilege_grants(schema: &str, role: &str) -> String {
         "GRANT USAGE ON SCHEMA \"{schema}\" TO \"{role}\";\n\
          GRANT SELECT, INSERT, UPDATE, DELETE ON \"{schema}\".task_history, \"{schema}\".task_summary TO \"{role}\";\n\
          GRANT USAGE ON SEQUENCE \"{schema}\".task_history_id_seq TO \"{role}\";\n\
-         GRANT SELECT ON \"{schema}\".__diesel_schema_migrations TO \"{role}\";\n\
+         GRANT SELECT ON \"{schema}\".__diesel_schema_migrations, \"{schema}\".taskhistory_layout TO \"{role}\";\n\
          DO $$ BEGIN IF current_setting('server_version_num')::int >= 150000 THEN \
          EXECUTE 'GRANT SET ON PARAMETER lc_messages TO \"{role}\"'; END IF; END $$;\n"
     )

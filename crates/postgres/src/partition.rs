@@ -13,16 +13,13 @@
 //! Not for: the plain layout (nothing here runs unless the table is partitioned), or
 //! partitioning by anything but time.
 
-use std::fmt;
-use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Datelike, Months, NaiveTime, SecondsFormat, TimeDelta, TimeZone, Utc};
+use chrono::{DateTime, Datelike, SecondsFormat, TimeDelta, Utc};
 use diesel::sql_types::{BigInt, Bool, Integer, Nullable, Text, Timestamptz};
 use diesel::QueryableByName;
 use diesel_async::{AsyncPgConnection, SimpleAsyncConnection};
 use futures::future::BoxFuture;
-use serde::Serialize;
 use taskhistory_core::{CleanupReport, StoreError, TaskStatus};
 
 use crate::error::from_diesel;
@@ -32,140 +29,7 @@ use crate::session::Transaction;
 use crate::sql::{self, ddl, Statement};
 use crate::store::PgTaskHistoryStore;
 
-/// How much time one partition covers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PartitionInterval {
-    /// A calendar day (UTC).
-    Day,
-    /// A week, Monday to Sunday (UTC).
-    Week,
-    /// A calendar month (UTC). The default.
-    #[default]
-    Month,
-}
-
-impl PartitionInterval {
-    /// `day`, `week` or `month`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PartitionInterval::Day => "day",
-            PartitionInterval::Week => "week",
-            PartitionInterval::Month => "month",
-        }
-    }
-
-    /// The start of the period holding `t`.
-    pub fn floor(self, t: DateTime<Utc>) -> DateTime<Utc> {
-        let day = t.date_naive();
-        let start = match self {
-            PartitionInterval::Day => day,
-            PartitionInterval::Week => {
-                day - chrono::Days::new(u64::from(day.weekday().num_days_from_monday()))
-            }
-            PartitionInterval::Month => day.with_day(1).unwrap_or(day),
-        };
-        Utc.from_utc_datetime(&start.and_time(NaiveTime::MIN))
-    }
-
-    /// The period start `n` periods after the period start `start` (before it when `n` is
-    /// negative); `None` past the calendar's range.
-    pub fn shift(self, start: DateTime<Utc>, n: i64) -> Option<DateTime<Utc>> {
-        match self {
-            PartitionInterval::Day => start.checked_add_signed(TimeDelta::try_days(n)?),
-            PartitionInterval::Week => {
-                start.checked_add_signed(TimeDelta::try_days(n.checked_mul(7)?)?)
-            }
-            PartitionInterval::Month => {
-                let months = Months::new(u32::try_from(n.unsigned_abs()).ok()?);
-                if n >= 0 {
-                    start.checked_add_months(months)
-                } else {
-                    start.checked_sub_months(months)
-                }
-            }
-        }
-    }
-}
-
-impl fmt::Display for PartitionInterval {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for PartitionInterval {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.to_ascii_lowercase().as_str() {
-            "day" | "daily" => Ok(PartitionInterval::Day),
-            "week" | "weekly" => Ok(PartitionInterval::Week),
-            "month" | "monthly" => Ok(PartitionInterval::Month),
-            _ => Err(format!("{s:?}: expected day, week or month")),
-        }
-    }
-}
-
-/// The partitioned layout's settings ([`PgConfig::partitioning`](crate::PgConfig)).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Partitioning {
-    /// The time one partition covers (a conversion records it; later runs read it back).
-    pub interval: PartitionInterval,
-    /// Partitions kept ready past the current one (default 3).
-    pub ahead: u32,
-}
-
-impl Default for Partitioning {
-    fn default() -> Self {
-        Partitioning {
-            interval: PartitionInterval::Month,
-            ahead: 3,
-        }
-    }
-}
-
-/// How `task_history` is laid out.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(tag = "layout", rename_all = "lowercase")]
-pub enum Layout {
-    /// One table (the default).
-    Plain,
-    /// Range-partitioned by task start.
-    Partitioned {
-        /// The time one partition covers.
-        interval: PartitionInterval,
-    },
-}
-
-/// One partition of the partitioned layout.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct PartitionInfo {
-    /// Table name.
-    pub name: String,
-    /// First task start it holds (`None`: the default partition).
-    pub from: Option<DateTime<Utc>>,
-    /// First task start past it (`None`: the default partition).
-    pub to: Option<DateTime<Utc>>,
-    /// Size on disk, with TOAST.
-    pub bytes: u64,
-    /// The planner's row estimate (0 until ANALYZE or autovacuum has seen it).
-    pub estimated_rows: u64,
-}
-
-impl PartitionInfo {
-    /// Whether this is the default partition (rows no ranged partition covers).
-    pub fn is_default(&self) -> bool {
-        self.from.is_none()
-    }
-
-    fn overlaps(&self, from: DateTime<Utc>, to: DateTime<Utc>) -> bool {
-        match (self.from, self.to) {
-            (Some(f), Some(t)) => f < to && from < t,
-            _ => false,
-        }
-    }
-}
+use crate::layout::{Layout, PartitionInfo, PartitionInterval, Partitioning};
 
 /// Partitions further back than this are not made by a conversion: older tasks go to the
 /// default partition (and leave by batched deletes).
@@ -181,8 +45,8 @@ const DROP_ATTEMPTS: u32 = 3;
 struct LayoutRow {
     #[diesel(sql_type = Bool)]
     partitioned: bool,
-    #[diesel(sql_type = Text)]
-    note: String,
+    #[diesel(sql_type = Nullable<Text>)]
+    interval: Option<String>,
 }
 
 #[derive(QueryableByName)]
@@ -221,15 +85,19 @@ fn read_layout(rows: Vec<LayoutRow>) -> Result<Layout, StoreError> {
     if !row.partitioned {
         return Ok(Layout::Plain);
     }
-    // "taskhistory: partitioned by month"; a table partitioned by hand, without the note,
-    // is taken as monthly.
-    let interval = row
-        .note
-        .rsplit(' ')
-        .next()
-        .and_then(|word| word.parse().ok())
-        .unwrap_or_default();
-    Ok(Layout::Partitioned { interval })
+    // The period is what the conversion recorded (migration 3's table), never a guess.
+    match row.interval.as_deref().map(str::parse) {
+        Some(Ok(interval)) => Ok(Layout::Partitioned { interval }),
+        Some(Err(e)) => Err(StoreError::database(
+            OP,
+            format!("taskhistory_layout.partition_interval: {e}"),
+        )),
+        None => Err(StoreError::database(
+            OP,
+            "task_history is partitioned but taskhistory_layout.partition_interval is not set \
+             (partitioned by hand?): set it to day, week or month",
+        )),
+    }
 }
 
 async fn layout_on(conn: &mut AsyncPgConnection) -> Result<Layout, StoreError> {
@@ -367,6 +235,25 @@ impl<'s> DdlConnection<'s> {
 }
 
 impl PgTaskHistoryStore {
+    /// At start-up, after the migrations: converts to the partitioned layout when the
+    /// configuration asks for it ([`PgConfig::partitioning`](crate::PgConfig::partitioning)),
+    /// and on the partitioned layout makes the partitions ahead.
+    pub(crate) async fn prepare_layout(&self) -> Result<(), StoreError> {
+        let wanted = self.config().partitioning;
+        if let Some(partitioning) = wanted {
+            self.convert_to_partitioned(partitioning).await?;
+        }
+        if matches!(self.layout().await?, Layout::Partitioned { .. }) {
+            let ahead = wanted.unwrap_or_default().ahead;
+            // A role without DDL rights cannot make partitions; writes still land (in the
+            // default partition), so the store starts and says why.
+            if let Err(error) = self.ensure_partitions(ahead).await {
+                tracing::warn!(%error, "could not make partitions ahead; writes go to the default partition until `taskhistory partitions ensure` runs");
+            }
+        }
+        Ok(())
+    }
+
     /// Whether `task_history` is plain or partitioned (and by what interval).
     pub async fn layout(&self) -> Result<Layout, StoreError> {
         self.exec()

@@ -379,7 +379,7 @@ SELECT max(version) AS version FROM __diesel_schema_migrations
 pub const PARTITION_LAYOUT: &str = r#"
 SELECT EXISTS (SELECT 1 FROM pg_partitioned_table WHERE partrelid = to_regclass('task_history'))
            AS partitioned,
-       COALESCE(obj_description(to_regclass('task_history'), 'pg_class'), '') AS note
+       (SELECT partition_interval FROM taskhistory_layout) AS interval
 "#;
 
 /// Partitioned layout: every partition of `task_history` with its range (NULL for the
@@ -522,7 +522,8 @@ pub mod ddl {
              ALTER SEQUENCE task_history_id_seq OWNED BY task_history.id;\n\
              DROP TABLE task_history_plain;\n\
              CREATE INDEX IF NOT EXISTS task_summary_started_at ON task_summary (started_at);\n\
-             COMMENT ON TABLE task_history IS 'taskhistory: partitioned by {interval}';\n\
+             INSERT INTO taskhistory_layout (singleton, partition_interval) VALUES (true, '{interval}')\n\
+                 ON CONFLICT (singleton) DO UPDATE SET partition_interval = EXCLUDED.partition_interval;\n\
              ANALYZE task_history;\n"
         ));
         sql

@@ -16,11 +16,10 @@ use taskhistory_core::{
 use crate::config::PgConfig;
 use crate::connection::Connector;
 use crate::exec::{Call, Executor, PoolStats, StoreMetrics, Tx};
+use crate::listen::Hub;
 use crate::migrate::{self, MigrationState};
 use crate::notify::{Notifier, Sequenced};
 use crate::ops::{self, cleanup::Expired, rows::TaskKey, save::Saved};
-use crate::partition::Layout;
-use crate::watch::Hub;
 
 /// Options of [`PgTaskHistoryStore::cleanup_old_tasks_with`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -232,37 +231,50 @@ impl PgTaskHistoryStore {
         &self.inner.exec
     }
 
-    /// Saves validated steps (by `COPY` when the batch is large and all its tasks are new)
-    /// and notifies watchers after commit.
+    /// Saves validated steps by the upsert statement and notifies watchers after commit.
     async fn save(&self, call: Call<'_>, steps: &[PreparedStep<'_>]) -> Result<(), StoreError> {
-        let exec = &self.inner.exec;
+        let save = ops::save::SaveSteps {
+            operation: call.operation,
+            steps,
+        };
+        let saved = self
+            .inner
+            .exec
+            .pooled(call, save.tx(), &save, ops::save::run)
+            .await?;
+        self.notify(|| ops::save::events(steps, &saved));
+        Ok(())
+    }
+
+    /// Saves a batch by `COPY` when it is large enough ([`PgConfig::copy_min_rows`]) and
+    /// every task it touches is new; `false` when it is not (nothing was written).
+    async fn copy_new_tasks(
+        &self,
+        call: Call<'_>,
+        steps: &[PreparedStep<'_>],
+    ) -> Result<bool, StoreError> {
         let large = self
             .inner
             .config
             .copy_min_rows
             .is_some_and(|min| steps.len() >= usize::try_from(min).unwrap_or(usize::MAX));
-        if large {
-            let batch = ops::copy::CopyNewTasks {
-                steps,
-                connector: self.connector(),
-            };
-            if let Some(copied) = exec.copy(call, &batch, ops::copy::run).await? {
-                let saved = Saved {
-                    len: steps.len(),
-                    seq: copied.seq,
-                    at: copied.at,
-                };
-                self.notify(|| ops::save::events(steps, &[saved]));
-                return Ok(());
-            }
+        if !large {
+            return Ok(false);
         }
-        let save = ops::save::SaveSteps {
-            operation: call.operation,
+        let batch = ops::copy::CopyNewTasks {
             steps,
+            connector: self.connector(),
         };
-        let saved = exec.pooled(call, save.tx(), &save, ops::save::run).await?;
-        self.notify(|| ops::save::events(steps, &saved));
-        Ok(())
+        let Some(copied) = self.inner.exec.copy(call, &batch, ops::copy::run).await? else {
+            return Ok(false);
+        };
+        let saved = Saved {
+            len: steps.len(),
+            seq: copied.seq,
+            at: copied.at,
+        };
+        self.notify(|| ops::save::events(steps, &[saved]));
+        Ok(true)
     }
 }
 
@@ -272,19 +284,7 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         self.inner.exec.ensure_open()?;
         let applied = migrate::run(self.connector(), self.inner.config.schema.as_deref()).await?;
         tracing::info!(applied, "taskhistory schema is up to date");
-        let wanted = self.inner.config.partitioning;
-        if let Some(partitioning) = wanted {
-            self.convert_to_partitioned(partitioning).await?;
-        }
-        if matches!(self.layout().await?, Layout::Partitioned { .. }) {
-            let ahead = wanted.unwrap_or_default().ahead;
-            // A role without DDL rights cannot make partitions; writes still land (in the
-            // default partition), so the store starts and says why.
-            if let Err(error) = self.ensure_partitions(ahead).await {
-                tracing::warn!(%error, "could not make partitions ahead; writes go to the default partition until `taskhistory partitions ensure` runs");
-            }
-        }
-        Ok(())
+        self.prepare_layout().await
     }
 
     async fn save_task_history(
@@ -304,8 +304,11 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         if steps.is_empty() {
             return self.inner.exec.ensure_open();
         }
-        self.save(Call::new("save_batch_task_history"), &steps)
-            .await
+        let call = Call::new("save_batch_task_history");
+        if self.copy_new_tasks(call, &steps).await? {
+            return Ok(());
+        }
+        self.save(call, &steps).await
     }
 
     async fn load_task_history(

@@ -118,24 +118,47 @@ mod copy_path {
     async fn copy_batches_racing_single_saves_lose_nothing() {
         let (store, copies, _) = observed().await;
         let tasks = 8;
+        // Both orders, driven: in even rounds the batch's claim wins (its COPY is under way
+        // when the single saves start, and they wait on its summary rows); in odd rounds
+        // the single saves create the tasks first (the batch's claim gives way and it takes
+        // the upsert path while the other single saves go on).
         for round in 0..8u64 {
+            let batch_first = round % 2 == 0;
             let user = format!("u{round}");
             let mut records = Vec::new();
             for t in 0..tasks {
                 records.extend(batch(&user, &format!("t{t}"), 0..40));
             }
+            let copies_before = *copies.lock().unwrap();
+            if !batch_first {
+                for t in 0..tasks {
+                    store
+                        .save_task_history(&user, &format!("t{t}"), 40, &r(40))
+                        .await
+                        .unwrap();
+                }
+            }
             let writer = {
                 let store = store.clone();
                 tokio::spawn(async move { store.save_batch_task_history(&records).await })
             };
+            if batch_first {
+                let mut polls = 0;
+                while *copies.lock().unwrap() == copies_before {
+                    polls += 1;
+                    assert!(
+                        polls < 5_000,
+                        "round {round}: the batch never sent its COPY"
+                    );
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+            }
             let mut singles = Vec::new();
             for t in 0..tasks {
                 let (store, user) = (store.clone(), user.clone());
+                let first = if batch_first { 40 } else { 41 };
                 singles.push(tokio::spawn(async move {
-                    // Later each round: the batch claims the tasks first in some rounds,
-                    // the single saves create them first in others.
-                    tokio::time::sleep(std::time::Duration::from_millis(round)).await;
-                    for step in 40..45 {
+                    for step in first..45 {
                         store
                             .save_task_history(&user, &format!("t{t}"), step, &r(step))
                             .await?;
@@ -147,6 +170,11 @@ mod copy_path {
             for s in singles {
                 s.await.unwrap().unwrap();
             }
+            let by_copy = *copies.lock().unwrap() > copies_before;
+            assert_eq!(
+                by_copy, batch_first,
+                "round {round}: the order driven did not happen"
+            );
             for t in 0..tasks {
                 let task = format!("t{t}");
                 let h = store.load_task_history(&user, &task).await.unwrap();
@@ -159,7 +187,5 @@ mod copy_path {
                 );
             }
         }
-        // Which rounds went by COPY depends on timing; each outcome must be exact.
-        eprintln!("rounds by COPY: {}", *copies.lock().unwrap());
     }
 }

@@ -72,25 +72,15 @@ async fn killed_backends_under_load_lose_nothing_and_the_pool_recovers() {
     let kill = format!(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{app}'"
     );
-    let mut recoveries = Vec::new();
     for _ in 0..3 {
         admin_execute(&kill).await;
-        let killed_at = Instant::now();
-        // The same pool serves again: the first save that succeeds after the kill.
-        loop {
-            if store
-                .save_task_history("u", "probe", 0, &step(0))
-                .await
-                .is_ok()
-            {
-                break;
-            }
-            assert!(
-                killed_at.elapsed() < Duration::from_secs(5),
-                "no recovery within 5 s"
-            );
-        }
-        recoveries.push(killed_at.elapsed());
+        // The same pool serves again at once: the first save after the kill succeeds (a
+        // connection that died is dropped, and the retry takes a checked one).
+        store
+            .save_task_history("u", "probe", 0, &step(0))
+            .await
+            .unwrap();
+        // Writers run between the kills.
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     stop.store(true, Ordering::Relaxed);
@@ -128,12 +118,11 @@ async fn killed_backends_under_load_lose_nothing_and_the_pool_recovers() {
     let metrics = store.metrics();
     println!(
         "killed every backend 3 times under 32 writers: {} saves acknowledged, {} stored, 0 \
-         duplicates, {} transient failures returned, {} retries; recovery {:?}",
+         duplicates, {} transient failures returned, {} retries",
         acked.len(),
         stored.len(),
         failed.len(),
         metrics.retries,
-        recoveries
     );
     assert!(metrics.retries > 0, "the kill did not hit the store");
 }
@@ -159,20 +148,22 @@ async fn an_exhausted_pool_waits_then_says_so() {
             tokio::spawn(async move { store.save_task_history("u", "t", i, &step(i)).await })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(store.pool_stats().in_use, 2);
+    let mut polls = 0;
+    while store.pool_stats().in_use < 2 {
+        polls += 1;
+        assert!(polls < 1_000, "the two saves never held both connections");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 
     // Reads do not need the pool (they share connections of their own) and still answer.
     assert_eq!(
         store.check_task_status("u", "t").await.unwrap(),
         taskhistory_core::TaskStatus::Running
     );
-    let started = Instant::now();
     let err = store
         .save_task_history("u", "other", 0, &step(0))
         .await
         .unwrap_err();
-    let waited = started.elapsed();
     assert!(
         matches!(&err, StoreError::Unavailable { .. }),
         "expected a pool timeout, got {err:?}"
@@ -180,12 +171,9 @@ async fn an_exhausted_pool_waits_then_says_so() {
     let text = err.to_string();
     assert!(text.contains("no connection free within"), "{text}");
     assert!(text.contains("max 2"), "{text}");
-    assert!(
-        waited >= Duration::from_millis(250),
-        "gave up after {waited:?}"
-    );
+    // It gave up by the pool's timeout (counted by the pool, not timed here).
     let stats = store.pool_stats();
-    assert!(stats.wait_timeouts >= 1, "{stats:?}");
+    assert_eq!(stats.wait_timeouts, 1, "{stats:?}");
 
     // Released: the waiting saves finish, no deadlock, and the pool serves again.
     locker.batch_execute("ROLLBACK").await.unwrap();
@@ -206,7 +194,12 @@ async fn an_exhausted_pool_waits_then_says_so() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_dropped_futures_leave_every_connection_usable() {
     let config = fresh_config().await.pool_size(2, 8);
+    let schema = config.schema.clone().unwrap();
     let store = store_for(config).await;
+    store
+        .save_task_history("u", "held", 100, &step(100))
+        .await
+        .unwrap();
     for i in 0..20 {
         store
             .save_task_history("u", "t", i, &step(i))
@@ -233,7 +226,13 @@ async fn a_thousand_dropped_futures_leave_every_connection_usable() {
                     }
                 };
                 tokio::select! {
-                    r = work => r.is_ok(),
+                    // A call that finished must have succeeded: a failure is no "cut".
+                    r = work => {
+                        if let Err(e) = r {
+                            panic!("call {i} finished with an error: {e}");
+                        }
+                        true
+                    }
                     () = tokio::time::sleep(deadline) => false,
                 }
             }));
@@ -245,26 +244,40 @@ async fn a_thousand_dropped_futures_leave_every_connection_usable() {
         }
     }
     assert!(dropped > 100, "only {dropped} of 1000 calls were cut short");
-    // Every connection the pool can hand out works: max_size concurrent calls at once.
-    let checks: Vec<_> = (0..8)
-        .map(|_| {
+    let cut = store.pool_stats();
+    // Saves cut mid-statement had their connections thrown away (reads run on the shared
+    // connections, not the pool).
+    assert!(
+        cut.closed_broken >= 1 && cut.closed_broken <= dropped,
+        "{dropped} calls cut, pool {cut:?}"
+    );
+    // Every connection the pool can hand out works: 8 saves held on a lock at once use 8
+    // pooled connections (checked in the pool's figures), then all finish once it goes.
+    let locker = lock_summary(&schema, "held").await;
+    let held: Vec<_> = (0..8)
+        .map(|i| {
             let store = store.clone();
-            tokio::spawn(async move {
-                let h = store.load_task_history("u", "t").await.unwrap();
-                assert_eq!(h.len(), 20);
-                store.health_check().await.unwrap();
-            })
+            tokio::spawn(async move { store.save_task_history("u", "held", i, &step(i)).await })
         })
         .collect();
-    for c in checks {
-        tokio::time::timeout(Duration::from_secs(10), c)
-            .await
-            .expect("the pool is stuck")
-            .unwrap();
+    let mut polls = 0;
+    while store.pool_stats().in_use < 8 {
+        polls += 1;
+        assert!(
+            polls < 1_000,
+            "8 saves never held 8 connections: {:?}",
+            store.pool_stats()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let stats = store.pool_stats();
-    println!("{dropped} of 1000 calls dropped mid-flight; pool afterwards: {stats:?}");
-    assert!(stats.connections <= 8);
+    assert_eq!(store.pool_stats().connections, 8);
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    for h in held {
+        h.await.unwrap().unwrap();
+    }
+    assert_eq!(store.load_task_history("u", "held").await.unwrap().len(), 9);
+    assert_eq!(store.load_task_history("u", "t").await.unwrap().len(), 20);
+    println!("{dropped} of 1000 calls dropped mid-flight; pool after the cuts: {cut:?}");
 }
 
 /// A cheap deterministic spread of numbers (no RNG needed for deadlines).
@@ -275,6 +288,7 @@ fn fastrand_like(i: i32) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancellation_racing_saves_keeps_the_rules_in_every_round() {
     let store = store_for(fresh_config().await.pool_size(2, 10)).await;
+    let mut interleaved = 0;
     for round in 0..20 {
         let task = format!("race{round}");
         store
@@ -297,13 +311,24 @@ async fn cancellation_racing_saves_keeps_the_rules_in_every_round() {
                 })
             })
             .collect();
-        tokio::time::sleep(Duration::from_micros(200 * round as u64)).await;
+        // The cancellation goes once the writers are under way (1 to 6 steps acknowledged,
+        // by round): an event, not a delay.
+        let mut polls = 0;
+        while acked.lock().unwrap().len() < 1 + round as usize % 6 {
+            polls += 1;
+            assert!(polls < 10_000, "round {round}: the writers did not start");
+            tokio::time::sleep(Duration::from_micros(100)).await;
+        }
         let cancelled = store.mark_task_as_cancelled("u", &task).await.unwrap();
         for w in writers {
             w.await.unwrap();
         }
         let history = store.load_task_history("u", &task).await.unwrap();
         let mut acked = acked.lock().unwrap().clone();
+        if acked.len() < 48 {
+            // Some saves came after the cancellation and were refused.
+            interleaved += 1;
+        }
         acked.push(0);
         acked.sort();
         let status = store.check_task_status("u", &task).await.unwrap();
@@ -333,6 +358,11 @@ async fn cancellation_racing_saves_keeps_the_rules_in_every_round() {
             .unwrap();
         assert_eq!(summary.step_count as usize, history.len());
     }
+    // The race this test is named for happened: saves met the cancellation mid-way.
+    assert!(
+        interleaved > 0,
+        "no round had a save refused after the cancellation"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -447,9 +477,23 @@ async fn steps_whose_notification_never_left_reach_watchers_by_the_periodic_resy
             expected.iter().map(|(t, s)| (t.to_string(), *s)).collect();
         want.sort();
         assert_eq!(got_sorted, want, "each step once: {got:?}");
-        // Nothing more (no duplicate) for a while.
-        let more = tokio::time::timeout(Duration::from_millis(300), stream.next()).await;
-        assert!(more.is_err(), "an extra event: {more:?}");
+    }
+    // Nothing more (no duplicate) on either stream: a step saved now is the very next event.
+    store
+        .save_task_history("u", "t", 5, &step(5))
+        .await
+        .unwrap();
+    for stream in [&mut events, &mut user_events] {
+        let e = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("the sentinel step did not arrive")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (e.task_id.as_str(), e.step),
+            ("t", 5),
+            "an extra event came first"
+        );
     }
     println!(
         "un-notified steps delivered {:.1} s after they were saved",
@@ -520,15 +564,19 @@ async fn killed_shared_read_connections_are_replaced() {
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{app}'"
     );
     for _ in 0..3 {
-        admin_execute(&kill).await;
         let before = answered.load(Ordering::Relaxed);
-        let killed_at = Instant::now();
+        admin_execute(&kill).await;
+        // The first read after the kill is answered (the dead shared connection is
+        // replaced within the read's retries), and the readers go on.
+        assert_eq!(
+            store.check_task_status("u", "t").await.unwrap(),
+            taskhistory_core::TaskStatus::Running
+        );
+        let mut polls = 0;
         while answered.load(Ordering::Relaxed) < before + 100 {
-            assert!(
-                killed_at.elapsed() < Duration::from_secs(5),
-                "reads did not recover within 5 s"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
+            polls += 1;
+            assert!(polls < 2_000, "the readers stopped being answered");
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
     stop.store(true, Ordering::Relaxed);

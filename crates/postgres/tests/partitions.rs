@@ -338,11 +338,14 @@ async fn per_status_retention_drops_a_partition_only_when_all_its_tasks_go() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writers_racing_a_partition_drop_never_leave_a_partial_task() {
-    // Each round, two writers wake a little later than the last round's, each saving three
-    // steps to one expired task: some rounds they come first (the partition stays), some
-    // while the drop is under way, some after it (their tasks start over).
-    let mut dropped_rounds = 0;
+    // Each round two writers save three steps each to one expired task. Rounds of three
+    // kinds, driven, not left to timing: writers first (each has saved once before the
+    // cleanup starts: the partition must stay), cleanup first (it has finished before the
+    // writers start: the partition must go and their tasks start over), and racing (the
+    // writers wake a little later each round, while the drop may be under way).
+    let (mut kept_rounds, mut dropped_rounds) = (0, 0);
     for round in 0..16u64 {
+        let kind = round % 3;
         let store = fresh_store().await;
         for t in 0..20 {
             seed(&store, "u", &format!("t{t:02}"), month(-4, 1), 5).await;
@@ -352,11 +355,18 @@ async fn writers_racing_a_partition_drop_never_leave_a_partial_task() {
             .await
             .unwrap();
         let acked: Arc<Mutex<Vec<(String, i32)>>> = Arc::default();
+        let early = if kind == 1 {
+            Some(store.cleanup_old_tasks(30).await.unwrap())
+        } else {
+            None
+        };
         let writers: Vec<_> = (0..2)
             .map(|w| {
                 let (store, acked) = (store.clone(), acked.clone());
                 tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_millis(round + w)).await;
+                    if kind == 2 {
+                        tokio::time::sleep(Duration::from_millis(round + w)).await;
+                    }
                     let task = format!("t{:02}", (round + w * 7) % 20);
                     for k in 0..3 {
                         let step = 100 + (w as i32) * 10 + k;
@@ -371,13 +381,36 @@ async fn writers_racing_a_partition_drop_never_leave_a_partial_task() {
                 })
             })
             .collect();
-        let report = store.cleanup_old_tasks(30).await.unwrap();
+        if kind == 0 {
+            // Each writer's first save is acknowledged before the cleanup starts.
+            let mut polls = 0;
+            while acked.lock().unwrap().len() < 2 {
+                polls += 1;
+                assert!(polls < 2_000, "round {round}: the writers did not save");
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        let report = match early {
+            Some(report) => report,
+            None => store.cleanup_old_tasks(30).await.unwrap(),
+        };
         for w in writers {
             w.await.unwrap();
         }
-        eprintln!("round {round}: {report:?}");
-        if report.tasks_removed == 20 {
-            dropped_rounds += 1;
+        eprintln!("round {round} (kind {kind}): {report:?}");
+        match kind {
+            0 => {
+                // The writers' two tasks are active: their partition stays, the other 18
+                // expired tasks go by batched deletes.
+                assert_eq!(report.tasks_removed, 18, "round {round}: {report:?}");
+                kept_rounds += 1;
+            }
+            1 => {
+                assert_eq!(report.tasks_removed, 20, "round {round}: {report:?}");
+                assert!(report.partitions_dropped >= 1, "round {round}: {report:?}");
+                dropped_rounds += 1;
+            }
+            _ => {}
         }
         let acked = acked.lock().unwrap().clone();
         assert_eq!(acked.len(), 6, "every save succeeds (round {round})");
@@ -427,7 +460,8 @@ async fn writers_racing_a_partition_drop_never_leave_a_partial_task() {
             );
         }
     }
-    eprintln!("the partition went before the writers in {dropped_rounds} of 16 rounds");
+    // Both orders were driven and checked, beside the racing rounds.
+    assert_eq!((kept_rounds, dropped_rounds), (6, 5));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

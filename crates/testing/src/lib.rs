@@ -372,6 +372,14 @@ pub async fn copy_dyn_store() -> DynStore {
     std::sync::Arc::new(store_for(config).await)
 }
 
+/// A migrated store on a fresh schema whose batches never go by `COPY`
+/// ([`PgConfig::copy_min_rows`] off): the behaviour suite on the upsert path, whatever the
+/// batch's size.
+pub async fn upsert_dyn_store() -> DynStore {
+    let config = fresh_config().await.copy_min_rows(None);
+    std::sync::Arc::new(store_for(config).await)
+}
+
 /// A migrated store on a fresh schema in the partitioned layout (monthly, 3 ahead).
 pub async fn partitioned_store() -> PgTaskHistoryStore {
     let mut config = fresh_config().await;

@@ -130,7 +130,8 @@ async fn raw_save(raw: &Raw, records: &[StepRecord]) {
 /// The best raw `COPY` of a batch of new tasks (sorted by task, as `records` makes them),
 /// doing what the store's `COPY` path does: in one transaction, the transaction time, the
 /// same claim statement for the tasks' summaries, then the rows in binary `COPY` format
-/// encoded by the driver's own `ToSql` and sent in 1 MiB chunks.
+/// encoded by the driver's own `ToSql` and sent in 1 MiB chunks, the first encoded while the
+/// server runs the claim.
 async fn copy_rows(raw: &Raw, records: &[StepRecord]) {
     let client = &raw.client;
     client.batch_execute("BEGIN").await.unwrap();
@@ -169,21 +170,6 @@ async fn copy_rows(raw: &Raw, records: &[StepRecord]) {
         &first,
         &latest,
     ];
-    let claimed: i64 = client
-        .query_one(sql::CLAIM_NEW_TASKS, &params)
-        .await
-        .unwrap()
-        .get("claimed");
-    assert_eq!(claimed as usize, tasks.len());
-    let sink = client
-        .copy_in::<_, bytes::Bytes>(sql::COPY_STEPS)
-        .await
-        .unwrap();
-    futures::pin_mut!(sink);
-    let mut buf = BytesMut::with_capacity(1 << 21);
-    buf.put_slice(b"PGCOPY\n\xff\r\n\0");
-    buf.put_i32(0);
-    buf.put_i32(0);
     let field = |buf: &mut BytesMut, ty: &Type, v: &(dyn ToSql + Sync)| {
         let at = buf.len();
         buf.put_i32(0);
@@ -191,20 +177,49 @@ async fn copy_rows(raw: &Raw, records: &[StepRecord]) {
         let len = (buf.len() - at - 4) as i32;
         buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
     };
-    for (t, task) in tasks.iter().enumerate() {
-        for r in *task {
-            buf.put_i16(7);
-            field(&mut buf, &Type::TEXT, &r.user_id);
-            field(&mut buf, &Type::TEXT, &r.task_id);
-            field(&mut buf, &Type::INT4, &r.step);
-            field(&mut buf, &Type::JSONB, &Json(&r.result));
-            field(&mut buf, &Type::TIMESTAMPTZ, &at(r));
-            field(&mut buf, &Type::TEXT, &r.result.status.as_str());
-            field(&mut buf, &Type::TIMESTAMPTZ, &first[t]);
+    // Rows in binary COPY format, about 1 MiB at a time; `true` once all are encoded.
+    let rows: Vec<(usize, &StepRecord)> = tasks
+        .iter()
+        .enumerate()
+        .flat_map(|(t, task)| task.iter().map(move |r| (t, r)))
+        .collect();
+    let mut next = 0;
+    let mut fill = |buf: &mut BytesMut| {
+        while let Some((t, r)) = rows.get(next) {
             if buf.len() >= 1 << 20 {
-                sink.send(buf.split().freeze()).await.unwrap();
+                return false;
             }
+            buf.put_i16(7);
+            field(buf, &Type::TEXT, &r.user_id);
+            field(buf, &Type::TEXT, &r.task_id);
+            field(buf, &Type::INT4, &r.step);
+            field(buf, &Type::JSONB, &Json(&r.result));
+            field(buf, &Type::TIMESTAMPTZ, &at(r));
+            field(buf, &Type::TEXT, &r.result.status.as_str());
+            field(buf, &Type::TIMESTAMPTZ, &first[*t]);
+            next += 1;
         }
+        true
+    };
+    let mut buf = BytesMut::with_capacity(1 << 21);
+    buf.put_slice(b"PGCOPY\n\xff\r\n\0");
+    buf.put_i32(0);
+    buf.put_i32(0);
+    // The first chunk is encoded while the server runs the claim, as the store does.
+    let (claim, mut done) =
+        futures::join!(client.query_one(sql::CLAIM_NEW_TASKS, &params), async {
+            fill(&mut buf)
+        });
+    let claimed: i64 = claim.unwrap().get("claimed");
+    assert_eq!(claimed as usize, tasks.len());
+    let sink = client
+        .copy_in::<_, bytes::Bytes>(sql::COPY_STEPS)
+        .await
+        .unwrap();
+    futures::pin_mut!(sink);
+    while !done {
+        sink.send(buf.split().freeze()).await.unwrap();
+        done = fill(&mut buf);
     }
     buf.put_i16(-1);
     sink.send(buf.freeze()).await.unwrap();

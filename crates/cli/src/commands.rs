@@ -206,7 +206,7 @@ async fn health(db: &DbArgs, out: Output) -> Result<u8, CliError> {
         if let Backend::Postgres(pg) = &backend {
             if !pg.untranslated_messages() {
                 what.push_str(
-                    " (server messages may be translated: this role may not set lc_messages, \
+                    " (server messages may be translated: behind PgBouncer, or this role may not set lc_messages, \
                      so timeouts, deadlocks and shutdowns on a server that does not speak \
                      English are not recognised; GRANT SET ON PARAMETER lc_messages TO it)",
                 );
@@ -278,6 +278,11 @@ async fn migrate(backend: &Backend, status_only: bool, out: Output) -> Result<u8
             })
             .collect();
         out.table(&["MIGRATION", "STATE"], rows)?;
+        out.line(
+            "services using a role with least_privilege_grants also need, on PostgreSQL 15+, \
+             as a superuser: GRANT SET ON PARAMETER lc_messages TO <role> (untranslated \
+             server messages; see docs/operations.md, Least privilege)",
+        )?;
     }
     Ok(exit::OK)
 }

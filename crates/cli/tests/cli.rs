@@ -290,6 +290,11 @@ async fn migrate_status_health_and_stats() {
     let r = db.cli(&["migrate"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(r.stdout.contains("applied now"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("GRANT SET ON PARAMETER lc_messages"),
+        "{}",
+        r.stdout
+    );
     let r = db.cli(&["--json", "migrate", "--status"]);
     assert_eq!(r.json()["migrations"][0]["applied"], true);
     // Applying again is a no-op.

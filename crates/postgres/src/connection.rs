@@ -182,6 +182,13 @@ impl Connector {
         }
         // Behind a pooler no start-up options reach the server: messages are as it speaks.
         let untranslated = Arc::new(AtomicBool::new(!config.pgbouncer));
+        if config.pgbouncer {
+            tracing::warn!(
+                "taskhistory: behind PgBouncer the server's messages reach the store as the \
+                 server speaks: timeouts, deadlocks and shutdowns are recognised only on a \
+                 server whose lc_messages is English or C"
+            );
+        }
         Ok(Connector {
             pg,
             pg_translated,
@@ -292,12 +299,19 @@ impl Connector {
         channel: &str,
     ) -> Result<(tokio_postgres::Client, mpsc::UnboundedReceiver<String>), StoreError> {
         let op = "watch";
-        let pg = self.listen.as_ref().unwrap_or(&self.pg);
         let (tx, rx) = mpsc::unbounded_channel();
-        let client = open!(@with self.tls, pg, op, |client, connection| {
-            tokio::spawn(forward_notifications(connection, tx));
-            client
-        });
+        let client = match &self.listen {
+            // A direct URL of its own (behind a transaction pooler): as given.
+            Some(pg) => open!(@with self.tls, pg, op, |client, connection| {
+                tokio::spawn(forward_notifications(connection, tx.clone()));
+                client
+            }),
+            // The store's own settings, with the same fallback as every other session.
+            None => open!(self, op, |client, connection| {
+                tokio::spawn(forward_notifications(connection, tx.clone()));
+                client
+            }),
+        };
         // The channel name is built from a validated schema name: a plain identifier.
         client
             .batch_execute(&format!("LISTEN \"{channel}\""))

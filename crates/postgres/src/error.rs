@@ -26,6 +26,9 @@ pub(crate) fn classify(
     if *code == SqlState::QUERY_CANCELED {
         // statement_timeout, or a cancel request.
         StoreError::Timeout { operation, source }
+    } else if *code == SqlState::LOCK_NOT_AVAILABLE {
+        // lock_timeout (or NOWAIT): the lock wait limit was reached.
+        StoreError::Timeout { operation, source }
     } else if *code == SqlState::T_R_DEADLOCK_DETECTED
         || *code == SqlState::T_R_SERIALIZATION_FAILURE
     {
@@ -84,24 +87,27 @@ fn sqlstate_of(kind: DatabaseErrorKind, message: &str) -> Option<SqlState> {
 /// The SQLSTATEs diesel-async drops that the store must tell apart, from the server's
 /// message in the `C` locale (`src/backend` of PostgreSQL writes these texts).
 fn sqlstate_of_message(message: &str) -> SqlState {
+    // First match wins: the more specific texts come first.
     const BY_MESSAGE: &[(&str, SqlState)] = &[
+        (
+            "canceling statement due to lock timeout",
+            SqlState::LOCK_NOT_AVAILABLE,
+        ),
+        ("could not obtain lock", SqlState::LOCK_NOT_AVAILABLE),
         ("canceling statement due to", SqlState::QUERY_CANCELED),
         ("deadlock detected", SqlState::T_R_DEADLOCK_DETECTED),
-        (
-            "terminating connection due to administrator command",
-            SqlState::ADMIN_SHUTDOWN,
-        ),
         (
             "terminating connection because of crash",
             SqlState::CRASH_SHUTDOWN,
         ),
+        ("terminating connection", SqlState::ADMIN_SHUTDOWN),
         ("the database system is", SqlState::CANNOT_CONNECT_NOW),
         ("sorry, too many clients", SqlState::TOO_MANY_CONNECTIONS),
         ("server closed the connection", SqlState::CONNECTION_FAILURE),
     ];
     BY_MESSAGE
         .iter()
-        .find(|(prefix, _)| message.starts_with(prefix) || message.contains(prefix))
+        .find(|(text, _)| message.starts_with(text) || message.contains(text))
         .map_or(SqlState::INTERNAL_ERROR, |(_, code)| code.clone())
 }
 
@@ -205,6 +211,20 @@ mod tests {
         same(
             db(
                 DatabaseErrorKind::Unknown,
+                "canceling statement due to lock timeout",
+            ),
+            code("55P03"),
+        );
+        same(
+            db(
+                DatabaseErrorKind::Unknown,
+                "terminating connection due to unexpected postmaster exit",
+            ),
+            code("57P01"),
+        );
+        same(
+            db(
+                DatabaseErrorKind::Unknown,
                 "terminating connection due to administrator command",
             ),
             code("57P01"),
@@ -222,6 +242,7 @@ mod tests {
     #[test]
     fn classes_by_sqlstate() {
         assert!(matches!(code("57014"), StoreError::Timeout { .. }));
+        assert!(matches!(code("55P03"), StoreError::Timeout { .. }));
         assert!(matches!(code("40P01"), StoreError::Conflict { .. }));
         assert!(matches!(code("40001"), StoreError::Conflict { .. }));
         for transient in [

@@ -11,7 +11,10 @@
 //! policy, the command timeout of each attempt, the counters, the transaction (with the
 //! transaction pooler's set-up, see [`Tx`]), noting faults for the pools' health check
 //! ([`Health`]), and throwing away a connection whose statement did not finish (timeout, or
-//! the caller dropped the future), with a cancel request to the server.
+//! the caller dropped the future): a pooled or `COPY` connection is marked broken, with a
+//! cancel request to the server; a shared read connection leaves its slot and is replaced,
+//! without a cancel request (it would stop whichever caller's statement runs on it at that
+//! moment), so its statement runs on until the server's `statement_timeout`.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};

@@ -384,7 +384,12 @@ async fn writers_racing_a_partition_drop_never_leave_a_partial_task() {
         if kind == 0 {
             // Each writer's first save is acknowledged before the cleanup starts.
             let mut polls = 0;
-            while acked.lock().unwrap().len() < 2 {
+            let both = |acked: &[(String, i32)]| {
+                let tasks: std::collections::BTreeSet<&String> =
+                    acked.iter().map(|(t, _)| t).collect();
+                tasks.len() == 2
+            };
+            while !both(&acked.lock().unwrap()) {
                 polls += 1;
                 assert!(polls < 2_000, "round {round}: the writers did not save");
                 tokio::time::sleep(Duration::from_millis(2)).await;

@@ -41,9 +41,16 @@ mod chunks {
         let err = store.save_batch_task_history(&batch).await.unwrap_err();
         assert!(matches!(err, StoreError::TaskCancelled { .. }), "{err:?}");
         let sent = sent.lock().unwrap().clone();
-        let upserts = sent.iter().filter(|s| *s == sql::SAVE_STEPS.trim()).count();
-        assert_eq!(upserts, 3, "three chunks of at most 10,000 rows: {sent:?}");
-        assert!(sent.iter().any(|s| s.starts_with("BEGIN")), "{sent:?}");
+        // The upsert's own transaction: the last BEGIN, then the three chunks, then ROLLBACK
+        // (the COPY attempt's transaction, rolled back when its claim gave way, came before).
+        let begin = sent.iter().rposition(|s| s.starts_with("BEGIN")).unwrap();
+        let after = &sent[begin + 1..];
+        let upserts = after
+            .iter()
+            .filter(|s| *s == sql::SAVE_STEPS.trim())
+            .count();
+        assert_eq!(upserts, 3, "three chunks of at most 10,000 rows: {after:?}");
+        assert_eq!(after.len(), 4, "three chunks then the end: {after:?}");
         assert_eq!(
             sent.last().map(String::as_str),
             Some("ROLLBACK"),

@@ -7,9 +7,12 @@
 //! test process exits. If none can be had, the test fails with a message saying how to get
 //! one: a missing database is never a silent skip.
 //!
-//! Each test process creates its own database (`th_<pid>_<time>`; databases left by
-//! processes gone for more than an hour are dropped), and each call of [`fresh_config`] a new
-//! schema in it, so tests run in parallel without sharing state.
+//! Each test process creates its own database (`th_<pid>_<time>`) and role
+//! (`th_app_<pid>`), dropped by `psql` when the process exits; each call of [`fresh_config`]
+//! makes a new schema in it, so tests run in parallel without sharing state. What a killed
+//! run left is swept at the next start: a database whose process is gone from this machine
+//! and that nobody is connected to (a run on another machine sharing `TEST_DATABASE_URL`
+//! holds connections while it lives), or any over a day old.
 #![allow(clippy::expect_used, clippy::unwrap_used, missing_docs)]
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -232,6 +235,16 @@ pub async fn database_url() -> String {
 
 /// Runs each of `statements` on the server with `psql` once this process has exited.
 fn drop_at_exit(admin_url: &str, statements: &[String]) {
+    let psql = std::process::Command::new("psql")
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .status();
+    if !psql.is_ok_and(|s| s.success()) {
+        panic!(
+            "psql is needed to drop the test database when the tests end: \
+             apt-get install postgresql-client (scripts/ensure-postgres.sh installs PostgreSQL)"
+        );
+    }
     let me = std::process::id();
     let script = format!(
         "while kill -0 {me} 2>/dev/null; do sleep 0.5; done; \
@@ -268,27 +281,30 @@ async fn sweep(admin_url: &str, now: u64) {
         return;
     };
     let task = tokio::spawn(conn);
-    let left = |name: &str| {
+    let left = |name: &str, connected: i64| {
         let mut parts = name.split('_').skip(1);
         let pid = parts.next().and_then(|p| p.parse::<u32>().ok());
         let created = parts.next().and_then(|t| t.parse::<u64>().ok());
         match pid {
             Some(pid) if pid != std::process::id() => {
-                !alive(pid) || created.is_some_and(|c| now.saturating_sub(c) > 86_400)
+                (!alive(pid) && connected == 0)
+                    || created.is_some_and(|c| now.saturating_sub(c) > 86_400)
             }
             _ => false,
         }
     };
     if let Ok(rows) = client
         .query(
-            "SELECT datname FROM pg_database WHERE datname ~ '^th_[0-9]+_[0-9]+$'",
+            "SELECT d.datname, (SELECT count(*) FROM pg_stat_activity a WHERE a.datname = d.datname) \
+             FROM pg_database d WHERE d.datname ~ '^th_[0-9]+_[0-9]+$'",
             &[],
         )
         .await
     {
         for row in rows {
             let name: String = row.get(0);
-            if left(&name) {
+            let connected: i64 = row.get(1);
+            if left(&name, connected) {
                 let _ = client
                     .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
                     .await;
@@ -654,6 +670,28 @@ impl OwnServer {
             &["-D", &data, "-U", "postgres", "--auth=trust", "--no-sync"],
         );
         server.pg_ctl_start();
+        // Stopped and removed when this process exits, even if a test is killed before the
+        // server is dropped.
+        let me = std::process::id();
+        let as_postgres = if running_as_root() {
+            "runuser -u postgres -- "
+        } else {
+            ""
+        };
+        let stop = format!(
+            "{as_postgres}'{}' -D '{data}' -m immediate -w stop",
+            server.bin.join("pg_ctl").display()
+        );
+        let _ = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "while kill -0 {me} 2>/dev/null; do sleep 1; done; {stop} >/dev/null 2>&1; rm -rf '{}'",
+                server.dir.path().display()
+            ))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
         server
     }
 

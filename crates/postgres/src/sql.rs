@@ -488,21 +488,12 @@ pub mod ddl {
              ALTER TABLE task_history RENAME TO task_history_plain;\n\
              ALTER TABLE task_history_plain RENAME CONSTRAINT task_history_user_task_step_key\n\
                  TO task_history_plain_key;\n\
-             ALTER TABLE task_history_plain RENAME CONSTRAINT task_history_status_check\n\
-                 TO task_history_plain_status_check;\n\
+             -- The columns, their collations, defaults, NOT NULLs and checks are the migrated\n\
+             -- table's own (the migrations are their one source); only the key gains the\n\
+             -- partition column.\n\
              CREATE TABLE task_history (\n\
-                 id BIGINT NOT NULL DEFAULT nextval('task_history_id_seq'),\n\
-                 user_id TEXT COLLATE \"C\" NOT NULL,\n\
-                 task_id TEXT COLLATE \"C\" NOT NULL,\n\
-                 step INTEGER NOT NULL,\n\
-                 result JSONB NOT NULL,\n\
-                 timestamp TIMESTAMPTZ NOT NULL,\n\
-                 status TEXT NOT NULL DEFAULT 'pending',\n\
-                 started_at TIMESTAMPTZ NOT NULL,\n\
-                 CONSTRAINT task_history_user_task_step_key UNIQUE (user_id, task_id, step, started_at),\n\
-                 CONSTRAINT task_history_status_check CHECK (\n\
-                     status IN ('pending', 'running', 'completed', 'cancelled', 'timed_out', 'failed')\n\
-                 )\n\
+                 LIKE task_history_plain INCLUDING DEFAULTS INCLUDING CONSTRAINTS,\n\
+                 CONSTRAINT task_history_user_task_step_key UNIQUE (user_id, task_id, step, started_at)\n\
              ) PARTITION BY RANGE (started_at);\n",
         );
         sql.push_str(&format!(

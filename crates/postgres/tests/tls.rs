@@ -17,23 +17,10 @@ use taskhistory_core::{StoreError, TaskHistoryStore, TaskStepResult};
 use taskhistory_postgres::{PgConfig, PgTaskHistoryStore, SslMode};
 
 fn bin_dir() -> PathBuf {
-    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .expect(
-            "no /usr/lib/postgresql: install PostgreSQL (bash scripts/ensure-postgres.sh) to run \
-             the TLS tests",
-        )
-        .filter_map(Result::ok)
-        .filter_map(|e| {
-            let v = e.file_name().to_str()?.parse::<u32>().ok()?;
-            let bin = e.path().join("bin");
-            bin.join("initdb").exists().then_some((v, bin))
-        })
-        .collect();
-    versions.sort();
-    versions
-        .pop()
-        .expect("no initdb under /usr/lib/postgresql/*/bin: install the PostgreSQL server")
-        .1
+    taskhistory_testing::postgres_bin_dir().expect(
+        "no initdb under /usr/lib/postgresql/*/bin: install the PostgreSQL server \
+         (bash scripts/ensure-postgres.sh) to run the TLS tests",
+    )
 }
 
 fn is_root() -> bool {

@@ -63,7 +63,8 @@ async fn answers(url: &str) -> Result<(), String> {
     }
 }
 
-fn postgres_bin_dir() -> Option<std::path::PathBuf> {
+/// The newest installed PostgreSQL's binaries (`/usr/lib/postgresql/<version>/bin`).
+pub fn postgres_bin_dir() -> Option<std::path::PathBuf> {
     let mut versions: Vec<(u32, std::path::PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
         .ok()?
         .filter_map(Result::ok)

@@ -573,7 +573,7 @@ async fn run() {
         let mut drains = Vec::new();
         let received = Arc::new(std::sync::atomic::AtomicU64::new(0));
         for k in 0..100 {
-            let mut events = pg.watch_user(&format!("watched-{k}")).await.unwrap();
+            let mut events = pg.watch_user(&format!("watched-{k}"), None).await.unwrap();
             let received = received.clone();
             drains.push(tokio::spawn(async move {
                 while let Some(Ok(_)) = futures::StreamExt::next(&mut events).await {

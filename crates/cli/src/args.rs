@@ -186,7 +186,8 @@ pub(crate) enum Command {
         batch_size: usize,
     },
     /// Print a user's task events (a task's only, when given) as they are committed, until
-    /// interrupted; `--json` prints one JSON object per line.
+    /// interrupted; `--json` prints one JSON object per line, with its `cursor`. On exit,
+    /// stderr names the cursor to go on from with `--after`.
     Watch {
         /// The user.
         user: String,
@@ -195,6 +196,10 @@ pub(crate) enum Command {
         /// Stop after this many events.
         #[arg(long)]
         count: Option<u64>,
+        /// Start after this event's cursor (from an earlier watch) instead of now: every
+        /// write after it is printed once.
+        #[arg(long)]
+        after: Option<String>,
     },
     /// The partitioned layout: list partitions, make them ahead, or convert the plain table.
     Partitions {

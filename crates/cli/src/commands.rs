@@ -7,7 +7,8 @@ use serde::Serialize;
 use serde_json::json;
 use taskhistory_core::validate;
 use taskhistory_core::{
-    DynStore, HistoryScan, StoreError, TaskCursor, TaskHistoryStore, TaskQuery, TaskStatus,
+    DynStore, EventCursor, HistoryScan, StoreError, TaskCursor, TaskHistoryStore, TaskQuery,
+    TaskStatus,
 };
 use taskhistory_memory::MemoryStore;
 use taskhistory_postgres::{CleanupOptions, Layout, Partitioning, PgConfig, PgTaskHistoryStore};
@@ -50,17 +51,35 @@ pub(crate) fn pg_config(db: &DbArgs) -> Result<PgConfig, CliError> {
     Ok(PgConfig::from_lookup(|key| db.lookup(key))?)
 }
 
+/// Every store a command opened. They are closed before the process exits, so the wake-ups
+/// of its last writes leave for other processes' watchers at once (else those watchers
+/// would see the writes only at their next poll).
+static OPENED: std::sync::Mutex<Vec<DynStore>> = std::sync::Mutex::new(Vec::new());
+
 async fn open(db: &DbArgs) -> Result<Backend, CliError> {
-    if db.memory {
-        return Ok(Backend::Memory(MemoryStore::new()));
-    }
-    Ok(Backend::Postgres(
-        PgTaskHistoryStore::connect(pg_config(db)?).await?,
-    ))
+    let backend = if db.memory {
+        Backend::Memory(MemoryStore::new())
+    } else {
+        Backend::Postgres(PgTaskHistoryStore::connect(pg_config(db)?).await?)
+    };
+    OPENED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(backend.store());
+    Ok(backend)
 }
 
-/// Runs the command; returns the exit code.
+/// Runs the command, then closes the stores it opened; returns the exit code.
 pub(crate) async fn run(cli: Cli) -> Result<u8, CliError> {
+    let outcome = dispatch(cli).await;
+    let opened = std::mem::take(&mut *OPENED.lock().unwrap_or_else(|p| p.into_inner()));
+    for store in opened {
+        store.close().await;
+    }
+    outcome
+}
+
+async fn dispatch(cli: Cli) -> Result<u8, CliError> {
     let out = Output { json: cli.json };
     let db = &cli.db;
     match cli.command {
@@ -154,13 +173,19 @@ pub(crate) async fn run(cli: Cli) -> Result<u8, CliError> {
             let store = open(db).await?.store();
             transfer::export(&store, &user, scan, output.as_deref(), out).await
         }
-        Command::Watch { user, task, count } => {
+        Command::Watch {
+            user,
+            task,
+            count,
+            after,
+        } => {
             match &task {
                 Some(t) => validate::task(&user, t)?,
                 None => validate::user_id(&user)?,
             }
+            let after = after.map(|c| EventCursor::parse(&c)).transpose()?;
             let store = open(db).await?.store();
-            watch(&store, &user, task.as_deref(), count, out).await
+            watch(&store, &user, task.as_deref(), after, count, out).await
         }
         Command::Import { file, batch_size } => {
             if !(1..=100_000).contains(&batch_size) {
@@ -401,13 +426,14 @@ async fn watch(
     store: &DynStore,
     user: &str,
     task: Option<&str>,
+    after: Option<EventCursor>,
     count: Option<u64>,
     out: Output,
 ) -> Result<u8, CliError> {
     use futures::StreamExt;
     let mut events = match task {
-        Some(t) => store.watch_task(user, t).await?,
-        None => store.watch_user(user).await?,
+        Some(t) => store.watch_task(user, t, after).await?,
+        None => store.watch_user(user, after).await?,
     };
     eprintln!(
         "watching {}; Ctrl-C to stop",
@@ -417,6 +443,7 @@ async fn watch(
         )
     );
     let mut seen = 0;
+    let mut last = None;
     while count.is_none_or(|c| seen < c) {
         let event = tokio::select! {
             e = events.next() => e,
@@ -426,6 +453,7 @@ async fn watch(
         match event {
             Ok(e) => {
                 seen += 1;
+                last = Some(e.cursor.clone());
                 if out.json {
                     let line = serde_json::to_string(&e)
                         .map_err(|err| CliError::Other(format!("writing JSON: {err}")))?;
@@ -445,11 +473,11 @@ async fn watch(
                     ))?;
                 }
             }
-            Err(StoreError::Lagged { missed }) => {
-                eprintln!("taskhistory: fell behind; {missed} event(s) dropped");
-            }
             Err(e) => return Err(e.into()),
         }
+    }
+    if let Some(cursor) = last {
+        eprintln!("to go on from here: --after {cursor}");
     }
     Ok(exit::OK)
 }

@@ -15,8 +15,9 @@ use serde_json::json;
 
 use crate::validate::{self, MAX_ID_BYTES, MAX_JSON_DEPTH, MAX_PAGE_SIZE, MAX_SCAN_SIZE};
 use crate::{
-    DynStore, ErrorCode, HistoryEntry, HistoryScan, StepKey, StepRecord, StoreError, TaskCursor,
-    TaskEvent, TaskEventKind, TaskEventStream, TaskQuery, TaskStatus, TaskStepResult, TaskSummary,
+    DynStore, ErrorCode, EventCursor, HistoryEntry, HistoryScan, StepKey, StepRecord, StoreError,
+    TaskCursor, TaskEvent, TaskEventKind, TaskEventStream, TaskQuery, TaskStatus, TaskStepResult,
+    TaskSummary,
 };
 use futures::StreamExt;
 
@@ -48,6 +49,8 @@ macro_rules! conformance_tests {
             scan_of_one_task,
             watch_task_sees_its_steps_in_order,
             watch_user_sees_only_that_user,
+            watch_resumes_from_every_event_cursor,
+            step_saved_again_is_delivered_again,
             slow_watcher_does_not_hold_writers_back,
             concurrent_saves_lose_nothing,
             cancel_racing_saves_stays_sticky,
@@ -99,6 +102,7 @@ macro_rules! conformance_tests {
         #[case::scan_negative_after_step($crate::conformance::BadCall::ScanNegativeAfterStep)]
         #[case::watch_empty_user($crate::conformance::BadCall::WatchEmptyUser)]
         #[case::watch_nul_task($crate::conformance::BadCall::WatchNulTask)]
+        #[case::watch_foreign_cursor($crate::conformance::BadCall::WatchForeignCursor)]
         #[case::cleanup_negative_days($crate::conformance::BadCall::CleanupNegativeDays)]
         #[case::cleanup_too_many_days($crate::conformance::BadCall::CleanupTooManyDays)]
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -804,12 +808,23 @@ fn key(e: &TaskEvent) -> (&str, &str, i32, TaskStatus, TaskEventKind) {
     (&e.user_id, &e.task_id, e.step, e.status, e.kind)
 }
 
+/// Each task's events in the order received: what rule 9 orders.
+fn by_task(events: &[TaskEvent]) -> std::collections::BTreeMap<&str, Vec<(i32, TaskStatus)>> {
+    let mut out = std::collections::BTreeMap::<&str, Vec<_>>::new();
+    for e in events {
+        out.entry(e.task_id.as_str())
+            .or_default()
+            .push((e.step, e.status));
+    }
+    out
+}
+
 /// Watching a task: every step committed after the call, in commit order, the cancellation
 /// last; nothing from before the call, from other tasks, or from refused writes.
 pub async fn watch_task_sees_its_steps_in_order(store: &DynStore) {
     save(store, "u", "t", 0, &running("before")).await;
-    let mut events = store.watch_task("u", "t").await.unwrap();
-    let mut other = store.watch_task("u", "t2").await.unwrap();
+    let mut events = store.watch_task("u", "t", None).await.unwrap();
+    let mut other = store.watch_task("u", "t2", None).await.unwrap();
     save(store, "u", "t", 1, &running("a")).await;
     save(store, "u", "t", 2, &done("b")).await;
     let batch = [
@@ -850,7 +865,7 @@ pub async fn watch_task_sees_its_steps_in_order(store: &DynStore) {
 
 /// Watching a user: every task of that user, in commit order per task; no other user's.
 pub async fn watch_user_sees_only_that_user(store: &DynStore) {
-    let mut events = store.watch_user("u").await.unwrap();
+    let mut events = store.watch_user("u", None).await.unwrap();
     save(store, "v", "a", 0, &running("not mine")).await;
     save(store, "u", "a", 0, &running("1")).await;
     save(store, "u", "b", 0, &running("2")).await;
@@ -872,10 +887,10 @@ pub async fn watch_user_sees_only_that_user(store: &DynStore) {
 }
 
 /// A watcher that reads nothing while 10,000 steps are written does not slow the writers
-/// down; afterwards it either catches up (every step once, in order) or is told it lagged
-/// and goes on with newer steps, still in order.
+/// down, and loses nothing: afterwards it receives every step once, in order (rule 9: the
+/// store reads its log at the watcher's pace).
 pub async fn slow_watcher_does_not_hold_writers_back(store: &DynStore) {
-    let mut events = store.watch_task("u", "t").await.unwrap();
+    let mut events = store.watch_task("u", "t", None).await.unwrap();
     let total = 10_000;
     for chunk in 0..10 {
         let batch: Vec<StepRecord> = (0..1000)
@@ -883,27 +898,120 @@ pub async fn slow_watcher_does_not_hold_writers_back(store: &DynStore) {
             .collect();
         store.save_batch_task_history(&batch).await.unwrap();
     }
-    let (mut last, mut received, mut lagged) = (-1, 0, 0u64);
-    while last < total - 1 {
-        let next = tokio::time::timeout(std::time::Duration::from_secs(20), events.next())
+    for expected in 0..total {
+        let e = next_event(&mut events).await;
+        assert_eq!(e.step, expected, "the watcher lost or reordered a step");
+    }
+    assert_next_is_new(store, &mut events, ("u", "t", total)).await;
+}
+
+/// Rule 9: a watch resumed from any event's cursor receives exactly the writes after that
+/// event (of the task or user it watches), then what comes next; a cursor of the last
+/// event resumes with nothing old.
+pub async fn watch_resumes_from_every_event_cursor(store: &DynStore) {
+    save(store, "u", "a", 0, &running("before")).await;
+    let mut events = store.watch_user("u", None).await.unwrap();
+    // Each write's events are received before the next write: a step saved again before
+    // its event was read would be delivered once (its newest version).
+    let mut got = Vec::new();
+    save(store, "u", "a", 1, &running("1")).await;
+    got.push(next_event(&mut events).await);
+    save(store, "u", "b", 0, &running("2")).await;
+    got.push(next_event(&mut events).await);
+    let batch = [
+        StepRecord::new("u", "a", 2, running("3")),
+        StepRecord::new("u", "b", 1, running("4")),
+        StepRecord::new("v", "a", 0, running("not mine")),
+    ];
+    store.save_batch_task_history(&batch).await.unwrap();
+    got.push(next_event(&mut events).await);
+    got.push(next_event(&mut events).await);
+    assert!(store.mark_task_as_cancelled("u", "b").await.unwrap());
+    got.push(next_event(&mut events).await);
+    save(store, "u", "a", 1, &done("again")).await;
+    got.push(next_event(&mut events).await);
+    let steps_of = |task: &str, events: &[TaskEvent]| -> Vec<(i32, TaskStatus)> {
+        events
+            .iter()
+            .filter(|e| e.task_id == task)
+            .map(|e| (e.step, e.status))
+            .collect()
+    };
+    use TaskStatus::{Cancelled, Completed, Running};
+    assert_eq!(
+        steps_of("a", &got),
+        [(1, Running), (2, Running), (1, Completed)]
+    );
+    assert_eq!(
+        steps_of("b", &got),
+        [(0, Running), (1, Running), (2, Cancelled)]
+    );
+    let mut seen = std::collections::HashSet::new();
+    assert!(
+        got.iter().all(|e| seen.insert(e.cursor.clone())),
+        "cursors repeat"
+    );
+    // Every event the user's stream received, in its order (the sentinels join it).
+    let mut log = got.clone();
+    for k in 0..got.len() {
+        let mut resumed = store
+            .watch_user("u", Some(log[k].cursor.clone()))
             .await
-            .expect("the watcher never caught up")
-            .expect("the event stream ended");
-        match next {
-            Ok(e) => {
-                assert!(e.step > last, "step {} after {last}", e.step);
-                last = e.step;
-                received += 1;
-            }
-            Err(StoreError::Lagged { missed }) => lagged += missed,
-            Err(e) => panic!("{e}"),
+            .unwrap();
+        let expected = &log[k + 1..];
+        let mut again = Vec::new();
+        for _ in expected {
+            again.push(next_event(&mut resumed).await);
+        }
+        assert_eq!(
+            by_task(&again),
+            by_task(expected),
+            "resumed after event {k}"
+        );
+        assert_next_is_new(store, &mut resumed, ("u", "sentinel", k as i32)).await;
+        let mut of_a = store
+            .watch_task("u", "a", Some(log[k].cursor.clone()))
+            .await
+            .unwrap();
+        for e in log[k + 1..].iter().filter(|e| e.task_id == "a") {
+            assert_eq!(
+                key(&next_event(&mut of_a).await),
+                key(e),
+                "task a after {k}"
+            );
+        }
+        assert_next_is_new(store, &mut of_a, ("u", "a", 10 + k as i32)).await;
+        for _ in 0..2 {
+            log.push(next_event(&mut events).await);
         }
     }
+    // A cursor survives a round trip through text.
+    let token = got[2].cursor.to_string();
+    let parsed: EventCursor = token.parse().unwrap();
+    let json = serde_json::to_string(&parsed).unwrap();
     assert_eq!(
-        received + lagged,
-        total as u64,
-        "lost without a lagged error"
+        serde_json::from_str::<EventCursor>(&json).unwrap(),
+        got[2].cursor
     );
+}
+
+/// Rule 9: a step saved again after its event was received is delivered again, at once
+/// (no window in which a re-save is taken for a late copy), with its new time.
+pub async fn step_saved_again_is_delivered_again(store: &DynStore) {
+    let mut events = store.watch_task("u", "t", None).await.unwrap();
+    for round in 0..20 {
+        let r = if round % 2 == 0 {
+            running("x")
+        } else {
+            done("y")
+        };
+        save(store, "u", "t", 1, &r).await;
+        let e = next_event(&mut events).await;
+        assert_eq!((e.step, e.status), (1, r.status), "round {round}");
+        let stored = history(store, "u", "t").await;
+        assert_eq!(e.timestamp, stored[0].timestamp, "round {round}");
+    }
+    assert_next_is_new(store, &mut events, ("u", "t", 2)).await;
 }
 
 /// Rules 1 and 2 under concurrency: many writers, one task, nothing lost or doubled.
@@ -1180,6 +1288,7 @@ pub enum BadCall {
     ScanNegativeAfterStep,
     WatchEmptyUser,
     WatchNulTask,
+    WatchForeignCursor,
     CleanupNegativeDays,
     CleanupTooManyDays,
 }
@@ -1343,8 +1452,19 @@ async fn bad_call(store: &DynStore, call: BadCall) -> (Result<(), StoreError>, &
                 "after.step",
             )
         }
-        WatchEmptyUser => (store.watch_user("").await.map(drop), "user_id"),
-        WatchNulTask => (store.watch_task("u", "t\0").await.map(drop), "task_id"),
+        WatchEmptyUser => (store.watch_user("", None).await.map(drop), "user_id"),
+        WatchNulTask => (
+            store.watch_task("u", "t\0", None).await.map(drop),
+            "task_id",
+        ),
+        WatchForeignCursor => {
+            // A well-formed token that no store makes.
+            let foreign = EventCursor::parse("not-a-position-of-this-store").unwrap();
+            (
+                store.watch_user("u", Some(foreign)).await.map(drop),
+                "cursor",
+            )
+        }
         CleanupNegativeDays => (store.cleanup_old_tasks(-1).await.map(drop), "days_old"),
         CleanupTooManyDays => (
             store

@@ -58,14 +58,6 @@ pub enum StoreError {
         #[source]
         source: BoxError,
     },
-    /// A watcher read events more slowly than they were written and `missed` of them were
-    /// dropped for it (the memory store's bounded channel); the stream goes on with newer
-    /// events. Writers are never held back by a slow watcher.
-    #[error("the watcher fell behind; {missed} event(s) were dropped")]
-    Lagged {
-        /// How many events the watcher missed.
-        missed: u64,
-    },
     /// The store was closed with [`close`](crate::TaskHistoryStore::close).
     #[error("the store is closed")]
     Closed,

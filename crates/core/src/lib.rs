@@ -18,8 +18,9 @@ pub mod conformance;
 
 pub use error::{BoxError, StoreError};
 pub use model::{
-    CleanupReport, HealthReport, HistoryEntry, HistoryPage, HistoryScan, StepKey, StepRecord,
-    TaskCursor, TaskEvent, TaskEventKind, TaskPage, TaskQuery, TaskStepResult, TaskSummary,
+    CleanupReport, EventCursor, HealthReport, HistoryEntry, HistoryPage, HistoryScan, StepKey,
+    StepRecord, TaskCursor, TaskEvent, TaskEventKind, TaskPage, TaskQuery, TaskStepResult,
+    TaskSummary,
 };
 pub use retry::RetryPolicy;
 pub use status::{ErrorCode, ParseEnumError, TaskStatus};

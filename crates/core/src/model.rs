@@ -385,9 +385,80 @@ pub enum TaskEventKind {
     Cancelled,
 }
 
-/// One committed change to a task, from
+/// A position in a store's log of task events: where a watcher stands, and where it
+/// resumes.
+///
+/// Every [`TaskEvent`] carries the cursor just after itself. Handed back to
+/// [`watch_task`](crate::TaskHistoryStore::watch_task) or
+/// [`watch_user`](crate::TaskHistoryStore::watch_user), it resumes the watch with the first
+/// write the holder has not received: nothing lost, nothing twice. It is an opaque token,
+/// printable ASCII without spaces (at most [`EventCursor::MAX_LEN`] bytes), that survives a
+/// round trip through text: an SSE `id:` / `Last-Event-ID`, a URL query, a file. A cursor
+/// belongs to the store (the database) that made it; another store refuses it as
+/// [`InvalidInput`](crate::StoreError::InvalidInput) on field `"cursor"`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct EventCursor(String);
+
+impl EventCursor {
+    /// The longest token accepted.
+    pub const MAX_LEN: usize = 16 * 1024;
+
+    /// A cursor from its token (as printed by [`Display`](std::fmt::Display) or
+    /// [`as_str`](Self::as_str)); refused when it cannot be a token of any store. Whether
+    /// it is one of *this* store's is checked when a watch starts.
+    pub fn parse(token: &str) -> Result<Self, crate::StoreError> {
+        if token.is_empty() || token.len() > Self::MAX_LEN {
+            return Err(crate::StoreError::invalid(
+                "cursor",
+                format!("must be 1 to {} bytes long", Self::MAX_LEN),
+            ));
+        }
+        if !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(crate::StoreError::invalid(
+                "cursor",
+                "must be printable ASCII without spaces",
+            ));
+        }
+        Ok(EventCursor(token.to_owned()))
+    }
+
+    /// The token.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for EventCursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::str::FromStr for EventCursor {
+    type Err = crate::StoreError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        EventCursor::parse(s)
+    }
+}
+
+impl TryFrom<String> for EventCursor {
+    type Error = crate::StoreError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        EventCursor::parse(&s)
+    }
+}
+
+impl From<EventCursor> for String {
+    fn from(c: EventCursor) -> String {
+        c.0
+    }
+}
+
+/// One committed write to a task, from
 /// [`TaskHistoryStore::watch_task`](crate::TaskHistoryStore::watch_task) and
-/// [`watch_user`](crate::TaskHistoryStore::watch_user).
+/// [`watch_user`](crate::TaskHistoryStore::watch_user): a step saved (or saved again) or a
+/// cancellation, with its position in the log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TaskEvent {
     /// The task's user.
@@ -396,23 +467,27 @@ pub struct TaskEvent {
     pub task_id: String,
     /// The step saved (for a cancellation, its entry's step).
     pub step: i32,
-    /// The task's status after this step (the step's own status: a save of a lower step than
-    /// the highest does not change the task's status).
+    /// The step's own status (a save of a lower step than the highest does not change the
+    /// task's status).
     pub status: TaskStatus,
     /// The step's timestamp.
     pub timestamp: DateTime<Utc>,
     /// What happened.
     pub kind: TaskEventKind,
+    /// The position just after this event: resume a watch from here to receive the
+    /// writes after it.
+    pub cursor: EventCursor,
 }
 
 impl TaskEvent {
-    /// The event for a stored step.
+    /// The event of a stored step at `cursor`.
     pub fn of_step(
         user_id: &str,
         task_id: &str,
         step: i32,
         status: TaskStatus,
         timestamp: DateTime<Utc>,
+        cursor: EventCursor,
     ) -> Self {
         TaskEvent {
             user_id: user_id.to_owned(),
@@ -425,6 +500,7 @@ impl TaskEvent {
             } else {
                 TaskEventKind::StepSaved
             },
+            cursor,
         }
     }
 }

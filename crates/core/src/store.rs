@@ -6,8 +6,8 @@ use async_trait::async_trait;
 
 use crate::error::StoreError;
 use crate::model::{
-    CleanupReport, HealthReport, HistoryEntry, HistoryPage, HistoryScan, StepRecord, TaskEvent,
-    TaskPage, TaskQuery, TaskStepResult, TaskSummary,
+    CleanupReport, EventCursor, HealthReport, HistoryEntry, HistoryPage, HistoryScan, StepRecord,
+    TaskEvent, TaskPage, TaskQuery, TaskStepResult, TaskSummary,
 };
 use crate::status::TaskStatus;
 
@@ -57,6 +57,28 @@ pub type TaskEventStream =
 ///    saved. JSON numbers come back as PostgreSQL's `jsonb` keeps them
 ///    ([`canonical_json`](crate::validate::canonical_json)).
 /// 8. **Isolation.** No method returns or touches another user's data.
+/// 9. **Events.** Every write (a step saved, a step saved again, a cancellation) takes a
+///    position in the store's log of events when it commits. A watch
+///    ([`watch_task`](Self::watch_task), [`watch_user`](Self::watch_user)) reads that log
+///    after a cursor and delivers each write after it exactly once, a task's writes in
+///    their commit order; each [`TaskEvent`] carries the [`EventCursor`] just after itself,
+///    from which a new watch resumes. What the watcher is told never depends on a clock:
+///    wake-ups (PostgreSQL's notifications) and polls only decide how soon it reads. A
+///    step saved several times before a watcher reads it is delivered once, in its newest
+///    version, at its newest position; a step saved again after the watcher received it is
+///    delivered again. Writes refused (a cancelled task, bad input) are not events.
+///
+/// # Event streams
+///
+/// A watch is a [`TaskEventStream`] of `Result<TaskEvent, StoreError>`:
+/// - errors that a retry may cure (a lost connection, a restarting server: those
+///   [`StoreError::is_transient`] calls transient) are the store's business: it reconnects
+///   and reads on from where the stream stands, and the stream never yields them;
+/// - any other error (the schema is gone, the role lost its rights) is yielded once, as the
+///   stream's last item; a consumer may resume from the last event's cursor once it is fixed;
+/// - the stream ends (`None`) when the store is [closed](Self::close);
+/// - a slow consumer never holds writers back and never loses an event: the store reads
+///   the log at the consumer's pace (so `stream.try_next().await?` is a sound loop).
 ///
 /// `last_updated` of a task is the greatest timestamp ever written to it; `step_count` is
 /// its number of distinct steps.
@@ -138,16 +160,22 @@ pub trait TaskHistoryStore: Send + Sync + std::fmt::Debug {
     /// Removes whole tasks inactive for more than `days_old` days (rule 6).
     async fn cleanup_old_tasks(&self, days_old: i64) -> Result<CleanupReport, StoreError>;
 
-    /// The events of one task from now on: each step saved (and the cancellation), with its
-    /// step number, in commit order. Steps saved before the call are not replayed. A step
-    /// saved again is delivered again; a watcher that is behind (or reconnecting) may
-    /// receive only the newest save of a step it had not yet seen.
-    async fn watch_task(&self, user_id: &str, task_id: &str)
-        -> Result<TaskEventStream, StoreError>;
+    /// The events of one task (rule 9): the writes committed after `after`, or with
+    /// `None`, after the call.
+    async fn watch_task(
+        &self,
+        user_id: &str,
+        task_id: &str,
+        after: Option<EventCursor>,
+    ) -> Result<TaskEventStream, StoreError>;
 
-    /// The events of all of a user's tasks from now on, in commit order per task; never
-    /// another user's.
-    async fn watch_user(&self, user_id: &str) -> Result<TaskEventStream, StoreError>;
+    /// The events of all of a user's tasks (rule 9), in commit order per task; never
+    /// another user's. `after` as for [`watch_task`](Self::watch_task).
+    async fn watch_user(
+        &self,
+        user_id: &str,
+        after: Option<EventCursor>,
+    ) -> Result<TaskEventStream, StoreError>;
 
     /// Checks that the store can serve requests.
     async fn health_check(&self) -> Result<HealthReport, StoreError>;

@@ -8,9 +8,9 @@
 //!
 //! It is not a production store: nothing survives the process, and one lock guards all data.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::ops::Bound;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
 
@@ -18,11 +18,11 @@ use async_trait::async_trait;
 use chrono::{DateTime, Duration, Utc};
 use taskhistory_core::validate::{self, canonical_result};
 use taskhistory_core::{
-    CleanupReport, HealthReport, HistoryEntry, HistoryPage, HistoryScan, StepRecord, StoreError,
-    TaskCursor, TaskEvent, TaskEventStream, TaskHistoryStore, TaskPage, TaskQuery, TaskStatus,
-    TaskStepResult, TaskSummary,
+    CleanupReport, EventCursor, HealthReport, HistoryEntry, HistoryPage, HistoryScan, StepRecord,
+    StoreError, TaskCursor, TaskEvent, TaskEventStream, TaskHistoryStore, TaskPage, TaskQuery,
+    TaskStatus, TaskStepResult, TaskSummary,
 };
-use tokio::sync::broadcast;
+use tokio::sync::watch;
 
 /// The in-memory store. Clones share the same data.
 #[derive(Debug, Clone, Default)]
@@ -34,22 +34,27 @@ pub struct MemoryStore {
 struct Inner {
     state: RwLock<HashMap<String, UserTasks>>,
     closed: AtomicBool,
-    /// Every committed step, in commit order, for watchers.
-    events: broadcast::Sender<Arc<TaskEvent>>,
+    /// This store's mark in its cursors: another store's cursor is refused.
+    instance: u64,
+    /// The newest position in the log of events, drawn under the state's write lock: the
+    /// log's order is commit order. Watchers wait on it.
+    position: watch::Sender<u64>,
 }
-
-/// Events kept for watchers that are behind; past it they get `StoreError::Lagged`.
-pub const EVENT_BUFFER: usize = 4096;
 
 impl Default for Inner {
     fn default() -> Self {
+        static INSTANCES: AtomicU64 = AtomicU64::new(1);
         Inner {
             state: RwLock::default(),
             closed: AtomicBool::default(),
-            events: broadcast::channel(EVENT_BUFFER).0,
+            instance: INSTANCES.fetch_add(1, Ordering::Relaxed),
+            position: watch::channel(0).0,
         }
     }
 }
+
+/// Events a watcher reads from the log at once.
+const EVENTS_PER_READ: usize = 1000;
 
 /// One user's tasks, with the listing order kept as an index.
 #[derive(Debug, Default)]
@@ -58,11 +63,28 @@ struct UserTasks {
     tasks: BTreeMap<String, Task>,
     /// `(last_updated, task_id)` ascending; listings walk it backwards.
     by_activity: BTreeSet<(DateTime<Utc>, String)>,
+    /// The log of events: each stored step (task, step) at the position of its last write.
+    log: BTreeMap<u64, (String, i32)>,
+}
+
+impl UserTasks {
+    /// Moves a step just written to the end of the log, at `position`.
+    fn logged(&mut self, task_id: &str, step: i32, position: u64) {
+        let Some(task) = self.tasks.get_mut(task_id) else {
+            return;
+        };
+        if let Some(old) = task.positions.insert(step, position) {
+            self.log.remove(&old);
+        }
+        self.log.insert(position, (task_id.to_owned(), step));
+    }
 }
 
 #[derive(Debug)]
 struct Task {
     steps: BTreeMap<i32, HistoryEntry>,
+    /// Each step's position in the user's log.
+    positions: HashMap<i32, u64>,
     status: TaskStatus,
     last_step: i32,
     created_at: DateTime<Utc>,
@@ -91,35 +113,61 @@ impl MemoryStore {
         Ok(())
     }
 
-    /// A stream of the events of `user_id` (and of `task_id` only, when given) from now on.
+    /// A cursor at `position` of this store's log.
+    fn cursor(&self, position: u64) -> EventCursor {
+        // Digits and dots only: always a valid token.
+        EventCursor::parse(&format!("mem.{}.{position}", self.inner.instance))
+            .unwrap_or_else(|_| unreachable!("a memory cursor is a valid token"))
+    }
+
+    /// The position a cursor of this store stands at.
+    fn position_of(&self, cursor: &EventCursor) -> Result<u64, StoreError> {
+        let foreign = || StoreError::invalid("cursor", "not a cursor of this store");
+        let rest = cursor.as_str().strip_prefix("mem.").ok_or_else(foreign)?;
+        let (instance, position) = rest.split_once('.').ok_or_else(foreign)?;
+        if instance.parse::<u64>().ok() != Some(self.inner.instance) {
+            return Err(foreign());
+        }
+        position.parse().map_err(|_| foreign())
+    }
+
+    /// Draws the next position of the log (the caller holds the state's write lock).
+    fn next_position(&self) -> u64 {
+        let mut next = 0;
+        self.inner.position.send_modify(|p| {
+            *p += 1;
+            next = *p;
+        });
+        next
+    }
+
+    /// A watch of `user_id` (only `task_id`, when given) after `after`, or after now.
     fn subscribe(
         &self,
         user_id: &str,
         task_id: Option<&str>,
+        after: Option<EventCursor>,
     ) -> Result<TaskEventStream, StoreError> {
+        let position = match after {
+            Some(cursor) => self.position_of(&cursor)?,
+            // Read under the lock writers draw positions under: exactly "now".
+            None => {
+                let _state = self.read()?;
+                *self.inner.position.borrow()
+            }
+        };
         self.check_open()?;
-        let rx = self.inner.events.subscribe();
-        let filter = (user_id.to_owned(), task_id.map(str::to_owned));
+        let watcher = MemoryWatcher {
+            store: self.clone(),
+            user: user_id.to_owned(),
+            task: task_id.map(str::to_owned),
+            position,
+            wake: self.inner.position.subscribe(),
+            pending: VecDeque::new(),
+        };
         Ok(Box::pin(futures::stream::unfold(
-            (rx, filter),
-            |(mut rx, filter)| async move {
-                loop {
-                    match rx.recv().await {
-                        Ok(event) => {
-                            let (user, task) = &filter;
-                            if event.user_id == *user
-                                && task.as_ref().is_none_or(|t| *t == event.task_id)
-                            {
-                                return Some((Ok((*event).clone()), (rx, filter)));
-                            }
-                        }
-                        Err(broadcast::error::RecvError::Lagged(missed)) => {
-                            return Some((Err(StoreError::Lagged { missed }), (rx, filter)));
-                        }
-                        Err(broadcast::error::RecvError::Closed) => return None,
-                    }
-                }
-            },
+            watcher,
+            MemoryWatcher::next,
         )))
     }
 
@@ -157,14 +205,9 @@ impl MemoryStore {
             }
         }
         for w in writes {
-            // Sent under the lock: watchers see writes in commit order.
-            let _ = self.inner.events.send(Arc::new(TaskEvent::of_step(
-                &w.user_id,
-                &w.task_id,
-                w.step,
-                w.result.status,
-                w.timestamp,
-            )));
+            // Drawn under the lock: the log's order is commit order.
+            let position = self.next_position();
+            let (task_id, step) = (w.task_id.clone(), w.step);
             let user = state.entry(w.user_id).or_default();
             let entry = HistoryEntry {
                 step: w.step,
@@ -187,6 +230,7 @@ impl MemoryStore {
                 }
                 None => {
                     let task = Task {
+                        positions: HashMap::new(),
                         status: entry.status,
                         last_step: w.step,
                         created_at: w.timestamp,
@@ -198,6 +242,7 @@ impl MemoryStore {
                     user.tasks.insert(w.task_id, task);
                 }
             }
+            user.logged(&task_id, step, position);
         }
         Ok(())
     }
@@ -303,15 +348,10 @@ impl TaskHistoryStore for MemoryStore {
         task.last_step = step;
         task.status = TaskStatus::Cancelled;
         task.last_updated = task.last_updated.max(now);
-        let _ = self.inner.events.send(Arc::new(TaskEvent::of_step(
-            user_id,
-            task_id,
-            step,
-            TaskStatus::Cancelled,
-            now,
-        )));
         user.by_activity
             .insert((task.last_updated, task_id.to_owned()));
+        let position = self.next_position();
+        user.logged(task_id, step, position);
         Ok(true)
     }
 
@@ -398,14 +438,19 @@ impl TaskHistoryStore for MemoryStore {
         &self,
         user_id: &str,
         task_id: &str,
+        after: Option<EventCursor>,
     ) -> Result<TaskEventStream, StoreError> {
         validate::task(user_id, task_id)?;
-        self.subscribe(user_id, Some(task_id))
+        self.subscribe(user_id, Some(task_id), after)
     }
 
-    async fn watch_user(&self, user_id: &str) -> Result<TaskEventStream, StoreError> {
+    async fn watch_user(
+        &self,
+        user_id: &str,
+        after: Option<EventCursor>,
+    ) -> Result<TaskEventStream, StoreError> {
         validate::user_id(user_id)?;
-        self.subscribe(user_id, None)
+        self.subscribe(user_id, None, after)
     }
 
     async fn cleanup_old_tasks(&self, days_old: i64) -> Result<CleanupReport, StoreError> {
@@ -422,6 +467,9 @@ impl TaskHistoryStore for MemoryStore {
             for key in expired {
                 user.by_activity.remove(&key);
                 if let Some(task) = user.tasks.remove(&key.1) {
+                    for position in task.positions.values() {
+                        user.log.remove(position);
+                    }
                     report.tasks_removed += 1;
                     report.steps_removed += task.steps.len() as u64;
                 }
@@ -450,5 +498,64 @@ impl TaskHistoryStore for MemoryStore {
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         state.clear();
+        // Wakes the watchers, which find the store closed and end.
+        self.inner.position.send_modify(|_| {});
+    }
+}
+
+/// One watch: where it stands in the log, and what it has read but not handed out.
+struct MemoryWatcher {
+    store: MemoryStore,
+    user: String,
+    task: Option<String>,
+    position: u64,
+    wake: watch::Receiver<u64>,
+    pending: VecDeque<TaskEvent>,
+}
+
+impl MemoryWatcher {
+    async fn next(mut self) -> Option<(Result<TaskEvent, StoreError>, Self)> {
+        loop {
+            if let Some(event) = self.pending.pop_front() {
+                return Some((Ok(event), self));
+            }
+            // Marked seen before the read: a write after it wakes the wait below.
+            self.wake.borrow_and_update();
+            // A closed store ends the stream.
+            self.read().ok()?;
+            if self.pending.is_empty() && self.wake.changed().await.is_err() {
+                return None;
+            }
+        }
+    }
+
+    /// Reads the next events after the watcher's position.
+    fn read(&mut self) -> Result<(), StoreError> {
+        let state = self.store.read()?;
+        let Some(user) = state.get(&self.user) else {
+            return Ok(());
+        };
+        let after = (Bound::Excluded(self.position), Bound::Unbounded);
+        for (&position, (task_id, step)) in user.log.range(after) {
+            self.position = position;
+            if self.task.as_ref().is_some_and(|t| t != task_id) {
+                continue;
+            }
+            let Some(entry) = user.tasks.get(task_id).and_then(|t| t.steps.get(step)) else {
+                continue;
+            };
+            self.pending.push_back(TaskEvent::of_step(
+                &self.user,
+                task_id,
+                *step,
+                entry.status,
+                entry.timestamp,
+                self.store.cursor(position),
+            ));
+            if self.pending.len() == EVENTS_PER_READ {
+                break;
+            }
+        }
+        Ok(())
     }
 }

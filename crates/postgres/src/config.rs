@@ -71,10 +71,17 @@ pub struct PgConfig {
     pub schema: Option<String>,
     /// Retries of transient failures.
     pub retry: RetryPolicy,
-    /// Saves and cancellations notify watchers (`pg_notify`, one per statement, sent at
-    /// commit) so that `watch_task`/`watch_user` in any process see them. Default on;
-    /// `DB_NOTIFY=false` turns it off for stores nobody watches.
+    /// After their commit, saves and cancellations wake the watchers of their users in
+    /// every process (`pg_notify`, from the store's notifier, never a writer's
+    /// transaction), so watchers read the new events at once. Default on;
+    /// `DB_NOTIFY=false` turns it off: watchers then see this store's writes at their next
+    /// poll ([`watch_poll`](Self::watch_poll)). A wake-up never carries an event: losing one
+    /// costs latency, never an event.
     pub notifications: bool,
+    /// How often a watcher reads the log of events without being woken (`DB_WATCH_POLL`,
+    /// seconds, default 1): the latest a write whose wake-up never left (a process that
+    /// died after its commit, a lost listener) reaches watchers.
+    pub watch_poll: Duration,
     /// A direct connection for the watchers' `LISTEN` when the store itself goes through
     /// PgBouncer in transaction mode, where `LISTEN` cannot work (`DB_LISTEN_URL`).
     pub(crate) listen: Option<tokio_postgres::Config>,
@@ -133,6 +140,7 @@ impl fmt::Debug for PgConfig {
             .field("retry", &self.retry)
             .field("pgbouncer", &self.pgbouncer)
             .field("notifications", &self.notifications)
+            .field("watch_poll", &self.watch_poll)
             .field(
                 "listen",
                 &self
@@ -175,6 +183,7 @@ impl Default for PgConfig {
             statement_observer: None,
             pgbouncer: false,
             notifications: true,
+            watch_poll: Duration::from_secs(1),
             listen: None,
             partitioning: None,
             copy_min_rows: Some(1_000),
@@ -220,7 +229,7 @@ impl PgConfig {
     /// Settings from the environment: `DATABASE_URL` if set, else `DB_HOST`, `DB_PORT`,
     /// `DB_NAME`, `DB_USER`, `DB_PASSWORD`; then, in both cases, `DB_MIN_SIZE`,
     /// `DB_MAX_SIZE`, `DB_COMMAND_TIMEOUT`, `DB_STATEMENT_TIMEOUT`, `DB_CONNECT_TIMEOUT`,
-    /// `DB_POOL_TIMEOUT` (seconds), `DB_SSLMODE`, `DB_SSLROOTCERT`, `DB_APPLICATION_NAME`
+    /// `DB_POOL_TIMEOUT`, `DB_WATCH_POLL` (seconds), `DB_SSLMODE`, `DB_SSLROOTCERT`, `DB_APPLICATION_NAME`
     /// `DB_SCHEMA`, `DB_PGBOUNCER`, `DB_NOTIFY`, `DB_LISTEN_URL`, `DB_PARTITION_INTERVAL` and
     /// `DB_PARTITIONS_AHEAD`, `DB_COPY_MIN_ROWS`, `DB_COPY_CONNECTIONS`, `DB_PIPELINED_READS`. A bad value is an `InvalidInput` naming the variable.
     pub fn from_env() -> Result<Self, StoreError> {
@@ -286,6 +295,9 @@ impl PgConfig {
         }
         if let Some(v) = secs("DB_POOL_TIMEOUT")? {
             c.pool_timeout = v;
+        }
+        if let Some(v) = secs("DB_WATCH_POLL")? {
+            c.watch_poll = v;
         }
         if let Some(v) = get("DB_SSLMODE") {
             c.ssl_mode = v.parse().map_err(|e| bad("DB_SSLMODE", e))?;
@@ -353,6 +365,7 @@ impl PgConfig {
             ("DB_STATEMENT_TIMEOUT", self.statement_timeout),
             ("DB_CONNECT_TIMEOUT", self.connect_timeout),
             ("DB_POOL_TIMEOUT", self.pool_timeout),
+            ("DB_WATCH_POLL", self.watch_poll),
         ] {
             if d.is_zero() {
                 return Err(bad(name, "must be above zero"));
@@ -434,6 +447,11 @@ impl PgConfig {
     pub fn pool_size(mut self, min: u32, max: u32) -> Self {
         self.min_size = min;
         self.max_size = max;
+        self
+    }
+    /// Sets how often watchers read without a wake-up ([`PgConfig::watch_poll`]).
+    pub fn watch_poll(mut self, every: Duration) -> Self {
+        self.watch_poll = every;
         self
     }
     /// Sets the client-side command timeout.

@@ -1,48 +1,27 @@
-//! The store's one `LISTEN` connection (dedicated, never pooled) and the hub that fans its
-//! notifications out to the store's watchers ([`crate::watch`]). After a lost connection
-//! the listener reconnects by itself and tells every watcher to read what it has not seen.
+//! The store's one `LISTEN` connection (dedicated, never pooled) and the hub that wakes the
+//! store's watchers ([`crate::watch`]). A notification names users whose tasks were
+//! written; it wakes their watchers, which read the log of events: a wake-up is never the
+//! event itself. After a lost connection the listener reconnects by itself and wakes every
+//! watcher (what was written meanwhile is in the log).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
-use taskhistory_core::{StoreError, TaskEvent, TaskStatus};
-use tokio::sync::{broadcast, mpsc, Mutex};
+use taskhistory_core::StoreError;
+use tokio::sync::{mpsc, watch, Mutex};
 use tokio::task::JoinHandle;
 
 use crate::connection::Connector;
 
-/// What the listener tells watchers.
-#[derive(Debug, Clone)]
-pub(crate) enum Wake {
-    /// These steps were written, in this commit, with everything their events carry.
-    Steps(Arc<Vec<TaskEvent>>),
-    /// A marker a watcher sent itself: everything before it is older than the watch.
-    Fence(Arc<str>),
-    /// Unknown changes: re-read whatever has not been delivered.
-    All,
+/// Who a notification wakes: the users it names, or everyone when it cannot be read.
+fn parse(payload: &str) -> Option<Vec<String>> {
+    serde_json::from_str::<Vec<String>>(payload).ok()
 }
 
-fn parse(payload: &str) -> Wake {
-    if let Some(id) = payload.strip_prefix("fence:") {
-        return Wake::Fence(Arc::from(id));
-    }
-    type Row = (String, String, i32, TaskStatus, DateTime<Utc>);
-    match serde_json::from_str::<Vec<Row>>(payload) {
-        Ok(rows) => Wake::Steps(Arc::new(
-            rows.into_iter()
-                .map(|(user, task, step, status, at)| {
-                    TaskEvent::of_step(&user, &task, step, status, at)
-                })
-                .collect(),
-        )),
-        Err(_) => Wake::All,
-    }
-}
-
-/// Watchers of one user share a channel: an event wakes only the watchers of its user.
-type Routes = Arc<std::sync::Mutex<HashMap<String, broadcast::Sender<Wake>>>>;
+/// Watchers of one user share a wake-up counter: a notification wakes only the watchers of
+/// its users, and wake-ups that come while a watcher reads fold into one.
+type Routes = Arc<std::sync::Mutex<HashMap<String, watch::Sender<u64>>>>;
 
 /// The store's listener and its fan-out.
 pub(crate) struct Hub {
@@ -101,46 +80,44 @@ impl Hub {
         Ok(())
     }
 
-    /// A receiver of the wakes that concern `user`.
-    pub(crate) fn subscribe(&self, user: &str) -> broadcast::Receiver<Wake> {
+    /// The wake-ups of `user`'s watchers.
+    pub(crate) fn subscribe(&self, user: &str) -> watch::Receiver<u64> {
         let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
         routes.retain(|_, tx| tx.receiver_count() > 0);
         routes
             .entry(user.to_owned())
-            .or_insert_with(|| broadcast::channel(4096).0)
+            .or_insert_with(|| watch::channel(0).0)
             .subscribe()
     }
 
-    /// Stops the listener (the store is closing).
+    /// Wakes the watchers of `users` in this process (a write of this store committed;
+    /// other processes hear of it by notification).
+    pub(crate) fn wake<'u>(&self, users: impl IntoIterator<Item = &'u str>) {
+        wake(&self.routes, Some(users));
+    }
+
+    /// Stops the listener and ends every watch (the store is closing).
     pub(crate) async fn stop(&self) {
         if let Some(task) = self.listener.lock().await.take() {
             task.abort();
         }
+        self.routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 }
 
-/// Hands a wake to the watchers it concerns: step events to their user's watchers only.
-fn route(routes: &Routes, wake: Wake) {
+/// Wakes the watchers of `users`, or of everyone (`None`).
+fn wake<'u>(routes: &Routes, users: Option<impl IntoIterator<Item = &'u str>>) {
     let routes = routes.lock().unwrap_or_else(|p| p.into_inner());
-    match wake {
-        Wake::Steps(events) => {
-            let mut by_user: HashMap<&str, Vec<TaskEvent>> = HashMap::new();
-            for e in events.iter() {
-                if routes.contains_key(&e.user_id) {
-                    by_user.entry(&e.user_id).or_default().push(e.clone());
-                }
-            }
-            for (user, events) in by_user {
-                if let Some(tx) = routes.get(user) {
-                    let _ = tx.send(Wake::Steps(Arc::new(events)));
-                }
-            }
-        }
-        other => {
-            for tx in routes.values() {
-                let _ = tx.send(other.clone());
-            }
-        }
+    let bump = |tx: &watch::Sender<u64>| tx.send_modify(|n| *n = n.wrapping_add(1));
+    match users {
+        Some(users) => users
+            .into_iter()
+            .filter_map(|u| routes.get(u))
+            .for_each(bump),
+        None => routes.values().for_each(bump),
     }
 }
 
@@ -153,7 +130,10 @@ async fn listen_loop(
 ) {
     loop {
         while let Some(payload) = rx.recv().await {
-            route(&routes, parse(&payload));
+            match parse(&payload) {
+                Some(users) => wake(&routes, Some(users.iter().map(String::as_str))),
+                None => wake(&routes, None::<[&str; 0]>),
+            }
         }
         drop(client);
         let mut backoff = Duration::from_millis(50);
@@ -168,6 +148,6 @@ async fn listen_loop(
             }
         };
         tracing::info!("taskhistory: the watchers' listener is back; watchers catch up");
-        route(&routes, Wake::All);
+        wake(&routes, None::<[&str; 0]>);
     }
 }

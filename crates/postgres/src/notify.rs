@@ -1,16 +1,15 @@
-//! The store's notifier: the events of committed saves and cancellations leave for the
-//! watchers (of every process) in batches, from the notifier's own short transaction on its
-//! own connection, never from a writer's transaction.
+//! The store's notifier: after their commit, saves and cancellations wake the watchers of
+//! their users (in every process), in batches, from the notifier's own short transaction on
+//! its own connection, never from a writer's transaction.
 //!
 //! Why: PostgreSQL holds one database-wide lock from the moment a transaction that notified
 //! starts to commit until its commit record is flushed, so transactions that notify commit
-//! one at a time and lose group commit. Writers here never notify: after its commit a save
-//! hands its events to the notifier, which gathers them for a couple of milliseconds and
-//! sends them in one statement with `synchronous_commit = off` (a notification is not data;
-//! its transaction holds the lock only for a moment). Within a batch events are sent in `seq` order, which
-//! per task is commit order. If the process dies between a commit and the next send, or a
-//! send's outcome is unknown, those events are not sent: watchers re-read history
-//! periodically and catch up (`watch.rs`).
+//! one at a time and lose group commit. Writers here never notify: after its commit a write
+//! hands its users to the notifier, which gathers them for a few milliseconds and sends
+//! them in one statement with `synchronous_commit = off` (a wake-up is not data; its
+//! transaction holds the lock only for a moment). A wake-up names users, never an event:
+//! watchers read the events from the log (`watch.rs`). If the process dies between a commit
+//! and the next send, or a send fails, watchers read the events at their next poll.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -18,7 +17,7 @@ use std::time::Duration;
 use diesel::sql_types::{Array, BigInt, Text};
 use diesel::QueryableByName;
 use diesel_async::{AsyncPgConnection, SimpleAsyncConnection};
-use taskhistory_core::{StoreError, TaskEvent};
+use taskhistory_core::StoreError;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -33,11 +32,8 @@ const GATHER: Duration = Duration::from_millis(10);
 const MAX_PAYLOAD: usize = 7_900;
 const OP: &str = "notify";
 
-/// An event with its ordering key (see [`sql::SAVE_STEPS`]).
-pub(crate) type Sequenced = (i64, TaskEvent);
-
-/// The running notifier: where events go, and its task.
-type Running = (mpsc::UnboundedSender<Vec<Sequenced>>, JoinHandle<()>);
+/// The running notifier: where the users of committed writes go, and its task.
+type Running = (mpsc::UnboundedSender<Vec<String>>, JoinHandle<()>);
 
 /// The notifier of one store; started on first use, stopped by [`Notifier::stop`].
 pub(crate) struct Notifier {
@@ -55,9 +51,12 @@ impl Notifier {
         }
     }
 
-    /// Hands committed events over; they are sent within a few milliseconds.
-    pub(crate) fn post(&self, events: Vec<Sequenced>) {
-        if events.is_empty() {
+    /// Hands the users of a committed write over; their watchers are woken within a few
+    /// milliseconds.
+    pub(crate) fn post<'u>(&self, users: impl IntoIterator<Item = &'u str>) {
+        let mut users: Vec<String> = users.into_iter().map(str::to_owned).collect();
+        users.dedup();
+        if users.is_empty() {
             return;
         }
         let mut sender = self.sender.lock().unwrap_or_else(|p| p.into_inner());
@@ -71,7 +70,7 @@ impl Notifier {
             *sender = Some((tx, task));
         }
         if let Some((tx, _)) = sender.as_ref() {
-            let _ = tx.send(events);
+            let _ = tx.send(users);
         }
     }
 
@@ -101,15 +100,12 @@ impl Drop for Notifier {
     }
 }
 
-/// The events as JSON arrays `[user, task, step, status, time]`, packed into payloads under
-/// PostgreSQL's limit, in the order given.
-fn payloads(events: &[Sequenced]) -> Vec<String> {
+/// The users as JSON arrays of strings, packed into payloads under PostgreSQL's limit.
+pub(crate) fn payloads<'u>(users: impl IntoIterator<Item = &'u String>) -> Vec<String> {
     let mut out = Vec::new();
     let mut current = String::from("[");
-    for (_, e) in events {
-        let Ok(item) =
-            serde_json::to_string(&(&e.user_id, &e.task_id, e.step, e.status, e.timestamp))
-        else {
+    for user in users {
+        let Ok(item) = serde_json::to_string(user) else {
             continue;
         };
         if current.len() > 1 && current.len() + item.len() + 2 > MAX_PAYLOAD {
@@ -173,7 +169,7 @@ async fn send(
         Some(c) => c,
         None => conn.insert(open(connector).await?),
     };
-    let statement = Statement::new(sql::NOTIFY_EVENTS)
+    let statement = Statement::new(sql::NOTIFY_USERS)
         .bind::<Text, _>(channel.to_owned())
         .bind::<Array<Text>, _>(payloads.to_vec());
     if connector.transaction_setup().is_none() {
@@ -198,19 +194,14 @@ async fn send(
     }
 }
 
-async fn run(
-    mut rx: mpsc::UnboundedReceiver<Vec<Sequenced>>,
-    connector: Connector,
-    channel: String,
-) {
+async fn run(mut rx: mpsc::UnboundedReceiver<Vec<String>>, connector: Connector, channel: String) {
     let mut conn = None;
-    while let Some(mut batch) = rx.recv().await {
+    while let Some(first) = rx.recv().await {
         tokio::time::sleep(GATHER).await;
+        let mut batch: std::collections::BTreeSet<String> = first.into_iter().collect();
         while let Ok(more) = rx.try_recv() {
             batch.extend(more);
         }
-        // Stable: the events of one statement keep their order.
-        batch.sort_by_key(|(seq, _)| *seq);
         let payloads = payloads(&batch);
         for attempt in 1..=3u32 {
             match send(&mut conn, &connector, &channel, &payloads).await {
@@ -222,7 +213,7 @@ async fn run(
                 }
                 Err(Failure::Unknown(error)) => {
                     conn = None;
-                    tracing::warn!(%error, events = batch.len(), "taskhistory: watchers' events may not have been sent; watchers catch up at their next resynchronisation");
+                    tracing::warn!(%error, users = batch.len(), "taskhistory: watchers may not have been woken; they read the new events at their next poll");
                     break;
                 }
             }
@@ -233,33 +224,20 @@ async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chrono::Utc;
-    use taskhistory_core::TaskStatus;
 
     #[test]
-    fn payloads_stay_under_the_limit_and_keep_every_event_in_order() {
-        let events: Vec<Sequenced> = (0..200)
-            .map(|i| {
-                let e = TaskEvent::of_step(
-                    "u".repeat(100).as_str(),
-                    &format!("t{i}"),
-                    i,
-                    TaskStatus::Running,
-                    Utc::now(),
-                );
-                (i64::from(i), e)
-            })
+    fn payloads_stay_under_the_limit_and_keep_every_user() {
+        let users: Vec<String> = (0..500)
+            .map(|i| format!("{}-{i}", "u".repeat(100)))
             .collect();
-        let out = payloads(&events);
+        let out = payloads(&users);
         assert!(out.len() > 1);
-        let mut steps = Vec::new();
+        let mut back = Vec::new();
         for p in &out {
             assert!(p.len() < MAX_PAYLOAD, "{}", p.len());
-            let rows: Vec<(String, String, i32, TaskStatus, chrono::DateTime<Utc>)> =
-                serde_json::from_str(p).unwrap();
-            steps.extend(rows.into_iter().map(|r| r.2));
+            back.extend(serde_json::from_str::<Vec<String>>(p).unwrap());
         }
-        assert_eq!(steps, (0..200).collect::<Vec<_>>());
-        assert!(payloads(&[]).is_empty());
+        assert_eq!(back, users);
+        assert!(payloads(&Vec::new()).is_empty());
     }
 }

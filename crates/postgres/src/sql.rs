@@ -24,12 +24,27 @@ macro_rules! save_body {
     -- as a lateral lookup so that the cached generic plan, which cannot know how many rows
     -- the arrays hold, never turns it into a scan of the whole summary table.
     SELECT s.user_id, s.task_id, s.status, s.started_at
-    FROM (SELECT DISTINCT user_id, task_id FROM input ORDER BY user_id, task_id) k
+    FROM (
+        SELECT user_id, task_id, count(*) OVER () AS tasks
+        FROM (SELECT DISTINCT user_id, task_id FROM input) d
+        ORDER BY user_id, task_id
+    ) k
+    -- Writers of a few tasks first queue for the tasks in order, on a lock that gives the
+    -- transaction no id: the id comes with the row lock below, so writers of one task are
+    -- numbered in the order they commit (the guard on last_xid then never fires for them).
+    -- Large batches skip it (a lock per task could fill the server's lock table).
     CROSS JOIN LATERAL (
-        SELECT t.user_id, t.task_id, t.status, t.started_at
+        SELECT CASE WHEN k.tasks <= 64 THEN (
+                   SELECT 1 FROM (SELECT pg_advisory_xact_lock(
+                       hashtextextended(k.task_id, hashtext(k.user_id)))) l
+               ) END AS queued
+    ) q
+    CROSS JOIN LATERAL (
+        -- q.queued is selected so that the queue comes before the row lock.
+        SELECT t.user_id, t.task_id, t.status, t.started_at, q.queued
         FROM task_summary t
         WHERE t.user_id = k.user_id AND t.task_id = k.task_id
-        FOR UPDATE
+        FOR UPDATE OF t
     ) s
 ), refused AS (
     SELECT user_id, task_id FROM locked WHERE status = 'cancelled' LIMIT 1
@@ -47,7 +62,10 @@ macro_rules! save_body {
     WHERE NOT EXISTS (SELECT 1 FROM refused)
     ON CONFLICT ON CONSTRAINT task_history_user_task_step_key DO UPDATE
         SET result = EXCLUDED.result, timestamp = EXCLUDED.timestamp, status = EXCLUDED.status,
-            started_at = EXCLUDED.started_at
+            started_at = EXCLUDED.started_at,
+            -- A step saved again moves to the end of the log (its id stays: it tells an
+            -- insert from an update below).
+            xid = EXCLUDED.xid
     RETURNING h.id, h.user_id, h.task_id, h.step, h.status, h.timestamp, h.started_at
 ), per_task AS (
     SELECT DISTINCT ON (w.user_id, w.task_id)
@@ -71,13 +89,15 @@ macro_rules! save_body {
         created_at = LEAST(s.created_at, EXCLUDED.created_at),
         updated_at = GREATEST(s.updated_at, EXCLUDED.updated_at),
         started_at = CASE WHEN s.started_at = EXCLUDED.started_at THEN s.started_at
-                          ELSE taskhistory_start_conflict() END
+                          ELSE taskhistory_start_conflict() END,
+        -- Per task, positions follow commits: a transaction numbered before the task's
+        -- last writer, committing after it, is retried with a new number.
+        last_xid = CASE WHEN s.last_xid > EXCLUDED.last_xid THEN taskhistory_order_conflict()
+                        ELSE EXCLUDED.last_xid END
     RETURNING 1
 )
 SELECT r.user_id AS refused_user, r.task_id AS refused_task,
-       (SELECT count(*) FROM written) AS rows_written,
-       (SELECT max(id) FROM keyed) AS seq,
-       now() AS saved_at
+       (SELECT count(*) FROM written) AS rows_written
 FROM (SELECT 1) AS one LEFT JOIN refused r ON true
 "#
     };
@@ -85,10 +105,9 @@ FROM (SELECT 1) AS one LEFT JOIN refused r ON true
 
 /// Saves one or many steps: one statement, one round trip. Inputs are parallel arrays
 /// (user_id, task_id, step, result, timestamp or NULL for now(), status), already
-/// de-duplicated and sorted by key. Returns the refused task if any, and for watchers the
-/// statement's `seq` (the highest id it drew: drawn after the task's lock, so per task it
-/// grows in commit order) and its `now()` (the time of steps saved without one).
-/// The task summaries touched are locked first, in key order; if any is cancelled nothing
+/// de-duplicated and sorted by key. Returns the refused task if any, and the rows written.
+/// Each row written takes the transaction's position in the log of events (`xid`; see
+/// migration 4). The task summaries touched are locked first, in key order; if any is cancelled nothing
 /// is written and the refused task is returned. Each row carries its task's start time
 /// (the partition key of the partitioned layout): the summary's for a known task, else the
 /// earliest timestamp saved; a concurrent save that created the task first makes this one
@@ -123,7 +142,7 @@ WITH input AS (
 /// A task created meanwhile by another writer is skipped (`claimed` then falls short and
 /// the caller rolls back). The inserted rows are this transaction's until it commits, so
 /// the tasks' steps can then be appended by `COPY` without conflict checks. Returns how
-/// many were created and the watchers' `seq`.
+/// many were created.
 pub const CLAIM_NEW_TASKS: &str = r#"
 WITH input AS (
     SELECT *
@@ -174,29 +193,38 @@ SELECT status FROM task_summary WHERE user_id = $1 AND task_id = $2
 
 /// Cancels a task that exists and is not terminal: appends the cancellation entry after the
 /// highest step and marks the summary, under the summary's row lock. Returns one row when
-/// it cancelled, with the entry's step, time and id (the watchers' `seq`).
+/// it cancelled, with the entry's step.
 pub const CANCEL_TASK: &str = r#"
-WITH target AS MATERIALIZED (
-    SELECT user_id, task_id, last_step, started_at
-    FROM task_summary
-    WHERE user_id = $1 AND task_id = $2
-      AND status NOT IN ('completed', 'cancelled', 'timed_out', 'failed')
-      AND last_step < 2147483647
-    FOR UPDATE
+WITH k AS MATERIALIZED (
+    SELECT $1::text AS user_id, $2::text AS task_id
+), queued AS MATERIALIZED (
+    -- The task's queue, as for saves (SAVE_STEPS).
+    SELECT 1 AS queued
+    FROM k, LATERAL (SELECT pg_advisory_xact_lock(hashtextextended(k.task_id, hashtext(k.user_id)))) l
+), target AS MATERIALIZED (
+    SELECT s.user_id, s.task_id, s.last_step, s.started_at
+    FROM k
+    CROSS JOIN queued
+    JOIN task_summary s ON s.user_id = k.user_id AND s.task_id = k.task_id
+    WHERE s.status NOT IN ('completed', 'cancelled', 'timed_out', 'failed')
+      AND s.last_step < 2147483647
+    FOR UPDATE OF s
 ), entry AS (
     INSERT INTO task_history (user_id, task_id, step, result, timestamp, status, started_at)
     SELECT user_id, task_id, last_step + 1, $3::jsonb, now(), 'cancelled', started_at
     FROM target
-    RETURNING id, user_id, task_id, step, timestamp
+    RETURNING user_id, task_id, step, timestamp
 ), updated AS (
     UPDATE task_summary s
     SET status = 'cancelled', last_step = e.step, step_count = s.step_count + 1,
-        updated_at = GREATEST(s.updated_at, e.timestamp)
+        updated_at = GREATEST(s.updated_at, e.timestamp),
+        last_xid = CASE WHEN s.last_xid > pg_current_xact_id() THEN taskhistory_order_conflict()
+                        ELSE pg_current_xact_id() END
     FROM entry e
     WHERE s.user_id = e.user_id AND s.task_id = e.task_id
-    RETURNING e.id, e.step, e.timestamp
+    RETURNING e.step
 )
-SELECT id AS seq, step, timestamp FROM updated
+SELECT step FROM updated
 "#;
 
 /// The first page of a user's tasks.
@@ -298,16 +326,38 @@ pub const NOTIFY_SESSION: &str = "SET synchronous_commit TO off";
 /// session setting would not stay).
 pub const NOTIFY_LOCAL: &str = "SET LOCAL synchronous_commit TO off";
 
-/// Watchers: the events of recent saves, sent by the store's notifier in its own
-/// transaction (never a writer's), one notification per payload of at most 7,900 bytes.
-pub const NOTIFY_EVENTS: &str = r#"
+/// Watchers: wake-ups of recent writes (payloads naming their users), sent by the store's
+/// notifier in its own transaction (never a writer's), one notification per payload of at
+/// most 7,900 bytes.
+pub const NOTIFY_USERS: &str = r#"
 SELECT count(pg_notify($1, p))::int8 AS sent FROM unnest($2::text[]) AS p
 "#;
 
-/// Watchers: a marker notification a new watcher sends itself, so it knows which
-/// notifications are older than its watch.
-pub const WATCH_FENCE: &str = r#"
-SELECT 1::int4 AS one FROM (SELECT pg_notify($1, $2)) AS n
+/// Watchers: where the log of events stands now (a snapshot of the database: the writes it
+/// sees are in the past).
+pub const EVENT_POSITION: &str = r#"
+SELECT pg_current_snapshot()::text AS snapshot
+"#;
+
+/// Watchers: the next events of a user (of one task, when `$2` is given): the step rows
+/// written by transactions that snapshot `$5` did not see and snapshot `$6` (or, when
+/// NULL, this statement's own) does, after position (`$3`, `$4`), in position order, at most
+/// `$7`. Returns this statement's snapshot too (on a row of NULLs when there is no event).
+/// Walks task_history_user_position from (`$3`, `$4`), which the caller puts at or past the
+/// oldest transaction `$5` did not see.
+pub const EVENTS_AFTER: &str = r#"
+SELECT now.snapshot, e.task_id, e.step, e.status, e.timestamp, e.xid, e.id
+FROM (SELECT pg_current_snapshot()::text AS snapshot) now
+LEFT JOIN LATERAL (
+    SELECT h.task_id, h.step, h.status, h.timestamp, h.xid::text AS xid, h.id
+    FROM task_history h
+    WHERE h.user_id = $1 AND h.task_id = COALESCE($2::text, h.task_id)
+      AND (h.xid, h.id) > ($3::text::xid8, $4::int8)
+      AND NOT pg_visible_in_snapshot(h.xid, $5::text::pg_snapshot)
+      AND pg_visible_in_snapshot(h.xid, COALESCE($6::text::pg_snapshot, now.snapshot::pg_snapshot))
+    ORDER BY h.xid, h.id
+    LIMIT $7
+) e ON true
 "#;
 
 /// Operator: whether `pg_stat_statements` is installed in this database.
@@ -507,11 +557,12 @@ pub mod ddl {
         sql.push_str(&format!(
             "INSERT INTO task_history (id, user_id, task_id, step, result, timestamp, status, started_at)\n\
              SELECT h.id, h.user_id, h.task_id, h.step, h.result, h.timestamp, h.status,\n\
-                    COALESCE(s.started_at, h.started_at, h.timestamp)\n\
+                    COALESCE(s.started_at, h.started_at, h.timestamp), h.xid\n\
              FROM task_history_plain h\n\
              LEFT JOIN task_summary s ON s.user_id = h.user_id AND s.task_id = h.task_id;\n\
              ALTER SEQUENCE task_history_id_seq OWNED BY task_history.id;\n\
              DROP TABLE task_history_plain;\n\
+             CREATE INDEX task_history_user_position ON task_history (user_id, xid, id);\n\
              CREATE INDEX IF NOT EXISTS task_summary_started_at ON task_summary (started_at);\n\
              INSERT INTO taskhistory_layout (singleton, partition_interval) VALUES (true, '{interval}')\n\
                  ON CONFLICT (singleton) DO UPDATE SET partition_interval = EXCLUDED.partition_interval;\n\
@@ -666,8 +717,9 @@ pub const ALL_STATEMENTS: &[(&str, &str)] = &[
     ("health", HEALTH),
     ("schema_version", SCHEMA_VERSION),
     ("applied_migrations", APPLIED_MIGRATIONS),
-    ("watch_fence", WATCH_FENCE),
-    ("notify_events", NOTIFY_EVENTS),
+    ("event_position", EVENT_POSITION),
+    ("events_after", EVENTS_AFTER),
+    ("notify_users", NOTIFY_USERS),
     ("partition_layout", PARTITION_LAYOUT),
     ("partition_list", PARTITION_LIST),
     ("partition_start_range", PARTITION_START_RANGE),
@@ -709,8 +761,8 @@ mod tests {
                 || *name == "health"
                 || *name == "schema_version"
                 || *name == "applied_migrations"
-                || *name == "watch_fence"
-                || *name == "notify_events"
+                || *name == "event_position"
+                || *name == "notify_users"
                 || *name == "transaction_time"
             {
                 continue;

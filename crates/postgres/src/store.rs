@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use taskhistory_core::validate::{self, PreparedStep};
 use taskhistory_core::{
-    CleanupReport, HealthReport, HistoryEntry, HistoryPage, HistoryScan, StepRecord, StoreError,
-    TaskEvent, TaskEventStream, TaskHistoryStore, TaskPage, TaskQuery, TaskStatus, TaskStepResult,
+    CleanupReport, EventCursor, HealthReport, HistoryEntry, HistoryPage, HistoryScan, StepRecord,
+    StoreError, TaskEventStream, TaskHistoryStore, TaskPage, TaskQuery, TaskStatus, TaskStepResult,
 };
 
 use crate::config::PgConfig;
@@ -18,8 +18,8 @@ use crate::connection::Connector;
 use crate::exec::{Call, Executor, PoolStats, StoreMetrics, Tx};
 use crate::listen::Hub;
 use crate::migrate::{self, MigrationState};
-use crate::notify::{Notifier, Sequenced};
-use crate::ops::{self, cleanup::Expired, rows::TaskKey, save::Saved};
+use crate::notify::Notifier;
+use crate::ops::{self, cleanup::Expired, rows::TaskKey};
 
 /// Options of [`PgTaskHistoryStore::cleanup_old_tasks_with`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,9 +50,10 @@ impl Default for CleanupOptions {
 struct Inner {
     exec: Executor,
     config: PgConfig,
-    /// The notification channel of this schema, when saves notify watchers.
-    channel: Option<String>,
-    /// Sends committed writes' events to the channel (when it is set).
+    /// The notification channel of this schema: wake-ups of watchers.
+    channel: String,
+    /// Wakes other processes' watchers after this store's writes (when notifications are
+    /// on).
     notifier: Option<Notifier>,
     hub: Hub,
 }
@@ -85,15 +86,13 @@ impl PgTaskHistoryStore {
     pub async fn connect(config: PgConfig) -> Result<Self, StoreError> {
         config.validate()?;
         let exec = Executor::connect(&config).await?;
-        let channel = config.notifications.then(|| {
-            format!(
-                "taskhistory_{}",
-                config.schema.as_deref().unwrap_or("public")
-            )
-        });
-        let notifier = channel
-            .clone()
-            .map(|c| Notifier::new(exec.connector().clone(), c));
+        let channel = format!(
+            "taskhistory_{}",
+            config.schema.as_deref().unwrap_or("public")
+        );
+        let notifier = config
+            .notifications
+            .then(|| Notifier::new(exec.connector().clone(), channel.clone()));
         Ok(PgTaskHistoryStore {
             inner: Arc::new(Inner {
                 exec,
@@ -194,30 +193,28 @@ impl PgTaskHistoryStore {
         }
     }
 
-    /// What a watch needs: the hub, the connector and the channel; an error saying why when
-    /// watching cannot work with this configuration.
-    pub(crate) fn watch_parts(&self) -> Result<(&Hub, &Connector, String), StoreError> {
-        self.inner.exec.ensure_open()?;
-        let Some(channel) = &self.inner.channel else {
-            return Err(StoreError::invalid(
-                "DB_NOTIFY",
-                "watching needs notifications: saves do not notify with DB_NOTIFY=false",
-            ));
-        };
-        if !self.connector().can_listen() {
-            return Err(StoreError::invalid(
-                "DB_LISTEN_URL",
-                "LISTEN cannot work through PgBouncer in transaction mode: give the watchers a \
-                 direct URL (DB_LISTEN_URL or PgConfig::listen_url)",
-            ));
+    /// The wake-ups of `user`'s watchers: from this store's writes, and from other
+    /// processes' through the store's `LISTEN` connection, started on first use. Behind a
+    /// transaction pooler without a direct URL for it (`DB_LISTEN_URL`) there is no
+    /// `LISTEN`: watchers then see other processes' writes at their polls.
+    pub(crate) async fn watch_wakes(
+        &self,
+        user: &str,
+    ) -> Result<tokio::sync::watch::Receiver<u64>, StoreError> {
+        let hub = &self.inner.hub;
+        if self.connector().can_listen() {
+            hub.ensure_listening(self.connector(), &self.inner.channel)
+                .await?;
         }
-        Ok((&self.inner.hub, self.connector(), channel.clone()))
+        Ok(hub.subscribe(user))
     }
 
-    /// Hands committed writes' events to the notifier (nothing when notifications are off).
-    fn notify(&self, events: impl FnOnce() -> Vec<Sequenced>) {
+    /// Wakes the watchers of the users of committed writes (nothing when notifications are
+    /// off): a wake-up, not the event; watchers read the log.
+    fn notify<'u>(&self, users: impl IntoIterator<Item = &'u str> + Clone) {
+        self.inner.hub.wake(users.clone());
         if let Some(notifier) = &self.inner.notifier {
-            notifier.post(events());
+            notifier.post(users);
         }
     }
 
@@ -237,12 +234,11 @@ impl PgTaskHistoryStore {
             operation: call.operation,
             steps,
         };
-        let saved = self
-            .inner
+        self.inner
             .exec
             .pooled(call, save.tx(), &save, ops::save::run)
             .await?;
-        self.notify(|| ops::save::events(steps, &saved));
+        self.notify(steps.iter().map(|p| p.user_id));
         Ok(())
     }
 
@@ -265,15 +261,10 @@ impl PgTaskHistoryStore {
             steps,
             connector: self.connector(),
         };
-        let Some(copied) = self.inner.exec.copy(call, &batch, ops::copy::run).await? else {
+        if !self.inner.exec.copy(call, &batch, ops::copy::run).await? {
             return Ok(false);
-        };
-        let saved = Saved {
-            len: steps.len(),
-            seq: copied.seq,
-            at: copied.at,
-        };
-        self.notify(|| ops::save::events(steps, &[saved]));
+        }
+        self.notify(steps.iter().map(|p| p.user_id));
         Ok(true)
     }
 }
@@ -338,14 +329,10 @@ impl TaskHistoryStore for PgTaskHistoryStore {
             .exec
             .pooled(call, Tx::Statement, &key, ops::cancel::run)
             .await?;
-        let Some(e) = entry else {
+        if entry.is_none() {
             return Ok(false);
-        };
-        self.notify(|| {
-            let event =
-                TaskEvent::of_step(user_id, task_id, e.step, TaskStatus::Cancelled, e.timestamp);
-            vec![(e.seq, event)]
-        });
+        }
+        self.notify([user_id]);
         Ok(true)
     }
 
@@ -399,14 +386,19 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         &self,
         user_id: &str,
         task_id: &str,
+        after: Option<EventCursor>,
     ) -> Result<TaskEventStream, StoreError> {
         validate::task(user_id, task_id)?;
-        self.start_watch(user_id, Some(task_id)).await
+        self.start_watch(user_id, Some(task_id), after).await
     }
 
-    async fn watch_user(&self, user_id: &str) -> Result<TaskEventStream, StoreError> {
+    async fn watch_user(
+        &self,
+        user_id: &str,
+        after: Option<EventCursor>,
+    ) -> Result<TaskEventStream, StoreError> {
         validate::user_id(user_id)?;
-        self.start_watch(user_id, None).await
+        self.start_watch(user_id, None, after).await
     }
 
     async fn cleanup_old_tasks(&self, days_old: i64) -> Result<CleanupReport, StoreError> {

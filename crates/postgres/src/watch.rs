@@ -1,317 +1,420 @@
-//! Live task events: one `LISTEN` connection per store (dedicated, never pooled) fans
-//! notifications out to every watcher of the store.
+//! Watching: reading the log of events after a cursor.
 //!
-//! After their commit, saves and cancellations hand their events (each step's key, status and
-//! time; never the result) to the store's notifier (`notify.rs`), which sends them in batches
-//! from its own transaction. After a lost connection the listener reconnects by itself and
-//! every watcher re-reads what it has not seen yet (resynchronisation); every watcher also
-//! resynchronises every 10 s, which catches the events of a process that died between a
-//! commit and its notifier's next send. A notification that arrives after a read already
-//! delivered its step (a send in flight while the watch started or resynchronised) is
-//! dropped, so no committed step is missed and none is delivered twice.
+//! Every write stamps its step rows with its transaction's id (`xid`, migration 4), and per
+//! task those ids follow commit order (the save and cancel statements enforce it). A
+//! watcher holds a position: a snapshot of the database, `from`, whose writes it has
+//! delivered. A read ([`EVENTS_AFTER`](crate::sql::EVENTS_AFTER)) takes the rows written by
+//! transactions that `from` did not see and the read's own snapshot, `to`, does, in
+//! `(xid, id)` order; once it has them all, `to` becomes the new `from`. A transaction
+//! in flight at a read is invisible to it and not visible in `to`, so its rows come with a
+//! later read, however long it runs: nothing is missed, nothing comes twice, and no clock
+//! decides anything. A large catch-up is read in pages; the position then also holds `to`
+//! and the last row delivered.
+//!
+//! Reads happen when the watcher is woken (a notification naming its user, a write of this
+//! store, the listener reconnecting) and otherwise every [`PgConfig::watch_poll`]: the
+//! wake-ups only make delivery prompt.
+//!
+//! [`PgConfig::watch_poll`]: crate::PgConfig::watch_poll
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::Duration;
 
-use tokio::time::Instant;
-
 use chrono::{DateTime, Utc};
-use diesel::sql_types::{Integer, Text};
+use diesel::pg::Pg;
+use diesel::sql_types::{BigInt, Integer, Nullable, Text, Timestamptz};
 use diesel::QueryableByName;
-use diesel_async::AsyncPgConnection;
+use diesel_async::methods::LoadQuery;
+use diesel_async::{AsyncConnectionCore, AsyncPgConnection};
 use futures::future::BoxFuture;
-use taskhistory_core::{
-    HistoryScan, StepKey, StoreError, TaskEvent, TaskEventStream, TaskHistoryStore, TaskQuery,
-};
-use tokio::sync::broadcast;
+use taskhistory_core::{EventCursor, StoreError, TaskEvent, TaskEventStream, TaskStatus};
+use tokio::sync::watch;
 
 use crate::error::from_diesel;
-use crate::exec::{Call, Tx};
+use crate::exec::Call;
+use crate::ops::rows::Status;
 use crate::sql::{self, Statement};
 use crate::store::PgTaskHistoryStore;
 
-use crate::listen::Wake;
+const OP: &str = "watch";
+/// Events read per statement.
+const PAGE: i64 = 1000;
+/// The longest pause between attempts while the server cannot be reached.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
-#[derive(QueryableByName)]
-struct Fenced {
-    #[diesel(sql_type = Integer)]
-    #[allow(dead_code)]
-    one: i32,
+/// Where a watcher stands: every write `from` saw is delivered; when a read is in progress
+/// in pages, so are the rows of `to` up to `after`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Position {
+    from: Snapshot,
+    to: Option<Snapshot>,
+    after: Option<(u64, i64)>,
 }
 
-fn send_fence<'c>(
-    conn: &'c mut AsyncPgConnection,
-    (channel, id): &'c (String, String),
-) -> BoxFuture<'c, Result<(), StoreError>> {
+/// A snapshot in PostgreSQL's text form, `xmin:xmax:xip,...` (checked: it is bound into
+/// statements).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Snapshot(String);
+
+impl Snapshot {
+    fn parse(text: &str) -> Option<Self> {
+        let mut parts = text.split(':');
+        let (xmin, xmax, xip) = (parts.next()?, parts.next()?, parts.next()?);
+        let number = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        let ok = parts.next().is_none()
+            && number(xmin)
+            && number(xmax)
+            && (xip.is_empty() || xip.split(',').all(number));
+        ok.then(|| Snapshot(text.to_owned()))
+    }
+
+    /// The oldest transaction it did not see.
+    fn xmin(&self) -> u64 {
+        self.0
+            .split(':')
+            .next()
+            .and_then(|x| x.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+/// Cursor tokens: `pg~FROM~TO~XID~ID`, `-` for what is absent.
+const PREFIX: &str = "pg";
+const SEP: char = '~';
+
+impl Position {
+    fn now(snapshot: Snapshot) -> Self {
+        Position {
+            from: snapshot,
+            to: None,
+            after: None,
+        }
+    }
+
+    fn cursor(&self) -> EventCursor {
+        let to = self.to.as_ref().map_or("-", |s| s.0.as_str());
+        let (xid, id) = match self.after {
+            Some((xid, id)) => (xid.to_string(), id.to_string()),
+            None => ("-".to_owned(), "-".to_owned()),
+        };
+        let token = format!("{PREFIX}{SEP}{}{SEP}{to}{SEP}{xid}{SEP}{id}", self.from.0);
+        // Digits, ':', ',', '-', '~' and letters: always a valid token.
+        EventCursor::parse(&token).unwrap_or_else(|_| unreachable!("a position is a valid token"))
+    }
+
+    fn of(cursor: &EventCursor) -> Result<Self, StoreError> {
+        let foreign = || StoreError::invalid("cursor", "not a cursor of this store");
+        let mut parts = cursor.as_str().split(SEP);
+        if parts.next() != Some(PREFIX) {
+            return Err(foreign());
+        }
+        let mut field = || parts.next().ok_or_else(foreign);
+        let from = Snapshot::parse(field()?).ok_or_else(foreign)?;
+        let to = match field()? {
+            "-" => None,
+            s => Some(Snapshot::parse(s).ok_or_else(foreign)?),
+        };
+        let after = match (field()?, field()?) {
+            ("-", "-") => None,
+            (xid, id) => Some((
+                xid.parse().map_err(|_| foreign())?,
+                id.parse().map_err(|_| foreign())?,
+            )),
+        };
+        if parts.next().is_some() || (to.is_none() && after.is_some()) {
+            return Err(foreign());
+        }
+        Ok(Position { from, to, after })
+    }
+}
+
+#[derive(QueryableByName)]
+struct SnapshotRow {
+    #[diesel(sql_type = Text)]
+    snapshot: String,
+}
+
+/// The snapshot of now: a watch without a cursor starts there.
+fn current<'c>(
+    conn: &'c mut &'c AsyncPgConnection,
+    _: &'c (),
+) -> BoxFuture<'c, Result<String, StoreError>> {
+    current_on(conn)
+}
+
+fn current_on<'c, C>(conn: &'c mut C) -> BoxFuture<'c, Result<String, StoreError>>
+where
+    C: AsyncConnectionCore<Backend = Pg> + Send,
+    Statement: LoadQuery<'static, C, SnapshotRow>,
+{
     Box::pin(async move {
-        let _: Vec<Fenced> = Statement::new(sql::WATCH_FENCE)
-            .bind::<Text, _>(channel.clone())
-            .bind::<Text, _>(format!("fence:{id}"))
+        let rows: Vec<SnapshotRow> = Statement::new(sql::EVENT_POSITION)
             .fetch(conn)
             .await
-            .map_err(|e| from_diesel("watch", e))?;
-        Ok(())
+            .map_err(|e| from_diesel(OP, e))?;
+        rows.into_iter()
+            .next()
+            .map(|r| r.snapshot)
+            .ok_or_else(|| StoreError::database(OP, "the position statement returned no row"))
     })
 }
 
-/// How often a watcher re-reads history without being told to.
-const RESYNC_EVERY: Duration = Duration::from_secs(10);
-/// How long after a read a notification of a step it covered is taken as late (sent before
-/// the read, arriving after it) and dropped.
-const SETTLE: Duration = Duration::from_secs(2);
-/// A periodic resynchronisation of a user's tasks looks at tasks active since its previous
-/// one, less this margin (for clocks and commit delays).
-const RESYNC_MARGIN: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
+/// One read of the log.
+struct Read {
+    user: String,
+    task: Option<String>,
+    position: Position,
+}
 
-/// One watcher: what it has delivered, and what it has read but not yet handed out.
+#[derive(QueryableByName)]
+struct EventRow {
+    #[diesel(sql_type = Text)]
+    snapshot: String,
+    #[diesel(sql_type = Nullable<Text>)]
+    task_id: Option<String>,
+    #[diesel(sql_type = Nullable<Integer>)]
+    step: Option<i32>,
+    #[diesel(sql_type = Nullable<Text>)]
+    status: Option<Status>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    timestamp: Option<DateTime<Utc>>,
+    #[diesel(sql_type = Nullable<Text>)]
+    xid: Option<String>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    id: Option<i64>,
+}
+
+fn events_after<'c>(
+    conn: &'c mut &'c AsyncPgConnection,
+    read: &'c Read,
+) -> BoxFuture<'c, Result<Vec<EventRow>, StoreError>> {
+    events_after_on(conn, read)
+}
+
+fn events_after_on<'c, C>(
+    conn: &'c mut C,
+    read: &'c Read,
+) -> BoxFuture<'c, Result<Vec<EventRow>, StoreError>>
+where
+    C: AsyncConnectionCore<Backend = Pg> + Send,
+    Statement: LoadQuery<'static, C, EventRow>,
+{
+    Box::pin(async move {
+        let p = &read.position;
+        // From the oldest transaction `from` did not see, or past the last row delivered.
+        let floor = (p.from.xmin(), i64::MIN);
+        let (xid, id) = p.after.map_or(floor, |after| after.max(floor));
+        let rows: Vec<EventRow> = Statement::new(sql::EVENTS_AFTER)
+            .bind::<Text, _>(read.user.clone())
+            .bind::<Nullable<Text>, _>(read.task.clone())
+            .bind::<Text, _>(xid.to_string())
+            .bind::<BigInt, _>(id)
+            .bind::<Text, _>(p.from.0.clone())
+            .bind::<Nullable<Text>, _>(p.to.as_ref().map(|s| s.0.clone()))
+            .bind::<BigInt, _>(PAGE)
+            .fetch(conn)
+            .await
+            .map_err(|e| from_diesel(OP, e))?;
+        tracing::Span::current().record("rows", rows.len());
+        Ok(rows)
+    })
+}
+
+/// One watch: its position, and what it has read but not handed out yet.
 struct Watcher {
     store: PgTaskHistoryStore,
     user: String,
     task: Option<String>,
-    /// The highest step delivered (or existing when the watch began), per task.
-    last: HashMap<String, i32>,
-    /// Per task, the highest step a history read covered and until when a notification at
-    /// or below it is late.
-    settled: HashMap<String, (i32, Instant)>,
-    rx: broadcast::Receiver<Wake>,
+    position: Position,
+    wake: watch::Receiver<u64>,
+    poll: Duration,
     pending: VecDeque<TaskEvent>,
-    /// When the next periodic resynchronisation is due, and when the previous one started.
-    next_resync: Instant,
-    last_resync: DateTime<Utc>,
+    /// The pause before the next attempt while the server cannot be reached.
+    backoff: Option<Duration>,
+    ended: bool,
 }
 
 impl PgTaskHistoryStore {
-    /// Starts a watch of `user`'s tasks (only `task` when given).
+    /// Starts a watch of `user`'s tasks (only `task` when given) after `after`, or now.
     pub(crate) async fn start_watch(
         &self,
         user: &str,
         task: Option<&str>,
+        after: Option<EventCursor>,
     ) -> Result<TaskEventStream, StoreError> {
-        let (hub, connector, channel) = self.watch_parts()?;
-        hub.ensure_listening(connector, &channel).await?;
-        let mut rx = hub.subscribe(user);
-        // Fence: every notification before ours is of a write older than this watch.
-        let id = format!("{:016x}", fastrand::u64(..));
-        let call = Call {
-            task_id: task,
-            ..Call::user("watch", user)
-        };
-        let fence = (channel.clone(), id.clone());
-        self.exec()
-            .pooled(call, Tx::Statement, &fence, send_fence)
-            .await?;
-        let wait = async {
-            loop {
-                match rx.recv().await {
-                    Ok(Wake::Fence(f)) if *f == *id => return Ok(()),
-                    // The listener is back after losing its connection: the fence may have
-                    // been sent while it was away, so it goes again.
-                    Ok(Wake::All) => {
-                        self.exec()
-                            .pooled(call, Tx::Statement, &fence, send_fence)
-                            .await?;
-                    }
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(broadcast::error::RecvError::Closed) => {
-                        return Err(StoreError::Unavailable {
-                            operation: "watch",
-                            source: "the listener stopped".into(),
-                        })
-                    }
-                }
+        let resume = after.as_ref().map(Position::of).transpose()?;
+        self.exec().ensure_open()?;
+        // Subscribed before the position is read: a wake-up of any later write reaches it.
+        let wake = self.watch_wakes(user).await?;
+        let position = match resume {
+            Some(position) => position,
+            None => {
+                let call = Call {
+                    task_id: task,
+                    ..Call::user(OP, user)
+                };
+                let snapshot = self.exec().read(call, &(), current).await?;
+                let snapshot = Snapshot::parse(&snapshot).ok_or_else(|| {
+                    StoreError::database(OP, format!("unreadable snapshot {snapshot:?}"))
+                })?;
+                Position::now(snapshot)
             }
         };
-        tokio::time::timeout(Duration::from_secs(10), wait)
-            .await
-            .map_err(|_| StoreError::Timeout {
-                operation: "watch",
-                source: "the listener did not relay the watch's own notification within 10 s"
-                    .into(),
-            })??;
-        let mut watcher = Watcher {
+        let watcher = Watcher {
             store: self.clone(),
             user: user.to_owned(),
             task: task.map(str::to_owned),
-            last: HashMap::new(),
-            settled: HashMap::new(),
-            rx,
+            position,
+            wake,
+            poll: self.config().watch_poll,
             pending: VecDeque::new(),
-            next_resync: Instant::now() + RESYNC_EVERY,
-            last_resync: Utc::now(),
+            backoff: None,
+            ended: false,
         };
-        watcher.snapshot().await?;
         Ok(Box::pin(futures::stream::unfold(watcher, Watcher::next)))
     }
 }
 
 impl Watcher {
-    /// Records the highest existing step of each watched task: those are not delivered.
-    async fn snapshot(&mut self) -> Result<(), StoreError> {
-        let until = Instant::now() + SETTLE;
-        for (task, step) in self.current(None).await? {
-            self.settled.insert(task.clone(), (step, until));
-            self.last.insert(task, step);
-        }
-        Ok(())
-    }
-
-    /// The watched tasks and their highest step now (for a user's watch: only tasks active
-    /// since `since`, when given).
-    async fn current(
-        &self,
-        since: Option<DateTime<Utc>>,
-    ) -> Result<Vec<(String, i32)>, StoreError> {
-        match &self.task {
-            Some(task) => Ok(self
-                .store
-                .load_task_history(&self.user, task)
-                .await?
-                .last()
-                .map(|e| vec![(task.clone(), e.step)])
-                .unwrap_or_default()),
-            None => {
-                let mut out = Vec::new();
-                let mut query = TaskQuery::first(1000);
-                loop {
-                    let page = self.store.get_user_tasks_page(&self.user, &query).await?;
-                    let recent = |t: &&taskhistory_core::TaskSummary| {
-                        since.is_none_or(|s| t.last_updated >= s)
-                    };
-                    out.extend(
-                        page.tasks
-                            .iter()
-                            .filter(recent)
-                            .map(|t| (t.task_id.clone(), t.last_step)),
-                    );
-                    // Newest activity first: past `since`, nothing further is recent.
-                    let older = page.tasks.last().is_some_and(|t| !recent(&t));
-                    match page.next {
-                        Some(next) if !older => query = query.after(Some(next)),
-                        _ => return Ok(out),
-                    }
-                }
-            }
-        }
-    }
-
-    fn watches(&self, user: &str, task: &str) -> bool {
-        user == self.user && self.task.as_deref().is_none_or(|t| t == task)
-    }
-
     async fn next(mut self) -> Option<(Result<TaskEvent, StoreError>, Self)> {
         loop {
             if let Some(event) = self.pending.pop_front() {
                 return Some((Ok(event), self));
             }
-            let received = tokio::select! {
-                r = self.rx.recv() => Some(r),
-                () = tokio::time::sleep_until(self.next_resync) => None,
-            };
-            let read = match received {
-                Some(Ok(Wake::Steps(events))) => self.take_steps(&events).await,
-                Some(Ok(Wake::All) | Err(broadcast::error::RecvError::Lagged(_))) => {
-                    self.resync(None).await
+            if self.ended {
+                return None;
+            }
+            // Marked seen before the read: a wake-up during it makes the wait below return.
+            self.wake.borrow_and_update();
+            match self.read().await {
+                Ok(more) => {
+                    self.backoff = None;
+                    if more || !self.pending.is_empty() {
+                        continue;
+                    }
+                    tokio::select! {
+                        woken = self.wake.changed() => {
+                            // The store closed: its hub dropped every watcher's wake-ups.
+                            if woken.is_err() {
+                                return None;
+                            }
+                        }
+                        () = tokio::time::sleep(self.poll) => {}
+                    }
                 }
-                Some(Ok(Wake::Fence(_))) => Ok(()),
-                Some(Err(broadcast::error::RecvError::Closed)) => return None,
-                None => {
-                    let since = self.last_resync - RESYNC_MARGIN;
-                    self.last_resync = Utc::now();
-                    self.next_resync = Instant::now() + RESYNC_EVERY;
-                    self.resync(Some(since)).await
+                Err(StoreError::Closed) => return None,
+                // The store's business, not the caller's: read again once the server is
+                // back, from the same position.
+                Err(e) if e.is_transient() => {
+                    let pause = self
+                        .backoff
+                        .map_or(Duration::from_millis(50), |b| (b * 2).min(MAX_BACKOFF));
+                    self.backoff = Some(pause);
+                    tracing::warn!(error = %e, user_id = %self.user, "taskhistory: a watcher's read failed; reading again");
+                    tokio::time::sleep(pause).await;
                 }
-            };
-            if let Err(e) = read {
-                return Some((Err(e), self));
+                Err(e) => {
+                    self.ended = true;
+                    return Some((Err(e), self));
+                }
             }
         }
     }
 
-    /// Queues the events of one commit that concern this watcher: no read needed.
-    ///
-    /// A step beyond the next one after the last delivered (a gap: a step whose
-    /// notification is late or was lost with a process that died after its commit, or
-    /// steps that simply skip numbers) is not taken on trust: the task's steps after the
-    /// last delivered one are read from history first, in step order, and notifications
-    /// of steps that read covered are dropped when they come.
-    async fn take_steps(&mut self, events: &[TaskEvent]) -> Result<(), StoreError> {
-        for e in events {
-            if !self.watches(&e.user_id, &e.task_id) {
+    /// Reads the next page of events into `pending`; `true` when more are waiting.
+    async fn read(&mut self) -> Result<bool, StoreError> {
+        let call = Call {
+            task_id: self.task.as_deref(),
+            ..Call::user(OP, &self.user)
+        };
+        let read = Read {
+            user: self.user.clone(),
+            task: self.task.clone(),
+            position: self.position.clone(),
+        };
+        let rows = self.store.exec().read(call, &read, events_after).await?;
+        let bad = |what: &str| StoreError::database(OP, format!("unreadable {what}"));
+        let snapshot = match rows.first() {
+            Some(row) => Snapshot::parse(&row.snapshot).ok_or_else(|| bad("snapshot"))?,
+            None => return Err(bad("event page (no row)")),
+        };
+        let to = self.position.to.clone().unwrap_or(snapshot);
+        let mut count = 0;
+        for row in rows {
+            let (Some(task_id), Some(step), Some(status), Some(timestamp), Some(xid), Some(id)) = (
+                row.task_id,
+                row.step,
+                row.status,
+                row.timestamp,
+                row.xid,
+                row.id,
+            ) else {
                 continue;
-            }
-            let late = self
-                .settled
-                .get(&e.task_id)
-                .is_some_and(|(step, until)| Instant::now() < *until && e.step <= *step);
-            if late {
-                continue;
-            }
-            let last = self.last.get(&e.task_id).copied().unwrap_or(-1);
-            if e.step > last.saturating_add(1) {
-                self.read_task(&e.task_id, last).await?;
-                if self.last.get(&e.task_id).is_some_and(|l| *l >= e.step) {
-                    continue;
-                }
-            }
-            let last = self.last.entry(e.task_id.clone()).or_insert(-1);
-            *last = (*last).max(e.step);
-            self.pending.push_back(e.clone());
+            };
+            let xid: u64 = xid.parse().map_err(|_| bad("transaction id"))?;
+            count += 1;
+            let at = Position {
+                from: self.position.from.clone(),
+                to: Some(to.clone()),
+                after: Some((xid, id)),
+            };
+            let status: TaskStatus = status.0;
+            self.pending.push_back(TaskEvent::of_step(
+                &self.user,
+                &task_id,
+                step,
+                status,
+                timestamp,
+                at.cursor(),
+            ));
+            self.position = at;
         }
-        Ok(())
+        if count == PAGE {
+            return Ok(true);
+        }
+        // Every write `to` saw is delivered: it is the next read's `from`.
+        self.position = Position::now(to);
+        Ok(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_round_trip_through_cursors() {
+        let from = Snapshot::parse("100:105:101,103").unwrap();
+        let to = Snapshot::parse("104:110:").unwrap();
+        for p in [
+            Position::now(from.clone()),
+            Position {
+                from: from.clone(),
+                to: Some(to),
+                after: Some((104, 9_000_000_000)),
+            },
+        ] {
+            assert_eq!(Position::of(&p.cursor()).unwrap(), p);
+        }
+        assert_eq!(from.xmin(), 100);
     }
 
-    /// Reads every step not delivered yet (after a reconnect or a lag, and periodically,
-    /// then only of tasks active since `since`). Steps saved again at or below the last
-    /// delivered one are not re-read.
-    async fn resync(&mut self, since: Option<DateTime<Utc>>) -> Result<(), StoreError> {
-        // A full re-read covers every wake queued before it. A periodic one reads only
-        // recently active tasks (by their steps' times, which a save may set in the past),
-        // so its queued wakes stay: steps it reads are dropped from them as late copies.
-        if since.is_none() {
-            while self.rx.try_recv().is_ok() {}
-        }
-        let now = Instant::now();
-        self.settled.retain(|_, (_, until)| *until > now);
-        if let Some(task) = self.task.clone() {
-            // One task: read on from the last step delivered (an index range scan).
-            let last = self.last.get(&task).copied().unwrap_or(-1);
-            return self.read_task(&task, last).await;
-        }
-        for (task, step) in self.current(since).await? {
-            let last = self.last.get(&task).copied().unwrap_or(-1);
-            if step > last {
-                self.read_task(&task, last).await?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Queues the events of `task`'s steps after `after`.
-    async fn read_task(&mut self, task: &str, after: i32) -> Result<(), StoreError> {
-        let mut scan = HistoryScan::task(task, 1000).after((after >= 0).then(|| StepKey {
-            task_id: task.to_owned(),
-            step: after,
-        }));
-        loop {
-            let page = self.store.scan_history(&self.user, &scan).await?;
-            for r in &page.steps {
-                let timestamp = r.timestamp.unwrap_or_default();
-                self.pending.push_back(TaskEvent::of_step(
-                    &self.user,
-                    task,
-                    r.step,
-                    r.result.status,
-                    timestamp,
-                ));
-                let last = self.last.entry(task.to_owned()).or_insert(-1);
-                *last = (*last).max(r.step);
-                self.settled
-                    .insert(task.to_owned(), (*last, Instant::now() + SETTLE));
-            }
-            match page.next {
-                Some(next) => scan = scan.after(Some(next)),
-                None => return Ok(()),
-            }
+    #[test]
+    fn foreign_or_damaged_cursors_are_refused() {
+        for token in [
+            "mem.1.5",
+            "pg",
+            "pg~1:2:~-~-",
+            "pg~1:2:~-~5~6",
+            "pg~1:x:~-~-~-",
+            "pg~1:2:3;drop~-~-~-",
+            "pg~1:2:~3:4:~-~-~extra",
+        ] {
+            let cursor = EventCursor::parse(token).unwrap();
+            assert!(
+                matches!(Position::of(&cursor), Err(StoreError::InvalidInput { ref field, .. }) if field == "cursor"),
+                "{token}"
+            );
         }
     }
 }

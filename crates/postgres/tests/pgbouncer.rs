@@ -4,24 +4,47 @@
 
 taskhistory_core::conformance_tests!(taskhistory_testing::pgbouncer_dyn_store().await);
 
+/// Without `LISTEN` (through PgBouncer with no direct listen URL) or without
+/// notifications, watching still works: the watcher reads the log at its polls. The writes
+/// come from other stores that send no wake-up, so only the poll can deliver them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn watching_through_pgbouncer_needs_a_direct_listen_url() {
-    use taskhistory_core::{StoreError, TaskHistoryStore};
+async fn watching_without_listen_or_notifications_reads_at_its_polls() {
+    use futures::StreamExt;
+    use std::time::Duration;
+    use taskhistory_core::{TaskHistoryStore, TaskStepResult};
     use taskhistory_testing::{fresh_config, pgbouncer, store_for};
     let direct = fresh_config().await;
-    store_for(direct.clone()).await.close().await;
     let port = pgbouncer().await.port;
-    let store = store_for(direct.host("127.0.0.1").port(port).pgbouncer(true)).await;
-    match store.watch_user("u").await {
-        Err(StoreError::InvalidInput { field, .. }) => assert_eq!(field, "DB_LISTEN_URL"),
-        Err(e) => panic!("expected InvalidInput(DB_LISTEN_URL), got {e}"),
-        Ok(_) => panic!("a watch through PgBouncer without a listen URL was accepted"),
+    let poll = Duration::from_millis(100);
+    // Migrated on the direct connection first: behind the pooler the store only checks.
+    let writer = store_for(direct.clone().notifications(false)).await;
+    let pooled = store_for(
+        direct
+            .clone()
+            .host("127.0.0.1")
+            .port(port)
+            .pgbouncer(true)
+            .watch_poll(poll),
+    )
+    .await;
+    let quiet = store_for(direct.notifications(false).watch_poll(poll)).await;
+    for watcher in [&pooled, &quiet] {
+        let mut events = watcher.watch_user("u", None).await.unwrap();
+        for step in 0..3 {
+            let r = TaskStepResult::running("s", serde_json::json!({}), "");
+            writer.save_task_history("u", "t", step, &r).await.unwrap();
+            let e = tokio::time::timeout(Duration::from_secs(10), events.next())
+                .await
+                .expect("no event within 10 s")
+                .unwrap()
+                .unwrap();
+            assert_eq!((e.task_id.as_str(), e.step), ("t", step));
+        }
+        writer.mark_task_as_cancelled("u", "t").await.unwrap();
+        let e = events.next().await.unwrap().unwrap();
+        assert_eq!(e.kind, taskhistory_core::TaskEventKind::Cancelled);
+        writer.cleanup_old_tasks(0).await.unwrap();
     }
-    let quiet = store_for(fresh_config().await.notifications(false)).await;
-    assert!(matches!(
-        quiet.watch_user("u").await,
-        Err(StoreError::InvalidInput { .. })
-    ));
 }
 
 /// `COPY` batches through the pooler: the claim (an unnamed statement), `COPY` and the

@@ -74,7 +74,7 @@ async fn every_operation(
         store.cleanup_old_tasks(30).await.map(drop),
     );
     note("health_check", store.health_check().await.map(drop));
-    note("watch_user", store.watch_user("u").await.map(drop));
+    note("watch_user", store.watch_user("u", None).await.map(drop));
     errors
 }
 

@@ -131,7 +131,7 @@ async fn every_statement_is_known_and_filters_on_user_id() {
     store.cleanup_old_tasks(30).await.unwrap();
     store.health_check().await.unwrap();
     store.stats().await.unwrap();
-    drop(store.watch_user("u").await.unwrap());
+    drop(store.watch_user("u", None).await.unwrap());
     store.init_database_schema().await.unwrap();
     // The partitioned layout: conversion, listing, making partitions, and retention that
     // drops a partition (a task started 200 days ago).

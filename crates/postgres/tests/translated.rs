@@ -83,7 +83,7 @@ async fn a_statement_timeout_on_a_german_server_is_a_timeout() {
     let limited = connect(config.clone().user("th_plain")).await;
     assert!(!limited.untranslated_messages());
     // Its watchers' LISTEN connection falls back the same way.
-    drop(limited.watch_task("u", "t").await.unwrap());
+    drop(limited.watch_task("u", "t", None).await.unwrap());
     assert_eq!(
         limited.check_task_status("u", "t").await.unwrap(),
         taskhistory_core::TaskStatus::Cancelled

@@ -1,8 +1,7 @@
 //! `mark_task_as_cancelled`: statement [`CANCEL_TASK`](crate::sql::CANCEL_TASK), which appends
 //! the cancellation entry under the task's summary lock.
 
-use chrono::{DateTime, Utc};
-use diesel::sql_types::{BigInt, Integer, Jsonb, Text, Timestamptz};
+use diesel::sql_types::{Integer, Jsonb, Text};
 use diesel::QueryableByName;
 use diesel_async::AsyncPgConnection;
 use futures::future::BoxFuture;
@@ -15,12 +14,9 @@ use crate::sql::{self, Statement};
 /// The cancellation entry written (none when the task was missing or already final).
 #[derive(QueryableByName)]
 pub(crate) struct Cancelled {
-    #[diesel(sql_type = BigInt)]
-    pub(crate) seq: i64,
     #[diesel(sql_type = Integer)]
+    #[allow(dead_code)]
     pub(crate) step: i32,
-    #[diesel(sql_type = Timestamptz)]
-    pub(crate) timestamp: DateTime<Utc>,
 }
 
 pub(crate) fn run<'c, 'a>(

@@ -70,14 +70,6 @@ impl<'a> NewTasks<'a> {
     }
 }
 
-/// What a `COPY` batch did, for the watchers' events.
-pub(crate) struct Copied {
-    /// The statement's `seq`.
-    pub(crate) seq: i64,
-    /// `now()` of the transaction: the time of steps saved without one.
-    pub(crate) at: DateTime<Utc>,
-}
-
 /// A batch for the `COPY` path.
 pub(crate) struct CopyNewTasks<'a> {
     /// Sorted and de-duplicated by `prepare_batch`.
@@ -85,13 +77,13 @@ pub(crate) struct CopyNewTasks<'a> {
     pub(crate) connector: &'a Connector,
 }
 
-/// Saves the steps by `COPY` if every task they touch is new, in one transaction; `None`
+/// Saves the steps by `COPY` if every task they touch is new, in one transaction; `false`
 /// (nothing written) when one is not, or another writer created one meanwhile: the caller
 /// then uses the upsert statement.
 pub(crate) fn run<'c, 'a>(
     conn: &'c mut RawSession,
     p: &'c CopyNewTasks<'a>,
-) -> BoxFuture<'c, Result<Option<Copied>, StoreError>> {
+) -> BoxFuture<'c, Result<bool, StoreError>> {
     Box::pin(async move {
         let tx = Transaction::begin(conn, p.connector, OP, "").await?;
         let client = &tx.client;
@@ -111,8 +103,8 @@ pub(crate) fn run<'c, 'a>(
             Err(e) => Err(e),
         };
         match result {
-            Ok(Some(copied)) => tx.commit().await.map(|()| Some(copied)),
-            Ok(None) => tx.rollback().await.map(|()| None),
+            Ok(true) => tx.commit().await.map(|()| true),
+            Ok(false) => tx.rollback().await.map(|()| false),
             Err(e) => {
                 let _ = tx.rollback().await;
                 Err(e)
@@ -136,7 +128,7 @@ async fn claim_and_copy(
     connector: &Connector,
     steps: &[PreparedStep<'_>],
     now: DateTime<Utc>,
-) -> Result<Option<Copied>, StoreError> {
+) -> Result<bool, StoreError> {
     let new = NewTasks::of(steps, now);
     let params: [(&(dyn ToSql + Sync), Type); 7] = [
         (&new.users, Type::TEXT_ARRAY),
@@ -163,16 +155,15 @@ async fn claim_and_copy(
         .ok_or_else(|| StoreError::database(OP, "the claim statement returned no row"))?;
     let read = |e: tokio_postgres::Error| StoreError::database(OP, e);
     let claimed: i64 = row.try_get("claimed").map_err(read)?;
-    let seq: i64 = row.try_get("seq").map_err(read)?;
     if usize::try_from(claimed).ok() != Some(new.len()) {
-        return Ok(None);
+        return Ok(false);
     }
     connector.observe(sql::COPY_STEPS);
     match copy_steps(client, &mut rows, buf, done).await {
-        Ok(()) => Ok(Some(Copied { seq, at: now })),
+        Ok(()) => Ok(true),
         // A step row without its task's summary (left by hand, say): the upsert path
         // handles it.
-        Err(CopyError::Server(e)) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => Ok(None),
+        Err(CopyError::Server(e)) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => Ok(false),
         Err(CopyError::Server(e)) => Err(from_postgres(OP, e)),
         Err(CopyError::Encode(e)) => Err(StoreError::database(OP, e)),
         Err(CopyError::TooLarge) => Err(StoreError::database(OP, "a COPY field is over 2 GiB")),

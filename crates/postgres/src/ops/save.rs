@@ -8,12 +8,11 @@ use diesel::QueryableByName;
 use diesel_async::AsyncPgConnection;
 use futures::future::BoxFuture;
 use taskhistory_core::validate::PreparedStep;
-use taskhistory_core::{StoreError, TaskEvent};
+use taskhistory_core::StoreError;
 
 use super::rows::JsonOf;
 use crate::error::from_diesel;
 use crate::exec::Tx;
-use crate::notify::Sequenced;
 use crate::sql::{self, Statement};
 
 /// Rows per statement when a batch is split (inside one transaction).
@@ -45,19 +44,6 @@ struct SaveOutcome {
     refused_task: Option<String>,
     #[diesel(sql_type = BigInt)]
     rows_written: i64,
-    #[diesel(sql_type = Nullable<BigInt>)]
-    seq: Option<i64>,
-    #[diesel(sql_type = Timestamptz)]
-    saved_at: DateTime<Utc>,
-}
-
-/// A saved chunk, for the watchers' events: its length, the statement's `seq` and `now()`
-/// (the time of steps saved without one).
-#[derive(Clone, Copy)]
-pub(crate) struct Saved {
-    pub(crate) len: usize,
-    pub(crate) seq: i64,
-    pub(crate) at: DateTime<Utc>,
 }
 
 /// Saves the steps, a chunk per statement; a chunk touching a cancelled task fails the whole
@@ -65,13 +51,12 @@ pub(crate) struct Saved {
 pub(crate) fn run<'c, 'a>(
     conn: &'c mut AsyncPgConnection,
     p: &'c SaveSteps<'a>,
-) -> BoxFuture<'c, Result<Vec<Saved>, StoreError>> {
+) -> BoxFuture<'c, Result<(), StoreError>> {
     Box::pin(async move {
-        let mut saved = Vec::with_capacity(p.steps.len().div_ceil(CHUNK_ROWS));
         for chunk in p.steps.chunks(CHUNK_ROWS) {
-            saved.push(save_chunk(conn, p.operation, chunk).await?);
+            save_chunk(conn, p.operation, chunk).await?;
         }
-        Ok(saved)
+        Ok(())
     })
 }
 
@@ -79,7 +64,7 @@ async fn save_chunk(
     conn: &mut AsyncPgConnection,
     op: &'static str,
     steps: &[PreparedStep<'_>],
-) -> Result<Saved, StoreError> {
+) -> Result<(), StoreError> {
     let statement = match steps {
         // One step: the scalar statement (its generic plan is cached; see sql::SAVE_STEP).
         [p] => Statement::new(sql::SAVE_STEP)
@@ -119,38 +104,13 @@ async fn save_chunk(
             refused_task: Some(task_id),
             ..
         }) => Err(StoreError::TaskCancelled { user_id, task_id }),
-        Some(SaveOutcome {
-            rows_written,
-            seq,
-            saved_at,
-            ..
-        }) => {
+        Some(SaveOutcome { rows_written, .. }) => {
             tracing::Span::current().record("rows", rows_written);
-            Ok(Saved {
-                len: steps.len(),
-                seq: seq.unwrap_or(0),
-                at: saved_at,
-            })
+            Ok(())
         }
         None => Err(StoreError::database(
             op,
             "the save statement returned no row",
         )),
     }
-}
-
-/// The watchers' events of saved steps, chunk by chunk.
-pub(crate) fn events(steps: &[PreparedStep<'_>], saved: &[Saved]) -> Vec<Sequenced> {
-    let mut out = Vec::with_capacity(steps.len());
-    let mut rest = steps;
-    for chunk in saved {
-        let (these, more) = rest.split_at(chunk.len.min(rest.len()));
-        rest = more;
-        out.extend(these.iter().map(|p| {
-            let at = p.timestamp.unwrap_or(chunk.at);
-            let event = TaskEvent::of_step(p.user_id, p.task_id, p.step, p.result.status, at);
-            (chunk.seq, event)
-        }));
-    }
-    out
 }

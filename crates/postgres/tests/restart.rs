@@ -133,3 +133,69 @@ async fn a_restarted_or_crashed_server_reaches_no_caller_once_it_answers() {
     }
     store.close().await;
 }
+
+async fn next(events: &mut taskhistory_core::TaskEventStream) -> taskhistory_core::TaskEvent {
+    use futures::StreamExt;
+    tokio::time::timeout(Duration::from_secs(20), events.next())
+        .await
+        .expect("no event within 20 s")
+        .expect("the stream ended")
+        .expect("the stream yielded an error")
+}
+
+/// A watch goes on across a restart and a crash of the server: the stream yields no error
+/// (reconnecting is the store's business) and every write exactly once, in order; a watch
+/// resumed from a cursor taken before both faults receives the same writes after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_goes_on_across_restarts_and_resumes_from_an_old_cursor() {
+    use futures::StreamExt;
+    let server = OwnServer::start(&[]);
+    let config = PgConfig::from_url(&server.url())
+        .unwrap()
+        .ssl_mode(SslMode::Disable)
+        .schema("watching")
+        .pool_size(2, 8)
+        .watch_poll(Duration::from_millis(200))
+        .retry(RetryPolicy {
+            initial_backoff: Duration::from_millis(5),
+            ..RetryPolicy::default()
+        });
+    let store = store_for(config).await;
+    let mut events = store.watch_user("u", None).await.unwrap();
+    let run = TaskStepResult::running("s", json!({}), "");
+    for i in 0..10 {
+        store.save_task_history("u", "t", i, &run).await.unwrap();
+    }
+    let mut got = Vec::new();
+    let mut cursor = None;
+    for _ in 0..5 {
+        let e = next(&mut events).await;
+        got.push(e.step);
+        cursor = Some(e.cursor);
+    }
+    server.restart();
+    for i in 10..20 {
+        store.save_task_history("u", "t", i, &run).await.unwrap();
+    }
+    server.crash_and_start();
+    for i in 20..30 {
+        store.save_task_history("u", "t", i, &run).await.unwrap();
+    }
+    while got.len() < 30 {
+        got.push(next(&mut events).await.step);
+    }
+    assert_eq!(got, (0..30).collect::<Vec<_>>());
+    let mut resumed = store.watch_user("u", cursor).await.unwrap();
+    let mut again = Vec::new();
+    while again.len() < 25 {
+        again.push(next(&mut resumed).await.step);
+    }
+    assert_eq!(again, (5..30).collect::<Vec<_>>());
+    // Nothing more on either: a write now is the next event of both.
+    store.save_task_history("u", "t", 30, &run).await.unwrap();
+    assert_eq!(next(&mut events).await.step, 30);
+    assert_eq!(next(&mut resumed).await.step, 30);
+    store.close().await;
+    // A closed store ends its streams.
+    assert!(events.next().await.is_none());
+}

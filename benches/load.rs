@@ -582,7 +582,7 @@ async fn run() {
             }));
         }
         let on_saves = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        for c in [1usize, 8] {
+        for c in [1usize, 8, 32] {
             let (on, off, counted) = (store.clone(), off.clone(), on_saves.clone());
             compare(
                 &mut report,
@@ -604,8 +604,7 @@ async fn run() {
                 move |round, w, i| {
                     let off = off.clone();
                     async move {
-                        // Users nobody watches: the watchers' periodic re-read of
-                        // history would deliver these steps too.
+                        // Users nobody watches.
                         off.save_task_history(
                             &format!("unwatched-{w}"),
                             &format!("off{round}-{}", i / 20),
@@ -628,6 +627,47 @@ async fn run() {
         );
         for d in drains {
             d.abort();
+        }
+        // Delivery: a write of another store (as another process would make it), then the
+        // time until a watcher of this one yields it; woken by the notification, and with
+        // the writer's notifications off (the poll alone, DB_WATCH_POLL's default of 1 s).
+        for (label, notify) in [("woken by notification", true), ("poll only", false)] {
+            let writer_config = PgConfig::from_url(&url)
+                .unwrap()
+                .ssl_mode(SslMode::Disable)
+                .schema(schema.clone())
+                .pool_size(1, 4)
+                .notifications(notify);
+            let writer = PgTaskHistoryStore::connect(writer_config).await.unwrap();
+            let user = format!("latency-{notify}");
+            let mut events = pg.watch_user(&user, None).await.unwrap();
+            let saves = if short() { 40 } else { 200 };
+            let mut latencies = Vec::with_capacity(saves);
+            for i in 0..saves {
+                writer
+                    .save_task_history(&user, "t", i as i32, &step_result(i as u64))
+                    .await
+                    .unwrap();
+                let acked = Instant::now();
+                let e = futures::StreamExt::next(&mut events)
+                    .await
+                    .unwrap()
+                    .unwrap();
+                assert_eq!(e.step, i as i32);
+                latencies.push(acked.elapsed());
+                if !notify && i >= 9 {
+                    break;
+                }
+            }
+            latencies.sort();
+            let pct = |q: f64| ms(latencies[((latencies.len() - 1) as f64 * q) as usize]);
+            report.add(
+                &format!("watch: delivery after the write's ack, {label}"),
+                format!("p50 {:.1} ms p99 {:.1} ms", pct(0.5), pct(0.99)),
+                format!("{} writes", latencies.len()),
+                "-".to_owned(),
+            );
+            writer.close().await;
         }
     }
     if section("reads") {

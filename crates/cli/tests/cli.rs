@@ -869,6 +869,87 @@ async fn watch_prints_events_as_lines() {
     );
 }
 
+/// `watch` in one process sees `import` and `cancel` run as other processes: with its poll
+/// set to an hour, only their wake-ups (sent when each command closes its store before it
+/// exits) can deliver them. Then `--after` the last printed cursor resumes with exactly the
+/// writes after it.
+#[tokio::test]
+async fn watch_sees_other_commands_at_once_and_resumes_after_a_cursor() {
+    use std::io::{BufRead, BufReader};
+    let db = Db::fresh().await;
+    db.store().await.close().await;
+    let watch = |extra: &[&str]| {
+        let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("taskhistory"))
+            .env("DB_WATCH_POLL", "3600")
+            .args(["--database-url", &db.url, "--schema", &db.schema])
+            .args(["--json", "watch", "u"])
+            .args(extra)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        stderr.read_line(&mut line).unwrap();
+        assert!(line.starts_with("watching"), "{line}");
+        (child, stderr)
+    };
+    let (child, _stderr) = watch(&["--count", "3"]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("steps.jsonl");
+    write_lines(&file, &[record_line("u", "t", 0), record_line("u", "t", 1)]);
+    let imported = db.cli(&["import", file.to_str().unwrap()]);
+    assert_eq!(imported.code, 0, "{}", imported.stderr);
+    let cancelled = db.cli(&["cancel", "u", "t"]);
+    assert_eq!(cancelled.code, 0, "{}", cancelled.stderr);
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let events: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let steps: Vec<(i64, &str)> = events
+        .iter()
+        .map(|e| (e["step"].as_i64().unwrap(), e["kind"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        steps,
+        [(0, "step_saved"), (1, "step_saved"), (2, "cancelled")]
+    );
+    // Resumed after the first event: the other two, then a new write, nothing else.
+    let first = events[0]["cursor"].as_str().unwrap().to_owned();
+    let (child, mut stderr) = watch(&["--count", "3", "--after", &first]);
+    let store = db.store().await;
+    store
+        .save_task_history("u", "next", 0, &TaskStepResult::running("s", json!(0), "m"))
+        .await
+        .unwrap();
+    store.close().await;
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let resumed: Vec<(String, i64)> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .map(|e| {
+            (
+                e["task_id"].as_str().unwrap().to_owned(),
+                e["step"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        resumed,
+        [
+            ("t".to_owned(), 1),
+            ("t".to_owned(), 2),
+            ("next".to_owned(), 0)
+        ]
+    );
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    assert!(rest.contains("--after pg~"), "{rest}");
+}
+
 #[tokio::test]
 async fn partitions_convert_ensure_list_and_cleanup_drops() {
     let db = Db::fresh().await;

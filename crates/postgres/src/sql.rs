@@ -555,7 +555,7 @@ pub mod ddl {
             ));
         }
         sql.push_str(&format!(
-            "INSERT INTO task_history (id, user_id, task_id, step, result, timestamp, status, started_at)\n\
+            "INSERT INTO task_history (id, user_id, task_id, step, result, timestamp, status, started_at, xid)\n\
              SELECT h.id, h.user_id, h.task_id, h.step, h.result, h.timestamp, h.status,\n\
                     COALESCE(s.started_at, h.started_at, h.timestamp), h.xid\n\
              FROM task_history_plain h\n\

@@ -23,7 +23,7 @@ const NOT_PER_USER: &[&str] = &[
     "health",
     "schema_version",
     "applied_migrations",
-    "watch_fence",
+    "event_position",
     "stats_by_status",
     "stats_relations",
     "partition_layout",
@@ -32,7 +32,7 @@ const NOT_PER_USER: &[&str] = &[
     "partition_keeps_tasks",
     "partition_retire_tasks",
     "partition_has_tasks",
-    "notify_events",
+    "notify_users",
     "transaction_time",
 ];
 
@@ -131,7 +131,16 @@ async fn every_statement_is_known_and_filters_on_user_id() {
     store.cleanup_old_tasks(30).await.unwrap();
     store.health_check().await.unwrap();
     store.stats().await.unwrap();
-    drop(store.watch_user("u", None).await.unwrap());
+    let mut events = store.watch_user("u", None).await.unwrap();
+    store
+        .save_task_history("u", "watched", 0, &r(0))
+        .await
+        .unwrap();
+    futures::StreamExt::next(&mut events)
+        .await
+        .unwrap()
+        .unwrap();
+    drop(events);
     store.init_database_schema().await.unwrap();
     // The partitioned layout: conversion, listing, making partitions, and retention that
     // drops a partition (a task started 200 days ago).

@@ -582,6 +582,7 @@ async fn run() {
             }));
         }
         let on_saves = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let queries_before = pg.metrics().queries;
         for c in [1usize, 8, 32] {
             let (on, off, counted) = (store.clone(), off.clone(), on_saves.clone());
             compare(
@@ -620,18 +621,37 @@ async fn run() {
             .await;
         }
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let saves = on_saves.load(Ordering::Relaxed);
         println!(
-            "  watchers received {} events for {} saves of the watching store",
+            "  watchers received {} events for {saves} saves of the watching store; its \
+             statements besides the saves (the watchers' reads): {}",
             received.load(Ordering::Relaxed),
-            on_saves.load(Ordering::Relaxed)
+            (pg.metrics().queries - queries_before).saturating_sub(saves)
         );
         for d in drains {
             d.abort();
         }
         // Delivery: a write of another store (as another process would make it), then the
-        // time until a watcher of this one yields it; woken by the notification, and with
-        // the writer's notifications off (the poll alone, DB_WATCH_POLL's default of 1 s).
-        for (label, notify) in [("woken by notification", true), ("poll only", false)] {
+        // time until a watcher of this one, reading all along, has it; woken by the
+        // notification, and with the writer's notifications off (the poll alone,
+        // DB_WATCH_POLL's default of 1 s). Writes 100 ms apart are each read on their own;
+        // 10 ms apart, a busy watcher reads at most every 50 ms (watch.rs, MIN_READ_GAP).
+        let short = common::short();
+        for (label, notify, writes, gap) in [
+            (
+                "woken by notification",
+                true,
+                if short { 20 } else { 100 },
+                100,
+            ),
+            (
+                "woken by notification",
+                true,
+                if short { 50 } else { 300 },
+                10,
+            ),
+            ("poll only (writer's notifications off)", false, 10, 300),
+        ] {
             let writer_config = PgConfig::from_url(&url)
                 .unwrap()
                 .ssl_mode(SslMode::Disable)
@@ -639,32 +659,35 @@ async fn run() {
                 .pool_size(1, 4)
                 .notifications(notify);
             let writer = PgTaskHistoryStore::connect(writer_config).await.unwrap();
-            let user = format!("latency-{notify}");
+            let user = format!("latency-{notify}-{gap}");
             let mut events = pg.watch_user(&user, None).await.unwrap();
-            let saves = if short() { 40 } else { 200 };
-            let mut latencies = Vec::with_capacity(saves);
-            for i in 0..saves {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+            let consumer = tokio::spawn(async move {
+                while let Some(Ok(e)) = futures::StreamExt::next(&mut events).await {
+                    let _ = tx.send((e.step, Instant::now()));
+                }
+            });
+            let mut acked = Vec::with_capacity(writes);
+            for i in 0..writes {
                 writer
                     .save_task_history(&user, "t", i as i32, &step_result(i as u64))
                     .await
                     .unwrap();
-                let acked = Instant::now();
-                let e = futures::StreamExt::next(&mut events)
-                    .await
-                    .unwrap()
-                    .unwrap();
-                assert_eq!(e.step, i as i32);
-                latencies.push(acked.elapsed());
-                if !notify && i >= 9 {
-                    break;
-                }
+                acked.push(Instant::now());
+                tokio::time::sleep(std::time::Duration::from_millis(gap)).await;
             }
+            let mut latencies = Vec::with_capacity(writes);
+            while latencies.len() < writes {
+                let (step, at) = rx.recv().await.unwrap();
+                latencies.push(at.saturating_duration_since(acked[step as usize]));
+            }
+            consumer.abort();
             latencies.sort();
             let pct = |q: f64| ms(latencies[((latencies.len() - 1) as f64 * q) as usize]);
             report.add(
-                &format!("watch: delivery after the write's ack, {label}"),
+                &format!("watch: delivery after the ack, {label}"),
                 format!("p50 {:.1} ms p99 {:.1} ms", pct(0.5), pct(0.99)),
-                format!("{} writes", latencies.len()),
+                format!("{writes} writes, {gap} ms apart"),
                 "-".to_owned(),
             );
             writer.close().await;

@@ -114,10 +114,8 @@ impl MemoryStore {
     }
 
     /// A cursor at `position` of this store's log.
-    fn cursor(&self, position: u64) -> EventCursor {
-        // Digits and dots only: always a valid token.
+    fn cursor(&self, position: u64) -> Result<EventCursor, StoreError> {
         EventCursor::parse(&format!("mem.{}.{position}", self.inner.instance))
-            .unwrap_or_else(|_| unreachable!("a memory cursor is a valid token"))
     }
 
     /// The position a cursor of this store stands at.
@@ -164,6 +162,7 @@ impl MemoryStore {
             position,
             wake: self.inner.position.subscribe(),
             pending: VecDeque::new(),
+            ended: false,
         };
         Ok(Box::pin(futures::stream::unfold(
             watcher,
@@ -511,6 +510,7 @@ struct MemoryWatcher {
     position: u64,
     wake: watch::Receiver<u64>,
     pending: VecDeque<TaskEvent>,
+    ended: bool,
 }
 
 impl MemoryWatcher {
@@ -519,10 +519,20 @@ impl MemoryWatcher {
             if let Some(event) = self.pending.pop_front() {
                 return Some((Ok(event), self));
             }
+            if self.ended {
+                return None;
+            }
             // Marked seen before the read: a write after it wakes the wait below.
             self.wake.borrow_and_update();
-            // A closed store ends the stream.
-            self.read().ok()?;
+            match self.read() {
+                Ok(()) => {}
+                // A closed store ends the stream.
+                Err(StoreError::Closed) => return None,
+                Err(e) => {
+                    self.ended = true;
+                    return Some((Err(e), self));
+                }
+            }
             if self.pending.is_empty() && self.wake.changed().await.is_err() {
                 return None;
             }
@@ -550,7 +560,7 @@ impl MemoryWatcher {
                 *step,
                 entry.status,
                 entry.timestamp,
-                self.store.cursor(position),
+                self.store.cursor(position)?,
             ));
             if self.pending.len() == EVENTS_PER_READ {
                 break;

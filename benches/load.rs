@@ -310,7 +310,8 @@ async fn compare<S, SF, B, BF>(
     store_op: S,
     base_op: B,
     workers: usize,
-) where
+) -> (f64, Sample)
+where
     S: Fn(u64, usize, u64) -> SF + Send + Sync + Clone + 'static,
     SF: Future<Output = ()> + Send,
     B: Fn(u64, usize, u64) -> BF + Send + Sync + Clone + 'static,
@@ -345,6 +346,52 @@ async fn compare<S, SF, B, BF>(
         ),
         format!("{:.2}", rs / rb),
     );
+    (rs, s)
+}
+
+/// pgbench (PostgreSQL's own load tool, from the server's binaries) running the Python
+/// service's plain one-row INSERT, prepared, one commit per row, into a table made as the
+/// Python service makes it (with its six indexes), for `secs` seconds with `clients`
+/// connections: (rows/s, average latency in ms). `None` when pgbench cannot be found.
+fn pgbench_plain_insert(url: &str, schema: &str, clients: usize, secs: u64) -> Option<(f64, f64)> {
+    let bin = testing::postgres_bin_dir()?.join("pgbench");
+    let config: tokio_postgres::Config = url.parse().ok()?;
+    let host = match config.get_hosts().first()? {
+        tokio_postgres::config::Host::Tcp(h) => h.clone(),
+        tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    let script = std::env::temp_dir().join(format!("th-pgbench-{}.sql", std::process::id()));
+    std::fs::write(
+        &script,
+        "\\set t random(1, 100000)\n\\set s random(0, 19)\n\
+         INSERT INTO python_task_history (user_id, task_id, step, result, timestamp, status) \
+         VALUES ('u' || :client_id, 't' || :t, :s, '{\"step_name\": \"s\", \"status\": \"running\", \"result\": {\"i\": 1}, \"message\": \"\"}', now(), 'running');\n",
+    )
+    .ok()?;
+    let mut cmd = std::process::Command::new(bin);
+    cmd.args(["-n", "-M", "prepared", "-j", "2"])
+        .args(["-c", &clients.to_string(), "-T", &secs.to_string()])
+        .args(["-h", &host, "-p", &port.to_string()])
+        .arg("-f")
+        .arg(&script)
+        .env("PGOPTIONS", format!("-c search_path={schema}"));
+    if let Some(user) = config.get_user() {
+        cmd.args(["-U", user]);
+    }
+    if let Some(password) = config.get_password() {
+        cmd.env("PGPASSWORD", String::from_utf8_lossy(password).into_owned());
+    }
+    cmd.arg(config.get_dbname().unwrap_or("postgres"));
+    let out = cmd.output().ok()?;
+    let _ = std::fs::remove_file(&script);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let number = |prefix: &str| -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .and_then(|rest| rest.trim().split_whitespace().next()?.parse().ok())
+    };
+    Some((number("tps = ")?, number("latency average = ")?))
 }
 
 fn peak_rss_kib() -> u64 {
@@ -445,6 +492,14 @@ async fn run() {
         .schema(schema.clone())
         .pool_size(10, 20)
         .notifications(std::env::var_os("BENCH_NOTIFY_OFF").is_none());
+    // BENCH_SAVE_LANES: the store's save lanes (default: the store's default).
+    let config = match std::env::var("BENCH_SAVE_LANES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        Some(lanes) => config.save_lanes(lanes),
+        None => config,
+    };
     let pg = testing::store_for(config).await;
     let store: DynStore = Arc::new(pg.clone());
     let admin = raw_connect(&url, &schema).await;
@@ -455,11 +510,27 @@ async fn run() {
     );
 
     if section("save") {
+        // The Python service's table, for pgbench's plain INSERT.
+        admin
+            .client
+            .batch_execute(
+                "CREATE TABLE python_task_history (id SERIAL PRIMARY KEY, user_id TEXT NOT NULL, \
+                 task_id TEXT NOT NULL, step INTEGER NOT NULL, result JSONB NOT NULL, \
+                 timestamp TIMESTAMP NOT NULL, status TEXT NOT NULL DEFAULT 'pending');
+                 CREATE INDEX ON python_task_history (user_id);
+                 CREATE INDEX ON python_task_history (task_id);
+                 CREATE INDEX ON python_task_history (status);
+                 CREATE INDEX ON python_task_history (timestamp);
+                 CREATE INDEX ON python_task_history (user_id, task_id);
+                 CREATE INDEX ON python_task_history (user_id, timestamp DESC);",
+            )
+            .await
+            .unwrap();
         // Single saves at concurrency 1, 8, 32.
         for c in [1usize, 8, 32] {
             let raw = RawPool::new(&url, &schema, c.min(20)).await;
             let s = store.clone();
-            compare(
+            let (rate, sample) = compare(
                 &mut report,
                 &format!("save_task_history, {c} concurrent"),
                 move |round, w, i| {
@@ -486,6 +557,17 @@ async fn run() {
                 c,
             )
             .await;
+            // The same number of connections running the Python service's INSERT, one
+            // commit per row (pgbench), for as long as the store's three rounds took.
+            let secs = (round_secs().as_secs_f64() * 3.0).ceil() as u64;
+            if let Some((tps, latency)) = pgbench_plain_insert(&url, &schema, c, secs) {
+                report.add(
+                    &format!("save_task_history, {c} concurrent / pgbench plain INSERT"),
+                    format!("{rate:.0}/s p50 {:.2} ms", ms(sample.pct(0.5))),
+                    format!("pgbench {tps:.0}/s avg {latency:.2} ms"),
+                    format!("{:.2}", rate / tps),
+                );
+            }
         }
     }
     if section("batch") {

@@ -11,8 +11,9 @@
 //!   history scans walked page by page, cleanups over explicitly old data) run on the memory
 //!   store and on PostgreSQL, and their outcomes are compared after every operation.
 //!
-//! PostgreSQL runs twice: with the default configuration, and with every batch of new tasks
-//! going by `COPY` (`copy_min_rows(1)`). `PROPTEST_CASES` sets the number of cases. Bad input
+//! PostgreSQL runs with the default configuration and with every batch of new tasks going
+//! by `COPY` (`copy_min_rows(1)`); the sequences also run on a store whose every single save
+//! goes through the combined statement (`combine_lone_saves`). `PROPTEST_CASES` sets the number of cases. Bad input
 //! is not compared here (both stores call the same `validate`, so they would agree by
 //! construction); the behaviour suite checks each rule on each store.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -476,15 +477,21 @@ fn memory_and_postgres_agree_on_every_sequence() {
         ..ProptestConfig::default()
     };
     proptest!(config, |(ops in prop::collection::vec(op(), 1..24))| {
-        let (pg, pg_copy): (DynStore, DynStore) =
-            rt.block_on(async { (testing::fresh_dyn_store().await, testing::copy_dyn_store().await) });
+        let (pg, pg_copy, pg_combined): (DynStore, DynStore, DynStore) = rt.block_on(async {
+            (
+                testing::fresh_dyn_store().await,
+                testing::copy_dyn_store().await,
+                testing::combined_dyn_store().await,
+            )
+        });
         let memory: DynStore = std::sync::Arc::new(MemoryStore::new());
         for (i, op) in ops.iter().enumerate() {
-            let (on_memory, on_pg, on_copy) = rt.block_on(async {
+            let (on_memory, on_pg, on_copy, on_combined) = rt.block_on(async {
                 (
                     run_op(&memory, "u", op).await,
                     run_op(&pg, "u", op).await,
                     run_op(&pg_copy, "u", op).await,
+                    run_op(&pg_combined, "u", op).await,
                 )
             });
             prop_assert!(
@@ -493,11 +500,19 @@ fn memory_and_postgres_agree_on_every_sequence() {
             );
             prop_assert_eq!(&on_memory, &on_pg, "operation {} {:?}", i, op);
             prop_assert_eq!(&on_pg, &on_copy, "operation {} {:?} (COPY store)", i, op);
+            prop_assert_eq!(
+                &on_pg,
+                &on_combined,
+                "operation {} {:?} (combined saves)",
+                i,
+                op
+            );
             note(&on_pg);
         }
         rt.block_on(async {
             pg.close().await;
             pg_copy.close().await;
+            pg_combined.close().await;
         });
     });
     // Enough cases to expect each: the comparison met what it is for.

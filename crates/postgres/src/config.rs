@@ -78,6 +78,17 @@ pub struct PgConfig {
     /// poll ([`watch_poll`](Self::watch_poll)). A wake-up never carries an event: losing one
     /// costs latency, never an event.
     pub notifications: bool,
+    /// How many single saves run as statements at once (`DB_SAVE_LANES`, default 2). More
+    /// concurrent saves queue, and each lane then writes the queued saves in one statement
+    /// and one commit, each caller getting its own outcome after that commit. A save that
+    /// finds a lane free goes at once. 0 turns combining off: every save is then its own
+    /// statement on its own pooled connection.
+    pub save_lanes: u32,
+    /// A save that finds no other save queued with it is written by the combined statement
+    /// too (default false: it takes the single-step statement, whose plan the server
+    /// keeps). For tests that must run every save through the combined statement, as the
+    /// behaviour suite does on one of its stores.
+    pub combine_lone_saves: bool,
     /// How often a watcher reads the log of events without being woken (`DB_WATCH_POLL`,
     /// seconds, default 1): the latest a write whose wake-up never left (a process that
     /// died after its commit, a lost listener) reaches watchers.
@@ -141,6 +152,8 @@ impl fmt::Debug for PgConfig {
             .field("pgbouncer", &self.pgbouncer)
             .field("notifications", &self.notifications)
             .field("watch_poll", &self.watch_poll)
+            .field("save_lanes", &self.save_lanes)
+            .field("combine_lone_saves", &self.combine_lone_saves)
             .field(
                 "listen",
                 &self
@@ -184,6 +197,8 @@ impl Default for PgConfig {
             pgbouncer: false,
             notifications: true,
             watch_poll: Duration::from_secs(1),
+            save_lanes: 2,
+            combine_lone_saves: false,
             listen: None,
             partitioning: None,
             copy_min_rows: Some(1_000),
@@ -230,7 +245,7 @@ impl PgConfig {
     /// `DB_NAME`, `DB_USER`, `DB_PASSWORD`; then, in both cases, `DB_MIN_SIZE`,
     /// `DB_MAX_SIZE`, `DB_COMMAND_TIMEOUT`, `DB_STATEMENT_TIMEOUT`, `DB_CONNECT_TIMEOUT`,
     /// `DB_POOL_TIMEOUT`, `DB_WATCH_POLL` (seconds), `DB_SSLMODE`, `DB_SSLROOTCERT`, `DB_APPLICATION_NAME`
-    /// `DB_SCHEMA`, `DB_PGBOUNCER`, `DB_NOTIFY`, `DB_LISTEN_URL`, `DB_PARTITION_INTERVAL` and
+    /// `DB_SCHEMA`, `DB_PGBOUNCER`, `DB_NOTIFY`, `DB_SAVE_LANES`, `DB_LISTEN_URL`, `DB_PARTITION_INTERVAL` and
     /// `DB_PARTITIONS_AHEAD`, `DB_COPY_MIN_ROWS`, `DB_COPY_CONNECTIONS`, `DB_PIPELINED_READS`. A bad value is an `InvalidInput` naming the variable.
     pub fn from_env() -> Result<Self, StoreError> {
         Self::from_lookup(|key| std::env::var(key).ok())
@@ -277,6 +292,9 @@ impl PgConfig {
                 })
                 .transpose()
         };
+        if let Some(v) = num("DB_SAVE_LANES")? {
+            c.save_lanes = v;
+        }
         if let Some(v) = num("DB_MIN_SIZE")? {
             c.min_size = v;
         }
@@ -447,6 +465,17 @@ impl PgConfig {
     pub fn pool_size(mut self, min: u32, max: u32) -> Self {
         self.min_size = min;
         self.max_size = max;
+        self
+    }
+    /// Sets how many single saves run at once ([`PgConfig::save_lanes`]; 0: no combining).
+    pub fn save_lanes(mut self, lanes: u32) -> Self {
+        self.save_lanes = lanes;
+        self
+    }
+    /// Sets whether a lone save takes the combined statement too
+    /// ([`PgConfig::combine_lone_saves`]).
+    pub fn combine_lone_saves(mut self, on: bool) -> Self {
+        self.combine_lone_saves = on;
         self
     }
     /// Sets how often watchers read without a wake-up ([`PgConfig::watch_poll`]).

@@ -7,12 +7,14 @@
 //! folder, embedded) are applied by `init_database_schema`, and adopt a database made by the
 //! Python `DatabaseManager` in place. An opt-in partitioned layout (by task start) makes
 //! retention drop whole partitions ([`PgTaskHistoryStore::convert_to_partitioned`]); live
-//! task events reach watchers of any process through LISTEN/NOTIFY, sent by a per-store
-//! notifier outside the writers' transactions.
+//! task events are a log each watcher reads after its cursor, woken through LISTEN/NOTIFY
+//! (sent by a per-store notifier outside the writers' transactions); concurrent single
+//! saves are combined into one statement when they queue for the store's save lanes.
 //!
 //! What it is not for: tests of code that merely uses a store (use `taskhistory-memory`), or
 //! arbitrary queries over the history (the SQL is fixed, in [`sql`]).
 
+mod combine;
 mod config;
 mod connection;
 mod error;

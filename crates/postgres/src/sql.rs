@@ -17,38 +17,72 @@ use diesel_async::methods::LoadQuery;
 use diesel_async::{AsyncConnectionCore, RunQueryDsl};
 
 /// The part of the save statements after their input: locks, upserts, summary, outcome.
+/// `whole`: a cancelled task refuses the whole statement (batches are all-or-nothing);
+/// `each`: it refuses only its own rows (combined single saves, each its caller's).
 macro_rules! save_body {
-    () => {
-        r#"), locked AS MATERIALIZED (
+    (whole) => {
+        concat!(
+            save_body!(@locks),
+            r#"), refused AS (
+    SELECT user_id, task_id FROM locked WHERE status = 'cancelled' LIMIT 1
+"#,
+            save_body!(@keyed),
+            "    WHERE NOT EXISTS (SELECT 1 FROM refused)\n",
+            save_body!(@upserts),
+            r#"SELECT r.user_id AS refused_user, r.task_id AS refused_task,
+       (SELECT count(*) FROM written) AS rows_written
+FROM (SELECT 1) AS one LEFT JOIN refused r ON true
+"#
+        )
+    };
+    (each) => {
+        concat!(
+            save_body!(@locks),
+            r#"), refused AS (
+    SELECT user_id, task_id FROM locked WHERE status = 'cancelled'
+"#,
+            save_body!(@keyed),
+            r#"    WHERE NOT EXISTS (
+        SELECT 1 FROM refused r WHERE r.user_id = keyed.user_id AND r.task_id = keyed.task_id
+    )
+"#,
+            save_body!(@upserts),
+            r#"SELECT ARRAY(SELECT user_id FROM refused) AS refused_users,
+       ARRAY(SELECT task_id FROM refused) AS refused_tasks,
+       (SELECT count(*) FROM written) AS rows_written
+"#
+        )
+    };
+    (@locks) => {
+        r#"), keys AS MATERIALIZED (
+    SELECT DISTINCT user_id, task_id FROM input
+), queued AS MATERIALIZED (
+    -- Writers of a few tasks first queue for each of them, in key order, on a lock that
+    -- gives the transaction no id; the id comes with the first row lock below, once every
+    -- queue is passed, so the writers of one task are numbered in the order they commit
+    -- (the guard on last_xid then does not fire for them). Large batches skip the queue (a
+    -- lock per task could fill the server's lock table) and rely on the guard alone.
+    SELECT count(pg_advisory_xact_lock(hashtextextended(o.task_id, hashtext(o.user_id))))
+               FILTER (WHERE o.tasks <= 64) AS passed
+    FROM (SELECT k.*, count(*) OVER () AS tasks FROM keys k ORDER BY user_id, task_id) o
+), locked AS MATERIALIZED (
     -- One primary-key probe per task, in key order (the lock order of every writer). Written
     -- as a lateral lookup so that the cached generic plan, which cannot know how many rows
-    -- the arrays hold, never turns it into a scan of the whole summary table.
+    -- the arrays hold, never turns it into a scan of the whole summary table. It reads
+    -- q.passed: the row locks come after the queues.
     SELECT s.user_id, s.task_id, s.status, s.started_at
-    FROM (
-        SELECT user_id, task_id, count(*) OVER () AS tasks
-        FROM (SELECT DISTINCT user_id, task_id FROM input) d
-        ORDER BY user_id, task_id
-    ) k
-    -- Writers of a few tasks first queue for the tasks in order, on a lock that gives the
-    -- transaction no id: the id comes with the row lock below, so writers of one task are
-    -- numbered in the order they commit (the guard on last_xid then never fires for them).
-    -- Large batches skip it (a lock per task could fill the server's lock table).
+    FROM queued q
+    CROSS JOIN (SELECT user_id, task_id FROM keys ORDER BY user_id, task_id) k
     CROSS JOIN LATERAL (
-        SELECT CASE WHEN k.tasks <= 64 THEN (
-                   SELECT 1 FROM (SELECT pg_advisory_xact_lock(
-                       hashtextextended(k.task_id, hashtext(k.user_id)))) l
-               ) END AS queued
-    ) q
-    CROSS JOIN LATERAL (
-        -- q.queued is selected so that the queue comes before the row lock.
-        SELECT t.user_id, t.task_id, t.status, t.started_at, q.queued
+        SELECT t.user_id, t.task_id, t.status, t.started_at, q.passed
         FROM task_summary t
         WHERE t.user_id = k.user_id AND t.task_id = k.task_id
         FOR UPDATE OF t
     ) s
-), refused AS (
-    SELECT user_id, task_id FROM locked WHERE status = 'cancelled' LIMIT 1
-), keyed AS MATERIALIZED (
+"#
+    };
+    (@keyed) => {
+        r#"), keyed AS MATERIALIZED (
     -- The id is drawn here so that the rows returned tell an insert (this id) from an
     -- update (the row's older id): what step_count adds.
     SELECT i.*, nextval('task_history_id_seq') AS id,
@@ -59,8 +93,10 @@ macro_rules! save_body {
     INSERT INTO task_history AS h
         (id, user_id, task_id, step, result, timestamp, status, started_at)
     SELECT id, user_id, task_id, step, result, ts, status, started_at FROM keyed
-    WHERE NOT EXISTS (SELECT 1 FROM refused)
-    ON CONFLICT ON CONSTRAINT task_history_user_task_step_key DO UPDATE
+"#
+    };
+    (@upserts) => {
+        r#"    ON CONFLICT ON CONSTRAINT task_history_user_task_step_key DO UPDATE
         SET result = EXCLUDED.result, timestamp = EXCLUDED.timestamp, status = EXCLUDED.status,
             started_at = EXCLUDED.started_at,
             -- A step saved again moves to the end of the log (its id stays: it tells an
@@ -96,9 +132,6 @@ macro_rules! save_body {
                         ELSE EXCLUDED.last_xid END
     RETURNING 1
 )
-SELECT r.user_id AS refused_user, r.task_id AS refused_task,
-       (SELECT count(*) FROM written) AS rows_written
-FROM (SELECT 1) AS one LEFT JOIN refused r ON true
 "#
     };
 }
@@ -119,7 +152,7 @@ WITH input AS (
     FROM unnest($1::text[], $2::text[], $3::int4[], $4::jsonb[], $5::timestamptz[], $6::text[])
         AS i(user_id, task_id, step, result, ts, status)
 "#,
-    save_body!()
+    save_body!(whole)
 );
 
 /// [`SAVE_STEPS`] for one step, with scalar parameters in the same order: the planner knows
@@ -132,7 +165,21 @@ WITH input AS (
     SELECT $1::text AS user_id, $2::text AS task_id, $3::int4 AS step, $4::jsonb AS result,
            COALESCE($5::timestamptz, now()) AS ts, $6::text AS status
 "#,
-    save_body!()
+    save_body!(whole)
+);
+
+/// Combined single saves (callers queued for a connection, `combine.rs`): [`SAVE_STEPS`]'s
+/// input, but a cancelled task refuses only its own rows; returns every refused task
+/// (parallel arrays of user_id and task_id) and the rows written. The inputs are
+/// de-duplicated by key (one caller's save per step).
+pub const SAVE_COMBINED: &str = concat!(
+    r#"
+WITH input AS (
+    SELECT i.user_id, i.task_id, i.step, i.result, COALESCE(i.ts, now()) AS ts, i.status
+    FROM unnest($1::text[], $2::text[], $3::int4[], $4::jsonb[], $5::timestamptz[], $6::text[])
+        AS i(user_id, task_id, step, result, ts, status)
+"#,
+    save_body!(each)
 );
 
 /// Creates the summaries of a `COPY` batch's tasks (inputs: per task, parallel arrays of
@@ -698,6 +745,7 @@ impl Query for Statement {
 pub const ALL_STATEMENTS: &[(&str, &str)] = &[
     ("save_steps", SAVE_STEPS),
     ("save_step", SAVE_STEP),
+    ("save_combined", SAVE_COMBINED),
     ("claim_new_tasks", CLAIM_NEW_TASKS),
     ("copy_steps", COPY_STEPS),
     ("transaction_time", TRANSACTION_TIME),

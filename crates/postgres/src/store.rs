@@ -56,6 +56,8 @@ struct Inner {
     /// on).
     notifier: Option<Notifier>,
     hub: Hub,
+    /// Combines concurrent single saves (when `save_lanes` is not 0).
+    combiner: Option<Arc<crate::combine::Combiner>>,
 }
 
 /// The PostgreSQL store: diesel-async over a bb8 pool. Cheap to clone (clones share the pool).
@@ -93,6 +95,8 @@ impl PgTaskHistoryStore {
         let notifier = config
             .notifications
             .then(|| Notifier::new(exec.connector().clone(), channel.clone()));
+        let combiner = (config.save_lanes > 0)
+            .then(|| crate::combine::Combiner::new(config.save_lanes, config.combine_lone_saves));
         Ok(PgTaskHistoryStore {
             inner: Arc::new(Inner {
                 exec,
@@ -100,6 +104,7 @@ impl PgTaskHistoryStore {
                 notifier,
                 channel,
                 hub: Hub::default(),
+                combiner,
             }),
         })
     }
@@ -211,7 +216,7 @@ impl PgTaskHistoryStore {
 
     /// Wakes the watchers of the users of committed writes (nothing when notifications are
     /// off): a wake-up, not the event; watchers read the log.
-    fn notify<'u>(&self, users: impl IntoIterator<Item = &'u str> + Clone) {
+    pub(crate) fn notify<'u>(&self, users: impl IntoIterator<Item = &'u str> + Clone) {
         self.inner.hub.wake(users.clone());
         if let Some(notifier) = &self.inner.notifier {
             notifier.post(users);
@@ -229,7 +234,11 @@ impl PgTaskHistoryStore {
     }
 
     /// Saves validated steps by the upsert statement and notifies watchers after commit.
-    async fn save(&self, call: Call<'_>, steps: &[PreparedStep<'_>]) -> Result<(), StoreError> {
+    pub(crate) async fn save(
+        &self,
+        call: Call<'_>,
+        steps: &[PreparedStep<'_>],
+    ) -> Result<(), StoreError> {
         let save = ops::save::SaveSteps {
             operation: call.operation,
             steps,
@@ -286,6 +295,10 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         step_result: &TaskStepResult,
     ) -> Result<(), StoreError> {
         let steps = [validate::prepare_save(user_id, task_id, step, step_result)?];
+        if let Some(combiner) = &self.inner.combiner {
+            self.inner.exec.ensure_open()?;
+            return combiner.save(self, &steps[0]).await;
+        }
         self.save(Call::task("save_task_history", user_id, task_id), &steps)
             .await
     }

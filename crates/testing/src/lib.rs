@@ -397,6 +397,14 @@ pub async fn upsert_dyn_store() -> DynStore {
     std::sync::Arc::new(store_for(config).await)
 }
 
+/// A migrated store on a fresh schema whose single saves all go through the combined
+/// statement, on one save lane (concurrent saves queue and are written together; a lone
+/// save takes the combined statement too): the behaviour suite on the combining path.
+pub async fn combined_dyn_store() -> DynStore {
+    let config = fresh_config().await.save_lanes(1).combine_lone_saves(true);
+    std::sync::Arc::new(store_for(config).await)
+}
+
 /// A migrated store on a fresh schema in the partitioned layout (monthly, 3 ahead).
 pub async fn partitioned_store() -> PgTaskHistoryStore {
     let mut config = fresh_config().await;

@@ -10,7 +10,7 @@ use diesel::QueryableByName;
 use taskhistory_core::{CleanupReport, StoreError, TaskStatus, TaskStepResult};
 
 /// A step result encoded as JSON, bound as `jsonb`.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct JsonOf(Vec<u8>);
 
 impl JsonOf {

@@ -1,6 +1,8 @@
 //! `save_task_history` and the upsert path of `save_batch_task_history`: statements
 //! [`SAVE_STEP`](crate::sql::SAVE_STEP) (one step) and [`SAVE_STEPS`](crate::sql::SAVE_STEPS)
-//! (many, as arrays), in chunks of [`CHUNK_ROWS`] inside one transaction past that.
+//! (many, as arrays), in chunks of [`CHUNK_ROWS`] inside one transaction past that; and
+//! [`SAVE_COMBINED`](crate::sql::SAVE_COMBINED), the single saves of several callers in one
+//! statement (`combine.rs`).
 
 use chrono::{DateTime, Utc};
 use diesel::sql_types::{Array, BigInt, Integer, Jsonb, Nullable, Text, Timestamptz};
@@ -113,4 +115,56 @@ async fn save_chunk(
             "the save statement returned no row",
         )),
     }
+}
+
+/// Single saves of several callers in one statement, as parallel arrays (one entry per
+/// step, no key twice; each step saved with the store's clock).
+#[derive(Default)]
+pub(crate) struct Combined {
+    pub(crate) users: Vec<String>,
+    pub(crate) tasks: Vec<String>,
+    pub(crate) steps: Vec<i32>,
+    pub(crate) results: Vec<JsonOf>,
+    pub(crate) statuses: Vec<&'static str>,
+}
+
+#[derive(QueryableByName)]
+struct CombinedOutcome {
+    #[diesel(sql_type = Array<Text>)]
+    refused_users: Vec<String>,
+    #[diesel(sql_type = Array<Text>)]
+    refused_tasks: Vec<String>,
+    #[diesel(sql_type = BigInt)]
+    rows_written: i64,
+}
+
+/// Saves the combined steps; returns the tasks that refused theirs (cancelled).
+pub(crate) fn run_combined<'c>(
+    conn: &'c mut AsyncPgConnection,
+    p: &'c Combined,
+) -> BoxFuture<'c, Result<Vec<(String, String)>, StoreError>> {
+    Box::pin(async move {
+        let op = "save_task_history";
+        let times: Vec<Option<DateTime<Utc>>> = vec![None; p.steps.len()];
+        let rows: Vec<CombinedOutcome> = Statement::new(sql::SAVE_COMBINED)
+            .bind::<Array<Text>, _>(p.users.clone())
+            .bind::<Array<Text>, _>(p.tasks.clone())
+            .bind::<Array<Integer>, _>(p.steps.clone())
+            .bind::<Array<Jsonb>, _>(p.results.clone())
+            .bind::<Array<Nullable<Timestamptz>>, _>(times)
+            .bind::<Array<Text>, _>(p.statuses.clone())
+            .fetch(conn)
+            .await
+            .map_err(|e| from_diesel(op, e))?;
+        let outcome = rows
+            .into_iter()
+            .next()
+            .ok_or_else(|| StoreError::database(op, "the combined save returned no row"))?;
+        tracing::Span::current().record("rows", outcome.rows_written);
+        Ok(outcome
+            .refused_users
+            .into_iter()
+            .zip(outcome.refused_tasks)
+            .collect())
+    })
 }

@@ -1,0 +1,238 @@
+//! Combined single saves: the behaviour suite with every save through the combined
+//! statement on one lane; each caller's own outcome in a combined statement; callers that
+//! give up; durability across a `kill -9` of the server under 32 writers.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::json;
+use taskhistory_core::{RetryPolicy, StoreError, TaskHistoryStore, TaskStepResult};
+use taskhistory_postgres::__private::sql;
+use taskhistory_postgres::{PgConfig, SslMode};
+use taskhistory_testing::{fresh_config, lock_summary, store_for, OwnServer};
+
+taskhistory_core::conformance_tests!(taskhistory_testing::combined_dyn_store().await);
+
+fn step(i: i32) -> TaskStepResult {
+    TaskStepResult::running("s", json!({ "i": i }), "")
+}
+
+/// Saves queued behind a busy lane go in one statement; the one to a cancelled task is
+/// refused alone, the others are stored, and each caller hears its own outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_combined_statement_refuses_only_the_save_to_a_cancelled_task() {
+    let combined = Arc::new(AtomicUsize::new(0));
+    let counter = combined.clone();
+    let config = fresh_config()
+        .await
+        .save_lanes(1)
+        .observe_statements(move |s| {
+            if s == sql::SAVE_COMBINED.trim() {
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    let schema = config.schema.clone().unwrap();
+    let store = store_for(config).await;
+    for task in ["held", "a", "b", "c"] {
+        store
+            .save_task_history("u", task, 0, &step(0))
+            .await
+            .unwrap();
+    }
+    assert!(store.mark_task_as_cancelled("u", "c").await.unwrap());
+    // The one lane waits on a lock the test holds; the next saves queue behind it.
+    let locker = lock_summary(&schema, "held").await;
+    let first = {
+        let store = store.clone();
+        tokio::spawn(async move { store.save_task_history("u", "held", 1, &step(1)).await })
+    };
+    while locker
+        .query_one("SELECT count(*) FROM pg_locks WHERE NOT granted", &[])
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+        == 0
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let queued: Vec<_> = ["a", "b", "c"]
+        .into_iter()
+        .map(|task| {
+            let store = store.clone();
+            tokio::spawn(async move { store.save_task_history("u", task, 1, &step(1)).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = combined.load(Ordering::Relaxed);
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    first.await.unwrap().unwrap();
+    let mut outcomes = Vec::new();
+    for q in queued {
+        outcomes.push(q.await.unwrap());
+    }
+    assert!(outcomes[0].is_ok() && outcomes[1].is_ok(), "{outcomes:?}");
+    assert!(
+        matches!(&outcomes[2], Err(StoreError::TaskCancelled { task_id, .. }) if task_id == "c"),
+        "{outcomes:?}"
+    );
+    // The three went in one statement.
+    assert_eq!(combined.load(Ordering::Relaxed) - before, 1);
+    for (task, steps) in [("a", 2), ("b", 2), ("c", 2)] {
+        assert_eq!(
+            store.load_task_history("u", task).await.unwrap().len(),
+            steps
+        );
+    }
+    assert_eq!(
+        store.load_task_history("u", "c").await.unwrap()[1].status,
+        taskhistory_core::TaskStatus::Cancelled
+    );
+}
+
+/// Callers that give up (their futures dropped at random moments) never cut a combined
+/// statement: no connection is thrown away, every save whose caller heard `Ok` is stored,
+/// and the store goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callers_that_give_up_never_cut_other_callers_saves() {
+    let store = store_for(fresh_config().await.pool_size(2, 8).save_lanes(1)).await;
+    let acked = Arc::new(Mutex::new(BTreeSet::new()));
+    let mut cut = 0;
+    for round in 0..50 {
+        let mut calls = Vec::new();
+        for k in 0..16 {
+            let (store, acked) = (store.clone(), acked.clone());
+            let i = round * 16 + k;
+            let deadline =
+                Duration::from_micros(((i as u64).wrapping_mul(2_654_435_761) >> 7) % 4_000);
+            calls.push(tokio::spawn(async move {
+                let (task, result) = (format!("t{}", k % 4), step(i));
+                tokio::select! {
+                    r = store.save_task_history("u", &task, i, &result) => {
+                        r.unwrap();
+                        acked.lock().unwrap().insert((k % 4, i));
+                        true
+                    }
+                    () = tokio::time::sleep(deadline) => false,
+                }
+            }));
+        }
+        for c in calls {
+            if !c.await.unwrap() {
+                cut += 1;
+            }
+        }
+    }
+    assert!(cut > 50, "only {cut} calls were cut");
+    assert_eq!(
+        store.pool_stats().closed_broken,
+        0,
+        "{:?}",
+        store.pool_stats()
+    );
+    let acked = acked.lock().unwrap().clone();
+    for task in 0..4 {
+        let stored: BTreeSet<i32> = store
+            .load_task_history("u", &format!("t{task}"))
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.step)
+            .collect();
+        let want: BTreeSet<i32> = acked
+            .iter()
+            .filter(|(t, _)| *t == task)
+            .map(|(_, s)| *s)
+            .collect();
+        assert!(
+            want.is_subset(&stored),
+            "task t{task}: acknowledged saves missing"
+        );
+    }
+    store
+        .save_task_history("u", "after", 0, &step(0))
+        .await
+        .unwrap();
+}
+
+/// `kill -9` of the server (one of the test's own) under 32 writers with combining on:
+/// every acknowledged save is stored, once; the writers go on after the restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_acknowledged_combined_save_survives_a_kill_9() {
+    let server = OwnServer::start(&[]);
+    let config = PgConfig::from_url(&server.url())
+        .unwrap()
+        .ssl_mode(SslMode::Disable)
+        .schema("combined")
+        .pool_size(4, 8)
+        .retry(RetryPolicy {
+            initial_backoff: Duration::from_millis(20),
+            max_attempts: 10,
+            ..RetryPolicy::default()
+        });
+    let store = store_for(config).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let saved = Arc::new(AtomicUsize::new(0));
+    let mut writers = Vec::new();
+    for w in 0..32 {
+        let (store, stop, saved) = (store.clone(), stop.clone(), saved.clone());
+        writers.push(tokio::spawn(async move {
+            let (mut acked, mut failed) = (Vec::new(), 0);
+            let mut i = 0;
+            while !stop.load(Ordering::Relaxed) {
+                match store
+                    .save_task_history("u", &format!("w{w}"), i, &step(i))
+                    .await
+                {
+                    Ok(()) => {
+                        acked.push(i);
+                        saved.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        assert!(e.is_transient(), "writer {w}: {e}");
+                        failed += 1;
+                    }
+                }
+                i += 1;
+            }
+            (acked, failed)
+        }));
+    }
+    while saved.load(Ordering::Relaxed) < 2_000 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    server.crash_and_start();
+    let after_crash = saved.load(Ordering::Relaxed);
+    while saved.load(Ordering::Relaxed) < after_crash + 2_000 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for (w, writer) in writers.into_iter().enumerate() {
+        let (acked, _) = writer.await.unwrap();
+        let stored: Vec<i32> = store
+            .load_task_history("u", &format!("w{w}"))
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.step)
+            .collect();
+        let unique: BTreeSet<i32> = stored.iter().copied().collect();
+        assert_eq!(
+            unique.len(),
+            stored.len(),
+            "writer {w}: a step stored twice"
+        );
+        for step in &acked {
+            assert!(
+                unique.contains(step),
+                "writer {w}: acknowledged step {step} lost"
+            );
+        }
+        total += acked.len();
+    }
+    assert!(total >= 4_000);
+    store.close().await;
+}

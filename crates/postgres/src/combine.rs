@@ -31,6 +31,8 @@ const MAX_COMBINED: usize = 1_000;
 
 /// One caller's save, waiting for its statement.
 struct Queued {
+    /// Tells the caller's entry from the others (to take it back when it waited too long).
+    ticket: u64,
     user_id: String,
     task_id: String,
     step: i32,
@@ -41,7 +43,14 @@ struct Queued {
 /// The queue of single saves and the lanes they are written on.
 pub(crate) struct Combiner {
     queue: Mutex<VecDeque<Queued>>,
+    tickets: std::sync::atomic::AtomicU64,
+    /// How long a save waits in the queue for a lane ([`PgConfig::pool_timeout`]), as a
+    /// save without combining waits for a connection.
+    ///
+    /// [`PgConfig::pool_timeout`]: crate::PgConfig::pool_timeout
+    wait: std::time::Duration,
     lanes: Arc<Semaphore>,
+    lanes_total: u32,
     /// A lone save takes the combined statement too ([`PgConfig::combine_lone_saves`]).
     ///
     /// [`PgConfig::combine_lone_saves`]: crate::PgConfig::combine_lone_saves
@@ -57,10 +66,13 @@ impl std::fmt::Debug for Combiner {
 }
 
 impl Combiner {
-    pub(crate) fn new(lanes: u32, lone_combined: bool) -> Arc<Self> {
+    pub(crate) fn new(lanes: u32, lone_combined: bool, wait: std::time::Duration) -> Arc<Self> {
         Arc::new(Combiner {
             queue: Mutex::new(VecDeque::new()),
+            tickets: std::sync::atomic::AtomicU64::new(0),
+            wait,
             lanes: Arc::new(Semaphore::new(lanes.max(1) as usize)),
+            lanes_total: lanes.max(1),
             lone_combined,
         })
     }
@@ -75,8 +87,12 @@ impl Combiner {
         store: &PgTaskHistoryStore,
         step: &PreparedStep<'_>,
     ) -> Result<(), StoreError> {
-        let (done, answer) = oneshot::channel();
+        let (done, mut answer) = oneshot::channel();
+        let ticket = self
+            .tickets
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.queue().push_back(Queued {
+            ticket,
             user_id: step.user_id.to_owned(),
             task_id: step.task_id.to_owned(),
             step: step.step,
@@ -84,12 +100,33 @@ impl Combiner {
             done,
         });
         self.start_lane(store);
-        answer.await.unwrap_or_else(|_| {
+        let lost = || {
             Err(StoreError::database(
                 OP,
                 "the save's statement ended without an answer (the runtime is shutting down)",
             ))
-        })
+        };
+        match tokio::time::timeout(self.wait, &mut answer).await {
+            Ok(answered) => return answered.unwrap_or_else(|_| lost()),
+            Err(_) => {
+                // Still queued: every lane stayed busy. Taken back, as a save without
+                // combining gives up waiting for a connection.
+                let mut queue = self.queue();
+                if let Some(at) = queue.iter().position(|q| q.ticket == ticket) {
+                    queue.remove(at);
+                    return Err(StoreError::Unavailable {
+                        operation: OP,
+                        source: format!(
+                            "no save lane free within {:?} ({} lanes, all busy)",
+                            self.wait, self.lanes_total
+                        )
+                        .into(),
+                    });
+                }
+            }
+        }
+        // A lane took it: its statement answers (bounded by the command timeout).
+        answer.await.unwrap_or_else(|_| lost())
     }
 
     /// Starts a lane's worker if a lane is free (else a running worker takes the queue).

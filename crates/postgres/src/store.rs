@@ -95,8 +95,13 @@ impl PgTaskHistoryStore {
         let notifier = config
             .notifications
             .then(|| Notifier::new(exec.connector().clone(), channel.clone()));
-        let combiner = (config.save_lanes > 0)
-            .then(|| crate::combine::Combiner::new(config.save_lanes, config.combine_lone_saves));
+        let combiner = (config.save_lanes > 0).then(|| {
+            crate::combine::Combiner::new(
+                config.save_lanes,
+                config.combine_lone_saves,
+                config.pool_timeout,
+            )
+        });
         Ok(PgTaskHistoryStore {
             inner: Arc::new(Inner {
                 exec,

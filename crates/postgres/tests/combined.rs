@@ -236,3 +236,63 @@ async fn every_acknowledged_combined_save_survives_a_kill_9() {
     assert!(total >= 4_000);
     store.close().await;
 }
+
+/// Saves queued behind lanes that stay busy (both wait on a lock the test holds) give up
+/// after the pool timeout with `Unavailable`, as a save waiting for a connection does, and
+/// are not written later; once the lock goes, the lanes serve again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn saves_waiting_for_busy_lanes_give_up_after_the_pool_timeout() {
+    let config = fresh_config()
+        .await
+        .save_lanes(2)
+        .pool_size(1, 4)
+        .pool_timeout(Duration::from_millis(300))
+        .retry(RetryPolicy::never());
+    let schema = config.schema.clone().unwrap();
+    let store = store_for(config).await;
+    store
+        .save_task_history("u", "t", 0, &step(0))
+        .await
+        .unwrap();
+    let locker = lock_summary(&schema, "t").await;
+    let blocked: Vec<_> = (1..=2)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move { store.save_task_history("u", "t", i, &step(i)).await })
+        })
+        .collect();
+    // Both lanes wait on the lock: two statements blocked in the server.
+    while locker
+        .query_one("SELECT count(*) FROM pg_locks WHERE NOT granted", &[])
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+        < 2
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let err = store
+        .save_task_history("u", "other", 0, &step(0))
+        .await
+        .unwrap_err();
+    assert!(matches!(&err, StoreError::Unavailable { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains("no save lane free within 300ms"),
+        "{err}"
+    );
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    for b in blocked {
+        b.await.unwrap().unwrap();
+    }
+    // The save that gave up was taken out of the queue: never written.
+    assert!(store
+        .load_task_history("u", "other")
+        .await
+        .unwrap()
+        .is_empty());
+    store
+        .save_task_history("u", "other", 1, &step(1))
+        .await
+        .unwrap();
+    assert_eq!(store.load_task_history("u", "t").await.unwrap().len(), 3);
+}

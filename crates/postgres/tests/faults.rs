@@ -129,8 +129,11 @@ async fn killed_backends_under_load_lose_nothing_and_the_pool_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exhausted_pool_waits_then_says_so() {
+    // Saves as statements of their own, each waiting for a connection (with combining,
+    // saves wait for a lane instead: `combined.rs`).
     let config = fresh_config()
         .await
+        .save_lanes(0)
         .pool_size(1, 2)
         .pool_timeout(Duration::from_millis(300))
         .retry(RetryPolicy::never());

@@ -389,7 +389,7 @@ fn pgbench_plain_insert(url: &str, schema: &str, clients: usize, secs: u64) -> O
     let number = |prefix: &str| -> Option<f64> {
         text.lines()
             .find_map(|l| l.trim().strip_prefix(prefix))
-            .and_then(|rest| rest.trim().split_whitespace().next()?.parse().ok())
+            .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
     };
     Some((number("tps = ")?, number("latency average = ")?))
 }

@@ -1,4 +1,4 @@
-//! The behaviour suite: every rule of the [`TaskHistoryStore`] contract as a plain async
+//! The behaviour suite: every rule of the [`TaskHistoryStore`](crate::TaskHistoryStore) contract as a plain async
 //! function taking a fresh store. Each backend runs all of it, through
 //! [`conformance_tests!`](crate::conformance_tests), which expands into one named
 //! `#[tokio::test]` per case (the runner crate needs `tokio` and `rstest` as dev-dependencies).

@@ -12,7 +12,7 @@
 //! saves are combined into one statement when they queue for the store's save lanes.
 //!
 //! What it is not for: tests of code that merely uses a store (use `taskhistory-memory`), or
-//! arbitrary queries over the history (the SQL is fixed, in [`sql`]).
+//! arbitrary queries over the history (the SQL is fixed, in the crate's `sql` module).
 
 mod combine;
 mod config;

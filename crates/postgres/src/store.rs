@@ -65,7 +65,9 @@ struct Inner {
 /// Every operation is one statement (one round trip), retried on transient errors by the
 /// configured [`RetryPolicy`](taskhistory_core::RetryPolicy), bounded by the client command
 /// timeout, and traced with a `taskhistory` span (operation, user_id, task_id, rows,
-/// elapsed_ms).
+/// elapsed_ms). Single saves of concurrent callers may share a statement and its commit
+/// ([`PgConfig::save_lanes`]); each caller is answered after that commit, with its own
+/// outcome.
 #[derive(Clone)]
 pub struct PgTaskHistoryStore {
     inner: Arc<Inner>,

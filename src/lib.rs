@@ -10,20 +10,39 @@
 //! - `taskhistory-memory` (feature `memory`, default): [`MemoryStore`], the test double;
 //! - feature `mock`: mockall's `MockTaskHistoryStore`.
 //!
-//! ```no_run
-//! # async fn demo() -> Result<(), taskhistory::StoreError> {
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), taskhistory::StoreError> {
 //! use std::sync::Arc;
+//! // Everything the API speaks in comes from the facade: no chrono, serde_json or futures
+//! // dependency of the service's own.
+//! use taskhistory::futures::StreamExt;
+//! use taskhistory::serde_json::json;
 //! use taskhistory::{DynStore, MemoryStore, TaskHistoryStore, TaskStepResult};
 //!
 //! let store: DynStore = Arc::new(MemoryStore::new());
-//! let step = TaskStepResult::success("load", serde_json::json!({"rows": 1000}), "loaded");
+//! let mut events = store.watch_user("user_123", None).await?;
+//! let step = TaskStepResult::success("load", json!({"rows": 1000}), "loaded");
 //! store.save_task_history("user_123", "task_456", 1, &step).await?;
 //! let history = store.load_task_history("user_123", "task_456").await?;
 //! assert_eq!(history.len(), 1);
+//! let event = events.next().await.expect("a live stream")?;
+//! let at: taskhistory::chrono::DateTime<taskhistory::chrono::Utc> = event.timestamp;
+//! assert_eq!((event.step, at), (1, history[0].timestamp));
 //! # Ok(()) }
 //! ```
 
 pub use taskhistory_core::*;
+
+/// The crates the API speaks in, re-exported so a service needs no dependency of its own
+/// (and no version to match): `chrono` (timestamps), `serde_json` (step results),
+/// `futures` (`StreamExt` for watch streams) and, with feature `mock`, `mockall` (for
+/// writing expectations on `MockTaskHistoryStore`).
+pub use chrono;
+pub use futures;
+#[cfg(feature = "mock")]
+pub use mockall;
+pub use serde_json;
 
 #[cfg(feature = "memory")]
 pub use taskhistory_memory::MemoryStore;

@@ -120,7 +120,7 @@ pub(crate) enum Command {
         /// The task.
         task: String,
     },
-    /// A task's status.
+    /// A task's status; `pending` for a task the store has never seen (as the API says).
     Status {
         /// The task's user.
         user: String,
@@ -150,8 +150,8 @@ pub(crate) enum Command {
     },
     /// Remove whole tasks inactive for more than N days, in bounded batches.
     Cleanup {
-        /// Retention in days.
-        #[arg(long)]
+        /// Retention in days (the Python service's default: 30).
+        #[arg(long, default_value_t = 30, allow_negative_numbers = true)]
         days: i64,
         /// Only count what would be removed.
         #[arg(long)]

@@ -8,7 +8,6 @@ use serde_json::json;
 use taskhistory_core::validate;
 use taskhistory_core::{
     DynStore, EventCursor, HistoryScan, StoreError, TaskCursor, TaskHistoryStore, TaskQuery,
-    TaskStatus,
 };
 use taskhistory_memory::MemoryStore;
 use taskhistory_postgres::{CleanupOptions, Layout, Partitioning, PgConfig, PgTaskHistoryStore};
@@ -46,8 +45,27 @@ impl Backend {
     }
 }
 
+/// The settings that name a server; without one of them there is no database to use
+/// (the library's defaults, `postgres@localhost/postgres`, are not a guess the tool makes).
+const SERVER_SETTINGS: [&str; 6] = [
+    "DATABASE_URL",
+    "DB_HOST",
+    "DB_PORT",
+    "DB_NAME",
+    "DB_USER",
+    "DB_PASSWORD",
+];
+
 /// The PostgreSQL configuration: flags over environment over defaults.
 pub(crate) fn pg_config(db: &DbArgs) -> Result<PgConfig, CliError> {
+    if SERVER_SETTINGS.iter().all(|k| db.lookup(k).is_none()) {
+        return Err(CliError::Config(
+            "no database configured: set DATABASE_URL (postgres://user:password@host:5432/db) \
+             or DB_HOST and DB_NAME (with DB_PORT, DB_USER, DB_PASSWORD), or pass \
+             --database-url; --memory tries the commands on an empty in-memory store"
+                .to_owned(),
+        ));
+    }
     Ok(PgConfig::from_lookup(|key| db.lookup(key))?)
 }
 
@@ -200,6 +218,10 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
 }
 
 async fn health(db: &DbArgs, out: Output) -> Result<u8, CliError> {
+    if !db.memory {
+        // No server named: a configuration error, not an unhealthy store.
+        pg_config(db)?;
+    }
     let started = Instant::now();
     let verdict: Result<(String, Duration), String> = async {
         let backend = open(db).await.map_err(|e| e.to_string())?;
@@ -529,11 +551,10 @@ async fn history(store: &DynStore, user: &str, task: &str, out: Output) -> Resul
     Ok(exit::OK)
 }
 
+/// The API's answer: a task the store has never seen is `pending` (exit 0), as
+/// `check_task_status` says; `history` tells an unknown task apart.
 async fn status(store: &DynStore, user: &str, task: &str, out: Output) -> Result<u8, CliError> {
     let status = store.check_task_status(user, task).await?;
-    if status == TaskStatus::Pending && !exists(store, user, task).await? {
-        return Err(not_found(user, task));
-    }
     if out.json {
         out.json(&json!({"user_id": user, "task_id": task, "status": status}))?;
     } else {
@@ -717,15 +738,19 @@ async fn cleanup(
             "elapsed_s": elapsed,
         }))?;
     } else {
-        let verb = if options.dry_run {
-            "would remove"
+        let plural =
+            |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
+        let what = format!(
+            "{} and {} inactive for more than {}",
+            plural(report.tasks_removed, "task", "tasks"),
+            plural(report.steps_removed, "step", "steps"),
+            plural(days.unsigned_abs(), "day", "days"),
+        );
+        if options.dry_run {
+            out.line(&format!("would remove {what} (dry run: nothing removed)"))?;
         } else {
-            "removed"
-        };
-        out.line(&format!(
-            "{verb} {} task(s) and {} step(s) inactive for more than {days} day(s) in {elapsed:.2} s",
-            report.tasks_removed, report.steps_removed
-        ))?;
+            out.line(&format!("removed {what} in {elapsed:.2} s"))?;
+        }
         if report.partitions_dropped > 0 {
             out.line(&format!(
                 "{} whole partition(s) dropped",

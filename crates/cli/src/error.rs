@@ -8,8 +8,8 @@ pub(crate) mod exit {
     pub(crate) const OK: u8 = 0;
     /// Any other failure; also `health` when the store is not healthy.
     pub(crate) const OTHER: u8 = 1;
-    /// Bad input: a malformed argument, an invalid id, limit or cursor, bad import lines
-    /// (clap's own usage errors use 2 as well).
+    /// Bad input or configuration: a malformed argument, an invalid id, limit or cursor,
+    /// bad import lines, no database configured (clap's own usage errors use 2 as well).
     pub(crate) const BAD_INPUT: u8 = 2;
     /// The task asked for does not exist.
     pub(crate) const NOT_FOUND: u8 = 3;
@@ -21,7 +21,8 @@ pub(crate) mod exit {
 Exit codes:
   0  success
   1  other failure (health: the store is not healthy)
-  2  bad input: bad arguments, invalid ids/limits/cursors, refused import lines
+  2  bad input or configuration: bad arguments, invalid ids/limits/cursors, refused
+     import lines, no database configured
   3  not found: the task does not exist
   4  unavailable: the database cannot be reached or did not answer in time
 
@@ -31,7 +32,9 @@ DB_STATEMENT_TIMEOUT, DB_CONNECT_TIMEOUT, DB_POOL_TIMEOUT, DB_MIN_SIZE (default 
 DB_MAX_SIZE (default 4 here), DB_APPLICATION_NAME (default taskhistory-cli), DB_PGBOUNCER
 (true behind PgBouncer in transaction mode), DB_NOTIFY, DB_LISTEN_URL (watch through PgBouncer),
 DB_COPY_MIN_ROWS (imports of new tasks by COPY from this batch size; 0 = never), DB_COPY_CONNECTIONS,
-DB_PIPELINED_READS (connections shared by reads; 0 = reads use the pool).";
+DB_PIPELINED_READS (connections shared by reads; 0 = reads use the pool), DB_SAVE_LANES
+(single saves written at once; more queue and are combined; 0 = no combining), DB_WATCH_POLL
+(seconds between a watcher's reads when nothing wakes it; default 1).";
 }
 
 /// Why a command failed.
@@ -46,6 +49,9 @@ pub(crate) enum CliError {
     /// An argument or input file is wrong.
     #[error("bad input: {0}")]
     BadInput(String),
+    /// The tool is not configured to reach a database.
+    #[error("{0}")]
+    Config(String),
     /// Reading or writing a file or a stream failed.
     #[error("{what}: {source}")]
     Io {
@@ -64,13 +70,33 @@ impl CliError {
     pub(crate) fn exit_code(&self) -> u8 {
         match self {
             CliError::Store(e) if e.is_invalid_input() => exit::BAD_INPUT,
+            CliError::Store(StoreError::Configuration { .. }) => exit::BAD_INPUT,
             CliError::Store(
                 StoreError::Unavailable { .. } | StoreError::Timeout { .. } | StoreError::Closed,
             ) => exit::UNAVAILABLE,
             CliError::Store(_) | CliError::Io { .. } | CliError::Other(_) => exit::OTHER,
             CliError::NotFound(_) => exit::NOT_FOUND,
-            CliError::BadInput(_) => exit::BAD_INPUT,
+            CliError::BadInput(_) | CliError::Config(_) => exit::BAD_INPUT,
         }
+    }
+
+    /// The class of the error, as `--json` names it.
+    pub(crate) fn class(&self) -> &'static str {
+        match self.exit_code() {
+            exit::BAD_INPUT => "bad_input",
+            exit::NOT_FOUND => "not_found",
+            exit::UNAVAILABLE => "unavailable",
+            _ => "other",
+        }
+    }
+
+    /// What to do about it, when the tool can tell: a database the store's tables are
+    /// missing from has not been migrated.
+    pub(crate) fn hint(&self) -> Option<&'static str> {
+        let text = self.to_string();
+        let missing = |table: &str| text.contains(&format!("relation \"{table}\" does not exist"));
+        (missing("task_summary") || missing("task_history") || missing("taskhistory_layout"))
+            .then_some("the schema is not migrated: run `taskhistory migrate` first")
     }
 
     /// An I/O error while doing `what`.

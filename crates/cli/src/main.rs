@@ -23,6 +23,7 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = args::Cli::parse();
+    let json = cli.json;
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -42,7 +43,24 @@ fn main() -> ExitCode {
             ExitCode::from(error::exit::OK)
         }
         Err(e) => {
-            eprintln!("taskhistory: {e}");
+            let hint = e.hint();
+            if json {
+                // One JSON object on stderr (stdout stays the command's data).
+                let error = serde_json::json!({
+                    "error": {
+                        "class": e.class(),
+                        "exit_code": e.exit_code(),
+                        "message": e.to_string(),
+                        "hint": hint,
+                    }
+                });
+                eprintln!("{error}");
+            } else {
+                eprintln!("taskhistory: {e}");
+                if let Some(hint) = hint {
+                    eprintln!("hint: {hint}");
+                }
+            }
             ExitCode::from(e.exit_code())
         }
     }

@@ -176,12 +176,10 @@ fn every_exit_code_without_a_server() {
         r.stderr.trim(),
         "taskhistory: invalid input: limit: is 0; it must be between 1 and 1000"
     );
-    // 3: not found.
-    for args in [
-        &["status", "u", "t"][..],
-        &["history", "u", "t"],
-        &["cancel", "u", "t"],
-    ] {
+    // 3: not found (`status` answers as the API does: an unknown task is pending).
+    let r = memory(&["status", "u", "t"]);
+    assert_eq!((r.code, r.stdout.trim()), (0, "pending"), "{}", r.stderr);
+    for args in [&["history", "u", "t"][..], &["cancel", "u", "t"]] {
         let r = memory(args);
         assert_eq!(r.code, 3, "{args:?}: {}", r.stderr);
         assert!(r.stderr.contains("not found"), "{}", r.stderr);
@@ -202,6 +200,65 @@ fn every_exit_code_without_a_server() {
     assert_eq!(r.code, 1, "{}", r.stderr);
     // 0: health of the memory store.
     assert_eq!(memory(&["health"]).code, 0);
+}
+
+/// Without any database setting a command says what to set (exit 2), instead of trying
+/// `postgres@localhost/postgres`; `--json` makes every error a JSON object on stderr.
+#[test]
+fn without_a_database_the_tool_says_what_to_set() {
+    for args in [
+        &["tasks", "u"][..],
+        &["migrate"],
+        &["health"],
+        &["cancel", "u", "t"],
+    ] {
+        let r = run(bin().args(args));
+        assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
+        assert!(
+            r.stderr.contains("no database configured") && r.stderr.contains("DATABASE_URL"),
+            "{args:?}: {}",
+            r.stderr
+        );
+    }
+    let r = run(bin().args(["--json", "tasks", "u"]));
+    assert_eq!(r.code, 2);
+    let error: Value = serde_json::from_str(r.stderr.trim()).unwrap();
+    assert_eq!(error["error"]["class"], "bad_input");
+    assert_eq!(error["error"]["exit_code"], 2);
+    assert!(error["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("DATABASE_URL"));
+    let r = memory(&["--json", "history", "u", "t"]);
+    assert_eq!(r.code, 3);
+    let error: Value = serde_json::from_str(r.stderr.trim()).unwrap();
+    assert_eq!(error["error"]["class"], "not_found");
+}
+
+/// A database the store's tables are missing from: every command's error says to migrate.
+#[tokio::test]
+async fn an_unmigrated_database_gets_a_migrate_hint() {
+    let db = Db::fresh().await;
+    for args in [
+        &["tasks", "u"][..],
+        &["history", "u", "t"],
+        &["status", "u", "t"],
+    ] {
+        let r = db.cli(args);
+        assert_eq!(r.code, 1, "{args:?}: {}", r.stderr);
+        assert!(
+            r.stderr
+                .contains("hint: the schema is not migrated: run `taskhistory migrate` first"),
+            "{args:?}: {}",
+            r.stderr
+        );
+    }
+    let r = db.cli(&["--json", "tasks", "u"]);
+    let error: Value = serde_json::from_str(r.stderr.trim()).unwrap();
+    assert!(error["error"]["hint"]
+        .as_str()
+        .unwrap()
+        .contains("taskhistory migrate"));
 }
 
 #[test]
@@ -386,7 +443,7 @@ async fn task_commands() {
     let r = db.cli(&["status", "u", "t1"]);
     assert_eq!((r.code, r.stdout.trim()), (0, "running"), "{}", r.stderr);
     let r = db.cli(&["status", "u", "nope"]);
-    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert_eq!((r.code, r.stdout.trim()), (0, "pending"), "{}", r.stderr);
     let r = db.cli(&["--json", "history", "u", "t1"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let steps: Vec<i64> = r
@@ -643,10 +700,23 @@ async fn cleanup_dry_run_then_batches_with_progress() {
         "a dry run removes nothing"
     );
 
+    let r = db.cli(&["cleanup", "--dry-run"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout.contains(
+            "would remove 5 tasks and 15 steps inactive for more than 30 days (dry run: nothing removed)"
+        ),
+        "the default retention is 30 days: {}",
+        r.stdout
+    );
+    // A negative number reaches the store's own check (clap took it for a flag before).
+    let r = db.cli(&["cleanup", "--days", "-1"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("invalid input: days_old"), "{}", r.stderr);
     let r = db.cli(&["cleanup", "--days", "30", "--batch-size", "2"]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(
-        r.stdout.contains("removed 5 task(s) and 15 step(s)"),
+        r.stdout.contains("removed 5 tasks and 15 steps"),
         "{}",
         r.stdout
     );

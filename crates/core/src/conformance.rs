@@ -33,6 +33,8 @@ macro_rules! conformance_tests {
             unknown_task_is_pending_and_empty,
             cancellation_is_sticky,
             cancel_of_unknown_task_changes_nothing,
+            cancel_after_the_last_possible_step_changes_nothing,
+            batch_that_cancels_then_writes_is_refused,
             history_is_in_step_order,
             user_tasks_newest_first_with_summaries,
             user_task_ties_are_broken_by_task_id,
@@ -307,6 +309,57 @@ pub async fn cancellation_is_sticky(store: &DynStore) {
     assert_eq!(history(store, "u", "t").await, h);
     let t = tasks(store, "u").await;
     assert_eq!((t.len(), t[0].step_count, t[0].last_step), (1, 3, 2));
+}
+
+/// Rule 3: a task whose highest step is `i32::MAX` has no step left for the cancellation
+/// entry: `false`, and nothing changes (the same on every store).
+pub async fn cancel_after_the_last_possible_step_changes_nothing(store: &DynStore) {
+    save(store, "u", "t", i32::MAX, &running("last")).await;
+    let before = (history(store, "u", "t").await, tasks(store, "u").await);
+    assert!(!store.mark_task_as_cancelled("u", "t").await.unwrap());
+    assert_eq!(
+        (history(store, "u", "t").await, tasks(store, "u").await),
+        before
+    );
+    assert_eq!(
+        store.check_task_status("u", "t").await.unwrap(),
+        TaskStatus::Running
+    );
+}
+
+/// Rules 3 and 5: a batch that cancels a task and then writes a higher step of it is
+/// refused whole, as that write would be after the batch; a batch whose cancelled step is
+/// the task's highest is applied, and the task then refuses later saves.
+pub async fn batch_that_cancels_then_writes_is_refused(store: &DynStore) {
+    let refused = [
+        StepRecord::new("u", "other", 0, running("fine")),
+        StepRecord::new("u", "t", 0, running("a")),
+        StepRecord::new("u", "t", 1, TaskStepResult::cancellation()),
+        StepRecord::new("u", "t", 2, running("after the cancellation")),
+    ];
+    match store.save_batch_task_history(&refused).await {
+        Err(StoreError::TaskCancelled { user_id, task_id }) => {
+            assert_eq!((user_id.as_str(), task_id.as_str()), ("u", "t"));
+        }
+        other => panic!("expected TaskCancelled, got {other:?}"),
+    }
+    assert!(history(store, "u", "t").await.is_empty());
+    assert!(history(store, "u", "other").await.is_empty());
+    let applied = [
+        StepRecord::new("u", "t", 0, running("a")),
+        StepRecord::new("u", "t", 1, TaskStepResult::cancellation()),
+    ];
+    store.save_batch_task_history(&applied).await.unwrap();
+    assert_eq!(
+        store.check_task_status("u", "t").await.unwrap(),
+        TaskStatus::Cancelled
+    );
+    assert!(matches!(
+        store
+            .save_task_history("u", "t", 2, &running("later"))
+            .await,
+        Err(StoreError::TaskCancelled { .. })
+    ));
 }
 
 /// Rule 3: cancelling an unknown task returns false and creates nothing.

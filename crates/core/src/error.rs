@@ -19,6 +19,16 @@ pub enum StoreError {
         /// Why it was refused.
         reason: String,
     },
+    /// The store's configuration is wrong or does not fit the server (a setting that does
+    /// not parse, a certificate file that cannot be read, migrations pending behind a
+    /// transaction pooler): not the caller's input, and no retry cures it.
+    #[error("invalid configuration: {setting}: {reason}")]
+    Configuration {
+        /// The setting at fault, by its environment variable (`"DB_PORT"`) or option name.
+        setting: String,
+        /// Why it was refused.
+        reason: String,
+    },
     /// The task is cancelled: the write was refused and nothing was written. A worker that
     /// gets this should stop working on the task.
     #[error("task {task_id:?} of user {user_id:?} is cancelled; the write was refused")]
@@ -73,6 +83,14 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// A [`StoreError::Configuration`] for `setting`.
+    pub fn configuration(setting: impl Into<String>, reason: impl Into<String>) -> Self {
+        StoreError::Configuration {
+            setting: setting.into(),
+            reason: reason.into(),
+        }
+    }
+
     /// An [`StoreError::InvalidInput`] for `field`.
     pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
         StoreError::InvalidInput {

@@ -34,8 +34,9 @@ pub type TaskEventStream =
 /// 3. **Cancellation is sticky.** [`mark_task_as_cancelled`](Self::mark_task_as_cancelled) on
 ///    a task that exists and is not [terminal](TaskStatus::is_terminal) appends one history
 ///    entry (step = highest step + 1, [`TaskStepResult::cancellation`]) without rewriting
-///    earlier steps, and returns `true`. On an unknown or terminal task it returns `false`
-///    and changes nothing. Every later save to a cancelled task (whatever its step number)
+///    earlier steps, and returns `true`. On an unknown or terminal task, or one whose
+///    highest step is `i32::MAX` (no step is left for the entry), it returns `false` and
+///    changes nothing. Every later save to a cancelled task (whatever its step number)
 ///    fails with [`StoreError::TaskCancelled`] and writes nothing.
 /// 4. **Order.** [`load_task_history`](Self::load_task_history) returns steps in ascending
 ///    step order. [`get_user_tasks_page`](Self::get_user_tasks_page) lists a user's tasks

@@ -265,7 +265,9 @@ fn record_fields(r: &StepRecord) -> Result<Option<DateTime<Utc>>, StoreError> {
 
 /// Validates a batch and puts it in the order every store applies it: sorted by
 /// `(user_id, task_id, step)`, and where one step appears more than once, only the last
-/// occurrence kept. The first invalid record fails the whole batch.
+/// occurrence kept. The first invalid record fails the whole batch. A batch that cancels a
+/// task (a step with status `cancelled`) and writes a higher step of it is refused whole
+/// with [`StoreError::TaskCancelled`]: cancellation is sticky inside a batch too.
 pub fn prepare_batch(records: &[StepRecord]) -> Result<Vec<PreparedStep<'_>>, StoreError> {
     let mut prepared = Vec::with_capacity(records.len());
     for (i, r) in records.iter().enumerate() {
@@ -288,6 +290,19 @@ pub fn prepare_batch(records: &[StepRecord]) -> Result<Vec<PreparedStep<'_>>, St
         match out.last_mut() {
             Some(last) if key(last) == key(&p) => *last = p,
             _ => out.push(p),
+        }
+    }
+    // Cancellation is sticky inside a batch too: a batch that cancels a task and then
+    // writes a later step of it is refused whole, as that write would be after the batch.
+    for pair in out.windows(2) {
+        let (a, b) = (&pair[0], &pair[1]);
+        if (a.user_id, a.task_id) == (b.user_id, b.task_id)
+            && a.result.status == crate::TaskStatus::Cancelled
+        {
+            return Err(StoreError::TaskCancelled {
+                user_id: a.user_id.to_owned(),
+                task_id: a.task_id.to_owned(),
+            });
         }
     }
     Ok(out)

@@ -327,11 +327,12 @@ impl TaskHistoryStore for MemoryStore {
         let Some(task) = user.tasks.get_mut(task_id) else {
             return Ok(false);
         };
-        if task.status.is_terminal() {
+        // No step is left for the entry after i32::MAX (as on PostgreSQL).
+        if task.status.is_terminal() || task.last_step == i32::MAX {
             return Ok(false);
         }
         let now = validate::now();
-        let step = task.last_step.saturating_add(1);
+        let step = task.last_step + 1;
         let result = TaskStepResult::cancellation();
         user.by_activity
             .remove(&(task.last_updated, task_id.to_owned()));

@@ -302,6 +302,7 @@ fn same(e: &StoreError) -> StoreError {
             task_id: task_id.clone(),
         },
         StoreError::InvalidInput { field, reason } => StoreError::invalid(field, reason),
+        StoreError::Configuration { setting, reason } => StoreError::configuration(setting, reason),
         _ => StoreError::database(OP, e.to_string()),
     }
 }

@@ -210,7 +210,7 @@ impl Default for PgConfig {
 }
 
 fn bad(variable: &str, reason: impl fmt::Display) -> StoreError {
-    StoreError::invalid(variable, reason.to_string())
+    StoreError::configuration(variable, reason.to_string())
 }
 
 impl PgConfig {
@@ -246,7 +246,7 @@ impl PgConfig {
     /// `DB_MAX_SIZE`, `DB_COMMAND_TIMEOUT`, `DB_STATEMENT_TIMEOUT`, `DB_CONNECT_TIMEOUT`,
     /// `DB_POOL_TIMEOUT`, `DB_WATCH_POLL` (seconds), `DB_SSLMODE`, `DB_SSLROOTCERT`, `DB_APPLICATION_NAME`
     /// `DB_SCHEMA`, `DB_PGBOUNCER`, `DB_NOTIFY`, `DB_SAVE_LANES`, `DB_LISTEN_URL`, `DB_PARTITION_INTERVAL` and
-    /// `DB_PARTITIONS_AHEAD`, `DB_COPY_MIN_ROWS`, `DB_COPY_CONNECTIONS`, `DB_PIPELINED_READS`. A bad value is an `InvalidInput` naming the variable.
+    /// `DB_PARTITIONS_AHEAD`, `DB_COPY_MIN_ROWS`, `DB_COPY_CONNECTIONS`, `DB_PIPELINED_READS`. A bad value is a `StoreError::Configuration` naming the variable.
     pub fn from_env() -> Result<Self, StoreError> {
         Self::from_lookup(|key| std::env::var(key).ok())
     }
@@ -648,7 +648,7 @@ mod tests {
             ("DB_PGBOUNCER", "maybe"),
         ] {
             match PgConfig::from_lookup(env(&[(k, v)])) {
-                Err(StoreError::InvalidInput { field, .. }) => assert_eq!(field, k),
+                Err(StoreError::Configuration { setting, .. }) => assert_eq!(setting, k),
                 other => panic!("{k}={v}: {other:?}"),
             }
         }
@@ -688,7 +688,7 @@ mod tests {
             ("DB_PIPELINED_READS", "x"),
         ] {
             match PgConfig::from_lookup(env(&[(k, v)])) {
-                Err(StoreError::InvalidInput { field, .. }) => assert_eq!(field, k),
+                Err(StoreError::Configuration { setting, .. }) => assert_eq!(setting, k),
                 other => panic!("{k}={v}: {other:?}"),
             }
         }

@@ -342,7 +342,7 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 fn tls_error(reason: impl std::fmt::Display) -> StoreError {
-    StoreError::invalid("DB_SSLMODE", format!("TLS set-up failed: {reason}"))
+    StoreError::configuration("DB_SSLMODE", format!("TLS set-up failed: {reason}"))
 }
 
 fn verified_tls(config: &PgConfig) -> Result<ClientConfig, StoreError> {
@@ -350,18 +350,18 @@ fn verified_tls(config: &PgConfig) -> Result<ClientConfig, StoreError> {
     match &config.ssl_root_cert {
         Some(path) => {
             let pem = std::fs::read(path).map_err(|e| {
-                StoreError::invalid("DB_SSLROOTCERT", format!("{}: {e}", path.display()))
+                StoreError::configuration("DB_SSLROOTCERT", format!("{}: {e}", path.display()))
             })?;
             for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
                 let cert = cert.map_err(|e| {
-                    StoreError::invalid("DB_SSLROOTCERT", format!("{}: {e}", path.display()))
+                    StoreError::configuration("DB_SSLROOTCERT", format!("{}: {e}", path.display()))
                 })?;
                 roots.add(cert).map_err(|e| {
-                    StoreError::invalid("DB_SSLROOTCERT", format!("{}: {e}", path.display()))
+                    StoreError::configuration("DB_SSLROOTCERT", format!("{}: {e}", path.display()))
                 })?;
             }
             if roots.is_empty() {
-                return Err(StoreError::invalid(
+                return Err(StoreError::configuration(
                     "DB_SSLROOTCERT",
                     format!("{} holds no certificate", path.display()),
                 ));

@@ -128,8 +128,8 @@ pub(crate) async fn run(connector: &Connector, schema: Option<&str>) -> Result<u
         return Ok(0);
     }
     if connector.transaction_setup().is_some() {
-        return Err(StoreError::invalid(
-            "pgbouncer",
+        return Err(StoreError::configuration(
+            "DB_PGBOUNCER",
             format!(
                 "{pending} migration(s) pending: apply them on a direct connection to the \
                  server (`taskhistory migrate` without PgBouncer); a transaction pooler cannot \

@@ -69,6 +69,23 @@ async fn every_statement_is_known_and_filters_on_user_id() {
     // Every operation, every variant.
     let r = |i: i32| TaskStepResult::running("s", json!({ "i": i }), "");
     store.save_task_history("u", "t", 0, &r(0)).await.unwrap();
+    // Combined saves: a store on the same schema that writes every save that way.
+    let sink = log.clone();
+    let combining = taskhistory_postgres::PgTaskHistoryStore::connect(
+        store
+            .config()
+            .clone()
+            .save_lanes(1)
+            .combine_lone_saves(true)
+            .observe_statements(move |sql| sink.lock().unwrap().push(sql.to_owned())),
+    )
+    .await
+    .unwrap();
+    combining
+        .save_task_history("u", "t", 1, &r(1))
+        .await
+        .unwrap();
+    combining.close().await;
     let old = Utc::now() - Duration::days(40);
     let batch: Vec<StepRecord> = (0..3)
         .map(|i| StepRecord::new("u", "old", i, r(i)).at(old))

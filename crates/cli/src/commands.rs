@@ -66,7 +66,24 @@ pub(crate) fn pg_config(db: &DbArgs) -> Result<PgConfig, CliError> {
                 .to_owned(),
         ));
     }
-    Ok(PgConfig::from_lookup(|key| db.lookup(key))?)
+    let config = PgConfig::from_lookup(|key| db.lookup(key))
+        .and_then(|config| config.validate().map(|()| config));
+    config.map_err(|e| match e {
+        // A setting given as a flag is named as the user typed it.
+        StoreError::Configuration { setting, reason } => {
+            let flag = match setting.as_str() {
+                "DATABASE_URL" if db.database_url.is_some() => "--database-url",
+                "DB_SCHEMA" if db.schema.is_some() => "--schema",
+                "DB_SSLMODE" if db.sslmode.is_some() => "--sslmode",
+                "DB_SSLROOTCERT" if db.sslrootcert.is_some() => "--sslrootcert",
+                "DB_COMMAND_TIMEOUT" if db.command_timeout.is_some() => "--command-timeout",
+                "DB_CONNECT_TIMEOUT" if db.connect_timeout.is_some() => "--connect-timeout",
+                _ => setting.as_str(),
+            };
+            CliError::Store(StoreError::configuration(flag, reason))
+        }
+        other => CliError::Store(other),
+    })
 }
 
 /// Every store a command opened. They are closed before the process exits, so the wake-ups

@@ -95,8 +95,17 @@ impl CliError {
     pub(crate) fn hint(&self) -> Option<&'static str> {
         let text = self.to_string();
         let missing = |table: &str| text.contains(&format!("relation \"{table}\" does not exist"));
-        (missing("task_summary") || missing("task_history") || missing("taskhistory_layout"))
-            .then_some("the schema is not migrated: run `taskhistory migrate` first")
+        if missing("task_summary") || missing("task_history") || missing("taskhistory_layout") {
+            return Some("the schema is not migrated: run `taskhistory migrate` first");
+        }
+        // PgBouncer refuses the start-up options the store sends on a direct connection.
+        if text.contains("unsupported startup parameter") {
+            return Some(
+                "a connection pooler (PgBouncer) refused the start-up options: set \
+                 DB_PGBOUNCER=true when the URL points at PgBouncer in transaction mode",
+            );
+        }
+        None
     }
 
     /// An I/O error while doing `what`.

@@ -235,6 +235,34 @@ fn without_a_database_the_tool_says_what_to_set() {
     assert_eq!(error["error"]["class"], "not_found");
 }
 
+/// Configuration errors name what the user typed (the flag, not the variable behind it),
+/// exit 2; a refused connection names the server it tried.
+#[test]
+fn configuration_errors_name_the_flag_and_refusals_the_server() {
+    let r = run(bin().args([
+        "--database-url",
+        "postgres://postgres@127.0.0.1:1/none",
+        "--schema",
+        "bad-name;",
+        "tasks",
+        "u",
+    ]));
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("invalid configuration: --schema"),
+        "{}",
+        r.stderr
+    );
+    let r = run(bin().args([
+        "--database-url",
+        "postgres://postgres@127.0.0.1:1/none",
+        "tasks",
+        "u",
+    ]));
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert!(r.stderr.contains("127.0.0.1:1"), "{}", r.stderr);
+}
+
 /// A database the store's tables are missing from: every command's error says to migrate.
 #[tokio::test]
 async fn an_unmigrated_database_gets_a_migrate_hint() {

@@ -82,6 +82,47 @@ pub enum StoreError {
     },
 }
 
+/// Every variant with its fields; a backend error kept as a `source` is cloned as its
+/// message (its own type is not `Clone`), so the clone displays the same. What lets a mock
+/// return the same error every time (`return_const(Err(...))`) and one failure be reported
+/// to several callers.
+impl Clone for StoreError {
+    fn clone(&self) -> Self {
+        let text = |source: &BoxError| -> BoxError { source.to_string().into() };
+        match self {
+            StoreError::InvalidInput { field, reason } => StoreError::InvalidInput {
+                field: field.clone(),
+                reason: reason.clone(),
+            },
+            StoreError::Configuration { setting, reason } => StoreError::Configuration {
+                setting: setting.clone(),
+                reason: reason.clone(),
+            },
+            StoreError::TaskCancelled { user_id, task_id } => StoreError::TaskCancelled {
+                user_id: user_id.clone(),
+                task_id: task_id.clone(),
+            },
+            StoreError::Unavailable { operation, source } => StoreError::Unavailable {
+                operation,
+                source: text(source),
+            },
+            StoreError::Timeout { operation, source } => StoreError::Timeout {
+                operation,
+                source: text(source),
+            },
+            StoreError::Conflict { operation, source } => StoreError::Conflict {
+                operation,
+                source: text(source),
+            },
+            StoreError::Closed => StoreError::Closed,
+            StoreError::Database { operation, source } => StoreError::Database {
+                operation,
+                source: text(source),
+            },
+        }
+    }
+}
+
 impl StoreError {
     /// A [`StoreError::Configuration`] for `setting`.
     pub fn configuration(setting: impl Into<String>, reason: impl Into<String>) -> Self {
@@ -150,6 +191,38 @@ impl StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_clone_keeps_the_variant_and_reads_the_same() {
+        let errors = [
+            StoreError::invalid("user_id", "is empty"),
+            StoreError::configuration("DB_PORT", "not a number"),
+            StoreError::TaskCancelled {
+                user_id: "u".into(),
+                task_id: "t".into(),
+            },
+            StoreError::Unavailable {
+                operation: "save_task_history",
+                source: "connection refused".into(),
+            },
+            StoreError::Timeout {
+                operation: "load_task_history",
+                source: "60 s".into(),
+            },
+            StoreError::Conflict {
+                operation: "save_task_history",
+                source: "serialization failure".into(),
+            },
+            StoreError::Closed,
+            StoreError::database("stats", "bad row"),
+        ];
+        for e in &errors {
+            let c = e.clone();
+            assert_eq!(c.to_string(), e.to_string());
+            assert_eq!(c.is_transient(), e.is_transient());
+            assert_eq!(std::mem::discriminant(&c), std::mem::discriminant(e));
+        }
+    }
 
     #[test]
     fn only_backend_trouble_is_transient() {

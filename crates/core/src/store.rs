@@ -136,7 +136,9 @@ pub trait TaskHistoryStore: Send + Sync + std::fmt::Debug {
     ) -> Result<TaskPage, StoreError>;
 
     /// The user's `limit` most recently active tasks: the first page of
-    /// [`get_user_tasks_page`](Self::get_user_tasks_page).
+    /// [`get_user_tasks_page`](Self::get_user_tasks_page), which every store's default
+    /// calls. `MockTaskHistoryStore` mocks each method on its own: code that calls
+    /// `get_user_tasks` needs `expect_get_user_tasks`, not `expect_get_user_tasks_page`.
     async fn get_user_tasks(
         &self,
         user_id: &str,

@@ -270,39 +270,11 @@ async fn write(store: &PgTaskHistoryStore, mut batch: Vec<Queued>, lone_combined
 async fn split(store: &PgTaskHistoryStore, batch: Vec<Queued>, e: StoreError, lone_combined: bool) {
     if e.is_transient() || matches!(e, StoreError::Closed) || batch.len() == 1 {
         for q in batch {
-            let _ = q.done.send(Err(same(&e)));
+            let _ = q.done.send(Err(e.clone()));
         }
         return;
     }
     for q in batch {
         Box::pin(write(store, vec![q], lone_combined)).await;
-    }
-}
-
-/// The same error again, for another caller of the same statement (`StoreError` is not
-/// `Clone`: its sources are the backend's errors; each copy keeps the message).
-fn same(e: &StoreError) -> StoreError {
-    let source = || -> taskhistory_core::BoxError { e.to_string().into() };
-    match e {
-        StoreError::Unavailable { operation, .. } => StoreError::Unavailable {
-            operation,
-            source: source(),
-        },
-        StoreError::Timeout { operation, .. } => StoreError::Timeout {
-            operation,
-            source: source(),
-        },
-        StoreError::Conflict { operation, .. } => StoreError::Conflict {
-            operation,
-            source: source(),
-        },
-        StoreError::Closed => StoreError::Closed,
-        StoreError::TaskCancelled { user_id, task_id } => StoreError::TaskCancelled {
-            user_id: user_id.clone(),
-            task_id: task_id.clone(),
-        },
-        StoreError::InvalidInput { field, reason } => StoreError::invalid(field, reason),
-        StoreError::Configuration { setting, reason } => StoreError::configuration(setting, reason),
-        _ => StoreError::database(OP, e.to_string()),
     }
 }

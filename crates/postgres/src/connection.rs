@@ -26,19 +26,20 @@ macro_rules! open {
     ($connector:expr, $op:expr, |$client:ident, $connection:ident| $then:expr) => {{
         let c = $connector;
         if !c.untranslated() {
-            open!(@with c.tls, c.pg_translated, $op, |$client, $connection| $then)
+            open!(@with c, c.tls, c.pg_translated, $op, |$client, $connection| $then)
         } else {
             match open!(@raw c.tls, c.pg, |$client, $connection| $then) {
                 Err(e) if c.refused_untranslated(&e) => {
-                    open!(@with c.tls, c.pg_translated, $op, |$client, $connection| $then)
+                    open!(@with c, c.tls, c.pg_translated, $op, |$client, $connection| $then)
                 }
-                Err(e) => return Err(from_postgres($op, e)),
+                Err(e) => return Err(c.named(from_postgres($op, e))),
                 Ok(value) => value,
             }
         }
     }};
-    (@with $tls:expr, $pg:expr, $op:expr, |$client:ident, $connection:ident| $then:expr) => {
-        open!(@raw $tls, $pg, |$client, $connection| $then).map_err(|e| from_postgres($op, e))?
+    (@with $c:expr, $tls:expr, $pg:expr, $op:expr, |$client:ident, $connection:ident| $then:expr) => {
+        open!(@raw $tls, $pg, |$client, $connection| $then)
+            .map_err(|e| $c.named(from_postgres($op, e)))?
     };
     (@raw $tls:expr, $pg:expr, |$client:ident, $connection:ident| $then:expr) => {
         match &$tls {
@@ -52,6 +53,30 @@ macro_rules! open {
             },
         }
     };
+}
+
+impl Connector {
+    /// A connection that could not be made names the server tried (`host:port`), so a
+    /// refused connection says where it went.
+    pub(crate) fn named(&self, error: StoreError) -> StoreError {
+        let StoreError::Unavailable { operation, source } = error else {
+            return error;
+        };
+        let hosts: Vec<String> = self
+            .pg
+            .get_hosts()
+            .iter()
+            .zip(self.pg.get_ports().iter().chain(std::iter::repeat(&5432)))
+            .map(|(host, port)| match host {
+                tokio_postgres::config::Host::Tcp(h) => format!("{h}:{port}"),
+                tokio_postgres::config::Host::Unix(p) => format!("{}:{port}", p.display()),
+            })
+            .collect();
+        StoreError::Unavailable {
+            operation,
+            source: format!("{}: {source}", hosts.join(",")).into(),
+        }
+    }
 }
 
 /// The start-up option that asks for untranslated server messages (see [`crate::error`]).
@@ -302,7 +327,7 @@ impl Connector {
         let (tx, rx) = mpsc::unbounded_channel();
         let client = match &self.listen {
             // A direct URL of its own (behind a transaction pooler): as given.
-            Some(pg) => open!(@with self.tls, pg, op, |client, connection| {
+            Some(pg) => open!(@with self, self.tls, pg, op, |client, connection| {
                 tokio::spawn(forward_notifications(connection, tx.clone()));
                 client
             }),

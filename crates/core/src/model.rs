@@ -81,6 +81,42 @@ impl TaskStepResult {
         }
     }
 
+    /// What the Python service's `save_task_error` records for step number `step`: name
+    /// `step_{step}`, message `Step {step} execution failed: {error}`, status `failed`, code
+    /// E003, and the error's text.
+    pub fn step_error(step: i32, error: impl std::fmt::Display) -> Self {
+        let error = error.to_string();
+        TaskStepResult {
+            message: format!("Step {step} execution failed: {error}"),
+            ..TaskStepResult::failure(format!("step_{step}"), ErrorCode::Execution, error)
+        }
+    }
+
+    /// The same result with `result` as what the step produced.
+    pub fn with_result(mut self, result: Value) -> Self {
+        self.result = result;
+        self
+    }
+
+    /// The same result, finished or not.
+    pub fn with_completed(mut self, completed: bool) -> Self {
+        self.completed = completed;
+        self
+    }
+
+    /// The same result with another message.
+    pub fn with_message(mut self, message: impl Into<String>) -> Self {
+        self.message = message.into();
+        self
+    }
+
+    /// The same result with an error code and text (the status is left as it is).
+    pub fn with_error(mut self, code: ErrorCode, message: impl Into<String>) -> Self {
+        self.error_code = Some(code);
+        self.error_message = Some(message.into());
+        self
+    }
+
     /// The same result with another status.
     pub fn with_status(mut self, status: TaskStatus) -> Self {
         self.status = status;
@@ -529,4 +565,42 @@ pub struct HealthReport {
     pub server_version: Option<String>,
     /// The newest applied schema migration, where there is a schema.
     pub schema_version: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builders_set_what_they_name_and_step_error_reads_as_the_python_service_wrote_it() {
+        let r = TaskStepResult::running("load", Value::Null, "")
+            .with_result(serde_json::json!({"rows": 3}))
+            .with_completed(true)
+            .with_message("loaded")
+            .with_status(TaskStatus::Completed);
+        assert_eq!(
+            (
+                r.result["rows"].as_i64(),
+                r.completed,
+                r.message.as_str(),
+                r.status
+            ),
+            (Some(3), true, "loaded", TaskStatus::Completed)
+        );
+        let e = TaskStepResult::step_error(2, "disk full");
+        assert_eq!(e.step, "step_2");
+        assert_eq!(e.message, "Step 2 execution failed: disk full");
+        assert_eq!(
+            (e.status, e.error_code, e.error_message.as_deref()),
+            (
+                TaskStatus::Failed,
+                Some(ErrorCode::Execution),
+                Some("disk full")
+            )
+        );
+        let timed_out = TaskStepResult::running("s", Value::Null, "")
+            .with_error(ErrorCode::Timeout, "slow")
+            .with_status(TaskStatus::TimedOut);
+        assert_eq!(timed_out.error_code, Some(ErrorCode::Timeout));
+    }
 }

@@ -242,6 +242,20 @@ impl Executor {
         })
     }
 
+    /// Holds `n` pooled connections at once (opening the missing ones), then gives them
+    /// back idle.
+    pub(crate) async fn warm(&self, n: u32) -> Result<(), StoreError> {
+        let pool = self.pool()?;
+        let held = futures::future::join_all((0..n).map(|_| pool.get())).await;
+        for connection in held {
+            connection.map_err(|e| StoreError::Unavailable {
+                operation: "warm_up",
+                source: e.to_string().into(),
+            })?;
+        }
+        Ok(())
+    }
+
     /// Opens connections (dedicated ones: DDL, migrations, LISTEN, the notifier).
     pub(crate) fn connector(&self) -> &Connector {
         &self.connector

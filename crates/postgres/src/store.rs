@@ -116,6 +116,15 @@ impl PgTaskHistoryStore {
         })
     }
 
+    /// Opens the pool's minimum (`min_size`) connections now and returns once they are
+    /// open, as asyncpg's `create_pool` does before it returns ([`connect`](Self::connect)
+    /// opens one and fills the pool in the background). For a service that wants its
+    /// first requests to find warm connections, or to fail at start-up when the server
+    /// cannot give them (`max_connections`).
+    pub async fn warm_up(&self) -> Result<(), StoreError> {
+        self.inner.exec.warm(self.inner.config.min_size).await
+    }
+
     /// [`connect`](Self::connect) with [`PgConfig::from_env`].
     pub async fn from_env() -> Result<Self, StoreError> {
         Self::connect(PgConfig::from_env()?).await

@@ -616,3 +616,14 @@ async fn killed_shared_read_connections_are_replaced() {
         "the kill did not hit the readers"
     );
 }
+
+/// `warm_up` returns with the pool's minimum open (asyncpg's `create_pool` does the same).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_up_opens_the_pool_minimum() {
+    let store = store_for(fresh_config().await.pool_size(6, 8)).await;
+    store.warm_up().await.unwrap();
+    let stats = store.pool_stats();
+    assert!(stats.connections >= 6 && stats.idle >= 6, "{stats:?}");
+    store.close().await;
+    assert!(matches!(store.warm_up().await, Err(StoreError::Closed)));
+}

@@ -30,21 +30,23 @@ const DEMO_SCHEMA: &str = "taskhistory_demo";
 #[derive(Debug, Serialize)]
 struct DemoReport {
     backend: &'static str,
+    /// Where the data went on PostgreSQL (none in memory).
+    schema: Option<String>,
     user_id: String,
-    /// 4.2: the history of `task_456` after two steps and a retried step 2.
+    /// the history of `task_456` after two steps and a retried step 2.
     history: Vec<HistoryEntry>,
-    /// 4.3: statuses of the running task, the failed task and an unknown task.
+    /// statuses of the running task, the failed task and an unknown task.
     statuses: BTreeMap<String, TaskStatus>,
-    /// 4.3: whether cancelling `task_456` did something, and its status after.
+    /// whether cancelling `task_456` did something, and its status after.
     cancelled: bool,
     status_after_cancel: TaskStatus,
-    /// 4.3: the error the next write to the cancelled task got.
+    /// the error the next write to the cancelled task got.
     refused_write: String,
-    /// 4.3: whether cancelling the failed task did something (it must not).
+    /// whether cancelling the failed task did something (it must not).
     cancelled_failed_task: bool,
-    /// 4.2: the user's tasks, newest activity first, before the cleanup.
+    /// the user's tasks, newest activity first, before the cleanup.
     tasks: Vec<TaskSummary>,
-    /// 4.4: what the cleanup of tasks idle for 30 days removed.
+    /// what the cleanup of tasks idle for 30 days removed.
     cleanup: CleanupReport,
     /// The tasks left after it.
     tasks_after_cleanup: Vec<String>,
@@ -60,8 +62,9 @@ fn check(ok: bool, what: &str) -> Result<(), CliError> {
 
 /// Runs the demo on the store `db` chooses.
 pub(crate) async fn run(db: &DbArgs, out: Output) -> Result<u8, CliError> {
+    let schema = db.schema.as_deref().unwrap_or(DEMO_SCHEMA).to_owned();
     let (store, user): (DynStore, String) = if db.database_url.is_some() {
-        let config = pg_config(db)?.schema(db.schema.as_deref().unwrap_or(DEMO_SCHEMA));
+        let config = pg_config(db)?.schema(schema.clone());
         let store = PgTaskHistoryStore::connect(config).await?;
         let run_id = Utc::now().timestamp_micros();
         (Arc::new(store), format!("user_123-{run_id}"))
@@ -70,7 +73,10 @@ pub(crate) async fn run(db: &DbArgs, out: Output) -> Result<u8, CliError> {
     };
     let report = scenarios(&store, &user).await;
     store.close().await;
-    let report = report?;
+    let mut report = report?;
+    if report.backend == "postgres" {
+        report.schema = Some(schema);
+    }
     if out.json {
         out.json(&report)?;
     } else {
@@ -83,7 +89,7 @@ async fn scenarios(store: &DynStore, user: &str) -> Result<DemoReport, CliError>
     store.init_database_schema().await?;
     let (task, failed_task) = ("task_456", "task_789");
 
-    // 4.2: save steps; a retried step replaces the first attempt.
+    // save steps; a retried step replaces the first attempt.
     let step = TaskStepResult::success(
         "data_processing",
         json!({"processed_rows": 1000}),
@@ -93,7 +99,7 @@ async fn scenarios(store: &DynStore, user: &str) -> Result<DemoReport, CliError>
     let running = TaskStepResult::running("step_2", json!({"progress": 0.5}), "Step 2 running");
     store.save_task_history(user, task, 2, &running).await?;
     store.save_task_history(user, task, 2, &running).await?;
-    // 4.2: an error step.
+    // an error step.
     let failed = TaskStepResult::failure("step_1", ErrorCode::Execution, "division by zero");
     store
         .save_task_history(user, failed_task, 1, &failed)
@@ -103,7 +109,7 @@ async fn scenarios(store: &DynStore, user: &str) -> Result<DemoReport, CliError>
     let steps: Vec<i32> = history.iter().map(|e| e.step).collect();
     check(steps == [1, 2], "the retried step 2 was stored twice")?;
 
-    // 4.3: statuses.
+    // statuses.
     let mut statuses = BTreeMap::new();
     for t in [task, failed_task, "unknown_task"] {
         statuses.insert(t.to_owned(), store.check_task_status(user, t).await?);
@@ -115,7 +121,7 @@ async fn scenarios(store: &DynStore, user: &str) -> Result<DemoReport, CliError>
         "unexpected statuses",
     )?;
 
-    // 4.3: cancel, then the next write is refused.
+    // cancel, then the next write is refused.
     let cancelled = store.mark_task_as_cancelled(user, task).await?;
     let status_after_cancel = store.check_task_status(user, task).await?;
     check(
@@ -134,7 +140,7 @@ async fn scenarios(store: &DynStore, user: &str) -> Result<DemoReport, CliError>
     let cancelled_failed_task = store.mark_task_as_cancelled(user, failed_task).await?;
     check(!cancelled_failed_task, "a failed task was cancelled")?;
 
-    // 4.5: a batch of an old task, 45 days ago.
+    // a batch of an old task, 45 days ago.
     let old = Utc::now() - Duration::days(45);
     let batch: Vec<StepRecord> = (0..3)
         .map(|i| {
@@ -149,7 +155,7 @@ async fn scenarios(store: &DynStore, user: &str) -> Result<DemoReport, CliError>
     store.save_batch_task_history(&batch).await?;
     let tasks = store.get_user_tasks(user, 50).await?;
 
-    // 4.4: cleanup of tasks idle for 30 days.
+    // cleanup of tasks idle for 30 days.
     let cleanup = store.cleanup_old_tasks(30).await?;
     let tasks_after_cleanup: Vec<String> = store
         .get_user_tasks(user, 50)
@@ -163,6 +169,7 @@ async fn scenarios(store: &DynStore, user: &str) -> Result<DemoReport, CliError>
     )?;
     Ok(DemoReport {
         backend: store.health_check().await?.backend,
+        schema: None,
         user_id: user.to_owned(),
         history,
         statuses,
@@ -177,51 +184,80 @@ async fn scenarios(store: &DynStore, user: &str) -> Result<DemoReport, CliError>
 }
 
 fn print(r: &DemoReport, out: Output) -> Result<(), CliError> {
+    let plural = |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
     let mut lines = vec![format!(
-        "taskhistory demo on the {} store, user {}",
+        "taskhistory demo on the {} store, as user {}: the calls a service makes, each checked",
         r.backend, r.user_id
     )];
-    lines
-        .push("4.2 save steps (step 2 saved twice: a retry replaces it), and an error step".into());
-    lines.push("4.2 load the history of task_456".into());
+    lines.push(
+        "1. Save each step of task_456 as it runs (save_task_history); step 2 is saved twice, \
+         as a retry would: the second save replaces the first. task_789 records an error."
+            .into(),
+    );
+    lines.push("2. Load task_456's history (load_task_history), steps in order:".into());
     for e in &r.history {
         lines.push(format!(
-            "    step {}: {} {} {}",
+            "     step {}: {} {} {}",
             e.step, e.status, e.result.step, e.result.result
         ));
     }
-    lines.push("4.3 check statuses".into());
+    lines.push(
+        "3. Check statuses (check_task_status): a task's status is its highest step's; a \
+         task never seen is pending."
+            .into(),
+    );
     for (task, status) in &r.statuses {
-        lines.push(format!("    {task}: {status}"));
+        lines.push(format!("     {task}: {status}"));
     }
     lines.push(format!(
-        "4.3 cancel task_456: {}; status now {}",
+        "4. Cancel task_456 (mark_task_as_cancelled): {}; its status is now {}. Cancelling \
+         appends one entry after the highest step, so the task has one more step.",
         r.cancelled, r.status_after_cancel
     ));
     lines.push(format!(
-        "    the next write is refused: {}",
+        "     the next write is refused: {}",
         r.refused_write
     ));
     lines.push(format!(
-        "    cancelling the failed task_789: {} (terminal tasks stay as they are)",
+        "     cancelling the failed task_789: {} (finished tasks stay as they are)",
         r.cancelled_failed_task
     ));
-    lines.push("4.5 batch-save old_task, last active 45 days ago".into());
-    lines.push("4.2 the user's tasks, newest activity first".into());
+    lines
+        .push("5. Save old_task in one batch (save_batch_task_history), dated 45 days ago.".into());
+    lines.push(
+        "6. List the user's tasks (get_user_tasks), newest activity first (task_456 counts \
+         its cancellation entry):"
+            .into(),
+    );
     for t in &r.tasks {
         lines.push(format!(
-            "    {}: {} ({} steps, last updated {})",
+            "     {}: {} ({}, last updated {})",
             t.task_id,
             t.status,
-            t.step_count,
+            plural(t.step_count.unsigned_abs(), "step", "steps"),
             time(t.last_updated)
         ));
     }
     lines.push(format!(
-        "4.4 clean up tasks idle for 30 days: removed {} task(s) and {} step(s); left: {}",
-        r.cleanup.tasks_removed,
-        r.cleanup.steps_removed,
+        "7. Clean up tasks idle for 30 days (cleanup_old_tasks): removed {} and {}; left: {}",
+        plural(r.cleanup.tasks_removed, "task", "tasks"),
+        plural(r.cleanup.steps_removed, "step", "steps"),
         r.tasks_after_cleanup.join(", ")
     ));
+    if let Some(schema) = &r.schema {
+        lines.push(format!(
+            "The data is in schema {schema} of your database, as user {user}. Look at it with \
+             the other commands, e.g.:\n     taskhistory --schema {schema} tasks {user}\n     \
+             taskhistory --schema {schema} history {user} task_456",
+            user = r.user_id
+        ));
+    } else {
+        lines.push(
+            "The data was in memory and is gone. With a database (--database-url, or \
+             DATABASE_URL), the demo writes to schema taskhistory_demo and says how to look \
+             at it with the other commands."
+                .into(),
+        );
+    }
     out.line(&lines.join("\n"))
 }

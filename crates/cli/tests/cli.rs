@@ -107,7 +107,7 @@ fn demo_runs_the_seed_scenarios_on_the_memory_store() {
         r.stdout
     );
     assert!(
-        r.stdout.contains("removed 1 task(s) and 3 step(s)"),
+        r.stdout.contains("removed 1 task and 3 steps"),
         "{}",
         r.stdout
     );
@@ -781,8 +781,23 @@ async fn demo_on_postgres() {
         j["cleanup"],
         json!({"tasks_removed": 1, "steps_removed": 3, "partitions_dropped": 0})
     );
-    // A second run works too: each run has its own user.
-    assert_eq!(db.cli(&["demo"]).code, 0);
+    // A second run works too: each run has its own user, and it says where its data went
+    // and how to look at it.
+    let r = db.cli(&["demo"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let user = r
+        .stdout
+        .lines()
+        .next()
+        .and_then(|l| l.split("as user ").nth(1))
+        .and_then(|l| l.split(':').next())
+        .unwrap()
+        .to_owned();
+    let hint = format!("taskhistory --schema {} tasks {user}", db.schema);
+    assert!(r.stdout.contains(&hint), "{}", r.stdout);
+    let listed = db.cli(&["tasks", &user]);
+    assert_eq!(listed.code, 0, "{}", listed.stderr);
+    assert!(listed.stdout.contains("task_456"), "{}", listed.stdout);
 }
 
 #[tokio::test]

@@ -31,6 +31,126 @@
 //! assert_eq!((event.step, at), (1, history[0].timestamp));
 //! # Ok(()) }
 //! ```
+//!
+//! # Guide
+//!
+//! ## Wiring PostgreSQL from the environment
+//!
+//! [`PgConfig::from_env`] reads `DATABASE_URL` (or `DB_HOST`, `DB_PORT`, `DB_NAME`,
+//! `DB_USER`, `DB_PASSWORD`) and the tuning variables (`docs/operations.md` lists them);
+//! a setting that does not parse is [`StoreError::Configuration`] naming the variable.
+//! `init_database_schema` applies the migrations (safe from many processes at once);
+//! `warm_up` opens the pool's minimum before the service takes traffic.
+//!
+//! ```no_run
+//! # async fn start() -> Result<(), taskhistory::StoreError> {
+//! use std::sync::Arc;
+//! use taskhistory::{DynStore, PgConfig, PgTaskHistoryStore, TaskHistoryStore};
+//!
+//! let pg = PgTaskHistoryStore::connect(PgConfig::from_env()?).await?;
+//! pg.init_database_schema().await?;
+//! pg.warm_up().await?;
+//! // One store per process, shared: it is `Send + Sync` and cheap to clone.
+//! let store: DynStore = Arc::new(pg);
+//! # let _ = store; Ok(()) }
+//! ```
+//!
+//! ## Errors, and which are retried
+//!
+//! Every method returns [`StoreError`]. Transient errors ([`StoreError::is_transient`]: a
+//! lost connection, a timeout, a serialization conflict) are retried inside the store by
+//! its [`RetryPolicy`] before they reach you; writes are idempotent, so a retry never
+//! doubles a step. [`StoreError::TaskCancelled`] means "stop working on this task";
+//! [`StoreError::InvalidInput`] names the field and nothing was written.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! use taskhistory::{MemoryStore, StoreError, TaskHistoryStore, TaskStepResult};
+//! let store = MemoryStore::new();
+//! let step = TaskStepResult::running("fetch", taskhistory::serde_json::json!({}), "");
+//! store.save_task_history("u", "t", 1, &step).await.unwrap();
+//! store.mark_task_as_cancelled("u", "t").await.unwrap();
+//! match store.save_task_history("u", "t", 2, &step).await {
+//!     Err(StoreError::TaskCancelled { .. }) => { /* the worker stops here */ }
+//!     other => panic!("{other:?}"),
+//! }
+//! let bad = store.save_task_history("", "t", 1, &step).await.unwrap_err();
+//! assert!(matches!(bad, StoreError::InvalidInput { ref field, .. } if field == "user_id"));
+//! assert!(!bad.is_transient());
+//! # }
+//! ```
+//!
+//! ## Batches
+//!
+//! [`save_batch_task_history`](TaskHistoryStore::save_batch_task_history) writes many steps
+//! of any tasks all-or-nothing; on PostgreSQL large batches of new tasks go by `COPY`.
+//! Concurrent single saves are combined by the PostgreSQL store on its own
+//! ([`PgConfig::save_lanes`]).
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! use taskhistory::{MemoryStore, StepRecord, TaskHistoryStore, TaskStepResult};
+//! let store = MemoryStore::new();
+//! let done = TaskStepResult::success("import", taskhistory::serde_json::json!(1), "ok");
+//! let batch: Vec<StepRecord> = (0..3).map(|i| StepRecord::new("u", "t", i, done.clone())).collect();
+//! store.save_batch_task_history(&batch).await.unwrap();
+//! assert_eq!(store.load_task_history("u", "t").await.unwrap().len(), 3);
+//! # }
+//! ```
+//!
+//! ## Watching
+//!
+//! [`watch_task`](TaskHistoryStore::watch_task) and
+//! [`watch_user`](TaskHistoryStore::watch_user) stream every write after a cursor, once;
+//! each [`TaskEvent`] carries the [`EventCursor`] to resume from (an SSE `Last-Event-ID`).
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), taskhistory::StoreError> {
+//! use taskhistory::futures::StreamExt;
+//! use taskhistory::{MemoryStore, TaskHistoryStore, TaskStepResult};
+//! let store = MemoryStore::new();
+//! let mut events = store.watch_user("u", None).await?;
+//! let step = TaskStepResult::running("s", taskhistory::serde_json::json!({}), "");
+//! store.save_task_history("u", "t", 1, &step).await?;
+//! store.save_task_history("u", "t", 2, &step).await?;
+//! let first = events.next().await.expect("live")?;
+//! // Later, or in another process: resume right after the first event.
+//! let mut resumed = store.watch_user("u", Some(first.cursor)).await?;
+//! assert_eq!(resumed.next().await.expect("live")?.step, 2);
+//! # Ok(()) }
+//! ```
+//!
+//! ## Shutdown
+//!
+//! Call [`close`](TaskHistoryStore::close) before the process exits: it sends the
+//! watchers' pending wake-ups and closes the pool. Without it nothing is lost; other
+//! processes' watchers see the last writes at their next poll instead of at once.
+//!
+//! ## Testing a service
+//!
+//! - [`MemoryStore`]: the same contract in memory (the behaviour suite runs on both).
+//! - `MockTaskHistoryStore` (feature `mock`, with [`mockall`] re-exported): interactions.
+//!   Errors are `Clone`, so `return_const(Err(...))` works.
+//! - A real database: `PgTaskHistoryStore` on a schema of its own per test
+//!   (`PgConfig::schema`), dropped afterwards; see `examples/task_service.rs`.
+//!
+//! ```
+//! # #[cfg(feature = "mock")]
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! use taskhistory::{MockTaskHistoryStore, StoreError, TaskHistoryStore, TaskStatus};
+//! let mut mock = MockTaskHistoryStore::new();
+//! mock.expect_check_task_status()
+//!     .return_const(Err(StoreError::Closed));
+//! assert!(matches!(mock.check_task_status("u", "t").await, Err(StoreError::Closed)));
+//! # let _ = TaskStatus::Pending;
+//! # }
+//! # #[cfg(not(feature = "mock"))]
+//! # fn main() {}
+//! ```
 
 pub use taskhistory_core::*;
 

@@ -8,7 +8,8 @@
 //! - `taskhistory-core` (always): the contract, domain types, errors, retry policy, validation;
 //! - `taskhistory-postgres` (feature `postgres`, default): [`PgTaskHistoryStore`];
 //! - `taskhistory-memory` (feature `memory`, default): [`MemoryStore`], the test double;
-//! - feature `mock`: mockall's `MockTaskHistoryStore`.
+//! - feature `mock`: mockall's `MockTaskHistoryStore`;
+//! - feature `test-schema`: throwaway schemas for a service's integration tests.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
@@ -134,8 +135,9 @@
 //! - [`MemoryStore`]: the same contract in memory (the behaviour suite runs on both).
 //! - `MockTaskHistoryStore` (feature `mock`, with [`mockall`] re-exported): interactions.
 //!   Errors are `Clone`, so `return_const(Err(...))` works.
-//! - A real database: `PgTaskHistoryStore` on a schema of its own per test
-//!   (`PgConfig::schema`), dropped afterwards; see `examples/task_service.rs`.
+//! - A real database (feature `test-schema`): `PgTaskHistoryStore::on_fresh_schema(config)`
+//!   gives each test a migrated store on a schema of its own, and `drop_schema()` removes
+//!   it when the test ends; see also `examples/task_service.rs`.
 //!
 //! ```
 //! # #[cfg(feature = "mock")]

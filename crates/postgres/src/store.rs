@@ -294,6 +294,45 @@ impl PgTaskHistoryStore {
     }
 }
 
+/// Throwaway schemas for a service's integration tests (feature `test-schema`).
+#[cfg(feature = "test-schema")]
+impl PgTaskHistoryStore {
+    /// A store on a new schema of its own (`th_test_<pid>_<n>_<nanos>`), migrated: a test
+    /// gets an empty store that no other test sees. Remove it with
+    /// [`drop_schema`](Self::drop_schema) when the test ends.
+    pub async fn on_fresh_schema(config: PgConfig) -> Result<Self, StoreError> {
+        static SCHEMAS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SCHEMAS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let schema = format!("th_test_{}_{n}_{nanos}", std::process::id());
+        let store = Self::connect(config.schema(schema)).await?;
+        store.init_database_schema().await?;
+        Ok(store)
+    }
+
+    /// Drops the store's schema with everything in it, then closes the store. Only for a
+    /// schema of its own ([`on_fresh_schema`](Self::on_fresh_schema)): a store on the
+    /// connection's default schema is refused.
+    pub async fn drop_schema(&self) -> Result<(), StoreError> {
+        use diesel_async::SimpleAsyncConnection;
+        let Some(schema) = self.config().schema.clone() else {
+            return Err(StoreError::configuration(
+                "DB_SCHEMA",
+                "the store uses the connection's default schema, which drop_schema never drops",
+            ));
+        };
+        self.close().await;
+        let mut conn = self.connector().connect().await?;
+        // A plain identifier (checked by PgConfig::validate).
+        conn.batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+            .await
+            .map_err(|e| crate::error::from_diesel("drop_schema", e))
+    }
+}
+
 #[async_trait]
 impl TaskHistoryStore for PgTaskHistoryStore {
     async fn init_database_schema(&self) -> Result<(), StoreError> {

@@ -317,3 +317,41 @@ async fn migrations_work_on_a_current_thread_runtime() {
         TaskStatus::Running
     );
 }
+
+/// Feature `test-schema`: a store on a schema of its own, and `drop_schema` removing it
+/// with everything in it (what a service's integration tests use).
+#[cfg(feature = "test-schema")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_schema_is_made_migrated_and_dropped() {
+    use taskhistory_core::{StoreError, TaskHistoryStore, TaskStepResult};
+    let store = taskhistory_postgres::PgTaskHistoryStore::on_fresh_schema(
+        taskhistory_testing::fresh_config().await,
+    )
+    .await
+    .unwrap();
+    let schema = store.config().schema.clone().unwrap();
+    assert!(schema.starts_with("th_test_"), "{schema}");
+    let step = TaskStepResult::running("s", serde_json::json!({}), "");
+    store.save_task_history("u", "t", 0, &step).await.unwrap();
+    let admin = taskhistory_testing::test_db_client().await;
+    let exists = |schema: String| {
+        let admin = &admin;
+        async move {
+            admin
+                .query_one(
+                    "SELECT count(*) FROM pg_namespace WHERE nspname = $1",
+                    &[&schema],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    assert_eq!(exists(schema.clone()).await, 1);
+    store.drop_schema().await.unwrap();
+    assert_eq!(exists(schema).await, 0);
+    assert!(matches!(
+        store.save_task_history("u", "t", 1, &step).await,
+        Err(StoreError::Closed)
+    ));
+}

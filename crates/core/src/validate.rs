@@ -392,14 +392,18 @@ fn canonical_number(n: &Number) -> Number {
     if f == 0.0 {
         return Number::from_f64(0.0).unwrap_or_else(|| n.clone());
     }
-    // serde_json prints floats of magnitude 1e16 and above in exponent form; PostgreSQL
-    // reads those as integers (no fractional digits) and prints them back in full.
+    // serde_json prints floats of magnitude 1e16 and above in exponent form, with the
+    // shortest digits that read back as the same float; PostgreSQL reads those as integers
+    // (those digits, then zeros) and prints them back in full. Rust prints a float with the
+    // same shortest digits, then zeros: the integer PostgreSQL keeps (not the float's exact
+    // binary value, which can differ in the last digits).
     if f.fract() == 0.0 && f.abs() >= 1e16 {
-        if (0.0..18_446_744_073_709_551_616.0).contains(&f) {
-            return Number::from(f as u64);
+        let digits = format!("{f}");
+        if let Ok(v) = digits.parse::<u64>() {
+            return Number::from(v);
         }
-        if (-9_223_372_036_854_775_808.0..0.0).contains(&f) {
-            return Number::from(f as i64);
+        if let Ok(v) = digits.parse::<i64>() {
+            return Number::from(v);
         }
     }
     n.clone()
@@ -533,6 +537,12 @@ mod tests {
         assert_eq!(
             canonical_json(&json!({"a": [1e16]})),
             json!({"a": [10_000_000_000_000_000_u64]})
+        );
+        // The shortest digits, then zeros (what jsonb keeps), not the float's exact binary
+        // value (-55568384273091208): found by the differential test.
+        assert_eq!(
+            canonical_json(&json!(-5.556838427309121e16)),
+            json!(-55_568_384_273_091_210_i64)
         );
     }
 }

@@ -16,6 +16,27 @@ use diesel::QueryResult;
 use diesel_async::methods::LoadQuery;
 use diesel_async::{AsyncConnectionCore, RunQueryDsl};
 
+/// How a write merges into its task's summary: the status of the highest step, counts,
+/// first and last activity, the start time (a conflict when two writers created the task
+/// apart) and the order guard. One place for both save statements.
+macro_rules! summary_merge {
+    () => {
+        r#"    ON CONFLICT (user_id, task_id) DO UPDATE SET
+        status = CASE WHEN EXCLUDED.last_step >= s.last_step THEN EXCLUDED.status ELSE s.status END,
+        last_step = GREATEST(s.last_step, EXCLUDED.last_step),
+        step_count = s.step_count + EXCLUDED.step_count,
+        created_at = LEAST(s.created_at, EXCLUDED.created_at),
+        updated_at = GREATEST(s.updated_at, EXCLUDED.updated_at),
+        started_at = CASE WHEN s.started_at = EXCLUDED.started_at THEN s.started_at
+                          ELSE taskhistory_start_conflict() END,
+        -- Per task, positions follow commits: a transaction numbered before the task's
+        -- last writer, committing after it, is retried with a new number.
+        last_xid = CASE WHEN s.last_xid > EXCLUDED.last_xid THEN taskhistory_order_conflict()
+                        ELSE EXCLUDED.last_xid END
+"#
+    };
+}
+
 /// The part of the save statements after their input: locks, upserts, summary, outcome.
 /// `whole`: a cancelled task refuses the whole statement (batches are all-or-nothing);
 /// `each`: it refuses only its own rows (combined single saves, each its caller's).
@@ -96,7 +117,8 @@ FROM (SELECT 1) AS one LEFT JOIN refused r ON true
 "#
     };
     (@upserts) => {
-        r#"    ON CONFLICT ON CONSTRAINT task_history_user_task_step_key DO UPDATE
+        concat!(
+            r#"    ON CONFLICT ON CONSTRAINT task_history_user_task_step_key DO UPDATE
         SET result = EXCLUDED.result, timestamp = EXCLUDED.timestamp, status = EXCLUDED.status,
             started_at = EXCLUDED.started_at,
             -- A step saved again moves to the end of the log (its id stays: it tells an
@@ -118,21 +140,12 @@ FROM (SELECT 1) AS one LEFT JOIN refused r ON true
         (user_id, task_id, status, last_step, step_count, created_at, updated_at, started_at)
     SELECT user_id, task_id, status, last_step, added, first_ts, last_ts, started_at
     FROM per_task
-    ON CONFLICT (user_id, task_id) DO UPDATE SET
-        status = CASE WHEN EXCLUDED.last_step >= s.last_step THEN EXCLUDED.status ELSE s.status END,
-        last_step = GREATEST(s.last_step, EXCLUDED.last_step),
-        step_count = s.step_count + EXCLUDED.step_count,
-        created_at = LEAST(s.created_at, EXCLUDED.created_at),
-        updated_at = GREATEST(s.updated_at, EXCLUDED.updated_at),
-        started_at = CASE WHEN s.started_at = EXCLUDED.started_at THEN s.started_at
-                          ELSE taskhistory_start_conflict() END,
-        -- Per task, positions follow commits: a transaction numbered before the task's
-        -- last writer, committing after it, is retried with a new number.
-        last_xid = CASE WHEN s.last_xid > EXCLUDED.last_xid THEN taskhistory_order_conflict()
-                        ELSE EXCLUDED.last_xid END
-    RETURNING 1
+"#,
+            summary_merge!(),
+            r#"    RETURNING 1
 )
 "#
+        )
     };
 }
 
@@ -160,7 +173,8 @@ WITH input AS (
 /// quarter faster than the array statement with one element, measured with pgbench in
 /// `docs/performance.md`). The planner knows it writes one row, so PostgreSQL settles on
 /// the cached generic plan instead of planning the statement again at every call.
-pub const SAVE_STEP: &str = r#"
+pub const SAVE_STEP: &str = concat!(
+    r#"
 WITH input AS (
     SELECT $1::text AS user_id, $2::text AS task_id, $3::int4 AS step, $4::jsonb AS result,
            COALESCE($5::timestamptz, now()) AS ts, $6::text AS status
@@ -193,23 +207,16 @@ WITH input AS (
     SELECT k.user_id, k.task_id, w.status, w.step, (w.id = k.id)::int::int8, w.timestamp,
            w.timestamp, w.started_at
     FROM written w CROSS JOIN keyed k
-    ON CONFLICT (user_id, task_id) DO UPDATE SET
-        status = CASE WHEN EXCLUDED.last_step >= s.last_step THEN EXCLUDED.status ELSE s.status END,
-        last_step = GREATEST(s.last_step, EXCLUDED.last_step),
-        step_count = s.step_count + EXCLUDED.step_count,
-        created_at = LEAST(s.created_at, EXCLUDED.created_at),
-        updated_at = GREATEST(s.updated_at, EXCLUDED.updated_at),
-        started_at = CASE WHEN s.started_at = EXCLUDED.started_at THEN s.started_at
-                          ELSE taskhistory_start_conflict() END,
-        last_xid = CASE WHEN s.last_xid > EXCLUDED.last_xid THEN taskhistory_order_conflict()
-                        ELSE EXCLUDED.last_xid END
-    RETURNING 1
+"#,
+    summary_merge!(),
+    r#"    RETURNING 1
 )
 SELECT CASE WHEN l.status = 'cancelled' THEN i.user_id END AS refused_user,
        CASE WHEN l.status = 'cancelled' THEN i.task_id END AS refused_task,
        (SELECT count(*) FROM written) AS rows_written
 FROM input i LEFT JOIN locked l ON true
-"#;
+"#
+);
 
 /// Combined single saves (callers queued for a connection, `combine.rs`): [`SAVE_STEPS`]'s
 /// input, but a cancelled task refuses only its own rows; returns every refused task

@@ -21,7 +21,8 @@ enum Mode {
         unit: &'static str,
         total: Option<u64>,
         started: Instant,
-        last: Mutex<Option<Instant>>,
+        /// When the last line was printed, and the count it showed.
+        last: Mutex<Option<(Instant, u64)>>,
     },
 }
 
@@ -64,8 +65,8 @@ impl Progress {
             Mode::Bar(bar) => bar.set_position(done),
             Mode::Lines { last, .. } => {
                 let mut last = last.lock().unwrap_or_else(|p| p.into_inner());
-                if last.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
-                    *last = Some(Instant::now());
+                if last.is_none_or(|(t, _)| t.elapsed() >= Duration::from_secs(1)) {
+                    *last = Some((Instant::now(), done));
                     self.print_line(done);
                 }
             }
@@ -79,7 +80,16 @@ impl Progress {
                 bar.set_position(done);
                 bar.finish_and_clear();
             }
-            Mode::Lines { .. } => self.print_line(done),
+            // The last line, unless the count was just printed.
+            Mode::Lines { last, .. } => {
+                let printed = last
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .map(|(_, n)| n);
+                if printed != Some(done) {
+                    self.print_line(done);
+                }
+            }
         }
     }
 

@@ -655,6 +655,16 @@ async fn export_import_round_trip_reproduces_the_history() {
         "{}",
         r.stderr
     );
+    // On a non-terminal stderr the progress line of a one-page export is printed once.
+    assert_eq!(
+        r.stderr
+            .lines()
+            .filter(|l| l.starts_with("export: 4 steps"))
+            .count(),
+        1,
+        "{}",
+        r.stderr
+    );
 }
 
 #[tokio::test]

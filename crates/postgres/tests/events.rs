@@ -25,6 +25,20 @@ async fn next(events: &mut TaskEventStream) -> TaskEvent {
         .expect("the stream failed")
 }
 
+/// The store's single-step statement, sent by a raw client: step 2 of task `t`.
+async fn save_step_2(
+    client: &tokio_postgres::Client,
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    let result = serde_json::to_value(step(2)).unwrap();
+    let now: Option<chrono::DateTime<chrono::Utc>> = None;
+    client
+        .query(
+            sql::SAVE_STEP,
+            &[&"u", &"t", &2i32, &result, &now, &"running"],
+        )
+        .await
+}
+
 /// A transaction given its id before the task's last writer, and committing after it,
 /// would put the task's events out of commit order: the save statement refuses it with a
 /// serialization failure (which the store retries with a new transaction) and writes nothing.
@@ -51,19 +65,7 @@ async fn a_write_numbered_before_the_tasks_last_writer_is_refused_and_writes_not
         .save_task_history("u", "t", 1, &step(1))
         .await
         .unwrap();
-    let result = early
-        .query(
-            sql::SAVE_STEP,
-            &[
-                &"u",
-                &"t",
-                &2i32,
-                &serde_json::to_value(step(2)).unwrap(),
-                &None::<chrono::DateTime<chrono::Utc>>,
-                &"running",
-            ],
-        )
-        .await;
+    let result = save_step_2(&early).await;
     let err = result.expect_err("the out-of-order write was accepted");
     assert_eq!(
         err.code(),
@@ -84,20 +86,7 @@ async fn a_write_numbered_before_the_tasks_last_writer_is_refused_and_writes_not
         .batch_execute(&format!("SET search_path TO \"{schema}\""))
         .await
         .unwrap();
-    early
-        .query(
-            sql::SAVE_STEP,
-            &[
-                &"u",
-                &"t",
-                &2i32,
-                &serde_json::to_value(step(2)).unwrap(),
-                &None::<chrono::DateTime<chrono::Utc>>,
-                &"running",
-            ],
-        )
-        .await
-        .unwrap();
+    save_step_2(&early).await.unwrap();
     assert_eq!(store.load_task_history("u", "t").await.unwrap().len(), 3);
 }
 

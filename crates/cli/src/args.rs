@@ -17,15 +17,17 @@ pub(crate) struct Cli {
     #[command(flatten)]
     pub(crate) db: DbArgs,
     /// Print JSON for scripts instead of tables (one document, or one line per record).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Global options (every command)")]
     pub(crate) json: bool,
     /// What to do.
     #[command(subcommand)]
     pub(crate) command: Command,
 }
 
-/// Connection settings; each overrides the environment variable named in its help.
+/// Connection settings; each overrides the environment variable named in its help. A
+/// subcommand's help lists them apart from its own options.
 #[derive(Debug, Args)]
+#[command(next_help_heading = "Connection options (every command)")]
 pub(crate) struct DbArgs {
     /// PostgreSQL URL, e.g. postgres://user@host/db?sslmode=verify-full [env: DATABASE_URL]
     #[arg(long, global = true, value_name = "URL")]

@@ -14,6 +14,7 @@ use taskhistory_postgres::{CleanupOptions, Layout, Partitioning, PgConfig, PgTas
 
 use crate::args::{Cli, Command, DbArgs, PartitionsAction};
 use crate::error::{exit, CliError};
+use crate::interrupt::Interrupt;
 use crate::output::{bytes, clip, maybe_time, time, Output};
 use crate::progress::Progress;
 use crate::{demo, transfer};
@@ -206,7 +207,8 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
             };
             validate::scan(&user, &scan)?;
             let store = open(db).await?.store();
-            transfer::export(&store, &user, scan, output.as_deref(), out).await
+            let interrupt = Interrupt::install();
+            transfer::export(&store, &user, scan, output.as_deref(), &interrupt, out).await
         }
         Command::Watch {
             user,
@@ -229,7 +231,8 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
                 )));
             }
             let store = open(db).await?.store();
-            transfer::import(&store, &file, batch_size, out).await
+            let interrupt = Interrupt::install();
+            transfer::import(&store, &file, batch_size, &interrupt, out).await
         }
     }
 }
@@ -483,10 +486,12 @@ async fn watch(
     );
     let mut seen = 0;
     let mut last = None;
+    // Watching until interrupted is the command's normal end: it exits 0.
+    let mut interrupt = Interrupt::install();
     while count.is_none_or(|c| seen < c) {
         let event = tokio::select! {
             e = events.next() => e,
-            _ = tokio::signal::ctrl_c() => None,
+            _ = interrupt.wait() => None,
         };
         let Some(event) = event else { break };
         match event {

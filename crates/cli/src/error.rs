@@ -25,6 +25,9 @@ Exit codes:
      import lines, no database configured
   3  not found: the task does not exist
   4  unavailable: the database cannot be reached or did not answer in time
+  130, 143  interrupted (Ctrl-C, SIGTERM): export stops after whole lines (a file being
+     written is removed), import after the batch being written commits; both say what
+     was done
 
 Configuration (flags over environment over defaults): DATABASE_URL, or DB_HOST, DB_PORT,
 DB_NAME, DB_USER, DB_PASSWORD; DB_SCHEMA, DB_SSLMODE, DB_SSLROOTCERT, DB_COMMAND_TIMEOUT,

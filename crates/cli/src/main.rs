@@ -13,6 +13,7 @@ mod args;
 mod commands;
 mod demo;
 mod error;
+mod interrupt;
 mod output;
 mod progress;
 mod transfer;

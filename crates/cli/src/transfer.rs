@@ -1,5 +1,10 @@
 //! `export` and `import`: a user's history as JSON Lines, one [`StepRecord`] per line, read
 //! and written a page or a batch at a time so memory stays flat whatever the size.
+//!
+//! Interrupted (Ctrl-C or SIGTERM), both stop at a safe point and say what was done, exiting
+//! 128 + the signal's number: `export` after whole lines (to a file: the `.partial` file is
+//! removed and the target left as it was), `import` after the batch being written commits
+//! (it names the last line committed; importing the same file again is safe).
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
@@ -10,6 +15,7 @@ use taskhistory_core::validate;
 use taskhistory_core::{DynStore, HistoryScan, StepRecord, StoreError};
 
 use crate::error::{exit, CliError};
+use crate::interrupt::Interrupt;
 use crate::output::Output;
 use crate::progress::Progress;
 
@@ -29,12 +35,13 @@ struct ExportReport {
 }
 
 /// Writes every step `scan` reaches, page by page, to `path` (complete or not at all) or to
-/// stdout.
+/// stdout (whole lines, also when interrupted).
 pub(crate) async fn export(
     store: &DynStore,
     user: &str,
     mut scan: HistoryScan,
     path: Option<&Path>,
+    interrupt: &Interrupt,
     out: Output,
 ) -> Result<u8, CliError> {
     let partial = path.map(|p| {
@@ -75,6 +82,10 @@ pub(crate) async fn export(
                 }
             }
             progress.set(report.steps);
+            // Between pages the sink holds whole lines only: a safe point to stop.
+            if interrupt.signal().is_some() {
+                break;
+            }
             match page.next {
                 Some(next) => scan = scan.after(Some(next)),
                 None => break,
@@ -85,11 +96,28 @@ pub(crate) async fn export(
     .await;
     progress.finish(report.steps);
     drop(sink);
-    if let Err(e) = written {
+    let stopped = interrupt.signal();
+    if written.is_err() || stopped.is_some() {
         if let Some(p) = &partial {
             let _ = std::fs::remove_file(p);
         }
-        return Err(e);
+    }
+    written?;
+    if let Some(signal) = stopped {
+        match path {
+            Some(path) => eprintln!(
+                "taskhistory: interrupted after {} step(s): {} was not written ({} removed)",
+                report.steps,
+                path.display(),
+                partial.as_deref().unwrap_or(path).display()
+            ),
+            None => eprintln!(
+                "taskhistory: interrupted: exported {} step(s) of {} task(s), whole lines; \
+                 the export is incomplete",
+                report.steps, report.tasks
+            ),
+        }
+        return Ok(signal.exit_code());
     }
     if let (Some(partial), Some(path)) = (&partial, path) {
         std::fs::rename(partial, path)
@@ -133,6 +161,11 @@ struct ImportReport {
     skipped_cancelled: u64,
     /// The first bad lines.
     bad_lines: Vec<BadLine>,
+    /// Every line up to this one is committed (or refused); 0 before the first batch.
+    committed_through_line: u64,
+    /// Set when a signal stopped the import before the end of its input.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    interrupted: bool,
 }
 
 /// One batch being gathered: valid records, and the bad lines among its lines.
@@ -150,34 +183,41 @@ pub(crate) async fn import(
     store: &DynStore,
     file: &Path,
     batch_size: usize,
+    interrupt: &Interrupt,
     out: Output,
 ) -> Result<u8, CliError> {
-    let (reader, total_bytes): (Box<dyn Read>, Option<u64>) = if file.as_os_str() == "-" {
-        (Box::new(std::io::stdin().lock()), None)
+    let (reader, total_bytes): (Box<dyn Read + Send>, Option<u64>) = if file.as_os_str() == "-" {
+        (Box::new(std::io::stdin()), None)
     } else {
         let f = File::open(file).map_err(CliError::io(format!("opening {}", file.display())))?;
         let len = f.metadata().ok().map(|m| m.len());
         (Box::new(f), len)
     };
-    let mut reader = BufReader::with_capacity(1 << 16, reader);
+    let mut lines = read_lines(reader, file);
     let progress = match total_bytes {
         Some(n) => Progress::new("import", "bytes", Some(n)),
         None => Progress::new("import", "lines", None),
     };
     let mut report = ImportReport::default();
     let mut batch = Batch::default();
-    let mut buf = Vec::new();
     let (mut line_no, mut bytes_read) = (0u64, 0u64);
-    loop {
-        buf.clear();
-        let n = reader
-            .read_until(b'\n', &mut buf)
-            .map_err(CliError::io(format!("reading {}", file.display())))?;
-        if n == 0 {
-            break;
-        }
+    let mut waiting = interrupt.clone();
+    let stopped = loop {
+        // A blocked read of stdin must not hide a signal: wait for either.
+        let next = tokio::select! {
+            biased;
+            signal = waiting.wait() => break Some(signal),
+            line = lines.recv() => line,
+        };
+        let Some(line) = next else { break None };
+        let buf = line?;
         line_no += 1;
-        bytes_read += n as u64;
+        bytes_read += buf.len() as u64;
+        progress.set(if total_bytes.is_some() {
+            bytes_read
+        } else {
+            line_no
+        });
         if buf.iter().all(u8::is_ascii_whitespace) {
             continue;
         }
@@ -195,15 +235,24 @@ pub(crate) async fn import(
             }),
         }
         if batch.lines as usize >= batch_size {
+            // A batch being written is let finish: its commit is the safe point.
+            let last_line = batch.last_line;
             flush(store, std::mem::take(&mut batch), &mut report).await?;
+            report.committed_through_line = last_line;
+            if let Some(signal) = interrupt.signal() {
+                break Some(signal);
+            }
         }
-        progress.set(if total_bytes.is_some() {
-            bytes_read
-        } else {
-            line_no
-        });
+    };
+    if stopped.is_none() {
+        let last_line = batch.last_line.max(report.committed_through_line);
+        flush(store, batch, &mut report).await?;
+        report.committed_through_line = last_line;
+    } else {
+        // The lines of a batch not yet written are not counted as read-and-refused.
+        report.lines -= batch.lines;
+        report.interrupted = true;
     }
-    flush(store, batch, &mut report).await?;
     progress.finish(if total_bytes.is_some() {
         bytes_read
     } else {
@@ -217,11 +266,46 @@ pub(crate) async fn import(
             report.lines, report.imported, report.refused, report.skipped_cancelled
         ))?;
     }
+    if let Some(signal) = stopped {
+        eprintln!(
+            "taskhistory: interrupted: lines up to {} are committed, later lines were not \
+             imported; importing the same file again is safe (saved lines are replaced by \
+             themselves)",
+            report.committed_through_line
+        );
+        return Ok(signal.exit_code());
+    }
     Ok(if report.refused > 0 {
         exit::BAD_INPUT
     } else {
         exit::OK
     })
+}
+
+/// Lines read on a thread of their own, so that a read blocked on stdin never blocks the
+/// runtime (and the signal that should stop it).
+fn read_lines(
+    reader: Box<dyn Read + Send>,
+    file: &Path,
+) -> tokio::sync::mpsc::Receiver<Result<Vec<u8>, CliError>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    let what = format!("reading {}", file.display());
+    std::thread::spawn(move || {
+        let mut reader = BufReader::with_capacity(1 << 16, reader);
+        loop {
+            let mut buf = Vec::new();
+            let line = match reader.read_until(b'\n', &mut buf) {
+                Ok(0) => return,
+                Ok(_) => Ok(buf),
+                Err(e) => Err(CliError::io(what.clone())(e)),
+            };
+            let failed = line.is_err();
+            if tx.blocking_send(line).is_err() || failed {
+                return;
+            }
+        }
+    });
+    rx
 }
 
 fn parse_line(line: &[u8]) -> Result<StepRecord, String> {

@@ -1126,3 +1126,160 @@ async fn partitions_convert_ensure_list_and_cleanup_drops() {
         .is_empty());
     assert_eq!(memory(&["partitions", "list"]).code, 1);
 }
+
+/// Sends `signal` (e.g. "-INT") to a child process.
+fn signal(child: &std::process::Child, signal: &str) {
+    let sent = std::process::Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
+/// The binary on `db`'s schema as a child process, every stream piped.
+fn spawn(db: &Db, args: &[&str]) -> std::process::Child {
+    std::process::Command::new(assert_cmd::cargo::cargo_bin("taskhistory"))
+        .args(["--database-url", &db.url, "--schema", &db.schema])
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// A user with `tasks` x `steps` steps, saved in one batch.
+async fn many_steps(db: &Db, user: &str, tasks: usize, steps: i32) {
+    let store = db.store().await;
+    let records: Vec<StepRecord> = (0..tasks)
+        .flat_map(|t| {
+            (0..steps).map(move |s| {
+                StepRecord::new(
+                    user,
+                    format!("t{t}"),
+                    s,
+                    TaskStepResult::running(
+                        format!("s{s}"),
+                        json!({"n": s, "pad": "x".repeat(64)}),
+                        "m",
+                    ),
+                )
+            })
+        })
+        .collect();
+    store.save_batch_task_history(&records).await.unwrap();
+    store.close().await;
+}
+
+#[tokio::test]
+async fn interrupted_import_from_stdin_reports_the_committed_lines() {
+    use std::io::Write;
+    let db = Db::fresh().await;
+    let store = db.store().await;
+    let mut child = spawn(&db, &["--json", "import", "-", "--batch-size", "10"]);
+    // Two whole batches and half of a third; stdin stays open, so the tool is blocked
+    // reading it when the signal comes.
+    let mut stdin = child.stdin.take().unwrap();
+    let lines: Vec<String> = (0..25).map(|s| record_line("u", "t", s)).collect();
+    stdin
+        .write_all((lines.join("\n") + "\n").as_bytes())
+        .unwrap();
+    stdin.flush().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while store.load_task_history("u", "t").await.unwrap().len() < 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the batches never committed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    signal(&child, "-INT");
+    let out = child.wait_with_output().unwrap();
+    drop(stdin);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["imported"], 20, "{report}");
+    assert_eq!(report["lines"], 20, "{report}");
+    assert_eq!(report["committed_through_line"], 20, "{report}");
+    assert_eq!(report["interrupted"], true, "{report}");
+    assert!(
+        stderr.contains("interrupted: lines up to 20 are committed"),
+        "{stderr}"
+    );
+    assert_eq!(store.load_task_history("u", "t").await.unwrap().len(), 20);
+    store.close().await;
+}
+
+#[tokio::test]
+async fn interrupted_export_to_stdout_ends_on_a_whole_line() {
+    use std::io::Read;
+    let db = Db::fresh().await;
+    many_steps(&db, "u", 15, 1_000).await;
+    let mut child = spawn(&db, &["export", "u"]);
+    let mut stdout = child.stdout.take().unwrap();
+    // The tool is now blocked writing its first page into the pipe.
+    let mut head = vec![0; 100];
+    stdout.read_exact(&mut head).unwrap();
+    signal(&child, "-INT");
+    let mut rest = Vec::new();
+    stdout.read_to_end(&mut rest).unwrap();
+    head.extend(rest);
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    let text = String::from_utf8(head).unwrap();
+    assert!(text.ends_with('\n'), "the last line is cut");
+    let lines: Vec<StepRecord> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(lines.len() < 15_000, "the export was not interrupted");
+    assert!(
+        stderr.contains(&format!("interrupted: exported {} step(s)", lines.len())),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn interrupted_export_to_a_file_leaves_nothing_behind() {
+    use std::io::Read;
+    let db = Db::fresh().await;
+    many_steps(&db, "u", 15, 1_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("u.jsonl");
+    let partial = dir.path().join("u.jsonl.partial");
+    // The partial file is a FIFO this test reads: the tool blocks writing it, and is
+    // interrupted in the middle of the export.
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&partial)
+        .status()
+        .unwrap()
+        .success());
+    let child = spawn(&db, &["export", "u", "-o", target.to_str().unwrap()]);
+    let mut fifo = std::fs::File::open(&partial).unwrap();
+    let mut head = vec![0; 100];
+    fifo.read_exact(&mut head).unwrap();
+    signal(&child, "-INT");
+    std::io::copy(&mut fifo, &mut std::io::sink()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(stderr.contains("was not written"), "{stderr}");
+    assert!(!target.exists(), "the target was written");
+    assert!(!partial.exists(), "the partial file was left behind");
+}
+
+#[test]
+fn subcommand_help_lists_connection_options_apart() {
+    let r = run(bin().args(["cleanup", "--help"]));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let (own, rest) = r
+        .stdout
+        .split_once("Connection options (every command):")
+        .unwrap_or_else(|| panic!("no connection section:\n{}", r.stdout));
+    assert!(own.contains("--days"), "{}", r.stdout);
+    assert!(!own.contains("--database-url"), "{}", r.stdout);
+    assert!(rest.contains("--database-url"), "{}", r.stdout);
+    assert!(!rest.contains("--days"), "{}", r.stdout);
+}

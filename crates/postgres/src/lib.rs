@@ -15,6 +15,7 @@
 //! arbitrary queries over the history (the SQL is fixed, in the crate's `sql` module).
 
 mod combine;
+mod compat;
 mod config;
 mod connection;
 mod error;
@@ -32,6 +33,7 @@ mod stats;
 mod store;
 mod watch;
 
+pub use compat::PythonCompat;
 pub use config::{PgConfig, SslMode, StatementObserver};
 pub use exec::{PoolStats, StoreMetrics};
 pub use explain::{QueryStats, StatementPlan};

@@ -74,32 +74,46 @@ struct VersionRow {
 struct Migrated {
     #[diesel(sql_type = diesel::sql_types::Bool)]
     migrated: bool,
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    history_table: bool,
 }
 
-/// The versions recorded in the migrations table (none when it does not exist yet), read in
+/// What [`run`] did.
+pub(crate) struct Outcome {
+    /// Migrations applied.
+    pub(crate) applied: usize,
+    /// Whether they adopted a `task_history` table the store did not make (the Python
+    /// service's): the Python compatibility mode is then switched on.
+    pub(crate) adopted: bool,
+}
+
+/// The versions recorded in the migrations table (none when it does not exist yet), and
+/// whether a `task_history` table exists, read in
 /// one transaction (so that behind a transaction pooler both reads see one server
 /// connection). Connection errors are returned, not taken for "nothing applied".
-async fn applied_versions(connector: &Connector) -> Result<Vec<String>, StoreError> {
+async fn applied_versions(connector: &Connector) -> Result<(Vec<String>, bool), StoreError> {
     let fail = |e| crate::error::from_diesel(OP, e);
     let mut conn = connector.connect().await?;
     let mut tx = Transaction::begin(&mut conn, connector, OP, "").await?;
     let versions = async {
-        let migrated = Statement::new(sql::HEALTH)
+        let row = Statement::new(sql::HEALTH)
             .fetch::<Migrated, _>(&mut *tx)
             .await
-            .map_err(fail)?
+            .map_err(fail)?;
+        let (migrated, history_table) = row
             .first()
-            .is_some_and(|m| m.migrated);
+            .map_or((false, false), |m| (m.migrated, m.history_table));
         if !migrated {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), history_table));
         }
-        Ok(Statement::new(sql::APPLIED_MIGRATIONS)
+        let versions = Statement::new(sql::APPLIED_MIGRATIONS)
             .fetch::<VersionRow, _>(&mut *tx)
             .await
             .map_err(fail)?
             .into_iter()
             .map(|r| r.version)
-            .collect())
+            .collect();
+        Ok((versions, history_table))
     }
     .await;
     tx.finish(versions).await
@@ -118,14 +132,22 @@ fn states(applied: &[String]) -> Result<Vec<MigrationState>, StoreError> {
         .collect())
 }
 
-/// Applies pending migrations; returns how many were applied. When none is pending it
-/// only reads the migrations table: a role with no DDL rights (least privilege), or a
-/// connection through a transaction pooler, can call it.
-pub(crate) async fn run(connector: &Connector, schema: Option<&str>) -> Result<usize, StoreError> {
-    let applied = applied_versions(connector).await?;
+/// Applies pending migrations. When none is pending it only reads the migrations table: a
+/// role with no DDL rights (least privilege), or a connection through a transaction pooler,
+/// can call it.
+pub(crate) async fn run(
+    connector: &Connector,
+    schema: Option<&str>,
+) -> Result<Outcome, StoreError> {
+    let (applied, history_table) = applied_versions(connector).await?;
+    // A table no migration of the store made: the Python service's.
+    let adopted = history_table && applied.is_empty();
     let pending = states(&applied)?.iter().filter(|m| !m.applied).count();
     if pending == 0 {
-        return Ok(0);
+        return Ok(Outcome {
+            applied: 0,
+            adopted: false,
+        });
     }
     if connector.transaction_setup().is_some() {
         return Err(StoreError::configuration(
@@ -138,12 +160,13 @@ pub(crate) async fn run(connector: &Connector, schema: Option<&str>) -> Result<u
         ));
     }
     let conn = locked_connection(connector, schema).await?;
-    with_harness(conn, |h| {
+    let applied = with_harness(conn, |h| {
         h.run_pending_migrations(MIGRATIONS)
             .map(|v| v.len())
             .map_err(failed)
     })
-    .await
+    .await?;
+    Ok(Outcome { applied, adopted })
 }
 
 /// The statements that give `role` what the store needs in `schema`, and nothing more: use
@@ -158,7 +181,8 @@ pub fn least_privilege_grants(schema: &str, role: &str) -> String {
         "GRANT USAGE ON SCHEMA \"{schema}\" TO \"{role}\";\n\
          GRANT SELECT, INSERT, UPDATE, DELETE ON \"{schema}\".task_history, \"{schema}\".task_summary TO \"{role}\";\n\
          GRANT USAGE ON SEQUENCE \"{schema}\".task_history_id_seq TO \"{role}\";\n\
-         GRANT SELECT ON \"{schema}\".__diesel_schema_migrations, \"{schema}\".taskhistory_layout TO \"{role}\";\n\
+         GRANT SELECT ON \"{schema}\".__diesel_schema_migrations, \"{schema}\".taskhistory_layout, \
+         \"{schema}\".taskhistory_python_compat, \"{schema}\".taskhistory_python_writes TO \"{role}\";\n\
          DO $$ BEGIN IF current_setting('server_version_num')::int >= 150000 THEN \
          EXECUTE 'GRANT SET ON PARAMETER lc_messages TO \"{role}\"'; END IF; END $$;\n"
     )
@@ -170,7 +194,7 @@ pub(crate) async fn status(
     schema: Option<&str>,
 ) -> Result<Vec<MigrationState>, StoreError> {
     if connector.transaction_setup().is_some() {
-        return states(&applied_versions(connector).await?);
+        return states(&applied_versions(connector).await?.0);
     }
     let conn = locked_connection(connector, schema).await?;
     with_harness(conn, |h| {

@@ -37,8 +37,8 @@ const MAX_PERIODS_BACK: i64 = 120;
 /// How long a retention drop waits for its locks before giving up on this partition (it
 /// is tried again, then left for the next run): writers never queue longer than this.
 const DROP_LOCK_WAIT_MS: u128 = 50;
-/// How long partition making waits for its locks.
-const DDL_LOCK_WAIT_MS: u128 = 5_000;
+/// How long partition making (and other DDL on the table) waits for its locks.
+pub(crate) const DDL_LOCK_WAIT_MS: u128 = 5_000;
 const DROP_ATTEMPTS: u32 = 3;
 
 #[derive(QueryableByName)]
@@ -100,7 +100,7 @@ fn read_layout(rows: Vec<LayoutRow>) -> Result<Layout, StoreError> {
     }
 }
 
-async fn layout_on(conn: &mut AsyncPgConnection) -> Result<Layout, StoreError> {
+pub(crate) async fn layout_on(conn: &mut AsyncPgConnection) -> Result<Layout, StoreError> {
     let rows = Statement::new(sql::PARTITION_LAYOUT)
         .fetch(conn)
         .await
@@ -193,13 +193,13 @@ fn periods(
 
 /// A dedicated connection (never a pooled one: DDL stays off the service's connections)
 /// running one transaction at a time.
-struct DdlConnection<'s> {
+pub(crate) struct DdlConnection<'s> {
     store: &'s PgTaskHistoryStore,
     conn: AsyncPgConnection,
 }
 
 impl<'s> DdlConnection<'s> {
-    async fn open(store: &'s PgTaskHistoryStore) -> Result<Self, StoreError> {
+    pub(crate) async fn open(store: &'s PgTaskHistoryStore) -> Result<Self, StoreError> {
         Ok(DdlConnection {
             store,
             conn: store.connector().connect().await?,
@@ -208,7 +208,7 @@ impl<'s> DdlConnection<'s> {
 
     /// Runs `work` in a transaction that first takes the partition lock and sets a lock wait
     /// limit; commits when it returns a value, rolls back on `None` or an error.
-    async fn transaction<T>(
+    pub(crate) async fn transaction<T>(
         &mut self,
         operation: &'static str,
         lock_wait_ms: u128,
@@ -321,6 +321,7 @@ impl PgTaskHistoryStore {
         if self.layout().await? != Layout::Plain {
             return Ok(Vec::new());
         }
+        let channel = self.channel().to_owned();
         let mut conn = DdlConnection::open(self).await?;
         let made = conn
             .transaction(OP, DDL_LOCK_WAIT_MS, |c| {
@@ -347,9 +348,15 @@ impl PgTaskHistoryStore {
                     let first = interval.shift(now, -back).unwrap_or(now);
                     let count = back + i64::from(partitioning.ahead) + 1;
                     let parts = periods(interval, first, count, &[]);
+                    // The Python compatibility mode's triggers go with the plain table:
+                    // made again on the new one.
+                    let compat = crate::compat::state_on(c).await?.enabled;
                     c.batch_execute(&ddl::convert(interval.as_str(), &parts))
                         .await
                         .map_err(|e| from_diesel(OP, e))?;
+                    if compat {
+                        crate::compat::install_on(c, &channel).await?;
+                    }
                     Ok(Some(parts.into_iter().map(|(name, _, _)| name).collect()))
                 })
             })

@@ -507,7 +507,25 @@ WHERE (updated_at AT TIME ZONE 'UTC') < (now() - make_interval(days => $1)) AT T
 /// Server version and whether the migrations table exists.
 pub const HEALTH: &str = r#"
 SELECT current_setting('server_version') AS server_version,
-       to_regclass('__diesel_schema_migrations') IS NOT NULL AS migrated
+       to_regclass('__diesel_schema_migrations') IS NOT NULL AS migrated,
+       to_regclass('task_history') IS NOT NULL AS history_table
+"#;
+
+/// Operator: the Python compatibility mode (`compat.rs`): when it was switched on, whether
+/// its triggers are in place, the legacy writes seen, and the Python service's indexes
+/// present (a Python start-up made them again while the mode was off).
+pub const PYTHON_COMPAT_STATE: &str = r#"
+SELECT (SELECT enabled_at FROM taskhistory_python_compat) AS enabled_at,
+       EXISTS (SELECT 1 FROM pg_trigger
+               WHERE tgrelid = 'task_history'::regclass
+                 AND tgname = 'taskhistory_python_update') AS triggers,
+       (SELECT max(last_write) FROM taskhistory_python_writes) AS last_write,
+       (SELECT COALESCE(sum(writes), 0)::int8 FROM taskhistory_python_writes) AS writes,
+       ARRAY(SELECT c.relname::text FROM pg_class c
+             WHERE c.relnamespace = (SELECT relnamespace FROM pg_class
+                                     WHERE oid = 'task_history'::regclass)
+               AND c.relkind IN ('i', 'I') AND c.relname LIKE 'idx\_task\_history\_%'
+             ORDER BY 1) AS python_indexes
 "#;
 
 /// Every applied migration's version (to skip the locked migration path when nothing is
@@ -624,6 +642,180 @@ pub mod ddl {
              ) INSERT INTO {name} SELECT * FROM moved;\n\
              ALTER TABLE task_history ATTACH PARTITION {name} FOR VALUES FROM ('{from}') TO ('{to}');"
         )
+    }
+
+    /// The indexes the Python service's `_create_tables` makes. Migration 1 drops them (no
+    /// statement of the store uses them; each costs every write); while the Python
+    /// compatibility mode is on, a view holds each name, so that a restarted Python service's
+    /// `CREATE INDEX IF NOT EXISTS` skips it.
+    pub const PYTHON_INDEXES: [&str; 6] = [
+        "idx_task_history_user_id",
+        "idx_task_history_task_id",
+        "idx_task_history_status",
+        "idx_task_history_timestamp",
+        "idx_task_history_user_task",
+        "idx_task_history_user_timestamp",
+    ];
+
+    /// Drops the Python service's indexes where they are, then (when `placeholders`) holds
+    /// their names with views.
+    fn python_index_names(placeholders: bool) -> String {
+        let names = PYTHON_INDEXES
+            .iter()
+            .map(|n| format!("'{n}'"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        format!(
+            "DO $names$\n\
+             DECLARE n text; k \"char\";\n\
+             BEGIN\n\
+                 FOREACH n IN ARRAY ARRAY[{names}] LOOP\n\
+                     SELECT c.relkind INTO k FROM pg_class c\n\
+                     WHERE c.relname = n AND c.relnamespace = current_schema()::regnamespace;\n\
+                     IF k IN ('i', 'I') THEN EXECUTE format('DROP INDEX %I', n); k := NULL; END IF;\n\
+                     IF k = 'v' AND NOT {placeholders} THEN EXECUTE format('DROP VIEW %I', n); END IF;\n\
+                     IF k IS NULL AND {placeholders} THEN\n\
+                         EXECUTE format('CREATE VIEW %I AS SELECT %L::text AS placeholder', n,\n\
+                             'holds this name while the Python compatibility mode is on, so that '\n\
+                             'the Python start-up does not make this index again (taskhistory compat off '\n\
+                             'removes it)');\n\
+                     END IF;\n\
+                 END LOOP;\n\
+             END $names$;\n"
+        )
+    }
+
+    /// Switches the Python compatibility mode on (`compat.rs` says what each part does), or
+    /// makes it again: `insert_on` is where the insert trigger goes (the plain table, or the
+    /// default partition, where every row of a Python INSERT lands), `save_step` the store's
+    /// single-save statement (the legacy INSERT runs it, so both sides write by one rule),
+    /// `channel` the watchers' notification channel (a plain identifier made by the store).
+    pub fn python_compat_on(save_step: &str, channel: &str, insert_on: &str) -> String {
+        let wrote = format!(
+            "INSERT INTO taskhistory_python_writes AS w (backend_pid, last_write, writes)\n\
+             VALUES (pg_backend_pid(), clock_timestamp(), 1)\n\
+             ON CONFLICT (backend_pid) DO UPDATE\n\
+                 SET last_write = EXCLUDED.last_write, writes = w.writes + 1;\n\
+             SELECT pg_notify('{channel}', json_build_array($1)::text);"
+        );
+        let mut sql = format!(
+            r#"DO $compat$
+DECLARE
+    -- SECURITY DEFINER functions read their objects from the store's schema only.
+    path text := format('%I, pg_temp', current_schema());
+BEGIN
+    EXECUTE format('CREATE OR REPLACE FUNCTION taskhistory_python_save(text, text, int4, jsonb, timestamptz, text)
+        RETURNS TABLE (refused_user text, refused_task text, rows_written int8)
+        LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = %s AS %L', path,
+        $save${save_step}$save$);
+    EXECUTE format('CREATE OR REPLACE FUNCTION taskhistory_python_wrote(text) RETURNS void
+        LANGUAGE sql VOLATILE SECURITY DEFINER SET search_path = %s AS %L', path,
+        $wrote${wrote}$wrote$);
+    EXECUTE format('CREATE OR REPLACE FUNCTION taskhistory_python_insert() RETURNS trigger
+        LANGUAGE plpgsql SECURITY DEFINER SET search_path = %s AS %L', path, $insert$
+DECLARE
+    r record;
+BEGIN
+    -- A legacy INSERT is the store's save of that step: it replaces a step saved before
+    -- (the Python service inserts a retried step again), takes the task's start, keeps the
+    -- summary and is refused by a cancelled task.
+    SELECT * INTO r FROM taskhistory_python_save(NEW.user_id, NEW.task_id, NEW.step,
+                                                 NEW.result, NEW.timestamp, NEW.status);
+    IF r.refused_user IS NOT NULL THEN
+        RAISE EXCEPTION 'task % of user % is cancelled: taskhistory refuses later writes to it',
+            quote_literal(NEW.task_id), quote_literal(NEW.user_id)
+            USING ERRCODE = 'check_violation',
+                  HINT = 'cancellation is sticky; start a new task instead';
+    END IF;
+    PERFORM taskhistory_python_wrote(NEW.user_id);
+    -- The row was written by the save above: this one is dropped.
+    RETURN NULL;
+END
+$insert$);
+    EXECUTE format('CREATE OR REPLACE FUNCTION taskhistory_python_update() RETURNS trigger
+        LANGUAGE plpgsql SECURITY DEFINER SET search_path = %s AS %L', path, $update$
+DECLARE
+    s record;
+BEGIN
+    IF OLD.xid = pg_current_xact_id() THEN
+        -- Written by this transaction already (a store statement writing a step twice).
+        RETURN NEW;
+    END IF;
+    IF (NEW.user_id, NEW.task_id, NEW.step, NEW.started_at)
+       IS DISTINCT FROM (OLD.user_id, OLD.task_id, OLD.step, OLD.started_at) THEN
+        RAISE EXCEPTION 'a step''s user_id, task_id, step and started_at cannot be changed'
+            USING ERRCODE = 'check_violation';
+    END IF;
+    -- The task's queue and summary lock, as for the store's writes.
+    PERFORM pg_advisory_xact_lock(hashtextextended(NEW.task_id, hashtext(NEW.user_id)));
+    SELECT t.status, t.last_step INTO s FROM task_summary t
+    WHERE t.user_id = NEW.user_id AND t.task_id = NEW.task_id
+    FOR UPDATE;
+    IF FOUND THEN
+        IF s.status = 'cancelled' AND NEW.status <> 'cancelled' THEN
+            RAISE EXCEPTION 'task % of user % is cancelled: taskhistory refuses later writes to it',
+                quote_literal(NEW.task_id), quote_literal(NEW.user_id)
+                USING ERRCODE = 'check_violation',
+                      HINT = 'cancellation is sticky; start a new task instead';
+        END IF;
+        -- A row set to cancelled (the Python mark_task_as_cancelled) cancels the task, as
+        -- the store's cancellation does; any other change is a save of that step.
+        UPDATE task_summary t SET
+            status = CASE WHEN NEW.status = 'cancelled' THEN 'cancelled'
+                          WHEN NEW.step >= t.last_step THEN NEW.status
+                          ELSE t.status END,
+            updated_at = GREATEST(t.updated_at, NEW.timestamp,
+                                  CASE WHEN NEW.status = 'cancelled' AND t.status <> 'cancelled'
+                                       THEN now() END),
+            -- The row lock came before the queue here: a legacy update may be numbered
+            -- before a writer that committed first. It is not refused for that (the
+            -- Python service would not retry): watchers still get it once.
+            last_xid = GREATEST(t.last_xid, pg_current_xact_id())
+        WHERE t.user_id = NEW.user_id AND t.task_id = NEW.task_id;
+    END IF;
+    -- The changed step moves to the end of the log: watchers see it.
+    NEW.xid := pg_current_xact_id();
+    PERFORM taskhistory_python_wrote(NEW.user_id);
+    RETURN NEW;
+END
+$update$);
+END $compat$;
+DROP TRIGGER IF EXISTS taskhistory_python_insert ON {insert_on};
+-- Only rows that name no start: the store's statements always give one.
+CREATE TRIGGER taskhistory_python_insert BEFORE INSERT ON {insert_on}
+    FOR EACH ROW WHEN (NEW.started_at IS NULL) EXECUTE FUNCTION taskhistory_python_insert();
+DROP TRIGGER IF EXISTS taskhistory_python_update ON task_history;
+-- Only updates that leave the log position as it was: the store's own re-saves move it.
+CREATE TRIGGER taskhistory_python_update BEFORE UPDATE ON task_history
+    FOR EACH ROW WHEN (OLD.xid = NEW.xid) EXECUTE FUNCTION taskhistory_python_update();
+INSERT INTO taskhistory_python_compat (singleton, enabled_at) VALUES (true, now())
+    ON CONFLICT (singleton) DO NOTHING;
+"#
+        );
+        sql.push_str(&python_index_names(true));
+        sql
+    }
+
+    /// Switches the Python compatibility mode off: its triggers, functions and placeholders
+    /// go, and so do the Python service's indexes if a Python start-up made them again.
+    pub fn python_compat_off() -> String {
+        let mut sql = format!(
+            "DROP TRIGGER IF EXISTS taskhistory_python_update ON task_history;\n\
+             DROP TRIGGER IF EXISTS taskhistory_python_insert ON task_history;\n\
+             DO $off$ BEGIN\n\
+                 IF to_regclass('{DEFAULT_PARTITION}') IS NOT NULL THEN\n\
+                     DROP TRIGGER IF EXISTS taskhistory_python_insert ON {DEFAULT_PARTITION};\n\
+                 END IF;\n\
+             END $off$;\n\
+             DROP FUNCTION IF EXISTS taskhistory_python_insert();\n\
+             DROP FUNCTION IF EXISTS taskhistory_python_update();\n\
+             DROP FUNCTION IF EXISTS taskhistory_python_wrote(text);\n\
+             DROP FUNCTION IF EXISTS taskhistory_python_save(text, text, int4, jsonb, timestamptz, text);\n\
+             DELETE FROM taskhistory_python_compat;\n\
+             TRUNCATE taskhistory_python_writes;\n"
+        );
+        sql.push_str(&python_index_names(false));
+        sql
     }
 
     /// The conversion of the plain table into the partitioned layout, in one transaction
@@ -818,6 +1010,7 @@ pub const ALL_STATEMENTS: &[(&str, &str)] = &[
     ("event_position", EVENT_POSITION),
     ("events_after", EVENTS_AFTER),
     ("notify_users", NOTIFY_USERS),
+    ("python_compat_state", PYTHON_COMPAT_STATE),
     ("partition_layout", PARTITION_LAYOUT),
     ("partition_list", PARTITION_LIST),
     ("partition_start_range", PARTITION_START_RANGE),

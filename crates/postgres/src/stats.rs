@@ -10,6 +10,7 @@ use futures::future::BoxFuture;
 use serde::Serialize;
 use taskhistory_core::{StoreError, TaskStatus};
 
+use crate::compat::PythonCompat;
 use crate::error::from_diesel;
 use crate::exec::{Call, PoolStats, Tx};
 use crate::ops::rows::Status;
@@ -33,6 +34,8 @@ pub struct StoreStats {
     pub newest_activity: Option<DateTime<Utc>>,
     /// The store's tables and indexes in its schema, with their size on disk.
     pub relations: Vec<RelationSize>,
+    /// The Python compatibility mode: on or off, and the legacy writes it has seen.
+    pub python_compat: PythonCompat,
 }
 
 /// Tasks in one status.
@@ -97,7 +100,7 @@ fn count(n: i64) -> u64 {
     u64::try_from(n).unwrap_or(0)
 }
 
-type Rows = (Vec<StatusRow>, Vec<RelationRow>);
+type Rows = (Vec<StatusRow>, Vec<RelationRow>, PythonCompat);
 
 fn read<'c>(conn: &'c mut AsyncPgConnection, _: &'c ()) -> BoxFuture<'c, Result<Rows, StoreError>> {
     Box::pin(async move {
@@ -109,7 +112,8 @@ fn read<'c>(conn: &'c mut AsyncPgConnection, _: &'c ()) -> BoxFuture<'c, Result<
             .fetch(conn)
             .await
             .map_err(|e| from_diesel("stats", e))?;
-        Ok((statuses, relations))
+        let compat = crate::compat::state_on(conn).await?;
+        Ok((statuses, relations, compat))
     })
 }
 
@@ -118,7 +122,7 @@ impl PgTaskHistoryStore {
     /// sizes, pool figures. It reads every summary row (one per task): run it from tools, not
     /// from request paths.
     pub async fn stats(&self) -> Result<StoreStats, StoreError> {
-        let (status_rows, relation_rows) = self
+        let (status_rows, relation_rows, python_compat) = self
             .exec()
             .pooled(Call::new("stats"), Tx::Statement, &(), read)
             .await?;
@@ -149,6 +153,7 @@ impl PgTaskHistoryStore {
                     estimated_rows: count(r.estimated_rows),
                 })
                 .collect(),
+            python_compat,
         })
     }
 }

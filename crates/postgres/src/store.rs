@@ -239,6 +239,11 @@ impl PgTaskHistoryStore {
         }
     }
 
+    /// The notification channel that wakes this schema's watchers.
+    pub(crate) fn channel(&self) -> &str {
+        &self.inner.channel
+    }
+
     /// Opens dedicated connections (DDL, migrations, LISTEN).
     pub(crate) fn connector(&self) -> &Connector {
         self.inner.exec.connector()
@@ -337,9 +342,21 @@ impl PgTaskHistoryStore {
 impl TaskHistoryStore for PgTaskHistoryStore {
     async fn init_database_schema(&self) -> Result<(), StoreError> {
         self.inner.exec.ensure_open()?;
-        let applied = migrate::run(self.connector(), self.inner.config.schema.as_deref()).await?;
-        tracing::info!(applied, "taskhistory schema is up to date");
-        self.prepare_layout().await
+        let outcome = migrate::run(self.connector(), self.inner.config.schema.as_deref()).await?;
+        tracing::info!(
+            applied = outcome.applied,
+            "taskhistory schema is up to date"
+        );
+        self.prepare_layout().await?;
+        if outcome.adopted {
+            // A table the Python service made: its writers are likely still running.
+            self.enable_python_compat().await?;
+            tracing::info!(
+                "adopted the Python service's task_history: the Python compatibility mode is \
+                 on until `taskhistory compat off`"
+            );
+        }
+        Ok(())
     }
 
     async fn save_task_history(

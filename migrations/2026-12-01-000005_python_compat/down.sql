@@ -1,0 +1,16 @@
+-- The mode's triggers and functions go first (`taskhistory compat off` does the same, and
+-- also drops its placeholders for the Python service's indexes).
+DROP TRIGGER IF EXISTS taskhistory_python_update ON task_history;
+DO $$
+BEGIN
+    IF to_regclass('task_history_default') IS NOT NULL THEN
+        DROP TRIGGER IF EXISTS taskhistory_python_insert ON task_history_default;
+    END IF;
+END $$;
+DROP TRIGGER IF EXISTS taskhistory_python_insert ON task_history;
+DROP FUNCTION IF EXISTS taskhistory_python_insert();
+DROP FUNCTION IF EXISTS taskhistory_python_update();
+DROP FUNCTION IF EXISTS taskhistory_python_wrote(text);
+DROP FUNCTION IF EXISTS taskhistory_python_save(text, text, int4, jsonb, timestamptz, text);
+DROP TABLE IF EXISTS taskhistory_python_writes;
+DROP TABLE IF EXISTS taskhistory_python_compat;

@@ -6,6 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/ensure-postgres.sh
 bash scripts/ensure-pgbouncer.sh
+# The rolling-migration tests drive the Python service's statements through asyncpg.
+if ! python3 -c 'import asyncpg' 2>/dev/null; then
+  python3 -m pip install --quiet --disable-pip-version-check asyncpg 2>/dev/null \
+    || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages asyncpg
+fi
 # The translated-messages test starts its own server speaking German: it needs the locale.
 if ! locale -a 2>/dev/null | grep -qix 'de_DE\.utf-\?8'; then
   if [ "$(id -u)" = 0 ]; then

@@ -203,6 +203,13 @@ pub(crate) enum Command {
         #[arg(long)]
         after: Option<String>,
     },
+    /// The Python compatibility mode, while the Python service still writes beside this
+    /// one: its state, or switch it on or off (see docs/migrating-from-python.md).
+    Compat {
+        /// What to do (default: show the state).
+        #[command(subcommand)]
+        action: Option<CompatAction>,
+    },
     /// The partitioned layout: list partitions, make them ahead, or convert the plain table.
     Partitions {
         /// What to do.
@@ -212,6 +219,18 @@ pub(crate) enum Command {
     /// The seed's section 4 scenarios end to end, on the in-memory store (or on PostgreSQL,
     /// in schema `taskhistory_demo`, with --database-url).
     Demo,
+}
+
+/// `taskhistory compat ...`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum CompatAction {
+    /// Whether the mode is on, when the last Python write arrived, and how many there were.
+    Status,
+    /// Switch it on: the Python service's unchanged statements keep the store's rules
+    /// (`migrate` does this when it adopts the Python service's table).
+    On,
+    /// Switch it off once no Python service writes any more: a Python INSERT then fails.
+    Off,
 }
 
 /// `taskhistory partitions ...`.

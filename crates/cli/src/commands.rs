@@ -12,7 +12,7 @@ use taskhistory_core::{
 use taskhistory_memory::MemoryStore;
 use taskhistory_postgres::{CleanupOptions, Layout, Partitioning, PgConfig, PgTaskHistoryStore};
 
-use crate::args::{Cli, Command, DbArgs, PartitionsAction};
+use crate::args::{Cli, Command, CompatAction, DbArgs, PartitionsAction};
 use crate::error::{exit, CliError};
 use crate::interrupt::Interrupt;
 use crate::output::{bytes, clip, maybe_time, time, Output};
@@ -134,6 +134,10 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
                 stats(pg, out).await
             }
         }
+        Command::Compat { action } => {
+            let backend = open(db).await?;
+            compat(backend.postgres("compat")?, action, out).await
+        }
         Command::Partitions { action } => {
             let backend = open(db).await?;
             partitions(backend.postgres("partitions")?, action, out).await
@@ -243,7 +247,7 @@ async fn health(db: &DbArgs, out: Output) -> Result<u8, CliError> {
         pg_config(db)?;
     }
     let started = Instant::now();
-    let verdict: Result<(String, Duration), String> = async {
+    let verdict: Result<(String, Duration, Option<taskhistory_postgres::PythonCompat>), String> = async {
         let backend = open(db).await.map_err(|e| e.to_string())?;
         let report = backend
             .store()
@@ -270,7 +274,13 @@ async fn health(db: &DbArgs, out: Output) -> Result<u8, CliError> {
             }
             _ => report.backend.to_owned(),
         };
+        let mut python_compat = None;
         if let Backend::Postgres(pg) = &backend {
+            let compat = pg.python_compat().await.map_err(|e| e.to_string())?;
+            if compat.enabled || !compat.python_indexes.is_empty() {
+                what.push_str(&format!("; python compatibility {}", compat_line(&compat)));
+            }
+            python_compat = Some(compat);
             if !pg.untranslated_messages() {
                 what.push_str(
                     " (server messages may be translated: behind PgBouncer, or this role may not set lc_messages, \
@@ -279,15 +289,15 @@ async fn health(db: &DbArgs, out: Output) -> Result<u8, CliError> {
                 );
             }
         }
-        Ok((what, report.round_trip))
+        Ok((what, report.round_trip, python_compat))
     }
     .await;
     let elapsed_ms = started.elapsed().as_secs_f64() * 1e3;
     match verdict {
-        Ok((what, round_trip)) => {
+        Ok((what, round_trip, python_compat)) => {
             let rt_ms = round_trip.as_secs_f64() * 1e3;
             if out.json {
-                out.json(&json!({"healthy": true, "store": what, "round_trip_ms": rt_ms, "elapsed_ms": elapsed_ms}))?;
+                out.json(&json!({"healthy": true, "store": what, "round_trip_ms": rt_ms, "elapsed_ms": elapsed_ms, "python_compat": python_compat}))?;
             } else {
                 out.line(&format!("healthy: {what}; round trip {rt_ms:.2} ms"))?;
             }
@@ -325,12 +335,18 @@ async fn migrate(backend: &Backend, status_only: bool, out: Output) -> Result<u8
     } else {
         pg.migration_status().await?
     };
+    // The mode's state is in the schema: readable once every migration is applied.
+    let compat = if after.iter().all(|m| m.applied) {
+        Some(pg.python_compat().await?)
+    } else {
+        None
+    };
     if out.json {
         let list: Vec<_> = after
             .iter()
             .map(|m| json!({"name": m.name, "applied": m.applied}))
             .collect();
-        out.json(&json!({"migrations": list}))?;
+        out.json(&json!({"migrations": list, "python_compat": compat}))?;
     } else {
         let rows = after
             .iter()
@@ -345,6 +361,14 @@ async fn migrate(backend: &Backend, status_only: bool, out: Output) -> Result<u8
             })
             .collect();
         out.table(&["MIGRATION", "STATE"], rows)?;
+        if let Some(compat) = compat.filter(|c| c.enabled) {
+            out.line(&format!(
+                "python compatibility: {} (the Python service's statements keep working beside \
+                 this store; `taskhistory compat off` once it stops writing; see \
+                 docs/migrating-from-python.md)",
+                compat_line(&compat)
+            ))?;
+        }
         out.line(
             "services using a role with least_privilege_grants also need, on PostgreSQL 15+, \
              as a superuser: GRANT SET ON PARAMETER lc_messages TO <role> (untranslated \
@@ -373,6 +397,7 @@ async fn stats(pg: &PgTaskHistoryStore, out: Output) -> Result<u8, CliError> {
                 p.connections, p.idle, p.in_use, p.max, p.waits, p.wait_timeouts, p.created, p.closed_broken
             ),
         ),
+        ("python compatibility", compat_line(&stats.python_compat)),
     ])?;
     let rows = stats
         .statuses
@@ -411,6 +436,58 @@ async fn stats(pg: &PgTaskHistoryStore, out: Output) -> Result<u8, CliError> {
         })
         .collect();
     out.table(&["RELATION", "KIND", "TABLE", "SIZE", "ROWS (EST.)"], rows)?;
+    Ok(exit::OK)
+}
+
+/// One line on the Python compatibility mode.
+fn compat_line(state: &taskhistory_postgres::PythonCompat) -> String {
+    let mut line = if state.enabled {
+        format!(
+            "on since {}; last Python write {}; {} Python write(s)",
+            maybe_time(state.enabled_at),
+            maybe_time(state.last_python_write),
+            state.python_writes
+        )
+    } else {
+        "off".to_owned()
+    };
+    if !state.python_indexes.is_empty() {
+        line.push_str(&format!(
+            "; the Python service's indexes are back ({}): every write pays for them, \
+             `taskhistory compat off` drops them",
+            state.python_indexes.join(", ")
+        ));
+    }
+    line
+}
+
+async fn compat(
+    pg: &PgTaskHistoryStore,
+    action: Option<CompatAction>,
+    out: Output,
+) -> Result<u8, CliError> {
+    let state = match action.unwrap_or(CompatAction::Status) {
+        CompatAction::Status => pg.python_compat().await?,
+        CompatAction::On => pg.enable_python_compat().await?,
+        CompatAction::Off => {
+            let before = pg.python_compat().await?;
+            let after = pg.disable_python_compat().await?;
+            if !out.json && before.enabled {
+                eprintln!(
+                    "taskhistory: the Python compatibility mode is off; the last Python write \
+                     arrived {} ({} in all): a Python INSERT now fails",
+                    maybe_time(before.last_python_write),
+                    before.python_writes
+                );
+            }
+            after
+        }
+    };
+    if out.json {
+        out.json(&state)?;
+    } else {
+        out.line(&format!("python compatibility: {}", compat_line(&state)))?;
+    }
     Ok(exit::OK)
 }
 

@@ -1283,3 +1283,86 @@ fn subcommand_help_lists_connection_options_apart() {
     assert!(rest.contains("--database-url"), "{}", r.stdout);
     assert!(!rest.contains("--days"), "{}", r.stdout);
 }
+
+#[tokio::test]
+async fn migrate_adopts_a_python_table_and_compat_switches_the_mode() {
+    let db = Db::fresh().await;
+    // The Python service's table, with one step it wrote.
+    let (client, conn) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!(
+            "CREATE SCHEMA {s}; SET search_path TO {s};
+             CREATE TABLE task_history (id SERIAL PRIMARY KEY, user_id TEXT NOT NULL,
+                 task_id TEXT NOT NULL, step INTEGER NOT NULL, result JSONB NOT NULL,
+                 timestamp TIMESTAMP NOT NULL, status TEXT NOT NULL DEFAULT 'pending');
+             INSERT INTO task_history (user_id, task_id, step, result, timestamp, status)
+             VALUES ('u', 't', 0, '{{\"step\": \"s\", \"status\": \"running\"}}', now(), 'running');",
+            s = db.schema
+        ))
+        .await
+        .unwrap();
+    let r = db.cli(&["migrate"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout.contains("python compatibility: on since"),
+        "{}",
+        r.stdout
+    );
+    // A Python INSERT (no started_at) now lands as the store's own save.
+    client
+        .execute(
+            "INSERT INTO task_history (user_id, task_id, step, result, timestamp, status) \
+             VALUES ($1, $2, $3, $4::text::jsonb, now()::timestamp, $5)",
+            &[
+                &"u",
+                &"t",
+                &1_i32,
+                &r#"{"step": "s1", "status": "completed"}"#,
+                &"completed",
+            ],
+        )
+        .await
+        .unwrap();
+    let r = db.cli(&["status", "u", "t"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("completed"), "{}", r.stdout);
+    let r = db.cli(&["--json", "health"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let health = r.json();
+    assert_eq!(health["python_compat"]["enabled"], true, "{health}");
+    assert_eq!(health["python_compat"]["python_writes"], 1, "{health}");
+    let r = db.cli(&["stats"]);
+    assert!(
+        r.stdout.contains("python compatibility  on since"),
+        "{}",
+        r.stdout
+    );
+    let r = db.cli(&["compat", "off"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.stdout.trim(), "python compatibility: off");
+    assert!(
+        r.stderr.contains("a Python INSERT now fails"),
+        "{}",
+        r.stderr
+    );
+    let refused = client
+        .execute(
+            "INSERT INTO task_history (user_id, task_id, step, result, timestamp, status) \
+             VALUES ('u', 't', 2, '{}', now(), 'running')",
+            &[],
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("started_at") || format!("{refused:?}").contains("started_at"),
+        "{refused:?}"
+    );
+    let r = db.cli(&["--json", "compat", "on"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(r.json()["enabled"], true);
+    let r = db.cli(&["--json", "compat"]);
+    assert_eq!(r.json()["enabled"], true);
+}

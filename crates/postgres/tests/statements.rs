@@ -34,6 +34,7 @@ const NOT_PER_USER: &[&str] = &[
     "partition_has_tasks",
     "notify_users",
     "transaction_time",
+    "python_compat_state",
 ];
 
 /// The partitioned layout's DDL (`sql::ddl`), sent on its own connection by operator and

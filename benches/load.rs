@@ -10,7 +10,8 @@
 //! ```sh
 //! cargo bench --bench load                       # full run (a few minutes)
 //! BENCH_SHORT=1 cargo bench --bench load         # the ratio table in a minute or two (CI)
-//! BENCH_ONLY=reads,list cargo bench --bench load # some sections only
+//! BENCH_ONLY=reads,list cargo bench --bench load # some sections only (save, batch, compat,
+//!                                                # watch, reads, list, cleanup, memory, peak)
 //! ```
 //!
 //! The server is the tests' (TEST_DATABASE_URL, else 127.0.0.1:5432, else a throwaway one);
@@ -641,6 +642,70 @@ async fn run() {
             );
         }
         upsert.close().await;
+    }
+    if section("compat") {
+        // The Python compatibility mode costs the store's own writes (almost) nothing: the
+        // same saves on the same table with the mode switched on and off between rounds
+        // (order alternating), median of each.
+        let rounds = 6u64;
+        let sizes = [(5_000usize, "COPY path"), (500, "upsert path")];
+        let mut single: Vec<[Vec<f64>; 2]> = vec![Default::default(); 2];
+        let mut batches: Vec<[Vec<f64>; 2]> = vec![Default::default(); sizes.len()];
+        for round in 0..rounds {
+            for on in [round % 2 == 0, round % 2 == 1] {
+                if on {
+                    pg.enable_python_compat().await.unwrap();
+                } else {
+                    pg.disable_python_compat().await.unwrap();
+                }
+                let mode = usize::from(on);
+                for (k, c) in [1usize, 8].into_iter().enumerate() {
+                    let s = store.clone();
+                    let sample = drive(c, round_secs(), move |w, i| {
+                        let s = s.clone();
+                        async move {
+                            let (user, task) = (
+                                format!("compat{mode}-{c}-{round}-{w}"),
+                                format!("t{}", i / 20),
+                            );
+                            s.save_task_history(&user, &task, (i % 20) as i32, &step_result(i))
+                                .await
+                                .unwrap();
+                        }
+                    })
+                    .await;
+                    single[k][mode].push(sample.rate());
+                }
+                for (k, &(size, _)) in sizes.iter().enumerate() {
+                    for n in 0..3 {
+                        let user = format!("compat-batch{mode}-{size}-{round}-{n}");
+                        let batch = records(&user, size / 10, 10, None);
+                        let t = Instant::now();
+                        store.save_batch_task_history(&batch).await.unwrap();
+                        batches[k][mode].push(size as f64 / t.elapsed().as_secs_f64());
+                    }
+                }
+            }
+        }
+        pg.disable_python_compat().await.unwrap();
+        for (k, c) in [1usize, 8].into_iter().enumerate() {
+            let (off, on) = (median(single[k][0].clone()), median(single[k][1].clone()));
+            report.add(
+                &format!("python compat on: save_task_history, {c} concurrent"),
+                format!("{on:.0}/s"),
+                format!("compat off {off:.0}/s"),
+                format!("{:.2}", on / off),
+            );
+        }
+        for (k, &(size, path)) in sizes.iter().enumerate() {
+            let (off, on) = (median(batches[k][0].clone()), median(batches[k][1].clone()));
+            report.add(
+                &format!("python compat on: batch of {size} new steps ({path})"),
+                format!("{on:.0} rows/s"),
+                format!("compat off {off:.0} rows/s"),
+                format!("{:.2}", on / off),
+            );
+        }
     }
     if section("watch") {
         // The write path with watching on (100 watchers reading what they are told about)

@@ -22,12 +22,12 @@ pub(crate) fn short() -> bool {
 }
 
 /// Whether `name` runs: every section unless `BENCH_ONLY` (comma-separated: save, batch,
-/// watch, reads, list, cleanup, memory, peak) says otherwise; in the short mode only save,
-/// batch, watch, reads and list.
+/// compat, watch, reads, list, cleanup, memory, peak) says otherwise; in the short mode only
+/// save, batch, compat, watch, reads and list.
 pub(crate) fn section(name: &str) -> bool {
     match std::env::var("BENCH_ONLY") {
         Ok(only) => only.split(',').any(|o| o.trim() == name),
-        Err(_) if short() => ["save", "batch", "watch", "reads", "list"].contains(&name),
+        Err(_) if short() => ["save", "batch", "compat", "watch", "reads", "list"].contains(&name),
         Err(_) => true,
     }
 }

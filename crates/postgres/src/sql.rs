@@ -983,6 +983,28 @@ impl Query for Statement {
     type SqlType = Untyped;
 }
 
+/// The statements of [`ALL_STATEMENTS`] that do not filter on `user_id` (they may go to
+/// every shard): retention, migrations, watchers' position, notifications and operator tools.
+pub const NOT_PER_USER: &[&str] = &[
+    "cleanup_batch",
+    "cleanup_preview",
+    "health",
+    "schema_version",
+    "applied_migrations",
+    "event_position",
+    "stats_by_status",
+    "stats_relations",
+    "partition_layout",
+    "partition_list",
+    "partition_start_range",
+    "partition_keeps_tasks",
+    "partition_retire_tasks",
+    "partition_has_tasks",
+    "notify_users",
+    "transaction_time",
+    "python_compat_state",
+];
+
 /// Every statement, for tests and tools (`taskhistory explain`, the benches' baseline).
 pub const ALL_STATEMENTS: &[(&str, &str)] = &[
     ("save_steps", SAVE_STEPS),
@@ -1044,21 +1066,18 @@ mod tests {
     }
 
     #[test]
-    fn every_statement_but_cleanup_health_stats_and_partitions_filters_on_user_id() {
+    fn every_statement_but_the_listed_few_filters_on_user_id() {
         for (name, sql) in ALL_STATEMENTS {
-            if name.starts_with("cleanup")
-                || name.starts_with("stats")
-                || name.starts_with("partition")
-                || *name == "health"
-                || *name == "schema_version"
-                || *name == "applied_migrations"
-                || *name == "event_position"
-                || *name == "notify_users"
-                || *name == "transaction_time"
-            {
+            if NOT_PER_USER.contains(name) {
                 continue;
             }
             assert!(sql.contains("user_id"), "{name}");
+        }
+        for name in NOT_PER_USER {
+            assert!(
+                ALL_STATEMENTS.iter().any(|(n, _)| n == name),
+                "{name} is listed but is no statement"
+            );
         }
     }
 }

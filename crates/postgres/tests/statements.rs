@@ -16,27 +16,6 @@ use taskhistory_postgres::__private::sql;
 use taskhistory_postgres::{CleanupOptions, Partitioning};
 use taskhistory_testing::{fresh_config, store_for};
 
-/// Statements that may go to every shard: retention, migrations and operator tools.
-const NOT_PER_USER: &[&str] = &[
-    "cleanup_batch",
-    "cleanup_preview",
-    "health",
-    "schema_version",
-    "applied_migrations",
-    "event_position",
-    "stats_by_status",
-    "stats_relations",
-    "partition_layout",
-    "partition_list",
-    "partition_start_range",
-    "partition_keeps_tasks",
-    "partition_retire_tasks",
-    "partition_has_tasks",
-    "notify_users",
-    "transaction_time",
-    "python_compat_state",
-];
-
 /// The partitioned layout's DDL (`sql::ddl`), sent on its own connection by operator and
 /// retention paths: names and bounds are made by the store, so the text varies.
 const DDL_PREFIXES: &[&str] = &[
@@ -212,7 +191,7 @@ async fn every_statement_is_known_and_filters_on_user_id() {
             panic!("a statement outside sql.rs was sent:\n{statement}");
         };
         seen.insert(*name);
-        if !NOT_PER_USER.contains(name) {
+        if !sql::NOT_PER_USER.contains(name) {
             assert!(
                 statement.contains("user_id = $1")
                     || statement.contains("unnest($1::text[]")

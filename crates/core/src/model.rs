@@ -189,7 +189,8 @@ pub struct HistoryEntry {
     pub result: TaskStepResult,
     /// When the step was saved (or the timestamp it was saved with), UTC, microseconds.
     pub timestamp: DateTime<Utc>,
-    /// The row's status column; equal to `result.status`.
+    /// The row's status column; equal to `result.status`, except on a row the Python
+    /// service's cancel (an `UPDATE` of the column) changed during a rolling migration.
     pub status: TaskStatus,
 }
 

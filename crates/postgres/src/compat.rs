@@ -125,8 +125,8 @@ impl PgTaskHistoryStore {
             .await
     }
 
-    /// Switches the Python compatibility mode on (see the module docs in
-    /// `docs/migrating-from-python.md`): from the commit on, the Python service's
+    /// Switches the Python compatibility mode on (the procedure is in
+    /// `docs/migrating-from-python.md`): from the commit on, the Python service's unchanged
     /// statements keep the store's rules. Idempotent. Needs the rights to create functions
     /// and triggers on the table (the schema's owner); takes a short exclusive lock on
     /// `task_history` (waiting at most 5 s for it).

@@ -51,6 +51,9 @@ pub(crate) struct DbArgs {
     /// import file without a database. Nothing is kept.
     #[arg(long, global = true, conflicts_with = "database_url")]
     pub(crate) memory: bool,
+    /// Set for `serve`: a long-lived process with many clients gets a larger pool.
+    #[arg(skip)]
+    pub(crate) serving: bool,
 }
 
 impl DbArgs {
@@ -73,6 +76,7 @@ impl DbArgs {
             .or_else(|| {
                 match key {
                     "DB_MIN_SIZE" => Some("1"),
+                    "DB_MAX_SIZE" if self.serving => Some("16"),
                     "DB_MAX_SIZE" => Some("4"),
                     "DB_APPLICATION_NAME" => Some("taskhistory-cli"),
                     _ => None,
@@ -216,6 +220,36 @@ pub(crate) enum Command {
         #[command(subcommand)]
         action: PartitionsAction,
     },
+    /// Serve the history over HTTP until interrupted: a JSON API, live events (SSE and
+    /// WebSocket), a dashboard at `/` and Prometheus metrics. Tokens: TASKHISTORY_ADMIN_TOKEN
+    /// (the operator: every user) and user tokens signed with TASKHISTORY_SECRET (`taskhistory
+    /// token USER`).
+    Serve {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR")]
+        listen: std::net::SocketAddr,
+        /// Certificate chain (PEM): serve HTTPS (with --tls-key).
+        #[arg(long, value_name = "FILE", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// Private key (PEM) of --tls-cert.
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// An origin whose pages may call the API (repeat for several); none by default.
+        #[arg(long = "cors-origin", value_name = "ORIGIN")]
+        cors_origins: Vec<String>,
+        /// Seconds between heartbeats on an idle event stream (keeps proxies from closing it).
+        #[arg(long, default_value_t = 15, value_name = "SECS")]
+        heartbeat: u64,
+    },
+    /// Print a token that reaches USER's history only (for that user's browser), signed
+    /// with TASKHISTORY_SECRET.
+    Token {
+        /// The user.
+        user: String,
+        /// How long it stays valid, e.g. 3600, 90s, 30m, 12h, 7d.
+        #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+        ttl: std::time::Duration,
+    },
     /// The seed's section 4 scenarios end to end, on the in-memory store (or on PostgreSQL,
     /// in schema `taskhistory_demo`, with --database-url).
     Demo,
@@ -255,6 +289,28 @@ pub(crate) enum PartitionsAction {
         #[arg(long, default_value_t = 3)]
         ahead: u32,
     },
+}
+
+fn parse_ttl(value: &str) -> Result<std::time::Duration, String> {
+    let (number, unit) = match value.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => value.split_at(i),
+        None => (value, "s"),
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{value:?}: expected a number of seconds, or 90s, 30m, 12h, 7d"))?;
+    let secs = match unit {
+        "s" => Some(n),
+        "m" => n.checked_mul(60),
+        "h" => n.checked_mul(3_600),
+        "d" => n.checked_mul(86_400),
+        _ => None,
+    }
+    .filter(|s| *s > 0)
+    .ok_or_else(|| {
+        format!("{value:?}: expected a positive number of seconds, or 90s, 30m, 12h, 7d")
+    })?;
+    Ok(std::time::Duration::from_secs(secs))
 }
 
 fn parse_interval(value: &str) -> Result<PartitionInterval, String> {

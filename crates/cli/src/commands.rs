@@ -17,7 +17,7 @@ use crate::error::{exit, CliError};
 use crate::interrupt::Interrupt;
 use crate::output::{bytes, clip, maybe_time, time, Output};
 use crate::progress::Progress;
-use crate::{demo, transfer};
+use crate::{demo, serve, transfer};
 
 /// The store a command works on.
 pub(crate) enum Backend {
@@ -120,6 +120,47 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
     let db = &cli.db;
     match cli.command {
         Command::Demo => demo::run(db, out).await,
+        Command::Token { user, ttl } => {
+            validate::user_id(&user)?;
+            let secret = std::env::var("TASKHISTORY_SECRET")
+                .ok()
+                .filter(|s| s.len() >= serve::MIN_SECRET)
+                .ok_or_else(|| {
+                    CliError::Config(format!(
+                        "TASKHISTORY_SECRET must be set to the server's signing secret (at \
+                         least {} bytes, e.g. from `openssl rand -hex 32`)",
+                        serve::MIN_SECRET
+                    ))
+                })?;
+            let token = serve::issue(secret.as_bytes(), &user, ttl)
+                .ok_or_else(|| CliError::Other("could not sign the token".to_owned()))?;
+            if out.json {
+                out.json(&json!({"user_id": user, "token": token, "ttl_secs": ttl.as_secs()}))?;
+            } else {
+                out.line(&token)?;
+            }
+            Ok(exit::OK)
+        }
+        Command::Serve {
+            listen,
+            tls_cert,
+            tls_key,
+            cors_origins,
+            heartbeat,
+        } => {
+            let backend = open(db).await?;
+            let pg = match &backend {
+                Backend::Postgres(pg) => Some(pg.clone()),
+                Backend::Memory(_) => None,
+            };
+            let options = serve::Options {
+                listen,
+                tls: tls_cert.zip(tls_key),
+                cors_origins,
+                heartbeat: Duration::from_secs(heartbeat.max(1)),
+            };
+            serve::run(backend.store(), pg, options).await
+        }
         Command::Health => health(db, out).await,
         Command::Migrate { status } => {
             let backend = open(db).await?;

@@ -16,6 +16,7 @@ mod error;
 mod interrupt;
 mod output;
 mod progress;
+mod serve;
 mod transfer;
 
 use std::process::ExitCode;
@@ -23,12 +24,17 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let cli = args::Cli::parse();
+    let mut cli = args::Cli::parse();
+    cli.db.serving = matches!(cli.command, args::Command::Serve { .. });
     let json = cli.json;
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    // `serve` answers many clients at once: every core. Other commands are one short
+    // sequence of calls: one thread.
+    let mut builder = if matches!(cli.command, args::Command::Serve { .. }) {
+        tokio::runtime::Builder::new_multi_thread()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("taskhistory: cannot start the async runtime: {e}");

@@ -1,0 +1,205 @@
+//! `GET /metrics`: Prometheus text (OpenMetrics) with the server's and the store's figures,
+//! every name `taskhistory_*`.
+
+use std::sync::atomic::AtomicI64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use taskhistory_postgres::PgTaskHistoryStore;
+
+/// Labels of an operation's figures.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OperationLabels {
+    operation: &'static str,
+    outcome: &'static str,
+}
+
+/// Labels of a request count.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: String,
+    code: u16,
+}
+
+/// The server's figures.
+#[derive(Debug)]
+pub(crate) struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    operations: Family<OperationLabels, Histogram>,
+    watchers: Gauge<i64, AtomicI64>,
+    events: Counter,
+}
+
+/// The store's own counters and pool, read at each scrape.
+#[derive(Debug)]
+struct StoreCollector(Option<PgTaskHistoryStore>);
+
+fn counter(encoder: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
+    let c = ConstCounter::new(v);
+    c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)
+}
+
+fn gauge(encoder: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
+    let g = ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX));
+    g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)
+}
+
+impl Collector for StoreCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let Some(pg) = &self.0 else { return Ok(()) };
+        let m = pg.metrics();
+        let p = pg.pool_stats();
+        let e = &mut encoder;
+        counter(
+            e,
+            "taskhistory_store_queries",
+            "Database attempts made (each retry counts)",
+            m.queries,
+        )?;
+        counter(
+            e,
+            "taskhistory_store_errors",
+            "Database attempts that failed",
+            m.errors,
+        )?;
+        counter(
+            e,
+            "taskhistory_store_retries",
+            "Retries after transient failures",
+            m.retries,
+        )?;
+        gauge(
+            e,
+            "taskhistory_pool_connections",
+            "Open pooled connections",
+            u64::from(p.connections),
+        )?;
+        gauge(
+            e,
+            "taskhistory_pool_idle",
+            "Idle pooled connections",
+            u64::from(p.idle),
+        )?;
+        gauge(
+            e,
+            "taskhistory_pool_in_use",
+            "Pooled connections in use",
+            u64::from(p.in_use),
+        )?;
+        gauge(
+            e,
+            "taskhistory_pool_max",
+            "The pool's maximum size",
+            u64::from(p.max),
+        )?;
+        counter(
+            e,
+            "taskhistory_pool_waits",
+            "Checkouts that had to wait",
+            p.waits,
+        )?;
+        counter(
+            e,
+            "taskhistory_pool_wait_timeouts",
+            "Checkouts that gave up",
+            p.wait_timeouts,
+        )?;
+        Ok(())
+    }
+}
+
+impl Metrics {
+    /// The figures of a server on `pg` (`None`: the in-memory store).
+    pub(crate) fn new(pg: Option<PgTaskHistoryStore>) -> Arc<Self> {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "taskhistory_http_requests",
+            "HTTP requests answered, by route and status code",
+            requests.clone(),
+        );
+        let operations = Family::<OperationLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.000_25, 2.0, 16))
+        });
+        registry.register(
+            "taskhistory_operation_duration_seconds",
+            "Store operations the server ran, by operation and outcome (ok, or the error's class)",
+            operations.clone(),
+        );
+        let watchers = Gauge::<i64, AtomicI64>::default();
+        registry.register(
+            "taskhistory_watchers",
+            "Connected event streams (SSE and WebSocket)",
+            watchers.clone(),
+        );
+        let events = Counter::default();
+        registry.register(
+            "taskhistory_events_sent",
+            "Events sent to event streams",
+            events.clone(),
+        );
+        registry.register_collector(Box::new(StoreCollector(pg)));
+        Arc::new(Metrics {
+            registry,
+            requests,
+            operations,
+            watchers,
+            events,
+        })
+    }
+
+    /// Counts a request's answer.
+    pub(crate) fn request(&self, route: String, code: u16) {
+        self.requests
+            .get_or_create(&RequestLabels { route, code })
+            .inc();
+    }
+
+    /// Records an operation's time and outcome.
+    pub(crate) fn operation(&self, operation: &'static str, outcome: &'static str, took: Duration) {
+        self.operations
+            .get_or_create(&OperationLabels { operation, outcome })
+            .observe(took.as_secs_f64());
+    }
+
+    /// One more event sent.
+    pub(crate) fn event_sent(&self) {
+        self.events.inc();
+    }
+
+    /// A stream connected; its figure goes down when the guard drops.
+    pub(crate) fn watcher(self: &Arc<Self>) -> WatcherGuard {
+        self.watchers.inc();
+        WatcherGuard(self.clone())
+    }
+
+    /// The text exposition.
+    pub(crate) fn render(&self) -> Result<String, std::fmt::Error> {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
+        Ok(text)
+    }
+
+    /// Streams connected now.
+    pub(crate) fn watchers_now(&self) -> i64 {
+        self.watchers.get()
+    }
+}
+
+/// Keeps a stream counted while it lives.
+#[derive(Debug)]
+pub(crate) struct WatcherGuard(Arc<Metrics>);
+
+impl Drop for WatcherGuard {
+    fn drop(&mut self) {
+        self.0.watchers.dec();
+    }
+}

@@ -1,0 +1,602 @@
+//! `taskhistory serve` end to end: the binary on a real PostgreSQL, every route and status
+//! code, the token rules, Server-Sent Events resumed with `Last-Event-ID`, the WebSocket,
+//! TLS and CORS.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::{json, Value};
+use taskhistory_core::{TaskHistoryStore, TaskStepResult};
+use taskhistory_postgres::{PgConfig, PgTaskHistoryStore};
+use taskhistory_testing::{database_url, fresh_config, store_for};
+
+const ADMIN: &str = "admin-token-for-tests";
+const SECRET: &str = "a-signing-secret-of-at-least-32-bytes!";
+
+/// A `taskhistory serve` process on a fresh schema, and the library's store on it.
+struct Server {
+    child: Child,
+    base: String,
+    store: PgTaskHistoryStore,
+    config: PgConfig,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn bin() -> Command {
+    let mut cmd = Command::new(assert_cmd::cargo::cargo_bin("taskhistory"));
+    for var in [
+        "DATABASE_URL",
+        "DB_HOST",
+        "DB_SCHEMA",
+        "TASKHISTORY_ADMIN_TOKEN",
+        "TASKHISTORY_SECRET",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+impl Server {
+    async fn start(extra: &[&str]) -> Server {
+        let config = fresh_config().await;
+        let store = store_for(config.clone()).await;
+        Server::on(store, config, extra).await
+    }
+
+    async fn on(store: PgTaskHistoryStore, config: PgConfig, extra: &[&str]) -> Server {
+        // reqwest's TLS takes the process's crypto provider.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let url = database_url().await;
+        let mut child = bin()
+            .env("TASKHISTORY_ADMIN_TOKEN", ADMIN)
+            .env("TASKHISTORY_SECRET", SECRET)
+            .args([
+                "--database-url",
+                &url,
+                "--schema",
+                config.schema.as_deref().unwrap(),
+            ])
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        stderr.read_line(&mut line).unwrap();
+        let base = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http"))
+            .unwrap_or_else(|| panic!("serve did not start: {line}"))
+            .trim_end_matches('/')
+            .to_owned();
+        // Keep reading stderr so the server never blocks on it.
+        std::thread::spawn(move || for _ in stderr.lines() {});
+        Server {
+            child,
+            base,
+            store,
+            config,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+}
+
+/// A user token from the binary (`taskhistory token`), signed with `secret`.
+fn token(user: &str, ttl: &str, secret: &str) -> String {
+    let out = bin()
+        .env("TASKHISTORY_SECRET", secret)
+        .args(["token", user, "--ttl", ttl])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+async fn get(url: &str, bearer: Option<&str>) -> (u16, Value) {
+    let mut request = reqwest::Client::new().get(url);
+    if let Some(t) = bearer {
+        request = request.bearer_auth(t);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+fn step(message: &str) -> TaskStepResult {
+    TaskStepResult::running("work", json!({"n": 1}), message)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_route_status_code_and_token_rule() {
+    let s = Server::start(&[]).await;
+    s.store
+        .save_task_history("u1", "t1", 0, &step("first"))
+        .await
+        .unwrap();
+    s.store
+        .save_task_history("u1", "t1", 1, &step("second"))
+        .await
+        .unwrap();
+    s.store
+        .save_task_history("u2", "x", 0, &step("other user"))
+        .await
+        .unwrap();
+    let own = token("u1", "1h", SECRET);
+
+    // No token: only /healthz and the dashboard page answer.
+    let (code, body) = get(&s.url("/healthz"), None).await;
+    assert_eq!((code, &body["healthy"]), (200, &json!(true)), "{body}");
+    let page = reqwest::get(s.url("/")).await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page
+        .text()
+        .await
+        .unwrap()
+        .contains("<title>taskhistory</title>"));
+    let (code, body) = get(&s.url("/v1/users/u1/tasks"), None).await;
+    assert_eq!(code, 401, "{body}");
+    assert_eq!(body["error"]["class"], "unauthorized");
+
+    // The user's own token, as a header and as ?access_token=.
+    let (code, body) = get(&s.url("/v1/users/u1/tasks"), Some(&own)).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["tasks"][0]["task_id"], "t1");
+    assert_eq!(body["tasks"][0]["last_step"], 1);
+    let (code, _) = get(
+        &s.url(&format!("/v1/users/u1/tasks?access_token={own}")),
+        None,
+    )
+    .await;
+    assert_eq!(code, 200);
+    // Another user's data: 403, as a header or a parameter, on every user route.
+    for path in [
+        "/v1/users/u2/tasks",
+        "/v1/users/u2/tasks/x",
+        "/v1/users/u2/events",
+    ] {
+        let (code, body) = get(&s.url(path), Some(&own)).await;
+        assert_eq!(code, 403, "{path}: {body}");
+    }
+    let refused = reqwest::Client::new()
+        .post(s.url("/v1/users/u2/tasks/x/cancel"))
+        .bearer_auth(&own)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 403);
+    assert_eq!(
+        s.store
+            .check_task_status("u2", "x")
+            .await
+            .unwrap()
+            .to_string(),
+        "running"
+    );
+    // Expired, forged and malformed tokens: 401.
+    let short = token("u1", "1s", SECRET);
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    let forged = token("u1", "1h", "another-secret-of-at-least-32-bytes!!");
+    for bad in [
+        short.as_str(),
+        forged.as_str(),
+        "thu1.e30.AAAA",
+        "not a token",
+    ] {
+        let (code, body) = get(&s.url("/v1/users/u1/tasks"), Some(bad)).await;
+        assert_eq!(code, 401, "{bad}: {body}");
+    }
+    // The operator reaches everyone and the operator routes; a user does not.
+    let (code, body) = get(&s.url("/v1/users/u2/tasks/x"), Some(ADMIN)).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["history"][0]["result"]["message"], "other user");
+    for path in ["/v1/admin/stats", "/v1/admin/retention?days=0", "/metrics"] {
+        assert_eq!(get(&s.url(path), Some(&own)).await.0, 403, "{path}");
+        assert_eq!(get(&s.url(path), None).await.0, 401, "{path}");
+        let (code, body) = get(&s.url(path), Some(ADMIN)).await;
+        assert_eq!(code, 200, "{path}: {body}");
+    }
+    let (_, stats) = get(&s.url("/v1/admin/stats"), Some(ADMIN)).await;
+    assert_eq!(stats["tasks"], 2, "{stats}");
+    let (_, retention) = get(&s.url("/v1/admin/retention?days=0"), Some(ADMIN)).await;
+    assert_eq!(retention["tasks_removed"], 2, "{retention}");
+    assert_eq!(
+        s.store.get_user_tasks("u1", 10).await.unwrap().len(),
+        1,
+        "a dry run"
+    );
+
+    // Bad input: 400 with the library's field names.
+    for (path, field) in [
+        ("/v1/users/u1/tasks?limit=abc", "limit"),
+        ("/v1/users/u1/tasks?limit=0", "limit"),
+        ("/v1/users/u1/tasks?limit=5000", "limit"),
+        ("/v1/users/u1/tasks?status=sleeping", "status"),
+        ("/v1/users/u1/tasks?cursor=nonsense", "cursor"),
+        ("/v1/users/u1/events?after=nonsense", "cursor"),
+    ] {
+        let (code, body) = get(&s.url(path), Some(&own)).await;
+        assert_eq!(
+            (code, body["error"]["field"].as_str()),
+            (400, Some(field)),
+            "{path}: {body}"
+        );
+    }
+    let long = "u".repeat(300);
+    let (code, body) = get(&s.url(&format!("/v1/users/{long}/tasks")), Some(ADMIN)).await;
+    assert_eq!(
+        (code, body["error"]["field"].as_str()),
+        (400, Some("user_id")),
+        "{body}"
+    );
+    let (code, body) = get(&s.url(&format!("/v1/admin/retention?days=-1")), Some(ADMIN)).await;
+    assert_eq!(code, 400, "{body}");
+
+    // Task, paging, cancel; unknown routes and tasks.
+    let (code, body) = get(&s.url("/v1/users/u1/tasks/t1"), Some(&own)).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["status"], "running");
+    assert_eq!(body["history"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        get(&s.url("/v1/users/u1/tasks/never"), Some(&own)).await.0,
+        404
+    );
+    assert_eq!(get(&s.url("/v1/nothing"), Some(ADMIN)).await.0, 404);
+    s.store
+        .save_task_history("u1", "t2", 0, &step("b"))
+        .await
+        .unwrap();
+    let (_, first) = get(&s.url("/v1/users/u1/tasks?limit=1"), Some(&own)).await;
+    let cursor = first["next_cursor"].as_str().unwrap().to_owned();
+    let (_, second) = get(
+        &s.url(&format!(
+            "/v1/users/u1/tasks?limit=1&cursor={}",
+            urlencode(&cursor)
+        )),
+        Some(&own),
+    )
+    .await;
+    assert_eq!(first["tasks"][0]["task_id"], "t2");
+    assert_eq!(second["tasks"][0]["task_id"], "t1");
+    assert_eq!(second["next_cursor"], Value::Null);
+    let (_, filtered) = get(&s.url("/v1/users/u1/tasks?status=completed"), Some(&own)).await;
+    assert_eq!(filtered["tasks"], json!([]));
+    for expected in [true, false] {
+        let r = reqwest::Client::new()
+            .post(s.url("/v1/users/u1/tasks/t1/cancel"))
+            .bearer_auth(&own)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(
+            r.json::<Value>().await.unwrap(),
+            json!({"cancelled": expected})
+        );
+    }
+    assert_eq!(
+        s.store
+            .check_task_status("u1", "t1")
+            .await
+            .unwrap()
+            .to_string(),
+        "cancelled"
+    );
+
+    // Metrics: counts by route and code, operation latencies, the store's own figures.
+    let metrics = reqwest::Client::new()
+        .get(s.url("/metrics"))
+        .bearer_auth(ADMIN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for needle in [
+        "taskhistory_http_requests_total{route=\"/v1/users/{user}/tasks\",code=\"403\"}",
+        "taskhistory_http_requests_total{route=\"/v1/users/{user}/tasks\",code=\"401\"}",
+        "taskhistory_operation_duration_seconds_bucket{le=",
+        "operation=\"mark_task_as_cancelled\",outcome=\"ok\"",
+        "taskhistory_store_queries_total",
+        "taskhistory_store_retries_total",
+        "taskhistory_pool_max",
+        "taskhistory_watchers",
+    ] {
+        assert!(metrics.contains(needle), "{needle} missing:\n{metrics}");
+    }
+    assert!(
+        !metrics.contains(&own) && !metrics.contains(ADMIN),
+        "a token in the metrics"
+    );
+    s.store.close().await;
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Server-Sent Events of an open response: (id, event, data) triples, and comments.
+struct Sse {
+    body: futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+    buffer: String,
+}
+
+#[derive(Debug)]
+enum Frame {
+    Event {
+        id: String,
+        event: String,
+        data: Value,
+    },
+    Comment(String),
+}
+
+impl Sse {
+    async fn open(url: &str, bearer: &str, last_id: Option<&str>) -> Sse {
+        let mut request = reqwest::Client::new().get(url).bearer_auth(bearer);
+        if let Some(id) = last_id {
+            request = request.header("Last-Event-ID", id);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            response.headers()["content-type"].to_str().unwrap(),
+            "text/event-stream"
+        );
+        Sse {
+            body: response.bytes_stream().boxed(),
+            buffer: String::new(),
+        }
+    }
+
+    async fn next(&mut self) -> Frame {
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let (mut id, mut event, mut data) = (String::new(), String::new(), String::new());
+                for line in block.lines() {
+                    if let Some(c) = line.strip_prefix(':') {
+                        return Frame::Comment(c.trim().to_owned());
+                    }
+                    match line.split_once(':') {
+                        Some(("id", v)) => id = v.trim().to_owned(),
+                        Some(("event", v)) => event = v.trim().to_owned(),
+                        Some(("data", v)) => data.push_str(v.trim_start()),
+                        _ => {}
+                    }
+                }
+                return Frame::Event {
+                    id,
+                    event,
+                    data: serde_json::from_str(&data).unwrap(),
+                };
+            }
+            let chunk = tokio::time::timeout(Duration::from_secs(15), self.body.next())
+                .await
+                .expect("an event within 15 s")
+                .expect("the stream is open")
+                .unwrap();
+            self.buffer.push_str(std::str::from_utf8(&chunk).unwrap());
+        }
+    }
+
+    /// The next event, skipping heartbeats.
+    async fn event(&mut self) -> (String, Value) {
+        loop {
+            if let Frame::Event { id, event, data } = self.next().await {
+                assert_eq!(event, "task");
+                return (id, data);
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sse_delivers_each_write_once_and_resumes_from_last_event_id() {
+    let s = Server::start(&["--heartbeat", "1"]).await;
+    let own = token("u1", "1h", SECRET);
+    let url = s.url("/v1/users/u1/events");
+    let mut events = Sse::open(&url, &own, None).await;
+    // An idle stream gets heartbeats.
+    match events.next().await {
+        Frame::Comment(c) => assert_eq!(c, "heartbeat"),
+        other => panic!("expected a heartbeat first, got {other:?}"),
+    }
+    for n in 0..3 {
+        s.store
+            .save_task_history("u1", "t", n, &step(&format!("step {n}")))
+            .await
+            .unwrap();
+    }
+    s.store
+        .save_task_history("u2", "t", 0, &step("not u1's"))
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let (id, data) = events.event().await;
+        assert_eq!(
+            (data["task_id"].as_str(), data["step"].as_i64()),
+            (Some("t"), Some(n))
+        );
+        assert_eq!(data["cursor"].as_str(), Some(id.as_str()));
+        ids.push(id);
+    }
+    drop(events);
+    // Two more while no one listens; resumed after the second event: the third, then them.
+    s.store
+        .save_task_history("u1", "t", 3, &step("step 3"))
+        .await
+        .unwrap();
+    assert!(s.store.mark_task_as_cancelled("u1", "t").await.unwrap());
+    let mut resumed = Sse::open(&url, &own, Some(&ids[1])).await;
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let (_, data) = resumed.event().await;
+        got.push((
+            data["step"].as_i64().unwrap(),
+            data["kind"].as_str().unwrap().to_owned(),
+        ));
+    }
+    assert_eq!(
+        got,
+        [
+            (2, "step_saved".to_owned()),
+            (3, "step_saved".to_owned()),
+            (4, "cancelled".to_owned())
+        ]
+    );
+    // One task only, from ?task=.
+    let mut only = Sse::open(&s.url("/v1/users/u1/events?task=other"), &own, None).await;
+    s.store
+        .save_task_history("u1", "t9", 0, &step("no"))
+        .await
+        .unwrap();
+    s.store
+        .save_task_history("u1", "other", 0, &step("yes"))
+        .await
+        .unwrap();
+    let (_, data) = only.event().await;
+    assert_eq!(data["task_id"], "other");
+    s.store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_carries_the_same_events() {
+    use tokio_tungstenite::tungstenite::Message;
+    let s = Server::start(&[]).await;
+    let own = token("u1", "1h", SECRET);
+    let ws_url = format!(
+        "{}/v1/users/u1/ws?access_token={own}",
+        s.base.replace("http://", "ws://")
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(&ws_url).await.unwrap();
+    // Another user's socket is refused before the upgrade.
+    let other = format!(
+        "{}/v1/users/u2/ws?access_token={own}",
+        s.base.replace("http://", "ws://")
+    );
+    assert!(tokio_tungstenite::connect_async(&other).await.is_err());
+    // The watch is open once the upgrade is answered: a write now is delivered.
+    s.store
+        .save_task_history("u1", "t", 0, &step("ws"))
+        .await
+        .unwrap();
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(15), socket.next())
+            .await
+            .expect("a message within 15 s")
+            .unwrap()
+            .unwrap();
+        if let Message::Text(text) = message {
+            let v: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(v["type"], "event");
+            assert_eq!(
+                (v["event"]["task_id"].as_str(), v["event"]["step"].as_i64()),
+                (Some("t"), Some(0))
+            );
+            break;
+        }
+    }
+    socket.close(None).await.unwrap();
+    s.store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_and_cors_only_when_configured() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let s = Server::start(&[
+        "--tls-cert",
+        cert_path.to_str().unwrap(),
+        "--tls-key",
+        key_path.to_str().unwrap(),
+        "--cors-origin",
+        "https://app.example",
+    ])
+    .await;
+    assert!(s.base.starts_with("https://"), "{}", s.base);
+    let port = s.base.rsplit(':').next().unwrap().to_owned();
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(cert.pem().as_bytes()).unwrap())
+        .resolve("localhost", format!("127.0.0.1:{port}").parse().unwrap())
+        .build()
+        .unwrap();
+    let health = client
+        .get(format!("https://localhost:{port}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    let preflight = |origin: &'static str| {
+        client
+            .request(
+                reqwest::Method::OPTIONS,
+                format!("https://localhost:{port}/v1/users/u/tasks"),
+            )
+            .header("Origin", origin)
+            .header("Access-Control-Request-Method", "GET")
+            .send()
+    };
+    let allowed = preflight("https://app.example").await.unwrap();
+    assert_eq!(
+        allowed
+            .headers()
+            .get("access-control-allow-origin")
+            .map(|v| v.to_str().unwrap()),
+        Some("https://app.example")
+    );
+    let other = preflight("https://evil.example").await.unwrap();
+    assert!(other.headers().get("access-control-allow-origin").is_none());
+    s.store.close().await;
+    drop(s);
+    // Without --cors-origin: no CORS header for anyone.
+    let config = fresh_config().await;
+    let plain = Server::on(store_for(config.clone()).await, config, &[]).await;
+    let r = reqwest::Client::new()
+        .get(plain.url("/healthz"))
+        .header("Origin", "https://app.example")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+    let _ = &plain.config;
+    plain.store.close().await;
+}

@@ -11,6 +11,15 @@ if ! python3 -c 'import asyncpg' 2>/dev/null; then
   python3 -m pip install --quiet --disable-pip-version-check asyncpg 2>/dev/null \
     || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages asyncpg
 fi
+# The dashboard's browser test drives Debian's Chromium through ChromeDriver.
+if ! { command -v chromium && command -v chromedriver; } >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 \
+      || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
+  else
+    echo "test.sh: no chromium/chromedriver (as root: apt-get install chromium chromium-driver)" >&2
+  fi
+fi
 # The translated-messages test starts its own server speaking German: it needs the locale.
 if ! locale -a 2>/dev/null | grep -qix 'de_DE\.utf-\?8'; then
   if [ "$(id -u)" = 0 ]; then

@@ -3,112 +3,15 @@
 //! TLS and CORS.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::{json, Value};
 use taskhistory_core::{TaskHistoryStore, TaskStepResult};
-use taskhistory_postgres::{PgConfig, PgTaskHistoryStore};
-use taskhistory_testing::{database_url, fresh_config, store_for};
+use taskhistory_testing::{fresh_config, store_for};
 
-const ADMIN: &str = "admin-token-for-tests";
-const SECRET: &str = "a-signing-secret-of-at-least-32-bytes!";
-
-/// A `taskhistory serve` process on a fresh schema, and the library's store on it.
-struct Server {
-    child: Child,
-    base: String,
-    store: PgTaskHistoryStore,
-    config: PgConfig,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn bin() -> Command {
-    let mut cmd = Command::new(assert_cmd::cargo::cargo_bin("taskhistory"));
-    for var in [
-        "DATABASE_URL",
-        "DB_HOST",
-        "DB_SCHEMA",
-        "TASKHISTORY_ADMIN_TOKEN",
-        "TASKHISTORY_SECRET",
-    ] {
-        cmd.env_remove(var);
-    }
-    cmd
-}
-
-impl Server {
-    async fn start(extra: &[&str]) -> Server {
-        let config = fresh_config().await;
-        let store = store_for(config.clone()).await;
-        Server::on(store, config, extra).await
-    }
-
-    async fn on(store: PgTaskHistoryStore, config: PgConfig, extra: &[&str]) -> Server {
-        // reqwest's TLS takes the process's crypto provider.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let url = database_url().await;
-        let mut child = bin()
-            .env("TASKHISTORY_ADMIN_TOKEN", ADMIN)
-            .env("TASKHISTORY_SECRET", SECRET)
-            .args([
-                "--database-url",
-                &url,
-                "--schema",
-                config.schema.as_deref().unwrap(),
-            ])
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stderr = BufReader::new(child.stderr.take().unwrap());
-        let mut line = String::new();
-        stderr.read_line(&mut line).unwrap();
-        let base = line
-            .split_whitespace()
-            .find(|w| w.starts_with("http"))
-            .unwrap_or_else(|| panic!("serve did not start: {line}"))
-            .trim_end_matches('/')
-            .to_owned();
-        // Keep reading stderr so the server never blocks on it.
-        std::thread::spawn(move || for _ in stderr.lines() {});
-        Server {
-            child,
-            base,
-            store,
-            config,
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-}
-
-/// A user token from the binary (`taskhistory token`), signed with `secret`.
-fn token(user: &str, ttl: &str, secret: &str) -> String {
-    let out = bin()
-        .env("TASKHISTORY_SECRET", secret)
-        .args(["token", user, "--ttl", ttl])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
+mod common;
+use common::{token, Server, ADMIN, SECRET};
 
 async fn get(url: &str, bearer: Option<&str>) -> (u16, Value) {
     let mut request = reqwest::Client::new().get(url);
@@ -250,7 +153,7 @@ async fn every_route_status_code_and_token_rule() {
         (400, Some("user_id")),
         "{body}"
     );
-    let (code, body) = get(&s.url(&format!("/v1/admin/retention?days=-1")), Some(ADMIN)).await;
+    let (code, body) = get(&s.url("/v1/admin/retention?days=-1"), Some(ADMIN)).await;
     assert_eq!(code, 400, "{body}");
 
     // Task, paging, cancel; unknown routes and tasks.
@@ -599,4 +502,45 @@ async fn tls_and_cors_only_when_configured() {
     assert!(r.headers().get("access-control-allow-origin").is_none());
     let _ = &plain.config;
     plain.store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_issued_by_a_python_service_as_documented_is_accepted() {
+    // The snippet of docs/operations.md ("Tokens"), verbatim.
+    let snippet = r#"
+import base64, hashlib, hmac, json, time
+b64 = lambda b: base64.urlsafe_b64encode(b).rstrip(b"=").decode()
+def user_token(secret: bytes, user: str, ttl: int = 3600) -> str:
+    signed = "thu1." + b64(json.dumps({"u": user, "exp": int(time.time()) + ttl}).encode())
+    return signed + "." + b64(hmac.new(secret, signed.encode(), hashlib.sha256).digest())
+"#;
+    let docs = include_str!("../../../docs/operations.md");
+    assert!(
+        docs.contains(snippet.trim()),
+        "the snippet is no longer the documented one"
+    );
+    let s = Server::start(&[]).await;
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(format!(
+            "{snippet}\nimport sys\nprint(user_token(sys.argv[1].encode(), 'u1'))"
+        ))
+        .arg(SECRET)
+        .output()
+        .expect("python3 is needed");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let python = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert_eq!(
+        get(&s.url("/v1/users/u1/tasks"), Some(&python)).await.0,
+        200
+    );
+    assert_eq!(
+        get(&s.url("/v1/users/u2/tasks"), Some(&python)).await.0,
+        403
+    );
+    s.store.close().await;
 }

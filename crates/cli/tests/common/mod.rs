@@ -1,0 +1,106 @@
+//! What the server's tests share: a `taskhistory serve` process on a fresh schema, and
+//! tokens from the binary.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+use taskhistory_postgres::{PgConfig, PgTaskHistoryStore};
+use taskhistory_testing::{database_url, fresh_config, store_for};
+
+pub(crate) const ADMIN: &str = "admin-token-for-tests";
+pub(crate) const SECRET: &str = "a-signing-secret-of-at-least-32-bytes!";
+
+/// A `taskhistory serve` process on a fresh schema, and the library's store on it.
+pub(crate) struct Server {
+    pub(crate) child: Child,
+    pub(crate) base: String,
+    pub(crate) store: PgTaskHistoryStore,
+    pub(crate) config: PgConfig,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub(crate) fn bin() -> Command {
+    let mut cmd = Command::new(assert_cmd::cargo::cargo_bin("taskhistory"));
+    for var in [
+        "DATABASE_URL",
+        "DB_HOST",
+        "DB_SCHEMA",
+        "TASKHISTORY_ADMIN_TOKEN",
+        "TASKHISTORY_SECRET",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+impl Server {
+    pub(crate) async fn start(extra: &[&str]) -> Server {
+        let config = fresh_config().await;
+        let store = store_for(config.clone()).await;
+        Server::on(store, config, extra).await
+    }
+
+    pub(crate) async fn on(store: PgTaskHistoryStore, config: PgConfig, extra: &[&str]) -> Server {
+        // reqwest's TLS takes the process's crypto provider.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let url = database_url().await;
+        let mut child = bin()
+            .env("TASKHISTORY_ADMIN_TOKEN", ADMIN)
+            .env("TASKHISTORY_SECRET", SECRET)
+            .args([
+                "--database-url",
+                &url,
+                "--schema",
+                config.schema.as_deref().unwrap(),
+            ])
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        stderr.read_line(&mut line).unwrap();
+        let base = line
+            .split_whitespace()
+            .find(|w| w.starts_with("http"))
+            .unwrap_or_else(|| panic!("serve did not start: {line}"))
+            .trim_end_matches('/')
+            .to_owned();
+        // Keep reading stderr so the server never blocks on it.
+        std::thread::spawn(move || for _ in stderr.lines() {});
+        Server {
+            child,
+            base,
+            store,
+            config,
+        }
+    }
+
+    pub(crate) fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+}
+
+/// A user token from the binary (`taskhistory token`), signed with `secret`.
+pub(crate) fn token(user: &str, ttl: &str, secret: &str) -> String {
+    let out = bin()
+        .env("TASKHISTORY_SECRET", secret)
+        .args(["token", user, "--ttl", ttl])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}

@@ -12,5 +12,16 @@ DROP FUNCTION IF EXISTS taskhistory_python_insert();
 DROP FUNCTION IF EXISTS taskhistory_python_update();
 DROP FUNCTION IF EXISTS taskhistory_python_wrote(text);
 DROP FUNCTION IF EXISTS taskhistory_python_save(text, text, int4, jsonb, timestamptz, text);
+-- The views holding the Python service's index names (its start-up makes them again).
+DO $$
+DECLARE n text;
+BEGIN
+    FOR n IN SELECT c.relname FROM pg_class c
+             WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind = 'v'
+               AND c.relname LIKE 'idx\_task\_history\_%'
+    LOOP
+        EXECUTE format('DROP VIEW %I', n);
+    END LOOP;
+END $$;
 DROP TABLE IF EXISTS taskhistory_python_writes;
 DROP TABLE IF EXISTS taskhistory_python_compat;

@@ -153,8 +153,18 @@ async fn every_route_status_code_and_token_rule() {
         (400, Some("user_id")),
         "{body}"
     );
-    let (code, body) = get(&s.url("/v1/admin/retention?days=-1"), Some(ADMIN)).await;
-    assert_eq!(code, 400, "{body}");
+    for days in ["-1", "abc"] {
+        let (code, body) = get(
+            &s.url(&format!("/v1/admin/retention?days={days}")),
+            Some(ADMIN),
+        )
+        .await;
+        assert_eq!(
+            (code, body["error"]["field"].as_str()),
+            (400, Some("days_old")),
+            "{body}"
+        );
+    }
 
     // Task, paging, cancel; unknown routes and tasks.
     let (code, body) = get(&s.url("/v1/users/u1/tasks/t1"), Some(&own)).await;
@@ -166,6 +176,25 @@ async fn every_route_status_code_and_token_rule() {
         404
     );
     assert_eq!(get(&s.url("/v1/nothing"), Some(ADMIN)).await.0, 404);
+    let (code, body) = get(&s.url("/v1/users/u1/tasks/t1/cancel"), Some(&own)).await;
+    assert_eq!(
+        (code, &body["error"]["class"]),
+        (405, &json!("method_not_allowed")),
+        "{body}"
+    );
+    let (code, body) = get(&s.url("/v1/users/u1/ws"), Some(&own)).await;
+    assert!(
+        code >= 400 && body["error"]["message"].is_string(),
+        "{code} {body}"
+    );
+    // The scheme's name is case-insensitive.
+    let lower = reqwest::Client::new()
+        .get(s.url("/v1/users/u1/tasks"))
+        .header("Authorization", format!("bearer {own}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(lower.status(), 200);
     s.store
         .save_task_history("u1", "t2", 0, &step("b"))
         .await

@@ -773,8 +773,12 @@ BEGIN
             last_xid = GREATEST(t.last_xid, pg_current_xact_id())
         WHERE t.user_id = NEW.user_id AND t.task_id = NEW.task_id;
     END IF;
-    -- The changed step moves to the end of the log: watchers see it.
-    NEW.xid := pg_current_xact_id();
+    -- The changed step moves to the end of the log: watchers see it. A cancel changes
+    -- every row of the task: only the highest moves (one cancellation event, as the
+    -- store's own cancellation gives).
+    IF NEW.status <> 'cancelled' OR s IS NULL OR NEW.step >= s.last_step THEN
+        NEW.xid := pg_current_xact_id();
+    END IF;
     PERFORM taskhistory_python_wrote(NEW.user_id);
     RETURN NEW;
 END
@@ -788,6 +792,10 @@ DROP TRIGGER IF EXISTS taskhistory_python_update ON task_history;
 -- Only updates that leave the log position as it was: the store's own re-saves move it.
 CREATE TRIGGER taskhistory_python_update BEFORE UPDATE ON task_history
     FOR EACH ROW WHEN (OLD.xid = NEW.xid) EXECUTE FUNCTION taskhistory_python_update();
+-- SECURITY DEFINER functions run with the owner's rights: only the triggers call them.
+REVOKE EXECUTE ON FUNCTION taskhistory_python_save(text, text, int4, jsonb, timestamptz, text),
+    taskhistory_python_wrote(text), taskhistory_python_insert(), taskhistory_python_update()
+    FROM PUBLIC;
 INSERT INTO taskhistory_python_compat (singleton, enabled_at) VALUES (true, now())
     ON CONFLICT (singleton) DO NOTHING;
 "#

@@ -350,7 +350,16 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         self.prepare_layout().await?;
         if outcome.adopted {
             // A table the Python service made: its writers are likely still running.
-            self.enable_python_compat().await?;
+            self.enable_python_compat().await.map_err(|e| {
+                StoreError::database(
+                    "init_database_schema",
+                    format!(
+                        "the migrations adopted the Python service's task_history, but switching \
+                         the Python compatibility mode on failed ({e}): until `taskhistory \
+                         compat on` succeeds, Python INSERTs fail"
+                    ),
+                )
+            })?;
             tracing::info!(
                 "adopted the Python service's task_history: the Python compatibility mode is \
                  on until `taskhistory compat off`"

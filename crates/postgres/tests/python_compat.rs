@@ -186,6 +186,16 @@ async fn agree(store: &PgTaskHistoryStore, py: &mut Legacy, tasks: &[&str], afte
     assert_eq!(listed, py_listed, "task list after {after}");
 }
 
+/// The next event of a watch (15 s at most): (task, step, status).
+async fn next(events: &mut taskhistory_core::TaskEventStream) -> (String, i32, TaskStatus) {
+    let event = tokio::time::timeout(Duration::from_secs(15), events.next())
+        .await
+        .expect("a Python write woke the watcher")
+        .unwrap()
+        .unwrap();
+    (event.task_id, event.step, event.status)
+}
+
 /// The whole migration, from a table the Python service made to the mode switched off.
 async fn rolling_migration(partitioned: bool, least_privilege: bool) {
     let config: PgConfig = fresh_config().await.watch_poll(Duration::from_secs(3600));
@@ -319,24 +329,33 @@ async fn rolling_migration(partitioned: bool, least_privilege: bool) {
 
     // A watcher (its poll set to an hour) is woken by a Python write alone.
     let mut events = store.watch_user(USER, None).await.unwrap();
-    py.save("d", 0, "running").unwrap();
-    let event = tokio::time::timeout(Duration::from_secs(15), events.next())
-        .await
-        .expect("a Python write woke the watcher")
-        .unwrap()
-        .unwrap();
-    assert_eq!((event.task_id.as_str(), event.step), ("d", 0));
+    for step in 0..2 {
+        py.save("d", step, "running").unwrap();
+        assert_eq!(
+            next(&mut events).await,
+            ("d".to_owned(), step, TaskStatus::Running)
+        );
+    }
+    // A Python cancel (every row set to cancelled) is one cancellation event, as the store's.
     py.call(json!({"op": "cancel", "user_id": USER, "task_id": "d"}))
         .unwrap();
-    let event = tokio::time::timeout(Duration::from_secs(15), events.next())
-        .await
-        .expect("a Python cancel woke the watcher")
-        .unwrap()
-        .unwrap();
     assert_eq!(
-        (event.task_id.as_str(), event.status),
-        ("d", TaskStatus::Cancelled)
+        next(&mut events).await,
+        ("d".to_owned(), 1, TaskStatus::Cancelled)
     );
+    py.save("f", 0, "running").unwrap();
+    assert_eq!(
+        next(&mut events).await,
+        ("f".to_owned(), 0, TaskStatus::Running)
+    );
+
+    // The mode's functions run with the owner's rights: only its triggers may call them.
+    if least_privilege {
+        let refused = py
+            .call(json!({"op": "call_save_function", "user_id": USER, "task_id": "g"}))
+            .unwrap_err();
+        assert!(refused.contains("permission denied"), "{refused}");
+    }
 
     let state = store.python_compat().await.unwrap();
     assert!(state.python_writes >= 10, "{state:?}");

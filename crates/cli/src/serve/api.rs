@@ -174,6 +174,43 @@ pub(crate) async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such route")
 }
 
+pub(crate) async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this route does not take this method",
+    )
+}
+
+/// Rejections of axum's own extractors (a malformed query or path, a request to the
+/// WebSocket route that is no upgrade) answered as JSON like every other error.
+pub(crate) async fn json_errors(req: Request, next: Next) -> Response {
+    let response = next.run(req).await;
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let body = axum::body::to_bytes(response.into_body(), 64 * 1024)
+        .await
+        .unwrap_or_default();
+    let message = String::from_utf8_lossy(&body).trim().to_owned();
+    ApiError::new(
+        status,
+        "bad_request",
+        if message.is_empty() {
+            status.canonical_reason().unwrap_or("error").to_owned()
+        } else {
+            message
+        },
+    )
+    .into_response()
+}
+
 pub(crate) async fn healthz(State(state): State<AppState>) -> Response {
     match timed(&state, "health_check", state.store.health_check()).await {
         Ok(report) => Json(json!({
@@ -328,7 +365,8 @@ pub(crate) async fn retention(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     state.auth.for_admin(&headers, q.access_token.as_deref())?;
     let pg = postgres(&state)?;
-    let days = parse_number("days", q.days.as_deref(), 30)?;
+    // The library's name for it, as `cleanup_old_tasks` reports it.
+    let days = parse_number("days_old", q.days.as_deref(), 30)?;
     let options = CleanupOptions {
         dry_run: true,
         status: parse_status(q.status.as_deref())?,

@@ -24,8 +24,11 @@ use subtle::ConstantTimeEq;
 /// The prefix (and version) of user tokens.
 const PREFIX: &str = "thu1";
 
-/// The least length of the secrets, in bytes: shorter ones are guessable.
+/// The least length of the signing secret, in bytes: shorter ones are guessable.
 pub(crate) const MIN_SECRET: usize = 32;
+
+/// The least length of the operator's token, in bytes.
+pub(crate) const MIN_ADMIN_TOKEN: usize = 16;
 
 #[derive(Serialize, Deserialize)]
 struct Claims {
@@ -143,10 +146,13 @@ impl Auth {
         headers: &HeaderMap,
         query_token: Option<&str>,
     ) -> Result<Access, Denied> {
+        // The scheme's name is case-insensitive (RFC 9110).
         let bearer = headers
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token);
         let token = bearer.or(query_token).ok_or(Denied::Unauthenticated(
             "a token is needed: Authorization: Bearer TOKEN (or ?access_token=)",
         ))?;

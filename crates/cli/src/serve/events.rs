@@ -54,6 +54,11 @@ async fn open(
     Ok(events.boxed())
 }
 
+/// Resolves when the server stops.
+async fn stopped(mut stopping: tokio::sync::watch::Receiver<bool>) {
+    let _ = stopping.wait_for(|s| *s).await;
+}
+
 fn error_body(e: &StoreError) -> serde_json::Value {
     json!({"error": {"class": if e.is_transient() { "unavailable" } else { "internal" }, "message": e.to_string()}})
 }
@@ -70,22 +75,24 @@ pub(crate) async fn sse(
     let events = open(&state, &user, &headers, &params).await?;
     let guard = state.metrics.watcher();
     let metrics = state.metrics.clone();
-    let stream = events.map(move |item| {
-        let _counted = &guard;
-        Ok(match item {
-            Ok(event) => {
-                metrics.event_sent();
-                Event::default()
-                    .event("task")
-                    .id(event.cursor.as_str())
-                    .json_data(&event)
-                    .unwrap_or_else(|_| Event::default().event("error"))
-            }
-            Err(e) => Event::default()
-                .event("error")
-                .data(error_body(&e).to_string()),
-        })
-    });
+    let stream = events
+        .take_until(Box::pin(stopped(state.stopping.clone())))
+        .map(move |item| {
+            let _counted = &guard;
+            Ok(match item {
+                Ok(event) => {
+                    metrics.event_sent();
+                    Event::default()
+                        .event("task")
+                        .id(event.cursor.as_str())
+                        .json_data(&event)
+                        .unwrap_or_else(|_| Event::default().event("error"))
+                }
+                Err(e) => Event::default()
+                    .event("error")
+                    .data(error_body(&e).to_string()),
+            })
+        });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(state.heartbeat).text("heartbeat")))
 }
 
@@ -109,8 +116,10 @@ async fn forward(state: AppState, mut events: Events, mut socket: WebSocket) {
     let _counted = state.metrics.watcher();
     let mut heartbeat = tokio::time::interval(state.heartbeat);
     heartbeat.tick().await;
+    let mut stopped = std::pin::pin!(stopped(state.stopping.clone()));
     loop {
         tokio::select! {
+            () = &mut stopped => break,
             item = events.next() => {
                 let (text, last) = match item {
                     Some(Ok(event)) => {

@@ -37,6 +37,7 @@ use tower_http::cors::CorsLayer;
 use crate::error::{exit, CliError};
 use crate::interrupt::Interrupt;
 
+use auth::MIN_ADMIN_TOKEN;
 pub(crate) use auth::{issue, MIN_SECRET};
 
 /// What `serve` is given.
@@ -60,6 +61,8 @@ pub(crate) struct AppState {
     pub(crate) auth: auth::Auth,
     pub(crate) metrics: Arc<metrics::Metrics>,
     pub(crate) heartbeat: Duration,
+    /// Set when the server stops: event streams end.
+    pub(crate) stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 /// The server's routes on `state`.
@@ -76,6 +79,8 @@ pub(crate) fn router(state: AppState, cors_origins: &[String]) -> Result<Router,
         .route("/v1/admin/stats", get(api::stats))
         .route("/v1/admin/retention", get(api::retention))
         .fallback(api::not_found)
+        .method_not_allowed_fallback(api::method_not_allowed)
+        .layer(axum::middleware::from_fn(api::json_errors))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             api::count,
@@ -104,8 +109,8 @@ pub(crate) fn router(state: AppState, cors_origins: &[String]) -> Result<Router,
     Ok(router)
 }
 
-/// Serves until interrupted; then stops accepting, lets requests finish (event streams end
-/// with the store) and returns.
+/// Serves until interrupted; then stops accepting, ends the event streams, lets other
+/// requests finish (10 s at most) and returns.
 pub(crate) async fn run(
     store: DynStore,
     pg: Option<PgTaskHistoryStore>,
@@ -120,29 +125,36 @@ pub(crate) async fn run(
             )));
         }
     }
+    if env("TASKHISTORY_ADMIN_TOKEN").is_some_and(|t| t.len() < MIN_ADMIN_TOKEN) {
+        return Err(CliError::Config(format!(
+            "TASKHISTORY_ADMIN_TOKEN is too short: at least {MIN_ADMIN_TOKEN} bytes"
+        )));
+    }
     if !auth.configured() {
         eprintln!(
             "taskhistory: neither TASKHISTORY_ADMIN_TOKEN nor TASKHISTORY_SECRET is set: every \
              route but /healthz will answer 401"
         );
     }
+    let (stop, stopping) = tokio::sync::watch::channel(false);
     let state = AppState {
-        store: store.clone(),
+        store,
         pg: pg.clone(),
         auth,
         metrics: metrics::Metrics::new(pg),
         heartbeat: options.heartbeat,
+        stopping,
     };
     let app = router(state, &options.cors_origins)?;
     let handle = axum_server::Handle::new();
     let mut interrupt = Interrupt::install();
     let stopping = handle.clone();
-    let closing = store.clone();
     tokio::spawn(async move {
         interrupt.wait().await;
-        // Event streams end when the store closes; other requests get 10 s to finish.
-        closing.close().await;
+        // No new connection; event streams end now; other requests get 10 s to finish.
+        // The store is closed after the server stops (with the command's other stores).
         stopping.graceful_shutdown(Some(Duration::from_secs(10)));
+        let _ = stop.send(true);
     });
     let scheme = if options.tls.is_some() {
         "https"

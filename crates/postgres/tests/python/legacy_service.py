@@ -164,7 +164,16 @@ async def tasks(pool, req):
     return [{"task_id": r["task_id"], "status": r["status"]} for r in rows]
 
 
+async def call_save_function(pool, req):
+    """Not the Python service's: a role calling the mode's function directly (refused)."""
+    async with pool.acquire() as conn:
+        await conn.fetch(
+            "SELECT * FROM taskhistory_python_save($1, $2, 0, '{}'::jsonb, now(), 'running')",
+            req["user_id"], req["task_id"])
+
+
 OPS = {
+    "call_save_function": call_save_function,
     "startup": startup,
     "save": save,
     "save_batch": save_batch,

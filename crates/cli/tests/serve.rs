@@ -262,6 +262,14 @@ async fn every_route_status_code_and_token_rule() {
         !metrics.contains(&own) && !metrics.contains(ADMIN),
         "a token in the metrics"
     );
+    // Stopped by SIGTERM: a clean exit, and no token ever printed.
+    let mut s = s;
+    assert_eq!(s.stop(), Some(0));
+    let said = s.stderr.lock().unwrap().clone();
+    assert!(said.contains("serving on"), "{said}");
+    for secret in [own.as_str(), ADMIN, SECRET, short.as_str(), forged.as_str()] {
+        assert!(!said.contains(secret), "a token on stderr: {said}");
+    }
     s.store.close().await;
 }
 
@@ -422,27 +430,12 @@ async fn sse_delivers_each_write_once_and_resumes_from_last_event_id() {
     s.store.close().await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn websocket_carries_the_same_events() {
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// The next event message of a socket (pings skipped).
+async fn ws_event(socket: &mut Socket) -> Value {
     use tokio_tungstenite::tungstenite::Message;
-    let s = Server::start(&[]).await;
-    let own = token("u1", "1h", SECRET);
-    let ws_url = format!(
-        "{}/v1/users/u1/ws?access_token={own}",
-        s.base.replace("http://", "ws://")
-    );
-    let (mut socket, _) = tokio_tungstenite::connect_async(&ws_url).await.unwrap();
-    // Another user's socket is refused before the upgrade.
-    let other = format!(
-        "{}/v1/users/u2/ws?access_token={own}",
-        s.base.replace("http://", "ws://")
-    );
-    assert!(tokio_tungstenite::connect_async(&other).await.is_err());
-    // The watch is open once the upgrade is answered: a write now is delivered.
-    s.store
-        .save_task_history("u1", "t", 0, &step("ws"))
-        .await
-        .unwrap();
     loop {
         let message = tokio::time::timeout(Duration::from_secs(15), socket.next())
             .await
@@ -451,14 +444,47 @@ async fn websocket_carries_the_same_events() {
             .unwrap();
         if let Message::Text(text) = message {
             let v: Value = serde_json::from_str(&text).unwrap();
-            assert_eq!(v["type"], "event");
-            assert_eq!(
-                (v["event"]["task_id"].as_str(), v["event"]["step"].as_i64()),
-                (Some("t"), Some(0))
-            );
-            break;
+            assert_eq!(v["type"], "event", "{v}");
+            return v["event"].clone();
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_carries_the_same_events_and_resumes_after_a_cursor() {
+    let s = Server::start(&[]).await;
+    let own = token("u1", "1h", SECRET);
+    let ws = s.base.replace("http://", "ws://");
+    let ws_url = format!("{ws}/v1/users/u1/ws?access_token={own}");
+    let (mut socket, _) = tokio_tungstenite::connect_async(&ws_url).await.unwrap();
+    // Another user's socket is refused before the upgrade.
+    let other = format!("{ws}/v1/users/u2/ws?access_token={own}");
+    assert!(tokio_tungstenite::connect_async(&other).await.is_err());
+    // The watch is open once the upgrade is answered: writes now are delivered.
+    for n in 0..2 {
+        s.store
+            .save_task_history("u1", "t", n, &step("ws"))
+            .await
+            .unwrap();
+    }
+    let first = ws_event(&mut socket).await;
+    assert_eq!(
+        (first["task_id"].as_str(), first["step"].as_i64()),
+        (Some("t"), Some(0))
+    );
+    assert_eq!(ws_event(&mut socket).await["step"], 1);
+    socket.close(None).await.unwrap();
+    // Resumed with ?after= the first event: the second, then a later write, once each.
+    s.store
+        .save_task_history("u1", "t", 2, &step("later"))
+        .await
+        .unwrap();
+    let cursor = urlencode(first["cursor"].as_str().unwrap());
+    let (mut socket, _) = tokio_tungstenite::connect_async(format!("{ws_url}&after={cursor}"))
+        .await
+        .unwrap();
+    assert_eq!(ws_event(&mut socket).await["step"], 1);
+    assert_eq!(ws_event(&mut socket).await["step"], 2);
     socket.close(None).await.unwrap();
     s.store.close().await;
 }

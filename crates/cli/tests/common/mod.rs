@@ -17,6 +17,8 @@ pub(crate) struct Server {
     pub(crate) base: String,
     pub(crate) store: PgTaskHistoryStore,
     pub(crate) config: PgConfig,
+    /// Everything the server printed on stderr so far.
+    pub(crate) stderr: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 impl Drop for Server {
@@ -75,14 +77,29 @@ impl Server {
             .unwrap_or_else(|| panic!("serve did not start: {line}"))
             .trim_end_matches('/')
             .to_owned();
-        // Keep reading stderr so the server never blocks on it.
-        std::thread::spawn(move || for _ in stderr.lines() {});
+        // Keep reading stderr (so the server never blocks on it), and keep what it said.
+        let said = std::sync::Arc::new(std::sync::Mutex::new(line.clone()));
+        let keep = said.clone();
+        std::thread::spawn(move || {
+            for l in stderr.lines().map_while(Result::ok) {
+                keep.lock().unwrap().push_str(&(l + "\n"));
+            }
+        });
         Server {
             child,
             base,
             store,
             config,
+            stderr: said,
         }
+    }
+
+    /// Stops the server with SIGTERM and waits for it: its exit code.
+    pub(crate) fn stop(&mut self) -> Option<i32> {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.child.wait().ok().and_then(|s| s.code())
     }
 
     pub(crate) fn url(&self, path: &str) -> String {

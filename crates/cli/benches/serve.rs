@@ -53,6 +53,16 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// The server process, stopped however the bench ends (a panic included).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -83,6 +93,7 @@ async fn run() {
         .spawn()
         .unwrap();
     let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let child = KillOnDrop(child);
     let mut line = String::new();
     stderr.read_line(&mut line).unwrap();
     std::thread::spawn(move || for _ in stderr.lines() {});
@@ -92,7 +103,7 @@ async fn run() {
         .unwrap()
         .trim_end_matches('/')
         .to_owned();
-    let pid = child.id();
+    let pid = child.0.id();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle_rss = rss_kib(pid);
 
@@ -252,8 +263,7 @@ async fn run() {
         "| server memory per connected client | {:.1} KiB |",
         connected_rss.saturating_sub(idle_rss) as f64 / clients as f64
     );
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     for h in handles {
         h.abort();
     }

@@ -11,17 +11,16 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde_json::{json, Value};
 use taskhistory_core::{TaskHistoryStore, TaskStepResult};
-use taskhistory_testing::{database_url, fresh_config, store_for};
 
-const ADMIN: &str = "bench-admin-token";
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::ADMIN;
 const USERS_PER: usize = 4;
 
 fn env(key: &str, default: u64) -> u64 {
@@ -53,16 +52,6 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
-/// The server process, stopped however the bench ends (a panic included).
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -76,34 +65,11 @@ async fn run() {
     let secs = env("SERVE_SECS", 10);
     let writers = env("SERVE_WRITERS", 8) as usize;
     let users = clients.div_ceil(USERS_PER);
-    let config = fresh_config().await.pool_size(2, 16);
-    let store = store_for(config.clone()).await;
-    let url = database_url().await;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_taskhistory"))
-        .env("TASKHISTORY_ADMIN_TOKEN", ADMIN)
-        .args([
-            "--database-url",
-            &url,
-            "--schema",
-            config.schema.as_deref().unwrap(),
-        ])
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = BufReader::new(child.stderr.take().unwrap());
-    let child = KillOnDrop(child);
-    let mut line = String::new();
-    stderr.read_line(&mut line).unwrap();
-    std::thread::spawn(move || for _ in stderr.lines() {});
-    let base = line
-        .split_whitespace()
-        .find(|w| w.starts_with("http"))
-        .unwrap()
-        .trim_end_matches('/')
-        .to_owned();
-    let pid = child.0.id();
+    // The tests' server helper: a fresh schema, its store, and the server process (stopped
+    // however the bench ends).
+    let server = common::Server::start(&[]).await;
+    let (store, base) = (server.store.clone(), server.base.clone());
+    let pid = server.child.id();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle_rss = rss_kib(pid);
 
@@ -263,7 +229,7 @@ async fn run() {
         "| server memory per connected client | {:.1} KiB |",
         connected_rss.saturating_sub(idle_rss) as f64 / clients as f64
     );
-    drop(child);
+    drop(server);
     for h in handles {
         h.abort();
     }

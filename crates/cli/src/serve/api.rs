@@ -52,26 +52,33 @@ impl From<Denied> for ApiError {
     }
 }
 
+/// The one map from a store error to its status code and class (answers, event streams'
+/// last items and the metrics' outcomes all read it).
+pub(crate) fn classify(e: &StoreError) -> (StatusCode, &'static str) {
+    match e {
+        StoreError::InvalidInput { .. } => (StatusCode::BAD_REQUEST, "bad_input"),
+        StoreError::TaskCancelled { .. } => (StatusCode::CONFLICT, "cancelled"),
+        StoreError::Unavailable { .. } | StoreError::Timeout { .. } | StoreError::Closed => {
+            (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+        }
+        StoreError::Conflict { .. } => (StatusCode::SERVICE_UNAVAILABLE, "conflict"),
+        _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
+        let (status, class) = classify(&e);
         let message = e.to_string();
-        match e {
-            StoreError::InvalidInput { field, .. } => ApiError {
-                status: StatusCode::BAD_REQUEST,
-                class: "bad_input",
-                field: Some(field),
-                message,
-            },
-            StoreError::TaskCancelled { .. } => {
-                ApiError::new(StatusCode::CONFLICT, "cancelled", message)
-            }
-            StoreError::Unavailable { .. } | StoreError::Timeout { .. } | StoreError::Closed => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
-            }
-            StoreError::Conflict { .. } => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "conflict", message)
-            }
-            _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message),
+        let field = match e {
+            StoreError::InvalidInput { field, .. } => Some(field),
+            _ => None,
+        };
+        ApiError {
+            status,
+            class,
+            field,
+            message,
         }
     }
 }
@@ -93,11 +100,6 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The error class of a store error, as the metrics label outcomes.
-fn outcome(e: &StoreError) -> &'static str {
-    ApiError::from(e.clone()).class
-}
-
 /// Runs a store operation, recording its time and outcome.
 pub(crate) async fn timed<T>(
     state: &AppState,
@@ -108,7 +110,7 @@ pub(crate) async fn timed<T>(
     let result = work.await;
     let label = match &result {
         Ok(_) => "ok",
-        Err(e) => outcome(e),
+        Err(e) => classify(e).1,
     };
     state.metrics.operation(operation, label, started.elapsed());
     result.map_err(ApiError::from)

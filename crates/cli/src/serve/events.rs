@@ -60,7 +60,7 @@ async fn stopped(mut stopping: tokio::sync::watch::Receiver<bool>) {
 }
 
 fn error_body(e: &StoreError) -> serde_json::Value {
-    json!({"error": {"class": if e.is_transient() { "unavailable" } else { "internal" }, "message": e.to_string()}})
+    json!({"error": {"class": super::api::classify(e).1, "message": e.to_string()}})
 }
 
 /// `GET /v1/users/{user}/events`: each event as `event: task`, `id:` its cursor, `data:` the

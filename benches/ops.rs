@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use serde_json::json;
-use taskhistory::postgres::__private::sql;
+use taskhistory_testing::sql;
 use taskhistory::{
     DynStore, MemoryStore, PgConfig, SslMode, StepRecord, TaskHistoryStore, TaskStepResult,
 };

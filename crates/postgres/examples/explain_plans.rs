@@ -5,14 +5,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use taskhistory_core::TaskHistoryStore;
-use taskhistory_postgres::__private::sql;
+use taskhistory_testing::sql;
 use taskhistory_testing::{database_url, fresh_config, store_for};
 use tokio_postgres::NoTls;
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let config = fresh_config().await;
-    let schema = config.schema.clone().unwrap_or_default();
+    let schema = config.get_schema().unwrap_or_default().to_owned();
     let store = store_for(config).await;
     store.close().await;
     let (client, conn) = tokio_postgres::connect(&database_url().await, NoTls).await?;

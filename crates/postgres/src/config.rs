@@ -49,82 +49,51 @@ impl FromStr for SslMode {
 #[derive(Clone)]
 pub struct PgConfig {
     pub(crate) pg: tokio_postgres::Config,
-    /// TLS mode.
-    pub ssl_mode: SslMode,
-    /// PEM file of trusted root certificates for `verify-full` (else the system's roots).
-    pub ssl_root_cert: Option<PathBuf>,
+    /// See [`PgConfig::ssl_mode`].
+    pub(crate) ssl_mode: SslMode,
+    /// See [`PgConfig::ssl_root_cert`].
+    pub(crate) ssl_root_cert: Option<PathBuf>,
     /// Connections kept open when idle.
-    pub min_size: u32,
+    pub(crate) min_size: u32,
     /// Most connections open at once.
-    pub max_size: u32,
-    /// Client-side limit for one operation's database work; past it the operation fails
-    /// with `StoreError::Timeout` and its connection is discarded, never reused half-used.
-    pub command_timeout: Duration,
-    /// Server-side `statement_timeout` set on every connection.
-    pub statement_timeout: Duration,
-    /// Limit for opening one connection.
-    pub connect_timeout: Duration,
-    /// How long a caller waits for a free connection before `StoreError::Unavailable`.
-    pub pool_timeout: Duration,
-    /// PostgreSQL schema holding the store's tables (created if missing); `None` for the
-    /// connection's default (`public`). Letters, digits and `_` only.
-    pub schema: Option<String>,
-    /// Retries of transient failures.
-    pub retry: RetryPolicy,
-    /// After their commit, saves and cancellations wake the watchers of their users in
-    /// every process (`pg_notify`, from the store's notifier, never a writer's
-    /// transaction), so watchers read the new events at once. Default on;
-    /// `DB_NOTIFY=false` turns it off: watchers then see this store's writes at their next
-    /// poll ([`watch_poll`](Self::watch_poll)). A wake-up never carries an event: losing one
-    /// costs latency, never an event.
-    pub notifications: bool,
-    /// How many single saves run as statements at once (`DB_SAVE_LANES`, default 2). More
-    /// concurrent saves queue, and each lane then writes the queued saves in one statement
-    /// and one commit, each caller getting its own outcome after that commit. A save that
-    /// finds a lane free goes at once. 0 turns combining off: every save is then its own
-    /// statement on its own pooled connection.
-    pub save_lanes: u32,
+    pub(crate) max_size: u32,
+    /// See [`PgConfig::command_timeout`].
+    pub(crate) command_timeout: Duration,
+    /// See [`PgConfig::statement_timeout`].
+    pub(crate) statement_timeout: Duration,
+    /// See [`PgConfig::connect_timeout`].
+    pub(crate) connect_timeout: Duration,
+    /// See [`PgConfig::pool_timeout`].
+    pub(crate) pool_timeout: Duration,
+    /// See [`PgConfig::schema`].
+    pub(crate) schema: Option<String>,
+    /// See [`PgConfig::retry`].
+    pub(crate) retry: RetryPolicy,
+    /// See [`PgConfig::notifications`].
+    pub(crate) notifications: bool,
+    /// See [`PgConfig::save_lanes`].
+    pub(crate) save_lanes: u32,
     /// A save that finds no other save queued with it is written by the combined statement
     /// too (default false: it takes the single-step statement, whose plan the server
     /// keeps). For tests that must run every save through the combined statement, as the
     /// behaviour suite does on one of its stores.
-    pub combine_lone_saves: bool,
-    /// How often a watcher reads the log of events without being woken (`DB_WATCH_POLL`,
-    /// seconds, default 1): the latest a write whose wake-up never left (a process that
-    /// died after its commit, a lost listener) reaches watchers.
-    pub watch_poll: Duration,
-    /// A direct connection for the watchers' `LISTEN` when the store itself goes through
-    /// PgBouncer in transaction mode, where `LISTEN` cannot work (`DB_LISTEN_URL`).
+    pub(crate) combine_lone_saves: bool,
+    /// See [`PgConfig::watch_poll`].
+    pub(crate) watch_poll: Duration,
+    /// See [`PgConfig::listen_url`].
     pub(crate) listen: Option<tokio_postgres::Config>,
-    /// The server is reached through PgBouncer in transaction pooling mode (or another pooler
-    /// that does not keep sessions): no start-up `options`, no cached prepared statements;
-    /// each operation runs in its own transaction that sets `statement_timeout` and
-    /// `search_path` with `SET LOCAL`. Two more round trips per operation. Migrations must
-    /// then be run on a direct connection (`init_database_schema` only checks them).
-    pub pgbouncer: bool,
-    /// Called with the SQL text of every statement the store sends, before it is sent (for
-    /// statement logs and audits; see [`PgConfig::observe_statements`]). `None` costs nothing.
-    pub statement_observer: Option<StatementObserver>,
-    /// The partitioned layout: `init_database_schema` converts a plain `task_history` into
-    /// it and makes partitions ahead (`DB_PARTITION_INTERVAL` = day, week or month turns it
-    /// on; `DB_PARTITIONS_AHEAD`, default 3). `None` (the default) keeps the layout found,
-    /// and still makes partitions ahead if it is partitioned.
-    pub partitioning: Option<Partitioning>,
-    /// Batches of at least this many steps whose tasks are all new go in by `COPY` (binary)
-    /// into `task_history`, after one statement that creates their summaries; other batches
-    /// (and any batch touching a task that already exists) use the upsert statement. `None`:
-    /// never. Default 1,000 (`DB_COPY_MIN_ROWS`, 0 = never).
-    pub copy_min_rows: Option<u32>,
-    /// Connections of the second, lazily opened pool that carries `COPY` batches (diesel-async
-    /// cannot send `COPY`); a batch waits for one when all are busy. Default 2
-    /// (`DB_COPY_CONNECTIONS`).
-    pub copy_connections: u32,
-    /// Connections shared by concurrent reads (status checks, history loads, task lists),
-    /// whose statements are pipelined: many small reads then cost the client and the server
-    /// a few socket reads and writes instead of one round trip each. Default 2
-    /// (`DB_PIPELINED_READS`); 0 sends reads through the pool like writes. Not used behind a
-    /// transaction pooler.
-    pub pipelined_reads: u32,
+    /// See [`PgConfig::pgbouncer`].
+    pub(crate) pgbouncer: bool,
+    /// See [`PgConfig::observe_statements`].
+    pub(crate) statement_observer: Option<StatementObserver>,
+    /// See [`PgConfig::partitioning`].
+    pub(crate) partitioning: Option<Partitioning>,
+    /// See [`PgConfig::copy_min_rows`].
+    pub(crate) copy_min_rows: Option<u32>,
+    /// See [`PgConfig::copy_connections`].
+    pub(crate) copy_connections: u32,
+    /// See [`PgConfig::pipelined_reads`].
+    pub(crate) pipelined_reads: u32,
 }
 
 /// A callback that sees the SQL text of every statement (bound values are not included).
@@ -467,66 +436,69 @@ impl PgConfig {
         self.max_size = max;
         self
     }
-    /// Sets how many single saves run at once ([`PgConfig::save_lanes`]; 0: no combining).
+    /// How many single saves run as statements at once (`DB_SAVE_LANES`, default 2). More
+    /// concurrent saves queue, and each lane then writes the queued saves in one statement
+    /// and one commit, each caller getting its own outcome after that commit. A save that
+    /// finds a lane free goes at once. 0 turns combining off: every save is then its own
+    /// statement on its own pooled connection.
     pub fn save_lanes(mut self, lanes: u32) -> Self {
         self.save_lanes = lanes;
         self
     }
-    /// Sets whether a lone save takes the combined statement too
-    /// ([`PgConfig::combine_lone_saves`]).
-    pub fn combine_lone_saves(mut self, on: bool) -> Self {
-        self.combine_lone_saves = on;
-        self
-    }
-    /// Sets how often watchers read without a wake-up ([`PgConfig::watch_poll`]).
+    /// How often a watcher reads the log of events without being woken (`DB_WATCH_POLL`,
+    /// seconds, default 1): the latest a write whose wake-up never left (a process that
+    /// died after its commit, a lost listener) reaches watchers.
     pub fn watch_poll(mut self, every: Duration) -> Self {
         self.watch_poll = every;
         self
     }
-    /// Sets the client-side command timeout.
+    /// Client-side limit for one operation's database work; past it the operation fails
+    /// with `StoreError::Timeout` and its connection is discarded, never reused half-used.
     pub fn command_timeout(mut self, timeout: Duration) -> Self {
         self.command_timeout = timeout;
         self
     }
-    /// Sets the server-side statement_timeout.
+    /// Server-side `statement_timeout` set on every connection.
     pub fn statement_timeout(mut self, timeout: Duration) -> Self {
         self.statement_timeout = timeout;
         self
     }
-    /// Sets how long callers wait for a free connection.
+    /// How long a caller waits for a free connection before `StoreError::Unavailable`.
     pub fn pool_timeout(mut self, timeout: Duration) -> Self {
         self.pool_timeout = timeout;
         self
     }
-    /// Sets the connect timeout.
+    /// Limit for opening one connection.
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
         self.connect_timeout = timeout;
         self
     }
-    /// Sets the TLS mode.
+    /// TLS mode.
     pub fn ssl_mode(mut self, mode: SslMode) -> Self {
         self.ssl_mode = mode;
         self
     }
-    /// Sets the PEM file of trusted roots for verify-full.
+    /// PEM file of trusted root certificates for `verify-full` (else the system's roots).
     pub fn ssl_root_cert(mut self, path: impl Into<PathBuf>) -> Self {
         self.ssl_root_cert = Some(path.into());
         self
     }
-    /// Puts the store's tables in this schema.
+    /// PostgreSQL schema holding the store's tables (created if missing); `None` for the
+    /// connection's default (`public`). Letters, digits and `_` only.
     pub fn schema(mut self, schema: impl Into<String>) -> Self {
         self.schema = Some(schema.into());
         self
     }
     /// Calls `observer` with the SQL text of every statement the store sends (migrations
-    /// included), before sending it.
+    /// included), before sending it: for statement logs and audits (bound values are not
+    /// included). None set costs nothing.
     pub fn observe_statements(mut self, observer: impl Fn(&str) + Send + Sync + 'static) -> Self {
         self.statement_observer = Some(std::sync::Arc::new(observer));
         self
     }
 
-    /// Watchers `LISTEN` on this direct URL instead of the store's own connection settings
-    /// (needed behind PgBouncer in transaction mode).
+    /// A direct connection for the watchers' `LISTEN` when the store itself goes through
+    /// PgBouncer in transaction mode, where `LISTEN` cannot work (`DB_LISTEN_URL`).
     pub fn listen_url(mut self, url: &str) -> Result<Self, StoreError> {
         self.listen = Some(
             url.parse()
@@ -535,41 +507,162 @@ impl PgConfig {
         Ok(self)
     }
 
-    /// Batches of at least `min_rows` steps of new tasks go in by `COPY`
-    /// ([`PgConfig::copy_min_rows`]); `None` turns that off.
+    /// Batches of at least this many steps whose tasks are all new go in by `COPY` (binary)
+    /// into `task_history`, after one statement that creates their summaries; other batches
+    /// (and any batch touching a task that already exists) use the upsert statement. `None`:
+    /// never. Default 1,000 (`DB_COPY_MIN_ROWS`, 0 = never).
     pub fn copy_min_rows(mut self, min_rows: Option<u32>) -> Self {
         self.copy_min_rows = min_rows;
         self
     }
 
-    /// Sets how many connections concurrent reads share ([`PgConfig::pipelined_reads`]; 0:
-    /// none, reads go through the pool).
+    /// Connections shared by concurrent reads (status checks, history loads, task lists),
+    /// whose statements are pipelined: many small reads then cost the client and the server
+    /// a few socket reads and writes instead of one round trip each. Default 2
+    /// (`DB_PIPELINED_READS`); 0 sends reads through the pool like writes. Not used behind a
+    /// transaction pooler.
     pub fn pipelined_reads(mut self, connections: u32) -> Self {
         self.pipelined_reads = connections;
         self
     }
 
-    /// Turns notifications for watchers on or off ([`PgConfig::notifications`]).
+    /// After their commit, saves and cancellations wake the watchers of their users in
+    /// every process (`pg_notify`, from the store's notifier, never a writer's
+    /// transaction), so watchers read the new events at once. Default on;
+    /// `DB_NOTIFY=false` turns it off: watchers then see this store's writes at their next
+    /// poll ([`watch_poll`](Self::watch_poll)). A wake-up never carries an event: losing one
+    /// costs latency, never an event.
     pub fn notifications(mut self, on: bool) -> Self {
         self.notifications = on;
         self
     }
 
-    /// Talks to the server through PgBouncer in transaction mode ([`PgConfig::pgbouncer`]).
+    /// The server is reached through PgBouncer in transaction pooling mode (or another pooler
+    /// that does not keep sessions): no start-up `options`, no cached prepared statements;
+    /// each operation runs in its own transaction that sets `statement_timeout` and
+    /// `search_path` with `SET LOCAL`. Two more round trips per operation. Migrations must
+    /// then be run on a direct connection (`init_database_schema` only checks them).
     pub fn pgbouncer(mut self, on: bool) -> Self {
         self.pgbouncer = on;
         self
     }
 
-    /// Sets the retry policy for transient failures.
+    /// Retries of transient failures.
     pub fn retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
         self
     }
 
-    /// The database name, for messages.
-    pub fn dbname_str(&self) -> Option<&str> {
+    /// The partitioned layout: `init_database_schema` converts a plain `task_history` into
+    /// it and makes partitions ahead (`DB_PARTITION_INTERVAL` = day, week or month turns it
+    /// on; `DB_PARTITIONS_AHEAD`, default 3). `None` (the default) keeps the layout found,
+    /// and still makes partitions ahead if it is partitioned.
+    pub fn partitioning(mut self, partitioning: Option<Partitioning>) -> Self {
+        self.partitioning = partitioning;
+        self
+    }
+
+    /// Connections of the second, lazily opened pool that carries `COPY` batches (diesel-async
+    /// cannot send `COPY`); a batch waits for one when all are busy. Default 2
+    /// (`DB_COPY_CONNECTIONS`).
+    pub fn copy_connections(mut self, connections: u32) -> Self {
+        self.copy_connections = connections;
+        self
+    }
+
+    /// Sets whether a lone save takes the combined statement too (default false). Only for
+    /// the workspace's own tests, which run every save through the combined statement on
+    /// one of the behaviour suite's stores (feature `test-internals`).
+    #[cfg(feature = "test-internals")]
+    #[doc(hidden)]
+    pub fn combine_lone_saves(mut self, on: bool) -> Self {
+        self.combine_lone_saves = on;
+        self
+    }
+}
+
+/// Reading the settings back (the builder methods above set them; each is described there
+/// and in `docs/operations.md`).
+impl PgConfig {
+    /// The database name.
+    pub fn get_dbname(&self) -> Option<&str> {
         self.pg.get_dbname()
+    }
+    /// The user.
+    pub fn get_user(&self) -> Option<&str> {
+        self.pg.get_user()
+    }
+    /// `application_name`.
+    pub fn get_application_name(&self) -> Option<&str> {
+        self.pg.get_application_name()
+    }
+    /// The TLS mode.
+    pub fn get_ssl_mode(&self) -> SslMode {
+        self.ssl_mode
+    }
+    /// The PEM file of trusted roots for verify-full, if set.
+    pub fn get_ssl_root_cert(&self) -> Option<&std::path::Path> {
+        self.ssl_root_cert.as_deref()
+    }
+    /// The pool's size bounds, `(min, max)`.
+    pub fn get_pool_size(&self) -> (u32, u32) {
+        (self.min_size, self.max_size)
+    }
+    /// The client-side command timeout.
+    pub fn get_command_timeout(&self) -> Duration {
+        self.command_timeout
+    }
+    /// The server-side `statement_timeout`.
+    pub fn get_statement_timeout(&self) -> Duration {
+        self.statement_timeout
+    }
+    /// The connect timeout.
+    pub fn get_connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+    /// How long callers wait for a free connection.
+    pub fn get_pool_timeout(&self) -> Duration {
+        self.pool_timeout
+    }
+    /// The schema of the store's tables (`None`: the connection's default).
+    pub fn get_schema(&self) -> Option<&str> {
+        self.schema.as_deref()
+    }
+    /// The retry policy.
+    pub fn get_retry(&self) -> &RetryPolicy {
+        &self.retry
+    }
+    /// Whether writes wake watchers in every process.
+    pub fn get_notifications(&self) -> bool {
+        self.notifications
+    }
+    /// How many single saves run as statements at once.
+    pub fn get_save_lanes(&self) -> u32 {
+        self.save_lanes
+    }
+    /// How often watchers read without a wake-up.
+    pub fn get_watch_poll(&self) -> Duration {
+        self.watch_poll
+    }
+    /// Whether the store talks through a transaction pooler.
+    pub fn get_pgbouncer(&self) -> bool {
+        self.pgbouncer
+    }
+    /// The partitioned layout asked for, if any.
+    pub fn get_partitioning(&self) -> Option<Partitioning> {
+        self.partitioning
+    }
+    /// The smallest batch of new tasks that goes by `COPY` (`None`: never).
+    pub fn get_copy_min_rows(&self) -> Option<u32> {
+        self.copy_min_rows
+    }
+    /// The most connections of the `COPY` pool.
+    pub fn get_copy_connections(&self) -> u32 {
+        self.copy_connections
+    }
+    /// How many connections concurrent reads share.
+    pub fn get_pipelined_reads(&self) -> u32 {
+        self.pipelined_reads
     }
 }
 

@@ -42,12 +42,11 @@ pub use migrate::{least_privilege_grants, MigrationState};
 pub use stats::{RelationSize, StatusStats, StoreStats};
 pub use store::{CleanupOptions, PgTaskHistoryStore};
 
-/// Not part of the API (no semver promise): the statements' text, for this workspace's
-/// statement tests, plan examples and like-for-like benchmarks.
+/// Every SQL statement's text (feature `test-internals`, no semver promise): for the workspace's
+/// statement tests, plan examples and like-for-like benchmarks, which reach it through the
+/// testing crate (`taskhistory_testing::sql`). A service never needs it.
+#[cfg(feature = "test-internals")]
 #[doc(hidden)]
-pub mod __private {
-    /// Every SQL statement of the store.
-    pub mod sql {
-        pub use crate::sql::*;
-    }
+pub mod sql_texts {
+    pub use crate::sql::*;
 }

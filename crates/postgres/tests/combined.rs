@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde_json::json;
 use taskhistory_core::{RetryPolicy, StoreError, TaskHistoryStore, TaskStepResult};
-use taskhistory_postgres::__private::sql;
+use taskhistory_testing::sql;
 use taskhistory_postgres::{PgConfig, SslMode};
 use taskhistory_testing::{fresh_config, lock_summary, store_for, OwnServer};
 
@@ -34,7 +34,7 @@ async fn a_combined_statement_refuses_only_the_save_to_a_cancelled_task() {
                 counter.fetch_add(1, Ordering::Relaxed);
             }
         });
-    let schema = config.schema.clone().unwrap();
+    let schema = config.get_schema().unwrap().to_owned();
     let store = store_for(config).await;
     for task in ["held", "a", "b", "c"] {
         store
@@ -248,7 +248,7 @@ async fn saves_waiting_for_busy_lanes_give_up_after_the_pool_timeout() {
         .pool_size(1, 4)
         .pool_timeout(Duration::from_millis(300))
         .retry(RetryPolicy::never());
-    let schema = config.schema.clone().unwrap();
+    let schema = config.get_schema().unwrap().to_owned();
     let store = store_for(config).await;
     store
         .save_task_history("u", "t", 0, &step(0))

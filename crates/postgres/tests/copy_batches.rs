@@ -11,7 +11,7 @@ mod copy_path {
 
     use serde_json::json;
     use taskhistory_core::{StepRecord, StoreError, TaskHistoryStore, TaskQuery, TaskStepResult};
-    use taskhistory_postgres::__private::sql;
+    use taskhistory_testing::sql;
     use taskhistory_postgres::PgTaskHistoryStore;
     use taskhistory_testing::{fresh_config, store_for, test_db_client};
 
@@ -37,7 +37,7 @@ mod copy_path {
                     *sink.lock().unwrap() += 1;
                 }
             });
-        let schema = config.schema.clone().unwrap();
+        let schema = config.get_schema().unwrap().to_owned();
         (store_for(config).await, copies, schema)
     }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use serde_json::json;
 use taskhistory_core::{EventCursor, TaskEvent, TaskEventStream, TaskHistoryStore, TaskStepResult};
-use taskhistory_postgres::__private::sql;
+use taskhistory_testing::sql;
 use taskhistory_testing::{fresh_config, store_for, test_db_client};
 
 fn step(i: i32) -> TaskStepResult {
@@ -45,7 +45,7 @@ async fn save_step_2(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_numbered_before_the_tasks_last_writer_is_refused_and_writes_nothing() {
     let config = fresh_config().await;
-    let schema = config.schema.clone().unwrap();
+    let schema = config.get_schema().unwrap().to_owned();
     let store = store_for(config).await;
     store
         .save_task_history("u", "t", 0, &step(0))

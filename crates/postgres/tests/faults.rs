@@ -137,7 +137,7 @@ async fn an_exhausted_pool_waits_then_says_so() {
         .pool_size(1, 2)
         .pool_timeout(Duration::from_millis(300))
         .retry(RetryPolicy::never());
-    let schema = config.schema.clone().unwrap();
+    let schema = config.get_schema().unwrap().to_owned();
     let store = store_for(config).await;
     store
         .save_task_history("u", "t", 0, &step(0))
@@ -200,7 +200,7 @@ async fn a_thousand_dropped_futures_leave_every_connection_usable() {
     // statement. (Combined saves run in a lane's task that no caller can cut:
     // `combined.rs`.)
     let config = fresh_config().await.pool_size(2, 8).save_lanes(0);
-    let schema = config.schema.clone().unwrap();
+    let schema = config.get_schema().unwrap().to_owned();
     let store = store_for(config).await;
     store
         .save_task_history("u", "held", 100, &step(100))

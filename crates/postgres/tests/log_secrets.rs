@@ -43,7 +43,7 @@ async fn the_password_never_reaches_the_logs() {
         .await
         .password(secret)
         .command_timeout(Duration::from_millis(200));
-    let schema = config.schema.clone().unwrap();
+    let schema = config.get_schema().unwrap().to_owned();
     let store = store_for(config).await;
     store.save_task_history("u", "t", 0, &step()).await.unwrap();
     let locker = lock_summary(&schema, "t").await;

@@ -56,7 +56,7 @@ async fn placement(store: &PgTaskHistoryStore, user: &str, task: &str) -> BTreeM
         .await
         .unwrap();
     tokio::spawn(connection);
-    let schema = store.config().schema.clone().unwrap();
+    let schema = store.config().get_schema().unwrap().to_owned();
     client
         .batch_execute(&format!("SET search_path TO {schema}"))
         .await

@@ -61,7 +61,7 @@ async fn copy_batches_through_pgbouncer() {
         .await
         .copy_min_rows(Some(100))
         .observe_statements(move |s| {
-            if s == taskhistory_postgres::__private::sql::COPY_STEPS {
+            if s == taskhistory_testing::sql::COPY_STEPS {
                 *sink.lock().unwrap() += 1;
             }
         });

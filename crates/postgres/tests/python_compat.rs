@@ -199,7 +199,7 @@ async fn next(events: &mut taskhistory_core::TaskEventStream) -> (String, i32, T
 /// The whole migration, from a table the Python service made to the mode switched off.
 async fn rolling_migration(partitioned: bool, least_privilege: bool) {
     let config: PgConfig = fresh_config().await.watch_poll(Duration::from_secs(3600));
-    let schema = config.schema.clone().unwrap();
+    let schema = config.get_schema().unwrap().to_owned();
     create_schema(&schema).await;
     let owner_dsn = dsn(None).await;
 

@@ -38,7 +38,7 @@ async fn raw(config: &PgConfig) -> tokio_postgres::Client {
     let url = database_url().await;
     let (client, conn) = tokio_postgres::connect(&url, NoTls).await.unwrap();
     tokio::spawn(conn);
-    let schema = config.schema.clone().unwrap();
+    let schema = config.get_schema().unwrap().to_owned();
     client
         .batch_execute(&format!(
             "CREATE SCHEMA {schema}; SET search_path TO {schema}"
@@ -277,7 +277,7 @@ async fn raw_existing(config: &PgConfig) -> tokio_postgres::Client {
     client
         .batch_execute(&format!(
             "SET search_path TO {}",
-            config.schema.clone().unwrap()
+            config.get_schema().unwrap().to_owned()
         ))
         .await
         .unwrap();
@@ -329,7 +329,7 @@ async fn a_fresh_schema_is_made_migrated_and_dropped() {
     )
     .await
     .unwrap();
-    let schema = store.config().schema.clone().unwrap();
+    let schema = store.config().get_schema().unwrap().to_owned();
     assert!(schema.starts_with("th_test_"), "{schema}");
     let step = TaskStepResult::running("s", serde_json::json!({}), "");
     store.save_task_history("u", "t", 0, &step).await.unwrap();

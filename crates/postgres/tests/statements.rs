@@ -12,7 +12,7 @@ use serde_json::json;
 use taskhistory_core::{
     HistoryScan, StepKey, StepRecord, TaskHistoryStore, TaskQuery, TaskStatus, TaskStepResult,
 };
-use taskhistory_postgres::__private::sql;
+use taskhistory_testing::sql;
 use taskhistory_postgres::{CleanupOptions, Partitioning};
 use taskhistory_testing::{fresh_config, store_for};
 

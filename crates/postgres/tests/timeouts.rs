@@ -46,7 +46,7 @@ async fn command_timeout_discards_the_connection_and_cancels_its_statement() {
         .command_timeout(Duration::from_millis(300))
         .statement_timeout(Duration::from_secs(30))
         .retry(RetryPolicy::never());
-    let schema = config.schema.clone().unwrap();
+    let schema = config.get_schema().unwrap().to_owned();
     let store = store_for(config).await;
     store.save_task_history("u", "t", 0, &step()).await.unwrap();
     let locker = lock_summary(&schema, "t").await;
@@ -94,7 +94,7 @@ async fn command_timeout_with_retries_cancels_every_attempt() {
             initial_backoff: Duration::from_millis(5),
             ..RetryPolicy::default()
         });
-    let schema = config.schema.clone().unwrap();
+    let schema = config.get_schema().unwrap().to_owned();
     let store = store_for(config).await;
     store.save_task_history("u", "t", 0, &step()).await.unwrap();
     let broken_before = store.pool_stats().closed_broken;
@@ -118,7 +118,7 @@ async fn statement_timeout_is_a_typed_timeout_and_the_pool_stays_healthy() {
         .pool_size(1, 1)
         .statement_timeout(Duration::from_millis(200))
         .retry(RetryPolicy::never());
-    let schema = config.schema.clone().unwrap();
+    let schema = config.get_schema().unwrap().to_owned();
     let store = store_for(config).await;
     store.save_task_history("u", "t", 0, &step()).await.unwrap();
     let locker = lock_summary(&schema, "t").await;
@@ -139,7 +139,7 @@ async fn retries_ride_out_a_lock_held_briefly() {
             initial_backoff: Duration::from_millis(20),
             ..RetryPolicy::default()
         });
-    let schema = config.schema.clone().unwrap();
+    let schema = config.get_schema().unwrap().to_owned();
     let store = store_for(config).await;
     store.save_task_history("u", "t", 0, &step()).await.unwrap();
     let locker = lock_summary(&schema, "t").await;
@@ -188,7 +188,7 @@ async fn command_timeout_during_a_copy_batch_discards_its_connection() {
         .command_timeout(Duration::from_millis(300))
         .statement_timeout(Duration::from_secs(30))
         .retry(RetryPolicy::never());
-    let schema = config.schema.clone().unwrap();
+    let schema = config.get_schema().unwrap().to_owned();
     let store = store_for(config).await;
     let blocker = test_db_client().await;
     blocker

@@ -11,7 +11,7 @@ mod chunks {
 
     use serde_json::json;
     use taskhistory_core::{StepRecord, StoreError, TaskHistoryStore, TaskStepResult};
-    use taskhistory_postgres::__private::sql;
+    use taskhistory_testing::sql;
     use taskhistory_testing::{fresh_config, store_for};
 
     /// The chunked path really runs: a 24,000-step batch of existing tasks whose last task is

@@ -24,6 +24,10 @@ use tokio::sync::OnceCell;
 
 use taskhistory_postgres::{PgConfig, PgTaskHistoryStore, SslMode};
 
+/// Every SQL statement of the PostgreSQL store, by name: what the statement tests, the plan
+/// examples and the benchmarks' raw-driver baselines send.
+pub use taskhistory_postgres::sql_texts as sql;
+
 const HOW_TO_GET_ONE: &str = "no PostgreSQL server for the tests. Either set \
 TEST_DATABASE_URL=postgres://user:password@host:port/db, or start a server at 127.0.0.1:5432 \
 (trust auth for user postgres; on Debian: pg_ctlcluster <version> main start), or install \
@@ -407,8 +411,9 @@ pub async fn combined_dyn_store() -> DynStore {
 
 /// A migrated store on a fresh schema in the partitioned layout (monthly, 3 ahead).
 pub async fn partitioned_store() -> PgTaskHistoryStore {
-    let mut config = fresh_config().await;
-    config.partitioning = Some(taskhistory_postgres::Partitioning::default());
+    let config = fresh_config()
+        .await
+        .partitioning(Some(taskhistory_postgres::Partitioning::default()));
     store_for(config).await
 }
 
@@ -443,8 +448,7 @@ pub async fn least_privilege_partitioned_dyn_store() -> DynStore {
 
 async fn least_privilege(partitioning: Option<taskhistory_postgres::Partitioning>) -> DynStore {
     let owner_config = fresh_config().await;
-    let mut migrating = owner_config.clone();
-    migrating.partitioning = partitioning;
+    let migrating = owner_config.clone().partitioning(partitioning);
     let owner = store_for(migrating).await;
     owner.close().await;
     std::sync::Arc::new(app_role_store(&owner_config).await)
@@ -454,9 +458,9 @@ async fn least_privilege(partitioning: Option<taskhistory_postgres::Partitioning
 /// after giving that role [`least_privilege_grants`](taskhistory_postgres::least_privilege_grants).
 pub async fn app_role_store(owner_config: &PgConfig) -> PgTaskHistoryStore {
     let schema = owner_config
-        .schema
-        .clone()
-        .unwrap_or_else(|| panic!("fresh_config() always sets a schema"));
+        .get_schema()
+        .unwrap_or_else(|| panic!("fresh_config() always sets a schema"))
+        .to_owned();
     let role = app_role();
     let url = database_url().await;
     admin_execute(&format!(
@@ -476,8 +480,11 @@ pub async fn app_role_store(owner_config: &PgConfig) -> PgTaskHistoryStore {
         )
         .await;
     }
-    let mut app = owner_config.clone().user(&role).password(app_password());
-    app.partitioning = None;
+    let app = owner_config
+        .clone()
+        .user(&role)
+        .password(app_password())
+        .partitioning(None);
     store_for(app).await
 }
 

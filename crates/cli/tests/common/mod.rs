@@ -60,7 +60,7 @@ impl Server {
                 "--database-url",
                 &url,
                 "--schema",
-                config.schema.as_deref().unwrap(),
+                config.get_schema().unwrap(),
             ])
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(extra)

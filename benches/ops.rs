@@ -8,11 +8,11 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use serde_json::json;
-use taskhistory_testing::sql;
 use taskhistory::{
     DynStore, MemoryStore, PgConfig, SslMode, StepRecord, TaskHistoryStore, TaskStepResult,
 };
 use taskhistory_testing as testing;
+use taskhistory_testing::sql;
 use tokio_postgres::types::Json;
 use tokio_postgres::NoTls;
 

@@ -154,7 +154,24 @@
 //! # fn main() {}
 //! ```
 
-pub use taskhistory_core::*;
+#[cfg(feature = "mock")]
+pub use taskhistory_core::MockTaskHistoryStore;
+pub use taskhistory_core::{
+    BoxError, CleanupReport, DynStore, ErrorCode, EventCursor, HealthReport, HistoryEntry,
+    HistoryPage, HistoryScan, ParseEnumError, RetryPolicy, StepKey, StepRecord, StoreError,
+    TaskCursor, TaskEvent, TaskEventKind, TaskEventStream, TaskHistoryStore, TaskPage, TaskQuery,
+    TaskStatus, TaskStepResult, TaskSummary,
+};
+
+/// The input rules every store applies before touching anything: the limits, and the
+/// checks a service may run itself before calling a store (each refuses with
+/// [`StoreError::InvalidInput`] naming the field, as the store would).
+pub mod validate {
+    pub use taskhistory_core::validate::{
+        days, limit, step, step_result, task, task_id, user_id, MAX_ID_BYTES, MAX_JSON_DEPTH,
+        MAX_PAGE_SIZE, MAX_RESULT_BYTES, MAX_RETENTION_DAYS, MAX_SCAN_SIZE,
+    };
+}
 
 /// The crates the API speaks in, re-exported so a service needs no dependency of its own
 /// (and no version to match): `chrono` (timestamps), `serde_json` (step results),

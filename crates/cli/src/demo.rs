@@ -19,9 +19,9 @@ use taskhistory_memory::MemoryStore;
 use taskhistory_postgres::PgTaskHistoryStore;
 
 use crate::args::DbArgs;
-use crate::commands::pg_config;
 use crate::error::{exit, CliError};
 use crate::output::{time, Output};
+use crate::setup::pg_config;
 
 /// The schema the demo uses on PostgreSQL unless `--schema` is given.
 const DEMO_SCHEMA: &str = "taskhistory_demo";

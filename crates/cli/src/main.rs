@@ -17,6 +17,7 @@ mod interrupt;
 mod output;
 mod progress;
 mod serve;
+mod setup;
 mod transfer;
 
 use std::process::ExitCode;

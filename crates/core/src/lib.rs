@@ -9,6 +9,7 @@
 mod error;
 mod model;
 mod retry;
+mod rules;
 mod status;
 mod store;
 pub mod validate;

@@ -212,6 +212,16 @@ pub struct TaskSummary {
     pub last_updated: DateTime<Utc>,
 }
 
+impl TaskCursor {
+    /// Checks the cursor's parts: an id of 1 to 255 bytes without NUL, a time in the years 1
+    /// to 9999.
+    pub(crate) fn check(&self) -> Result<(), StoreError> {
+        crate::rules::id("cursor", &self.task_id)?;
+        crate::rules::timestamp("cursor", self.last_updated)?;
+        Ok(())
+    }
+}
+
 impl TaskSummary {
     /// The cursor that continues a listing after this task.
     pub fn cursor(&self) -> TaskCursor {
@@ -263,7 +273,7 @@ impl FromStr for TaskCursor {
             last_updated,
             task_id: task_id.to_owned(),
         };
-        crate::validate::cursor(&cursor)?;
+        cursor.check()?;
         Ok(cursor)
     }
 }

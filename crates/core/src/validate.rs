@@ -10,14 +10,15 @@
 //! | page size (`limit`) | 1 to [`MAX_PAGE_SIZE`]; for history scans 1 to [`MAX_SCAN_SIZE`] |
 //! | retention (`days`) | 0 to [`MAX_RETENTION_DAYS`] |
 
-use chrono::{DateTime, NaiveDate, SubsecRound, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use serde_json::{Map, Number, Value};
 
 use crate::error::StoreError;
 use crate::model::{HistoryScan, StepRecord, TaskCursor, TaskQuery, TaskStepResult};
 
-/// The longest `user_id` or `task_id`, in bytes.
-pub const MAX_ID_BYTES: usize = 255;
+use crate::rules::no_nul;
+pub use crate::rules::{id, timestamp, MAX_ID_BYTES};
+
 /// The most tasks one listing returns.
 pub const MAX_PAGE_SIZE: i64 = 1000;
 /// The most steps one history scan returns.
@@ -44,23 +45,6 @@ pub fn task_id(value: &str) -> Result<(), StoreError> {
 pub fn task(user: &str, task: &str) -> Result<(), StoreError> {
     user_id(user)?;
     task_id(task)
-}
-
-/// Checks an identifier reported as `field`.
-pub fn id(field: &str, value: &str) -> Result<(), StoreError> {
-    if value.is_empty() {
-        return Err(StoreError::invalid(field, "must not be empty"));
-    }
-    if value.len() > MAX_ID_BYTES {
-        return Err(StoreError::invalid(
-            field,
-            format!(
-                "is {} bytes long; at most {MAX_ID_BYTES} are allowed",
-                value.len()
-            ),
-        ));
-    }
-    no_nul(field, value)
 }
 
 /// Checks a step number reported as `field`.
@@ -121,20 +105,6 @@ pub fn days(value: i64) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Checks a timestamp and returns it cut to the microsecond, the precision every store keeps.
-pub fn timestamp(field: &str, value: DateTime<Utc>) -> Result<DateTime<Utc>, StoreError> {
-    let min = NaiveDate::from_ymd_opt(1, 1, 1).and_then(|d| d.and_hms_opt(0, 0, 0));
-    let max = NaiveDate::from_ymd_opt(10000, 1, 1).and_then(|d| d.and_hms_opt(0, 0, 0));
-    let naive = value.naive_utc();
-    match (min, max) {
-        (Some(min), Some(max)) if naive >= min && naive < max => Ok(value.trunc_subsecs(6)),
-        _ => Err(StoreError::invalid(
-            field,
-            format!("{value} is outside the years 1 to 9999"),
-        )),
-    }
-}
-
 /// The store's clock: now, UTC, cut to the microsecond.
 pub fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)
@@ -142,9 +112,7 @@ pub fn now() -> DateTime<Utc> {
 
 /// Checks a listing cursor.
 pub fn cursor(value: &TaskCursor) -> Result<(), StoreError> {
-    id("cursor", &value.task_id)?;
-    timestamp("cursor", value.last_updated)?;
-    Ok(())
+    value.check()
 }
 
 /// Checks a listing query.
@@ -310,16 +278,6 @@ pub fn prepare_batch(records: &[StepRecord]) -> Result<Vec<PreparedStep<'_>>, St
 
 fn key<'a>(p: &PreparedStep<'a>) -> (&'a str, &'a str, i32) {
     (p.user_id, p.task_id, p.step)
-}
-
-fn no_nul(field: &str, value: &str) -> Result<(), StoreError> {
-    if value.contains('\0') {
-        return Err(StoreError::invalid(
-            field,
-            "contains a NUL character (\\u0000)",
-        ));
-    }
-    Ok(())
 }
 
 /// Checks a JSON value and returns the most bytes it can encode to.

@@ -20,12 +20,11 @@ use taskhistory_core::validate::PreparedStep;
 use taskhistory_core::{StoreError, TaskStepResult};
 use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
+use crate::backend::Backend;
 use crate::exec::{Call, Tx};
-use crate::ops::rows::JsonOf;
-use crate::ops::save::Combined;
-use crate::store::PgTaskHistoryStore;
+use crate::ops::{self, rows::JsonOf, save::Combined};
 
-const OP: &str = "save_task_history";
+use crate::ops::save::OP;
 /// The most saves one statement takes.
 const MAX_COMBINED: usize = 1_000;
 
@@ -84,7 +83,7 @@ impl Combiner {
     /// Saves one validated step; answers after the commit of the statement that took it.
     pub(crate) async fn save(
         self: &Arc<Self>,
-        store: &PgTaskHistoryStore,
+        backend: &Arc<Backend>,
         step: &PreparedStep<'_>,
     ) -> Result<(), StoreError> {
         let (done, mut answer) = oneshot::channel();
@@ -99,7 +98,7 @@ impl Combiner {
             result: step.result.clone(),
             done,
         });
-        self.start_lane(store);
+        self.start_lane(backend);
         let lost = || {
             Err(StoreError::database(
                 OP,
@@ -130,14 +129,14 @@ impl Combiner {
     }
 
     /// Starts a lane's worker if a lane is free (else a running worker takes the queue).
-    fn start_lane(self: &Arc<Self>, store: &PgTaskHistoryStore) {
+    fn start_lane(self: &Arc<Self>, backend: &Arc<Backend>) {
         if let Ok(lane) = Arc::clone(&self.lanes).try_acquire_owned() {
-            tokio::spawn(Arc::clone(self).work(store.clone(), lane));
+            tokio::spawn(Arc::clone(self).work(Arc::clone(backend), lane));
         }
     }
 
     /// Writes what is queued until the queue is empty, then frees the lane.
-    async fn work(self: Arc<Self>, store: PgTaskHistoryStore, lane: OwnedSemaphorePermit) {
+    async fn work(self: Arc<Self>, backend: Arc<Backend>, lane: OwnedSemaphorePermit) {
         let mut lane = Some(lane);
         loop {
             let batch = self.take();
@@ -156,7 +155,7 @@ impl Combiner {
                     Err(_) => return,
                 }
             }
-            write(&store, batch, self.lone_combined).await;
+            write(&backend, batch, self.lone_combined).await;
         }
     }
 
@@ -190,7 +189,7 @@ impl Combiner {
 }
 
 /// Writes one statement's saves and answers their callers.
-async fn write(store: &PgTaskHistoryStore, mut batch: Vec<Queued>, lone_combined: bool) {
+async fn write(backend: &Arc<Backend>, mut batch: Vec<Queued>, lone_combined: bool) {
     // Key order: the order every writer locks tasks in.
     batch.sort_by(|a, b| (&a.user_id, &a.task_id, a.step).cmp(&(&b.user_id, &b.task_id, b.step)));
     if let (false, [one]) = (lone_combined, batch.as_slice()) {
@@ -202,7 +201,7 @@ async fn write(store: &PgTaskHistoryStore, mut batch: Vec<Queued>, lone_combined
             timestamp: None,
             result: &one.result,
         };
-        let outcome = store
+        let outcome = backend
             .save(Call::task(OP, &one.user_id, &one.task_id), &[step])
             .await;
         if let Some(q) = batch.pop() {
@@ -216,7 +215,7 @@ async fn write(store: &PgTaskHistoryStore, mut batch: Vec<Queued>, lone_combined
             Ok(json) => json,
             Err(e) => {
                 // Cannot happen for a validated result; answered alone if it does.
-                return split(store, batch, e, lone_combined).await;
+                return split(backend, batch, e, lone_combined).await;
             }
         };
         saves.users.push(q.user_id.clone());
@@ -225,13 +224,13 @@ async fn write(store: &PgTaskHistoryStore, mut batch: Vec<Queued>, lone_combined
         saves.results.push(result);
         saves.statuses.push(q.result.status.as_str());
     }
-    let outcome = store
+    let outcome = backend
         .exec()
         .pooled(
             Call::new(OP),
             Tx::Statement,
             &saves,
-            crate::ops::save::run_combined,
+            ops::save::run_combined,
         )
         .await;
     match outcome {
@@ -242,7 +241,7 @@ async fn write(store: &PgTaskHistoryStore, mut batch: Vec<Queued>, lone_combined
                 .collect();
             let is_refused =
                 |q: &Queued| refused.contains(&(q.user_id.as_str(), q.task_id.as_str()));
-            store.notify(
+            backend.notify(
                 batch
                     .iter()
                     .filter(|q| !is_refused(q))
@@ -260,14 +259,14 @@ async fn write(store: &PgTaskHistoryStore, mut batch: Vec<Queued>, lone_combined
                 let _ = q.done.send(answer);
             }
         }
-        Err(e) => split(store, batch, e, lone_combined).await,
+        Err(e) => split(backend, batch, e, lone_combined).await,
     }
 }
 
 /// A combined statement failed (after the retries): a transient error is every caller's
 /// (its outcome is unknown to all, as it would be to each alone); any other error may be
 /// one save's, so each is written alone and gets its own outcome.
-async fn split(store: &PgTaskHistoryStore, batch: Vec<Queued>, e: StoreError, lone_combined: bool) {
+async fn split(backend: &Arc<Backend>, batch: Vec<Queued>, e: StoreError, lone_combined: bool) {
     if e.is_transient() || matches!(e, StoreError::Closed) || batch.len() == 1 {
         for q in batch {
             let _ = q.done.send(Err(e.clone()));
@@ -275,6 +274,6 @@ async fn split(store: &PgTaskHistoryStore, batch: Vec<Queued>, e: StoreError, lo
         return;
     }
     for q in batch {
-        Box::pin(write(store, vec![q], lone_combined)).await;
+        Box::pin(write(backend, vec![q], lone_combined)).await;
     }
 }

@@ -23,9 +23,9 @@
 //! multi-row inserts; on the plain layout `COPY` inserts row by row while the mode is on
 //! (a `BEFORE` row trigger on the table; measured in `docs/performance.md`).
 //!
-//! Switched on by [`enable_python_compat`](PgTaskHistoryStore::enable_python_compat)
+//! Switched on by [`enable_python_compat`](crate::PgTaskHistoryStore::enable_python_compat)
 //! (`taskhistory compat on`), and by `init_database_schema` when it adopts a table the
-//! Python service made; off by [`disable_python_compat`](PgTaskHistoryStore::disable_python_compat).
+//! Python service made; off by [`disable_python_compat`](crate::PgTaskHistoryStore::disable_python_compat).
 //! The conversion to the partitioned layout makes the mode again on the new table.
 
 use chrono::{DateTime, Utc};
@@ -36,12 +36,12 @@ use futures::future::BoxFuture;
 use serde::Serialize;
 use taskhistory_core::StoreError;
 
+use crate::backend::Backend;
 use crate::error::from_diesel;
 use crate::exec::{Call, Tx};
 use crate::layout::Layout;
-use crate::partition::{layout_on, DdlConnection, DDL_LOCK_WAIT_MS};
+use crate::ops::layout::layout_on;
 use crate::sql::{self, ddl, Statement};
-use crate::store::PgTaskHistoryStore;
 
 const OP: &str = "python_compat";
 
@@ -116,52 +116,53 @@ pub(crate) async fn install_on(
         .map_err(|e| from_diesel(OP, e))
 }
 
-impl PgTaskHistoryStore {
-    /// The Python compatibility mode's state (operators: `taskhistory compat`, `stats`,
-    /// `health`).
-    pub async fn python_compat(&self) -> Result<PythonCompat, StoreError> {
-        self.exec()
-            .pooled(Call::new(OP), Tx::Statement, &(), state_work)
+/// The mode's state (`PgTaskHistoryStore::python_compat`).
+pub(crate) async fn state(b: &Backend) -> Result<PythonCompat, StoreError> {
+    b.exec()
+        .pooled(Call::new(OP), Tx::Statement, &(), state_work)
+        .await
+}
+
+#[allow(clippy::ptr_arg)] // the executor hands a work its parameters by reference
+fn enable_work<'c>(
+    conn: &'c mut AsyncPgConnection,
+    channel: &'c String,
+) -> BoxFuture<'c, Result<Option<PythonCompat>, StoreError>> {
+    Box::pin(async move {
+        install_on(conn, channel).await?;
+        state_on(conn).await.map(Some)
+    })
+}
+
+fn disable_work<'c>(
+    conn: &'c mut AsyncPgConnection,
+    _: &'c (),
+) -> BoxFuture<'c, Result<Option<PythonCompat>, StoreError>> {
+    Box::pin(async move {
+        conn.batch_execute(&ddl::python_compat_off())
             .await
-    }
+            .map_err(|e| from_diesel(OP, e))?;
+        state_on(conn).await.map(Some)
+    })
+}
 
-    /// Switches the Python compatibility mode on (the procedure is in
-    /// `docs/migrating-from-python.md`): from the commit on, the Python service's unchanged
-    /// statements keep the store's rules. Idempotent. Needs the rights to create functions
-    /// and triggers on the table (the schema's owner); takes a short exclusive lock on
-    /// `task_history` (waiting at most 5 s for it).
-    pub async fn enable_python_compat(&self) -> Result<PythonCompat, StoreError> {
-        let channel = self.channel().to_owned();
-        let mut conn = DdlConnection::open(self).await?;
-        let state = conn
-            .transaction(OP, DDL_LOCK_WAIT_MS, |c| {
-                Box::pin(async move {
-                    install_on(c, &channel).await?;
-                    state_on(c).await.map(Some)
-                })
-            })
-            .await?;
-        tracing::info!("Python compatibility mode on");
-        state.ok_or_else(|| StoreError::database(OP, "the mode's transaction was rolled back"))
-    }
+/// Switches the mode on (`PgTaskHistoryStore::enable_python_compat`).
+pub(crate) async fn enable(b: &Backend) -> Result<PythonCompat, StoreError> {
+    let channel = b.channel().to_owned();
+    let state = b
+        .exec()
+        .dedicated(Call::new(OP), &b.ddl_setup(), &channel, enable_work)
+        .await?;
+    tracing::info!("Python compatibility mode on");
+    state.ok_or_else(|| StoreError::database(OP, "the mode's transaction was rolled back"))
+}
 
-    /// Switches the Python compatibility mode off, once no Python writer is left: its
-    /// triggers and functions go, and the Python service's indexes (placeholders, or
-    /// indexes a Python start-up made again). From then on a Python `INSERT` fails (it
-    /// names no `started_at`). Idempotent.
-    pub async fn disable_python_compat(&self) -> Result<PythonCompat, StoreError> {
-        let mut conn = DdlConnection::open(self).await?;
-        let state = conn
-            .transaction(OP, DDL_LOCK_WAIT_MS, |c| {
-                Box::pin(async move {
-                    c.batch_execute(&ddl::python_compat_off())
-                        .await
-                        .map_err(|e| from_diesel(OP, e))?;
-                    state_on(c).await.map(Some)
-                })
-            })
-            .await?;
-        tracing::info!("Python compatibility mode off");
-        state.ok_or_else(|| StoreError::database(OP, "the mode's transaction was rolled back"))
-    }
+/// Switches the mode off (`PgTaskHistoryStore::disable_python_compat`).
+pub(crate) async fn disable(b: &Backend) -> Result<PythonCompat, StoreError> {
+    let state = b
+        .exec()
+        .dedicated(Call::new(OP), &b.ddl_setup(), &(), disable_work)
+        .await?;
+    tracing::info!("Python compatibility mode off");
+    state.ok_or_else(|| StoreError::database(OP, "the mode's transaction was rolled back"))
 }

@@ -33,6 +33,26 @@ pub(crate) fn classify(
         || *code == SqlState::T_R_SERIALIZATION_FAILURE
     {
         StoreError::Conflict { operation, source }
+    } else if *code == SqlState::INSUFFICIENT_PRIVILEGE {
+        // The role lacks a right (a grant, or ownership for DDL): the deployment's set-up,
+        // which no retry cures.
+        StoreError::configuration(
+            "DB_USER",
+            format!(
+                "the role may not do what {operation} needs ({source}): grant it \
+                 (least_privilege_grants lists the store's rights) or run this as the tables' \
+                 owner"
+            ),
+        )
+    } else if *code == SqlState::INVALID_PASSWORD
+        || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+    {
+        StoreError::configuration(
+            "DB_USER",
+            format!("the server refused this role or its password: {source}"),
+        )
+    } else if *code == SqlState::INVALID_CATALOG_NAME {
+        StoreError::configuration("DB_NAME", format!("no such database: {source}"))
     } else if *code == SqlState::ADMIN_SHUTDOWN
         || *code == SqlState::CRASH_SHUTDOWN
         || *code == SqlState::CANNOT_CONNECT_NOW
@@ -103,6 +123,8 @@ fn sqlstate_of_message(message: &str) -> SqlState {
         ("terminating connection", SqlState::ADMIN_SHUTDOWN),
         ("the database system is", SqlState::CANNOT_CONNECT_NOW),
         ("sorry, too many clients", SqlState::TOO_MANY_CONNECTIONS),
+        ("permission denied", SqlState::INSUFFICIENT_PRIVILEGE),
+        ("must be owner", SqlState::INSUFFICIENT_PRIVILEGE),
         ("server closed the connection", SqlState::CONNECTION_FAILURE),
     ];
     BY_MESSAGE
@@ -122,6 +144,9 @@ fn describe(info: &(dyn diesel::result::DatabaseErrorInformation + Send + Sync))
 
 /// Maps a tokio-postgres error (connecting, TLS, `COPY`) by its SQLSTATE.
 pub(crate) fn from_postgres(operation: &'static str, e: tokio_postgres::Error) -> StoreError {
+    if let Some(refused) = certificate_refused(&e) {
+        return refused;
+    }
     // tokio-postgres prints only "db error" or "error connecting to server": spell out the
     // server's message, or the underlying I/O error, so the real cause reaches the user.
     let text = match e.as_db_error() {
@@ -137,6 +162,50 @@ pub(crate) fn from_postgres(operation: &'static str, e: tokio_postgres::Error) -
         }
     };
     classify(operation, e.code(), text.into())
+}
+
+/// A server certificate that `verify-full` refused, found by type in the error's sources
+/// (rustls's error, as tokio-rustls wraps it in an `io::Error`): a configuration error that
+/// no retry cures, saying what to set.
+fn certificate_refused(e: &tokio_postgres::Error) -> Option<StoreError> {
+    use rustls::CertificateError as Cert;
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let tls = s.downcast_ref::<rustls::Error>().or_else(|| {
+            s.downcast_ref::<std::io::Error>()
+                .and_then(std::io::Error::get_ref)
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(rustls::Error::InvalidCertificate(why)) = tls {
+            let (setting, what) = match why {
+                Cert::NotValidForName | Cert::NotValidForNameContext { .. } => (
+                    "DB_HOST",
+                    "the server's certificate does not hold the host name connected to: \
+                     connect by a name it holds, or give the server a certificate for this one",
+                ),
+                Cert::UnknownIssuer | Cert::BadSignature | Cert::BadEncoding => (
+                    "DB_SSLROOTCERT",
+                    "the server's certificate is not signed by a trusted root: set sslrootcert \
+                     (DB_SSLROOTCERT) to the certificate of the CA that signed it",
+                ),
+                Cert::Expired
+                | Cert::ExpiredContext { .. }
+                | Cert::NotValidYet
+                | Cert::NotValidYetContext { .. } => (
+                    "DB_SSLMODE",
+                    "the server's certificate is outside its validity period: renew it (or \
+                     check this machine's clock)",
+                ),
+                _ => ("DB_SSLMODE", "verify-full refused the server's certificate"),
+            };
+            return Some(StoreError::configuration(
+                setting,
+                format!("{what} ({why})"),
+            ));
+        }
+        source = s.source();
+    }
+    None
 }
 
 #[cfg(test)]
@@ -253,7 +322,13 @@ mod tests {
                 "{transient}"
             );
         }
-        for lasting in ["28P01", "28000", "3D000", "42501", "23505", "42P01"] {
+        for configuration in ["28P01", "28000", "3D000", "42501"] {
+            assert!(
+                matches!(code(configuration), StoreError::Configuration { .. }),
+                "{configuration}"
+            );
+        }
+        for lasting in ["23505", "42P01"] {
             assert!(
                 matches!(code(lasting), StoreError::Database { .. }),
                 "{lasting}"

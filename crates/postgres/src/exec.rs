@@ -3,9 +3,11 @@
 //!
 //! | method | connection | for |
 //! |---|---|---|
-//! | [`write`](Executor::write) | a pooled diesel-async connection, to itself | saves, cancel, cleanup, operator statements |
+//! | [`pooled`](Executor::pooled) | a pooled diesel-async connection, to itself | saves, cancel, cleanup, operator statements, wake-ups |
 //! | [`read`](Executor::read) | a connection shared by concurrent reads (pipelined), or a pooled one | status, history, task lists |
 //! | [`copy`](Executor::copy) | a plain tokio-postgres connection of the `COPY` pool | batches of new tasks |
+//! | [`dedicated`](Executor::dedicated) | a connection of its own, one transaction | DDL: partitions, the Python compatibility mode, dropping a test schema |
+//! | [`own`](Executor::own) | connections the work opens itself | migrations |
 //!
 //! and each owns, in one place, what every operation gets: the tracing span, the retry
 //! policy, the command timeout of each attempt, the counters, the transaction (with the
@@ -75,6 +77,8 @@ pub(crate) enum Tx {
     Statement,
     /// Several statements that commit together (or not at all, on an error).
     Always,
+    /// [`Always`](Tx::Always), the transaction beginning with these settings (`SET LOCAL`).
+    With(&'static str),
     /// The work begins its own [`Transaction`] (it decides between commit and rollback).
     Own,
 }
@@ -86,6 +90,10 @@ pub(crate) type Write<P, T> =
 /// A read's work, on a connection that concurrent reads may share.
 pub(crate) type Read<P, T> =
     for<'c> fn(&'c mut &'c AsyncPgConnection, &'c P) -> BoxFuture<'c, Result<T, StoreError>>;
+
+/// Work on connections it opens itself ([`Executor::own`]).
+pub(crate) type Own<P, T> =
+    for<'c> fn(&'c Connector, &'c P) -> BoxFuture<'c, Result<T, StoreError>>;
 
 /// A `COPY` batch's work, on a plain tokio-postgres connection.
 pub(crate) type Copy<P, T> =
@@ -281,10 +289,11 @@ impl Executor {
         work: Write<P, T>,
     ) -> Result<T, StoreError> {
         let op = call.operation;
-        let in_transaction = match tx {
-            Tx::Always => true,
-            Tx::Statement => self.connector.transaction_setup().is_some(),
-            Tx::Own => false,
+        let (in_transaction, settings) = match tx {
+            Tx::Always => (true, ""),
+            Tx::With(settings) => (true, settings),
+            Tx::Statement => (self.connector.transaction_setup().is_some(), ""),
+            Tx::Own => (false, ""),
         };
         self.execute(call, || async {
             let pool = self.pool()?;
@@ -293,7 +302,7 @@ impl Executor {
                 if !in_transaction {
                     return work(conn, params).await;
                 }
-                let mut t = Transaction::begin(conn, &self.connector, op, "").await?;
+                let mut t = Transaction::begin(conn, &self.connector, op, settings).await?;
                 let result = work(&mut t, params).await;
                 t.finish(result).await
             })
@@ -344,6 +353,77 @@ impl Executor {
             .await
         })
         .await
+    }
+
+    /// DDL and maintenance: one transaction on a connection of its own (never a pooled one:
+    /// DDL stays off the service's connections), opened for the attempt and closed after,
+    /// that begins with `setup` (the DDL lock, a lock wait limit). Commits when `work`
+    /// returns `Some`, rolls back on `None` or an error. An attempt cut by the command
+    /// timeout has its statement cancelled.
+    pub(crate) async fn dedicated<P: Sync, T>(
+        &self,
+        call: Call<'_>,
+        setup: &str,
+        params: &P,
+        work: Write<P, Option<T>>,
+    ) -> Result<Option<T>, StoreError> {
+        self.execute(call, || {
+            self.dedicated_attempt(call.operation, setup, params, work)
+        })
+        .await
+    }
+
+    /// One attempt of [`dedicated`](Self::dedicated).
+    async fn dedicated_attempt<P: Sync, T>(
+        &self,
+        op: &'static str,
+        setup: &str,
+        params: &P,
+        work: Write<P, Option<T>>,
+    ) -> Result<Option<T>, StoreError> {
+        self.ensure_open()?;
+        let mut conn = self.connector.connect().await?;
+        let token = conn.cancel_token();
+        let (result, finished) = self
+            .counted(op, async {
+                let mut tx = Transaction::begin(&mut conn, &self.connector, op, setup).await?;
+                let done = work(&mut tx, params).await;
+                match done {
+                    Ok(Some(value)) => tx.commit().await.map(|()| Some(value)),
+                    Ok(None) => tx.rollback().await.map(|()| None),
+                    Err(e) => {
+                        let _ = tx.rollback().await;
+                        Err(e)
+                    }
+                }
+            })
+            .await;
+        if !finished {
+            self.connector.cancel(token);
+        }
+        result
+    }
+
+    /// Work that opens connections of its own through the [`Connector`] (migrations, which
+    /// diesel_migrations runs on a connection it holds): the span, the retry policy and the
+    /// counters, but no command timeout (each of its statements is bounded by the server's
+    /// `statement_timeout`; waiting for another process's migration lock is not a fault).
+    pub(crate) async fn own<P: Sync, T>(
+        &self,
+        call: Call<'_>,
+        params: &P,
+        work: Own<P, T>,
+    ) -> Result<T, StoreError> {
+        self.execute(call, || self.own_attempt(params, work)).await
+    }
+
+    /// One attempt of [`own`](Self::own).
+    async fn own_attempt<P: Sync, T>(&self, params: &P, work: Own<P, T>) -> Result<T, StoreError> {
+        self.ensure_open()?;
+        self.counters.queries.fetch_add(1, Ordering::Relaxed);
+        let result = work(&self.connector, params).await;
+        self.note(&result);
+        result
     }
 
     /// Runs `attempt` until it succeeds or fails for good (the retry policy), in a tracing
@@ -412,13 +492,19 @@ impl Executor {
             Ok(result) => (result, true),
             Err(_) => (Err(timed_out(operation, timeout)), false),
         };
-        if let Err(error) = &result {
+        self.note(&result);
+        (result, finished)
+    }
+
+    /// Counts a failed attempt, and notes a connection-class failure for the pools' health
+    /// check.
+    fn note<T>(&self, result: &Result<T, StoreError>) {
+        if let Err(error) = result {
             self.counters.errors.fetch_add(1, Ordering::Relaxed);
             if matches!(error, StoreError::Unavailable { .. }) {
                 self.health.fault();
             }
         }
-        (result, finished)
     }
 
     /// A connection of `pool` (whose size is `max`), or `Unavailable` saying why none.

@@ -9,12 +9,12 @@ use futures::future::BoxFuture;
 use serde::Serialize;
 use taskhistory_core::{validate, StoreError};
 
+use crate::backend::Backend;
 use crate::connection::Connector;
 use crate::error::from_diesel;
 use crate::exec::{Call, Tx};
 use crate::session::Transaction;
 use crate::sql;
-use crate::store::PgTaskHistoryStore;
 
 /// The plan of one of the store's statements.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -159,6 +159,7 @@ fn query_stats<'c>(
         )
         .await
         .map_err(|e| from_diesel(op, e))?;
+        // Installed in this database and loaded by the server (else reading it fails).
         if !present.first().is_some_and(|p| p.present) {
             return Err(StoreError::database(op, NOT_ENABLED));
         }
@@ -167,14 +168,7 @@ fn query_stats<'c>(
             conn,
         )
         .await
-        .map_err(|e| {
-            let text = e.to_string();
-            if text.contains("shared_preload_libraries") {
-                StoreError::database(op, NOT_ENABLED)
-            } else {
-                from_diesel(op, e)
-            }
-        })
+        .map_err(|e| from_diesel(op, e))
     })
 }
 
@@ -183,44 +177,38 @@ const NOT_ENABLED: &str = "pg_stat_statements is not enabled on this server: add
     `shared_preload_libraries = 'pg_stat_statements'` to postgresql.conf, restart the server, \
     then run `CREATE EXTENSION pg_stat_statements;` in this database";
 
-impl PgTaskHistoryStore {
-    /// The plans PostgreSQL uses for the store's statements (the generic plans its cached
-    /// prepared statements get), with `user`/`task` as sample arguments. With `analyze`,
-    /// each statement also runs (`EXPLAIN ANALYZE, BUFFERS`) inside a transaction that is
-    /// rolled back.
-    pub async fn explain(
-        &self,
-        user: &str,
-        task: &str,
-        analyze: bool,
-    ) -> Result<Vec<StatementPlan>, StoreError> {
-        validate::task(user, task)?;
-        let args = ExplainArgs {
-            user,
-            task,
-            analyze,
-            connector: self.connector(),
-        };
-        self.exec()
-            .pooled(
-                Call::task("explain", user, task),
-                Tx::Own,
-                &args,
-                explain_all,
-            )
-            .await
-    }
+/// The plans of the store's statements (`PgTaskHistoryStore::explain`).
+pub(crate) async fn explain(
+    b: &Backend,
+    user: &str,
+    task: &str,
+    analyze: bool,
+) -> Result<Vec<StatementPlan>, StoreError> {
+    validate::task(user, task)?;
+    let args = ExplainArgs {
+        user,
+        task,
+        analyze,
+        connector: b.connector(),
+    };
+    b.exec()
+        .pooled(
+            Call::task("explain", user, task),
+            Tx::Own,
+            &args,
+            explain_all,
+        )
+        .await
+}
 
-    /// The store's statements from `pg_stat_statements`, most total time first; a
-    /// `StoreError::Database` saying how to enable the extension when it is not.
-    pub async fn query_stats(&self, limit: i64) -> Result<Vec<QueryStats>, StoreError> {
-        self.exec()
-            .pooled(
-                Call::new("stats --queries"),
-                Tx::Statement,
-                &limit,
-                query_stats,
-            )
-            .await
-    }
+/// The store's statements from `pg_stat_statements` (`PgTaskHistoryStore::query_stats`).
+pub(crate) async fn top_queries(b: &Backend, limit: i64) -> Result<Vec<QueryStats>, StoreError> {
+    b.exec()
+        .pooled(
+            Call::new("stats --queries"),
+            Tx::Statement,
+            &limit,
+            query_stats,
+        )
+        .await
 }

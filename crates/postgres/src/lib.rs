@@ -14,6 +14,7 @@
 //! What it is not for: tests of code that merely uses a store (use `taskhistory-memory`), or
 //! arbitrary queries over the history (the SQL is fixed, in the crate's `sql` module).
 
+mod backend;
 mod combine;
 mod compat;
 mod config;
@@ -28,6 +29,9 @@ mod notify;
 mod ops;
 mod partition;
 mod session;
+// Public texts for the workspace's tests (feature `test-internals`); without it, items only
+// those tests read are unused here.
+#[cfg_attr(not(feature = "test-internals"), allow(unreachable_pub, dead_code))]
 mod sql;
 mod stats;
 mod store;

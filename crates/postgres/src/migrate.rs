@@ -6,6 +6,8 @@ use diesel_async::{AsyncPgConnection, SimpleAsyncConnection};
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 use taskhistory_core::StoreError;
 
+use futures::future::BoxFuture;
+
 use crate::connection::Connector;
 use crate::session::Transaction;
 use crate::sql::{self, Statement};
@@ -23,7 +25,8 @@ pub struct MigrationState {
     pub applied: bool,
 }
 
-const OP: &str = "init_database_schema";
+/// The operation's name (spans, metrics, errors).
+pub(crate) const OP: &str = "init_database_schema";
 
 fn failed(e: impl std::fmt::Display) -> StoreError {
     StoreError::database(OP, e.to_string())
@@ -130,6 +133,23 @@ fn states(applied: &[String]) -> Result<Vec<MigrationState>, StoreError> {
             applied: applied.contains(&m.name().version().to_string()),
         })
         .collect())
+}
+
+/// [`run`] as the executor's work (see [`Executor::own`](crate::exec::Executor::own)), on
+/// the store's schema.
+pub(crate) fn run_work<'c>(
+    connector: &'c Connector,
+    schema: &'c Option<String>,
+) -> BoxFuture<'c, Result<Outcome, StoreError>> {
+    Box::pin(run(connector, schema.as_deref()))
+}
+
+/// [`status`] as the executor's work.
+pub(crate) fn status_work<'c>(
+    connector: &'c Connector,
+    schema: &'c Option<String>,
+) -> BoxFuture<'c, Result<Vec<MigrationState>, StoreError>> {
+    Box::pin(status(connector, schema.as_deref()))
 }
 
 /// Applies pending migrations. When none is pending it only reads the migrations table: a

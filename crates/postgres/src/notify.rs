@@ -11,19 +11,19 @@
 //! watchers read the events from the log (`watch.rs`). If the process dies between a commit
 //! and the next send, or a send fails, watchers read the events at their next poll.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use diesel::sql_types::{Array, BigInt, Text};
 use diesel::QueryableByName;
-use diesel_async::{AsyncPgConnection, SimpleAsyncConnection};
+use diesel_async::AsyncPgConnection;
+use futures::future::BoxFuture;
 use taskhistory_core::StoreError;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::connection::Connector;
 use crate::error::from_diesel;
-use crate::session::Transaction;
+use crate::exec::{Call, Executor, Tx};
 use crate::sql::{self, Statement};
 
 /// How long the notifier gathers events before sending them.
@@ -37,15 +37,15 @@ type Running = (mpsc::UnboundedSender<Vec<String>>, JoinHandle<()>);
 
 /// The notifier of one store; started on first use, stopped by [`Notifier::stop`].
 pub(crate) struct Notifier {
-    connector: Connector,
+    exec: Arc<Executor>,
     channel: String,
     sender: Mutex<Option<Running>>,
 }
 
 impl Notifier {
-    pub(crate) fn new(connector: Connector, channel: String) -> Self {
+    pub(crate) fn new(exec: Arc<Executor>, channel: String) -> Self {
         Notifier {
-            connector,
+            exec,
             channel,
             sender: Mutex::new(None),
         }
@@ -66,7 +66,7 @@ impl Notifier {
             .is_none_or(|(tx, task)| tx.is_closed() || task.is_finished())
         {
             let (tx, rx) = mpsc::unbounded_channel();
-            let task = tokio::spawn(run(rx, self.connector.clone(), self.channel.clone()));
+            let task = tokio::spawn(run(rx, Arc::clone(&self.exec), self.channel.clone()));
             *sender = Some((tx, task));
         }
         if let Some((tx, _)) = sender.as_ref() {
@@ -131,92 +131,47 @@ struct Sent {
     sent: i64,
 }
 
-/// Why a send failed: refused by the server (nothing was sent: try again), or the outcome
-/// is unknown (the connection went: sending again could deliver twice).
-enum Failure {
-    Refused(StoreError),
-    Unknown(StoreError),
+/// One send: the wake-ups' payloads, on the channel.
+struct Send<'a> {
+    channel: &'a str,
+    payloads: Vec<String>,
 }
 
-fn failure(e: diesel::result::Error) -> Failure {
-    // `Unavailable`: the connection went or the server is going away; the outcome is unknown.
-    match from_diesel(OP, e) {
-        error @ StoreError::Unavailable { .. } => Failure::Unknown(error),
-        error => Failure::Refused(error),
-    }
-}
-
-/// Opens the notifier's connection. On a direct connection its session does not wait for
-/// the disk at commit, and each send is one statement in its own transaction (one round
-/// trip); behind a transaction pooler the setting is made per transaction instead.
-async fn open(connector: &Connector) -> Result<AsyncPgConnection, Failure> {
-    let mut conn = connector.connect().await.map_err(Failure::Refused)?;
-    if connector.transaction_setup().is_none() {
-        conn.batch_execute(sql::NOTIFY_SESSION)
-            .await
-            .map_err(failure)?;
-    }
-    Ok(conn)
-}
-
-async fn send(
-    conn: &mut Option<AsyncPgConnection>,
-    connector: &Connector,
-    channel: &str,
-    payloads: &[String],
-) -> Result<(), Failure> {
-    let c = match conn {
-        Some(c) => c,
-        None => conn.insert(open(connector).await?),
-    };
-    let statement = Statement::new(sql::NOTIFY_USERS)
-        .bind::<Text, _>(channel.to_owned())
-        .bind::<Array<Text>, _>(payloads.to_vec());
-    if connector.transaction_setup().is_none() {
-        // One statement, its own transaction (the session does not wait for the disk).
-        return statement
-            .fetch::<Sent, _>(c)
+/// Sends the payloads (in a transaction that does not wait for the disk at commit, see
+/// [`Notifier::post`]'s caller in `run`).
+fn send<'c>(
+    conn: &'c mut AsyncPgConnection,
+    send: &'c Send<'_>,
+) -> BoxFuture<'c, Result<(), StoreError>> {
+    Box::pin(async move {
+        Statement::new(sql::NOTIFY_USERS)
+            .bind::<Text, _>(send.channel.to_owned())
+            .bind::<Array<Text>, _>(send.payloads.clone())
+            .fetch::<Sent, _>(conn)
             .await
             .map(drop)
-            .map_err(failure);
-    }
-    let tx = Transaction::begin(c, connector, OP, sql::NOTIFY_LOCAL)
-        .await
-        .map_err(Failure::Refused)?;
-    let mut tx = tx;
-    let sent = statement.fetch::<Sent, _>(&mut *tx).await;
-    match sent {
-        Ok(_) => tx.commit().await.map_err(Failure::Unknown),
-        Err(e) => {
-            let _ = tx.rollback().await;
-            Err(failure(e))
-        }
-    }
+            .map_err(|e| from_diesel(OP, e))
+    })
 }
 
-async fn run(mut rx: mpsc::UnboundedReceiver<Vec<String>>, connector: Connector, channel: String) {
-    let mut conn = None;
+async fn run(mut rx: mpsc::UnboundedReceiver<Vec<String>>, exec: Arc<Executor>, channel: String) {
     while let Some(first) = rx.recv().await {
         tokio::time::sleep(GATHER).await;
         let mut batch: std::collections::BTreeSet<String> = first.into_iter().collect();
         while let Ok(more) = rx.try_recv() {
             batch.extend(more);
         }
-        let payloads = payloads(&batch);
-        for attempt in 1..=3u32 {
-            match send(&mut conn, &connector, &channel, &payloads).await {
-                Ok(()) => break,
-                Err(Failure::Refused(error)) => {
-                    conn = None;
-                    tracing::warn!(%error, attempt, "taskhistory: sending watchers' events failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
-                }
-                Err(Failure::Unknown(error)) => {
-                    conn = None;
-                    tracing::warn!(%error, users = batch.len(), "taskhistory: watchers may not have been woken; they read the new events at their next poll");
-                    break;
-                }
-            }
+        let wake = Send {
+            channel: &channel,
+            payloads: payloads(&batch),
+        };
+        // In a transaction of its own that does not wait for the disk at commit (a wake-up
+        // is not data: the transaction holds the notify lock only for a moment). Retried on
+        // transient errors like every statement: a wake-up sent twice costs a watcher one
+        // read that finds nothing new.
+        let tx = Tx::With(sql::NOTIFY_LOCAL);
+        if let Err(error) = exec.pooled(Call::new(OP), tx, &wake, send).await {
+            tracing::warn!(%error, users = batch.len(), "taskhistory: watchers may not have been woken; they read the new events at their next poll");
         }
     }
 }

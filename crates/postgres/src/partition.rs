@@ -13,7 +13,7 @@
 //! Not for: the plain layout (nothing here runs unless the table is partitioned), or
 //! partitioning by anything but time.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use chrono::{DateTime, Datelike, SecondsFormat, TimeDelta, Utc};
 use diesel::sql_types::{BigInt, Bool, Integer, Nullable, Text, Timestamptz};
@@ -22,12 +22,15 @@ use diesel_async::{AsyncPgConnection, SimpleAsyncConnection};
 use futures::future::BoxFuture;
 use taskhistory_core::{CleanupReport, StoreError, TaskStatus};
 
+use crate::backend::Backend;
+use crate::compat;
 use crate::error::from_diesel;
 use crate::exec::{Call, Tx};
-use crate::ops::rows::{report, CleanupRow};
-use crate::session::Transaction;
+use crate::ops::{
+    self,
+    rows::{report, CleanupRow},
+};
 use crate::sql::{self, ddl, Statement};
-use crate::store::PgTaskHistoryStore;
 
 use crate::layout::{Layout, PartitionInfo, PartitionInterval, Partitioning};
 
@@ -37,17 +40,6 @@ const MAX_PERIODS_BACK: i64 = 120;
 /// How long a retention drop waits for its locks before giving up on this partition (it
 /// is tried again, then left for the next run): writers never queue longer than this.
 const DROP_LOCK_WAIT_MS: u128 = 50;
-/// How long partition making (and other DDL on the table) waits for its locks.
-pub(crate) const DDL_LOCK_WAIT_MS: u128 = 5_000;
-const DROP_ATTEMPTS: u32 = 3;
-
-#[derive(QueryableByName)]
-struct LayoutRow {
-    #[diesel(sql_type = Bool)]
-    partitioned: bool,
-    #[diesel(sql_type = Nullable<Text>)]
-    interval: Option<String>,
-}
 
 #[derive(QueryableByName)]
 struct PartitionRow {
@@ -75,45 +67,8 @@ struct Kept {
     kept: bool,
 }
 
-const OP: &str = "partitions";
+use crate::ops::layout::OP;
 const CLEANUP: &str = "cleanup_old_tasks";
-
-fn read_layout(rows: Vec<LayoutRow>) -> Result<Layout, StoreError> {
-    let Some(row) = rows.into_iter().next() else {
-        return Err(StoreError::database(OP, "the layout query returned no row"));
-    };
-    if !row.partitioned {
-        return Ok(Layout::Plain);
-    }
-    // The period is what the conversion recorded (migration 3's table), never a guess.
-    match row.interval.as_deref().map(str::parse) {
-        Some(Ok(interval)) => Ok(Layout::Partitioned { interval }),
-        Some(Err(e)) => Err(StoreError::database(
-            OP,
-            format!("taskhistory_layout.partition_interval: {e}"),
-        )),
-        None => Err(StoreError::database(
-            OP,
-            "task_history is partitioned but taskhistory_layout.partition_interval is not set \
-             (partitioned by hand?): set it to day, week or month",
-        )),
-    }
-}
-
-pub(crate) async fn layout_on(conn: &mut AsyncPgConnection) -> Result<Layout, StoreError> {
-    let rows = Statement::new(sql::PARTITION_LAYOUT)
-        .fetch(conn)
-        .await
-        .map_err(|e| from_diesel(OP, e))?;
-    read_layout(rows)
-}
-
-fn layout_work<'c>(
-    conn: &'c mut AsyncPgConnection,
-    _: &'c (),
-) -> BoxFuture<'c, Result<Layout, StoreError>> {
-    Box::pin(layout_on(conn))
-}
 
 async fn list_on(conn: &mut AsyncPgConnection) -> Result<Vec<PartitionInfo>, StoreError> {
     let rows: Vec<PartitionRow> = Statement::new(sql::PARTITION_LIST)
@@ -139,19 +94,28 @@ fn list_work<'c>(
     Box::pin(list_on(conn))
 }
 
-/// Arguments of the retention checks: range, days, status.
-type RetireArgs = (DateTime<Utc>, DateTime<Utc>, i32, Option<TaskStatus>);
+/// A partition that retention may drop: its name and range, the cutoff in days, the
+/// status filter.
+struct Retire {
+    name: String,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    days: i32,
+    status: Option<TaskStatus>,
+}
 
+/// Whether a task in the partition's range must stay (activity inside the cutoff, or
+/// another status than the one retention removes).
 fn keeps_tasks<'c>(
     conn: &'c mut AsyncPgConnection,
-    (from, to, days, status): &'c RetireArgs,
+    args: &'c Retire,
 ) -> BoxFuture<'c, Result<bool, StoreError>> {
     Box::pin(async move {
         let rows: Vec<Kept> = Statement::new(sql::PARTITION_KEEPS_TASKS)
-            .bind::<Timestamptz, _>(*from)
-            .bind::<Timestamptz, _>(*to)
-            .bind::<Integer, _>(*days)
-            .bind::<Nullable<Text>, _>(status.map(TaskStatus::as_str))
+            .bind::<Timestamptz, _>(args.from)
+            .bind::<Timestamptz, _>(args.to)
+            .bind::<Integer, _>(args.days)
+            .bind::<Nullable<Text>, _>(args.status.map(TaskStatus::as_str))
             .fetch(conn)
             .await
             .map_err(|e| from_diesel(CLEANUP, e))?;
@@ -191,310 +155,252 @@ fn periods(
         .collect()
 }
 
-/// A dedicated connection (never a pooled one: DDL stays off the service's connections)
-/// running one transaction at a time.
-pub(crate) struct DdlConnection<'s> {
-    store: &'s PgTaskHistoryStore,
-    conn: AsyncPgConnection,
+/// At start-up, after the migrations: converts to the partitioned layout when the
+/// configuration asks for it ([`PgConfig::partitioning`](crate::PgConfig::partitioning)),
+/// and on the partitioned layout makes the partitions ahead.
+pub(crate) async fn prepare(b: &Backend) -> Result<(), StoreError> {
+    let wanted = b.config().get_partitioning();
+    if let Some(partitioning) = wanted {
+        convert(b, partitioning).await?;
+    }
+    if matches!(layout(b).await?, Layout::Partitioned { .. }) {
+        let ahead = wanted.unwrap_or_default().ahead;
+        // A role without DDL rights cannot make partitions; writes still land (in the
+        // default partition), so the store starts and says why.
+        if let Err(error) = ensure(b, ahead).await {
+            tracing::warn!(%error, "could not make partitions ahead; writes go to the default partition until `taskhistory partitions ensure` runs");
+        }
+    }
+    Ok(())
 }
 
-impl<'s> DdlConnection<'s> {
-    pub(crate) async fn open(store: &'s PgTaskHistoryStore) -> Result<Self, StoreError> {
-        Ok(DdlConnection {
-            store,
-            conn: store.connector().connect().await?,
-        })
-    }
-
-    /// Runs `work` in a transaction that first takes the partition lock and sets a lock wait
-    /// limit; commits when it returns a value, rolls back on `None` or an error.
-    pub(crate) async fn transaction<T>(
-        &mut self,
-        operation: &'static str,
-        lock_wait_ms: u128,
-        work: impl for<'c> FnOnce(
-            &'c mut AsyncPgConnection,
-        ) -> BoxFuture<'c, Result<Option<T>, StoreError>>,
-    ) -> Result<Option<T>, StoreError> {
-        let locks = format!(
-            "{}; {}",
-            ddl::lock(self.store.schema_name()),
-            ddl::lock_timeout(lock_wait_ms)
-        );
-        let connector = self.store.connector();
-        let mut tx = Transaction::begin(&mut self.conn, connector, operation, &locks).await?;
-        match work(&mut tx).await {
-            Ok(Some(value)) => tx.commit().await.map(|()| Some(value)),
-            Ok(None) => tx.rollback().await.map(|()| None),
-            Err(e) => {
-                let _ = tx.rollback().await;
-                Err(e)
-            }
-        }
-    }
+/// The layout (`PgTaskHistoryStore::layout`).
+pub(crate) async fn layout(b: &Backend) -> Result<Layout, StoreError> {
+    b.exec()
+        .pooled(Call::new(OP), Tx::Statement, &(), ops::layout::run)
+        .await
 }
 
-impl PgTaskHistoryStore {
-    /// At start-up, after the migrations: converts to the partitioned layout when the
-    /// configuration asks for it ([`PgConfig::partitioning`](crate::PgConfig::partitioning)),
-    /// and on the partitioned layout makes the partitions ahead.
-    pub(crate) async fn prepare_layout(&self) -> Result<(), StoreError> {
-        let wanted = self.config().partitioning;
-        if let Some(partitioning) = wanted {
-            self.convert_to_partitioned(partitioning).await?;
-        }
-        if matches!(self.layout().await?, Layout::Partitioned { .. }) {
-            let ahead = wanted.unwrap_or_default().ahead;
-            // A role without DDL rights cannot make partitions; writes still land (in the
-            // default partition), so the store starts and says why.
-            if let Err(error) = self.ensure_partitions(ahead).await {
-                tracing::warn!(%error, "could not make partitions ahead; writes go to the default partition until `taskhistory partitions ensure` runs");
-            }
-        }
-        Ok(())
-    }
+/// The partitions (`PgTaskHistoryStore::partitions`).
+pub(crate) async fn list(b: &Backend) -> Result<Vec<PartitionInfo>, StoreError> {
+    b.exec()
+        .pooled(Call::new(OP), Tx::Statement, &(), list_work)
+        .await
+}
 
-    /// Whether `task_history` is plain or partitioned (and by what interval).
-    pub async fn layout(&self) -> Result<Layout, StoreError> {
-        self.exec()
-            .pooled(Call::new(OP), Tx::Statement, &(), layout_work)
+fn ensure_work<'c>(
+    c: &'c mut AsyncPgConnection,
+    &(interval, ahead): &'c (PartitionInterval, u32),
+) -> BoxFuture<'c, Result<Option<Vec<String>>, StoreError>> {
+    Box::pin(async move {
+        // Listed under the lock: another process may just have made some.
+        let existing = list_on(c).await?;
+        let first = interval.floor(Utc::now());
+        let missing = periods(interval, first, i64::from(ahead) + 1, &existing);
+        for (name, from, to) in &missing {
+            c.batch_execute(&ddl::add_partition(name, from, to))
+                .await
+                .map_err(|e| from_diesel(OP, e))?;
+        }
+        Ok(Some(missing.into_iter().map(|(name, _, _)| name).collect()))
+    })
+}
+
+/// Makes the partitions ahead (`PgTaskHistoryStore::ensure_partitions`).
+pub(crate) async fn ensure(b: &Backend, ahead: u32) -> Result<Vec<String>, StoreError> {
+    let Layout::Partitioned { interval } = layout(b).await? else {
+        return Err(StoreError::invalid(
+            "layout",
+            "task_history is not partitioned: convert it first (`taskhistory partitions \
+             convert`, or PgConfig::partitioning with init_database_schema)",
+        ));
+    };
+    let made = b
+        .exec()
+        .dedicated(
+            Call::new(OP),
+            &b.ddl_setup(),
+            &(interval, ahead),
+            ensure_work,
+        )
+        .await?
+        .unwrap_or_default();
+    if !made.is_empty() {
+        tracing::info!(partitions = ?made, "partitions made");
+    }
+    Ok(made)
+}
+
+fn convert_work<'c>(
+    c: &'c mut AsyncPgConnection,
+    (partitioning, channel): &'c (Partitioning, String),
+) -> BoxFuture<'c, Result<Option<Vec<String>>, StoreError>> {
+    Box::pin(async move {
+        if ops::layout::layout_on(c).await? != Layout::Plain {
+            // Another process converted it while this one waited for the lock.
+            return Ok(Some(Vec::new()));
+        }
+        let oldest = Statement::new(sql::PARTITION_START_RANGE)
+            .fetch::<StartRange, _>(c)
             .await
-    }
-
-    /// The partitions of the partitioned layout, oldest first, the default one first of
-    /// all; empty on the plain layout.
-    pub async fn partitions(&self) -> Result<Vec<PartitionInfo>, StoreError> {
-        self.exec()
-            .pooled(Call::new(OP), Tx::Statement, &(), list_work)
-            .await
-    }
-
-    /// Makes sure a partition exists for the current period and `ahead` more; returns the
-    /// names of those it made. Rows the default partition holds for a new partition's range
-    /// move into it. Takes only a SHARE UPDATE EXCLUSIVE lock on the table (reads and writes
-    /// go on; the default partition is locked while it is checked). Safe to run from many
-    /// processes at once. `InvalidInput` on the plain layout.
-    pub async fn ensure_partitions(&self, ahead: u32) -> Result<Vec<String>, StoreError> {
-        let Layout::Partitioned { interval } = self.layout().await? else {
-            return Err(StoreError::invalid(
-                "layout",
-                "task_history is not partitioned: convert it first (`taskhistory partitions \
-                 convert`, or PgConfig::partitioning with init_database_schema)",
-            ));
-        };
-        let mut conn = DdlConnection::open(self).await?;
-        let made = conn
-            .transaction(OP, DDL_LOCK_WAIT_MS, |c| {
-                Box::pin(async move {
-                    // Listed under the lock: another process may just have made some.
-                    let existing = list_on(c).await?;
-                    let first = interval.floor(Utc::now());
-                    let missing = periods(interval, first, i64::from(ahead) + 1, &existing);
-                    for (name, from, to) in &missing {
-                        c.batch_execute(&ddl::add_partition(name, from, to))
-                            .await
-                            .map_err(|e| from_diesel(OP, e))?;
-                    }
-                    Ok(Some(missing.into_iter().map(|(name, _, _)| name).collect()))
-                })
-            })
-            .await?;
-        let made: Vec<String> = made.unwrap_or_default();
-        if !made.is_empty() {
-            tracing::info!(partitions = ?made, "partitions made");
-        }
-        Ok(made)
-    }
-
-    /// Converts the plain table into the partitioned layout (documented in
-    /// `docs/operations.md`): one transaction that makes the partitioned table, a default
-    /// partition and one partition per period from the oldest task's start (at most 120
-    /// periods back) to `ahead` periods past the current one, copies every row (each with
-    /// its task's start), and drops the plain table. Writes wait while it runs (reads go on);
-    /// if it fails, nothing changed. Returns the partitions made; does nothing and returns
-    /// none when the table is already partitioned. Grants on the table must be given again
-    /// ([`least_privilege_grants`](crate::least_privilege_grants)).
-    pub async fn convert_to_partitioned(
-        &self,
-        partitioning: Partitioning,
-    ) -> Result<Vec<String>, StoreError> {
-        if self.layout().await? != Layout::Plain {
-            return Ok(Vec::new());
-        }
-        let channel = self.channel().to_owned();
-        let mut conn = DdlConnection::open(self).await?;
-        let made = conn
-            .transaction(OP, DDL_LOCK_WAIT_MS, |c| {
-                Box::pin(async move {
-                    if layout_on(c).await? != Layout::Plain {
-                        // Another process converted it while this one waited for the lock.
-                        return Ok(Some(Vec::new()));
-                    }
-                    let oldest = Statement::new(sql::PARTITION_START_RANGE)
-                        .fetch::<StartRange, _>(c)
-                        .await
-                        .map_err(|e| from_diesel(OP, e))?
-                        .into_iter()
-                        .next()
-                        .and_then(|r| r.oldest);
-                    let interval = partitioning.interval;
-                    let now = interval.floor(Utc::now());
-                    let back = oldest.map_or(0, |o| {
-                        let o = interval.floor(o);
-                        (0..MAX_PERIODS_BACK)
-                            .find(|n| interval.shift(now, -n).is_some_and(|s| s <= o))
-                            .unwrap_or(MAX_PERIODS_BACK)
-                    });
-                    let first = interval.shift(now, -back).unwrap_or(now);
-                    let count = back + i64::from(partitioning.ahead) + 1;
-                    let parts = periods(interval, first, count, &[]);
-                    // The Python compatibility mode's triggers go with the plain table:
-                    // made again on the new one.
-                    let compat = crate::compat::state_on(c).await?.enabled;
-                    c.batch_execute(&ddl::convert(interval.as_str(), &parts))
-                        .await
-                        .map_err(|e| from_diesel(OP, e))?;
-                    if compat {
-                        crate::compat::install_on(c, &channel).await?;
-                    }
-                    Ok(Some(parts.into_iter().map(|(name, _, _)| name).collect()))
-                })
-            })
-            .await?;
-        let made: Vec<String> = made.unwrap_or_default();
-        tracing::info!(
-            partitions = made.len(),
-            "task_history converted to the partitioned layout"
-        );
-        Ok(made)
-    }
-
-    /// Retention on the partitioned layout: drops each partition whose range ended before
-    /// the cutoff and none of whose tasks must stay, with its tasks' summaries; returns what
-    /// went. Each drop waits at most 50 ms for its locks (so writers queue no longer behind
-    /// it), is tried three times, and is otherwise left to the batched deletes and the next
-    /// run. Nothing on the plain layout.
-    pub(crate) async fn drop_expired_partitions(
-        &self,
-        days: i32,
-        status: Option<TaskStatus>,
-        deadline: Option<Instant>,
-        progress: &(dyn Fn(CleanupReport) + Send + Sync),
-    ) -> Result<CleanupReport, StoreError> {
-        let mut total = CleanupReport::default();
-        if !matches!(self.layout().await?, Layout::Partitioned { .. }) {
-            return Ok(total);
-        }
-        let cutoff = Utc::now() - TimeDelta::days(i64::from(days));
-        let candidates: Vec<PartitionInfo> = self
-            .exec()
-            .pooled(Call::new(CLEANUP), Tx::Statement, &(), list_work)
-            .await?
+            .map_err(|e| from_diesel(OP, e))?
             .into_iter()
-            .filter(|p| p.to.is_some_and(|to| to <= cutoff))
-            .collect();
-        let mut conn: Option<DdlConnection<'_>> = None;
-        for partition in candidates {
-            if deadline.is_some_and(|d| Instant::now() >= d) {
-                break;
-            }
-            let (Some(from), Some(to)) = (partition.from, partition.to) else {
-                continue;
-            };
-            let args = (from, to, days, status);
-            if self
-                .exec()
-                .pooled(Call::new(CLEANUP), Tx::Statement, &args, keeps_tasks)
-                .await?
-            {
-                continue;
-            }
-            let c = match &mut conn {
-                Some(c) => c,
-                None => conn.insert(DdlConnection::open(self).await?),
-            };
-            for attempt in 1..=DROP_ATTEMPTS {
-                match retire(c, &partition.name, args).await {
-                    Ok(Some(report)) => {
-                        tracing::info!(partition = %partition.name, tasks = report.tasks_removed, steps = report.steps_removed, "partition dropped");
-                        total.tasks_removed += report.tasks_removed;
-                        total.steps_removed += report.steps_removed;
-                        total.partitions_dropped += 1;
-                        progress(total);
-                        break;
-                    }
-                    Ok(None) => break,
-                    // Lock wait limit reached, or a deadlock with a writer: the writer goes on.
-                    Err(e @ (StoreError::Timeout { .. } | StoreError::Conflict { .. })) => {
-                        tracing::debug!(partition = %partition.name, attempt, error = %e, "partition drop gave way");
-                        tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt))).await;
-                    }
-                    // A role with only the store's DML rights may not lock or drop a
-                    // partition: retention then goes on by batched deletes.
-                    Err(e) if lacks_rights(&e) => {
-                        tracing::warn!(error = %e, "this role may not drop partitions; expired tasks are removed by batched deletes (run cleanup as the tables' owner to drop whole partitions)");
-                        return Ok(total);
-                    }
-                    Err(e) => return Err(e),
-                }
-            }
+            .next()
+            .and_then(|r| r.oldest);
+        let interval = partitioning.interval;
+        let now = interval.floor(Utc::now());
+        let back = oldest.map_or(0, |o| {
+            let o = interval.floor(o);
+            (0..MAX_PERIODS_BACK)
+                .find(|n| interval.shift(now, -n).is_some_and(|s| s <= o))
+                .unwrap_or(MAX_PERIODS_BACK)
+        });
+        let first = interval.shift(now, -back).unwrap_or(now);
+        let count = back + i64::from(partitioning.ahead) + 1;
+        let parts = periods(interval, first, count, &[]);
+        // The Python compatibility mode's triggers go with the plain table: made again on
+        // the new one.
+        let compat_on = compat::state_on(c).await?.enabled;
+        c.batch_execute(&ddl::convert(interval.as_str(), &parts))
+            .await
+            .map_err(|e| from_diesel(OP, e))?;
+        if compat_on {
+            compat::install_on(c, channel).await?;
         }
-        Ok(total)
-    }
-
-    /// The store's schema name (`public` when none is set).
-    fn schema_name(&self) -> &str {
-        self.config().schema.as_deref().unwrap_or("public")
-    }
+        Ok(Some(parts.into_iter().map(|(name, _, _)| name).collect()))
+    })
 }
 
-/// Whether `e` is the server refusing this role the right to lock or drop a partition
-/// (42501, or "must be owner"; diesel-async keeps no SQLSTATE for them, so the server's
-/// message is read, as in `error.rs`).
-fn lacks_rights(e: &StoreError) -> bool {
-    let text = e.to_string();
-    text.contains("permission denied") || text.contains("must be owner")
+/// Converts to the partitioned layout (`PgTaskHistoryStore::convert_to_partitioned`).
+pub(crate) async fn convert(
+    b: &Backend,
+    partitioning: Partitioning,
+) -> Result<Vec<String>, StoreError> {
+    if layout(b).await? != Layout::Plain {
+        return Ok(Vec::new());
+    }
+    let args = (partitioning, b.channel().to_owned());
+    let made = b
+        .exec()
+        .dedicated(Call::new(OP), &b.ddl_setup(), &args, convert_work)
+        .await?
+        .unwrap_or_default();
+    tracing::info!(
+        partitions = made.len(),
+        "task_history converted to the partitioned layout"
+    );
+    Ok(made)
+}
+
+/// Retention on the partitioned layout: drops each partition whose range ended before the
+/// cutoff and none of whose tasks must stay, with its tasks' summaries; returns what went.
+/// Each drop waits at most 50 ms for its locks (so writers queue no longer behind it), is
+/// retried by the retry policy, and is otherwise left to the batched deletes and the next
+/// run. Nothing on the plain layout.
+pub(crate) async fn drop_expired(
+    b: &Backend,
+    days: i32,
+    status: Option<TaskStatus>,
+    deadline: Option<Instant>,
+    progress: &(dyn Fn(CleanupReport) + Send + Sync),
+) -> Result<CleanupReport, StoreError> {
+    let mut total = CleanupReport::default();
+    if !matches!(layout(b).await?, Layout::Partitioned { .. }) {
+        return Ok(total);
+    }
+    let cutoff = Utc::now() - TimeDelta::days(i64::from(days));
+    let candidates: Vec<PartitionInfo> = b
+        .exec()
+        .pooled(Call::new(CLEANUP), Tx::Statement, &(), list_work)
+        .await?
+        .into_iter()
+        .filter(|p| p.to.is_some_and(|to| to <= cutoff))
+        .collect();
+    let setup = b.ddl_setup_waiting(DROP_LOCK_WAIT_MS);
+    for partition in candidates {
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+        let (Some(from), Some(to)) = (partition.from, partition.to) else {
+            continue;
+        };
+        let args = Retire {
+            name: partition.name,
+            from,
+            to,
+            days,
+            status,
+        };
+        if b.exec()
+            .pooled(Call::new(CLEANUP), Tx::Statement, &args, keeps_tasks)
+            .await?
+        {
+            continue;
+        }
+        match b
+            .exec()
+            .dedicated(Call::new(CLEANUP), &setup, &args, retire)
+            .await
+        {
+            Ok(Some(report)) => {
+                tracing::info!(partition = %args.name, tasks = report.tasks_removed, steps = report.steps_removed, "partition dropped");
+                total.tasks_removed += report.tasks_removed;
+                total.steps_removed += report.steps_removed;
+                total.partitions_dropped += 1;
+                progress(total);
+            }
+            Ok(None) => {}
+            // The lock wait limit reached, or a deadlock with a writer, on every attempt:
+            // the writers go on, the partition waits for the next run.
+            Err(e @ (StoreError::Timeout { .. } | StoreError::Conflict { .. })) => {
+                tracing::debug!(partition = %args.name, error = %e, "partition drop gave way");
+            }
+            // A role with only the store's DML rights may not lock or drop a partition
+            // (the error map makes a missing right a configuration error): retention then
+            // goes on by batched deletes.
+            Err(e @ StoreError::Configuration { .. }) => {
+                tracing::warn!(error = %e, "this role may not drop partitions; expired tasks are removed by batched deletes (run cleanup as the tables' owner to drop whole partitions)");
+                return Ok(total);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(total)
 }
 
 /// One partition drop: writes into it stop, its expired tasks' summaries go, and if no task
 /// is left in its range it is dropped; otherwise everything is rolled back (`None`).
-async fn retire(
-    conn: &mut DdlConnection<'_>,
-    name: &str,
-    args: RetireArgs,
-) -> Result<Option<CleanupReport>, StoreError> {
-    let name = name.to_owned();
-    conn.transaction(CLEANUP, DROP_LOCK_WAIT_MS, move |c| {
-        Box::pin(async move {
-            let fail = |e| from_diesel(CLEANUP, e);
-            c.batch_execute(&ddl::lock_partition(&name))
-                .await
-                .map_err(fail)?;
-            let (from, to, days, status) = args;
-            let retired: Vec<CleanupRow> = Statement::new(sql::PARTITION_RETIRE_TASKS)
-                .bind::<Timestamptz, _>(from)
-                .bind::<Timestamptz, _>(to)
-                .bind::<Integer, _>(days)
-                .bind::<Nullable<Text>, _>(status.map(TaskStatus::as_str))
-                .fetch(c)
-                .await
-                .map_err(fail)?;
-            let left: Vec<Kept> = Statement::new(sql::PARTITION_HAS_TASKS)
-                .bind::<Timestamptz, _>(from)
-                .bind::<Timestamptz, _>(to)
-                .fetch(c)
-                .await
-                .map_err(fail)?;
-            if left.first().is_none_or(|r| r.kept) {
-                return Ok(None);
-            }
-            c.batch_execute(&ddl::drop_partition(&name))
-                .await
-                .map_err(fail)?;
-            Ok(Some(report(retired)))
-        })
+fn retire<'c>(
+    c: &'c mut AsyncPgConnection,
+    args: &'c Retire,
+) -> BoxFuture<'c, Result<Option<CleanupReport>, StoreError>> {
+    Box::pin(async move {
+        let fail = |e| from_diesel(CLEANUP, e);
+        c.batch_execute(&ddl::lock_partition(&args.name))
+            .await
+            .map_err(fail)?;
+        let retired: Vec<CleanupRow> = Statement::new(sql::PARTITION_RETIRE_TASKS)
+            .bind::<Timestamptz, _>(args.from)
+            .bind::<Timestamptz, _>(args.to)
+            .bind::<Integer, _>(args.days)
+            .bind::<Nullable<Text>, _>(args.status.map(TaskStatus::as_str))
+            .fetch(c)
+            .await
+            .map_err(fail)?;
+        let left: Vec<Kept> = Statement::new(sql::PARTITION_HAS_TASKS)
+            .bind::<Timestamptz, _>(args.from)
+            .bind::<Timestamptz, _>(args.to)
+            .fetch(c)
+            .await
+            .map_err(fail)?;
+        if left.first().is_none_or(|r| r.kept) {
+            return Ok(None);
+        }
+        c.batch_execute(&ddl::drop_partition(&args.name))
+            .await
+            .map_err(fail)?;
+        Ok(Some(report(retired)))
     })
-    .await
 }
 
 #[cfg(test)]

@@ -414,13 +414,8 @@ WHERE n.nspname = current_schema()
 ORDER BY t.relname, c.relkind DESC, c.relname
 "#;
 
-/// Watchers: the notifier's session (a direct connection of its own). A notification is not
-/// data: its commit need not wait for the disk, so PostgreSQL's notification lock is held
-/// only for a moment.
-pub const NOTIFY_SESSION: &str = "SET synchronous_commit TO off";
-
-/// Watchers: what the notifier's transaction sets behind a transaction pooler (where a
-/// session setting would not stay).
+/// Watchers: what the notifier's transaction sets. A notification is not data: its commit
+/// need not wait for the disk, so PostgreSQL's notification lock is held only for a moment.
 pub const NOTIFY_LOCAL: &str = "SET LOCAL synchronous_commit TO off";
 
 /// Watchers: wake-ups of recent writes (payloads naming their users), sent by the store's
@@ -458,8 +453,11 @@ LEFT JOIN LATERAL (
 "#;
 
 /// Operator: whether `pg_stat_statements` is installed in this database.
-pub const PG_STAT_STATEMENTS_PRESENT: &str =
-    "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_stat_statements') AS present";
+pub const PG_STAT_STATEMENTS_PRESENT: &str = r#"
+SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_stat_statements')
+   AND EXISTS (SELECT 1 FROM pg_settings WHERE name = 'pg_stat_statements.max')
+   AS present
+"#;
 
 /// Operator: the store's statements from `pg_stat_statements`, most total time first.
 pub const PG_STAT_STATEMENTS_TOP: &str = r#"

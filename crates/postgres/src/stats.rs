@@ -10,12 +10,12 @@ use futures::future::BoxFuture;
 use serde::Serialize;
 use taskhistory_core::{StoreError, TaskStatus};
 
+use crate::backend::Backend;
 use crate::compat::PythonCompat;
 use crate::error::from_diesel;
 use crate::exec::{Call, PoolStats, Tx};
 use crate::ops::rows::Status;
 use crate::sql::{self, Statement};
-use crate::store::PgTaskHistoryStore;
 
 /// What [`PgTaskHistoryStore::stats`] found.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -117,43 +117,39 @@ fn read<'c>(conn: &'c mut AsyncPgConnection, _: &'c ()) -> BoxFuture<'c, Result<
     })
 }
 
-impl PgTaskHistoryStore {
-    /// Statistics for operators: tasks and steps per status, activity range, table and index
-    /// sizes, pool figures. It reads every summary row (one per task): run it from tools, not
-    /// from request paths.
-    pub async fn stats(&self) -> Result<StoreStats, StoreError> {
-        let (status_rows, relation_rows, python_compat) = self
-            .exec()
-            .pooled(Call::new("stats"), Tx::Statement, &(), read)
-            .await?;
-        let statuses: Vec<StatusStats> = status_rows
-            .into_iter()
-            .map(|r| StatusStats {
-                status: r.status.0,
-                tasks: count(r.tasks),
-                steps: count(r.steps),
-                oldest_activity: r.oldest_activity,
-                newest_activity: r.newest_activity,
-            })
-            .collect();
-        Ok(StoreStats {
-            pool: self.pool_stats(),
-            tasks: statuses.iter().map(|s| s.tasks).sum(),
-            steps: statuses.iter().map(|s| s.steps).sum(),
-            oldest_activity: statuses.iter().filter_map(|s| s.oldest_activity).min(),
-            newest_activity: statuses.iter().filter_map(|s| s.newest_activity).max(),
-            statuses,
-            relations: relation_rows
-                .into_iter()
-                .map(|r| RelationSize {
-                    name: r.name,
-                    kind: r.kind,
-                    table: r.table_name,
-                    bytes: count(r.bytes),
-                    estimated_rows: count(r.estimated_rows),
-                })
-                .collect(),
-            python_compat,
+/// The operator's statistics (`PgTaskHistoryStore::stats`).
+pub(crate) async fn stats(b: &Backend) -> Result<StoreStats, StoreError> {
+    let (status_rows, relation_rows, python_compat) = b
+        .exec()
+        .pooled(Call::new("stats"), Tx::Statement, &(), read)
+        .await?;
+    let statuses: Vec<StatusStats> = status_rows
+        .into_iter()
+        .map(|r| StatusStats {
+            status: r.status.0,
+            tasks: count(r.tasks),
+            steps: count(r.steps),
+            oldest_activity: r.oldest_activity,
+            newest_activity: r.newest_activity,
         })
-    }
+        .collect();
+    Ok(StoreStats {
+        pool: b.exec().pool_stats(b.config().max_size),
+        tasks: statuses.iter().map(|s| s.tasks).sum(),
+        steps: statuses.iter().map(|s| s.steps).sum(),
+        oldest_activity: statuses.iter().filter_map(|s| s.oldest_activity).min(),
+        newest_activity: statuses.iter().filter_map(|s| s.newest_activity).max(),
+        statuses,
+        relations: relation_rows
+            .into_iter()
+            .map(|r| RelationSize {
+                name: r.name,
+                kind: r.kind,
+                table: r.table_name,
+                bytes: count(r.bytes),
+                estimated_rows: count(r.estimated_rows),
+            })
+            .collect(),
+        python_compat,
+    })
 }

@@ -18,6 +18,7 @@
 //! [`PgConfig::watch_poll`]: crate::PgConfig::watch_poll
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -30,11 +31,11 @@ use futures::future::BoxFuture;
 use taskhistory_core::{EventCursor, StoreError, TaskEvent, TaskEventStream, TaskStatus};
 use tokio::sync::watch;
 
+use crate::backend::Backend;
 use crate::error::from_diesel;
 use crate::exec::Call;
 use crate::ops::rows::Status;
 use crate::sql::{self, Statement};
-use crate::store::PgTaskHistoryStore;
 
 const OP: &str = "watch";
 /// Events read per statement.
@@ -227,7 +228,7 @@ where
 
 /// One watch: its position, and what it has read but not handed out yet.
 struct Watcher {
-    store: PgTaskHistoryStore,
+    backend: Arc<Backend>,
     user: String,
     task: Option<String>,
     position: Position,
@@ -242,46 +243,44 @@ struct Watcher {
     ended: bool,
 }
 
-impl PgTaskHistoryStore {
-    /// Starts a watch of `user`'s tasks (only `task` when given) after `after`, or now.
-    pub(crate) async fn start_watch(
-        &self,
-        user: &str,
-        task: Option<&str>,
-        after: Option<EventCursor>,
-    ) -> Result<TaskEventStream, StoreError> {
-        let resume = after.as_ref().map(Position::of).transpose()?;
-        self.exec().ensure_open()?;
-        // Subscribed before the position is read: a wake-up of any later write reaches it.
-        let wake = self.watch_wakes(user).await?;
-        let position = match resume {
-            Some(position) => position,
-            None => {
-                let call = Call {
-                    task_id: task,
-                    ..Call::user(OP, user)
-                };
-                let snapshot = self.exec().read(call, &(), current).await?;
-                let snapshot = Snapshot::parse(&snapshot).ok_or_else(|| {
-                    StoreError::database(OP, format!("unreadable snapshot {snapshot:?}"))
-                })?;
-                Position::now(snapshot)
-            }
-        };
-        let watcher = Watcher {
-            store: self.clone(),
-            user: user.to_owned(),
-            task: task.map(str::to_owned),
-            position,
-            wake,
-            poll: self.config().watch_poll,
-            pending: VecDeque::new(),
-            backoff: None,
-            caught_up: None,
-            ended: false,
-        };
-        Ok(Box::pin(futures::stream::unfold(watcher, Watcher::next)))
-    }
+/// Starts a watch of `user`'s tasks (only `task` when given) after `after`, or now.
+pub(crate) async fn start(
+    backend: &Arc<Backend>,
+    user: &str,
+    task: Option<&str>,
+    after: Option<EventCursor>,
+) -> Result<TaskEventStream, StoreError> {
+    let resume = after.as_ref().map(Position::of).transpose()?;
+    backend.exec().ensure_open()?;
+    // Subscribed before the position is read: a wake-up of any later write reaches it.
+    let wake = backend.watch_wakes(user).await?;
+    let position = match resume {
+        Some(position) => position,
+        None => {
+            let call = Call {
+                task_id: task,
+                ..Call::user(OP, user)
+            };
+            let snapshot = backend.exec().read(call, &(), current).await?;
+            let snapshot = Snapshot::parse(&snapshot).ok_or_else(|| {
+                StoreError::database(OP, format!("unreadable snapshot {snapshot:?}"))
+            })?;
+            Position::now(snapshot)
+        }
+    };
+    let watcher = Watcher {
+        backend: Arc::clone(backend),
+        user: user.to_owned(),
+        task: task.map(str::to_owned),
+        position,
+        wake,
+        poll: backend.config().get_watch_poll(),
+        pending: VecDeque::new(),
+        backoff: None,
+        caught_up: None,
+        ended: false,
+    };
+    Ok(Box::pin(futures::stream::unfold(watcher, Watcher::next)))
 }
 
 impl Watcher {
@@ -347,7 +346,7 @@ impl Watcher {
             task: self.task.clone(),
             position: self.position.clone(),
         };
-        let rows = self.store.exec().read(call, &read, events_after).await?;
+        let rows = self.backend.exec().read(call, &read, events_after).await?;
         let bad = |what: &str| StoreError::database(OP, format!("unreadable {what}"));
         let snapshot = match rows.first() {
             Some(row) => Snapshot::parse(&row.snapshot).ok_or_else(|| bad("snapshot"))?,

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use serde_json::json;
 use taskhistory_core::{RetryPolicy, StoreError, TaskHistoryStore, TaskStepResult};
-use taskhistory_testing::sql;
 use taskhistory_postgres::{PgConfig, SslMode};
+use taskhistory_testing::sql;
 use taskhistory_testing::{fresh_config, lock_summary, store_for, OwnServer};
 
 taskhistory_core::conformance_tests!(taskhistory_testing::combined_dyn_store().await);

@@ -12,8 +12,8 @@ use serde_json::json;
 use taskhistory_core::{
     HistoryScan, StepKey, StepRecord, TaskHistoryStore, TaskQuery, TaskStatus, TaskStepResult,
 };
-use taskhistory_testing::sql;
 use taskhistory_postgres::{CleanupOptions, Partitioning};
+use taskhistory_testing::sql;
 use taskhistory_testing::{fresh_config, store_for};
 
 /// The partitioned layout's DDL (`sql::ddl`), sent on its own connection by operator and
@@ -183,7 +183,6 @@ async fn every_statement_is_known_and_filters_on_user_id() {
             || TRANSACTION_SETTINGS
                 .iter()
                 .any(|p| statement.starts_with(p))
-            || statement == sql::NOTIFY_SESSION
         {
             continue;
         }

@@ -11,6 +11,9 @@ use super::rows::{JsonOf, TaskKey};
 use crate::error::from_diesel;
 use crate::sql::{self, Statement};
 
+/// The operation's name (spans, metrics, errors).
+pub(crate) const OP: &str = "mark_task_as_cancelled";
+
 /// The cancellation entry written (none when the task was missing or already final).
 #[derive(QueryableByName)]
 pub(crate) struct Cancelled {
@@ -24,7 +27,7 @@ pub(crate) fn run<'c, 'a>(
     key: &'c TaskKey<'a>,
 ) -> BoxFuture<'c, Result<Option<Cancelled>, StoreError>> {
     Box::pin(async move {
-        let op = "mark_task_as_cancelled";
+        let op = OP;
         let entry = TaskStepResult::cancellation();
         let rows: Vec<Cancelled> = Statement::new(sql::CANCEL_TASK)
             .bind::<Text, _>(key.user_id.to_owned())

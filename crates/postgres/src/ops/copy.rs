@@ -27,7 +27,7 @@ use crate::error::from_postgres;
 use crate::session::{RawSession, Transaction};
 use crate::sql;
 
-const OP: &str = "save_batch_task_history";
+use super::save::BATCH as OP;
 
 /// What each task's summary starts as, as the parallel arrays of
 /// [`CLAIM_NEW_TASKS`](sql::CLAIM_NEW_TASKS).

@@ -10,6 +10,9 @@ use taskhistory_core::StoreError;
 use crate::error::from_diesel;
 use crate::sql::{self, Statement};
 
+/// The operation's name (spans, metrics, errors).
+pub(crate) const OP: &str = "health_check";
+
 #[derive(QueryableByName)]
 struct HealthRow {
     #[diesel(sql_type = Text)]
@@ -35,7 +38,7 @@ pub(crate) fn run<'c>(
     _: &'c (),
 ) -> BoxFuture<'c, Result<Health, StoreError>> {
     Box::pin(async move {
-        let op = "health_check";
+        let op = OP;
         let rows: Vec<HealthRow> = Statement::new(sql::HEALTH)
             .fetch(conn)
             .await

@@ -8,6 +8,7 @@ pub(crate) mod cancel;
 pub(crate) mod cleanup;
 pub(crate) mod copy;
 pub(crate) mod health;
+pub(crate) mod layout;
 pub(crate) mod read;
 pub(crate) mod rows;
 pub(crate) mod save;

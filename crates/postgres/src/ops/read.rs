@@ -1,6 +1,6 @@
 //! The reads that may share a pipelined connection: `load_task_history`
 //! ([`LOAD_HISTORY`](crate::sql::LOAD_HISTORY)), `check_task_status`
-//! ([`TASK_STATUS`](crate::sql::TASK_STATUS)) and `get_user_tasks`
+//! ([`TASK_STATUS`](crate::sql::TASK_STATUS)) and `get_user_tasks_page`
 //! ([`LIST_TASKS`](crate::sql::LIST_TASKS) and its three variants, by filter and cursor).
 
 use chrono::{DateTime, Utc};
@@ -17,6 +17,13 @@ use taskhistory_core::{
 use super::rows::{Status, Stored, TaskKey};
 use crate::error::from_diesel;
 use crate::sql::{self, Statement};
+
+/// The operations' names (spans, metrics, errors): the contract's method names.
+pub(crate) const LOAD: &str = "load_task_history";
+/// See [`LOAD`].
+pub(crate) const STATUS: &str = "check_task_status";
+/// See [`LOAD`].
+pub(crate) const LIST: &str = "get_user_tasks_page";
 
 #[derive(QueryableByName)]
 struct HistoryRow {
@@ -52,7 +59,7 @@ where
             .bind::<Text, _>(key.task_id.to_owned())
             .fetch(conn)
             .await
-            .map_err(|e| from_diesel("load_task_history", e))?;
+            .map_err(|e| from_diesel(LOAD, e))?;
         tracing::Span::current().record("rows", rows.len());
         Ok(rows
             .into_iter()
@@ -94,7 +101,7 @@ where
             .bind::<Text, _>(key.task_id.to_owned())
             .fetch(conn)
             .await
-            .map_err(|e| from_diesel("check_task_status", e))?;
+            .map_err(|e| from_diesel(STATUS, e))?;
         Ok(rows
             .into_iter()
             .next()
@@ -178,7 +185,7 @@ where
         let rows: Vec<SummaryRow> = statement
             .fetch(conn)
             .await
-            .map_err(|e| from_diesel("get_user_tasks", e))?;
+            .map_err(|e| from_diesel(LIST, e))?;
         tracing::Span::current().record("rows", rows.len());
         let tasks: Vec<TaskSummary> = rows
             .into_iter()

@@ -17,6 +17,11 @@ use crate::error::from_diesel;
 use crate::exec::Tx;
 use crate::sql::{self, Statement};
 
+/// The operations' names (spans, metrics, errors): the contract's method names.
+pub(crate) const OP: &str = "save_task_history";
+/// See [`OP`].
+pub(crate) const BATCH: &str = "save_batch_task_history";
+
 /// Rows per statement when a batch is split (inside one transaction).
 pub(crate) const CHUNK_ROWS: usize = 10_000;
 
@@ -144,7 +149,7 @@ pub(crate) fn run_combined<'c>(
     p: &'c Combined,
 ) -> BoxFuture<'c, Result<Vec<(String, String)>, StoreError>> {
     Box::pin(async move {
-        let op = "save_task_history";
+        let op = OP;
         let times: Vec<Option<DateTime<Utc>>> = vec![None; p.steps.len()];
         let rows: Vec<CombinedOutcome> = Statement::new(sql::SAVE_COMBINED)
             .bind::<Array<Text>, _>(p.users.clone())

@@ -14,6 +14,9 @@ use super::rows::Stored;
 use crate::error::from_diesel;
 use crate::sql::{self, Statement};
 
+/// The operation's name (spans, metrics, errors).
+pub(crate) const OP: &str = "scan_history";
+
 /// The parameters of a scan.
 pub(crate) struct Scan<'a> {
     pub(crate) user_id: &'a str,
@@ -63,7 +66,7 @@ pub(crate) fn run<'c, 'a>(
         let rows: Vec<ScanRow> = statement
             .fetch(conn)
             .await
-            .map_err(|e| from_diesel("scan_history", e))?;
+            .map_err(|e| from_diesel(OP, e))?;
         tracing::Span::current().record("rows", rows.len());
         let steps = rows
             .into_iter()

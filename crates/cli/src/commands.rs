@@ -120,7 +120,7 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
     let db = &cli.db;
     match cli.command {
         Command::Demo => demo::run(db, out).await,
-        Command::Token { user, ttl } => {
+        Command::Token { user, ttl, max_ttl } => {
             validate::user_id(&user)?;
             let secret = std::env::var("TASKHISTORY_SECRET")
                 .ok()
@@ -132,8 +132,7 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
                         serve::MIN_SECRET
                     ))
                 })?;
-            let token = serve::issue(secret.as_bytes(), &user, ttl)
-                .ok_or_else(|| CliError::Other("could not sign the token".to_owned()))?;
+            let token = serve::issue(secret.as_bytes(), &user, ttl, max_ttl)?;
             if out.json {
                 out.json(&json!({"user_id": user, "token": token, "ttl_secs": ttl.as_secs()}))?;
             } else {
@@ -147,6 +146,7 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
             tls_key,
             cors_origins,
             heartbeat,
+            limits,
         } => {
             let backend = open(db).await?;
             let pg = match &backend {
@@ -158,6 +158,7 @@ async fn dispatch(cli: Cli) -> Result<u8, CliError> {
                 tls: tls_cert.zip(tls_key),
                 cors_origins,
                 heartbeat: Duration::from_secs(heartbeat.max(1)),
+                limits,
             };
             serve::run(backend.store(), pg, options).await
         }

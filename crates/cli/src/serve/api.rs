@@ -309,18 +309,19 @@ pub(crate) async fn json_errors(req: Request, next: Next) -> Response {
     let body = axum::body::to_bytes(response.into_body(), 64 * 1024)
         .await
         .unwrap_or_default();
+    if status.is_server_error() {
+        // The request timeout's answer (tower-http's, empty): logged under the request id.
+        let mut error = ApiError::new(status, "timeout", "no answer in time; try again later");
+        error.detail = Some(format!("no answer within the request timeout ({status})"));
+        return error.into_response();
+    }
     // axum's rejection texts describe the client's own request (its query, path or
-    // upgrade); anything else gets the status's name.
+    // upgrade).
     let message: String = String::from_utf8_lossy(&body)
         .trim()
         .chars()
         .take(300)
         .collect();
-    let message = if status.is_server_error() {
-        String::new()
-    } else {
-        message
-    };
     ApiError::new(
         status,
         "bad_request",

@@ -86,7 +86,24 @@ fn time_to_close(stream: &mut TcpStream, limit: Duration) -> Option<Duration> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn slow_headers_idle_connections_and_too_many_connections_are_closed() {
-    let s = Server::start(&["--header-timeout", "2", "--max-connections", "4"]).await;
+    let s = Server::start(&[
+        "--header-timeout",
+        "2",
+        "--max-connections",
+        "5",
+        "--heartbeat",
+        "1",
+    ])
+    .await;
+    // An event stream is no slow client: it outlives the header timeout (checked below).
+    let stream = reqwest::Client::new()
+        .get(s.url("/v1/users/u1/events"))
+        .bearer_auth(token("u1", "1h", SECRET))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    let mut stream = stream.bytes_stream();
     // A client that sends its headers a byte at a time, never finishing: closed within the
     // timeout (+5 s), though it keeps sending.
     let mut slow = TcpStream::connect(addr(&s)).unwrap();
@@ -137,6 +154,17 @@ async fn slow_headers_idle_connections_and_too_many_connections_are_closed() {
         "a connection over the cap was served"
     );
     drop(held);
+    // The stream opened first still gets its heartbeats, well past the header timeout.
+    let mut heartbeats = 0;
+    while heartbeats < 3 {
+        let chunk = tokio::time::timeout(Duration::from_secs(5), stream.next())
+            .await
+            .expect("the event stream was cut")
+            .expect("the event stream ended")
+            .unwrap();
+        heartbeats += String::from_utf8_lossy(&chunk).matches("heartbeat").count();
+    }
+    drop(stream);
     // Once they are gone, the server answers again, and counted the refusal.
     let deadline = Instant::now() + Duration::from_secs(10);
     let metrics = loop {

@@ -240,15 +240,22 @@ pub(crate) enum Command {
         /// Seconds between heartbeats on an idle event stream (keeps proxies from closing it).
         #[arg(long, default_value_t = 15, value_name = "SECS")]
         heartbeat: u64,
+        /// The bounds every client is held to.
+        #[command(flatten)]
+        limits: crate::serve::Limits,
     },
     /// Print a token that reaches USER's history only (for that user's browser), signed
     /// with TASKHISTORY_SECRET.
     Token {
         /// The user.
         user: String,
-        /// How long it stays valid, e.g. 3600, 90s, 30m, 12h, 7d.
-        #[arg(long, default_value = "1h", value_parser = parse_ttl)]
+        /// How long it stays valid, e.g. 3600, 90s, 30m, 12h, 7d (at most --max-ttl).
+        #[arg(long, default_value = "1h", value_parser = crate::serve::parse_duration)]
         ttl: std::time::Duration,
+        /// The longest --ttl allowed; the server refuses tokens reaching further than its own
+        /// --max-token-ttl (30d by default).
+        #[arg(long, default_value = "30d", value_parser = crate::serve::parse_duration)]
+        max_ttl: std::time::Duration,
     },
     /// The seed's section 4 scenarios end to end, on the in-memory store (or on PostgreSQL,
     /// in schema `taskhistory_demo`, with --database-url).
@@ -289,28 +296,6 @@ pub(crate) enum PartitionsAction {
         #[arg(long, default_value_t = 3)]
         ahead: u32,
     },
-}
-
-fn parse_ttl(value: &str) -> Result<std::time::Duration, String> {
-    let (number, unit) = match value.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => value.split_at(i),
-        None => (value, "s"),
-    };
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{value:?}: expected a number of seconds, or 90s, 30m, 12h, 7d"))?;
-    let secs = match unit {
-        "s" => Some(n),
-        "m" => n.checked_mul(60),
-        "h" => n.checked_mul(3_600),
-        "d" => n.checked_mul(86_400),
-        _ => None,
-    }
-    .filter(|s| *s > 0)
-    .ok_or_else(|| {
-        format!("{value:?}: expected a positive number of seconds, or 90s, 30m, 12h, 7d")
-    })?;
-    Ok(std::time::Duration::from_secs(secs))
 }
 
 fn parse_interval(value: &str) -> Result<PartitionInterval, String> {

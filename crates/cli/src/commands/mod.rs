@@ -34,20 +34,9 @@ async fn dispatch(cli: Cli, opened: &Opened) -> Result<u8, CliError> {
     let db = &cli.db;
     match cli.command {
         Command::Demo => demo::run(db, out).await,
-        Command::Token { user, ttl } => {
+        Command::Token { user, ttl, max_ttl } => {
             validate::user_id(&user)?;
-            let secret = std::env::var("TASKHISTORY_SECRET")
-                .ok()
-                .filter(|s| s.len() >= serve::MIN_SECRET)
-                .ok_or_else(|| {
-                    CliError::Config(format!(
-                        "TASKHISTORY_SECRET must be set to the server's signing secret (at \
-                         least {} bytes, e.g. from `openssl rand -hex 32`)",
-                        serve::MIN_SECRET
-                    ))
-                })?;
-            let token = serve::issue(secret.as_bytes(), &user, ttl)
-                .ok_or_else(|| CliError::Other("could not sign the token".to_owned()))?;
+            let token = serve::issue(&user, ttl, max_ttl)?;
             if out.json {
                 out.json(&json!({"user_id": user, "token": token, "ttl_secs": ttl.as_secs()}))?;
             } else {
@@ -61,6 +50,7 @@ async fn dispatch(cli: Cli, opened: &Opened) -> Result<u8, CliError> {
             tls_key,
             cors_origins,
             heartbeat,
+            limits,
         } => {
             let backend = opened.open(db).await?;
             let pg = match &backend {
@@ -72,6 +62,7 @@ async fn dispatch(cli: Cli, opened: &Opened) -> Result<u8, CliError> {
                 tls: tls_cert.zip(tls_key),
                 cors_origins,
                 heartbeat: Duration::from_secs(heartbeat.max(1)),
+                limits,
             };
             serve::run(backend.store(), pg, options).await
         }

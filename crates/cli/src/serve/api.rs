@@ -1,43 +1,96 @@
 //! The JSON routes, the dashboard page and the errors every route answers with.
 
 use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
-use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::extract::{ConnectInfo, MatchedPath, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::json;
-use taskhistory_core::{StoreError, TaskCursor, TaskQuery, TaskStatus};
+use taskhistory_core::{HistoryScan, StepKey, StoreError, TaskCursor, TaskQuery, TaskStatus};
 use taskhistory_postgres::CleanupOptions;
 
-use super::auth::Denied;
+use super::access::Denied;
+use super::auth::Access;
 use super::AppState;
 
-/// An error answer: `{"error": {"class", "field"?, "message"}}` with its status code.
+/// An error answer: `{"error": {"class", "field"?, "message", "request_id"}}` with its
+/// status code. The message is fixed text (or, for bad input, the library's words on the
+/// client's own input); the detail (a store's message: host and port, the server's text)
+/// goes to the log under the request id, never to the client.
 #[derive(Debug)]
 pub(crate) struct ApiError {
     status: StatusCode,
     class: &'static str,
     field: Option<String>,
     message: String,
+    detail: Option<String>,
+}
+
+tokio::task_local! {
+    /// The request id of the request being answered.
+    static REQUEST_ID: Arc<str>;
+}
+
+/// The id of the request being answered (`-` outside one).
+pub(crate) fn request_id() -> Arc<str> {
+    REQUEST_ID
+        .try_with(Arc::clone)
+        .unwrap_or_else(|_| Arc::from("-"))
+}
+
+/// A new request id: 16 hex digits, a per-process random part and a counter.
+fn new_request_id() -> Arc<str> {
+    static SALT: OnceLock<u32> = OnceLock::new();
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let salt = SALT.get_or_init(|| {
+        let mut b = [0u8; 4];
+        let _ = getrandom::fill(&mut b);
+        u32::from_le_bytes(b)
+    });
+    Arc::from(format!(
+        "{salt:08x}{:08x}",
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ))
 }
 
 impl ApiError {
-    fn new(status: StatusCode, class: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, class: &'static str, message: impl Into<String>) -> Self {
         ApiError {
             status,
             class,
             field: None,
             message: message.into(),
+            detail: None,
         }
     }
 
     /// Bad input on `field` (the library's field names).
     pub(crate) fn invalid(field: &str, reason: impl Into<String>) -> Self {
         StoreError::invalid(field, reason.into()).into()
+    }
+
+    /// The body a client gets (and logs the detail, if any, under `request_id`).
+    pub(crate) fn body(&mut self, request_id: &str) -> serde_json::Value {
+        if let Some(detail) = self.detail.take() {
+            if self.status.is_server_error() {
+                tracing::error!(request_id, status = self.status.as_u16(), class = self.class, detail = %detail, "store error");
+            } else {
+                tracing::warn!(request_id, status = self.status.as_u16(), class = self.class, detail = %detail, "request refused");
+            }
+        }
+        let mut body =
+            json!({"class": self.class, "message": self.message, "request_id": request_id});
+        if let Some(field) = &self.field {
+            body["field"] = json!(field);
+        }
+        json!({ "error": body })
     }
 }
 
@@ -69,27 +122,41 @@ pub(crate) fn classify(e: &StoreError) -> (StatusCode, &'static str) {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         let (status, class) = classify(&e);
-        let message = e.to_string();
-        let field = match e {
-            StoreError::InvalidInput { field, .. } => Some(field),
-            _ => None,
+        let (field, message) = match &e {
+            // About the client's own input: the library's words name the field and rule.
+            StoreError::InvalidInput { field, .. } => (Some(field.clone()), e.to_string()),
+            StoreError::TaskCancelled { .. } => (None, "the task is cancelled".to_owned()),
+            StoreError::Conflict { .. } => (
+                None,
+                "a conflicting write; try again (see the server's log under the request id)"
+                    .to_owned(),
+            ),
+            StoreError::Unavailable { .. } | StoreError::Timeout { .. } | StoreError::Closed => (
+                None,
+                "the store is unavailable; try again later (see the server's log under the \
+                 request id)"
+                    .to_owned(),
+            ),
+            _ => (
+                None,
+                "an internal error (see the server's log under the request id)".to_owned(),
+            ),
         };
         ApiError {
             status,
             class,
             field,
             message,
+            detail: Some(e.to_string()),
         }
     }
 }
 
 impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut body = json!({"class": self.class, "message": self.message});
-        if let Some(field) = self.field {
-            body["field"] = json!(field);
-        }
-        let mut response = (self.status, Json(json!({ "error": body }))).into_response();
+    fn into_response(mut self) -> Response {
+        let id = request_id();
+        let body = self.body(&id);
+        let mut response = (self.status, Json(body)).into_response();
         if self.status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,
@@ -128,7 +195,49 @@ pub(crate) async fn count(State(state): State<AppState>, req: Request, next: Nex
     response
 }
 
-/// The token a browser passes where it cannot set a header.
+/// Gives each request its id (in the answer's `x-request-id`, and in the log with any
+/// error's detail), answers 429 to an address over its failed-authentication limit, and
+/// counts each 401 against its address.
+pub(crate) async fn guard(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let id = new_request_id();
+    let ip = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    let response = REQUEST_ID
+        .scope(id.clone(), async move {
+            if let Some(wait) = ip.and_then(|ip| state.failures.limited(ip)) {
+                state.metrics.auth_limited();
+                let mut response = ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    "too many failed authentications from this address; try again later",
+                )
+                .into_response();
+                response.headers_mut().insert(
+                    axum::http::header::RETRY_AFTER,
+                    axum::http::HeaderValue::from(wait),
+                );
+                return response;
+            }
+            let response = next.run(req).await;
+            if response.status() == StatusCode::UNAUTHORIZED {
+                state.metrics.auth_failed();
+                if let Some(ip) = ip {
+                    state.failures.failed(ip);
+                }
+            }
+            response
+        })
+        .await;
+    let mut response = response;
+    if let Ok(v) = axum::http::HeaderValue::from_str(&id) {
+        response.headers_mut().insert("x-request-id", v);
+    }
+    response
+}
+
+/// A token passed in the URL (refused on every route but the event streams).
 #[derive(Debug, Deserialize)]
 pub(crate) struct TokenParam {
     access_token: Option<String>,
@@ -169,7 +278,7 @@ fn parse_number(field: &str, value: Option<&str>, default: i64) -> Result<i64, A
 }
 
 pub(crate) async fn dashboard() -> Html<&'static str> {
-    Html(include_str!("dashboard.html"))
+    Html(super::headers::DASHBOARD)
 }
 
 pub(crate) async fn not_found() -> ApiError {
@@ -200,7 +309,19 @@ pub(crate) async fn json_errors(req: Request, next: Next) -> Response {
     let body = axum::body::to_bytes(response.into_body(), 64 * 1024)
         .await
         .unwrap_or_default();
-    let message = String::from_utf8_lossy(&body).trim().to_owned();
+    if status.is_server_error() {
+        // The request timeout's answer (tower-http's, empty): logged under the request id.
+        let mut error = ApiError::new(status, "timeout", "no answer in time; try again later");
+        error.detail = Some(format!("no answer within the request timeout ({status})"));
+        return error.into_response();
+    }
+    // axum's rejection texts describe the client's own request (its query, path or
+    // upgrade).
+    let message: String = String::from_utf8_lossy(&body)
+        .trim()
+        .chars()
+        .take(300)
+        .collect();
     ApiError::new(
         status,
         "bad_request",
@@ -213,20 +334,29 @@ pub(crate) async fn json_errors(req: Request, next: Next) -> Response {
     .into_response()
 }
 
-pub(crate) async fn healthz(State(state): State<AppState>) -> Response {
+/// `GET /healthz`: without a token only whether the store is healthy; with the operator's
+/// token also its backend, round trip and schema version (an error's detail is in the log
+/// under the request id either way).
+pub(crate) async fn healthz(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let operator = state.auth.optional(&headers) == Some(Access::Admin);
     match timed(&state, "health_check", state.store.health_check()).await {
-        Ok(report) => Json(json!({
+        Ok(report) if operator => Json(json!({
             "healthy": true,
             "backend": report.backend,
             "round_trip_ms": report.round_trip.as_secs_f64() * 1e3,
             "schema_version": report.schema_version,
         }))
         .into_response(),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"healthy": false, "reason": e.message})),
-        )
-            .into_response(),
+        Ok(_) => Json(json!({"healthy": true})).into_response(),
+        Err(mut e) => {
+            let id = request_id();
+            let error = e.body(&id);
+            let mut body = json!({"healthy": false, "request_id": &*id});
+            if operator {
+                body["error"] = error["error"].clone();
+            }
+            (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+        }
     }
 }
 
@@ -235,7 +365,9 @@ pub(crate) async fn metrics(
     headers: HeaderMap,
     Query(q): Query<TokenParam>,
 ) -> Result<Response, ApiError> {
-    state.auth.for_admin(&headers, q.access_token.as_deref())?;
+    state
+        .auth
+        .for_metrics(&headers, q.access_token.as_deref())?;
     let text = state.metrics.render().map_err(|_| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -283,39 +415,116 @@ pub(crate) async fn tasks(
     })))
 }
 
+/// `GET /v1/users/{user}/tasks/{task}` parameters.
+#[derive(Debug, Deserialize)]
+pub(crate) struct TaskParams {
+    limit: Option<String>,
+    after_step: Option<String>,
+    access_token: Option<String>,
+}
+
+/// Steps per answer of a task's history at most (and by default).
+const MAX_HISTORY_PAGE: i64 = 1000;
+/// Steps read from the store at a time while an answer is filled (bounds the memory one
+/// answer holds beyond its cap: each step's result is at most 16 MiB).
+const HISTORY_CHUNK: i64 = 16;
+
+/// `GET /v1/users/{user}/tasks/{task}?limit=&after_step=`: the task's status and a page of
+/// its history, in step order: at most `limit` steps (1-1000, default 1000) after step
+/// `after_step`, and at most `--max-history-bytes` of them (at least one step).
+/// `next_after_step` is where the next page starts (`null`: this was the last).
 pub(crate) async fn task(
     State(state): State<AppState>,
     Path((user, task)): Path<(String, String)>,
     headers: HeaderMap,
-    Query(q): Query<TokenParam>,
+    Query(q): Query<TaskParams>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     state
         .auth
         .for_user(&headers, q.access_token.as_deref(), &user)?;
-    let history = timed(
-        &state,
-        "load_task_history",
-        state.store.load_task_history(&user, &task),
-    )
-    .await?;
+    let limit = parse_number("limit", q.limit.as_deref(), MAX_HISTORY_PAGE)?;
+    if !(1..=MAX_HISTORY_PAGE).contains(&limit) {
+        return Err(ApiError::invalid(
+            "limit",
+            format!("{limit} is not between 1 and {MAX_HISTORY_PAGE}"),
+        ));
+    }
+    let after_step =
+        match q.after_step.as_deref().filter(|v| !v.is_empty()) {
+            None => None,
+            Some(v) => Some(v.parse::<i32>().map_err(|_| {
+                ApiError::invalid("after_step", format!("{v:?} is not a step number"))
+            })?),
+        };
+    let cap = state.limits.max_history_bytes;
+    let mut history = Vec::new();
+    let mut bytes = 0usize;
+    let mut after = after_step.map(|step| StepKey {
+        task_id: task.clone(),
+        step,
+    });
+    let mut more = true;
+    let mut full = false;
+    while more && !full {
+        let left = limit - i64::try_from(history.len()).unwrap_or(limit);
+        if left <= 0 {
+            break;
+        }
+        let scan = HistoryScan {
+            task_id: Some(task.clone()),
+            after: after.clone(),
+            limit: left.min(HISTORY_CHUNK),
+        };
+        let page = timed(
+            &state,
+            "scan_history",
+            state.store.scan_history(&user, &scan),
+        )
+        .await?;
+        more = page.next.is_some();
+        for record in page.steps {
+            let entry = json!({
+                "step": record.step,
+                "status": record.result.status,
+                "timestamp": record.timestamp,
+                "result": record.result,
+            });
+            let size = entry.to_string().len();
+            if !history.is_empty() && bytes.saturating_add(size) > cap {
+                full = true;
+                break;
+            }
+            bytes = bytes.saturating_add(size);
+            after = Some(StepKey {
+                task_id: task.clone(),
+                step: record.step,
+            });
+            history.push(entry);
+        }
+    }
     let status = timed(
         &state,
         "check_task_status",
         state.store.check_task_status(&user, &task),
     )
     .await?;
-    if history.is_empty() && status == TaskStatus::Pending {
+    if history.is_empty() && after_step.is_none() && status == TaskStatus::Pending {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
-            format!("task {task:?} of user {user:?} has no step"),
+            "the task has no step",
         ));
     }
+    let last = i64::try_from(history.len()).unwrap_or(limit);
+    let next = (full || (more && last >= limit))
+        .then(|| after.map(|k| k.step))
+        .flatten();
     Ok(Json(json!({
         "user_id": user,
         "task_id": task,
         "status": status,
         "history": history,
+        "next_after_step": next,
     })))
 }
 

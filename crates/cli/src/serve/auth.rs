@@ -1,187 +1,362 @@
-//! Who may read whose history: bearer tokens.
+//! Tokens: signing and verifying, with no dependence on HTTP types (a later issue moves this
+//! module into a library feature; `access.rs` reads requests and calls it).
 //!
 //! - The operator's token (`TASKHISTORY_ADMIN_TOKEN`) reaches every user and the operator
-//!   routes (statistics, retention preview, metrics).
-//! - A user token (`taskhistory token USER`, signed with `TASKHISTORY_SECRET`) reaches that
-//!   one user until it expires: `thu1.<payload>.<signature>`, the payload base64url JSON
-//!   `{"u": user, "exp": unix seconds}`, the signature base64url HMAC-SHA256 of
-//!   `thu1.<payload>` with the secret. A service hands it to that user's browser.
+//!   routes. It is kept and compared as its SHA-256 digest, in constant time.
+//! - The metrics token (`TASKHISTORY_METRICS_TOKEN`) reads `/metrics` only; kept the same way.
+//! - A user token (`taskhistory token USER`, or any service) reaches one user until it
+//!   expires: `thu2.<kid>.<payload>.<signature>`, where `kid` is base64url (no padding) of the
+//!   first 6 bytes of SHA-256 of the secret, `payload` base64url JSON `{"u": user, "exp": unix
+//!   seconds}` and `signature` base64url HMAC-SHA256 of `thu2.<kid>.<payload>` with the secret.
+//!   The key id picks the secret: the current one (`TASKHISTORY_SECRET`) or, during a
+//!   rotation, the previous one (`TASKHISTORY_SECRET_PREVIOUS`). Tokens of the first format,
+//!   `thu1.<payload>.<signature>` (no key id), are still accepted under either secret.
+//! - A stream ticket (`POST .../events/ticket`) reaches one user's one event stream for 60 s:
+//!   `tht1.<payload>.<signature>`, signed with a key drawn at start (so no ticket outlives the
+//!   process), its payload naming the user, the stream kind and the task filter.
 //!
-//! A token comes in `Authorization: Bearer ...`, or in `?access_token=` where a browser
-//! cannot set headers (EventSource, WebSocket). Tokens are never logged, never echoed in an
-//! error.
+//! Every token is refused, never accepted, when it is longer than [`MAX_TOKEN_LEN`], not
+//! signed by a known key, or when its `exp` has passed or lies further ahead than the
+//! server's maximum lifetime. Keys and tokens never reach `Debug`, logs or errors.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::http::HeaderMap;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use hmac::{Hmac, KeyInit, Mac};
 use serde::{Deserialize, Serialize};
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-/// The prefix (and version) of user tokens.
-const PREFIX: &str = "thu1";
+/// The prefix of user tokens with a key id.
+const USER: &str = "thu2";
+/// The prefix of user tokens of the first format (no key id).
+const USER_V1: &str = "thu1";
+/// The prefix of stream tickets.
+const TICKET: &str = "tht1";
 
-/// The least length of the signing secret, in bytes: shorter ones are guessable.
+/// The least length of a signing secret, in bytes: shorter ones are guessable.
 pub(crate) const MIN_SECRET: usize = 32;
 
-/// The least length of the operator's token, in bytes.
+/// The least length of the operator's and the metrics token, in bytes.
 pub(crate) const MIN_ADMIN_TOKEN: usize = 16;
 
-#[derive(Serialize, Deserialize)]
-struct Claims {
-    u: String,
-    exp: u64,
-}
+/// The longest token looked at; longer ones are refused before any decoding.
+pub(crate) const MAX_TOKEN_LEN: usize = 2048;
 
-/// What a request's token allows.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Access {
-    /// The operator: every user, the operator routes.
-    Admin,
-    /// One user.
-    User(String),
-}
+/// How long a stream ticket is valid.
+pub(crate) const TICKET_TTL: Duration = Duration::from_secs(60);
 
-/// Why a request is refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Denied {
-    /// No token, or one that is not valid (malformed, forged, expired): 401.
-    Unauthenticated(&'static str),
-    /// A valid token for something else: 403.
-    Forbidden(&'static str),
-}
+/// Clock skew allowed between the issuer and the server when checking `exp` against the cap.
+const SKEW: u64 = 300;
 
-/// The server's keys. `Debug` shows neither.
-#[derive(Clone)]
-pub(crate) struct Auth {
-    admin: Option<Vec<u8>>,
-    secret: Option<Vec<u8>>,
-}
-
-impl std::fmt::Debug for Auth {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Auth")
-            .field("admin", &self.admin.as_ref().map(|_| "<redacted>"))
-            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
-            .finish()
-    }
-}
-
-fn now() -> u64 {
+/// Seconds since the epoch.
+pub(crate) fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
 
-fn mac(secret: &[u8], signed: &str) -> Option<Hmac<Sha256>> {
-    let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret).ok()?;
-    mac.update(signed.as_bytes());
-    Some(mac)
+/// A signing secret and its key id. `Debug` shows the key id only.
+#[derive(Clone)]
+pub(crate) struct Secret {
+    key: Vec<u8>,
+    kid: String,
 }
 
-/// A token that reaches `user` for `ttl`, signed with `secret`.
-pub(crate) fn issue(secret: &[u8], user: &str, ttl: Duration) -> Option<String> {
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Secret").field("kid", &self.kid).finish()
+    }
+}
+
+/// Why a secret or token cannot be used (never names the secret).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum KeyError {
+    #[error("at least {MIN_SECRET} bytes are needed")]
+    TooShort,
+    #[error("the lifetime {asked}s is over the maximum {max}s")]
+    TooLong { asked: u64, max: u64 },
+    #[error("the token could not be encoded")]
+    Encoding,
+}
+
+impl Secret {
+    /// A secret of at least [`MIN_SECRET`] bytes.
+    pub(crate) fn new(key: &[u8]) -> Result<Secret, KeyError> {
+        if key.len() < MIN_SECRET {
+            return Err(KeyError::TooShort);
+        }
+        Ok(Secret::unchecked(key))
+    }
+
+    fn unchecked(key: &[u8]) -> Secret {
+        let digest = Sha256::digest(key);
+        Secret {
+            key: key.to_vec(),
+            kid: URL_SAFE_NO_PAD.encode(&digest[..6]),
+        }
+    }
+
+    /// A random key (stream tickets): 32 bytes from the operating system.
+    pub(crate) fn random() -> Result<Secret, getrandom::Error> {
+        let mut key = [0u8; 32];
+        getrandom::fill(&mut key)?;
+        Ok(Secret::unchecked(&key))
+    }
+
+    /// The key id tokens signed with this secret carry.
+    pub(crate) fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    fn mac(&self, signed: &str) -> Option<Hmac<Sha256>> {
+        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.key).ok()?;
+        mac.update(signed.as_bytes());
+        Some(mac)
+    }
+
+    fn sign(&self, signed: String) -> Result<String, KeyError> {
+        let mac = self.mac(&signed).ok_or(KeyError::Encoding)?;
+        let signature = URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes());
+        Ok(format!("{signed}.{signature}"))
+    }
+
+    /// Whether `signature` (base64url) is this secret's signature of `signed`, in constant time.
+    fn verifies(&self, signed: &str, signature: &str) -> bool {
+        let Ok(signature) = URL_SAFE_NO_PAD.decode(signature) else {
+            return false;
+        };
+        self.mac(signed)
+            .is_some_and(|mac| mac.verify_slice(&signature).is_ok())
+    }
+}
+
+/// A user token's and a ticket's payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Claims {
+    /// The user.
+    pub(crate) u: String,
+    /// Expiry, unix seconds.
+    pub(crate) exp: u64,
+    /// Tickets: the stream kind (`sse` or `ws`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) s: Option<String>,
+    /// Tickets: the task filter of the stream (none: every task).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) t: Option<String>,
+}
+
+fn encode_claims(claims: &Claims) -> Result<String, KeyError> {
+    let json = serde_json::to_vec(claims).map_err(|_| KeyError::Encoding)?;
+    Ok(URL_SAFE_NO_PAD.encode(json))
+}
+
+/// A user token that reaches `user` for `ttl` (at most `max_ttl`), signed with `secret`.
+pub(crate) fn issue(
+    secret: &Secret,
+    user: &str,
+    ttl: Duration,
+    max_ttl: Duration,
+) -> Result<String, KeyError> {
+    if ttl > max_ttl {
+        return Err(KeyError::TooLong {
+            asked: ttl.as_secs(),
+            max: max_ttl.as_secs(),
+        });
+    }
     let claims = Claims {
         u: user.to_owned(),
         exp: now().saturating_add(ttl.as_secs()),
+        s: None,
+        t: None,
     };
-    let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims).ok()?);
-    let signed = format!("{PREFIX}.{payload}");
-    let signature = URL_SAFE_NO_PAD.encode(mac(secret, &signed)?.finalize().into_bytes());
-    Some(format!("{signed}.{signature}"))
+    secret.sign(format!("{USER}.{}.{}", secret.kid, encode_claims(&claims)?))
 }
 
-impl Auth {
-    /// Keys from the operator token and the signing secret (either may be absent).
-    pub(crate) fn new(admin: Option<String>, secret: Option<String>) -> Self {
-        Auth {
-            admin: admin.map(String::into_bytes),
-            secret: secret.map(String::into_bytes),
+/// What a token is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Access {
+    /// The operator: every user, the operator routes.
+    Admin,
+    /// The metrics scraper: `/metrics` only.
+    Metrics,
+    /// One user.
+    User(String),
+    /// One user's one event stream (`kind`: `sse` or `ws`; `task`: its filter).
+    Ticket {
+        user: String,
+        kind: String,
+        task: Option<String>,
+    },
+}
+
+/// Why a token is refused (the reasons a client may know; the same text for any forgery).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Invalid {
+    /// Malformed, too long, or not signed by a known key.
+    NotValid,
+    /// Its `exp` has passed.
+    Expired,
+    /// Its `exp` lies beyond the server's maximum lifetime.
+    TooLong,
+}
+
+impl Invalid {
+    /// A fixed message for the client.
+    pub(crate) fn message(self) -> &'static str {
+        match self {
+            Invalid::NotValid => "the token is not valid",
+            Invalid::Expired => "the token has expired",
+            Invalid::TooLong => "the token's lifetime is over the server's maximum",
+        }
+    }
+}
+
+/// A token's SHA-256, for constant-time comparisons of equal-length values.
+fn digest(token: &[u8]) -> [u8; 32] {
+    Sha256::digest(token).into()
+}
+
+/// The server's keys and rules. `Debug` shows no key.
+#[derive(Clone)]
+pub(crate) struct Keys {
+    admin: Option<[u8; 32]>,
+    metrics: Option<[u8; 32]>,
+    current: Option<Secret>,
+    previous: Option<Secret>,
+    tickets: Secret,
+    max_ttl: Duration,
+}
+
+impl std::fmt::Debug for Keys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Keys")
+            .field("admin", &self.admin.map(|_| "<redacted>"))
+            .field("metrics", &self.metrics.map(|_| "<redacted>"))
+            .field("current", &self.current.as_ref().map(Secret::kid))
+            .field("previous", &self.previous.as_ref().map(Secret::kid))
+            .field("max_ttl", &self.max_ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Keys {
+    /// Keys from the operator token, the metrics token, the signing secrets (each may be
+    /// absent), the ticket key and the cap on user tokens' lifetime.
+    pub(crate) fn new(
+        admin: Option<&[u8]>,
+        metrics: Option<&[u8]>,
+        current: Option<Secret>,
+        previous: Option<Secret>,
+        tickets: Secret,
+        max_ttl: Duration,
+    ) -> Keys {
+        Keys {
+            admin: admin.map(digest),
+            metrics: metrics.map(digest),
+            current,
+            previous,
+            tickets,
+            max_ttl,
         }
     }
 
-    /// Whether any token can be valid (else every route but /healthz answers 401).
+    /// Whether any token can be valid (tickets need one to be asked for).
     pub(crate) fn configured(&self) -> bool {
-        self.admin.is_some() || self.secret.is_some()
+        self.admin.is_some() || self.metrics.is_some() || self.current.is_some()
     }
 
-    /// The access a token gives.
-    pub(crate) fn access(&self, token: &str) -> Result<Access, Denied> {
-        if let Some(admin) = &self.admin {
-            if bool::from(admin.as_slice().ct_eq(token.as_bytes())) {
-                return Ok(Access::Admin);
-            }
+    /// A ticket for `user`'s stream of `kind` (`sse` or `ws`) filtered on `task`.
+    pub(crate) fn ticket(
+        &self,
+        user: &str,
+        kind: &str,
+        task: Option<&str>,
+    ) -> Result<String, KeyError> {
+        let claims = Claims {
+            u: user.to_owned(),
+            exp: now().saturating_add(TICKET_TTL.as_secs()),
+            s: Some(kind.to_owned()),
+            t: task.map(str::to_owned),
+        };
+        self.tickets
+            .sign(format!("{TICKET}.{}", encode_claims(&claims)?))
+    }
+
+    /// What `token` gives at `now` (unix seconds). Never panics, whatever the input.
+    pub(crate) fn verify(&self, token: &str, now: u64) -> Result<Access, Invalid> {
+        if token.is_empty() || token.len() > MAX_TOKEN_LEN {
+            return Err(Invalid::NotValid);
         }
-        let invalid = Denied::Unauthenticated("the token is not valid");
-        let secret = self.secret.as_ref().ok_or(invalid.clone())?;
-        let (signed, signature) = token.rsplit_once('.').ok_or(invalid.clone())?;
-        let payload = signed
-            .strip_prefix(PREFIX)
-            .and_then(|p| p.strip_prefix('.'))
-            .ok_or(invalid.clone())?;
-        let signature = URL_SAFE_NO_PAD
-            .decode(signature)
-            .map_err(|_| invalid.clone())?;
-        mac(secret, signed)
-            .ok_or(invalid.clone())?
-            .verify_slice(&signature)
-            .map_err(|_| invalid.clone())?;
+        let candidate = digest(token.as_bytes());
+        if self
+            .admin
+            .is_some_and(|d| bool::from(d.as_slice().ct_eq(&candidate)))
+        {
+            return Ok(Access::Admin);
+        }
+        if self
+            .metrics
+            .is_some_and(|d| bool::from(d.as_slice().ct_eq(&candidate)))
+        {
+            return Ok(Access::Metrics);
+        }
+        let (signed, signature) = token.rsplit_once('.').ok_or(Invalid::NotValid)?;
+        let mut parts = signed.split('.');
+        let prefix = parts.next().ok_or(Invalid::NotValid)?;
+        let (payload, secret) = match prefix {
+            USER => {
+                let kid = parts.next().ok_or(Invalid::NotValid)?;
+                let payload = parts.next().ok_or(Invalid::NotValid)?;
+                let secret = [&self.current, &self.previous]
+                    .into_iter()
+                    .flatten()
+                    .find(|s| s.kid == kid)
+                    .ok_or(Invalid::NotValid)?;
+                (payload, secret)
+            }
+            USER_V1 | TICKET => {
+                let payload = parts.next().ok_or(Invalid::NotValid)?;
+                let secret = if prefix == TICKET {
+                    Some(&self.tickets)
+                } else {
+                    [&self.current, &self.previous]
+                        .into_iter()
+                        .flatten()
+                        .find(|s| s.verifies(signed, signature))
+                };
+                (payload, secret.ok_or(Invalid::NotValid)?)
+            }
+            _ => return Err(Invalid::NotValid),
+        };
+        if parts.next().is_some() || !secret.verifies(signed, signature) {
+            return Err(Invalid::NotValid);
+        }
         let claims: Claims = URL_SAFE_NO_PAD
             .decode(payload)
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
-            .ok_or(invalid)?;
-        if claims.exp <= now() {
-            return Err(Denied::Unauthenticated("the token has expired"));
+            .ok_or(Invalid::NotValid)?;
+        if claims.exp <= now {
+            return Err(Invalid::Expired);
         }
-        Ok(Access::User(claims.u))
-    }
-
-    /// The access of a request: its bearer token, else its `access_token` parameter.
-    pub(crate) fn request(
-        &self,
-        headers: &HeaderMap,
-        query_token: Option<&str>,
-    ) -> Result<Access, Denied> {
-        // The scheme's name is case-insensitive (RFC 9110).
-        let bearer = headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, token)| token);
-        let token = bearer.or(query_token).ok_or(Denied::Unauthenticated(
-            "a token is needed: Authorization: Bearer TOKEN (or ?access_token=)",
-        ))?;
-        self.access(token.trim())
-    }
-
-    /// The access of a request to `user`'s data.
-    pub(crate) fn for_user(
-        &self,
-        headers: &HeaderMap,
-        query_token: Option<&str>,
-        user: &str,
-    ) -> Result<Access, Denied> {
-        match self.request(headers, query_token)? {
-            Access::Admin => Ok(Access::Admin),
-            Access::User(u) if u == user => Ok(Access::User(u)),
-            Access::User(_) => Err(Denied::Forbidden("this token does not reach this user")),
+        let max = if prefix == TICKET {
+            TICKET_TTL
+        } else {
+            self.max_ttl
+        };
+        if claims.exp > now.saturating_add(max.as_secs()).saturating_add(SKEW) {
+            return Err(Invalid::TooLong);
         }
-    }
-
-    /// The access of a request to the operator's routes.
-    pub(crate) fn for_admin(
-        &self,
-        headers: &HeaderMap,
-        query_token: Option<&str>,
-    ) -> Result<(), Denied> {
-        match self.request(headers, query_token)? {
-            Access::Admin => Ok(()),
-            Access::User(_) => Err(Denied::Forbidden("the operator's token is needed")),
+        match (prefix, claims.s) {
+            (TICKET, Some(kind)) => Ok(Access::Ticket {
+                user: claims.u,
+                kind,
+                task: claims.t,
+            }),
+            (TICKET, None) => Err(Invalid::NotValid),
+            _ => Ok(Access::User(claims.u)),
         }
     }
 }
@@ -189,37 +364,168 @@ impl Auth {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
-    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+    const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+    const OLD: &[u8] = b"an older secret of thirty-two bytes!";
+    const DAY: Duration = Duration::from_secs(86_400);
+    const DEFAULT_MAX_TTL: Duration = Duration::from_secs(30 * 86_400);
+
+    fn keys(previous: Option<&[u8]>) -> Keys {
+        Keys::new(
+            Some(b"admin-token-0123"),
+            Some(b"metrics-token-0123"),
+            Some(Secret::new(SECRET).unwrap()),
+            previous.map(|p| Secret::new(p).unwrap()),
+            Secret::random().unwrap(),
+            DEFAULT_MAX_TTL,
+        )
+    }
+
+    fn sign_v1(secret: &[u8], claims: &str) -> String {
+        let s = Secret::new(secret).unwrap();
+        s.sign(format!("thu1.{}", URL_SAFE_NO_PAD.encode(claims)))
+            .unwrap()
+    }
 
     #[test]
     fn a_user_token_reaches_its_user_only_until_it_expires() {
-        let auth = Auth::new(Some("admin-token".into()), Some(SECRET.into()));
-        let token = issue(SECRET.as_bytes(), "u1", Duration::from_secs(60)).unwrap();
-        assert_eq!(auth.access(&token), Ok(Access::User("u1".into())));
-        assert_eq!(auth.access("admin-token"), Ok(Access::Admin));
-        let expired = issue(SECRET.as_bytes(), "u1", Duration::ZERO).unwrap();
-        assert!(matches!(
-            auth.access(&expired),
-            Err(Denied::Unauthenticated(_))
-        ));
-        let forged = issue(
-            b"another secret of thirty-two bytes!",
-            "u1",
-            Duration::from_secs(60),
-        )
-        .unwrap();
-        assert!(matches!(
-            auth.access(&forged),
-            Err(Denied::Unauthenticated(_))
-        ));
+        let k = keys(None);
+        let secret = Secret::new(SECRET).unwrap();
+        let token = issue(&secret, "u1", Duration::from_secs(60), DAY).unwrap();
+        assert!(token.starts_with(&format!("thu2.{}.", secret.kid())));
+        let t = now();
+        assert_eq!(k.verify(&token, t), Ok(Access::User("u1".into())));
+        assert_eq!(k.verify(&token, t + 61), Err(Invalid::Expired));
+        assert_eq!(k.verify("admin-token-0123", t), Ok(Access::Admin));
+        assert_eq!(k.verify("metrics-token-0123", t), Ok(Access::Metrics));
+        let forged = issue(&Secret::new(OLD).unwrap(), "u1", DAY, DAY).unwrap();
+        assert_eq!(k.verify(&forged, t), Err(Invalid::NotValid));
         // Another user's payload under this token's signature.
-        let other = issue(SECRET.as_bytes(), "u2", Duration::from_secs(60)).unwrap();
+        let other = issue(&secret, "u2", Duration::from_secs(60), DAY).unwrap();
         let (_, sig) = token.rsplit_once('.').unwrap();
         let (signed, _) = other.rsplit_once('.').unwrap();
-        assert!(auth.access(&format!("{signed}.{sig}")).is_err());
-        assert!(auth.access("thu1.x.y").is_err());
-        assert!(auth.access("").is_err());
-        assert!(!format!("{auth:?}").contains("admin-token"));
+        assert!(k.verify(&format!("{signed}.{sig}"), t).is_err());
+        assert!(k.verify("thu2.x.y.z", t).is_err());
+        assert!(k.verify("", t).is_err());
+        assert!(issue(&secret, "u1", DAY * 31, DEFAULT_MAX_TTL).is_err());
+        let debug = format!("{k:?}{secret:?}");
+        assert!(!debug.contains("admin-token") && !debug.contains("0123456789abcdef"));
+    }
+
+    #[test]
+    fn the_lifetime_cap_and_the_previous_secret() {
+        let t = now();
+        let far = sign_v1(SECRET, &format!(r#"{{"u":"u1","exp":{}}}"#, u64::MAX));
+        assert_eq!(keys(None).verify(&far, t), Err(Invalid::TooLong));
+        let v1 = sign_v1(SECRET, &format!(r#"{{"u":"u1","exp":{}}}"#, t + 60));
+        assert_eq!(keys(None).verify(&v1, t), Ok(Access::User("u1".into())));
+        let old = issue(&Secret::new(OLD).unwrap(), "u1", DAY, DAY).unwrap();
+        assert_eq!(keys(None).verify(&old, t), Err(Invalid::NotValid));
+        assert_eq!(
+            keys(Some(OLD)).verify(&old, t),
+            Ok(Access::User("u1".into()))
+        );
+        let old_v1 = sign_v1(OLD, &format!(r#"{{"u":"u1","exp":{}}}"#, t + 60));
+        assert!(keys(Some(OLD)).verify(&old_v1, t).is_ok());
+        assert!(keys(None).verify(&old_v1, t).is_err());
+    }
+
+    #[test]
+    fn tickets_name_their_stream_and_last_a_minute() {
+        let k = keys(None);
+        let t = now();
+        let ticket = k.ticket("u1", "sse", Some("t1")).unwrap();
+        assert_eq!(
+            k.verify(&ticket, t),
+            Ok(Access::Ticket {
+                user: "u1".into(),
+                kind: "sse".into(),
+                task: Some("t1".into())
+            })
+        );
+        assert_eq!(k.verify(&ticket, t + 61), Err(Invalid::Expired));
+        // Another process's ticket key: refused.
+        assert_eq!(keys(None).verify(&ticket, t), Err(Invalid::NotValid));
+        // A ticket signed with the user secret (as if by a service): refused.
+        let secret = Secret::new(SECRET).unwrap();
+        let fake = secret
+            .sign(format!(
+                "tht1.{}",
+                URL_SAFE_NO_PAD.encode(format!(r#"{{"u":"u1","exp":{},"s":"sse"}}"#, t + 30))
+            ))
+            .unwrap();
+        assert_eq!(k.verify(&fake, t), Err(Invalid::NotValid));
+    }
+
+    fn mutations() -> impl Strategy<Value = String> {
+        let k = keys(None);
+        let secret = Secret::new(SECRET).unwrap();
+        let good = issue(&secret, "u1", Duration::from_secs(600), DAY).unwrap();
+        let ticket = k.ticket("u1", "ws", None).unwrap();
+        let payloads = prop_oneof![
+            Just(format!(r#"{{"u":"u1","exp":{}}}"#, u64::MAX)),
+            Just(r#"{"u":"u1","exp":1e400}"#.to_owned()),
+            Just(r#"{"u":"u1","exp":-1}"#.to_owned()),
+            Just(r#"{"u":"u1","exp":99999999999999999999999999999}"#.to_owned()),
+            Just(r#"{"u":1,"exp":1}"#.to_owned()),
+            ".{0,64}",
+        ];
+        prop_oneof![
+            // Random bytes (as text), dots and padding.
+            proptest::collection::vec(any::<u8>(), 0..300)
+                .prop_map(|b| String::from_utf8_lossy(&b).into_owned()),
+            "[a-z0-9._=-]{0,200}",
+            "thu[12t]\\.[A-Za-z0-9_=.-]{0,120}",
+            // Truncations and extensions of a good token and a ticket.
+            (0..good.len()).prop_map(move |n| good[..n].to_owned()),
+            (0..ticket.len()).prop_map(move |n| ticket[..n].to_owned()),
+            "[.=]{1,8}".prop_map(|p| format!(
+                "{}{p}",
+                issue(&Secret::new(SECRET).unwrap(), "u1", DAY, DAY).unwrap()
+            )),
+            // Any payload, unsigned or signed by another key.
+            payloads.prop_map(|p| format!(
+                "thu2.{}.{}.AAAA",
+                Secret::new(SECRET).unwrap().kid(),
+                URL_SAFE_NO_PAD.encode(p)
+            )),
+            "[0-9]{1,40}".prop_map(|n| sign_v1(OLD, &format!(r#"{{"u":"u1","exp":{n}}}"#))),
+            // Huge tokens.
+            (2049usize..20_000).prop_map(|n| "a".repeat(n)),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Random bytes, truncations, padding, dots, huge numbers: never a panic, never
+        /// accepted unless signed by a known key within its lifetime.
+        #[test]
+        fn the_parser_never_panics_and_accepts_only_signed_tokens(token in mutations()) {
+            let k = keys(None);
+            let t = now();
+            if let Ok(access) = k.verify(&token, t) {
+                // Only an untouched signed token can pass: re-signing it must give itself.
+                let secret = Secret::new(SECRET).unwrap();
+                let (signed, _) = token.rsplit_once('.').unwrap();
+                let ok = matches!(access, Access::User(_)) && secret.verifies(signed, token.rsplit_once('.').unwrap().1);
+                prop_assert!(ok, "accepted {token:?} as {access:?}");
+            }
+        }
+
+        /// A signed token with any `exp` is accepted only when `now < exp <= now + max + skew`.
+        #[test]
+        fn exp_is_checked_for_any_number(exp in any::<u64>()) {
+            let k = keys(None);
+            let t = now();
+            let token = Secret::new(SECRET).unwrap().sign(format!(
+                "thu2.{}.{}",
+                Secret::new(SECRET).unwrap().kid(),
+                URL_SAFE_NO_PAD.encode(format!(r#"{{"u":"u1","exp":{exp}}}"#))
+            )).unwrap();
+            let accepted = k.verify(&token, t).is_ok();
+            prop_assert_eq!(accepted, exp > t && exp <= t + DEFAULT_MAX_TTL.as_secs() + SKEW);
+        }
     }
 }

@@ -1,12 +1,20 @@
 //! Event streams: Server-Sent Events and WebSocket, both reading the store's event log
 //! after a cursor (`watch_user` / `watch_task`), so a client that reconnects with its last
 //! cursor (`Last-Event-ID`, or `?after=`) receives every write after it once.
+//!
+//! A browser cannot set a header on these requests, so they alone take a token in the URL:
+//! best a stream ticket (`POST .../events/ticket`: 60 s, that stream only), else a user
+//! token; never the operator's (`access.rs`). A WebSocket client may send messages of a few
+//! KiB at most (`--ws-max-message`; larger ones close the socket with 1009 before they are
+//! buffered) and must answer pings within `--ws-pong-timeout`.
 
 use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{close_code, CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::{Stream, StreamExt};
@@ -14,7 +22,7 @@ use serde::Deserialize;
 use serde_json::json;
 use taskhistory_core::{EventCursor, StoreError, TaskEvent};
 
-use super::api::{timed, ApiError};
+use super::api::{request_id, timed, ApiError};
 use super::AppState;
 
 /// Event stream parameters.
@@ -33,10 +41,12 @@ async fn open(
     user: &str,
     headers: &HeaderMap,
     params: &Params,
+    kind: &str,
 ) -> Result<Events, ApiError> {
+    let task = params.task.as_deref().filter(|t| !t.is_empty());
     state
         .auth
-        .for_user(headers, params.access_token.as_deref(), user)?;
+        .for_stream(headers, params.access_token.as_deref(), user, kind, task)?;
     // EventSource sends the last id it saw when it reconnects.
     let last_id = headers
         .get("last-event-id")
@@ -47,7 +57,7 @@ async fn open(
         .map(EventCursor::parse)
         .transpose()?;
     let store = state.store.clone();
-    let events = match params.task.as_deref().filter(|t| !t.is_empty()) {
+    let events = match task {
         Some(task) => timed(state, "watch_task", store.watch_task(user, task, after)).await?,
         None => timed(state, "watch_user", store.watch_user(user, after)).await?,
     };
@@ -59,8 +69,57 @@ async fn stopped(mut stopping: tokio::sync::watch::Receiver<bool>) {
     let _ = stopping.wait_for(|s| *s).await;
 }
 
-fn error_body(e: &StoreError) -> serde_json::Value {
-    json!({"error": {"class": super::api::classify(e).1, "message": e.to_string()}})
+/// A stream's last item: the class, a fixed message and the request id of the request that
+/// opened the stream; the detail goes to the log under that id.
+fn error_body(e: &StoreError, request_id: &str) -> serde_json::Value {
+    ApiError::from(e.clone()).body(request_id)
+}
+
+/// `POST /v1/users/{user}/events/ticket` parameters.
+#[derive(Debug, Deserialize)]
+pub(crate) struct TicketParams {
+    /// `sse` (default) or `ws`.
+    stream: Option<String>,
+    /// The stream's task filter.
+    task: Option<String>,
+    access_token: Option<String>,
+}
+
+/// `POST /v1/users/{user}/events/ticket?stream=sse|ws&task=`: with the user's (or the
+/// operator's) token in the header, a ticket that opens that user's stream of that kind and
+/// task filter, for 60 s: what a page puts in the stream's URL instead of a long-lived token.
+pub(crate) async fn ticket(
+    State(state): State<AppState>,
+    Path(user): Path<String>,
+    headers: HeaderMap,
+    Query(q): Query<TicketParams>,
+) -> Result<axum::Json<serde_json::Value>, ApiError> {
+    state
+        .auth
+        .for_user(&headers, q.access_token.as_deref(), &user)?;
+    taskhistory_core::validate::user_id(&user)?;
+    let kind = match q.stream.as_deref().filter(|s| !s.is_empty()) {
+        None | Some("sse") => "sse",
+        Some("ws") => "ws",
+        Some(_) => return Err(ApiError::invalid("stream", "expected sse or ws")),
+    };
+    let task = q.task.as_deref().filter(|t| !t.is_empty());
+    if let Some(task) = task {
+        taskhistory_core::validate::task_id(task)?;
+    }
+    let ticket = state.auth.keys().ticket(&user, kind, task).map_err(|_| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "could not sign the ticket",
+        )
+    })?;
+    Ok(axum::Json(json!({
+        "ticket": ticket,
+        "expires_in": super::auth::TICKET_TTL.as_secs(),
+        "stream": kind,
+        "task": task,
+    })))
 }
 
 /// `GET /v1/users/{user}/events`: each event as `event: task`, `id:` its cursor, `data:` the
@@ -72,7 +131,8 @@ pub(crate) async fn sse(
     headers: HeaderMap,
     Query(params): Query<Params>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let events = open(&state, &user, &headers, &params).await?;
+    let events = open(&state, &user, &headers, &params, "sse").await?;
+    let id = request_id();
     let guard = state.metrics.watcher();
     let metrics = state.metrics.clone();
     let stream = events
@@ -90,7 +150,7 @@ pub(crate) async fn sse(
                 }
                 Err(e) => Event::default()
                     .event("error")
-                    .data(error_body(&e).to_string()),
+                    .data(error_body(&e, &id).to_string()),
             })
         });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(state.heartbeat).text("heartbeat")))
@@ -98,7 +158,8 @@ pub(crate) async fn sse(
 
 /// `GET /v1/users/{user}/ws`: the same events, one JSON text message each
 /// (`{"type": "event", "event": {...}}`; an error as `{"type": "error", ...}`, then the
-/// socket closes). Pings keep it open.
+/// socket closes). A ping every heartbeat; a client that does not answer within
+/// `--ws-pong-timeout` is disconnected.
 pub(crate) async fn websocket(
     State(state): State<AppState>,
     Path(user): Path<String>,
@@ -106,20 +167,48 @@ pub(crate) async fn websocket(
     Query(params): Query<Params>,
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let events = open(&state, &user, &headers, &params).await?;
+    let events = open(&state, &user, &headers, &params, "ws").await?;
+    let id = request_id();
+    let max = state.limits.ws_max_message;
     Ok(upgrade
-        .on_upgrade(move |socket| forward(state, events, socket))
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| forward(state, events, socket, id))
         .into_response())
 }
 
-async fn forward(state: AppState, mut events: Events, mut socket: WebSocket) {
+async fn close(socket: &mut WebSocket, code: u16, reason: &'static str) {
+    let frame = CloseFrame {
+        code,
+        reason: reason.into(),
+    };
+    let _ = socket.send(Message::Close(Some(frame))).await;
+}
+
+async fn forward(state: AppState, mut events: Events, mut socket: WebSocket, id: Arc<str>) {
     let _counted = state.metrics.watcher();
     let mut heartbeat = tokio::time::interval(state.heartbeat);
     heartbeat.tick().await;
+    let pong_timeout = Duration::from_secs(state.limits.ws_pong_timeout.max(1));
+    // When the oldest unanswered ping was sent.
+    let mut unanswered: Option<Instant> = None;
     let mut stopped = std::pin::pin!(stopped(state.stopping.clone()));
+    let deadline = |unanswered: Option<Instant>| async move {
+        match unanswered {
+            Some(since) => tokio::time::sleep_until((since + pong_timeout).into()).await,
+            None => std::future::pending().await,
+        }
+    };
     loop {
         tokio::select! {
-            () = &mut stopped => break,
+            () = &mut stopped => {
+                close(&mut socket, close_code::AWAY, "the server is stopping").await;
+                return;
+            }
+            () = deadline(unanswered) => {
+                close(&mut socket, close_code::POLICY, "no pong in time").await;
+                return;
+            }
             item = events.next() => {
                 let (text, last) = match item {
                     Some(Ok(event)) => {
@@ -127,7 +216,7 @@ async fn forward(state: AppState, mut events: Events, mut socket: WebSocket) {
                         (json!({"type": "event", "event": event}).to_string(), false)
                     }
                     Some(Err(e)) => {
-                        let mut body = error_body(&e);
+                        let mut body = error_body(&e, &id);
                         body["type"] = json!("error");
                         (body.to_string(), true)
                     }
@@ -138,13 +227,29 @@ async fn forward(state: AppState, mut events: Events, mut socket: WebSocket) {
                 }
             }
             incoming = socket.recv() => match incoming {
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(Message::Close(_))) | None => break,
+                Some(Ok(Message::Pong(_))) => unanswered = None,
                 Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    // Over --ws-max-message (tungstenite refuses it from the frame's header,
+                    // before buffering it) or a protocol error.
+                    let too_big = std::error::Error::source(&e)
+                        .map_or_else(|| e.to_string(), ToString::to_string)
+                        .contains("Space limit exceeded")
+                        || e.to_string().contains("Space limit exceeded");
+                    if too_big {
+                        close(&mut socket, close_code::SIZE, "message too big").await;
+                    } else {
+                        close(&mut socket, close_code::PROTOCOL, "protocol error").await;
+                    }
+                    return;
+                }
             },
             _ = heartbeat.tick() => {
                 if socket.send(Message::Ping(Vec::new().into())).await.is_err() {
                     break;
                 }
+                unanswered.get_or_insert_with(Instant::now);
             }
         }
     }

@@ -36,6 +36,9 @@ pub(crate) struct Metrics {
     operations: Family<OperationLabels, Histogram>,
     watchers: Gauge<i64, AtomicI64>,
     events: Counter,
+    auth_failures: Counter,
+    auth_limited: Counter,
+    connections_refused: Counter,
 }
 
 /// The store's own counters and pool, read at each scrape.
@@ -146,6 +149,24 @@ impl Metrics {
             "Events sent to event streams",
             events.clone(),
         );
+        let auth_failures = Counter::default();
+        registry.register(
+            "taskhistory_auth_failures",
+            "Requests refused 401 (no token, or a malformed, forged or expired one)",
+            auth_failures.clone(),
+        );
+        let auth_limited = Counter::default();
+        registry.register(
+            "taskhistory_auth_rate_limited",
+            "Requests refused 429: their address failed authentication too often",
+            auth_limited.clone(),
+        );
+        let connections_refused = Counter::default();
+        registry.register(
+            "taskhistory_connections_refused",
+            "Connections closed at once: --max-connections were open",
+            connections_refused.clone(),
+        );
         registry.register_collector(Box::new(StoreCollector(pg)));
         Arc::new(Metrics {
             registry,
@@ -153,6 +174,9 @@ impl Metrics {
             operations,
             watchers,
             events,
+            auth_failures,
+            auth_limited,
+            connections_refused,
         })
     }
 
@@ -168,6 +192,21 @@ impl Metrics {
         self.operations
             .get_or_create(&OperationLabels { operation, outcome })
             .observe(took.as_secs_f64());
+    }
+
+    /// A request refused 401.
+    pub(crate) fn auth_failed(&self) {
+        self.auth_failures.inc();
+    }
+
+    /// A request refused 429.
+    pub(crate) fn auth_limited(&self) {
+        self.auth_limited.inc();
+    }
+
+    /// A connection closed at the connection limit.
+    pub(crate) fn connection_refused(&self) {
+        self.connections_refused.inc();
     }
 
     /// One more event sent.

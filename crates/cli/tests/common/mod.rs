@@ -36,6 +36,8 @@ pub(crate) fn bin() -> Command {
         "DB_SCHEMA",
         "TASKHISTORY_ADMIN_TOKEN",
         "TASKHISTORY_SECRET",
+        "TASKHISTORY_SECRET_PREVIOUS",
+        "TASKHISTORY_METRICS_TOKEN",
     ] {
         cmd.env_remove(var);
     }
@@ -50,47 +52,31 @@ impl Server {
     }
 
     pub(crate) async fn on(store: PgTaskHistoryStore, config: PgConfig, extra: &[&str]) -> Server {
-        // reqwest's TLS takes the process's crypto provider.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        Server::on_with(store, config, &[], extra).await
+    }
+
+    /// A server on a fresh schema with more environment (`env`) and flags (`extra`).
+    pub(crate) async fn start_with(env: &[(&str, &str)], extra: &[&str]) -> Server {
+        let config = fresh_config().await;
+        let store = store_for(config.clone()).await;
+        Server::on_with(store, config, env, extra).await
+    }
+
+    pub(crate) async fn on_with(
+        store: PgTaskHistoryStore,
+        config: PgConfig,
+        env: &[(&str, &str)],
+        extra: &[&str],
+    ) -> Server {
         let url = database_url().await;
-        let mut child = bin()
-            .env("TASKHISTORY_ADMIN_TOKEN", ADMIN)
-            .env("TASKHISTORY_SECRET", SECRET)
-            .args([
-                "--database-url",
-                &url,
-                "--schema",
-                config.get_schema().unwrap(),
-            ])
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stderr = BufReader::new(child.stderr.take().unwrap());
-        let mut line = String::new();
-        stderr.read_line(&mut line).unwrap();
-        let base = line
-            .split_whitespace()
-            .find(|w| w.starts_with("http"))
-            .unwrap_or_else(|| panic!("serve did not start: {line}"))
-            .trim_end_matches('/')
-            .to_owned();
-        // Keep reading stderr (so the server never blocks on it), and keep what it said.
-        let said = std::sync::Arc::new(std::sync::Mutex::new(line.clone()));
-        let keep = said.clone();
-        std::thread::spawn(move || {
-            for l in stderr.lines().map_while(Result::ok) {
-                keep.lock().unwrap().push_str(&(l + "\n"));
-            }
-        });
+        let schema = config.get_schema().unwrap().to_owned();
+        let (child, base, stderr) = spawn(&url, &schema, env, extra);
         Server {
             child,
             base,
             store,
             config,
-            stderr: said,
+            stderr,
         }
     }
 
@@ -120,4 +106,45 @@ pub(crate) fn token(user: &str, ttl: &str, secret: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// Starts `taskhistory serve` on `url` and `schema` (the operator token and the secret set,
+/// plus `env`): the process, its base URL and what it says on stderr.
+pub(crate) fn spawn(
+    url: &str,
+    schema: &str,
+    env: &[(&str, &str)],
+    extra: &[&str],
+) -> (Child, String, std::sync::Arc<std::sync::Mutex<String>>) {
+    // reqwest's TLS takes the process's crypto provider.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut child = bin()
+        .env("TASKHISTORY_ADMIN_TOKEN", ADMIN)
+        .env("TASKHISTORY_SECRET", SECRET)
+        .envs(env.iter().copied())
+        .args(["--database-url", url, "--schema", schema])
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    let base = line
+        .split_whitespace()
+        .find(|w| w.starts_with("http"))
+        .unwrap_or_else(|| panic!("serve did not start: {line}"))
+        .trim_end_matches('/')
+        .to_owned();
+    // Keep reading stderr (so the server never blocks on it), and keep what it said.
+    let said = std::sync::Arc::new(std::sync::Mutex::new(line.clone()));
+    let keep = said.clone();
+    std::thread::spawn(move || {
+        for l in stderr.lines().map_while(Result::ok) {
+            keep.lock().unwrap().push_str(&(l + "\n"));
+        }
+    });
+    (child, base, said)
 }

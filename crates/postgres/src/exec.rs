@@ -96,7 +96,7 @@ pub(crate) type Own<P, T> =
     for<'c> fn(&'c Connector, &'c P) -> BoxFuture<'c, Result<T, StoreError>>;
 
 /// A `COPY` batch's work, on a plain tokio-postgres connection.
-pub(crate) type Copy<P, T> =
+pub(crate) type CopyWork<P, T> =
     for<'c> fn(&'c mut RawSession, &'c P) -> BoxFuture<'c, Result<T, StoreError>>;
 
 #[derive(Default)]
@@ -335,7 +335,7 @@ impl Executor {
         &self,
         call: Call<'_>,
         params: &P,
-        work: Copy<P, T>,
+        work: CopyWork<P, T>,
     ) -> Result<T, StoreError> {
         self.execute(call, || async {
             let pool = self

@@ -208,20 +208,53 @@ async fn verify_full_accepts_the_right_ca_and_refuses_others() {
     let err = connect(config(server.port, "localhost", &wrong_ca))
         .await
         .expect_err("verify-full trusted a certificate from an unknown CA");
+    // A configuration error (no retry cures it; the CLI exits 2), naming what to set.
+    assert!(
+        matches!(&err, StoreError::Configuration { setting, .. } if setting == "DB_SSLROOTCERT"),
+        "{err:?}"
+    );
+    assert!(!err.is_transient());
     let text = err.to_string().to_lowercase();
     assert!(text.contains("certificate"), "{err}");
 
-    // The right CA but a name the certificate does not carry (127.0.0.1): refused too.
+    // The right CA but a name the certificate does not carry (127.0.0.1): refused too,
+    // saying which name was asked for.
     let err = connect(config(server.port, "127.0.0.1", &good_ca))
         .await
         .expect_err("verify-full accepted a certificate for another name");
     assert!(
-        err.to_string().to_lowercase().contains("certificate"),
-        "{err}"
+        matches!(&err, StoreError::Configuration { setting, .. } if setting == "DB_HOST"),
+        "{err:?}"
     );
+    assert!(err.to_string().contains("127.0.0.1"), "{err}");
 
     // Without TLS the server refuses: proof that the success above was encrypted.
     let plain = config(server.port, "localhost", &good_ca).ssl_mode(SslMode::Disable);
     let err = connect(plain).await.expect_err("a plain connection got in");
     assert!(err.to_string().contains("no pg_hba.conf entry"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_server_certificate_is_a_configuration_error() {
+    let (ca_cert, ca_key) = ca("taskhistory test CA");
+    let mut params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "localhost");
+    params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &ca_cert, &ca_key).unwrap();
+    let server = start_tls_server(&cert.pem(), &key.serialize_pem());
+    let files = tempfile::tempdir().unwrap();
+    let ca_file = files.path().join("ca.pem");
+    std::fs::write(&ca_file, ca_cert.pem()).unwrap();
+    let err = connect(config(server.port, "localhost", &ca_file))
+        .await
+        .expect_err("verify-full accepted an expired certificate");
+    assert!(
+        matches!(&err, StoreError::Configuration { setting, .. } if setting == "DB_SSLMODE"),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("validity"), "{err}");
 }

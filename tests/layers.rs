@@ -3,6 +3,7 @@
 //! module imports only modules of the layers below its own, as the document lists them.
 //! Imports are read as `crate::` paths in each module's files (its unit tests, which come
 //! last in a file, excluded); comments are ignored.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};

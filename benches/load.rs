@@ -28,12 +28,12 @@ use bytes::{BufMut, BytesMut};
 use chrono::{DateTime, Utc};
 use futures::SinkExt;
 use serde_json::json;
-use taskhistory_testing::sql;
 use taskhistory::{
     CleanupOptions, DynStore, HistoryScan, MemoryStore, PgConfig, PgTaskHistoryStore, SslMode,
     StepRecord, TaskHistoryStore, TaskStatus, TaskStepResult,
 };
 use taskhistory_testing as testing;
+use taskhistory_testing::sql;
 use tokio::sync::Mutex;
 use tokio_postgres::types::{Json, ToSql, Type};
 use tokio_postgres::{Client, NoTls, Statement};
@@ -844,7 +844,12 @@ async fn run() {
         // Reads: 16 tasks of 50 steps.
         seed(&pg, &records("reader", 16, 50, None)).await;
         // As many shared, pipelined connections as the store shares for reads.
-        let raw = SharedRaw::new(&url, &schema, pg.config().get_pipelined_reads().max(1) as usize).await;
+        let raw = SharedRaw::new(
+            &url,
+            &schema,
+            pg.config().get_pipelined_reads().max(1) as usize,
+        )
+        .await;
         let (s, r) = (store.clone(), raw.clone());
         compare(
             &mut report,

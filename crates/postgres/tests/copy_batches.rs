@@ -11,8 +11,8 @@ mod copy_path {
 
     use serde_json::json;
     use taskhistory_core::{StepRecord, StoreError, TaskHistoryStore, TaskQuery, TaskStepResult};
-    use taskhistory_testing::sql;
     use taskhistory_postgres::PgTaskHistoryStore;
+    use taskhistory_testing::sql;
     use taskhistory_testing::{fresh_config, store_for, test_db_client};
 
     fn r(i: i32) -> TaskStepResult {

@@ -1,15 +1,19 @@
 //! The load bench: the PostgreSQL store driven from N concurrent tokio tasks, each figure
 //! paired in the same run with the best a user could do with the raw driver for the same
-//! work: the store's exact SQL through tokio-postgres, prepared; writes on a connection per
-//! worker, reads pipelined on as many shared connections as the store shares (2); batches
-//! of new tasks as the same claim and a binary `COPY` sent in 1 MiB chunks, and the upsert
-//! path against the same upsert statement. Store and baseline rounds alternate, each going
-//! first in every other round. It prints ops/s, p50/p99 latency and the ratio
+//! work: the store's exact SQL through tokio-postgres, prepared. Single saves have two
+//! baselines, each named in its column: the raw driver combining concurrent saves as the
+//! store does (as many lanes, the same combined statement, a lone save by the single-step
+//! statement), so the ratio is the library's own overhead; and pgbench running the Python
+//! service's plain INSERT, one commit per row (pgbench missing fails the bench). Reads are
+//! pipelined on as many shared connections as the store shares (2); batches of new tasks
+//! are compared with the same claim and a binary `COPY` sent in 1 MiB chunks, and the
+//! upsert path with the same upsert statement. Store and baseline rounds alternate, each
+//! going first in every other round. It prints ops/s, p50/p99 latency and the ratio
 //! store/baseline: the headline, since absolute figures drift on shared machines.
 //!
 //! ```sh
 //! cargo bench --bench load                       # full run (a few minutes)
-//! BENCH_SHORT=1 cargo bench --bench load         # the ratio table in a minute or two (CI)
+//! BENCH_SHORT=1 cargo bench --bench load         # the ratio tables in a minute or two (CI)
 //! BENCH_ONLY=reads,list cargo bench --bench load # some sections only (save, batch, compat,
 //!                                                # watch, reads, list, cleanup, memory, peak)
 //! ```
@@ -18,9 +22,10 @@
 //! the bench works in its own schema and drops it at the end.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::io::Write as _;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -34,7 +39,7 @@ use taskhistory::{
 };
 use taskhistory_testing as testing;
 use taskhistory_testing::sql;
-use tokio::sync::Mutex;
+use tokio::sync::{oneshot, Mutex, OwnedMutexGuard};
 use tokio_postgres::types::{Json, ToSql, Type};
 use tokio_postgres::{Client, NoTls, Statement};
 
@@ -47,6 +52,7 @@ struct Raw {
     client: Client,
     save: Statement,
     save_one: Statement,
+    save_combined: Statement,
     load: Statement,
     status: Statement,
     list: Statement,
@@ -60,6 +66,7 @@ async fn raw_connect(url: &str, schema: &str) -> Raw {
     Raw {
         save: client.prepare(sql::SAVE_STEPS).await.unwrap(),
         save_one: client.prepare(sql::SAVE_STEP).await.unwrap(),
+        save_combined: client.prepare(sql::SAVE_COMBINED).await.unwrap(),
         load: client.prepare(sql::LOAD_HISTORY).await.unwrap(),
         status: client.prepare(sql::TASK_STATUS).await.unwrap(),
         list: client.prepare(sql::LIST_TASKS).await.unwrap(),
@@ -67,8 +74,8 @@ async fn raw_connect(url: &str, schema: &str) -> Raw {
     }
 }
 
-/// Raw connections, one per worker up to the pool's maximum (like the store's pool), each
-/// used by one worker at a time (no pipelining the store does not do).
+/// Raw connections, each used by one worker at a time (`w % n`; no pipelining the store
+/// does not do).
 #[derive(Clone)]
 struct RawPool(Arc<Vec<Mutex<Raw>>>);
 
@@ -126,6 +133,127 @@ async fn raw_save(raw: &Raw, records: &[StepRecord]) {
     let statuses: Vec<&str> = records.iter().map(|r| r.result.status.as_str()).collect();
     let params: [&(dyn ToSql + Sync); 6] = [&users, &tasks, &steps, &results, &times, &statuses];
     raw.client.query(&raw.save, &params).await.unwrap();
+}
+
+/// The raw driver combining single saves as the store does (`combine.rs`), so that the
+/// store against it is the library's own overhead: a save joins a queue and takes a free
+/// lane if there is one (as many lanes as the store's save lanes, each a tokio-postgres
+/// connection of its own with the store's statements prepared). The lane's worker, a task
+/// of its own, takes every save queued at that moment (at most 1,000, as the store), writes
+/// them in key order in one statement (`SAVE_COMBINED`; a lone save `SAVE_STEP`, as the
+/// store sends it) and answers each caller after the commit, then takes what queued
+/// meanwhile, until the queue is empty. The bench's saves never repeat a step, so no save
+/// is held back for a later statement (the store's rule for a step queued twice).
+#[derive(Clone)]
+struct RawCombiner(Arc<CombinerState>);
+
+struct CombinerState {
+    queue: std::sync::Mutex<VecDeque<(StepRecord, oneshot::Sender<()>)>>,
+    lanes: Vec<Arc<Mutex<Raw>>>,
+    /// Statements sent and saves written, to show how much was combined.
+    statements: AtomicU64,
+    saves: AtomicU64,
+}
+
+impl RawCombiner {
+    async fn new(url: &str, schema: &str, lanes: usize) -> Self {
+        let mut v = Vec::new();
+        for _ in 0..lanes.max(1) {
+            v.push(Arc::new(Mutex::new(raw_connect(url, schema).await)));
+        }
+        RawCombiner(Arc::new(CombinerState {
+            queue: std::sync::Mutex::new(VecDeque::new()),
+            lanes: v,
+            statements: AtomicU64::new(0),
+            saves: AtomicU64::new(0),
+        }))
+    }
+
+    /// Saves one step; returns after the commit of the statement that took it.
+    async fn save(&self, record: StepRecord) {
+        let (done, answer) = oneshot::channel();
+        self.0.queue.lock().unwrap().push_back((record, done));
+        if let Some(lane) = self.free_lane() {
+            tokio::spawn(self.clone().work(lane));
+        }
+        answer.await.unwrap();
+    }
+
+    fn free_lane(&self) -> Option<OwnedMutexGuard<Raw>> {
+        self.0
+            .lanes
+            .iter()
+            .find_map(|lane| lane.clone().try_lock_owned().ok())
+    }
+
+    /// Writes what is queued until the queue is empty, then frees the lane.
+    async fn work(self, lane: OwnedMutexGuard<Raw>) {
+        let mut lane = Some(lane);
+        loop {
+            let mut batch: Vec<(StepRecord, oneshot::Sender<()>)> = {
+                let mut queue = self.0.queue.lock().unwrap();
+                let n = queue.len().min(1_000);
+                queue.drain(..n).collect()
+            };
+            if batch.is_empty() {
+                drop(lane.take());
+                // A save queued after the take found no free lane: take one again unless
+                // another worker already did.
+                if self.0.queue.lock().unwrap().is_empty() {
+                    return;
+                }
+                match self.free_lane() {
+                    Some(again) => {
+                        lane = Some(again);
+                        continue;
+                    }
+                    None => return,
+                }
+            }
+            // Key order: the order every writer locks tasks in.
+            batch.sort_by(|(a, _), (b, _)| {
+                (&a.user_id, &a.task_id, a.step).cmp(&(&b.user_id, &b.task_id, b.step))
+            });
+            let raw = lane.as_deref().unwrap();
+            let (records, answers): (Vec<StepRecord>, Vec<_>) = batch.into_iter().unzip();
+            if let [one] = records.as_slice() {
+                raw_save(raw, std::slice::from_ref(one)).await;
+            } else {
+                let users: Vec<&str> = records.iter().map(|r| r.user_id.as_str()).collect();
+                let tasks: Vec<&str> = records.iter().map(|r| r.task_id.as_str()).collect();
+                let steps: Vec<i32> = records.iter().map(|r| r.step).collect();
+                let results: Vec<Json<&TaskStepResult>> =
+                    records.iter().map(|r| Json(&r.result)).collect();
+                let times: Vec<Option<DateTime<Utc>>> = vec![None; records.len()];
+                let statuses: Vec<&str> =
+                    records.iter().map(|r| r.result.status.as_str()).collect();
+                let params: [&(dyn ToSql + Sync); 6] =
+                    [&users, &tasks, &steps, &results, &times, &statuses];
+                let row = raw
+                    .client
+                    .query_one(&raw.save_combined, &params)
+                    .await
+                    .unwrap();
+                let written: i64 = row.get("rows_written");
+                assert_eq!(written as usize, records.len(), "every save written");
+            }
+            self.0.statements.fetch_add(1, Ordering::Relaxed);
+            self.0
+                .saves
+                .fetch_add(records.len() as u64, Ordering::Relaxed);
+            for done in answers {
+                let _ = done.send(());
+            }
+        }
+    }
+
+    /// (statements, saves) so far.
+    fn counts(&self) -> (u64, u64) {
+        (
+            self.0.statements.load(Ordering::Relaxed),
+            self.0.saves.load(Ordering::Relaxed),
+        )
+    }
 }
 
 /// The best raw `COPY` of a batch of new tasks (sorted by task, as `records` makes them),
@@ -266,8 +394,20 @@ struct Row {
     ratio: String,
 }
 
+/// The single saves' table: two baselines, each named in its column header.
+const SAVE_HEADER: [&str; 6] = [
+    "workload",
+    "store",
+    "raw tokio-postgres combining like the store (same lanes; SAVE_COMBINED, a lone save SAVE_STEP)",
+    "store / raw combining",
+    "pgbench: the seed's plain INSERT, one commit per row",
+    "store / pgbench",
+];
+
 struct Report {
     rows: Vec<Row>,
+    /// The single saves' rows, in [`SAVE_HEADER`]'s columns.
+    saves: Vec<[String; 6]>,
 }
 
 impl Report {
@@ -282,13 +422,34 @@ impl Report {
         });
     }
 
+    fn add_save(&mut self, row: [String; 6]) {
+        for (header, value) in SAVE_HEADER.iter().zip(&row) {
+            println!("  {header}: {value}");
+        }
+        std::io::stdout().flush().ok();
+        self.saves.push(row);
+    }
+
     fn markdown(&self) -> String {
-        let mut s = String::from("| workload | store | baseline | ratio |\n|---|---|---|---|\n");
-        for r in &self.rows {
-            s.push_str(&format!(
-                "| {} | {} | {} | {} |\n",
-                r.name, r.store, r.baseline, r.ratio
-            ));
+        let mut s = String::new();
+        if !self.saves.is_empty() {
+            s.push_str(&format!("| {} |\n", SAVE_HEADER.join(" | ")));
+            s.push_str(&format!("|{}\n", "---|".repeat(SAVE_HEADER.len())));
+            for r in &self.saves {
+                s.push_str(&format!("| {} |\n", r.join(" | ")));
+            }
+            s.push('\n');
+        }
+        if !self.rows.is_empty() {
+            s.push_str(
+                "| workload | store | baseline (named in each row) | ratio |\n|---|---|---|---|\n",
+            );
+            for r in &self.rows {
+                s.push_str(&format!(
+                    "| {} | {} | {} | {} |\n",
+                    r.name, r.store, r.baseline, r.ratio
+                ));
+            }
         }
         s
     }
@@ -304,14 +465,8 @@ fn describe(s: &Sample) -> String {
 }
 
 /// Alternates store and baseline rounds (three each; the store goes first in rounds 0 and 2,
-/// the baseline in round 1) and keeps the median rate of each.
-async fn compare<S, SF, B, BF>(
-    report: &mut Report,
-    name: &str,
-    store_op: S,
-    base_op: B,
-    workers: usize,
-) -> (f64, Sample)
+/// the baseline in round 1): the samples of each.
+async fn paired<S, SF, B, BF>(store_op: S, base_op: B, workers: usize) -> (Vec<Sample>, Vec<Sample>)
 where
     S: Fn(u64, usize, u64) -> SF + Send + Sync + Clone + 'static,
     SF: Future<Output = ()> + Send,
@@ -330,6 +485,24 @@ where
             }
         }
     }
+    (ss, bs)
+}
+
+/// [`paired`] rounds, reported as one row: the median rate of each and their ratio.
+async fn compare<S, SF, B, BF>(
+    report: &mut Report,
+    name: &str,
+    store_op: S,
+    base_op: B,
+    workers: usize,
+) -> (f64, Sample)
+where
+    S: Fn(u64, usize, u64) -> SF + Send + Sync + Clone + 'static,
+    SF: Future<Output = ()> + Send,
+    B: Fn(u64, usize, u64) -> BF + Send + Sync + Clone + 'static,
+    BF: Future<Output = ()> + Send,
+{
+    let (ss, bs) = paired(store_op, base_op, workers).await;
     let rs = median(ss.iter().map(Sample::rate).collect());
     let rb = median(bs.iter().map(Sample::rate).collect());
     let (s, b) = (Sample::merge(&ss), Sample::merge(&bs));
@@ -350,16 +523,62 @@ where
     (rs, s)
 }
 
-/// pgbench (PostgreSQL's own load tool, from the server's binaries) running the Python
-/// service's plain one-row INSERT, prepared, one commit per row, into a table made as the
-/// Python service makes it (with its six indexes), for `secs` seconds with `clients`
-/// connections: (rows/s, average latency in ms). `None` when pgbench cannot be found.
-fn pgbench_plain_insert(url: &str, schema: &str, clients: usize, secs: u64) -> Option<(f64, f64)> {
-    let bin = testing::postgres_bin_dir()?.join("pgbench");
-    let config: tokio_postgres::Config = url.parse().ok()?;
-    let host = match config.get_hosts().first()? {
-        tokio_postgres::config::Host::Tcp(h) => h.clone(),
-        tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+/// Ends the bench with `message` on stderr and exit status 1.
+fn fail(message: &str) -> ! {
+    eprintln!("load bench failed: {message}");
+    std::process::exit(1)
+}
+
+/// pgbench: beside the server's binaries (`/usr/lib/postgresql/<version>/bin`), else on the
+/// `PATH`.
+fn find_pgbench() -> Result<std::path::PathBuf, String> {
+    let mut found: Vec<std::path::PathBuf> = testing::postgres_bin_dir()
+        .into_iter()
+        .chain(
+            std::fs::read_dir("/usr/lib/postgresql")
+                .into_iter()
+                .flatten()
+                .filter_map(Result::ok)
+                .map(|e| e.path().join("bin")),
+        )
+        .map(|bin| bin.join("pgbench"))
+        .filter(|p| p.exists())
+        .collect();
+    if found.is_empty() {
+        found.push("pgbench".into());
+    }
+    let bin = found.swap_remove(0);
+    match std::process::Command::new(&bin).arg("--version").output() {
+        Ok(out) if out.status.success() => Ok(bin),
+        _ => Err(
+            "pgbench (the single saves' second baseline) was not found under \
+             /usr/lib/postgresql/<version>/bin nor on the PATH. Install it: on Debian 12 it \
+             ships with the server package (apt-get install postgresql, which \
+             scripts/ensure-postgres.sh installs; pgbench is in postgresql-15); elsewhere, the \
+             package your distribution ships pgbench in. Or leave single saves out: \
+             BENCH_ONLY=batch,compat,watch,reads,list"
+                .to_owned(),
+        ),
+    }
+}
+
+/// pgbench (PostgreSQL's own load tool) running the Python service's plain one-row INSERT
+/// (the seed's `save_task_history` statement, its six columns; pgbench's variables make
+/// the values), prepared, one commit per row, into a table made as the Python service makes
+/// it (with its six indexes), for `secs` seconds with `clients` connections: (rows/s,
+/// average latency in ms). An error says why pgbench gave no figure.
+fn pgbench_plain_insert(
+    bin: &std::path::Path,
+    url: &str,
+    schema: &str,
+    clients: usize,
+    secs: u64,
+) -> Result<(f64, f64), String> {
+    let config: tokio_postgres::Config = url.parse().map_err(|e| format!("{e}"))?;
+    let host = match config.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "127.0.0.1".to_owned(),
     };
     let port = config.get_ports().first().copied().unwrap_or(5432);
     let script = std::env::temp_dir().join(format!("th-pgbench-{}.sql", std::process::id()));
@@ -369,7 +588,7 @@ fn pgbench_plain_insert(url: &str, schema: &str, clients: usize, secs: u64) -> O
          INSERT INTO python_task_history (user_id, task_id, step, result, timestamp, status) \
          VALUES ('u' || :client_id, 't' || :t, :s, '{\"step_name\": \"s\", \"status\": \"running\", \"result\": {\"i\": 1}, \"message\": \"\"}', now(), 'running');\n",
     )
-    .ok()?;
+    .map_err(|e| format!("cannot write pgbench's script: {e}"))?;
     let mut cmd = std::process::Command::new(bin);
     cmd.args(["-n", "-M", "prepared", "-j", "2"])
         .args(["-c", &clients.to_string(), "-T", &secs.to_string()])
@@ -384,15 +603,28 @@ fn pgbench_plain_insert(url: &str, schema: &str, clients: usize, secs: u64) -> O
         cmd.env("PGPASSWORD", String::from_utf8_lossy(password).into_owned());
     }
     cmd.arg(config.get_dbname().unwrap_or("postgres"));
-    let out = cmd.output().ok()?;
+    let out = cmd.output();
     let _ = std::fs::remove_file(&script);
+    let out = out.map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
     let text = String::from_utf8_lossy(&out.stdout);
     let number = |prefix: &str| -> Option<f64> {
         text.lines()
             .find_map(|l| l.trim().strip_prefix(prefix))
             .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
     };
-    Some((number("tps = ")?, number("latency average = ")?))
+    match (
+        out.status.success(),
+        number("tps = "),
+        number("latency average = "),
+    ) {
+        (true, Some(tps), Some(latency)) => Ok((tps, latency)),
+        _ => Err(format!(
+            "pgbench gave no figure ({}): {}{}",
+            out.status,
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        )),
+    }
 }
 
 fn peak_rss_kib() -> u64 {
@@ -485,6 +717,13 @@ fn main() {
 }
 
 async fn run() {
+    // pgbench is the single saves' second baseline: without it the bench fails (before it
+    // makes anything on the server) instead of leaving that baseline out.
+    let pgbench = if section("save") {
+        Some(find_pgbench().unwrap_or_else(|e| fail(&e)))
+    } else {
+        None
+    };
     let url = testing::database_url().await;
     let schema = format!("bench_{}", std::process::id());
     let config = PgConfig::from_url(&url)
@@ -504,13 +743,12 @@ async fn run() {
     let pg = testing::store_for(config).await;
     let store: DynStore = Arc::new(pg.clone());
     let admin = raw_connect(&url, &schema).await;
-    let mut report = Report { rows: Vec::new() };
-    println!(
-        "{:<44} {:<34} {:<34} ratio",
-        "workload", "store", "baseline (raw tokio-postgres / COPY)"
-    );
+    let mut report = Report {
+        rows: Vec::new(),
+        saves: Vec::new(),
+    };
 
-    if section("save") {
+    if let Some(pgbench) = pgbench {
         // The Python service's table, for pgbench's plain INSERT.
         admin
             .client
@@ -527,13 +765,17 @@ async fn run() {
             )
             .await
             .unwrap();
-        // Single saves at concurrency 1, 8, 32.
+        // Single saves at concurrency 1, 8, 32: the store against the raw driver combining
+        // saves on as many lanes as the store's, rounds alternating; then pgbench's plain
+        // INSERT with as many connections, for as long as the store's three rounds took.
+        let lanes = pg.config().get_save_lanes() as usize;
         for c in [1usize, 8, 32] {
-            let raw = RawPool::new(&url, &schema, c.min(20)).await;
+            let raw = RawCombiner::new(&url, &schema, lanes).await;
+            // The store's statements (attempts) during its rounds: only saves run on it.
+            let queries_before = pg.metrics().queries;
             let s = store.clone();
-            let (rate, sample) = compare(
-                &mut report,
-                &format!("save_task_history, {c} concurrent"),
+            let combiner = raw.clone();
+            let (ss, bs) = paired(
                 move |round, w, i| {
                     let s = s.clone();
                     async move {
@@ -544,32 +786,58 @@ async fn run() {
                     }
                 },
                 move |round, w, i| {
-                    let raw = raw.clone();
+                    let raw = combiner.clone();
                     async move {
-                        let r = StepRecord::new(
+                        raw.save(StepRecord::new(
                             format!("r{c}-{round}-{w}"),
                             format!("t{}", i / 20),
                             (i % 20) as i32,
                             step_result(i),
-                        );
-                        raw_save(&*raw.get(w).lock().await, &[r]).await;
+                        ))
+                        .await;
                     }
                 },
                 c,
             )
             .await;
-            // The same number of connections running the Python service's INSERT, one
-            // commit per row (pgbench), for as long as the store's three rounds took.
             let secs = (round_secs().as_secs_f64() * 3.0).ceil() as u64;
-            if let Some((tps, latency)) = pgbench_plain_insert(&url, &schema, c, secs) {
-                report.add(
-                    &format!("save_task_history, {c} concurrent / pgbench plain INSERT"),
-                    format!("{rate:.0}/s p50 {:.2} ms", ms(sample.pct(0.5))),
-                    format!("pgbench {tps:.0}/s avg {latency:.2} ms"),
-                    format!("{:.2}", rate / tps),
-                );
-            }
+            let (tps, latency) =
+                pgbench_plain_insert(&pgbench, &url, &schema, c, secs).unwrap_or_else(|e| fail(&e));
+            let (rs, rb) = (
+                median(ss.iter().map(Sample::rate).collect()),
+                median(bs.iter().map(Sample::rate).collect()),
+            );
+            let (s, b) = (Sample::merge(&ss), Sample::merge(&bs));
+            let store_statements = pg.metrics().queries - queries_before;
+            let (raw_statements, raw_saves) = raw.counts();
+            report.add_save([
+                format!("save_task_history, {c} concurrent"),
+                format!(
+                    "{rs:.0}/s p50 {:.2} p99 {:.2} ms; {:.1} saves a statement",
+                    ms(s.pct(0.5)),
+                    ms(s.pct(0.99)),
+                    s.ops as f64 / store_statements.max(1) as f64
+                ),
+                format!(
+                    "{rb:.0}/s p50 {:.2} p99 {:.2} ms; {:.1} saves a statement",
+                    ms(b.pct(0.5)),
+                    ms(b.pct(0.99)),
+                    raw_saves as f64 / raw_statements.max(1) as f64
+                ),
+                format!("{:.2}", rs / rb),
+                format!("{tps:.0}/s avg {latency:.2} ms"),
+                format!("{:.2}", rs / tps),
+            ]);
         }
+    }
+    let others = [
+        "batch", "compat", "watch", "reads", "list", "cleanup", "memory", "peak",
+    ];
+    if others.iter().any(|name| section(name)) {
+        println!(
+            "{:<44} {:<34} {:<34} ratio",
+            "workload", "store", "baseline (named in each row)"
+        );
     }
     if section("batch") {
         // Batches of new tasks, both paths of the store against the same work raw: the

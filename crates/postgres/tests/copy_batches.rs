@@ -1,13 +1,15 @@
 //! Batches by `COPY` (`copy.rs`): the whole behaviour suite with every batch of new tasks
 //! going by `COPY` (`copy_min_rows(1)`), and what only that path can get wrong: batches
 //! mixing new and existing tasks fall back to the upsert statement, and a `COPY` batch
-//! racing single saves of the same new tasks loses nothing and keeps summaries exact.
+//! racing single saves of the same new tasks loses nothing and keeps summaries exact (the
+//! race counted: single saves whose call ran while the batch's did, in both orders).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 taskhistory_core::conformance_tests!(taskhistory_testing::copy_dyn_store().await);
 
 mod copy_path {
     use std::sync::{Arc, Mutex};
+    use std::time::Instant;
 
     use serde_json::json;
     use taskhistory_core::{StepRecord, StoreError, TaskHistoryStore, TaskQuery, TaskStepResult};
@@ -114,15 +116,33 @@ mod copy_path {
         assert_eq!(h[1].result.result, json!({ "again": 1 }));
     }
 
+    /// A call's start and end.
+    type Window = (Instant, Instant);
+
+    /// How many of `saves` ran while `batch` did (their windows intersect).
+    fn overlapping(batch: Window, saves: &[Window]) -> usize {
+        saves
+            .iter()
+            .filter(|(start, end)| *start < batch.1 && *end > batch.0)
+            .count()
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn copy_batches_racing_single_saves_lose_nothing() {
         let (store, copies, _) = observed().await;
         let tasks = 8;
+        // Single saves that ran while the batch did, per order (batch first, singles first);
+        // rounds go on (at most MAX_ROUNDS) until each order has had MIN_OVERLAPS of them.
+        const MIN_OVERLAPS: usize = 16;
+        const MAX_ROUNDS: u64 = 40;
+        let mut overlaps = [0usize; 2];
+        let mut rounds = [0u64; 2];
         // Both orders, driven: in even rounds the batch's claim wins (its COPY is under way
         // when the single saves start, and they wait on its summary rows); in odd rounds
         // the single saves create the tasks first (the batch's claim gives way and it takes
         // the upsert path while the other single saves go on).
-        for round in 0..8u64 {
+        let mut round = 0u64;
+        while round < 8 || (overlaps.iter().any(|n| *n < MIN_OVERLAPS) && round < MAX_ROUNDS) {
             let batch_first = round % 2 == 0;
             let user = format!("u{round}");
             let mut records = Vec::new();
@@ -140,7 +160,11 @@ mod copy_path {
             }
             let writer = {
                 let store = store.clone();
-                tokio::spawn(async move { store.save_batch_task_history(&records).await })
+                tokio::spawn(async move {
+                    let start = Instant::now();
+                    let outcome = store.save_batch_task_history(&records).await;
+                    (outcome, (start, Instant::now()))
+                })
             };
             if batch_first {
                 let mut polls = 0;
@@ -158,18 +182,26 @@ mod copy_path {
                 let (store, user) = (store.clone(), user.clone());
                 let first = if batch_first { 40 } else { 41 };
                 singles.push(tokio::spawn(async move {
+                    let mut windows = Vec::new();
                     for step in first..45 {
+                        let start = Instant::now();
                         store
                             .save_task_history(&user, &format!("t{t}"), step, &r(step))
                             .await?;
+                        windows.push((start, Instant::now()));
                     }
-                    Ok::<_, StoreError>(())
+                    Ok::<_, StoreError>(windows)
                 }));
             }
-            writer.await.unwrap().unwrap();
+            let (outcome, batch_window) = writer.await.unwrap();
+            outcome.unwrap();
+            let mut windows = Vec::new();
             for s in singles {
-                s.await.unwrap().unwrap();
+                windows.extend(s.await.unwrap().unwrap());
             }
+            let order = usize::from(!batch_first);
+            overlaps[order] += overlapping(batch_window, &windows);
+            rounds[order] += 1;
             let by_copy = *copies.lock().unwrap() > copies_before;
             assert_eq!(
                 by_copy, batch_first,
@@ -186,6 +218,25 @@ mod copy_path {
                     "{user}/{task}"
                 );
             }
+            round += 1;
+        }
+        // The race happened: single saves ran while the batch did, in both orders.
+        eprintln!(
+            "single saves overlapping the batch: {} in {} rounds with the batch first, {} in {} \
+             with the single saves first",
+            overlaps[0], rounds[0], overlaps[1], rounds[1]
+        );
+        for (order, name) in ["batch first (COPY)", "single saves first (upsert)"]
+            .iter()
+            .enumerate()
+        {
+            assert!(
+                overlaps[order] >= MIN_OVERLAPS,
+                "{name}: only {} single saves ran while the batch did, in {} rounds \
+                 (wanted {MIN_OVERLAPS})",
+                overlaps[order],
+                rounds[order]
+            );
         }
     }
 }

@@ -1,12 +1,13 @@
 //! The partitioned layout on a real server: conversion keeps every row and task, partitions
 //! are made ahead (rows waiting in the default partition move into them), retention drops
 //! whole expired partitions and keeps summaries right, never cuts a task that is still
-//! active, honours per-status retention, and stays whole-task under racing writers.
+//! active, honours per-status retention, and stays whole-task under racing writers (the
+//! race counted: saves whose call ran while the cleanup's did).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeDelta, Utc};
 use serde_json::json;
@@ -342,10 +343,15 @@ async fn writers_racing_a_partition_drop_never_leave_a_partial_task() {
     // kinds, driven, not left to timing: writers first (each has saved once before the
     // cleanup starts: the partition must stay), cleanup first (it has finished before the
     // writers start: the partition must go and their tasks start over), and racing (the
-    // writers wake a little later each round, while the drop may be under way).
+    // writers wake a little later each round, while the drop may be under way). The race
+    // is counted: saves whose call ran while the cleanup's did; racing rounds go on (at
+    // most 16 more) until MIN_OVERLAPS of them happened.
+    const MIN_OVERLAPS: usize = 4;
     let (mut kept_rounds, mut dropped_rounds) = (0, 0);
-    for round in 0..16u64 {
-        let kind = round % 3;
+    let (mut racing_rounds, mut racing_overlaps) = (0, 0);
+    let mut round = 0u64;
+    while round < 16 || (racing_overlaps < MIN_OVERLAPS && round < 32) {
+        let kind = if round < 16 { round % 3 } else { 2 };
         let store = fresh_store().await;
         for t in 0..20 {
             seed(&store, "u", &format!("t{t:02}"), month(-4, 1), 5).await;
@@ -355,26 +361,31 @@ async fn writers_racing_a_partition_drop_never_leave_a_partial_task() {
             .await
             .unwrap();
         let acked: Arc<Mutex<Vec<(String, i32)>>> = Arc::default();
+        // Each save's call, start and end, acknowledged or not.
+        let windows: Arc<Mutex<Vec<(Instant, Instant)>>> = Arc::default();
         let early = if kind == 1 {
-            Some(store.cleanup_old_tasks(30).await.unwrap())
+            let start = Instant::now();
+            let report = store.cleanup_old_tasks(30).await.unwrap();
+            Some((report, (start, Instant::now())))
         } else {
             None
         };
         let writers: Vec<_> = (0..2)
             .map(|w| {
-                let (store, acked) = (store.clone(), acked.clone());
+                let (store, acked, windows) = (store.clone(), acked.clone(), windows.clone());
                 tokio::spawn(async move {
                     if kind == 2 {
-                        tokio::time::sleep(Duration::from_millis(round + w)).await;
+                        tokio::time::sleep(Duration::from_millis(round % 16 + w)).await;
                     }
                     let task = format!("t{:02}", (round + w * 7) % 20);
                     for k in 0..3 {
                         let step = 100 + (w as i32) * 10 + k;
-                        if store
+                        let start = Instant::now();
+                        let saved = store
                             .save_task_history("u", &task, step, &running(step))
-                            .await
-                            .is_ok()
-                        {
+                            .await;
+                        windows.lock().unwrap().push((start, Instant::now()));
+                        if saved.is_ok() {
                             acked.lock().unwrap().push((task.clone(), step));
                         }
                     }
@@ -395,14 +406,24 @@ async fn writers_racing_a_partition_drop_never_leave_a_partial_task() {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
         }
-        let report = match early {
-            Some(report) => report,
-            None => store.cleanup_old_tasks(30).await.unwrap(),
+        let (report, cleanup) = match early {
+            Some(done) => done,
+            None => {
+                let start = Instant::now();
+                let report = store.cleanup_old_tasks(30).await.unwrap();
+                (report, (start, Instant::now()))
+            }
         };
         for w in writers {
             w.await.unwrap();
         }
-        eprintln!("round {round} (kind {kind}): {report:?}");
+        let overlaps = windows
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(start, end)| *start < cleanup.1 && *end > cleanup.0)
+            .count();
+        eprintln!("round {round} (kind {kind}): {report:?}, {overlaps} saves during the cleanup");
         match kind {
             0 => {
                 // The writers' two tasks are active: their partition stays, the other 18
@@ -415,7 +436,10 @@ async fn writers_racing_a_partition_drop_never_leave_a_partial_task() {
                 assert!(report.partitions_dropped >= 1, "round {round}: {report:?}");
                 dropped_rounds += 1;
             }
-            _ => {}
+            _ => {
+                racing_rounds += 1;
+                racing_overlaps += overlaps;
+            }
         }
         let acked = acked.lock().unwrap().clone();
         assert_eq!(acked.len(), 6, "every save succeeds (round {round})");
@@ -464,9 +488,16 @@ async fn writers_racing_a_partition_drop_never_leave_a_partial_task() {
                 "round {round}: {task}/{step} acknowledged but gone ({report:?})"
             );
         }
+        round += 1;
     }
     // Both orders were driven and checked, beside the racing rounds.
     assert_eq!((kept_rounds, dropped_rounds), (6, 5));
+    // And the racing rounds raced: saves ran while the cleanup did.
+    assert!(
+        racing_overlaps >= MIN_OVERLAPS,
+        "only {racing_overlaps} saves ran during the cleanup in {racing_rounds} racing rounds \
+         (wanted {MIN_OVERLAPS})"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,7 +4,9 @@
 //! adopted from the Python service. After every write the Python reads and the store's
 //! reads agree (status, history, list); cancellation is sticky from both sides; watchers
 //! are woken by Python writes; `disable_python_compat` ends it. On the plain and the
-//! partitioned layout, and with the Python service on a least-privilege role.
+//! partitioned layout, and with the Python service on a least-privilege role. And the
+//! Python service and Rust writers saving the same tasks at the same time: what each side
+//! saw acknowledged is what is stored, the summaries are right, the overlap asserted.
 //!
 //! Needs `python3` with `asyncpg` (`scripts/test.sh` installs it).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -12,7 +14,7 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use serde_json::{json, Value};
@@ -394,4 +396,302 @@ async fn python_on_a_least_privilege_role() {
 #[tokio::test(flavor = "multi_thread")]
 async fn python_on_a_least_privilege_role_on_the_partitioned_layout() {
     rolling_migration(true, true).await;
+}
+
+/// Python saves of one side: per task, the steps and their statuses.
+type Plan = Vec<(String, Vec<(i32, &'static str)>)>;
+
+/// Seconds since the Unix epoch: the clock both processes read (Python's `time.time()`).
+fn epoch(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH).unwrap().as_secs_f64()
+}
+
+/// One round of [`python_and_rust_writers_at_once_keep_every_acknowledged_write`]: the
+/// Python service's saves and the Rust writers' on the same tasks at the same time; checks
+/// what is stored against what each side saw acknowledged. Returns how many writes of each
+/// side were acknowledged while the other side was writing (Python's, Rust's).
+async fn python_and_rust_at_once(
+    store: &PgTaskHistoryStore,
+    py: Legacy,
+    round: usize,
+) -> (Legacy, usize, usize) {
+    const TASKS: usize = 8;
+    const PAIRS: i32 = 20;
+    // Per task, Python saves the even steps and Rust the odd ones, so every acknowledged
+    // write is a row of its own. The highest step says `completed` (Python's on odd
+    // tasks, Rust's on even ones), the others `running`: each side saves in ascending
+    // order, so the other side's lower steps may land after the highest.
+    let highest = |k: usize| if k % 2 == 1 { 2 * PAIRS } else { 2 * PAIRS - 1 };
+    let status_of = |k: usize, step: i32| {
+        if step == highest(k) {
+            "completed"
+        } else {
+            "running"
+        }
+    };
+    let task = |k: usize| format!("race{round}-{k}");
+    let python_plan: Plan = (0..TASKS)
+        .map(|k| {
+            let steps = (0..=PAIRS)
+                .map(|i| 2 * i)
+                .filter(|s| *s <= highest(k))
+                .map(|s| (s, status_of(k, s)))
+                .collect();
+            (task(k), steps)
+        })
+        .collect();
+    let rust_plan: Plan = (0..TASKS)
+        .map(|k| {
+            let steps = (0..PAIRS)
+                .map(|i| 2 * i + 1)
+                .map(|s| (s, status_of(k, s)))
+                .collect();
+            (task(k), steps)
+        })
+        .collect();
+
+    // The Python service's saves, in its own process (the call waits for all of them).
+    let request = json!({
+        "op": "save_concurrently",
+        "user_id": USER,
+        "tasks": python_plan
+            .iter()
+            .map(|(task, steps)| json!({"task_id": task, "steps": steps}))
+            .collect::<Vec<_>>(),
+    });
+    let writes_before = store.python_compat().await.unwrap().python_writes;
+    let python = tokio::task::spawn_blocking(move || {
+        let mut py = py;
+        let reply = py.call(request);
+        (py, reply)
+    });
+    // The Rust writers start once the Python service has written (so both write at once,
+    // whatever the Python process's start-up takes), one per task.
+    for polls in 0.. {
+        if store.python_compat().await.unwrap().python_writes > writes_before {
+            break;
+        }
+        assert!(
+            polls < 5_000,
+            "round {round}: the Python service never wrote"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let rust_started = SystemTime::now();
+    let writers: Vec<_> = rust_plan
+        .iter()
+        .cloned()
+        .map(|(task, steps)| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut outcomes = Vec::new();
+                for (step, status) in steps {
+                    let result = if status == "completed" {
+                        TaskStepResult::success("rust", json!({"by": "rust", "step": step}), "")
+                    } else {
+                        TaskStepResult::running("rust", json!({"by": "rust", "step": step}), "")
+                    };
+                    let saved = store.save_task_history(USER, &task, step, &result).await;
+                    outcomes.push((task.clone(), step, saved.map(|()| SystemTime::now())));
+                }
+                outcomes
+            })
+        })
+        .collect();
+    let mut rust_acked: BTreeMap<(String, i32), SystemTime> = BTreeMap::new();
+    let mut rust_refused = Vec::new();
+    for w in writers {
+        for (task, step, outcome) in w.await.unwrap() {
+            match outcome {
+                Ok(at) => {
+                    rust_acked.insert((task, step), at);
+                }
+                // A conflict is a statement that failed (after the store's retries):
+                // nothing of it was written. Any other error (a timeout: written or not,
+                // unknown) fails the test.
+                Err(e @ StoreError::Conflict { .. }) => rust_refused.push((task, step, e)),
+                Err(e) => panic!("round {round}: the store failed {task}/{step}: {e:?}"),
+            }
+        }
+    }
+    let rust_ended = SystemTime::now();
+    let (py, reply) = python.await.unwrap();
+    let reply = reply.unwrap();
+    let (py_started, py_ended) = (
+        reply["started"].as_f64().unwrap(),
+        reply["ended"].as_f64().unwrap(),
+    );
+    let py_acked: BTreeMap<(String, i32), f64> = reply["acked"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                (
+                    a[0].as_str().unwrap().to_owned(),
+                    a[1].as_i64().unwrap() as i32,
+                ),
+                a[2].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    let py_refused = reply["refused"].as_array().unwrap();
+    let planned: usize = python_plan.iter().map(|(_, s)| s.len()).sum();
+    assert_eq!(
+        py_acked.len() + py_refused.len(),
+        planned,
+        "round {round}: every Python write answered once"
+    );
+    // Writers of one task race: a Python INSERT is numbered in the event log (its row's
+    // `xid` default) before it queues for its task, and the first writes of a new task race
+    // to set its start, so a Python write can be refused with a serialization failure (the
+    // Python service does not retry), and a Rust save with a conflict once the store's
+    // retries are spent. Those are the only refusals allowed; they are counted, and
+    // nothing refused is stored (checked below). Most writes of each side get through.
+    for refusal in py_refused {
+        let error = refusal[2].as_str().unwrap();
+        assert!(
+            error.starts_with("SerializationError: "),
+            "round {round}: a Python write refused for another reason: {refusal}"
+        );
+    }
+    let rust_planned: usize = rust_plan.iter().map(|(_, s)| s.len()).sum();
+    assert!(
+        py_acked.len() * 2 > planned && rust_acked.len() * 2 > rust_planned,
+        "round {round}: acknowledged: Python {} of {planned}, Rust {} of {rust_planned} \
+         ({rust_refused:?})",
+        py_acked.len(),
+        rust_acked.len()
+    );
+    // What is stored is exactly what each side saw acknowledged, and each task's summary
+    // is the merge of those rows.
+    let summaries: BTreeMap<String, taskhistory_core::TaskSummary> = store
+        .get_user_tasks(USER, 1_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| (t.task_id.clone(), t))
+        .collect();
+    for k in 0..TASKS {
+        let task = task(k);
+        let history = store.load_task_history(USER, &task).await.unwrap();
+        let stored = |by: &str, parity: i32| -> Vec<i32> {
+            history
+                .iter()
+                .filter(|e| e.step % 2 == parity)
+                .inspect(|e| {
+                    assert_eq!(
+                        e.result.result["by"], by,
+                        "round {round}: {task}/{} holds the other side's write",
+                        e.step
+                    )
+                })
+                .map(|e| e.step)
+                .collect()
+        };
+        let acked = |keys: Vec<&(String, i32)>| -> Vec<i32> {
+            keys.into_iter()
+                .filter(|(t, _)| *t == task)
+                .map(|(_, s)| *s)
+                .collect()
+        };
+        let (py_stored, rust_stored) = (stored("python", 0), stored("rust", 1));
+        let (py_steps, rust_steps) = (
+            acked(py_acked.keys().collect()),
+            acked(rust_acked.keys().collect()),
+        );
+        assert_eq!(
+            (py_stored.len(), rust_stored.len()),
+            (py_steps.len(), rust_steps.len()),
+            "round {round}: {task}: rows stored (Python, Rust) against writes acknowledged"
+        );
+        assert_eq!(py_stored, py_steps, "round {round}: {task}: Python's rows");
+        assert_eq!(
+            rust_stored, rust_steps,
+            "round {round}: {task}: Rust's rows"
+        );
+        let top = py_steps.iter().chain(&rust_steps).max().copied();
+        match (summaries.get(&task), top) {
+            (Some(s), Some(top)) => {
+                assert_eq!(
+                    (s.step_count, s.last_step, json!(s.status)),
+                    (
+                        (py_steps.len() + rust_steps.len()) as i64,
+                        top,
+                        json!(status_of(k, top))
+                    ),
+                    "round {round}: {task}: summary (step_count, last_step, status)"
+                );
+            }
+            (None, None) => {}
+            (s, top) => panic!("round {round}: {task}: summary {s:?}, highest write {top:?}"),
+        }
+    }
+
+    // Both ran at once: the windows intersect, and each side had writes acknowledged while
+    // the other was writing.
+    let (rust_from, rust_to) = (epoch(rust_started), epoch(rust_ended));
+    assert!(
+        py_started < rust_to && rust_from < py_ended,
+        "round {round}: Python wrote in [{py_started:.3}, {py_ended:.3}], Rust in \
+         [{rust_from:.3}, {rust_to:.3}]: no overlap"
+    );
+    let py_during = py_acked
+        .values()
+        .filter(|at| (rust_from..=rust_to).contains(*at))
+        .count();
+    let rust_during = rust_acked
+        .values()
+        .filter(|at| (py_started..=py_ended).contains(&epoch(**at)))
+        .count();
+    eprintln!(
+        "round {round}: Python {} acknowledged ({} refused), {py_during} while Rust wrote; \
+         Rust {} acknowledged ({} refused), {rust_during} while Python wrote",
+        py_acked.len(),
+        py_refused.len(),
+        rust_acked.len(),
+        rust_refused.len()
+    );
+    for refusal in py_refused {
+        eprintln!("  Python refused: {refusal}");
+    }
+    for (task, step, e) in &rust_refused {
+        eprintln!("  Rust refused: {task}/{step}: {e}");
+    }
+    (py, py_during, rust_during)
+}
+
+/// The Python service (asyncpg, the seed's INSERT for single saves) and Rust writers (the
+/// store's `save_task_history`) writing the same tasks at the same time, on a table the
+/// store adopted: every write either side saw acknowledged is stored once, nothing else
+/// is, and each summary is right (step count, highest step, its status). The overlap is
+/// asserted: rounds go on (at most 5) until each side had writes acknowledged while the
+/// other was writing.
+#[tokio::test(flavor = "multi_thread")]
+async fn python_and_rust_writers_at_once_keep_every_acknowledged_write() {
+    let config: PgConfig = fresh_config().await.watch_poll(Duration::from_secs(3600));
+    let schema = config.get_schema().unwrap().to_owned();
+    create_schema(&schema).await;
+    let mut py = Legacy::start(&dsn(None).await, &schema);
+    py.startup().unwrap();
+    let store = store_for(config).await;
+    assert!(store.python_compat().await.unwrap().enabled);
+    let (mut py_during, mut rust_during) = (0, 0);
+    let mut round = 0;
+    while round < 5 && (py_during == 0 || rust_during == 0) {
+        let (back, p, r) = python_and_rust_at_once(&store, py, round).await;
+        (py, py_during, rust_during) = (back, py_during + p, rust_during + r);
+        round += 1;
+    }
+    assert!(
+        py_during > 0 && rust_during > 0,
+        "in {round} rounds, {py_during} Python writes were acknowledged while Rust wrote and \
+         {rust_during} Rust writes while Python wrote: the two did not write at once"
+    );
+    let tasks: Vec<String> = (0..round)
+        .flat_map(|r| (0..8).map(move |k| format!("race{r}-{k}")))
+        .collect();
+    let tasks: Vec<&str> = tasks.iter().map(String::as_str).collect();
+    agree(&store, &mut py, &tasks, "Python and Rust writing at once").await;
+    store.close().await;
 }

@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 from datetime import datetime
 
 import asyncpg
@@ -94,6 +95,30 @@ async def save(pool, req):
             datetime.now(), req["status"]
         )
     return True
+
+
+async def save_concurrently(pool, req):
+    """Many of save_task_history's saves at once, as a busy service makes them: one
+    coroutine per task, each saving its steps in the order given, all sharing the pool.
+    Not one of the service's methods (the statement is): for the test racing Rust writers.
+    Returns the wall-clock window (time.time()) and, per write, whether it was acknowledged
+    (with the time) or refused (with the error)."""
+    started = time.time()
+    acked, refused = [], []
+
+    async def one_task(task):
+        for step, status in task["steps"]:
+            write = {"user_id": req["user_id"], "task_id": task["task_id"], "step": step,
+                     "status": status, "result": {"by": "python", "step": step},
+                     "message": f"python step {step}"}
+            try:
+                await save(pool, write)
+                acked.append([task["task_id"], step, time.time()])
+            except Exception as e:  # as the service would log it
+                refused.append([task["task_id"], step, f"{type(e).__name__}: {e}"])
+
+    await asyncio.gather(*(one_task(task) for task in req["tasks"]))
+    return {"started": started, "ended": time.time(), "acked": acked, "refused": refused}
 
 
 async def save_batch(pool, req):
@@ -177,6 +202,7 @@ OPS = {
     "startup": startup,
     "save": save,
     "save_batch": save_batch,
+    "save_concurrently": save_concurrently,
     "save_with_transaction": save_with_transaction,
     "cancel": cancel,
     "load": load,

@@ -241,9 +241,9 @@ async fn run() {
             for (key, at) in events {
                 if key.0 != user {
                     c_foreign += 1;
-                } else if !saved
+                } else if saved
                     .get(key)
-                    .is_some_and(|(_, acked)| *acked >= connected_at[c])
+                    .is_none_or(|(_, acked)| *acked < connected_at[c])
                 {
                     // Not a write of this bench, or one acknowledged before the client
                     // connected.

@@ -765,47 +765,73 @@ async fn run() {
             )
             .await
             .unwrap();
-        // Single saves at concurrency 1, 8, 32: the store against the raw driver combining
-        // saves on as many lanes as the store's, rounds alternating; then pgbench's plain
-        // INSERT with as many connections, for as long as the store's three rounds took.
+        // Single saves at concurrency 1, 8, 32: the store, the raw driver combining saves on
+        // as many lanes as the store's, and pgbench's plain INSERT with as many connections.
         let lanes = pg.config().get_save_lanes() as usize;
         for c in [1usize, 8, 32] {
             let raw = RawCombiner::new(&url, &schema, lanes).await;
             // The store's statements (attempts) during its rounds: only saves run on it.
             let queries_before = pg.metrics().queries;
-            let s = store.clone();
-            let combiner = raw.clone();
-            let (ss, bs) = paired(
-                move |round, w, i| {
-                    let s = s.clone();
-                    async move {
-                        let (user, task) = (format!("s{c}-{round}-{w}"), format!("t{}", i / 20));
-                        s.save_task_history(&user, &task, (i % 20) as i32, &step_result(i))
-                            .await
-                            .unwrap();
+            // Three rounds; in each the store, the raw driver and pgbench take turns, in an
+            // order rotating by round (pgbench runs whole seconds: at least one).
+            let pgbench_secs = round_secs().as_secs_f64().ceil().max(1.0) as u64;
+            let (mut ss, mut bs, mut pgs) = (Vec::new(), Vec::new(), Vec::new());
+            for round in 0..3u64 {
+                for turn in 0..3 {
+                    match (round + turn) % 3 {
+                        0 => {
+                            let s = store.clone();
+                            ss.push(
+                                drive(c, round_secs(), move |w, i| {
+                                    let s = s.clone();
+                                    async move {
+                                        let (user, task) =
+                                            (format!("s{c}-{round}-{w}"), format!("t{}", i / 20));
+                                        s.save_task_history(
+                                            &user,
+                                            &task,
+                                            (i % 20) as i32,
+                                            &step_result(i),
+                                        )
+                                        .await
+                                        .unwrap();
+                                    }
+                                })
+                                .await,
+                            );
+                        }
+                        1 => {
+                            let raw = raw.clone();
+                            bs.push(
+                                drive(c, round_secs(), move |w, i| {
+                                    let raw = raw.clone();
+                                    async move {
+                                        raw.save(StepRecord::new(
+                                            format!("r{c}-{round}-{w}"),
+                                            format!("t{}", i / 20),
+                                            (i % 20) as i32,
+                                            step_result(i),
+                                        ))
+                                        .await;
+                                    }
+                                })
+                                .await,
+                            );
+                        }
+                        _ => pgs.push(
+                            pgbench_plain_insert(&pgbench, &url, &schema, c, pgbench_secs)
+                                .unwrap_or_else(|e| fail(&e)),
+                        ),
                     }
-                },
-                move |round, w, i| {
-                    let raw = combiner.clone();
-                    async move {
-                        raw.save(StepRecord::new(
-                            format!("r{c}-{round}-{w}"),
-                            format!("t{}", i / 20),
-                            (i % 20) as i32,
-                            step_result(i),
-                        ))
-                        .await;
-                    }
-                },
-                c,
-            )
-            .await;
-            let secs = (round_secs().as_secs_f64() * 3.0).ceil() as u64;
-            let (tps, latency) =
-                pgbench_plain_insert(&pgbench, &url, &schema, c, secs).unwrap_or_else(|e| fail(&e));
+                }
+            }
             let (rs, rb) = (
                 median(ss.iter().map(Sample::rate).collect()),
                 median(bs.iter().map(Sample::rate).collect()),
+            );
+            let (tps, latency) = (
+                median(pgs.iter().map(|p| p.0).collect()),
+                median(pgs.iter().map(|p| p.1).collect()),
             );
             let (s, b) = (Sample::merge(&ss), Sample::merge(&bs));
             let store_statements = pg.metrics().queries - queries_before;

@@ -1,8 +1,10 @@
 //! Load on `taskhistory serve`: 1,000 Server-Sent Events clients connected to one server
 //! (4 per user, 250 users) while 8 writers save through the library as fast as they can.
-//! Every event must reach each of its user's clients exactly once; it prints the delivery
-//! latency (from the moment a save returned to the moment a client parsed its event), and
-//! the server's resident memory per connected client.
+//! Every write must reach each of its user's clients exactly once, and nothing else any
+//! client: the bench fails (exit status 1, the counts on stderr) on any missing, duplicate,
+//! foreign or unexpected event, or a stream that ended. It prints the delivery latency
+//! (from the moment a save returned to the moment a client parsed its event), and the
+//! server's resident memory per connected client.
 //!
 //! ```sh
 //! cargo bench -p taskhistory-cli --bench serve            # 1,000 clients, 10 s of writes
@@ -11,6 +13,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -73,27 +76,41 @@ async fn run() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle_rss = rss_kib(pid);
 
-    // The clients: each parses its stream and records (key, arrival).
+    // The clients: each parses its stream and records (key, arrival); each says when its
+    // stream was open (the response's head arrived), or why it was not.
     let received: Received = Arc::new(Mutex::new(vec![Vec::new(); clients]));
+    let streams_ended = Arc::new(AtomicUsize::new(0));
     let _ = rustls::crypto::ring::default_provider().install_default();
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(0)
         .build()
         .unwrap();
     let mut handles = Vec::new();
-    let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(clients);
+    let (ready_tx, mut ready_rx) =
+        tokio::sync::mpsc::channel::<(usize, Result<Instant, String>)>(clients);
     let connect_started = Instant::now();
     for c in 0..clients {
         let user = format!("u{}", c % users);
         let request = http
             .get(format!("{base}/v1/users/{user}/events"))
             .bearer_auth(ADMIN);
-        let received = received.clone();
+        let (received, ended) = (received.clone(), streams_ended.clone());
         let ready = ready_tx.clone();
         handles.push(tokio::spawn(async move {
-            let response = request.send().await.unwrap();
-            assert_eq!(response.status(), 200);
-            ready.send(()).await.unwrap();
+            let response = match request.send().await {
+                Ok(r) if r.status() == 200 => r,
+                Ok(r) => {
+                    let _ = ready.send((c, Err(format!("status {}", r.status())))).await;
+                    return;
+                }
+                Err(e) => {
+                    let _ = ready.send((c, Err(e.to_string()))).await;
+                    return;
+                }
+            };
+            let _ = ready.send((c, Ok(Instant::now()))).await;
+            // Every client's sender dropped: the bench has every answer.
+            drop(ready);
             let mut body = response.bytes_stream();
             let mut buffer = String::new();
             while let Some(chunk) = body.next().await {
@@ -113,17 +130,40 @@ async fn run() {
                     received.lock().unwrap()[c].push((key, Instant::now()));
                 }
             }
+            // The server never ends a stream while it runs: counted as a failure.
+            ended.fetch_add(1, Ordering::Relaxed);
         }));
     }
-    for _ in 0..clients {
-        ready_rx.recv().await.unwrap();
+    drop(ready_tx);
+    let mut connected_at = vec![None; clients];
+    let mut refused = Vec::new();
+    while let Some((c, outcome)) = ready_rx.recv().await {
+        match outcome {
+            Ok(at) => connected_at[c] = Some(at),
+            Err(e) => refused.push(format!("client {c}: {e}")),
+        }
     }
+    if !refused.is_empty() {
+        drop(server);
+        eprintln!(
+            "serve bench failed: {} of {clients} clients could not open their stream: {}",
+            refused.len(),
+            refused
+                .iter()
+                .take(5)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+        std::process::exit(1);
+    }
+    let connected_at: Vec<Instant> = connected_at.into_iter().map(Option::unwrap).collect();
     let connect_secs = connect_started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let connected_rss = rss_kib(pid);
 
-    // The writers.
-    let saved: Arc<Mutex<HashMap<Key, Instant>>> = Arc::default();
+    // The writers: each write's key, when its save began and when it was acknowledged.
+    let saved: Arc<Mutex<HashMap<Key, (Instant, Instant)>>> = Arc::default();
     let deadline = Instant::now() + Duration::from_secs(secs);
     let mut writing = Vec::new();
     for w in 0..writers {
@@ -135,6 +175,7 @@ async fn run() {
                 let user = format!("u{}", (w + i as usize * writers) % users);
                 let task = format!("w{w}");
                 let step = TaskStepResult::running("s", json!({"i": i}), "load");
+                let began = Instant::now();
                 store
                     .save_task_history(&user, &task, i as i32, &step)
                     .await
@@ -142,7 +183,7 @@ async fn run() {
                 saved
                     .lock()
                     .unwrap()
-                    .insert((user, task, i), Instant::now());
+                    .insert((user, task, i), (began, Instant::now()));
                 i += 1;
             }
         }));
@@ -152,52 +193,81 @@ async fn run() {
     }
     let writes = saved.lock().unwrap().len();
     let write_secs = secs as f64;
-    // Every client must get every write to its user.
-    let mut per_user: HashMap<String, usize> = HashMap::new();
-    for (user, _, _) in saved.lock().unwrap().keys() {
-        *per_user.entry(user.clone()).or_default() += 1;
-    }
-    let expected: usize = (0..clients)
-        .map(|c| {
-            per_user
-                .get(&format!("u{}", c % users))
-                .copied()
-                .unwrap_or(0)
-        })
-        .sum();
+    // Each client must receive, exactly once, every write of its user whose save began
+    // after its stream was open (all of them here: the writers start once every client is
+    // connected), and nothing else: no other user's event, no write acknowledged before it
+    // connected, nothing that was not written.
+    let expected_per_client: Vec<HashSet<Key>> = {
+        let saved = saved.lock().unwrap();
+        (0..clients)
+            .map(|c| {
+                let user = format!("u{}", c % users);
+                saved
+                    .iter()
+                    .filter(|(key, (began, _))| key.0 == user && *began >= connected_at[c])
+                    .map(|(key, _)| key.clone())
+                    .collect()
+            })
+            .collect()
+    };
+    let expected: usize = expected_per_client.iter().map(HashSet::len).sum();
     let settle = Instant::now();
     loop {
-        let got: usize = received.lock().unwrap().iter().map(Vec::len).sum();
-        if got >= expected || settle.elapsed() > Duration::from_secs(60) {
+        let done = received
+            .lock()
+            .unwrap()
+            .iter()
+            .zip(&expected_per_client)
+            .all(|(got, want)| got.len() >= want.len());
+        if done || settle.elapsed() > Duration::from_secs(60) {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // A moment more, so a late duplicate or stray event is seen too.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let peak_rss = rss_kib(pid);
-    let (mut latencies, mut duplicates, mut missing, mut foreign) =
-        (Vec::new(), 0usize, 0usize, 0usize);
+    let (mut latencies, mut duplicates, mut missing, mut foreign, mut unexpected) =
+        (Vec::new(), 0usize, 0usize, 0usize, 0usize);
+    let mut inexact_clients = Vec::new();
     {
         let saved = saved.lock().unwrap();
         let received = received.lock().unwrap();
         for (c, events) in received.iter().enumerate() {
             let user = format!("u{}", c % users);
+            let want = &expected_per_client[c];
             let mut seen = HashSet::new();
+            let (mut c_dup, mut c_foreign, mut c_unexpected) = (0, 0, 0);
             for (key, at) in events {
                 if key.0 != user {
-                    foreign += 1;
+                    c_foreign += 1;
+                } else if saved
+                    .get(key)
+                    .is_none_or(|(_, acked)| *acked < connected_at[c])
+                {
+                    // Not a write of this bench, or one acknowledged before the client
+                    // connected.
+                    c_unexpected += 1;
                 }
                 if !seen.insert(key.clone()) {
-                    duplicates += 1;
-                }
-                if let Some(t) = saved.get(key) {
-                    latencies.push(at.saturating_duration_since(*t));
+                    c_dup += 1;
+                } else if want.contains(key) {
+                    latencies.push(at.saturating_duration_since(saved[key].1));
                 }
             }
-            missing += per_user
-                .get(&user)
-                .copied()
-                .unwrap_or(0)
-                .saturating_sub(seen.len());
+            let c_missing = want.iter().filter(|k| !seen.contains(*k)).count();
+            if c_dup + c_foreign + c_unexpected + c_missing > 0 {
+                inexact_clients.push(format!(
+                    "client {c} ({user}): {c_missing} missing, {c_dup} duplicates, \
+                     {c_foreign} of another user, {c_unexpected} not expected"
+                ));
+            }
+            (duplicates, missing, foreign, unexpected) = (
+                duplicates + c_dup,
+                missing + c_missing,
+                foreign + c_foreign,
+                unexpected + c_unexpected,
+            );
         }
     }
     latencies.sort();
@@ -212,7 +282,13 @@ async fn run() {
         "| events expected / delivered | {expected} / {} |",
         latencies.len()
     );
-    println!("| duplicates / missing / another user's | {duplicates} / {missing} / {foreign} |");
+    println!(
+        "| clients that received exactly their user's writes | {} of {clients} |",
+        clients - inexact_clients.len()
+    );
+    println!(
+        "| missing / duplicates / another user's / not expected | {missing} / {duplicates} / {foreign} / {unexpected} |"
+    );
     println!(
         "| delivery p50 / p99 / max | {:.1} / {:.1} / {:.1} ms |",
         ms(pct(&latencies, 0.5)),
@@ -229,9 +305,25 @@ async fn run() {
         "| server memory per connected client | {:.1} KiB |",
         connected_rss.saturating_sub(idle_rss) as f64 / clients as f64
     );
+    let ended = streams_ended.load(Ordering::Relaxed);
     drop(server);
     for h in handles {
         h.abort();
     }
     store.close().await;
+    if !inexact_clients.is_empty() || ended > 0 {
+        eprintln!(
+            "serve bench failed: {} of {clients} clients did not receive exactly their user's \
+             writes ({missing} missing, {duplicates} duplicates, {foreign} of another user, \
+             {unexpected} not expected); {ended} streams ended early. First clients: {}",
+            inexact_clients.len(),
+            inexact_clients
+                .iter()
+                .take(5)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+        std::process::exit(1);
+    }
 }

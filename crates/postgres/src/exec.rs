@@ -3,7 +3,8 @@
 //!
 //! | method | connection | for |
 //! |---|---|---|
-//! | [`pooled`](Executor::pooled) | a pooled diesel-async connection, to itself | saves, cancel, cleanup, operator statements, wake-ups |
+//! | [`pooled`](Executor::pooled) | a pooled diesel-async connection, to itself | saves, cancel, cleanup, operator statements |
+//! | [`kept`](Executor::kept) | a connection its caller keeps, off the pool | the notifier's wake-ups |
 //! | [`read`](Executor::read) | a connection shared by concurrent reads (pipelined), or a pooled one | status, history, task lists |
 //! | [`copy`](Executor::copy) | a plain tokio-postgres connection of the `COPY` pool | batches of new tasks |
 //! | [`dedicated`](Executor::dedicated) | a connection of its own, one transaction | DDL: partitions, the Python compatibility mode, dropping a test schema |
@@ -289,26 +290,86 @@ impl Executor {
         work: Write<P, T>,
     ) -> Result<T, StoreError> {
         let op = call.operation;
-        let (in_transaction, settings) = match tx {
-            Tx::Always => (true, ""),
-            Tx::With(settings) => (true, settings),
-            Tx::Statement => (self.connector.transaction_setup().is_some(), ""),
-            Tx::Own => (false, ""),
-        };
         self.execute(call, || async {
             let pool = self.pool()?;
             let max = self.max_connections;
             self.bounded(op, (&pool, max), async |conn: &mut AsyncPgConnection| {
-                if !in_transaction {
-                    return work(conn, params).await;
-                }
-                let mut t = Transaction::begin(conn, &self.connector, op, settings).await?;
-                let result = work(&mut t, params).await;
-                t.finish(result).await
+                self.in_tx(conn, op, tx, params, work).await
             })
             .await
         })
         .await
+    }
+
+    /// A write on a connection the caller keeps between calls, off the pool (the
+    /// notifier's: its wake-ups never wait behind the writers for a pooled connection, nor
+    /// hold one from them). Opened when missing or broken; dropped after an attempt that
+    /// failed to reach the server or was cut by the command timeout (with a cancel request).
+    pub(crate) async fn kept<P: Sync, T>(
+        &self,
+        call: Call<'_>,
+        slot: &tokio::sync::Mutex<Option<AsyncPgConnection>>,
+        tx: Tx,
+        params: &P,
+        work: Write<P, T>,
+    ) -> Result<T, StoreError> {
+        self.execute(call, || {
+            self.kept_attempt(call.operation, slot, tx, params, work)
+        })
+        .await
+    }
+
+    /// One attempt of [`kept`](Self::kept).
+    async fn kept_attempt<P: Sync, T>(
+        &self,
+        op: &'static str,
+        slot: &tokio::sync::Mutex<Option<AsyncPgConnection>>,
+        tx: Tx,
+        params: &P,
+        work: Write<P, T>,
+    ) -> Result<T, StoreError> {
+        self.ensure_open()?;
+        let mut held = slot.lock().await;
+        if held.as_mut().is_none_or(Session::is_broken) {
+            *held = None;
+        }
+        let conn = match &mut *held {
+            Some(conn) => conn,
+            None => held.insert(self.connector.connect().await?),
+        };
+        let token = conn.cancel_token();
+        let (result, finished) = self
+            .counted(op, self.in_tx(conn, op, tx, params, work))
+            .await;
+        if !finished {
+            self.connector.cancel(token);
+        }
+        if !finished || matches!(result, Err(StoreError::Unavailable { .. })) {
+            *held = None;
+        }
+        result
+    }
+
+    /// Runs a write's work on `conn`, in a transaction when `tx` asks for one.
+    async fn in_tx<P: Sync, T>(
+        &self,
+        conn: &mut AsyncPgConnection,
+        op: &'static str,
+        tx: Tx,
+        params: &P,
+        work: Write<P, T>,
+    ) -> Result<T, StoreError> {
+        let settings = match tx {
+            Tx::Own => return work(conn, params).await,
+            Tx::Statement if self.connector.transaction_setup().is_none() => {
+                return work(conn, params).await
+            }
+            Tx::Statement | Tx::Always => "",
+            Tx::With(settings) => settings,
+        };
+        let mut t = Transaction::begin(conn, &self.connector, op, settings).await?;
+        let result = work(&mut t, params).await;
+        t.finish(result).await
     }
 
     /// A read: on a connection shared by concurrent reads when pipelining is on, else on a

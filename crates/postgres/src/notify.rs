@@ -1,6 +1,7 @@
 //! The store's notifier: after their commit, saves and cancellations wake the watchers of
 //! their users (in every process), in batches, from the notifier's own short transaction on
-//! its own connection, never from a writer's transaction.
+//! its own connection (off the pool, through [`Executor::kept`]), never from a writer's
+//! transaction.
 //!
 //! Why: PostgreSQL holds one database-wide lock from the moment a transaction that notified
 //! starts to commit until its commit record is flushed, so transactions that notify commit
@@ -155,6 +156,8 @@ fn send<'c>(
 }
 
 async fn run(mut rx: mpsc::UnboundedReceiver<Vec<String>>, exec: Arc<Executor>, channel: String) {
+    // The notifier's own connection, off the pool: wake-ups never wait behind writers.
+    let conn = tokio::sync::Mutex::new(None);
     while let Some(first) = rx.recv().await {
         tokio::time::sleep(GATHER).await;
         let mut batch: std::collections::BTreeSet<String> = first.into_iter().collect();
@@ -170,7 +173,7 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Vec<String>>, exec: Arc<Executor>, 
         // transient errors like every statement: a wake-up sent twice costs a watcher one
         // read that finds nothing new.
         let tx = Tx::With(sql::NOTIFY_LOCAL);
-        if let Err(error) = exec.pooled(Call::new(OP), tx, &wake, send).await {
+        if let Err(error) = exec.kept(Call::new(OP), &conn, tx, &wake, send).await {
             tracing::warn!(%error, users = batch.len(), "taskhistory: watchers may not have been woken; they read the new events at their next poll");
         }
     }

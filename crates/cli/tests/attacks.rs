@@ -11,28 +11,14 @@ use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use taskhistory_core::{TaskHistoryStore, TaskStepResult};
+use taskhistory_core::TaskHistoryStore;
 use taskhistory_testing::OwnServer;
 
 mod common;
-use common::{bin, spawn, token, Server, ADMIN, SECRET};
+use common::{bin, get, spawn, step, token, Server, ADMIN, SECRET};
 
 const METRICS: &str = "metrics-token-for-tests";
 const OLD_SECRET: &str = "the-previous-signing-secret-of-32-bytes!";
-
-async fn get(url: &str, bearer: Option<&str>) -> (u16, Value) {
-    let mut request = reqwest::Client::new().get(url);
-    if let Some(t) = bearer {
-        request = request.bearer_auth(t);
-    }
-    let response = request.send().await.unwrap();
-    let status = response.status().as_u16();
-    let text = response.text().await.unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
-}
 
 /// A GET that asks for a WebSocket upgrade (so the WebSocket route gets past axum's own
 /// checks to the token's); other routes ignore the headers.
@@ -52,10 +38,6 @@ async fn get_upgrade(url: &str) -> (u16, Value) {
         status,
         serde_json::from_str(&text).unwrap_or(Value::String(text)),
     )
-}
-
-fn step(message: &str) -> TaskStepResult {
-    TaskStepResult::running("work", json!({"n": 1}), message)
 }
 
 fn addr(s: &Server) -> String {

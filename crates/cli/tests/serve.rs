@@ -7,29 +7,11 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::{json, Value};
-use taskhistory_core::{TaskHistoryStore, TaskStepResult};
+use taskhistory_core::TaskHistoryStore;
 use taskhistory_testing::{fresh_config, store_for};
 
 mod common;
-use common::{token, Server, ADMIN, SECRET};
-
-async fn get(url: &str, bearer: Option<&str>) -> (u16, Value) {
-    let mut request = reqwest::Client::new().get(url);
-    if let Some(t) = bearer {
-        request = request.bearer_auth(t);
-    }
-    let response = request.send().await.unwrap();
-    let status = response.status().as_u16();
-    let text = response.text().await.unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
-}
-
-fn step(message: &str) -> TaskStepResult {
-    TaskStepResult::running("work", json!({"n": 1}), message)
-}
+use common::{get, step, token, Server, ADMIN, SECRET};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn every_route_status_code_and_token_rule() {

@@ -5,6 +5,8 @@
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 
+use serde_json::{json, Value};
+use taskhistory_core::TaskStepResult;
 use taskhistory_postgres::{PgConfig, PgTaskHistoryStore};
 use taskhistory_testing::{database_url, fresh_config, store_for};
 
@@ -147,4 +149,25 @@ pub(crate) fn spawn(
         }
     });
     (child, base, said)
+}
+
+/// A GET with an optional bearer token: the status and the body (JSON, or the text as a
+/// JSON string).
+pub(crate) async fn get(url: &str, bearer: Option<&str>) -> (u16, Value) {
+    let mut request = reqwest::Client::new().get(url);
+    if let Some(t) = bearer {
+        request = request.bearer_auth(t);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let text = response.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+/// A running step whose message is `message`.
+pub(crate) fn step(message: &str) -> TaskStepResult {
+    TaskStepResult::running("work", json!({"n": 1}), message)
 }

@@ -115,6 +115,12 @@ pub fn cursor(value: &TaskCursor) -> Result<(), StoreError> {
     value.check()
 }
 
+/// Checks a listing of `user`'s tasks (`get_user_tasks_page`).
+pub fn list(user: &str, query: &TaskQuery) -> Result<(), StoreError> {
+    user_id(user)?;
+    self::query(query)
+}
+
 /// Checks a listing query.
 pub fn query(value: &TaskQuery) -> Result<(), StoreError> {
     limit(value.limit)?;

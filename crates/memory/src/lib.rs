@@ -373,8 +373,7 @@ impl TaskHistoryStore for MemoryStore {
         user_id: &str,
         query: &TaskQuery,
     ) -> Result<TaskPage, StoreError> {
-        validate::user_id(user_id)?;
-        validate::query(query)?;
+        validate::list(user_id, query)?;
         let state = self.read()?;
         let Some(user) = state.get(user_id) else {
             return Ok(TaskPage {

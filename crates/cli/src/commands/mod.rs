@@ -114,8 +114,7 @@ async fn dispatch(cli: Cli, opened: &Opened) -> Result<u8, CliError> {
             let after = cursor.map(|c| c.parse::<TaskCursor>()).transpose()?;
             let mut query = TaskQuery::first(limit).after(after);
             query.status = status;
-            validate::user_id(&user)?;
-            validate::query(&query)?;
+            validate::list(&user, &query)?;
             read::tasks(&opened.open(db).await?.store(), &user, &query, out).await
         }
         Command::Cancel { user, task } => {

@@ -290,8 +290,7 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         user_id: &str,
         query: &TaskQuery,
     ) -> Result<TaskPage, StoreError> {
-        validate::user_id(user_id)?;
-        validate::query(query)?;
+        validate::list(user_id, query)?;
         let call = Call::user(ops::read::LIST, user_id);
         let list = ops::read::ListTasks { user_id, query };
         self.backend

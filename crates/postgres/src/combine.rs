@@ -5,8 +5,9 @@
 //! A save joins a queue, then takes a free lane if there is one: the lane's worker (a task
 //! of its own, so a caller that gives up never cancels other callers' saves) takes every
 //! save queued at that moment, writes them in one statement and answers each caller after
-//! the commit, then takes what queued meanwhile, until the queue is empty. With a lane free
-//! a save goes at once: there is no waiting for company. Each caller gets its own outcome:
+//! the commit, then takes what queued meanwhile, until the queue is empty. A save that finds
+//! no save queued and a lane free is written at once in its caller's own task (no hand-over,
+//! no waiting for company): combining starts only when saves actually queue. Each caller gets its own outcome:
 //! a cancelled task refuses only the saves to it; a statement that fails for a reason a
 //! retry cannot cure is split, each save then written alone; a step saved twice in the
 //! queue goes in two statements, in the order queued.
@@ -86,6 +87,14 @@ impl Combiner {
         backend: &Arc<Backend>,
         step: &PreparedStep<'_>,
     ) -> Result<(), StoreError> {
+        if let Some(lane) = self.lone_lane(backend) {
+            // No save waits and a lane is free: written here, in the caller's task, by the
+            // single-step statement, with no hand-over to a lane's task.
+            let call = Call::task(OP, step.user_id, step.task_id);
+            let saved = backend.save(call, std::slice::from_ref(step)).await;
+            drop(lane);
+            return saved;
+        }
         let (done, mut answer) = oneshot::channel();
         let ticket = self
             .tickets
@@ -128,10 +137,36 @@ impl Combiner {
         answer.await.unwrap_or_else(|_| lost())
     }
 
+    /// A free lane for a save that finds no other save queued (none when combining every
+    /// save, [`PgConfig::combine_lone_saves`](crate::PgConfig)): held by the caller while
+    /// it writes; saves that queue meanwhile are taken by a lane's worker when it is
+    /// given back.
+    fn lone_lane(self: &Arc<Self>, backend: &Arc<Backend>) -> Option<LoneLane> {
+        if self.lone_combined {
+            return None;
+        }
+        let queue = self.queue();
+        if !queue.is_empty() {
+            return None;
+        }
+        let permit = Arc::clone(&self.lanes).try_acquire_owned().ok()?;
+        drop(queue);
+        Some(LoneLane {
+            combiner: Arc::clone(self),
+            backend: Arc::clone(backend),
+            permit: Some(permit),
+        })
+    }
+
     /// Starts a lane's worker if a lane is free (else a running worker takes the queue).
     fn start_lane(self: &Arc<Self>, backend: &Arc<Backend>) {
+        // Outside a runtime (a lone lane given back while the runtime shuts down) there is
+        // nothing to start: the queued callers are answered that the runtime is going.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
         if let Ok(lane) = Arc::clone(&self.lanes).try_acquire_owned() {
-            tokio::spawn(Arc::clone(self).work(Arc::clone(backend), lane));
+            runtime.spawn(Arc::clone(self).work(Arc::clone(backend), lane));
         }
     }
 
@@ -185,6 +220,24 @@ impl Combiner {
         }
         *queue = kept;
         batch
+    }
+}
+
+/// A lane held by a lone save's caller. Given back when the save ends (or its caller stops
+/// waiting, which cuts only its own statement, as for a save without combining); saves that
+/// queued meanwhile then get a lane's worker.
+struct LoneLane {
+    combiner: Arc<Combiner>,
+    backend: Arc<Backend>,
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Drop for LoneLane {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        if !self.combiner.queue().is_empty() {
+            self.combiner.start_lane(&self.backend);
+        }
     }
 }
 

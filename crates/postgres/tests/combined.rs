@@ -94,10 +94,13 @@ async fn a_combined_statement_refuses_only_the_save_to_a_cancelled_task() {
 
 /// Callers that give up (their futures dropped at random moments) never cut a combined
 /// statement: no connection is thrown away, every save whose caller heard `Ok` is stored,
-/// and the store goes on serving.
+/// and the store goes on serving. (Every save goes through the queue here: a lone save
+/// that finds the queue empty is written in its caller's task, and a caller that gives up
+/// on it cuts only its own statement, as without combining.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callers_that_give_up_never_cut_other_callers_saves() {
-    let store = store_for(fresh_config().await.pool_size(2, 8).save_lanes(1)).await;
+    let config = fresh_config().await.pool_size(2, 8).save_lanes(1);
+    let store = store_for(config.combine_lone_saves(true)).await;
     let acked = Arc::new(Mutex::new(BTreeSet::new()));
     let mut cut = 0;
     for round in 0..50 {
@@ -295,4 +298,86 @@ async fn saves_waiting_for_busy_lanes_give_up_after_the_pool_timeout() {
         .await
         .unwrap();
     assert_eq!(store.load_task_history("u", "t").await.unwrap().len(), 3);
+}
+
+/// A lone save (no other save queued, a lane free) is written by the single-step statement
+/// in its caller's own task, with no hand-over; saves that queue behind busy lanes are
+/// written by a lane's task, in one combined statement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_save_is_written_in_its_callers_task_and_queued_saves_by_a_lane() {
+    type Sent = Arc<Mutex<Vec<(&'static str, Option<tokio::task::Id>)>>>;
+    let sent: Sent = Arc::default();
+    let seen = sent.clone();
+    let config = fresh_config()
+        .await
+        .save_lanes(1)
+        .observe_statements(move |text| {
+            let which = if text == sql::SAVE_STEP.trim() {
+                "single"
+            } else if text == sql::SAVE_COMBINED.trim() {
+                "combined"
+            } else {
+                return;
+            };
+            seen.lock().unwrap().push((which, tokio::task::try_id()));
+        });
+    let schema = config.get_schema().unwrap().to_owned();
+    let store = store_for(config).await;
+
+    // Alone: its statement runs in the caller's task.
+    let caller = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .save_task_history("u", "t", 0, &step(0))
+                .await
+                .unwrap();
+            tokio::task::id()
+        })
+        .await
+        .unwrap()
+    };
+    assert_eq!(
+        sent.lock().unwrap().as_slice(),
+        [("single", Some(caller))],
+        "a lone save was handed over"
+    );
+
+    // The one lane busy (its save waits on a lock the test holds): later saves queue, and
+    // a lane's task writes them together once it is free.
+    sent.lock().unwrap().clear();
+    let locker = lock_summary(&schema, "t").await;
+    let first = {
+        let store = store.clone();
+        tokio::spawn(async move { store.save_task_history("u", "t", 1, &step(1)).await })
+    };
+    while sent.lock().unwrap().is_empty() {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let queued: Vec<_> = (2..6)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let id = tokio::task::id();
+                store
+                    .save_task_history("u", &format!("q{i}"), i, &step(i))
+                    .await
+                    .map(|()| id)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    first.await.unwrap().unwrap();
+    let mut callers = Vec::new();
+    for q in queued {
+        callers.push(q.await.unwrap().unwrap());
+    }
+    let sent = sent.lock().unwrap().clone();
+    let combined: Vec<_> = sent.iter().filter(|(w, _)| *w == "combined").collect();
+    assert_eq!(combined.len(), 1, "{sent:?}");
+    assert!(
+        combined[0].1.is_some_and(|id| !callers.contains(&id)),
+        "the combined statement ran in a caller's task: {sent:?}"
+    );
 }

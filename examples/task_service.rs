@@ -10,7 +10,7 @@
 
 use std::sync::Arc;
 
-use serde_json::{json, Value};
+use taskhistory::serde_json::{json, Value};
 use taskhistory::{DynStore, ErrorCode, MemoryStore, StoreError, TaskStatus, TaskStepResult};
 
 /// Runs a task's steps and records each one, stopping when the task is cancelled.

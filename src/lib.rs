@@ -194,3 +194,8 @@ pub use taskhistory_postgres::{
 /// The PostgreSQL backend crate, for everything beyond the store itself.
 #[cfg(feature = "postgres")]
 pub use taskhistory_postgres as postgres;
+
+/// The README's code, compiled as the doc tests of a service that depends on `taskhistory`.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

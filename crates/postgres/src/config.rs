@@ -186,24 +186,45 @@ impl PgConfig {
     /// Settings from a URL (`postgres://user:password@host:port/db?sslmode=verify-full`) or
     /// a libpq key=value string. `sslmode` accepts disable, prefer, require and verify-full;
     /// `sslrootcert` names the roots for verify-full. Other settings keep their defaults.
+    ///
+    /// A URL that does not parse is a `StoreError::Configuration` for the setting `url`
+    /// saying which part is wrong (the scheme, or the option or value tokio-postgres
+    /// refused); [`from_env`](Self::from_env) names `DATABASE_URL` instead.
     pub fn from_url(url: &str) -> Result<Self, StoreError> {
         let mut config = PgConfig::default();
-        config.apply_url(url)?;
+        config.apply_url("url", url)?;
         Ok(config)
     }
 
-    fn apply_url(&mut self, url: &str) -> Result<(), StoreError> {
+    /// Applies `url`, read from the setting `setting` (named in errors).
+    fn apply_url(&mut self, setting: &str, url: &str) -> Result<(), StoreError> {
+        if let Some((scheme, _)) = url.split_once("://") {
+            if scheme != "postgres" && scheme != "postgresql" {
+                return Err(bad(
+                    setting,
+                    format!(
+                        "the scheme {scheme:?} is not PostgreSQL's: a URL starts with \
+                         postgres:// or postgresql://"
+                    ),
+                ));
+            }
+        }
         // tokio-postgres knows no verify-full: take sslmode and sslrootcert out first.
         let (url, params) = take_params(url, &["sslmode", "sslrootcert"]);
-        let mut pg = tokio_postgres::Config::from_str(&url)
-            .map_err(|e| bad("DATABASE_URL", format!("does not parse: {e}")))?;
+        let mut pg = tokio_postgres::Config::from_str(&url).map_err(|e| {
+            // tokio-postgres says "invalid connection string"; its source says which part.
+            let part = std::error::Error::source(&e)
+                .map(|s| format!(": {s}"))
+                .unwrap_or_default();
+            bad(setting, format!("does not parse: {e}{part}"))
+        })?;
         if pg.get_application_name().is_none() {
             pg.application_name(self.pg.get_application_name().unwrap_or("taskhistory"));
         }
         self.pg = pg;
         for (key, value) in params {
             match key.as_str() {
-                "sslmode" => self.ssl_mode = value.parse().map_err(|e| bad("DATABASE_URL", e))?,
+                "sslmode" => self.ssl_mode = value.parse().map_err(|e| bad(setting, e))?,
                 _ => self.ssl_root_cert = Some(PathBuf::from(value)),
             }
         }
@@ -225,7 +246,7 @@ impl PgConfig {
         let mut c = PgConfig::default();
         let get = |k: &str| lookup(k).filter(|v| !v.is_empty());
         if let Some(url) = get("DATABASE_URL") {
-            c.apply_url(&url)?;
+            c.apply_url("DATABASE_URL", &url)?;
         } else {
             let host = get("DB_HOST").unwrap_or_else(|| "localhost".to_owned());
             let port = match get("DB_PORT") {
@@ -783,6 +804,28 @@ mod tests {
             match PgConfig::from_lookup(env(&[(k, v)])) {
                 Err(StoreError::Configuration { setting, .. }) => assert_eq!(setting, k),
                 other => panic!("{k}={v}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_bad_url_says_which_part_and_names_no_variable_it_did_not_read() {
+        for (url, says) in [
+            ("postgres://app@db:notaport/tasks", "port"),
+            ("mysql://app@db:3306/tasks", "\"mysql\""),
+        ] {
+            match PgConfig::from_url(url) {
+                Err(StoreError::Configuration { setting, reason }) => {
+                    assert_eq!(setting, "url", "{url}");
+                    assert!(reason.contains(says), "{url}: {reason}");
+                }
+                other => panic!("{url}: {other:?}"),
+            }
+            match PgConfig::from_lookup(env(&[("DATABASE_URL", url)])) {
+                Err(StoreError::Configuration { setting, .. }) => {
+                    assert_eq!(setting, "DATABASE_URL")
+                }
+                other => panic!("{url}: {other:?}"),
             }
         }
     }

@@ -133,7 +133,7 @@
 //! ## Testing a service
 //!
 //! - [`MemoryStore`]: the same contract in memory (the behaviour suite runs on both).
-//! - `MockTaskHistoryStore` (feature `mock`, with [`mockall`] re-exported): interactions.
+//! - `MockTaskHistoryStore` (feature `mock`, with `mockall` re-exported): interactions.
 //!   Errors are `Clone`, so `return_const(Err(...))` works.
 //! - A real database (feature `test-schema`): `PgTaskHistoryStore::on_fresh_schema(config)`
 //!   gives each test a migrated store on a schema of its own, and `drop_schema()` removes
@@ -153,8 +153,10 @@
 //! # #[cfg(not(feature = "mock"))]
 //! # fn main() {}
 //! ```
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 #[cfg(feature = "mock")]
+#[cfg_attr(docsrs, doc(cfg(feature = "mock")))]
 pub use taskhistory_core::MockTaskHistoryStore;
 pub use taskhistory_core::{
     BoxError, CleanupReport, DynStore, ErrorCode, EventCursor, HealthReport, HistoryEntry,
@@ -180,19 +182,23 @@ pub mod validate {
 pub use chrono;
 pub use futures;
 #[cfg(feature = "mock")]
+#[cfg_attr(docsrs, doc(cfg(feature = "mock")))]
 pub use mockall;
 pub use serde_json;
 
 #[cfg(feature = "memory")]
+#[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
 pub use taskhistory_memory::MemoryStore;
 
 #[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use taskhistory_postgres::{
     CleanupOptions, PgConfig, PgTaskHistoryStore, PoolStats, SslMode, StoreMetrics, StoreStats,
 };
 
 /// The PostgreSQL backend crate, for everything beyond the store itself.
 #[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use taskhistory_postgres as postgres;
 
 /// The README's code, compiled as the doc tests of a service that depends on `taskhistory`.

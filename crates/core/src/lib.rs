@@ -5,6 +5,7 @@
 //!
 //! It holds no storage: backends live in `taskhistory-postgres` and `taskhistory-memory`.
 //! Feature `mock` adds mockall's `MockTaskHistoryStore` for interaction tests.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod error;
 mod model;
@@ -15,6 +16,7 @@ mod store;
 pub mod validate;
 
 #[cfg(feature = "conformance")]
+#[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
 pub mod conformance;
 
 pub use error::{BoxError, StoreError};
@@ -26,5 +28,6 @@ pub use model::{
 pub use retry::RetryPolicy;
 pub use status::{ErrorCode, ParseEnumError, TaskStatus};
 #[cfg(feature = "mock")]
+#[cfg_attr(docsrs, doc(cfg(feature = "mock")))]
 pub use store::MockTaskHistoryStore;
 pub use store::{DynStore, TaskEventStream, TaskHistoryStore};

@@ -13,6 +13,7 @@
 //!
 //! What it is not for: tests of code that merely uses a store (use `taskhistory-memory`), or
 //! arbitrary queries over the history (the SQL is fixed, in the crate's `sql` module).
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod backend;
 mod combine;

@@ -17,7 +17,7 @@ use crate::exec::{Call, PoolStats, Tx};
 use crate::ops::rows::Status;
 use crate::sql::{self, Statement};
 
-/// What [`PgTaskHistoryStore::stats`] found.
+/// What [`PgTaskHistoryStore::stats`](crate::PgTaskHistoryStore::stats) found.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct StoreStats {
     /// The pool's figures at the time of the call.

@@ -119,6 +119,7 @@ impl PgTaskHistoryStore {
 
 /// Throwaway schemas for a service's integration tests (feature `test-schema`).
 #[cfg(feature = "test-schema")]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-schema")))]
 impl PgTaskHistoryStore {
     /// A store on a new schema of its own (`th_test_<pid>_<n>_<nanos>`), migrated: a test
     /// gets an empty store that no other test sees. Remove it with

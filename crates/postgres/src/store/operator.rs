@@ -73,7 +73,7 @@ impl PgTaskHistoryStore {
             .await
     }
 
-    /// [`cleanup_old_tasks`](TaskHistoryStore::cleanup_old_tasks) with a batch size, a time
+    /// [`cleanup_old_tasks`](taskhistory_core::TaskHistoryStore::cleanup_old_tasks) with a batch size, a time
     /// limit, a dry run, and `progress` called with the running total after each batch.
     pub async fn cleanup_old_tasks_with(
         &self,

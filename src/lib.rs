@@ -196,6 +196,12 @@ pub use taskhistory_postgres::{
     CleanupOptions, PgConfig, PgTaskHistoryStore, PoolStats, SslMode, StoreMetrics, StoreStats,
 };
 
+/// Issuing and verifying the user tokens `taskhistory serve` accepts (feature `tokens`):
+/// a service signs its users' tokens with the server's secret.
+#[cfg(feature = "tokens")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tokens")))]
+pub use taskhistory_tokens as tokens;
+
 /// The PostgreSQL backend crate, for everything beyond the store itself.
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use axum::http::HeaderMap;
 
-use super::auth::{now, Access, Keys};
+use taskhistory_tokens::{now, Access, Keys};
 
 /// Why a request is refused (fixed texts: what a client may know).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -17,8 +17,8 @@ use taskhistory_core::{HistoryScan, StepKey, StoreError, TaskCursor, TaskQuery, 
 use taskhistory_postgres::CleanupOptions;
 
 use super::access::Denied;
-use super::auth::Access;
 use super::AppState;
+use taskhistory_tokens::Access;
 
 /// An error answer: `{"error": {"class", "field"?, "message", "request_id"}}` with its
 /// status code. The message is fixed text (or, for bad input, the library's words on the

@@ -116,7 +116,7 @@ pub(crate) async fn ticket(
     })?;
     Ok(axum::Json(json!({
         "ticket": ticket,
-        "expires_in": super::auth::TICKET_TTL.as_secs(),
+        "expires_in": taskhistory_tokens::TICKET_TTL.as_secs(),
         "stream": kind,
         "task": task,
     })))

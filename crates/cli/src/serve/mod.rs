@@ -26,7 +26,6 @@
 
 mod access;
 mod api;
-mod auth;
 mod events;
 mod headers;
 mod metrics;
@@ -47,7 +46,7 @@ use tower_http::cors::CorsLayer;
 use crate::error::{exit, CliError};
 use crate::interrupt::Interrupt;
 
-use auth::{Keys, Secret, MIN_ADMIN_TOKEN, MIN_SECRET};
+use taskhistory_tokens::{self as auth, Keys, Secret, MIN_ADMIN_TOKEN, MIN_SECRET};
 
 /// A user token for `user` that lasts `ttl`, at most `max_ttl` (`taskhistory token`),
 /// signed with `TASKHISTORY_SECRET` (read by [`signing_secret`], as the server reads it).

@@ -1,5 +1,21 @@
-//! Tokens: signing and verifying, with no dependence on HTTP types (a later issue moves this
-//! module into a library feature; `access.rs` reads requests and calls it).
+//! The tokens of `taskhistory serve`: issuing and verifying them, with no dependence on HTTP
+//! types. One implementation, used by `serve`, by `taskhistory token`, and by any Rust
+//! service that signs tokens for its users (the facade's feature `tokens`):
+//!
+//! ```
+//! use std::time::{Duration, SystemTime, UNIX_EPOCH};
+//! use taskhistory_tokens::{issue, Access, Keys, Secret};
+//!
+//! // The secret is TASKHISTORY_SECRET's value as raw bytes (not decoded from hex).
+//! let secret = Secret::new(b"the server's signing secret, 32+ bytes")?;
+//! let token = issue(&secret, "user_123", Duration::from_secs(3600), Duration::from_secs(30 * 86_400))?;
+//!
+//! // What the server does with it:
+//! let keys = Keys::new(None, None, Some(secret), None, Secret::random()?, Duration::from_secs(30 * 86_400));
+//! let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+//! assert_eq!(keys.verify(&token, now), Ok(Access::User("user_123".into())));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 //!
 //! - The operator's token (`TASKHISTORY_ADMIN_TOKEN`) reaches every user and the operator
 //!   routes. It is kept and compared as its SHA-256 digest, in constant time.
@@ -36,22 +52,22 @@ const USER_V1: &str = "thu1";
 const TICKET: &str = "tht1";
 
 /// The least length of a signing secret, in bytes: shorter ones are guessable.
-pub(crate) const MIN_SECRET: usize = 32;
+pub const MIN_SECRET: usize = 32;
 
 /// The least length of the operator's and the metrics token, in bytes.
-pub(crate) const MIN_ADMIN_TOKEN: usize = 16;
+pub const MIN_ADMIN_TOKEN: usize = 16;
 
 /// The longest token looked at; longer ones are refused before any decoding.
-pub(crate) const MAX_TOKEN_LEN: usize = 2048;
+pub const MAX_TOKEN_LEN: usize = 2048;
 
 /// How long a stream ticket is valid.
-pub(crate) const TICKET_TTL: Duration = Duration::from_secs(60);
+pub const TICKET_TTL: Duration = Duration::from_secs(60);
 
 /// Clock skew allowed between the issuer and the server when checking `exp` against the cap.
 const SKEW: u64 = 300;
 
 /// Seconds since the epoch.
-pub(crate) fn now() -> u64 {
+pub fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -59,7 +75,7 @@ pub(crate) fn now() -> u64 {
 
 /// A signing secret and its key id. `Debug` shows the key id only.
 #[derive(Clone)]
-pub(crate) struct Secret {
+pub struct Secret {
     key: Vec<u8>,
     kid: String,
 }
@@ -72,18 +88,29 @@ impl std::fmt::Debug for Secret {
 
 /// Why a secret or token cannot be used (never names the secret).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub(crate) enum KeyError {
+pub enum KeyError {
+    /// The secret is shorter than [`MIN_SECRET`].
     #[error("at least {MIN_SECRET} bytes are needed")]
     TooShort,
+    /// The lifetime asked for is over the maximum.
     #[error("the lifetime {asked}s is over the maximum {max}s")]
-    TooLong { asked: u64, max: u64 },
+    TooLong {
+        /// Seconds asked for.
+        asked: u64,
+        /// The most allowed.
+        max: u64,
+    },
+    /// The token could not be encoded.
     #[error("the token could not be encoded")]
     Encoding,
+    /// The operating system gave no random bytes.
+    #[error("no random bytes from the operating system")]
+    Random,
 }
 
 impl Secret {
     /// A secret of at least [`MIN_SECRET`] bytes.
-    pub(crate) fn new(key: &[u8]) -> Result<Secret, KeyError> {
+    pub fn new(key: &[u8]) -> Result<Secret, KeyError> {
         if key.len() < MIN_SECRET {
             return Err(KeyError::TooShort);
         }
@@ -99,14 +126,17 @@ impl Secret {
     }
 
     /// A random key (stream tickets): 32 bytes from the operating system.
-    pub(crate) fn random() -> Result<Secret, getrandom::Error> {
+    ///
+    /// # Errors
+    /// [`KeyError::Random`] when the operating system gives no random bytes.
+    pub fn random() -> Result<Secret, KeyError> {
         let mut key = [0u8; 32];
-        getrandom::fill(&mut key)?;
+        getrandom::fill(&mut key).map_err(|_| KeyError::Random)?;
         Ok(Secret::unchecked(&key))
     }
 
     /// The key id tokens signed with this secret carry.
-    pub(crate) fn kid(&self) -> &str {
+    pub fn kid(&self) -> &str {
         &self.kid
     }
 
@@ -134,17 +164,17 @@ impl Secret {
 
 /// A user token's and a ticket's payload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct Claims {
+struct Claims {
     /// The user.
-    pub(crate) u: String,
+    u: String,
     /// Expiry, unix seconds.
-    pub(crate) exp: u64,
+    exp: u64,
     /// Tickets: the stream kind (`sse` or `ws`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) s: Option<String>,
+    s: Option<String>,
     /// Tickets: the task filter of the stream (none: every task).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(crate) t: Option<String>,
+    t: Option<String>,
 }
 
 fn encode_claims(claims: &Claims) -> Result<String, KeyError> {
@@ -153,7 +183,7 @@ fn encode_claims(claims: &Claims) -> Result<String, KeyError> {
 }
 
 /// A user token that reaches `user` for `ttl` (at most `max_ttl`), signed with `secret`.
-pub(crate) fn issue(
+pub fn issue(
     secret: &Secret,
     user: &str,
     ttl: Duration,
@@ -176,7 +206,7 @@ pub(crate) fn issue(
 
 /// What a token is.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Access {
+pub enum Access {
     /// The operator: every user, the operator routes.
     Admin,
     /// The metrics scraper: `/metrics` only.
@@ -185,15 +215,18 @@ pub(crate) enum Access {
     User(String),
     /// One user's one event stream (`kind`: `sse` or `ws`; `task`: its filter).
     Ticket {
+        /// The user.
         user: String,
+        /// `sse` or `ws`.
         kind: String,
+        /// The stream's task filter.
         task: Option<String>,
     },
 }
 
 /// Why a token is refused (the reasons a client may know; the same text for any forgery).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Invalid {
+pub enum Invalid {
     /// Malformed, too long, or not signed by a known key.
     NotValid,
     /// Its `exp` has passed.
@@ -204,7 +237,7 @@ pub(crate) enum Invalid {
 
 impl Invalid {
     /// A fixed message for the client.
-    pub(crate) fn message(self) -> &'static str {
+    pub fn message(self) -> &'static str {
         match self {
             Invalid::NotValid => "the token is not valid",
             Invalid::Expired => "the token has expired",
@@ -220,7 +253,7 @@ fn digest(token: &[u8]) -> [u8; 32] {
 
 /// The server's keys and rules. `Debug` shows no key.
 #[derive(Clone)]
-pub(crate) struct Keys {
+pub struct Keys {
     admin: Option<[u8; 32]>,
     metrics: Option<[u8; 32]>,
     current: Option<Secret>,
@@ -244,7 +277,7 @@ impl std::fmt::Debug for Keys {
 impl Keys {
     /// Keys from the operator token, the metrics token, the signing secrets (each may be
     /// absent), the ticket key and the cap on user tokens' lifetime.
-    pub(crate) fn new(
+    pub fn new(
         admin: Option<&[u8]>,
         metrics: Option<&[u8]>,
         current: Option<Secret>,
@@ -263,17 +296,12 @@ impl Keys {
     }
 
     /// Whether any token can be valid (tickets need one to be asked for).
-    pub(crate) fn configured(&self) -> bool {
+    pub fn configured(&self) -> bool {
         self.admin.is_some() || self.metrics.is_some() || self.current.is_some()
     }
 
     /// A ticket for `user`'s stream of `kind` (`sse` or `ws`) filtered on `task`.
-    pub(crate) fn ticket(
-        &self,
-        user: &str,
-        kind: &str,
-        task: Option<&str>,
-    ) -> Result<String, KeyError> {
+    pub fn ticket(&self, user: &str, kind: &str, task: Option<&str>) -> Result<String, KeyError> {
         let claims = Claims {
             u: user.to_owned(),
             exp: now().saturating_add(TICKET_TTL.as_secs()),
@@ -285,7 +313,7 @@ impl Keys {
     }
 
     /// What `token` gives at `now` (unix seconds). Never panics, whatever the input.
-    pub(crate) fn verify(&self, token: &str, now: u64) -> Result<Access, Invalid> {
+    pub fn verify(&self, token: &str, now: u64) -> Result<Access, Invalid> {
         if token.is_empty() || token.len() > MAX_TOKEN_LEN {
             return Err(Invalid::NotValid);
         }

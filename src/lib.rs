@@ -40,8 +40,14 @@
 //! [`PgConfig::from_env`] reads `DATABASE_URL` (or `DB_HOST`, `DB_PORT`, `DB_NAME`,
 //! `DB_USER`, `DB_PASSWORD`) and the tuning variables (`docs/operations.md` lists them);
 //! a setting that does not parse is [`StoreError::Configuration`] naming the variable.
+//! With none of them set it falls back to `postgres@localhost:5432/postgres` (the `taskhistory`
+//! CLI refuses to guess and says what to set; a service should check its own deployment).
+//! `connect` opens one connection at once and does not retry: a refused or unreachable
+//! server fails it with `Unavailable` (retry at start-up if the database may come up after
+//! the service); a wrong password, an unknown role or database is `Configuration`.
 //! `init_database_schema` applies the migrations (safe from many processes at once);
-//! `warm_up` opens the pool's minimum before the service takes traffic.
+//! `warm_up` opens the pool's minimum before the service takes traffic. The store logs
+//! through `tracing`: install a subscriber (e.g. `tracing-subscriber`) to see its warnings.
 //!
 //! ```no_run
 //! # async fn start() -> Result<(), taskhistory::StoreError> {
@@ -137,7 +143,10 @@
 //!   Errors are `Clone`, so `return_const(Err(...))` works.
 //! - A real database (feature `test-schema`): `PgTaskHistoryStore::on_fresh_schema(config)`
 //!   gives each test a migrated store on a schema of its own, and `drop_schema()` removes
-//!   it when the test ends; see also `examples/task_service.rs`.
+//!   it when the test ends. A test that panics first leaves its schema; the next
+//!   `on_fresh_schema` drops those older than an hour (`ABANDONED_AFTER`). The config is
+//!   the service's choice (e.g. `PgConfig::from_url(&std::env::var("TEST_DATABASE_URL")?)`);
+//!   see also `examples/task_service.rs`.
 //!
 //! ```
 //! # #[cfg(feature = "mock")]

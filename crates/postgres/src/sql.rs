@@ -452,6 +452,15 @@ LEFT JOIN LATERAL (
 ) e ON true
 "#;
 
+/// Test schemas (feature `test-schema`): those made by `on_fresh_schema` (named
+/// `th_test_<unix seconds>_...`) more than `$1` seconds ago, which a test that panicked
+/// before `drop_schema` left behind.
+pub const TEST_SCHEMAS_ABANDONED: &str = r#"
+SELECT nspname AS name FROM pg_namespace
+WHERE nspname ~ '^th_test_[0-9]+_[0-9]+_[0-9]+$'
+  AND split_part(nspname, '_', 3)::int8 < extract(epoch FROM now())::int8 - $1
+"#;
+
 /// Operator: whether `pg_stat_statements` is installed in this database.
 pub const PG_STAT_STATEMENTS_PRESENT: &str = r#"
 SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'pg_stat_statements')
@@ -1009,10 +1018,12 @@ pub const NOT_PER_USER: &[&str] = &[
     "notify_users",
     "transaction_time",
     "python_compat_state",
+    "test_schemas_abandoned",
 ];
 
 /// Every statement, for tests and tools (`taskhistory explain`, the benches' baseline).
 pub const ALL_STATEMENTS: &[(&str, &str)] = &[
+    ("test_schemas_abandoned", TEST_SCHEMAS_ABANDONED),
     ("save_steps", SAVE_STEPS),
     ("save_step", SAVE_STEP),
     ("save_combined", SAVE_COMBINED),

@@ -355,3 +355,55 @@ async fn a_fresh_schema_is_made_migrated_and_dropped() {
         Err(StoreError::Closed)
     ));
 }
+
+/// A test that panicked before `drop_schema` left its schema: the next `on_fresh_schema`
+/// drops it once it is older than `ABANDONED_AFTER`, and leaves a recent one alone.
+#[cfg(feature = "test-schema")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_test_schemas_are_swept_by_age() {
+    use taskhistory_postgres::PgTaskHistoryStore;
+    let admin = taskhistory_testing::test_db_client().await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let age = PgTaskHistoryStore::ABANDONED_AFTER.as_secs();
+    let pid = std::process::id();
+    let old = format!("th_test_{}_{pid}_900001", now - age - 60);
+    let recent = format!("th_test_{}_{pid}_900002", now - age / 2);
+    for schema in [&old, &recent] {
+        admin
+            .batch_execute(&format!(
+                "CREATE SCHEMA {schema}; CREATE TABLE {schema}.left_behind (x int)"
+            ))
+            .await
+            .unwrap();
+    }
+    let count = |schema: String| {
+        let admin = &admin;
+        async move {
+            admin
+                .query_one(
+                    "SELECT count(*) FROM pg_namespace WHERE nspname = $1",
+                    &[&schema],
+                )
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    let store = PgTaskHistoryStore::on_fresh_schema(taskhistory_testing::fresh_config().await)
+        .await
+        .unwrap();
+    assert_eq!(count(old.clone()).await, 0, "the abandoned schema stayed");
+    assert_eq!(
+        count(recent.clone()).await,
+        1,
+        "a recent schema was dropped"
+    );
+    admin
+        .batch_execute(&format!("DROP SCHEMA {recent} CASCADE"))
+        .await
+        .unwrap();
+    store.drop_schema().await.unwrap();
+}

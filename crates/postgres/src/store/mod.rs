@@ -121,21 +121,34 @@ impl PgTaskHistoryStore {
 #[cfg(feature = "test-schema")]
 #[cfg_attr(docsrs, doc(cfg(feature = "test-schema")))]
 impl PgTaskHistoryStore {
-    /// A store on a new schema of its own (`th_test_<pid>_<n>_<nanos>`), migrated: a test
-    /// gets an empty store that no other test sees. Remove it with
-    /// [`drop_schema`](Self::drop_schema) when the test ends.
+    /// A store on a new schema of its own (`th_test_<unix seconds>_<pid>_<n>`), migrated: a
+    /// test gets an empty store that no other test sees. Remove it with
+    /// [`drop_schema`](Self::drop_schema) when the test ends. A test that panics before
+    /// that leaves its schema behind: every call first drops the test schemas made more
+    /// than an hour ago ([`ABANDONED_AFTER`](Self::ABANDONED_AFTER)), so leftovers never
+    /// pile up (a test running longer than that must not share the database with others).
     pub async fn on_fresh_schema(config: PgConfig) -> Result<Self, StoreError> {
         static SCHEMAS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = SCHEMAS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let nanos = std::time::SystemTime::now()
+        let secs = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
+            .map(|d| d.as_secs())
             .unwrap_or(0);
-        let schema = format!("th_test_{}_{n}_{nanos}", std::process::id());
+        let schema = format!("th_test_{secs}_{}_{n}", std::process::id());
         let store = Self::connect(config.schema(schema)).await?;
+        let age = i64::try_from(Self::ABANDONED_AFTER.as_secs()).unwrap_or(i64::MAX);
+        store
+            .backend
+            .exec()
+            .dedicated(Call::new("on_fresh_schema"), "", &age, sweep_work)
+            .await?;
         store.init_database_schema().await?;
         Ok(store)
     }
+
+    /// How old a test schema must be for [`on_fresh_schema`](Self::on_fresh_schema) to
+    /// take it for abandoned and drop it.
+    pub const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
 
     /// Drops the store's schema with everything in it, then closes the store. Only for a
     /// schema of its own ([`on_fresh_schema`](Self::on_fresh_schema)): a store on the
@@ -158,6 +171,35 @@ impl PgTaskHistoryStore {
         self.close().await;
         dropped.map(drop)
     }
+}
+
+/// Drops the test schemas made more than `age` seconds ago.
+#[cfg(feature = "test-schema")]
+fn sweep_work<'c>(
+    conn: &'c mut diesel_async::AsyncPgConnection,
+    age: &'c i64,
+) -> futures::future::BoxFuture<'c, Result<Option<()>, StoreError>> {
+    use diesel_async::SimpleAsyncConnection;
+    #[derive(diesel::QueryableByName)]
+    struct Name {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        name: String,
+    }
+    Box::pin(async move {
+        let fail = |e| crate::error::from_diesel("on_fresh_schema", e);
+        let old: Vec<Name> = crate::sql::Statement::new(crate::sql::TEST_SCHEMAS_ABANDONED)
+            .bind::<diesel::sql_types::BigInt, _>(*age)
+            .fetch(conn)
+            .await
+            .map_err(fail)?;
+        for Name { name } in old {
+            // Matched `th_test_<digits>_...` of identifier characters: safe to quote.
+            conn.batch_execute(&format!("DROP SCHEMA IF EXISTS \"{name}\" CASCADE"))
+                .await
+                .map_err(fail)?;
+        }
+        Ok(Some(()))
+    })
 }
 
 /// Drops a test schema (a plain identifier: checked by `PgConfig::validate`).

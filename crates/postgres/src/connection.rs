@@ -377,7 +377,8 @@ fn verified_tls(config: &PgConfig) -> Result<ClientConfig, StoreError> {
             let pem = std::fs::read(path).map_err(|e| {
                 StoreError::configuration("DB_SSLROOTCERT", format!("{}: {e}", path.display()))
             })?;
-            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+            use rustls::pki_types::pem::PemObject;
+            for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem) {
                 let cert = cert.map_err(|e| {
                     StoreError::configuration("DB_SSLROOTCERT", format!("{}: {e}", path.display()))
                 })?;

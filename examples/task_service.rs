@@ -5,8 +5,13 @@
 //!
 //! ```sh
 //! cargo run --example task_service     # runs two tasks on the memory store
-//! cargo test --example task_service    # its tests: mock and memory store
+//! cargo test --example task_service --features mock,test-schema
+//!                                      # its tests: mock, memory store, and PostgreSQL
 //! ```
+//!
+//! The PostgreSQL test reads `TEST_DATABASE_URL` (default: the local server,
+//! `postgres://postgres@127.0.0.1:5432/postgres`), works on a throwaway schema of its own
+//! and drops it; a schema a panicking run leaves is swept by a later run after an hour.
 
 use std::sync::Arc;
 
@@ -207,5 +212,40 @@ mod tests {
         let history = store.load_task_history("u", "t").await.unwrap();
         assert_eq!(history.iter().map(|e| e.step).collect::<Vec<_>>(), [1, 2]);
         assert_eq!(history[1].result.error_code, Some(ErrorCode::Execution));
+    }
+
+    /// The same service on PostgreSQL, on a schema of its own (feature `test-schema`).
+    #[tokio::test(flavor = "multi_thread")]
+    async fn postgres_records_the_steps_and_stops_on_cancel() {
+        use taskhistory::{PgConfig, PgTaskHistoryStore};
+        let url = std::env::var("TEST_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned());
+        let pg = PgTaskHistoryStore::on_fresh_schema(PgConfig::from_url(&url).unwrap())
+            .await
+            .unwrap_or_else(|e| {
+                panic!("no PostgreSQL at {url:?} ({e}): set TEST_DATABASE_URL to a server")
+            });
+        let store: DynStore = Arc::new(pg.clone());
+        let service = TaskService::new(store.clone());
+        let done = service.run_step("u", "t", 1, || Ok(json!({"rows": 10})));
+        assert_eq!(done.await.unwrap(), StepOutcome::Done);
+        assert_eq!(
+            store.check_task_status("u", "t").await.unwrap(),
+            TaskStatus::Completed
+        );
+        // A running task is cancelled from outside: the service's next step stops.
+        let running = TaskStepResult::running("s", json!(null), "");
+        store
+            .save_task_history("u", "t2", 0, &running)
+            .await
+            .unwrap();
+        assert!(store.mark_task_as_cancelled("u", "t2").await.unwrap());
+        let stopped = service.run_step("u", "t2", 1, || Ok(json!(2)));
+        assert_eq!(stopped.await.unwrap(), StepOutcome::Stopped);
+        assert_eq!(
+            store.check_task_status("u", "t2").await.unwrap(),
+            TaskStatus::Cancelled
+        );
+        pg.drop_schema().await.unwrap();
     }
 }

@@ -130,6 +130,31 @@
 //! # Ok(()) }
 //! ```
 //!
+//! ## Traces
+//!
+//! Every operation is a `tracing` span named `taskhistory` (fields `operation`, `user_id`,
+//! `task_id`, `rows`, `elapsed_ms`; never a secret), with a warning on each retry. The
+//! service's own subscriber decides where they go. To OpenTelemetry, with the
+//! `tracing-subscriber`, `tracing-opentelemetry`, `opentelemetry`, `opentelemetry_sdk` and
+//! `opentelemetry-otlp` (features `http-proto`, `reqwest-blocking-client`) crates, as
+//! `taskhistory serve` does when `OTEL_EXPORTER_OTLP_ENDPOINT` is set:
+//!
+//! ```ignore
+//! use opentelemetry::trace::TracerProvider as _;
+//! use tracing_subscriber::layer::SubscriberExt;
+//! use tracing_subscriber::util::SubscriberInitExt;
+//!
+//! let exporter = opentelemetry_otlp::SpanExporter::builder().with_http().build()?; // reads OTEL_EXPORTER_OTLP_ENDPOINT
+//! let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+//!     .with_batch_exporter(exporter)
+//!     .build();
+//! tracing_subscriber::registry()
+//!     .with(tracing_subscriber::fmt::layer())
+//!     .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("my-service")))
+//!     .init();
+//! // ... and `provider.shutdown()` before the process exits, so the last spans are sent.
+//! ```
+//!
 //! ## Shutdown
 //!
 //! Call [`close`](TaskHistoryStore::close) before the process exits: it sends the

@@ -18,6 +18,7 @@ mod output;
 mod progress;
 mod serve;
 mod setup;
+mod telemetry;
 mod transfer;
 
 use std::process::ExitCode;
@@ -28,6 +29,11 @@ fn main() -> ExitCode {
     let mut cli = args::Cli::parse();
     cli.db.serving = matches!(cli.command, args::Command::Serve { .. });
     let json = cli.json;
+    // The process's one TLS crypto provider (ring): the server's TLS, the OTLP exporter's
+    // HTTP client.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    // Dropped when main returns: the exported spans are flushed.
+    let _telemetry = telemetry::init(cli.db.serving);
     // `serve` answers many clients at once: every core. Other commands are one short
     // sequence of calls: one thread.
     let mut builder = if matches!(cli.command, args::Command::Serve { .. }) {

@@ -256,13 +256,7 @@ pub(crate) async fn run(
     pg: Option<PgTaskHistoryStore>,
     options: Options,
 ) -> Result<u8, CliError> {
-    // The server's log (stderr): errors' details under their request id, never a token.
-    let _ = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .with_target(false)
-        .with_max_level(tracing::Level::INFO)
-        .try_init();
+    // The server's log (stderr) is installed by `main` (`telemetry.rs`).
     let admin = env_key("TASKHISTORY_ADMIN_TOKEN", MIN_ADMIN_TOKEN)?;
     let metrics_token = env_key("TASKHISTORY_METRICS_TOKEN", MIN_ADMIN_TOKEN)?;
     let current = signing_secret("TASKHISTORY_SECRET")?;
@@ -342,7 +336,6 @@ pub(crate) async fn run(
     let capped = net::Capped::new(limits.max_connections, metrics);
     let served = match &options.tls {
         Some((cert, key)) => {
-            let _ = rustls::crypto::ring::default_provider().install_default();
             let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
                 .await
                 .map_err(|e| CliError::Config(format!("--tls-cert/--tls-key: {e}")))?;

@@ -4,7 +4,7 @@
 
 use chrono::{NaiveDate, TimeZone, Utc};
 use serde_json::json;
-use taskhistory_core::{TaskHistoryStore, TaskStatus, TaskStepResult};
+use taskhistory_core::{StoreError, TaskHistoryStore, TaskStatus, TaskStepResult};
 use taskhistory_postgres::{PgConfig, PgTaskHistoryStore};
 use taskhistory_testing::{database_url, fresh_config, store_for};
 use tokio_postgres::NoTls;
@@ -293,10 +293,20 @@ async fn start_up_fails_fast_with_the_real_cause() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("does not exist"), "{err}");
+    // A deployment's mistake, which no retry cures: configuration, naming the setting.
+    assert!(
+        matches!(&err, StoreError::Configuration { setting, .. } if setting == "DB_NAME"),
+        "{err:?}"
+    );
+    assert!(!err.is_transient());
     let err = PgTaskHistoryStore::connect(base.clone().user("no_such_role_here"))
         .await
         .unwrap_err();
     assert!(err.to_string().contains("no_such_role_here"), "{err}");
+    assert!(
+        matches!(&err, StoreError::Configuration { setting, .. } if setting == "DB_USER"),
+        "{err:?}"
+    );
     let err = PgTaskHistoryStore::connect(base.clone().host("127.0.0.1").port(1))
         .await
         .unwrap_err();

@@ -169,8 +169,31 @@ impl RawCombiner {
         }))
     }
 
-    /// Saves one step; returns after the commit of the statement that took it.
+    /// Saves one step; returns after the commit of the statement that took it. Like the
+    /// store: a save that finds no save queued and a lane free is written at once in the
+    /// caller's task (no hand-over); saves queue only when the lanes are busy.
     async fn save(&self, record: StepRecord) {
+        let lone = {
+            let queue = self.0.queue.lock().unwrap();
+            if queue.is_empty() {
+                self.free_lane()
+            } else {
+                None
+            }
+        };
+        if let Some(lane) = lone {
+            raw_save(&lane, std::slice::from_ref(&record)).await;
+            self.0.statements.fetch_add(1, Ordering::Relaxed);
+            self.0.saves.fetch_add(1, Ordering::Relaxed);
+            drop(lane);
+            // Saves that queued meanwhile get a lane's worker.
+            if !self.0.queue.lock().unwrap().is_empty() {
+                if let Some(lane) = self.free_lane() {
+                    tokio::spawn(self.clone().work(lane));
+                }
+            }
+            return;
+        }
         let (done, answer) = oneshot::channel();
         self.0.queue.lock().unwrap().push_back((record, done));
         if let Some(lane) = self.free_lane() {

@@ -240,8 +240,3 @@ pub use taskhistory_tokens as tokens;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use taskhistory_postgres as postgres;
-
-/// The README's code, compiled as the doc tests of a service that depends on `taskhistory`.
-#[cfg(doctest)]
-#[doc = include_str!("../README.md")]
-pub struct ReadmeDoctests;

@@ -6,8 +6,11 @@
 //! scenarios end to end (`demo`). It reads the same configuration as the library
 //! (`DATABASE_URL` or `DB_HOST`, `DB_PORT`, ...; flags over environment over defaults).
 //!
-//! What it is not for: serving traffic (services link the library), or ad-hoc SQL (use
-//! `psql`). Every command is one short-lived process with a small pool.
+//! `taskhistory serve` serves the history over HTTP (JSON, SSE, WebSocket, a dashboard) to
+//! browsers and other services.
+//!
+//! What it is not for: a service's own writes (services link the library), or ad-hoc SQL
+//! (use `psql`). Every other command is one short-lived process with a small pool.
 
 mod args;
 mod commands;

@@ -13,7 +13,7 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use prost::Message;
 
 mod common;
-use common::{get, token, Server, ADMIN, SECRET};
+use common::{bin, get, token, Server, ADMIN, SECRET};
 
 /// An OTLP/HTTP receiver: every POSTed body, answered 200 with an empty response message.
 fn receiver() -> (String, mpsc::Receiver<(String, Vec<u8>)>) {
@@ -61,25 +61,15 @@ fn receiver() -> (String, mpsc::Receiver<(String, Vec<u8>)>) {
     (url, rx)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn the_store_s_spans_reach_an_otlp_receiver_without_secrets() {
-    let (endpoint, bodies) = receiver();
-    let mut server = Server::start_with(&[("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)], &[]).await;
-    let user_token = token("otlp_user", "1h", SECRET);
-    let (status, _) = get(
-        &server.url("/v1/users/otlp_user/tasks?limit=5"),
-        Some(&user_token),
-    )
-    .await;
-    assert_eq!(status, 200);
-    let (status, _) = get(&server.url("/v1/users/otlp_user/tasks/t1"), Some(ADMIN)).await;
-    assert_eq!(status, 404);
-    // Stopped: the exporter flushes what it holds before the process exits.
-    assert_eq!(server.stop(), Some(0));
+/// A received span's operation and user.
+type Span = (Option<String>, Option<String>);
 
+/// The `taskhistory` spans of the OTLP requests received until none came for `wait`:
+/// (operation, user); and every request's bytes.
+fn received(bodies: &mpsc::Receiver<(String, Vec<u8>)>, wait: Duration) -> (Vec<Span>, Vec<u8>) {
     let mut operations = Vec::new();
     let mut raw = Vec::new();
-    while let Ok((path, body)) = bodies.recv_timeout(Duration::from_secs(10)) {
+    while let Ok((path, body)) = bodies.recv_timeout(wait) {
         assert_eq!(path, "/v1/traces");
         raw.extend_from_slice(&body);
         let request = ExportTraceServiceRequest::decode(body.as_slice()).unwrap();
@@ -102,10 +92,56 @@ async fn the_store_s_spans_reach_an_otlp_receiver_without_secrets() {
             };
             operations.push((attribute("operation"), attribute("user_id")));
         }
-        if operations.len() >= 2 {
-            break;
-        }
     }
+    (operations, raw)
+}
+
+/// A one-shot command exports its spans too, flushed before it exits.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_flushes_its_spans_before_it_exits() {
+    let (endpoint, bodies) = receiver();
+    let config = taskhistory_testing::fresh_config().await;
+    let store = taskhistory_testing::store_for(config.clone()).await;
+    let url = taskhistory_testing::database_url().await;
+    let out = bin()
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+        .args([
+            "--database-url",
+            &url,
+            "--schema",
+            config.get_schema().unwrap(),
+        ])
+        .args(["status", "otlp_cli_user", "t1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let (spans, _) = received(&bodies, Duration::from_secs(2));
+    let status = (
+        Some("check_task_status".to_owned()),
+        Some("otlp_cli_user".to_owned()),
+    );
+    assert!(spans.contains(&status), "spans received: {spans:?}");
+    use taskhistory_core::TaskHistoryStore;
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_store_s_spans_reach_an_otlp_receiver_without_secrets() {
+    let (endpoint, bodies) = receiver();
+    let mut server = Server::start_with(&[("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)], &[]).await;
+    let user_token = token("otlp_user", "1h", SECRET);
+    let (status, _) = get(
+        &server.url("/v1/users/otlp_user/tasks?limit=5"),
+        Some(&user_token),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, _) = get(&server.url("/v1/users/otlp_user/tasks/t1"), Some(ADMIN)).await;
+    assert_eq!(status, 404);
+    // Stopped: the exporter flushes what it holds before the process exits.
+    assert_eq!(server.stop(), Some(0));
+
+    let (operations, raw) = received(&bodies, Duration::from_secs(2));
     let list = (
         Some("get_user_tasks_page".to_owned()),
         Some("otlp_user".to_owned()),

@@ -24,7 +24,10 @@ pub enum StoreError {
     /// transaction pooler): not the caller's input, and no retry cures it.
     #[error("invalid configuration: {setting}: {reason}")]
     Configuration {
-        /// The setting at fault, by its environment variable (`"DB_PORT"`) or option name.
+        /// The setting at fault: the environment variable it was read from (`"DB_PORT"`), or,
+        /// for what the server refused when connecting, the connection parameter (`"user"`,
+        /// `"dbname"`, `"host"`, `"sslrootcert"`, `"sslmode"`; `"privileges"` for a right
+        /// the role lacks), whatever the configuration came from.
         setting: String,
         /// Why it was refused.
         reason: String,

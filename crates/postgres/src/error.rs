@@ -14,6 +14,11 @@ use tokio_postgres::error::SqlState;
 
 /// The one classification: what a failure with this SQLSTATE (`None`: no answer from the
 /// server, the connection is gone) means for the caller.
+/// The setting a missing right is reported under (`StoreError::Configuration`): the role's
+/// privileges, told apart from a refused role (`user`) by callers that go on without the
+/// right (retention without partition drops).
+pub(crate) const PRIVILEGES: &str = "privileges";
+
 pub(crate) fn classify(
     operation: &'static str,
     code: Option<&SqlState>,
@@ -35,9 +40,10 @@ pub(crate) fn classify(
         StoreError::Conflict { operation, source }
     } else if *code == SqlState::INSUFFICIENT_PRIVILEGE {
         // The role lacks a right (a grant, or ownership for DDL): the deployment's set-up,
-        // which no retry cures.
+        // which no retry cures. (Settings are named by their connection parameter, whatever
+        // the configuration came from: a URL, variables or the builder.)
         StoreError::configuration(
-            "DB_USER",
+            PRIVILEGES,
             format!(
                 "the role may not do what {operation} needs ({source}): grant it \
                  (least_privilege_grants lists the store's rights) or run this as the tables' \
@@ -48,11 +54,11 @@ pub(crate) fn classify(
         || *code == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
     {
         StoreError::configuration(
-            "DB_USER",
+            "user",
             format!("the server refused this role or its password: {source}"),
         )
     } else if *code == SqlState::INVALID_CATALOG_NAME {
-        StoreError::configuration("DB_NAME", format!("no such database: {source}"))
+        StoreError::configuration("dbname", format!("no such database: {source}"))
     } else if *code == SqlState::ADMIN_SHUTDOWN
         || *code == SqlState::CRASH_SHUTDOWN
         || *code == SqlState::CANNOT_CONNECT_NOW
@@ -179,24 +185,24 @@ fn certificate_refused(e: &tokio_postgres::Error) -> Option<StoreError> {
         if let Some(rustls::Error::InvalidCertificate(why)) = tls {
             let (setting, what) = match why {
                 Cert::NotValidForName | Cert::NotValidForNameContext { .. } => (
-                    "DB_HOST",
+                    "host",
                     "the server's certificate does not hold the host name connected to: \
                      connect by a name it holds, or give the server a certificate for this one",
                 ),
                 Cert::UnknownIssuer | Cert::BadSignature | Cert::BadEncoding => (
-                    "DB_SSLROOTCERT",
+                    "sslrootcert",
                     "the server's certificate is not signed by a trusted root: set sslrootcert \
-                     (DB_SSLROOTCERT) to the certificate of the CA that signed it",
+                     (DB_SSLROOTCERT, --sslrootcert) to the certificate of the CA that signed it",
                 ),
                 Cert::Expired
                 | Cert::ExpiredContext { .. }
                 | Cert::NotValidYet
                 | Cert::NotValidYetContext { .. } => (
-                    "DB_SSLMODE",
+                    "sslmode",
                     "the server's certificate is outside its validity period: renew it (or \
                      check this machine's clock)",
                 ),
-                _ => ("DB_SSLMODE", "verify-full refused the server's certificate"),
+                _ => ("sslmode", "verify-full refused the server's certificate"),
             };
             return Some(StoreError::configuration(
                 setting,

@@ -24,7 +24,7 @@ use taskhistory_core::{CleanupReport, StoreError, TaskStatus};
 
 use crate::backend::Backend;
 use crate::compat;
-use crate::error::from_diesel;
+use crate::error::{from_diesel, PRIVILEGES};
 use crate::exec::{Call, Tx};
 use crate::ops::{
     self,
@@ -358,7 +358,8 @@ pub(crate) async fn drop_expired(
             // A role with only the store's DML rights may not lock or drop a partition
             // (the error map makes a missing right a configuration error): retention then
             // goes on by batched deletes.
-            Err(e @ StoreError::Configuration { .. }) => {
+            Err(StoreError::Configuration { setting, reason }) if setting == PRIVILEGES => {
+                let e = StoreError::Configuration { setting, reason };
                 tracing::warn!(error = %e, "this role may not drop partitions; expired tasks are removed by batched deletes (run cleanup as the tables' owner to drop whole partitions)");
                 return Ok(total);
             }

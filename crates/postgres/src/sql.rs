@@ -454,11 +454,15 @@ LEFT JOIN LATERAL (
 
 /// Test schemas (feature `test-schema`): those made by `on_fresh_schema` (named
 /// `th_test_<unix seconds>_...`) more than `$1` seconds ago, which a test that panicked
-/// before `drop_schema` left behind.
+/// before `drop_schema` left behind; only the current role's (or a role it is a member
+/// of), and only in the one transaction that gets the sweep's lock (parallel test
+/// processes do not sweep at once).
 pub const TEST_SCHEMAS_ABANDONED: &str = r#"
 SELECT nspname AS name FROM pg_namespace
 WHERE nspname ~ '^th_test_[0-9]+_[0-9]+_[0-9]+$'
   AND split_part(nspname, '_', 3)::int8 < extract(epoch FROM now())::int8 - $1
+  AND pg_has_role(nspowner, 'USAGE')
+  AND (SELECT pg_try_advisory_xact_lock(7261839))
 "#;
 
 /// Operator: whether `pg_stat_statements` is installed in this database.

@@ -295,7 +295,7 @@ async fn start_up_fails_fast_with_the_real_cause() {
     assert!(err.to_string().contains("does not exist"), "{err}");
     // A deployment's mistake, which no retry cures: configuration, naming the setting.
     assert!(
-        matches!(&err, StoreError::Configuration { setting, .. } if setting == "DB_NAME"),
+        matches!(&err, StoreError::Configuration { setting, .. } if setting == "dbname"),
         "{err:?}"
     );
     assert!(!err.is_transient());
@@ -304,7 +304,7 @@ async fn start_up_fails_fast_with_the_real_cause() {
         .unwrap_err();
     assert!(err.to_string().contains("no_such_role_here"), "{err}");
     assert!(
-        matches!(&err, StoreError::Configuration { setting, .. } if setting == "DB_USER"),
+        matches!(&err, StoreError::Configuration { setting, .. } if setting == "user"),
         "{err:?}"
     );
     let err = PgTaskHistoryStore::connect(base.clone().host("127.0.0.1").port(1))

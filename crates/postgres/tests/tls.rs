@@ -210,7 +210,7 @@ async fn verify_full_accepts_the_right_ca_and_refuses_others() {
         .expect_err("verify-full trusted a certificate from an unknown CA");
     // A configuration error (no retry cures it; the CLI exits 2), naming what to set.
     assert!(
-        matches!(&err, StoreError::Configuration { setting, .. } if setting == "DB_SSLROOTCERT"),
+        matches!(&err, StoreError::Configuration { setting, .. } if setting == "sslrootcert"),
         "{err:?}"
     );
     assert!(!err.is_transient());
@@ -223,7 +223,7 @@ async fn verify_full_accepts_the_right_ca_and_refuses_others() {
         .await
         .expect_err("verify-full accepted a certificate for another name");
     assert!(
-        matches!(&err, StoreError::Configuration { setting, .. } if setting == "DB_HOST"),
+        matches!(&err, StoreError::Configuration { setting, .. } if setting == "host"),
         "{err:?}"
     );
     assert!(err.to_string().contains("127.0.0.1"), "{err}");
@@ -253,7 +253,7 @@ async fn an_expired_server_certificate_is_a_configuration_error() {
         .await
         .expect_err("verify-full accepted an expired certificate");
     assert!(
-        matches!(&err, StoreError::Configuration { setting, .. } if setting == "DB_SSLMODE"),
+        matches!(&err, StoreError::Configuration { setting, .. } if setting == "sslmode"),
         "{err:?}"
     );
     assert!(err.to_string().contains("validity"), "{err}");

@@ -137,6 +137,23 @@ impl<C: Session> Drop for InFlight<'_, C> {
     }
 }
 
+/// A connection kept by its caller between [`Executor::kept`] calls, and the session
+/// settings it starts with (on a direct connection).
+pub(crate) struct Kept {
+    conn: tokio::sync::Mutex<Option<AsyncPgConnection>>,
+    session: &'static str,
+}
+
+impl Kept {
+    /// None open yet; `session` (may be empty) runs once on each connection opened.
+    pub(crate) fn new(session: &'static str) -> Self {
+        Kept {
+            conn: tokio::sync::Mutex::new(None),
+            session,
+        }
+    }
+}
+
 /// Runs every operation (see the module's doc).
 pub(crate) struct Executor {
     connector: Connector,
@@ -308,7 +325,7 @@ impl Executor {
     pub(crate) async fn kept<P: Sync, T>(
         &self,
         call: Call<'_>,
-        slot: &tokio::sync::Mutex<Option<AsyncPgConnection>>,
+        slot: &Kept,
         tx: Tx,
         params: &P,
         work: Write<P, T>,
@@ -323,19 +340,27 @@ impl Executor {
     async fn kept_attempt<P: Sync, T>(
         &self,
         op: &'static str,
-        slot: &tokio::sync::Mutex<Option<AsyncPgConnection>>,
+        slot: &Kept,
         tx: Tx,
         params: &P,
         work: Write<P, T>,
     ) -> Result<T, StoreError> {
         self.ensure_open()?;
-        let mut held = slot.lock().await;
+        let mut held = slot.conn.lock().await;
         if held.as_mut().is_none_or(Session::is_broken) {
             *held = None;
         }
         let conn = match &mut *held {
             Some(conn) => conn,
-            None => held.insert(self.connector.connect().await?),
+            None => {
+                let mut conn = self.connector.connect().await?;
+                // A session setting holds on a direct connection only (behind a pooler the
+                // work sets it per transaction).
+                if !slot.session.is_empty() && self.connector.transaction_setup().is_none() {
+                    conn.batch(&self.connector, op, slot.session).await?;
+                }
+                held.insert(conn)
+            }
         };
         let token = conn.cancel_token();
         let (result, finished) = self

@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::error::from_diesel;
-use crate::exec::{Call, Executor, Tx};
+use crate::exec::{Call, Executor, Kept, Tx};
 use crate::sql::{self, Statement};
 
 /// How long the notifier gathers events before sending them.
@@ -156,8 +156,16 @@ fn send<'c>(
 }
 
 async fn run(mut rx: mpsc::UnboundedReceiver<Vec<String>>, exec: Arc<Executor>, channel: String) {
-    // The notifier's own connection, off the pool: wake-ups never wait behind writers.
-    let conn = tokio::sync::Mutex::new(None);
+    // The notifier's own connection, off the pool: wake-ups never wait behind writers. It
+    // does not wait for the disk at commit (a wake-up is not data: its transaction holds
+    // the notify lock only for a moment): set once for the session on a direct connection
+    // (one round trip a send), per transaction behind a pooler.
+    let conn = Kept::new(sql::NOTIFY_SESSION);
+    let tx = if exec.connector().transaction_setup().is_some() {
+        Tx::With(sql::NOTIFY_LOCAL)
+    } else {
+        Tx::Statement
+    };
     while let Some(first) = rx.recv().await {
         tokio::time::sleep(GATHER).await;
         let mut batch: std::collections::BTreeSet<String> = first.into_iter().collect();
@@ -168,11 +176,8 @@ async fn run(mut rx: mpsc::UnboundedReceiver<Vec<String>>, exec: Arc<Executor>, 
             channel: &channel,
             payloads: payloads(&batch),
         };
-        // In a transaction of its own that does not wait for the disk at commit (a wake-up
-        // is not data: the transaction holds the notify lock only for a moment). Retried on
-        // transient errors like every statement: a wake-up sent twice costs a watcher one
-        // read that finds nothing new.
-        let tx = Tx::With(sql::NOTIFY_LOCAL);
+        // Retried on transient errors like every statement: a wake-up sent twice costs a
+        // watcher one read that finds nothing new.
         if let Err(error) = exec.kept(Call::new(OP), &conn, tx, &wake, send).await {
             tracing::warn!(%error, users = batch.len(), "taskhistory: watchers may not have been woken; they read the new events at their next poll");
         }

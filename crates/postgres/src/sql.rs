@@ -414,8 +414,13 @@ WHERE n.nspname = current_schema()
 ORDER BY t.relname, c.relkind DESC, c.relname
 "#;
 
-/// Watchers: what the notifier's transaction sets. A notification is not data: its commit
-/// need not wait for the disk, so PostgreSQL's notification lock is held only for a moment.
+/// Watchers: the notifier's session (a direct connection of its own). A notification is not
+/// data: its commit need not wait for the disk, so PostgreSQL's notification lock is held
+/// only for a moment.
+pub const NOTIFY_SESSION: &str = "SET synchronous_commit TO off";
+
+/// Watchers: what the notifier's transaction sets behind a transaction pooler (where a
+/// session setting would not stay).
 pub const NOTIFY_LOCAL: &str = "SET LOCAL synchronous_commit TO off";
 
 /// Watchers: wake-ups of recent writes (payloads naming their users), sent by the store's

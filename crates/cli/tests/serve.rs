@@ -590,28 +590,10 @@ def user_token(secret: bytes, user: str, ttl: int = 3600) -> str:
 /// was not reproduced by hand).
 #[tokio::test(flavor = "multi_thread")]
 async fn memory_serve_stops_on_ctrl_c_with_streams_open() {
-    use std::io::{BufRead, BufReader};
-    use std::process::Stdio;
-    // reqwest's TLS takes the process's crypto provider.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     for _ in 0..5 {
-        let mut child = common::bin()
-            .env("TASKHISTORY_ADMIN_TOKEN", ADMIN)
-            .args(["--memory", "serve", "--listen", "127.0.0.1:0"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut stderr = BufReader::new(child.stderr.take().unwrap());
-        let mut line = String::new();
-        stderr.read_line(&mut line).unwrap();
-        std::thread::spawn(move || for _ in stderr.lines() {});
-        let base = line
-            .split_whitespace()
-            .find(|w| w.starts_with("http"))
-            .unwrap_or_else(|| panic!("serve did not start: {line}"))
-            .trim_end_matches('/')
-            .to_owned();
+        let mut command = common::bin();
+        command.args(["--memory", "serve", "--listen", "127.0.0.1:0"]);
+        let (mut child, base, _) = common::serving(command);
         let mut streams = Vec::new();
         for user in ["a", "b", "c"] {
             let response = reqwest::Client::new()

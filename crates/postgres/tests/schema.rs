@@ -344,22 +344,9 @@ async fn a_fresh_schema_is_made_migrated_and_dropped() {
     let step = TaskStepResult::running("s", serde_json::json!({}), "");
     store.save_task_history("u", "t", 0, &step).await.unwrap();
     let admin = taskhistory_testing::test_db_client().await;
-    let exists = |schema: String| {
-        let admin = &admin;
-        async move {
-            admin
-                .query_one(
-                    "SELECT count(*) FROM pg_namespace WHERE nspname = $1",
-                    &[&schema],
-                )
-                .await
-                .unwrap()
-                .get::<_, i64>(0)
-        }
-    };
-    assert_eq!(exists(schema.clone()).await, 1);
+    assert_eq!(schemas_named(&admin, &schema).await, 1);
     store.drop_schema().await.unwrap();
-    assert_eq!(exists(schema).await, 0);
+    assert_eq!(schemas_named(&admin, &schema).await, 0);
     assert!(matches!(
         store.save_task_history("u", "t", 1, &step).await,
         Err(StoreError::Closed)
@@ -389,25 +376,16 @@ async fn abandoned_test_schemas_are_swept_by_age() {
             .await
             .unwrap();
     }
-    let count = |schema: String| {
-        let admin = &admin;
-        async move {
-            admin
-                .query_one(
-                    "SELECT count(*) FROM pg_namespace WHERE nspname = $1",
-                    &[&schema],
-                )
-                .await
-                .unwrap()
-                .get::<_, i64>(0)
-        }
-    };
     let store = PgTaskHistoryStore::on_fresh_schema(taskhistory_testing::fresh_config().await)
         .await
         .unwrap();
-    assert_eq!(count(old.clone()).await, 0, "the abandoned schema stayed");
     assert_eq!(
-        count(recent.clone()).await,
+        schemas_named(&admin, &old).await,
+        0,
+        "the abandoned schema stayed"
+    );
+    assert_eq!(
+        schemas_named(&admin, &recent).await,
         1,
         "a recent schema was dropped"
     );
@@ -416,4 +394,16 @@ async fn abandoned_test_schemas_are_swept_by_age() {
         .await
         .unwrap();
     store.drop_schema().await.unwrap();
+}
+
+/// How many schemas named `schema` the server has.
+async fn schemas_named(admin: &tokio_postgres::Client, schema: &str) -> i64 {
+    admin
+        .query_one(
+            "SELECT count(*) FROM pg_namespace WHERE nspname = $1",
+            &[&schema],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
 }

@@ -118,15 +118,26 @@ pub(crate) fn spawn(
     env: &[(&str, &str)],
     extra: &[&str],
 ) -> (Child, String, std::sync::Arc<std::sync::Mutex<String>>) {
-    // reqwest's TLS takes the process's crypto provider.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut child = bin()
-        .env("TASKHISTORY_ADMIN_TOKEN", ADMIN)
+    let mut command = bin();
+    command
         .env("TASKHISTORY_SECRET", SECRET)
         .envs(env.iter().copied())
         .args(["--database-url", url, "--schema", schema])
         .args(["serve", "--listen", "127.0.0.1:0"])
-        .args(extra)
+        .args(extra);
+    serving(command)
+}
+
+/// Runs `command` (a `taskhistory ... serve` with the operator token set) until it says
+/// where it serves: the process, its base URL and what it says on stderr (read on, so the
+/// server never blocks on it).
+pub(crate) fn serving(
+    mut command: Command,
+) -> (Child, String, std::sync::Arc<std::sync::Mutex<String>>) {
+    // reqwest's TLS takes the process's crypto provider.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut child = command
+        .env("TASKHISTORY_ADMIN_TOKEN", ADMIN)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

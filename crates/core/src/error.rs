@@ -74,6 +74,19 @@ pub enum StoreError {
     /// The store was closed with [`close`](crate::TaskHistoryStore::close).
     #[error("the store is closed")]
     Closed,
+    /// A limit of the store's own configuration is reached (today: live watchers, at most
+    /// `DB_MAX_WATCHERS`): nothing was started. Not transient for the retry policy (an
+    /// immediate retry meets the same limit); a caller may try again once others finished
+    /// (`taskhistory serve` answers HTTP 429, WebSocket close 1013).
+    #[error("{operation} refused: the store's limit of {max} {limit} is reached")]
+    LimitReached {
+        /// The store operation, e.g. `"watch_task"`.
+        operation: &'static str,
+        /// What is limited, e.g. `"watchers"`.
+        limit: &'static str,
+        /// The limit.
+        max: usize,
+    },
     /// Anything else the backend reported, or data read back that does not parse.
     #[error("database error during {operation}: {source}")]
     Database {
@@ -118,6 +131,15 @@ impl Clone for StoreError {
                 source: text(source),
             },
             StoreError::Closed => StoreError::Closed,
+            StoreError::LimitReached {
+                operation,
+                limit,
+                max,
+            } => StoreError::LimitReached {
+                operation,
+                limit,
+                max: *max,
+            },
             StoreError::Database { operation, source } => StoreError::Database {
                 operation,
                 source: text(source),
@@ -217,6 +239,11 @@ mod tests {
                 source: "serialization failure".into(),
             },
             StoreError::Closed,
+            StoreError::LimitReached {
+                operation: "watch_user",
+                limit: "watchers",
+                max: 10,
+            },
             StoreError::database("stats", "bad row"),
         ];
         for e in &errors {

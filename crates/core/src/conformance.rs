@@ -52,6 +52,7 @@ macro_rules! conformance_tests {
             watch_task_sees_its_steps_in_order,
             watch_user_sees_only_that_user,
             watch_resumes_from_every_event_cursor,
+            watch_resumed_at_random_cursors_under_writers_gets_each_write_once,
             step_saved_again_is_delivered_again,
             slow_watcher_does_not_hold_writers_back,
             concurrent_saves_lose_nothing,
@@ -1046,6 +1047,133 @@ pub async fn watch_resumes_from_every_event_cursor(store: &DynStore) {
         serde_json::from_str::<EventCursor>(&json).unwrap(),
         got[2].cursor
     );
+}
+
+/// Rule 9 under load: while 8 writers save steps of their own tasks, watches resumed 1,000
+/// times from cursors picked at random among the events so far (of the user, or of one
+/// task) receive what the first watch received after that cursor, each task's events in
+/// the same order, none twice; and the first watch receives every write exactly once. The
+/// first watch falls behind on purpose (it reads a few events per round while the writers
+/// run), so a store that buffers events per watcher is tried past its buffer too.
+pub async fn watch_resumed_at_random_cursors_under_writers_gets_each_write_once(store: &DynStore) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut events = store.watch_user("u", None).await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let (store, stop) = (store.clone(), Arc::clone(&stop));
+            tokio::spawn(async move {
+                let task = format!("w{w}");
+                let mut step = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    save(&store, "u", &task, step, &running("x")).await;
+                    step += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                }
+                (task, step)
+            })
+        })
+        .collect();
+    let mut log: Vec<TaskEvent> = Vec::new();
+    while log.len() < 50 {
+        log.push(next_event(&mut events).await);
+    }
+    let mut rng = fastrand::Rng::with_seed(27);
+    let mut rounds = Vec::new();
+    for round in 0..1000 {
+        for _ in 0..3 {
+            log.push(next_event(&mut events).await);
+        }
+        let k = rng.usize(..log.len());
+        let cursor = log[k].cursor.clone();
+        let task = (round % 2 == 1).then(|| format!("w{}", rng.usize(..8)));
+        let mut resumed = match &task {
+            None => store.watch_user("u", Some(cursor)).await.unwrap(),
+            Some(t) => store.watch_task("u", t, Some(cursor)).await.unwrap(),
+        };
+        let known = log[k + 1..]
+            .iter()
+            .filter(|e| task.as_ref().is_none_or(|t| *t == e.task_id))
+            .count();
+        let mut got = Vec::new();
+        for _ in 0..known.min(10) {
+            got.push(next_event(&mut resumed).await);
+        }
+        rounds.push((k, task, got));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut written = BTreeSet::new();
+    for writer in writers {
+        let (task, steps) = writer.await.unwrap();
+        written.extend((0..steps).map(|s| (task.clone(), s)));
+    }
+    while log.len() < written.len() {
+        log.push(next_event(&mut events).await);
+    }
+    let mut delivered = BTreeSet::new();
+    for e in &log {
+        assert!(
+            delivered.insert((e.task_id.clone(), e.step)),
+            "delivered twice: {}/{}",
+            e.task_id,
+            e.step
+        );
+    }
+    assert_eq!(
+        delivered, written,
+        "the first watch lost or invented writes"
+    );
+    assert_next_is_new(store, &mut events, ("u", "sentinel", 0)).await;
+    // Each resumed watch: per task, a prefix of what the first watch got after its cursor.
+    for (k, task, got) in rounds {
+        let after = by_task(&log[k + 1..]);
+        for (t, steps) in by_task(&got) {
+            assert!(
+                task.as_ref().is_none_or(|w| *w == t),
+                "a watch of task {task:?} got task {t}"
+            );
+            let expected = after.get(t).map_or(&[][..], Vec::as_slice);
+            assert!(
+                expected.starts_with(&steps),
+                "resumed after event {k}: task {t} got {steps:?}, expected a prefix of {expected:?}"
+            );
+        }
+    }
+}
+
+/// A store made to allow `max` watches at once (`max` at least 1) refuses one more with
+/// [`StoreError::LimitReached`], starting nothing, and takes a new one once a stream is
+/// dropped. Run by each backend on a store built with that limit.
+pub async fn watchers_past_the_limit_are_refused(store: &DynStore, max: usize) {
+    let mut open = Vec::new();
+    for i in 0..max {
+        let stream = if i % 2 == 0 {
+            store.watch_user("u", None).await
+        } else {
+            store.watch_task("u", "t", None).await
+        };
+        open.push(stream.unwrap_or_else(|e| panic!("watch {i} of {max}: {e}")));
+    }
+    for refused in [
+        store.watch_user("v", None).await.err(),
+        store.watch_task("u", "t", None).await.err(),
+    ] {
+        assert!(
+            matches!(
+                refused,
+                Some(StoreError::LimitReached { limit: "watchers", max: m, .. }) if m == max
+            ),
+            "{refused:?}"
+        );
+    }
+    // The open ones still work.
+    save(store, "u", "t", 0, &running("a")).await;
+    for stream in &mut open {
+        assert_eq!(next_event(stream).await.step, 0);
+    }
+    drop(open.pop());
+    let mut again = store.watch_user("u", None).await.unwrap();
+    assert_next_is_new(store, &mut again, ("u", "t", 1)).await;
 }
 
 /// Rule 9: a step saved again after its event was received is delivered again, at once

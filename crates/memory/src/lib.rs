@@ -10,7 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::ops::Bound;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
 
@@ -39,7 +39,14 @@ struct Inner {
     /// The newest position in the log of events, drawn under the state's write lock: the
     /// log's order is commit order. Watchers wait on it.
     position: watch::Sender<u64>,
+    /// Watches open now, and how many may be.
+    watchers: AtomicUsize,
+    max_watchers: usize,
 }
+
+/// How many watches a store allows at once unless told otherwise (the PostgreSQL store's
+/// default `DB_MAX_WATCHERS` too).
+pub const DEFAULT_MAX_WATCHERS: usize = 100_000;
 
 impl Default for Inner {
     fn default() -> Self {
@@ -49,6 +56,8 @@ impl Default for Inner {
             closed: AtomicBool::default(),
             instance: INSTANCES.fetch_add(1, Ordering::Relaxed),
             position: watch::channel(0).0,
+            watchers: AtomicUsize::new(0),
+            max_watchers: DEFAULT_MAX_WATCHERS,
         }
     }
 }
@@ -106,6 +115,24 @@ impl MemoryStore {
         MemoryStore::default()
     }
 
+    /// An empty store that allows at most `max` watches open at once (default
+    /// [`DEFAULT_MAX_WATCHERS`], as the PostgreSQL store's `DB_MAX_WATCHERS`): past it a
+    /// new watch fails with [`StoreError::LimitReached`]; a stream dropped or ended frees
+    /// its place.
+    pub fn with_max_watchers(max: usize) -> Self {
+        MemoryStore {
+            inner: Arc::new(Inner {
+                max_watchers: max,
+                ..Inner::default()
+            }),
+        }
+    }
+
+    /// Watches open now.
+    pub fn watchers(&self) -> usize {
+        self.inner.watchers.load(Ordering::Relaxed)
+    }
+
     fn check_open(&self) -> Result<(), StoreError> {
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(StoreError::Closed);
@@ -142,6 +169,7 @@ impl MemoryStore {
     /// A watch of `user_id` (only `task_id`, when given) after `after`, or after now.
     fn subscribe(
         &self,
+        operation: &'static str,
         user_id: &str,
         task_id: Option<&str>,
         after: Option<EventCursor>,
@@ -155,7 +183,9 @@ impl MemoryStore {
             }
         };
         self.check_open()?;
+        let place = Place::take(&self.inner, operation)?;
         let watcher = MemoryWatcher {
+            _place: place,
             store: self.clone(),
             user: user_id.to_owned(),
             task: task_id.map(str::to_owned),
@@ -440,7 +470,7 @@ impl TaskHistoryStore for MemoryStore {
         after: Option<EventCursor>,
     ) -> Result<TaskEventStream, StoreError> {
         validate::task(user_id, task_id)?;
-        self.subscribe(user_id, Some(task_id), after)
+        self.subscribe("watch_task", user_id, Some(task_id), after)
     }
 
     async fn watch_user(
@@ -449,7 +479,7 @@ impl TaskHistoryStore for MemoryStore {
         after: Option<EventCursor>,
     ) -> Result<TaskEventStream, StoreError> {
         validate::user_id(user_id)?;
-        self.subscribe(user_id, None, after)
+        self.subscribe("watch_user", user_id, None, after)
     }
 
     async fn cleanup_old_tasks(&self, days_old: i64) -> Result<CleanupReport, StoreError> {
@@ -502,8 +532,35 @@ impl TaskHistoryStore for MemoryStore {
     }
 }
 
+/// A place among the store's open watches, freed when dropped.
+struct Place(Arc<Inner>);
+
+impl Place {
+    fn take(inner: &Arc<Inner>, operation: &'static str) -> Result<Self, StoreError> {
+        let max = inner.max_watchers;
+        inner
+            .watchers
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .map_err(|_| StoreError::LimitReached {
+                operation,
+                limit: "watchers",
+                max,
+            })?;
+        Ok(Place(Arc::clone(inner)))
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        self.0.watchers.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// One watch: where it stands in the log, and what it has read but not handed out.
 struct MemoryWatcher {
+    _place: Place,
     store: MemoryStore,
     user: String,
     task: Option<String>,

@@ -91,24 +91,26 @@ impl Backend {
         )
     }
 
-    /// The wake-ups of `user`'s watchers: from this store's writes, and from other
-    /// processes' through the store's `LISTEN` connection, started on first use. Behind a
+    /// The wake-ups of the log's tail, from this store's writes and from other processes'
+    /// through the store's `LISTEN` connection, started here on first use. Behind a
     /// transaction pooler without a direct URL for it (`DB_LISTEN_URL`) there is no
-    /// `LISTEN`: watchers then see other processes' writes at their polls.
-    pub(crate) async fn watch_wakes(
-        &self,
-        user: &str,
-    ) -> Result<tokio::sync::watch::Receiver<u64>, StoreError> {
+    /// `LISTEN`: the tail then sees other processes' writes at its polls.
+    pub(crate) async fn wakes(&self) -> Result<&Hub, StoreError> {
         if self.connector().can_listen() {
             self.hub
                 .ensure_listening(self.connector(), &self.channel)
                 .await?;
         }
-        Ok(self.hub.subscribe(user))
+        Ok(&self.hub)
     }
 
-    /// Wakes the watchers of the users of committed writes (nothing when notifications are
-    /// off): a wake-up, not the event; watchers read the log.
+    /// The wake-ups, without starting the listener.
+    pub(crate) fn hub(&self) -> &Hub {
+        &self.hub
+    }
+
+    /// Wakes the watchers of the users of committed writes (other processes' only when
+    /// notifications are on): a wake-up, not the event; the tail reads the log.
     pub(crate) fn notify<'u>(&self, users: impl IntoIterator<Item = &'u str> + Clone) {
         self.hub.wake(users.clone());
         if let Some(notifier) = &self.notifier {
@@ -133,8 +135,8 @@ impl Backend {
         Ok(())
     }
 
-    /// Sends the pending wake-ups, ends the watchers, closes the pools: every later call
-    /// fails with `Closed`.
+    /// Sends the pending wake-ups, stops the listener, closes the pools: every later call
+    /// fails with `Closed` (the store ends its watchers first).
     pub(crate) async fn close(&self) {
         if let Some(notifier) = &self.notifier {
             notifier.stop().await;

@@ -80,6 +80,8 @@ pub struct PgConfig {
     pub(crate) combine_lone_saves: bool,
     /// See [`PgConfig::watch_poll`].
     pub(crate) watch_poll: Duration,
+    /// See [`PgConfig::max_watchers`].
+    pub(crate) max_watchers: u32,
     /// See [`PgConfig::listen_url`].
     pub(crate) listen: Option<tokio_postgres::Config>,
     /// See [`PgConfig::pgbouncer`].
@@ -121,6 +123,7 @@ impl fmt::Debug for PgConfig {
             .field("pgbouncer", &self.pgbouncer)
             .field("notifications", &self.notifications)
             .field("watch_poll", &self.watch_poll)
+            .field("max_watchers", &self.max_watchers)
             .field("save_lanes", &self.save_lanes)
             .field("combine_lone_saves", &self.combine_lone_saves)
             .field(
@@ -166,6 +169,7 @@ impl Default for PgConfig {
             pgbouncer: false,
             notifications: true,
             watch_poll: Duration::from_secs(1),
+            max_watchers: 100_000,
             save_lanes: 2,
             combine_lone_saves: false,
             listen: None,
@@ -236,7 +240,7 @@ impl PgConfig {
     /// `DB_MAX_SIZE`, `DB_COMMAND_TIMEOUT`, `DB_STATEMENT_TIMEOUT`, `DB_CONNECT_TIMEOUT`,
     /// `DB_POOL_TIMEOUT`, `DB_WATCH_POLL` (seconds), `DB_SSLMODE`, `DB_SSLROOTCERT`, `DB_APPLICATION_NAME`
     /// `DB_SCHEMA`, `DB_PGBOUNCER`, `DB_NOTIFY`, `DB_SAVE_LANES`, `DB_LISTEN_URL`, `DB_PARTITION_INTERVAL` and
-    /// `DB_PARTITIONS_AHEAD`, `DB_COPY_MIN_ROWS`, `DB_COPY_CONNECTIONS`, `DB_PIPELINED_READS`. A bad value is a `StoreError::Configuration` naming the variable.
+    /// `DB_PARTITIONS_AHEAD`, `DB_COPY_MIN_ROWS`, `DB_COPY_CONNECTIONS`, `DB_PIPELINED_READS`, `DB_MAX_WATCHERS`. A bad value is a `StoreError::Configuration` naming the variable.
     pub fn from_env() -> Result<Self, StoreError> {
         Self::from_lookup(|key| std::env::var(key).ok())
     }
@@ -284,6 +288,9 @@ impl PgConfig {
         };
         if let Some(v) = num("DB_SAVE_LANES")? {
             c.save_lanes = v;
+        }
+        if let Some(v) = num("DB_MAX_WATCHERS")? {
+            c.max_watchers = v;
         }
         if let Some(v) = num("DB_MIN_SIZE")? {
             c.min_size = v;
@@ -361,6 +368,9 @@ impl PgConfig {
         }
         if self.copy_connections == 0 {
             return Err(bad("DB_COPY_CONNECTIONS", "must be at least 1"));
+        }
+        if self.max_watchers == 0 {
+            return Err(bad("DB_MAX_WATCHERS", "must be at least 1"));
         }
         if self.min_size > self.max_size {
             return Err(bad(
@@ -471,6 +481,15 @@ impl PgConfig {
     /// died after its commit, a lost listener) reaches watchers.
     pub fn watch_poll(mut self, every: Duration) -> Self {
         self.watch_poll = every;
+        self
+    }
+    /// How many watches (`watch_task`, `watch_user` streams) may be open at once in this
+    /// store (`DB_MAX_WATCHERS`, default 100,000; at least 1). Past it a new watch fails
+    /// with `StoreError::LimitReached` and nothing starts; a stream dropped or ended frees
+    /// its place. Each open watch costs memory only (at most 256 buffered events), never
+    /// a query of its own once it has caught up: the store reads the log once for all.
+    pub fn max_watchers(mut self, max: u32) -> Self {
+        self.max_watchers = max;
         self
     }
     /// Client-side limit for one operation's database work; past it the operation fails
@@ -664,6 +683,10 @@ impl PgConfig {
     /// How often watchers read without a wake-up.
     pub fn get_watch_poll(&self) -> Duration {
         self.watch_poll
+    }
+    /// How many watches may be open at once.
+    pub fn get_max_watchers(&self) -> u32 {
+        self.max_watchers
     }
     /// Whether the store talks through a transaction pooler.
     pub fn get_pgbouncer(&self) -> bool {

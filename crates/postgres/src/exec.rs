@@ -194,6 +194,7 @@ pub struct PoolStats {
 
 /// Operation counters, from [`PgTaskHistoryStore::metrics`](crate::PgTaskHistoryStore::metrics).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
 pub struct StoreMetrics {
     /// Database attempts made (each retry counts).
     pub queries: u64,
@@ -201,6 +202,21 @@ pub struct StoreMetrics {
     pub errors: u64,
     /// Retries after transient failures.
     pub retries: u64,
+    /// Watches open now (`watch_task`, `watch_user` streams).
+    pub watchers: u64,
+    /// Statements the log's one tail ran (each reads every user due, for all their
+    /// watchers).
+    pub tail_reads: u64,
+    /// Statements watchers ran by themselves, catching up from an older cursor or after
+    /// falling behind.
+    pub watcher_reads: u64,
+    /// Times a watcher fell behind (its buffer of 256 events full) and read by itself.
+    pub watcher_fallbacks: u64,
+    /// How far the tail was behind at its latest read: from the first wake-up it served
+    /// (a write committed) to its events handed to the watchers, in milliseconds.
+    pub tail_lag_ms: u64,
+    /// How many events the tail's latest read handed out (what it was behind by).
+    pub tail_lag_events: u64,
 }
 
 /// The error of an attempt that did not finish within the command timeout.
@@ -694,13 +710,19 @@ impl Executor {
         }
     }
 
-    /// Operation counters since start.
-    pub(crate) fn metrics(&self) -> StoreMetrics {
+    /// Operation counters since start, with watching's.
+    pub(crate) fn metrics(&self, watch: crate::watch::WatchMetrics) -> StoreMetrics {
         let c = &self.counters;
         StoreMetrics {
             queries: c.queries.load(Ordering::Relaxed),
             errors: c.errors.load(Ordering::Relaxed),
             retries: c.retries.load(Ordering::Relaxed),
+            watchers: watch.watchers,
+            tail_reads: watch.tail_reads,
+            watcher_reads: watch.own_reads,
+            watcher_fallbacks: watch.fallbacks,
+            tail_lag_ms: watch.lag_ms,
+            tail_lag_events: watch.lag_events,
         }
     }
 

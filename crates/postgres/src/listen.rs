@@ -1,15 +1,16 @@
-//! The store's one `LISTEN` connection (dedicated, never pooled) and the hub that wakes the
-//! store's watchers ([`crate::watch`]). A notification names users whose tasks were
-//! written; it wakes their watchers, which read the log of events: a wake-up is never the
-//! event itself. After a lost connection the listener reconnects by itself and wakes every
-//! watcher (what was written meanwhile is in the log).
+//! The store's one `LISTEN` connection (dedicated, never pooled) and the hub that collects
+//! wake-ups for the log's tail ([`crate::watch`]). A notification names users whose tasks
+//! were written; the hub marks those of them that are watched, and the tail reads their
+//! events from the log: a wake-up is never the event itself. After a lost connection the
+//! listener reconnects by itself and marks every user (what was written meanwhile is in the
+//! log).
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use taskhistory_core::StoreError;
-use tokio::sync::{mpsc, watch, Mutex};
+use tokio::sync::{mpsc, Mutex, Notify};
 use tokio::task::JoinHandle;
 
 use crate::connection::Connector;
@@ -19,21 +20,69 @@ fn parse(payload: &str) -> Option<Vec<String>> {
     serde_json::from_str::<Vec<String>>(payload).ok()
 }
 
-/// Watchers of one user share a wake-up counter: a notification wakes only the watchers of
-/// its users, and wake-ups that come while a watcher reads fold into one.
-type Routes = Arc<std::sync::Mutex<HashMap<String, watch::Sender<u64>>>>;
+/// The users woken since the tail last took them.
+#[derive(Debug, Default)]
+pub(crate) struct Woken {
+    /// Watched users written since.
+    pub(crate) users: HashSet<String>,
+    /// Every user may have been written (a listener came back, a notification could not be
+    /// read).
+    pub(crate) all: bool,
+    /// When the first of these wake-ups came.
+    pub(crate) since: Option<tokio::time::Instant>,
+}
 
-/// The store's listener and its fan-out.
+#[derive(Debug, Default)]
+struct Marks {
+    /// The users the tail reads for; wake-ups of others are dropped at once.
+    watched: HashSet<String>,
+    woken: Woken,
+}
+
+/// Wake-ups, shared by the hub's callers (the store's writes, the listener) and the tail.
+#[derive(Debug, Default)]
+struct Wakes {
+    marks: std::sync::Mutex<Marks>,
+    ready: Notify,
+}
+
+impl Wakes {
+    fn mark<'u>(&self, users: Option<impl IntoIterator<Item = &'u str>>) {
+        let mut marks = self.marks.lock().unwrap_or_else(|p| p.into_inner());
+        if marks.watched.is_empty() {
+            return;
+        }
+        let Marks { watched, woken } = &mut *marks;
+        let before = woken.users.len() + usize::from(woken.all);
+        match users {
+            Some(users) => {
+                for user in users {
+                    if watched.contains(user) && !woken.users.contains(user) {
+                        woken.users.insert(user.to_owned());
+                    }
+                }
+            }
+            None => woken.all = true,
+        }
+        if woken.users.len() + usize::from(woken.all) > before {
+            woken.since.get_or_insert_with(tokio::time::Instant::now);
+            drop(marks);
+            self.ready.notify_one();
+        }
+    }
+}
+
+/// The store's listener and its wake-ups.
 pub(crate) struct Hub {
-    routes: Routes,
+    wakes: Arc<Wakes>,
     listener: Mutex<Option<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Hub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        let marks = self.wakes.marks.lock().unwrap_or_else(|p| p.into_inner());
         f.debug_struct("Hub")
-            .field("watched_users", &routes.len())
+            .field("watched_users", &marks.watched.len())
             .finish()
     }
 }
@@ -41,7 +90,7 @@ impl std::fmt::Debug for Hub {
 impl Default for Hub {
     fn default() -> Self {
         Hub {
-            routes: Routes::default(),
+            wakes: Arc::default(),
             listener: Mutex::new(None),
         }
     }
@@ -72,7 +121,7 @@ impl Hub {
         let task = tokio::spawn(listen_loop(
             connector.clone(),
             channel.to_owned(),
-            self.routes.clone(),
+            Arc::clone(&self.wakes),
             client,
             rx,
         ));
@@ -80,59 +129,60 @@ impl Hub {
         Ok(())
     }
 
-    /// The wake-ups of `user`'s watchers.
-    pub(crate) fn subscribe(&self, user: &str) -> watch::Receiver<u64> {
-        let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
-        routes.retain(|_, tx| tx.receiver_count() > 0);
-        routes
-            .entry(user.to_owned())
-            .or_insert_with(|| watch::channel(0).0)
-            .subscribe()
-    }
-
-    /// Wakes the watchers of `users` in this process (a write of this store committed;
-    /// other processes hear of it by notification).
+    /// Marks `users` written in this process (a write of this store committed; other
+    /// processes hear of it by notification).
     pub(crate) fn wake<'u>(&self, users: impl IntoIterator<Item = &'u str>) {
-        wake(&self.routes, Some(users));
+        self.wakes.mark(Some(users));
     }
 
-    /// Stops the listener and ends every watch (the store is closing).
+    /// Whose wake-ups count from now on: `user` is watched (`true`) or no longer (`false`).
+    pub(crate) fn watched(&self, user: &str, watched: bool) {
+        let mut marks = self.wakes.marks.lock().unwrap_or_else(|p| p.into_inner());
+        if watched {
+            marks.watched.insert(user.to_owned());
+        } else {
+            marks.watched.remove(user);
+            marks.woken.users.remove(user);
+        }
+    }
+
+    /// Takes the wake-ups so far.
+    pub(crate) fn take(&self) -> Woken {
+        let mut marks = self.wakes.marks.lock().unwrap_or_else(|p| p.into_inner());
+        std::mem::take(&mut marks.woken)
+    }
+
+    /// Whether a wake-up is waiting to be taken.
+    pub(crate) fn any_woken(&self) -> bool {
+        let marks = self.wakes.marks.lock().unwrap_or_else(|p| p.into_inner());
+        marks.woken.all || !marks.woken.users.is_empty()
+    }
+
+    /// Returns once a wake-up came since the last call (at once if one came meanwhile).
+    pub(crate) async fn woken(&self) {
+        self.wakes.ready.notified().await;
+    }
+
+    /// Stops the listener (the store is closing).
     pub(crate) async fn stop(&self) {
         if let Some(task) = self.listener.lock().await.take() {
             task.abort();
         }
-        self.routes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
-    }
-}
-
-/// Wakes the watchers of `users`, or of everyone (`None`).
-fn wake<'u>(routes: &Routes, users: Option<impl IntoIterator<Item = &'u str>>) {
-    let routes = routes.lock().unwrap_or_else(|p| p.into_inner());
-    let bump = |tx: &watch::Sender<u64>| tx.send_modify(|n| *n = n.wrapping_add(1));
-    match users {
-        Some(users) => users
-            .into_iter()
-            .filter_map(|u| routes.get(u))
-            .for_each(bump),
-        None => routes.values().for_each(bump),
     }
 }
 
 async fn listen_loop(
     connector: Connector,
     channel: String,
-    routes: Routes,
+    wakes: Arc<Wakes>,
     mut client: tokio_postgres::Client,
     mut rx: mpsc::UnboundedReceiver<String>,
 ) {
     loop {
         while let Some(payload) = rx.recv().await {
             match parse(&payload) {
-                Some(users) => wake(&routes, Some(users.iter().map(String::as_str))),
-                None => wake(&routes, None::<[&str; 0]>),
+                Some(users) => wakes.mark(Some(users.iter().map(String::as_str))),
+                None => wakes.mark(None::<[&str; 0]>),
             }
         }
         drop(client);
@@ -148,6 +198,6 @@ async fn listen_loop(
             }
         };
         tracing::info!("taskhistory: the watchers' listener is back; watchers catch up");
-        wake(&routes, None::<[&str; 0]>);
+        wakes.mark(None::<[&str; 0]>);
     }
 }

@@ -430,30 +430,31 @@ pub const NOTIFY_USERS: &str = r#"
 SELECT count(pg_notify($1, p))::int8 AS sent FROM unnest($2::text[]) AS p
 "#;
 
-/// Watchers: where the log of events stands now (a snapshot of the database: the writes it
-/// sees are in the past).
-pub const EVENT_POSITION: &str = r#"
-SELECT pg_current_snapshot()::text AS snapshot
-"#;
-
-/// Watchers: the next events of a user (of one task, when `$2` is given): the step rows
-/// written by transactions that snapshot `$5` did not see and snapshot `$6` (or, when
-/// NULL, this statement's own) does, after position (`$3`, `$4`), in position order, at most
-/// `$7`. Returns this statement's snapshot too (on a row of NULLs when there is no event).
-/// Walks task_history_user_position from (`$3`, `$4`), which the caller puts at or past the
-/// oldest transaction `$5` did not see.
+/// Watchers: the next events of several users at once (one per element of the arrays; the
+/// log's one tail reads every watched user in one statement, a catching-up watcher its own).
+/// For user `$1[i]` (only task `$2[i]` when not NULL): the step rows written by transactions
+/// that snapshot `$3[i]` did not see and snapshot `$4[i]` (or, when NULL, this statement's
+/// own) does, after position (`$5[i]`, `$6[i]`), in position order, at most `$7` per user;
+/// `n` is `i`. Returns this statement's snapshot too (on a row of NULLs when there is no
+/// event). Walks task_history_user_position from (`$5[i]`, `$6[i]`), which the caller puts
+/// at or past the oldest transaction `$3[i]` did not see.
 pub const EVENTS_AFTER: &str = r#"
-SELECT now.snapshot, e.task_id, e.step, e.status, e.timestamp, e.xid, e.id
+SELECT now.snapshot, e.n, e.task_id, e.step, e.status, e.timestamp, e.xid, e.id
 FROM (SELECT pg_current_snapshot()::text AS snapshot) now
 LEFT JOIN LATERAL (
-    SELECT h.task_id, h.step, h.status, h.timestamp, h.xid::text AS xid, h.id
-    FROM task_history h
-    WHERE h.user_id = $1 AND h.task_id = COALESCE($2::text, h.task_id)
-      AND (h.xid, h.id) > ($3::text::xid8, $4::int8)
-      AND NOT pg_visible_in_snapshot(h.xid, $5::text::pg_snapshot)
-      AND pg_visible_in_snapshot(h.xid, COALESCE($6::text::pg_snapshot, now.snapshot::pg_snapshot))
-    ORDER BY h.xid, h.id
-    LIMIT $7
+    SELECT w.n, h.task_id, h.step, h.status, h.timestamp, h.xid::text AS xid, h.id
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[])
+         WITH ORDINALITY AS w(user_id, task_id, seen, upto, xid, id, n)
+    CROSS JOIN LATERAL (
+        SELECT h.task_id, h.step, h.status, h.timestamp, h.xid, h.id
+        FROM task_history h
+        WHERE h.user_id = w.user_id AND h.task_id = COALESCE(w.task_id, h.task_id)
+          AND (h.xid, h.id) > (w.xid::xid8, w.id)
+          AND NOT pg_visible_in_snapshot(h.xid, w.seen::pg_snapshot)
+          AND pg_visible_in_snapshot(h.xid, COALESCE(w.upto::pg_snapshot, now.snapshot::pg_snapshot))
+        ORDER BY h.xid, h.id
+        LIMIT $7
+    ) h
 ) e ON true
 "#;
 
@@ -1015,7 +1016,6 @@ pub const NOT_PER_USER: &[&str] = &[
     "health",
     "schema_version",
     "applied_migrations",
-    "event_position",
     "stats_by_status",
     "stats_relations",
     "partition_layout",
@@ -1055,7 +1055,6 @@ pub const ALL_STATEMENTS: &[(&str, &str)] = &[
     ("health", HEALTH),
     ("schema_version", SCHEMA_VERSION),
     ("applied_migrations", APPLIED_MIGRATIONS),
-    ("event_position", EVENT_POSITION),
     ("events_after", EVENTS_AFTER),
     ("notify_users", NOTIFY_USERS),
     ("python_compat_state", PYTHON_COMPAT_STATE),

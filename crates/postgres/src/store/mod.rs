@@ -40,6 +40,8 @@ pub struct PgTaskHistoryStore {
     backend: Arc<Backend>,
     /// Combines concurrent single saves (when `save_lanes` is not 0).
     combiner: Option<Arc<Combiner>>,
+    /// The one reader of the log of events for every watch of this store.
+    tail: Arc<watch::Tail>,
 }
 
 impl fmt::Debug for PgTaskHistoryStore {
@@ -61,8 +63,10 @@ impl PgTaskHistoryStore {
         let c = backend.config();
         let combiner = (c.save_lanes > 0)
             .then(|| Combiner::new(c.save_lanes, c.combine_lone_saves, c.pool_timeout));
+        let backend = Arc::new(backend);
         Ok(PgTaskHistoryStore {
-            backend: Arc::new(backend),
+            tail: Arc::new(watch::Tail::new(Arc::clone(&backend))),
+            backend,
             combiner,
         })
     }
@@ -373,7 +377,7 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         after: Option<EventCursor>,
     ) -> Result<TaskEventStream, StoreError> {
         validate::task(user_id, task_id)?;
-        watch::start(&self.backend, user_id, Some(task_id), after).await
+        watch::start(&self.tail, "watch_task", user_id, Some(task_id), after).await
     }
 
     async fn watch_user(
@@ -382,7 +386,7 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         after: Option<EventCursor>,
     ) -> Result<TaskEventStream, StoreError> {
         validate::user_id(user_id)?;
-        watch::start(&self.backend, user_id, None, after).await
+        watch::start(&self.tail, "watch_user", user_id, None, after).await
     }
 
     async fn cleanup_old_tasks(&self, days_old: i64) -> Result<CleanupReport, StoreError> {
@@ -407,6 +411,7 @@ impl TaskHistoryStore for PgTaskHistoryStore {
     }
 
     async fn close(&self) {
+        self.tail.stop();
         self.backend.close().await;
     }
 }

@@ -51,7 +51,7 @@ impl PgTaskHistoryStore {
 
     /// Operation counters since start.
     pub fn metrics(&self) -> StoreMetrics {
-        self.backend.exec().metrics()
+        self.backend.exec().metrics(self.tail.metrics())
     }
 
     /// Whether the server's messages reach the store untranslated (`lc_messages = 'C'`),

@@ -1,0 +1,226 @@
+//! Reading the log of events: one statement ([`EVENTS_AFTER`](crate::sql::EVENTS_AFTER))
+//! for any number of users, each from its own position. The tail reads every watched user
+//! with it; a watcher catching up reads its own user.
+
+use chrono::{DateTime, Utc};
+use diesel::pg::Pg;
+use diesel::sql_types::{Array, BigInt, Integer, Nullable, Text, Timestamptz};
+use diesel::QueryableByName;
+use diesel_async::methods::LoadQuery;
+use diesel_async::{AsyncConnectionCore, AsyncPgConnection};
+use futures::future::BoxFuture;
+use taskhistory_core::{StoreError, TaskEvent, TaskStatus};
+
+use super::position::{Position, Snapshot};
+use crate::backend::Backend;
+use crate::error::from_diesel;
+use crate::exec::Call;
+use crate::ops::rows::Status;
+use crate::sql::{self, Statement};
+
+/// One user's part of a read: whose events (of one task, when given), after where.
+pub(super) struct Want<'a> {
+    pub(super) user: &'a str,
+    pub(super) task: Option<&'a str>,
+    pub(super) position: &'a Position,
+}
+
+/// One event read: the step row's values and its place in the log.
+pub(super) struct Row {
+    pub(super) task_id: String,
+    pub(super) step: i32,
+    pub(super) status: TaskStatus,
+    pub(super) timestamp: DateTime<Utc>,
+    pub(super) xid: u64,
+    pub(super) id: i64,
+}
+
+impl Row {
+    /// The event of user `user` at this row, with the cursor of position `at`.
+    pub(super) fn event(&self, user: &str, at: &Position) -> Result<TaskEvent, StoreError> {
+        Ok(TaskEvent::of_step(
+            user,
+            &self.task_id,
+            self.step,
+            self.status,
+            self.timestamp,
+            at.cursor()?,
+        ))
+    }
+}
+
+/// What a read found: the statement's snapshot, and each user's rows in position order
+/// (at most `page` each: a user with `page` rows may have more).
+pub(super) struct Found {
+    pub(super) snapshot: Snapshot,
+    pub(super) rows: Vec<Vec<Row>>,
+}
+
+impl Found {
+    /// Where user `i` stands after its rows: past the last row when it got a whole page
+    /// (more may wait), else at the end of what the read could see.
+    pub(super) fn next_position(&self, i: usize, was: &Position, page: i64) -> Position {
+        let to = was.to.clone().unwrap_or_else(|| self.snapshot.clone());
+        match self.rows[i].last() {
+            Some(last) if self.rows[i].len() as i64 >= page => Position {
+                from: was.from.clone(),
+                to: Some(to),
+                after: Some((last.xid, last.id)),
+            },
+            _ => Position::at(to),
+        }
+    }
+
+    /// The position of row `k` of user `i` (its event's cursor).
+    pub(super) fn position_of(&self, i: usize, k: usize, was: &Position) -> Position {
+        let row = &self.rows[i][k];
+        Position {
+            from: was.from.clone(),
+            to: Some(was.to.clone().unwrap_or_else(|| self.snapshot.clone())),
+            after: Some((row.xid, row.id)),
+        }
+    }
+}
+
+#[derive(QueryableByName)]
+struct EventRow {
+    #[diesel(sql_type = Text)]
+    snapshot: String,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    n: Option<i64>,
+    #[diesel(sql_type = Nullable<Text>)]
+    task_id: Option<String>,
+    #[diesel(sql_type = Nullable<Integer>)]
+    step: Option<i32>,
+    #[diesel(sql_type = Nullable<Text>)]
+    status: Option<Status>,
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    timestamp: Option<DateTime<Utc>>,
+    #[diesel(sql_type = Nullable<Text>)]
+    xid: Option<String>,
+    #[diesel(sql_type = Nullable<BigInt>)]
+    id: Option<i64>,
+}
+
+/// The statement's parameters, one array element per user.
+struct Params {
+    users: Vec<String>,
+    tasks: Vec<Option<String>>,
+    seen: Vec<String>,
+    upto: Vec<Option<String>>,
+    xids: Vec<String>,
+    ids: Vec<i64>,
+    page: i64,
+}
+
+fn events_after<'c>(
+    conn: &'c mut &'c AsyncPgConnection,
+    p: &'c Params,
+) -> BoxFuture<'c, Result<Vec<EventRow>, StoreError>> {
+    events_after_on(conn, p)
+}
+
+/// [`events_after`] for any connection type (the executor's reads hand a shared one).
+fn events_after_on<'c, C>(
+    conn: &'c mut C,
+    p: &'c Params,
+) -> BoxFuture<'c, Result<Vec<EventRow>, StoreError>>
+where
+    C: AsyncConnectionCore<Backend = Pg> + Send,
+    Statement: LoadQuery<'static, C, EventRow>,
+{
+    Box::pin(async move {
+        let rows: Vec<EventRow> = Statement::new(sql::EVENTS_AFTER)
+            .bind::<Array<Text>, _>(p.users.clone())
+            .bind::<Array<Nullable<Text>>, _>(p.tasks.clone())
+            .bind::<Array<Text>, _>(p.seen.clone())
+            .bind::<Array<Nullable<Text>>, _>(p.upto.clone())
+            .bind::<Array<Text>, _>(p.xids.clone())
+            .bind::<Array<BigInt>, _>(p.ids.clone())
+            .bind::<BigInt, _>(p.page)
+            .fetch(conn)
+            .await
+            .map_err(|e| from_diesel(super::OP, e))?;
+        tracing::Span::current().record("rows", rows.len());
+        Ok(rows)
+    })
+}
+
+/// Reads the events of `wants` (at most `page` per user) in one statement.
+pub(super) async fn read(
+    backend: &Backend,
+    call: Call<'_>,
+    wants: &[Want<'_>],
+    page: i64,
+) -> Result<Found, StoreError> {
+    let mut p = Params {
+        users: Vec::with_capacity(wants.len()),
+        tasks: Vec::with_capacity(wants.len()),
+        seen: Vec::with_capacity(wants.len()),
+        upto: Vec::with_capacity(wants.len()),
+        xids: Vec::with_capacity(wants.len()),
+        ids: Vec::with_capacity(wants.len()),
+        page,
+    };
+    for w in wants {
+        let at = w.position;
+        // From the oldest transaction `from` did not see, or past the last row delivered.
+        let floor = (at.from.xmin(), i64::MIN);
+        let (xid, id) = at.after.map_or(floor, |after| after.max(floor));
+        p.users.push(w.user.to_owned());
+        p.tasks.push(w.task.map(str::to_owned));
+        p.seen.push(at.from.as_str().to_owned());
+        p.upto.push(at.to.as_ref().map(|s| s.as_str().to_owned()));
+        p.xids.push(xid.to_string());
+        p.ids.push(id);
+    }
+    let rows = backend.exec().read(call, &p, events_after).await?;
+    let bad = |what: &str| StoreError::database(super::OP, format!("unreadable {what}"));
+    let snapshot = match rows.first() {
+        Some(row) => Snapshot::parse(&row.snapshot).ok_or_else(|| bad("snapshot"))?,
+        None => return Err(bad("event page (no row)")),
+    };
+    let mut found = Found {
+        snapshot,
+        rows: (0..wants.len()).map(|_| Vec::new()).collect(),
+    };
+    for row in rows {
+        let (
+            Some(n),
+            Some(task_id),
+            Some(step),
+            Some(status),
+            Some(timestamp),
+            Some(xid),
+            Some(id),
+        ) = (
+            row.n,
+            row.task_id,
+            row.step,
+            row.status,
+            row.timestamp,
+            row.xid,
+            row.id,
+        )
+        else {
+            continue;
+        };
+        let user = usize::try_from(n - 1)
+            .ok()
+            .and_then(|i| found.rows.get_mut(i))
+            .ok_or_else(|| bad("event row (user out of range)"))?;
+        user.push(Row {
+            task_id,
+            step,
+            status: status.0,
+            timestamp,
+            xid: xid.parse().map_err(|_| bad("transaction id"))?,
+            id,
+        });
+    }
+    // In position order: the statement's order is the plan's, not promised.
+    for rows in &mut found.rows {
+        rows.sort_unstable_by_key(|r| (r.xid, r.id));
+    }
+    Ok(found)
+}

@@ -1,0 +1,251 @@
+//! Watching: reading the log of events after a cursor, once per store for all watchers.
+//!
+//! Every write stamps its step rows with its transaction's id (`xid`, migration 4), and per
+//! task those ids follow commit order (the save and cancel statements enforce it). A
+//! position ([`position`]) is a snapshot of the database, `from`, whose writes are
+//! delivered. A read ([`log`], [`EVENTS_AFTER`](crate::sql::EVENTS_AFTER)) takes the rows
+//! written by transactions that `from` did not see and the read's own snapshot, `to`, does,
+//! in `(xid, id)` order; once it has them all, `to` becomes the new `from`. A transaction
+//! in flight at a read is invisible to it and not visible in `to`, so its rows come with a
+//! later read, however long it runs: nothing is missed, nothing comes twice, and no clock
+//! decides anything. A large read goes in pages; the position then also holds `to` and
+//! the last row delivered.
+//!
+//! One reader, the [`tail`], reads for every watched user of the store and hands the events
+//! out in memory. A watcher reads by itself only to catch up: from an older cursor, or
+//! after it fell behind (its inbox of [`tail::INBOX`] events filled). It then joins the
+//! tail at a position `J` of the tail's that sees all its own position `B` sees (`J` covers
+//! `B`), reads the rows between `B` and `J` by itself (`to` fixed at `J`), then takes the
+//! tail's events after `J`. Delivered: the rows `J` sees and `B` does not, then those of
+//! the tail's reads after `J`, which `J` does not see: each row once, none missed, as the
+//! tail's reads follow each other from `J` on. A task's rows come in commit order: those
+//! `J` sees committed before those it does not.
+//!
+//! The tail reads when woken (a notification naming a watched user, a write of this store,
+//! the listener reconnecting) and otherwise every [`PgConfig::watch_poll`]: the wake-ups
+//! only make delivery prompt.
+//!
+//! [`PgConfig::watch_poll`]: crate::PgConfig::watch_poll
+
+mod log;
+mod position;
+mod tail;
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use taskhistory_core::{EventCursor, StoreError, TaskEvent, TaskEventStream};
+
+use crate::exec::Call;
+use log::Want;
+use position::Position;
+pub(crate) use tail::Tail;
+use tail::{Admitted, End, Inbox, Shared};
+
+const OP: &str = "watch";
+/// Events a watcher reads by itself per statement.
+const PAGE: i64 = 1000;
+/// The longest pause between attempts while the server cannot be reached.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Watching's counters, for [`crate::StoreMetrics`].
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct WatchMetrics {
+    pub(crate) watchers: u64,
+    pub(crate) tail_reads: u64,
+    pub(crate) own_reads: u64,
+    pub(crate) fallbacks: u64,
+    pub(crate) lag_ms: u64,
+    pub(crate) lag_events: u64,
+}
+
+impl Tail {
+    /// Watching's counters so far.
+    pub(crate) fn metrics(&self) -> WatchMetrics {
+        let c = &self.shared.counters;
+        WatchMetrics {
+            watchers: c.watchers.load(Ordering::Relaxed) as u64,
+            tail_reads: c.tail_reads.load(Ordering::Relaxed),
+            own_reads: c.own_reads.load(Ordering::Relaxed),
+            fallbacks: c.fallbacks.load(Ordering::Relaxed),
+            lag_ms: c.lag_ms.load(Ordering::Relaxed),
+            lag_events: c.lag_events.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// One watch: where it stands, and whether it takes the tail's events.
+struct Watcher {
+    shared: Arc<Shared>,
+    user: String,
+    task: Option<String>,
+    /// Delivered: every write this position covers. While attached and caught up, the
+    /// position of the last event taken from the inbox is `last` instead (parsed only if
+    /// the watcher falls behind).
+    position: Position,
+    last: Option<EventCursor>,
+    /// Attached to the tail: its events after `position`'s `to` (or `from`, when whole).
+    inbox: Option<Arc<Inbox>>,
+    /// Its own last read found the end of what it could see.
+    caught_up: bool,
+    pending: VecDeque<TaskEvent>,
+    /// The pause before the next attempt while the server cannot be reached.
+    backoff: Option<Duration>,
+    ended: bool,
+    _place: Admitted,
+}
+
+/// Starts a watch of `user`'s tasks (only `task` when given) after `after`, or now.
+pub(crate) async fn start(
+    tail: &Tail,
+    operation: &'static str,
+    user: &str,
+    task: Option<&str>,
+    after: Option<EventCursor>,
+) -> Result<TaskEventStream, StoreError> {
+    let resume = after.as_ref().map(Position::of).transpose()?;
+    let shared = Arc::clone(&tail.shared);
+    shared.backend.exec().ensure_open()?;
+    let place = tail.admit(operation)?;
+    // The listener runs before any watch starts: a wake-up of any later write reaches
+    // the tail.
+    shared.backend.wakes().await?;
+    tail.ensure_running();
+    let (position, inbox) = match resume {
+        Some(position) => (position, None),
+        None => {
+            // Attached after a read that started after this call: every write committed
+            // before it is behind the position, every later one comes.
+            let inbox = Inbox::new(task);
+            let at = shared.join(user, None, &inbox).await?;
+            (Position::at(at), Some(inbox))
+        }
+    };
+    let watcher = Watcher {
+        shared,
+        user: user.to_owned(),
+        task: task.map(str::to_owned),
+        position,
+        last: None,
+        inbox,
+        caught_up: false,
+        pending: VecDeque::new(),
+        backoff: None,
+        ended: false,
+        _place: place,
+    };
+    Ok(Box::pin(futures::stream::unfold(watcher, Watcher::next)))
+}
+
+impl Watcher {
+    async fn next(mut self) -> Option<(Result<TaskEvent, StoreError>, Self)> {
+        loop {
+            if let Some(event) = self.pending.pop_front() {
+                return Some((Ok(event), self));
+            }
+            if self.ended {
+                return None;
+            }
+            let step = match &self.inbox {
+                // Attached and caught up to where it joined: the tail's events.
+                Some(inbox) if self.position.is_whole() => match inbox.next().await {
+                    Ok(event) => {
+                        self.last = Some(event.cursor.clone());
+                        let event = Arc::unwrap_or_clone(event);
+                        return Some((Ok(event), self));
+                    }
+                    Err(End::Overflowed) => {
+                        self.fall_back();
+                        continue;
+                    }
+                    Err(End::Closed) => return None,
+                    Err(End::Failed(e)) => Err(e),
+                },
+                // Whole and at the end of what it could read: join the tail.
+                None if self.position.is_whole() && self.caught_up => self.join().await,
+                // Reading by itself.
+                _ => self.read().await,
+            };
+            match step {
+                Ok(()) => self.backoff = None,
+                Err(StoreError::Closed) => return None,
+                // The store's business, not the caller's: try again once the server is
+                // back, from the same position.
+                Err(e) if e.is_transient() => {
+                    let pause = self
+                        .backoff
+                        .map_or(Duration::from_millis(50), |b| (b * 2).min(MAX_BACKOFF));
+                    self.backoff = Some(pause);
+                    tracing::warn!(error = %e, user_id = %self.user, "taskhistory: a watcher's read failed; reading again");
+                    tokio::time::sleep(pause).await;
+                }
+                Err(e) => {
+                    self.ended = true;
+                    return Some((Err(e), self));
+                }
+            }
+        }
+    }
+
+    /// Detached for falling behind: reads by itself from its last event.
+    fn fall_back(&mut self) {
+        self.shared
+            .counters
+            .fallbacks
+            .fetch_add(1, Ordering::Relaxed);
+        if let Some(last) = self.last.take() {
+            match Position::of(&last) {
+                Ok(at) => self.position = at,
+                // Its own cursors always parse; were one not to, the watcher would stay
+                // at its older position and deliver again, never lose.
+                Err(e) => {
+                    tracing::error!(error = %e, "taskhistory: a watcher's own cursor did not parse")
+                }
+            }
+        }
+        self.inbox = None;
+        self.caught_up = false;
+    }
+
+    /// Joins the tail at a position covering its own; reads up to it next.
+    async fn join(&mut self) -> Result<(), StoreError> {
+        let inbox = Inbox::new(self.task.as_deref());
+        let at = self
+            .shared
+            .join(&self.user, Some(&self.position.from), &inbox)
+            .await?;
+        if at != self.position.from {
+            self.position = Position::between(self.position.from.clone(), at);
+        }
+        self.inbox = Some(inbox);
+        Ok(())
+    }
+
+    /// Reads the next page of its own events into `pending`.
+    async fn read(&mut self) -> Result<(), StoreError> {
+        let call = Call {
+            task_id: self.task.as_deref(),
+            ..Call::user(OP, &self.user)
+        };
+        let want = Want {
+            user: &self.user,
+            task: self.task.as_deref(),
+            position: &self.position,
+        };
+        let found = log::read(&self.shared.backend, call, &[want], PAGE).await?;
+        self.shared
+            .counters
+            .own_reads
+            .fetch_add(1, Ordering::Relaxed);
+        for k in 0..found.rows[0].len() {
+            let at = found.position_of(0, k, &self.position);
+            self.pending
+                .push_back(found.rows[0][k].event(&self.user, &at)?);
+        }
+        self.caught_up = (found.rows[0].len() as i64) < PAGE;
+        self.position = found.next_position(0, &self.position, PAGE);
+        Ok(())
+    }
+}

@@ -13,7 +13,8 @@ pub(crate) mod exit {
     pub(crate) const BAD_INPUT: u8 = 2;
     /// The task asked for does not exist.
     pub(crate) const NOT_FOUND: u8 = 3;
-    /// The database cannot be reached, or did not answer in time.
+    /// The database cannot be reached, or did not answer in time; or a limit of the store's
+    /// configuration is reached (live watchers): temporary, try again later.
     pub(crate) const UNAVAILABLE: u8 = 4;
 
     /// The table printed at the end of `--help`.
@@ -24,7 +25,8 @@ Exit codes:
   2  bad input or configuration: bad arguments, invalid ids/limits/cursors, refused
      import lines, no database configured
   3  not found: the task does not exist
-  4  unavailable: the database cannot be reached or did not answer in time
+  4  unavailable: the database cannot be reached or did not answer in time, or a limit
+     of the store is reached (DB_MAX_WATCHERS): try again later
   130, 143  interrupted (Ctrl-C, SIGTERM): export stops after whole lines (a file being
      written is removed), import after the batch being written commits; both say what
      was done
@@ -75,7 +77,10 @@ impl CliError {
             CliError::Store(e) if e.is_invalid_input() => exit::BAD_INPUT,
             CliError::Store(StoreError::Configuration { .. }) => exit::BAD_INPUT,
             CliError::Store(
-                StoreError::Unavailable { .. } | StoreError::Timeout { .. } | StoreError::Closed,
+                StoreError::Unavailable { .. }
+                | StoreError::Timeout { .. }
+                | StoreError::Closed
+                | StoreError::LimitReached { .. },
             ) => exit::UNAVAILABLE,
             CliError::Store(_) | CliError::Io { .. } | CliError::Other(_) => exit::OTHER,
             CliError::NotFound(_) => exit::NOT_FOUND,
@@ -115,5 +120,23 @@ impl CliError {
     pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> CliError {
         let what = what.into();
         move |source| CliError::Io { what, source }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_limit_is_a_temporary_condition() {
+        let e = CliError::Store(StoreError::LimitReached {
+            operation: "watch_user",
+            limit: "watchers",
+            max: 8,
+        });
+        assert_eq!(
+            (e.exit_code(), e.class()),
+            (exit::UNAVAILABLE, "unavailable")
+        );
     }
 }

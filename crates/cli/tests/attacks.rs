@@ -1,8 +1,8 @@
 //! `taskhistory serve` against a hostile network (issue 28): the real binary, attacked from
 //! outside. Slow and idle connections, too many connections, a large WebSocket message, a
 //! silent WebSocket peer, tokens in URLs, far expiries, secret rotation, stream tickets,
-//! the metrics token, failed-authentication limits, store errors (a database of the test's
-//! own, stopped) and the security headers.
+//! the metrics token, failed-authentication limits, caps on event streams (per user and in
+//! all), store errors (a database of the test's own, stopped) and the security headers.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{Read, Write};
@@ -494,6 +494,171 @@ async fn failed_authentication_is_limited_per_address() {
         "{metrics}"
     );
     s.store.close().await;
+}
+
+/// Opens `user`'s Server-Sent Events with `token`: the answer (while it lives, the stream
+/// stays open).
+async fn open_sse(s: &Server, user: &str, token: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .get(s.url(&format!("/v1/users/{user}/events")))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// Opens `user`'s WebSocket with `token` in the URL (the upgrade must be accepted).
+async fn open_ws(
+    s: &Server,
+    user: &str,
+    token: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>> {
+    let ws = s.base.replace("http://", "ws://");
+    let url = format!("{ws}/v1/users/{user}/ws?access_token={token}");
+    tokio_tungstenite::connect_async(url).await.unwrap().0
+}
+
+/// The close code the server sends first on `socket` (within 5 s), if any.
+async fn close_code(
+    socket: &mut tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+) -> Option<(u16, String)> {
+    use tokio_tungstenite::tungstenite::Message;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while let Ok(Some(Ok(m))) = tokio::time::timeout_at(deadline.into(), socket.next()).await {
+        if let Message::Close(frame) = m {
+            return frame.map(|f| (u16::from(f.code), f.reason.to_string()));
+        }
+    }
+    None
+}
+
+/// A metric's value (`name` with its labels, as the text shows them).
+async fn metric(s: &Server, name: &str) -> Option<f64> {
+    let (code, text) = get(&s.url("/metrics"), Some(ADMIN)).await;
+    assert_eq!(code, 200, "{text}");
+    let text = text.as_str().unwrap().to_owned();
+    text.lines()
+        .filter_map(|l| l.rsplit_once(' '))
+        .find(|(n, _)| *n == name)
+        .and_then(|(_, v)| v.parse().ok())
+}
+
+/// Waits (10 s at most) until `taskhistory_watchers` is `n`: the server has seen streams
+/// end and given their slots back.
+async fn wait_for_streams(s: &Server, n: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = metric(s, "taskhistory_watchers").await;
+        if now == Some(n) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "streams open: {now:?}, not {n}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A 429 past a stream cap: `Retry-After`, and the JSON error naming the cap (not its
+/// size, nor anything of the server's).
+async fn assert_refused(answer: reqwest::Response, cap: &str) {
+    assert_eq!(answer.status(), 429);
+    assert_eq!(answer.headers()["retry-after"], "10");
+    let body: Value = answer.json().await.unwrap();
+    let error = &body["error"];
+    assert_eq!(error["class"], "limit_reached", "{body}");
+    assert_eq!(error["limit"], cap, "{body}");
+    assert!(error["request_id"].is_string(), "{body}");
+    let mut keys: Vec<_> = error.as_object().unwrap().keys().cloned().collect();
+    keys.sort();
+    assert_eq!(keys, ["class", "limit", "message", "request_id"], "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn streams_past_the_per_user_cap_are_refused_until_one_ends() {
+    let s = Server::start(&["--max-streams-per-user", "2", "--heartbeat", "1"]).await;
+    let a = token("ua", "1h", SECRET);
+    let b = token("ub", "1h", SECRET);
+    let a1 = open_sse(&s, "ua", &a).await;
+    let a2 = open_sse(&s, "ua", &a).await;
+    assert_eq!((a1.status().as_u16(), a2.status().as_u16()), (200, 200));
+    // A third of ua's: 429, naming the per-user cap.
+    assert_refused(open_sse(&s, "ua", &a).await, "max_streams_per_user").await;
+    // Another user is not held back.
+    let b1 = open_sse(&s, "ub", &b).await;
+    assert_eq!(b1.status(), 200);
+    // A WebSocket of ua: accepted, then closed with 1013 (Try Again Later).
+    let mut refused = open_ws(&s, "ua", &a).await;
+    let (code, reason) = close_code(&mut refused).await.expect("no close frame");
+    assert_eq!(code, 1013, "{reason}");
+    assert!(reason.contains("try again later"), "{reason}");
+    drop(refused);
+    // One of ua's streams ends (the client goes away): its slot comes back.
+    drop(a1);
+    wait_for_streams(&s, 2.0).await;
+    let a3 = open_sse(&s, "ua", &a).await;
+    assert_eq!(a3.status(), 200);
+    // A WebSocket holds a slot too, and gives it back when it closes.
+    drop(a2);
+    wait_for_streams(&s, 2.0).await;
+    let mut socket = open_ws(&s, "ua", &a).await;
+    assert_refused(open_sse(&s, "ua", &a).await, "max_streams_per_user").await;
+    socket.close(None).await.unwrap();
+    drop(socket);
+    wait_for_streams(&s, 2.0).await;
+    let a4 = open_sse(&s, "ua", &a).await;
+    assert_eq!(a4.status(), 200);
+    // The refusals, by cap.
+    for (cap, n) in [
+        ("max_streams_per_user", 3.0),
+        ("max_streams", 0.0),
+        ("store_watchers", 0.0),
+    ] {
+        let name = format!("taskhistory_streams_refused_total{{cap=\"{cap}\"}}");
+        assert_eq!(metric(&s, &name).await, Some(n), "{name}");
+    }
+    assert_eq!(metric(&s, "taskhistory_watchers").await, Some(3.0));
+    drop((a3, a4, b1));
+    s.store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn streams_past_the_server_cap_are_refused_for_every_user() {
+    let s = Server::start(&["--max-streams", "3"]).await;
+    let mut open = Vec::new();
+    for user in ["u1", "u2", "u3"] {
+        let answer = open_sse(&s, user, &token(user, "1h", SECRET)).await;
+        assert_eq!(answer.status(), 200, "{user}");
+        open.push(answer);
+    }
+    let u4 = token("u4", "1h", SECRET);
+    assert_refused(open_sse(&s, "u4", &u4).await, "max_streams").await;
+    let mut refused = open_ws(&s, "u4", &u4).await;
+    let (code, reason) = close_code(&mut refused).await.expect("no close frame");
+    assert_eq!(code, 1013, "{reason}");
+    let name = "taskhistory_streams_refused_total{cap=\"max_streams\"}";
+    assert_eq!(metric(&s, name).await, Some(2.0));
+    // Refused requests count as 429 answers of their route.
+    let name = "taskhistory_http_requests_total{route=\"/v1/users/{user}/events\",code=\"429\"}";
+    assert_eq!(metric(&s, name).await, Some(1.0));
+    drop(open);
+    s.store.close().await;
+}
+
+#[test]
+fn zero_stream_caps_are_a_configuration_error() {
+    for flag in ["--max-streams", "--max-streams-per-user"] {
+        let out = bin()
+            .args(["--memory", "serve", "--listen", "127.0.0.1:0", flag, "0"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag}: {stderr}");
+        assert!(
+            stderr.contains(flag) && stderr.contains("at least 1") && !stderr.contains("panicked"),
+            "{stderr}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

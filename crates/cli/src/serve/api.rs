@@ -17,13 +17,15 @@ use taskhistory_core::{HistoryScan, StepKey, StoreError, TaskCursor, TaskQuery, 
 use taskhistory_postgres::CleanupOptions;
 
 use super::access::Denied;
+use super::streams::{Cap, RETRY_AFTER_SECS};
 use super::AppState;
 use taskhistory_tokens::Access;
 
-/// An error answer: `{"error": {"class", "field"?, "message", "request_id"}}` with its
-/// status code. The message is fixed text (or, for bad input, the library's words on the
-/// client's own input); the detail (a store's message: host and port, the server's text)
-/// goes to the log under the request id, never to the client.
+/// An error answer: `{"error": {"class", "field"?, "limit"?, "message", "request_id"}}`
+/// with its status code (and `Retry-After` when the client should wait). The message is
+/// fixed text (or, for bad input, the library's words on the client's own input); the
+/// detail (a store's message: host and port, the server's text) goes to the log under the
+/// request id, never to the client.
 #[derive(Debug)]
 pub(crate) struct ApiError {
     status: StatusCode,
@@ -31,6 +33,10 @@ pub(crate) struct ApiError {
     field: Option<String>,
     message: String,
     detail: Option<String>,
+    /// The stream cap that refused the request (`limit` in the body).
+    limit: Option<Cap>,
+    /// Seconds to wait before trying again (`Retry-After`).
+    retry_after: Option<u64>,
 }
 
 tokio::task_local! {
@@ -68,6 +74,42 @@ impl ApiError {
             field: None,
             message: message.into(),
             detail: None,
+            limit: None,
+            retry_after: None,
+        }
+    }
+
+    /// A stream refused at `cap` (`streams.rs`): 429 `limit_reached` naming the cap (not
+    /// its size), with `Retry-After`; `detail` goes to the log.
+    pub(crate) fn limit_reached(cap: Cap, detail: String) -> Self {
+        let (status, class) = LIMIT_REACHED;
+        ApiError {
+            limit: Some(cap),
+            retry_after: Some(RETRY_AFTER_SECS),
+            detail: Some(detail),
+            ..ApiError::new(status, class, cap.message())
+        }
+    }
+
+    /// Asks the client to wait `secs` seconds before trying again (`Retry-After`).
+    pub(crate) fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
+    }
+
+    /// The stream cap that refused the request, if one did.
+    pub(crate) fn limit(&self) -> Option<Cap> {
+        self.limit
+    }
+
+    /// Logs the detail, if any (once), under `request_id`.
+    pub(crate) fn log(&mut self, request_id: &str) {
+        if let Some(detail) = self.detail.take() {
+            if self.status.is_server_error() {
+                tracing::error!(request_id, status = self.status.as_u16(), class = self.class, detail = %detail, "store error");
+            } else {
+                tracing::warn!(request_id, status = self.status.as_u16(), class = self.class, detail = %detail, "request refused");
+            }
         }
     }
 
@@ -78,17 +120,14 @@ impl ApiError {
 
     /// The body a client gets (and logs the detail, if any, under `request_id`).
     pub(crate) fn body(&mut self, request_id: &str) -> serde_json::Value {
-        if let Some(detail) = self.detail.take() {
-            if self.status.is_server_error() {
-                tracing::error!(request_id, status = self.status.as_u16(), class = self.class, detail = %detail, "store error");
-            } else {
-                tracing::warn!(request_id, status = self.status.as_u16(), class = self.class, detail = %detail, "request refused");
-            }
-        }
+        self.log(request_id);
         let mut body =
             json!({"class": self.class, "message": self.message, "request_id": request_id});
         if let Some(field) = &self.field {
             body["field"] = json!(field);
+        }
+        if let Some(cap) = self.limit {
+            body["limit"] = json!(cap.client_name());
         }
         json!({ "error": body })
     }
@@ -105,6 +144,9 @@ impl From<Denied> for ApiError {
     }
 }
 
+/// A stream refused at a cap, the server's or the store's.
+const LIMIT_REACHED: (StatusCode, &str) = (StatusCode::TOO_MANY_REQUESTS, "limit_reached");
+
 /// The one map from a store error to its status code and class (answers, event streams'
 /// last items and the metrics' outcomes all read it).
 pub(crate) fn classify(e: &StoreError) -> (StatusCode, &'static str) {
@@ -115,12 +157,18 @@ pub(crate) fn classify(e: &StoreError) -> (StatusCode, &'static str) {
             (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
         }
         StoreError::Conflict { .. } => (StatusCode::SERVICE_UNAVAILABLE, "conflict"),
+        StoreError::LimitReached { .. } => LIMIT_REACHED,
         _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
     }
 }
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
+        if let StoreError::LimitReached { .. } = e {
+            // Answered as the server's own cap on streams; the store's limit and its size
+            // go to the log only.
+            return ApiError::limit_reached(Cap::StoreWatchers, e.to_string());
+        }
         let (status, class) = classify(&e);
         let (field, message) = match &e {
             // About the client's own input: the library's words name the field and rule.
@@ -148,6 +196,8 @@ impl From<StoreError> for ApiError {
             field,
             message,
             detail: Some(e.to_string()),
+            limit: None,
+            retry_after: None,
         }
     }
 }
@@ -161,6 +211,12 @@ impl IntoResponse for ApiError {
             response.headers_mut().insert(
                 axum::http::header::WWW_AUTHENTICATE,
                 axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        if let Some(secs) = self.retry_after {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(secs),
             );
         }
         response
@@ -208,17 +264,13 @@ pub(crate) async fn guard(State(state): State<AppState>, req: Request, next: Nex
         .scope(id.clone(), async move {
             if let Some(wait) = ip.and_then(|ip| state.failures.limited(ip)) {
                 state.metrics.auth_limited();
-                let mut response = ApiError::new(
+                return ApiError::new(
                     StatusCode::TOO_MANY_REQUESTS,
                     "rate_limited",
                     "too many failed authentications from this address; try again later",
                 )
+                .retry_after(wait)
                 .into_response();
-                response.headers_mut().insert(
-                    axum::http::header::RETRY_AFTER,
-                    axum::http::HeaderValue::from(wait),
-                );
-                return response;
             }
             let response = next.run(req).await;
             if response.status() == StatusCode::UNAUTHORIZED {
@@ -595,4 +647,35 @@ pub(crate) async fn retention(
         "tasks_removed": report.tasks_removed,
         "steps_removed": report.steps_removed,
     })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stores_watcher_limit_is_answered_as_the_servers_cap_without_its_detail() {
+        let e = StoreError::LimitReached {
+            operation: "watch_user",
+            limit: "watchers",
+            max: 4242,
+        };
+        assert_eq!(classify(&e), LIMIT_REACHED);
+        let mut error = ApiError::from(e);
+        assert_eq!(error.limit(), Some(Cap::StoreWatchers));
+        let body = error.body("id").to_string();
+        assert!(body.contains(r#""limit":"max_streams""#), "{body}");
+        assert!(!body.contains("4242") && !body.contains("watch"), "{body}");
+        let response = ApiError::from(StoreError::LimitReached {
+            operation: "watch_task",
+            limit: "watchers",
+            max: 1,
+        })
+        .into_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            response.headers()[axum::http::header::RETRY_AFTER],
+            RETRY_AFTER_SECS.to_string()
+        );
+    }
 }

@@ -7,6 +7,10 @@
 //! token; never the operator's (`access.rs`). A WebSocket client may send messages of a few
 //! KiB at most (`--ws-max-message`; larger ones close the socket with 1009 before they are
 //! buffered) and must answer pings within `--ws-pong-timeout`.
+//!
+//! Each stream holds a slot under `--max-streams` and `--max-streams-per-user`
+//! (`streams.rs`) until it ends; past a cap, or the store's own cap on watchers, SSE is
+//! answered 429 with `Retry-After` and a WebSocket is accepted and closed with 1013.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -17,12 +21,13 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use futures::{Stream, StreamExt};
+use futures::{Stream, StreamExt, TryFutureExt};
 use serde::Deserialize;
 use serde_json::json;
 use taskhistory_core::{EventCursor, StoreError, TaskEvent};
 
 use super::api::{request_id, timed, ApiError};
+use super::streams::{Cap, Slot};
 use super::AppState;
 
 /// Event stream parameters.
@@ -35,14 +40,15 @@ pub(crate) struct Params {
 
 type Events = futures::stream::BoxStream<'static, Result<TaskEvent, StoreError>>;
 
-/// Checks the token and opens the store's watch after the client's cursor.
+/// Checks the token, takes a slot under the stream caps and opens the store's watch after
+/// the client's cursor: the events and the slot the stream holds until it ends.
 async fn open(
     state: &AppState,
     user: &str,
     headers: &HeaderMap,
     params: &Params,
     kind: &str,
-) -> Result<Events, ApiError> {
+) -> Result<(Events, Slot), ApiError> {
     let task = params.task.as_deref().filter(|t| !t.is_empty());
     state
         .auth
@@ -56,12 +62,37 @@ async fn open(
         .or(params.after.as_deref().filter(|v| !v.is_empty()))
         .map(EventCursor::parse)
         .transpose()?;
+    // Counted by the user in the path (the token names that user).
+    let slot = state.streams.open(user).map_err(|cap| {
+        let (max, per_user) = state.streams.caps();
+        let detail = match cap {
+            Cap::PerUser => {
+                format!("user {user:?} has --max-streams-per-user ({per_user}) streams open")
+            }
+            Cap::Streams | Cap::StoreWatchers => {
+                format!("--max-streams ({max}) streams are open")
+            }
+        };
+        ApiError::limit_reached(cap, detail)
+    })?;
     let store = state.store.clone();
-    let events = match task {
-        Some(task) => timed(state, "watch_task", store.watch_task(user, task, after)).await?,
-        None => timed(state, "watch_user", store.watch_user(user, after)).await?,
+    let metrics = state.metrics.clone();
+    let refused = move |e: &StoreError| {
+        if let StoreError::LimitReached { .. } = e {
+            metrics.stream_refused(Cap::StoreWatchers);
+        }
     };
-    Ok(events.boxed())
+    let events = match task {
+        Some(task) => {
+            let watch = store.watch_task(user, task, after).inspect_err(refused);
+            timed(state, "watch_task", watch).await?
+        }
+        None => {
+            let watch = store.watch_user(user, after).inspect_err(refused);
+            timed(state, "watch_user", watch).await?
+        }
+    };
+    Ok((events.boxed(), slot))
 }
 
 /// Resolves when the server stops.
@@ -131,14 +162,14 @@ pub(crate) async fn sse(
     headers: HeaderMap,
     Query(params): Query<Params>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let events = open(&state, &user, &headers, &params, "sse").await?;
+    let (events, slot) = open(&state, &user, &headers, &params, "sse").await?;
     let id = request_id();
-    let guard = state.metrics.watcher();
     let metrics = state.metrics.clone();
     let stream = events
         .take_until(Box::pin(stopped(state.stopping.clone())))
         .map(move |item| {
-            let _counted = &guard;
+            // The slot lives as long as the stream (the body is dropped when it ends).
+            let _slot = &slot;
             Ok(match item {
                 Ok(event) => {
                     metrics.event_sent();
@@ -159,7 +190,8 @@ pub(crate) async fn sse(
 /// `GET /v1/users/{user}/ws`: the same events, one JSON text message each
 /// (`{"type": "event", "event": {...}}`; an error as `{"type": "error", ...}`, then the
 /// socket closes). A ping every heartbeat; a client that does not answer within
-/// `--ws-pong-timeout` is disconnected.
+/// `--ws-pong-timeout` is disconnected. Past a stream cap the socket is accepted, then
+/// closed with 1013 (Try Again Later).
 pub(crate) async fn websocket(
     State(state): State<AppState>,
     Path(user): Path<String>,
@@ -167,14 +199,25 @@ pub(crate) async fn websocket(
     Query(params): Query<Params>,
     upgrade: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let events = open(&state, &user, &headers, &params, "ws").await?;
     let id = request_id();
     let max = state.limits.ws_max_message;
-    Ok(upgrade
-        .max_message_size(max)
-        .max_frame_size(max)
-        .on_upgrade(move |socket| forward(state, events, socket, id))
-        .into_response())
+    let upgrade = upgrade.max_message_size(max).max_frame_size(max);
+    match open(&state, &user, &headers, &params, "ws").await {
+        Ok((events, slot)) => Ok(upgrade
+            .on_upgrade(move |socket| forward(state, events, slot, socket, id))
+            .into_response()),
+        Err(mut e) => match e.limit() {
+            Some(cap) => {
+                e.log(&id);
+                Ok(upgrade
+                    .on_upgrade(move |mut socket| async move {
+                        close(&mut socket, close_code::AGAIN, cap.close_reason()).await;
+                    })
+                    .into_response())
+            }
+            None => Err(e),
+        },
+    }
 }
 
 async fn close(socket: &mut WebSocket, code: u16, reason: &'static str) {
@@ -185,8 +228,14 @@ async fn close(socket: &mut WebSocket, code: u16, reason: &'static str) {
     let _ = socket.send(Message::Close(Some(frame))).await;
 }
 
-async fn forward(state: AppState, mut events: Events, mut socket: WebSocket, id: Arc<str>) {
-    let _counted = state.metrics.watcher();
+/// Sends `events` on `socket` until either ends; `_slot` is given back when it returns.
+async fn forward(
+    state: AppState,
+    mut events: Events,
+    _slot: Slot,
+    mut socket: WebSocket,
+    id: Arc<str>,
+) {
     let mut heartbeat = tokio::time::interval(state.heartbeat);
     heartbeat.tick().await;
     let pong_timeout = Duration::from_secs(state.limits.ws_pong_timeout.max(1));

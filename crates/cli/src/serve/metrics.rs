@@ -14,6 +14,8 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use taskhistory_postgres::PgTaskHistoryStore;
 
+use super::streams::Cap;
+
 /// Labels of an operation's figures.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OperationLabels {
@@ -28,6 +30,12 @@ struct RequestLabels {
     code: u16,
 }
 
+/// Labels of a refused stream: the cap that refused it (`streams.rs`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CapLabels {
+    cap: &'static str,
+}
+
 /// The server's figures.
 #[derive(Debug)]
 pub(crate) struct Metrics {
@@ -39,6 +47,7 @@ pub(crate) struct Metrics {
     auth_failures: Counter,
     auth_limited: Counter,
     connections_refused: Counter,
+    streams_refused: Family<CapLabels, Counter>,
 }
 
 /// The store's own counters and pool, read at each scrape.
@@ -140,7 +149,7 @@ impl Metrics {
         let watchers = Gauge::<i64, AtomicI64>::default();
         registry.register(
             "taskhistory_watchers",
-            "Connected event streams (SSE and WebSocket)",
+            "Event streams open (SSE and WebSocket): what --max-streams counts",
             watchers.clone(),
         );
         let events = Counter::default();
@@ -167,6 +176,17 @@ impl Metrics {
             "Connections closed at once: --max-connections were open",
             connections_refused.clone(),
         );
+        let streams_refused = Family::<CapLabels, Counter>::default();
+        registry.register(
+            "taskhistory_streams_refused",
+            "Event streams refused (SSE 429, WebSocket close 1013), by the cap reached: \
+             max_streams, max_streams_per_user, store_watchers",
+            streams_refused.clone(),
+        );
+        // Every cap's count shown from the start, zero until it refuses one.
+        for cap in [Cap::Streams, Cap::PerUser, Cap::StoreWatchers] {
+            let _ = streams_refused.get_or_create(&CapLabels { cap: cap.label() });
+        }
         registry.register_collector(Box::new(StoreCollector(pg)));
         Arc::new(Metrics {
             registry,
@@ -177,6 +197,7 @@ impl Metrics {
             auth_failures,
             auth_limited,
             connections_refused,
+            streams_refused,
         })
     }
 
@@ -209,12 +230,20 @@ impl Metrics {
         self.connections_refused.inc();
     }
 
+    /// A stream refused at `cap`.
+    pub(crate) fn stream_refused(&self, cap: Cap) {
+        self.streams_refused
+            .get_or_create(&CapLabels { cap: cap.label() })
+            .inc();
+    }
+
     /// One more event sent.
     pub(crate) fn event_sent(&self) {
         self.events.inc();
     }
 
-    /// A stream connected; its figure goes down when the guard drops.
+    /// A stream opened; its figure goes down when the guard drops (held by the stream's
+    /// slot, `streams.rs`).
     pub(crate) fn watcher(self: &Arc<Self>) -> WatcherGuard {
         self.watchers.inc();
         WatcherGuard(self.clone())

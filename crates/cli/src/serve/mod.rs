@@ -20,7 +20,7 @@
 
 //!
 //! Hostile clients (`docs/operations.md`, "Security"): every connection, header, body,
-//! answer, message and token is bounded in time or size ([`Limits`]); errors tell a client
+//! answer, message, event stream and token is bounded in time, size or number ([`Limits`]); errors tell a client
 //! the class, a fixed message and a request id, the detail goes to the log under that id;
 //! every answer carries the security headers (`headers.rs`).
 
@@ -30,6 +30,7 @@ mod events;
 mod headers;
 mod metrics;
 mod net;
+mod streams;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -112,6 +113,18 @@ pub(crate) struct Limits {
     /// closed at once.
     #[arg(long, default_value_t = 1024, value_name = "N")]
     pub(crate) max_connections: usize,
+    /// Event streams (SSE and WebSocket together) open at once, in all; more are refused
+    /// (SSE: 429 with Retry-After: 10; WebSocket: accepted, then closed with 1013). Each
+    /// holds a connection (HTTP/1) and a live watcher of the store, which reads the
+    /// database: the default stays under --max-connections, so requests still get in when
+    /// every stream is open, and bounds the server's memory and the database's load.
+    #[arg(long, default_value_t = 1000, value_name = "N")]
+    pub(crate) max_streams: usize,
+    /// Event streams one user (the user in the stream's path) may have open at once; more
+    /// are refused as past --max-streams. Room for a dozen browser tabs and a service's few
+    /// watchers of that user, not for one token opening streams at will.
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    pub(crate) max_streams_per_user: usize,
     /// Largest WebSocket message (and frame) a client may send, in bytes; larger ones close
     /// the socket with 1009.
     #[arg(long, default_value_t = 4096, value_name = "BYTES")]
@@ -159,6 +172,8 @@ pub(crate) struct AppState {
     pub(crate) heartbeat: Duration,
     pub(crate) limits: Arc<Limits>,
     pub(crate) failures: Arc<access::FailureLimiter>,
+    /// The event streams open, under `--max-streams` and `--max-streams-per-user`.
+    pub(crate) streams: Arc<streams::Streams>,
     /// Set when the server stops: event streams end.
     pub(crate) stopping: tokio::sync::watch::Receiver<bool>,
 }
@@ -277,10 +292,15 @@ pub(crate) async fn run(
             "--max-token-ttl: at most 366d (a leaked token would work for longer)".to_owned(),
         ));
     }
-    if limits.ws_max_message < 125 || limits.max_connections == 0 || limits.header_timeout == 0 {
+    if limits.ws_max_message < 125
+        || limits.max_connections == 0
+        || limits.header_timeout == 0
+        || limits.max_streams == 0
+        || limits.max_streams_per_user == 0
+    {
         return Err(CliError::Config(
-            "--ws-max-message is at least 125 bytes (a control frame), --max-connections and \
-             --header-timeout at least 1"
+            "--ws-max-message is at least 125 bytes (a control frame), --max-connections, \
+             --header-timeout, --max-streams and --max-streams-per-user at least 1"
                 .to_owned(),
         ));
     }
@@ -313,6 +333,11 @@ pub(crate) async fn run(
             limits.auth_failures_per_minute,
             Duration::from_secs(60),
         )),
+        streams: streams::Streams::new(
+            limits.max_streams,
+            limits.max_streams_per_user,
+            metrics.clone(),
+        ),
         limits: Arc::new(limits.clone()),
         stopping,
     };

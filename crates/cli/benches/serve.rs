@@ -176,16 +176,17 @@ fn kill_when_gone(pid: u32) {
         .spawn();
 }
 
-/// THE place where the `taskhistory serve` command line is built. Issue 27's stream caps go
-/// here when they exist, e.g.
-/// `.args(["--max-streams", &n, "--max-streams-per-user", &m])`.
+/// The one place where the `taskhistory serve` command line is built: its caps on
+/// connections and streams sized for the largest phase.
 fn serve_command(database_url: &str, most_clients: usize) -> std::process::Command {
     let mut command = common::bin();
     command
         .env("TASKHISTORY_SECRET", common::SECRET)
         .args(["--database-url", database_url, "--schema", SCHEMA])
         .args(["serve", "--listen", "127.0.0.1:0"])
-        .args(["--max-connections", &(most_clients + 100).to_string()]);
+        .args(["--max-connections", &(most_clients + 100).to_string()])
+        .args(["--max-streams", &most_clients.max(1).to_string()])
+        .args(["--max-streams-per-user", &CLIENTS_PER_USER.to_string()]);
     command
 }
 

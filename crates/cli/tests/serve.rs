@@ -236,6 +236,10 @@ async fn every_route_status_code_and_token_rule() {
         "operation=\"mark_task_as_cancelled\",outcome=\"ok\"",
         "taskhistory_store_queries_total",
         "taskhistory_store_retries_total",
+        "taskhistory_store_watchers",
+        "taskhistory_store_tail_reads_total",
+        "taskhistory_store_watcher_fallbacks_total",
+        "taskhistory_store_tail_lag_milliseconds",
         "taskhistory_pool_max",
         "taskhistory_watchers",
     ] {

@@ -90,6 +90,42 @@ impl Collector for StoreCollector {
         )?;
         gauge(
             e,
+            "taskhistory_store_watchers",
+            "Watches open in the store (its limit is DB_MAX_WATCHERS)",
+            m.watchers,
+        )?;
+        counter(
+            e,
+            "taskhistory_store_tail_reads",
+            "Reads of the event log by the store's one tail, for all watchers",
+            m.tail_reads,
+        )?;
+        counter(
+            e,
+            "taskhistory_store_watcher_reads",
+            "Reads of the event log by watchers catching up by themselves",
+            m.watcher_reads,
+        )?;
+        counter(
+            e,
+            "taskhistory_store_watcher_fallbacks",
+            "Watchers that fell behind (buffer full) and read by themselves",
+            m.watcher_fallbacks,
+        )?;
+        gauge(
+            e,
+            "taskhistory_store_tail_lag_milliseconds",
+            "From the first write its latest read served to its events handed out",
+            m.tail_lag_ms,
+        )?;
+        gauge(
+            e,
+            "taskhistory_store_tail_lag_events",
+            "Events the tail's latest read handed out",
+            m.tail_lag_events,
+        )?;
+        gauge(
+            e,
             "taskhistory_pool_connections",
             "Open pooled connections",
             u64::from(p.connections),

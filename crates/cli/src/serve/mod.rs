@@ -115,9 +115,10 @@ pub(crate) struct Limits {
     pub(crate) max_connections: usize,
     /// Event streams (SSE and WebSocket together) open at once, in all; more are refused
     /// (SSE: 429 with Retry-After: 10; WebSocket: accepted, then closed with 1013). Each
-    /// holds a connection (HTTP/1) and a live watcher of the store, which reads the
-    /// database: the default stays under --max-connections, so requests still get in when
-    /// every stream is open, and bounds the server's memory and the database's load.
+    /// holds a connection (HTTP/1) and a watcher of the store, which costs memory (the
+    /// store reads the database once for all its watchers): the default stays under
+    /// --max-connections, so requests still get in when every stream is open, and bounds
+    /// the server's memory.
     #[arg(long, default_value_t = 1000, value_name = "N")]
     pub(crate) max_streams: usize,
     /// Event streams one user (the user in the stream's path) may have open at once; more

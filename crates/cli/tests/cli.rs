@@ -853,6 +853,18 @@ async fn explain_and_query_stats() {
         .to_string();
     assert!(status_plan.contains("task_summary_pkey"), "{status_plan}");
     assert!(status_plan.contains("actual time"), "{status_plan}");
+    // The log's read walks each watched user's part of the position index.
+    let events_plan = plans
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "events_after")
+        .unwrap()["plan"]
+        .to_string();
+    assert!(
+        events_plan.contains("task_history_user_position"),
+        "{events_plan}"
+    );
     // ANALYZE ran the writes inside a rolled-back transaction: nothing changed.
     assert_eq!(
         store.check_task_status("u", "t").await.unwrap(),

@@ -13,10 +13,22 @@
 //! cluster the bench starts for itself (the statements whose text contains
 //! `pg_visible_in_snapshot`, over the writers' window); the delivery latency p50/p99 (from
 //! the moment a save returned to the moment a client parsed its event); and the server's
-//! resident memory per connected client. Then the ratios issue 27's targets are about:
-//! writers with the most clients / with none (target >= 0.9), log reads per second with the
-//! most clients / with the fewest (target <= 1.5), delivery p99 at 1,000 clients (target
-//! < 100 ms).
+//! resident memory per connected client.
+//!
+//! Over the same window it prints where the CPU went, in CPU seconds per second (1.00 is
+//! one core kept busy), from `/proc/<pid>/stat` (utime + stime): the `serve` process
+//! (formatting and sending the events); the client process (parsing them); the bench's
+//! PostgreSQL cluster (its postmaster, found as the parent of the bench's own backend, and
+//! all its children, the backends of the writers and of the server among them); and the
+//! bench process itself (the writers). Then their sum as a share of the machine's cores,
+//! next to the share busy over all the machine's processes (`/proc/stat`): when the latter
+//! is near 100% the machine is saturated, and when it is well above the former something
+//! else ran beside the bench.
+//!
+//! Then the ratios issue 27's targets are about: writers with the most clients / with none
+//! (target >= 0.9), log reads per second with the most clients / with the fewest (target
+//! <= 1.5), delivery p99 at 1,000 clients (target < 100 ms); and, with no target, writers
+//! with the most clients / with the fewest (both phases' users all watched).
 //!
 //! The clients run in a process of their own (this binary again, with
 //! `SERVE_BENCH_CLIENT_PROCESS` set, driven over its stdin and stdout as JSON lines), so that
@@ -149,6 +161,156 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// A process's CPU times from `/proc/<pid>/stat`, in clock ticks.
+struct ProcTimes {
+    /// Its parent's pid (field 4).
+    ppid: u32,
+    /// Its own user and system time, all its threads (fields 14 and 15).
+    own: u64,
+    /// Its children's that it has waited for (fields 16 and 17).
+    waited_children: u64,
+}
+
+fn proc_times(pid: &str) -> Option<ProcTimes> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 2, the command name, is in parentheses and may hold spaces: count from the
+    // last `)`, which ends it. Field n of proc(5) is then at n - 3.
+    let fields: Vec<&str> = stat
+        .get(stat.rfind(')')? + 1..)?
+        .split_whitespace()
+        .collect();
+    let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<u64>().ok());
+    Some(ProcTimes {
+        ppid: u32::try_from(field(4)?).ok()?,
+        own: field(14)? + field(15)?,
+        waited_children: field(16)? + field(17)?,
+    })
+}
+
+/// The processes whose CPU time each phase measures over its writers' window.
+struct CpuProbe {
+    serve: u32,
+    clients: Option<u32>,
+    postmaster: u32,
+    /// The unit of `/proc`'s times (`getconf CLK_TCK`, 100 on Linux).
+    ticks_per_sec: f64,
+}
+
+/// CPU time used so far, in clock ticks.
+#[derive(Clone, Copy)]
+struct CpuTicks {
+    serve: u64,
+    clients: u64,
+    postgres: u64,
+    bench: u64,
+    /// All the machine's processes, from `/proc/stat`: busy, and busy plus idle.
+    machine_busy: u64,
+    machine_all: u64,
+}
+
+/// CPU seconds used per second of a phase's window (1.0 is one core kept busy).
+#[derive(Clone, Copy, Default)]
+struct CpuUse {
+    serve: f64,
+    clients: f64,
+    postgres: f64,
+    bench: f64,
+    /// The share of all the machine's cores busy, whatever process used them.
+    machine_busy: f64,
+}
+
+impl CpuProbe {
+    /// The postmaster is the parent of the backend serving `stats`, the bench's own
+    /// connection to its cluster.
+    async fn new(
+        serve: u32,
+        clients: Option<u32>,
+        stats: &tokio_postgres::Client,
+    ) -> Result<CpuProbe, String> {
+        let backend: i32 = stats
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .map_err(|e| format!("SELECT pg_backend_pid(): {e}"))?
+            .get(0);
+        let postmaster = proc_times(&backend.to_string())
+            .ok_or_else(|| format!("no /proc/{backend}/stat for the bench's own backend"))?
+            .ppid;
+        let ticks_per_sec = std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0);
+        Ok(CpuProbe {
+            serve,
+            clients,
+            postmaster,
+            ticks_per_sec,
+        })
+    }
+
+    fn sample(&self) -> CpuTicks {
+        let own = |pid: u32| proc_times(&pid.to_string()).map_or(0, |t| t.own);
+        // The postmaster, what it has waited for of its exited children, and its live
+        // children (backends, checkpointer, walwriter, autovacuum...): all of the cluster.
+        // A backend that exits between the two samples of a window is counted only if the
+        // postmaster has waited for it by the second (nearly always: it reaps them at once),
+        // with what it had used before the first sample subtracted; at worst its last
+        // moments are missed.
+        let mut postgres =
+            proc_times(&self.postmaster.to_string()).map_or(0, |t| t.own + t.waited_children);
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name
+                .to_str()
+                .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+            else {
+                continue;
+            };
+            if let Some(t) = proc_times(pid).filter(|t| t.ppid == self.postmaster) {
+                postgres += t.own;
+            }
+        }
+        // The `cpu` line of /proc/stat: user nice system idle iowait irq softirq steal ...
+        let machine: Vec<u64> = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| s.lines().next().map(str::to_owned))
+            .map(|l| {
+                l.split_whitespace()
+                    .skip(1)
+                    .take(8)
+                    .filter_map(|f| f.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let machine = |i: usize| machine.get(i).copied().unwrap_or(0);
+        let machine_busy =
+            machine(0) + machine(1) + machine(2) + machine(5) + machine(6) + machine(7);
+        CpuTicks {
+            serve: own(self.serve),
+            clients: self.clients.map_or(0, own),
+            postgres,
+            bench: own(std::process::id()),
+            machine_busy,
+            machine_all: machine_busy + machine(3) + machine(4),
+        }
+    }
+
+    /// What was used from `before` to `after`, `secs` apart, per second.
+    fn per_sec(&self, before: CpuTicks, after: CpuTicks, secs: f64) -> CpuUse {
+        let rate = |b: u64, a: u64| a.saturating_sub(b) as f64 / self.ticks_per_sec / secs;
+        CpuUse {
+            serve: rate(before.serve, after.serve),
+            clients: rate(before.clients, after.clients),
+            postgres: rate(before.postgres, after.postgres),
+            bench: rate(before.bench, after.bench),
+            machine_busy: after.machine_busy.saturating_sub(before.machine_busy) as f64
+                / after.machine_all.saturating_sub(before.machine_all).max(1) as f64,
+        }
+    }
+}
+
 /// Whatever a blocking setup step panicked with, as a message.
 fn panic_message(e: tokio::task::JoinError) -> String {
     match e.try_into_panic() {
@@ -266,6 +428,8 @@ struct Phase {
     write_secs: f64,
     log_reads: i64,
     log_rows: i64,
+    /// Over the writers' window, like `saves` and `log_reads`.
+    cpu: CpuUse,
     expected: usize,
     delivered: usize,
     exact_clients: usize,
@@ -357,12 +521,23 @@ async fn run() -> Result<(), String> {
     } else {
         None
     };
+    let cpu = CpuProbe::new(pid, clients.as_ref().and_then(|c| c.child.id()), &stats).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let idle_rss = rss_kib(pid);
 
     let mut phases = Vec::new();
     for (index, &n) in plan.phases.iter().enumerate() {
-        let phase = match run_phase(&plan, index, n, &store, &stats, &serve, clients.as_mut()).await
+        let phase = match run_phase(
+            &plan,
+            index,
+            n,
+            &store,
+            &stats,
+            &serve,
+            &cpu,
+            clients.as_mut(),
+        )
+        .await
         {
             Ok(phase) => phase,
             Err(e) => {
@@ -437,6 +612,7 @@ async fn log_reads(stats: &tokio_postgres::Client) -> Result<(i64, i64), String>
     Ok((row.get(0), row.get(1)))
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn run_phase(
     plan: &Plan,
     index: usize,
@@ -444,6 +620,7 @@ async fn run_phase(
     store: &PgTaskHistoryStore,
     stats: &tokio_postgres::Client,
     serve: &Serve,
+    cpu: &CpuProbe,
     mut clients: Option<&mut ClientProcess>,
 ) -> Result<Phase, String> {
     // Users of this phase alone: earlier phases' writes are nobody's business here.
@@ -491,6 +668,7 @@ async fn run_phase(
         .await
         .map_err(|e| format!("pg_stat_statements_reset(): {e}"))?;
     let saved: Arc<Mutex<HashMap<Key, (u64, u64)>>> = Arc::default();
+    let cpu_before = cpu.sample();
     let started = Instant::now();
     let deadline = started + Duration::from_secs(plan.secs);
     let mut writing = Vec::new();
@@ -521,6 +699,7 @@ async fn run_phase(
             .map_err(|e| format!("a writer: {}", panic_message(e)))??;
     }
     let write_secs = started.elapsed().as_secs_f64();
+    let cpu_used = cpu.per_sec(cpu_before, cpu.sample(), write_secs);
     let (log_reads, log_rows) = log_reads(stats).await?;
     let saved = std::mem::take(&mut *saved.lock().unwrap());
 
@@ -532,6 +711,7 @@ async fn run_phase(
         write_secs,
         log_reads,
         log_rows,
+        cpu: cpu_used,
         expected: 0,
         delivered: 0,
         exact_clients: n,
@@ -677,6 +857,25 @@ fn print_tables(plan: &Plan, phases: &[Phase], idle_rss: u64) {
             p.log_rows as f64 / p.write_secs
         )
     });
+    row(
+        "CPU s per s of window: serve / clients / PostgreSQL / writers (bench)",
+        &|p| {
+            let c = &p.cpu;
+            format!(
+                "{:.2} / {:.2} / {:.2} / {:.2}",
+                c.serve, c.clients, c.postgres, c.bench
+            )
+        },
+    );
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    row(
+        &format!("machine CPU share ({cores} cores): those four / all processes"),
+        &|p| {
+            let c = &p.cpu;
+            let four = (c.serve + c.clients + c.postgres + c.bench) / cores as f64;
+            format!("{:.0}% / {:.0}%", four * 100.0, c.machine_busy * 100.0)
+        },
+    );
     row("events expected / delivered", &|p| {
         format!("{} / {}", p.expected, p.delivered)
     });
@@ -743,6 +942,14 @@ fn print_tables(plan: &Plan, phases: &[Phase], idle_rss: u64) {
     }
     if let (Some(fewest), Some(most)) = (fewest, most) {
         if most.clients > fewest.clients {
+            // Both phases' users are all watched: what the clients' count costs the writers,
+            // apart from what watching at all costs.
+            println!(
+                "| writers' saves/s, {} clients / {} | {:.2} | - |",
+                most.clients,
+                fewest.clients,
+                most.saves_per_sec() / fewest.saves_per_sec()
+            );
             println!(
                 "| event-log reads/s, {} clients / {} | {:.2} | <= 1.5 |",
                 most.clients,

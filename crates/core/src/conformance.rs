@@ -60,6 +60,8 @@ macro_rules! conformance_tests {
             timestamps_keep_microseconds,
             json_round_trips_as_jsonb_keeps_it,
             awkward_strings_round_trip,
+            counts_follow_every_write,
+            activity_counts_what_each_write_did,
             health_then_close
         );
 
@@ -108,6 +110,10 @@ macro_rules! conformance_tests {
         #[case::watch_foreign_cursor($crate::conformance::BadCall::WatchForeignCursor)]
         #[case::cleanup_negative_days($crate::conformance::BadCall::CleanupNegativeDays)]
         #[case::cleanup_too_many_days($crate::conformance::BadCall::CleanupTooManyDays)]
+        #[case::counts_empty_user($crate::conformance::BadCall::CountsEmptyUser)]
+        #[case::activity_nul_user($crate::conformance::BadCall::ActivityNulUser)]
+        #[case::activity_backwards($crate::conformance::BadCall::ActivityBackwards)]
+        #[case::activity_too_long($crate::conformance::BadCall::ActivityTooLong)]
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn invalid_input_changes_nothing(#[case] call: $crate::conformance::BadCall) {
             let store: $crate::DynStore = $make;
@@ -1176,6 +1182,178 @@ pub async fn watchers_past_the_limit_are_refused(store: &DynStore, max: usize) {
     assert_next_is_new(store, &mut again, ("u", "t", 1)).await;
 }
 
+/// The user's tasks counted by status from its listing: what rule 10's kept counts must
+/// equal.
+async fn counted(store: &DynStore, user: &str) -> crate::TaskCounts {
+    let mut counts = crate::TaskCounts::default();
+    for task in tasks(store, user).await {
+        *counts.get_mut(task.status) += 1;
+    }
+    counts
+}
+
+/// Rule 10: after every kind of write, the kept counts equal the tasks counted by status;
+/// other users' counts are untouched; cleanup takes its tasks out.
+pub async fn counts_follow_every_write(store: &DynStore) {
+    let check = |when: &'static str| async move {
+        for user in ["u", "v"] {
+            assert_eq!(
+                store.task_counts(user).await.unwrap(),
+                counted(store, user).await,
+                "{user} after {when}"
+            );
+        }
+    };
+    assert_eq!(store.task_counts("u").await.unwrap().total(), 0);
+    check("nothing").await;
+    save(store, "u", "a", 0, &running("a0")).await;
+    save(store, "u", "b", 0, &running("b0")).await;
+    save(store, "v", "a", 0, &running("v")).await;
+    check("new tasks").await;
+    save(store, "u", "a", 1, &done("a1")).await;
+    save(
+        store,
+        "u",
+        "b",
+        1,
+        &TaskStepResult::failure("b1", ErrorCode::Execution, "x"),
+    )
+    .await;
+    check("finishing").await;
+    // A lower step saved again does not change the status; a higher running one does.
+    save(store, "u", "a", 0, &running("again")).await;
+    save(store, "u", "b", 2, &running("b2")).await;
+    check("saving again").await;
+    let batch = [
+        StepRecord::new("u", "c", 0, running("c0")),
+        StepRecord::new("u", "c", 1, done("c1")),
+        StepRecord::new("u", "b", 3, done("b3")),
+        StepRecord::new("u", "old", 0, running("o")).at(days_ago(40)),
+        StepRecord::new("v", "b", 0, done("vb")),
+    ];
+    store.save_batch_task_history(&batch).await.unwrap();
+    check("a batch").await;
+    let big: Vec<StepRecord> = (0..300)
+        .map(|i| {
+            StepRecord::new(
+                "u",
+                format!("many{i:03}"),
+                0,
+                if i % 3 == 0 { done("m") } else { running("m") },
+            )
+        })
+        .collect();
+    store.save_batch_task_history(&big).await.unwrap();
+    check("a large batch of new tasks").await;
+    assert!(store.mark_task_as_cancelled("u", "many001").await.unwrap());
+    assert!(!store.mark_task_as_cancelled("u", "a").await.unwrap());
+    check("a cancel").await;
+    let refused = store
+        .save_task_history("u", "many001", 5, &running("no"))
+        .await;
+    assert!(matches!(refused, Err(StoreError::TaskCancelled { .. })));
+    check("a refused write").await;
+    let report = store.cleanup_old_tasks(30).await.unwrap();
+    assert_eq!(report.tasks_removed, 1);
+    check("cleanup").await;
+    let counts = store.task_counts("u").await.unwrap();
+    assert_eq!(counts.total(), 303);
+    assert_eq!(counts.cancelled, 1);
+    assert_eq!(
+        store.task_counts("nobody").await.unwrap(),
+        crate::TaskCounts::default()
+    );
+}
+
+/// Rule 10: activity per hour of `last_updated`: steps a write added, tasks it moved into
+/// a terminal status; a call's writes to one task count together; a step saved again adds
+/// no step; cleanup trims the hours before its cutoff.
+pub async fn activity_counts_what_each_write_did(store: &DynStore) {
+    use crate::ActivityHour;
+    let hour = validate::hour_of(days_ago(3));
+    let at = |minutes: i64| hour + Duration::minutes(minutes);
+    // One call: task a runs then completes within the hour (one task completed, 2 steps);
+    // task b fails in the next hour.
+    let batch = [
+        StepRecord::new("u", "a", 0, running("a0")).at(at(5)),
+        StepRecord::new("u", "a", 1, done("a1")).at(at(20)),
+        StepRecord::new(
+            "u",
+            "b",
+            0,
+            TaskStepResult::failure("b0", ErrorCode::Execution, "x"),
+        )
+        .at(at(70)),
+        StepRecord::new("v", "a", 0, done("not mine")).at(at(10)),
+    ];
+    store.save_batch_task_history(&batch).await.unwrap();
+    // Saved again with the same content: no step added, no new completion.
+    store
+        .save_batch_task_history(&[StepRecord::new("u", "a", 1, done("a1")).at(at(20))])
+        .await
+        .unwrap();
+    let got = store
+        .task_activity("u", hour, hour + Duration::hours(3))
+        .await
+        .unwrap();
+    let first = ActivityHour {
+        steps: 2,
+        completed: 1,
+        ..ActivityHour::empty(hour)
+    };
+    let second = ActivityHour {
+        steps: 1,
+        failed: 1,
+        ..ActivityHour::empty(hour + Duration::hours(1))
+    };
+    assert_eq!(got, [first, second]);
+    // Bounds cut to the hour: from inclusive, to exclusive.
+    let only_first = store.task_activity("u", at(30), at(59)).await;
+    assert!(only_first.is_err(), "{only_first:?}");
+    let got = store.task_activity("u", at(30), at(90)).await.unwrap();
+    assert_eq!(got, [first]);
+    // Writes now: the hour of now.
+    let now_hour = validate::hour_of(validate::now());
+    save(store, "u", "c", 0, &running("c0")).await;
+    save(store, "u", "c", 1, &running("c1")).await;
+    assert!(store.mark_task_as_cancelled("u", "c").await.unwrap());
+    let recent = store
+        .task_activity(
+            "u",
+            now_hour - Duration::hours(1),
+            now_hour + Duration::hours(2),
+        )
+        .await
+        .unwrap();
+    let total = |f: fn(&ActivityHour) -> u64| recent.iter().map(f).sum::<u64>();
+    // The hour may turn during the test: sum over both.
+    assert_eq!(total(|a| a.steps), 3, "{recent:?}");
+    assert_eq!(total(|a| a.cancelled), 1, "{recent:?}");
+    assert_eq!(
+        total(|a| a.completed + a.failed + a.timed_out),
+        0,
+        "{recent:?}"
+    );
+    // Cleanup of what is older than a day takes those hours' activity with it.
+    store.cleanup_old_tasks(1).await.unwrap();
+    assert!(store
+        .task_activity("u", hour, hour + Duration::hours(3))
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        store
+            .task_activity(
+                "u",
+                now_hour - Duration::hours(1),
+                now_hour + Duration::hours(2)
+            )
+            .await
+            .unwrap(),
+        recent
+    );
+}
+
 /// Rule 9: a step saved again after its event was received is delivered again, at once
 /// (no window in which a re-save is taken for a late copy), with its new time.
 pub async fn step_saved_again_is_delivered_again(store: &DynStore) {
@@ -1472,6 +1650,10 @@ pub enum BadCall {
     WatchForeignCursor,
     CleanupNegativeDays,
     CleanupTooManyDays,
+    CountsEmptyUser,
+    ActivityNulUser,
+    ActivityBackwards,
+    ActivityTooLong,
 }
 
 async fn bad_call(store: &DynStore, call: BadCall) -> (Result<(), StoreError>, &'static str) {
@@ -1654,6 +1836,46 @@ async fn bad_call(store: &DynStore, call: BadCall) -> (Result<(), StoreError>, &
                 .map(drop),
             "days_old",
         ),
+        CountsEmptyUser => (store.task_counts("").await.map(drop), "user_id"),
+        ActivityNulUser => {
+            let now = validate::now();
+            (
+                store
+                    .task_activity("u\0", now - Duration::hours(2), now)
+                    .await
+                    .map(drop),
+                "user_id",
+            )
+        }
+        ActivityBackwards => {
+            // Inside one hour: empty once cut to the hour.
+            let hour = validate::hour_of(validate::now());
+            (
+                store
+                    .task_activity(
+                        "u",
+                        hour + Duration::minutes(50),
+                        hour + Duration::minutes(10),
+                    )
+                    .await
+                    .map(drop),
+                "to",
+            )
+        }
+        ActivityTooLong => {
+            let now = validate::now();
+            (
+                store
+                    .task_activity(
+                        "u",
+                        now - Duration::days(validate::MAX_ACTIVITY_DAYS + 1),
+                        now,
+                    )
+                    .await
+                    .map(drop),
+                "to",
+            )
+        }
     }
 }
 

@@ -21,9 +21,9 @@ pub mod conformance;
 
 pub use error::{BoxError, StoreError};
 pub use model::{
-    CleanupReport, EventCursor, HealthReport, HistoryEntry, HistoryPage, HistoryScan, StepKey,
-    StepRecord, TaskCursor, TaskEvent, TaskEventKind, TaskPage, TaskQuery, TaskStepResult,
-    TaskSummary,
+    ActivityHour, CleanupReport, EventCursor, HealthReport, HistoryEntry, HistoryPage, HistoryScan,
+    StepKey, StepRecord, TaskCounts, TaskCursor, TaskEvent, TaskEventKind, TaskPage, TaskQuery,
+    TaskStepResult, TaskSummary,
 };
 pub use retry::RetryPolicy;
 pub use status::{ErrorCode, ParseEnumError, TaskStatus};

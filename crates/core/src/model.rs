@@ -312,6 +312,119 @@ impl TaskQuery {
     }
 }
 
+/// How many of a user's tasks are in each status now (or, from an operator's totals, of
+/// every user's): kept by the writes themselves, read without counting.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskCounts {
+    /// Tasks whose highest step is pending.
+    pub pending: u64,
+    /// Tasks running.
+    pub running: u64,
+    /// Tasks completed.
+    pub completed: u64,
+    /// Tasks cancelled.
+    pub cancelled: u64,
+    /// Tasks timed out.
+    pub timed_out: u64,
+    /// Tasks failed.
+    pub failed: u64,
+}
+
+impl TaskCounts {
+    /// The tasks in `status`.
+    pub fn get(&self, status: TaskStatus) -> u64 {
+        match status {
+            TaskStatus::Pending => self.pending,
+            TaskStatus::Running => self.running,
+            TaskStatus::Completed => self.completed,
+            TaskStatus::Cancelled => self.cancelled,
+            TaskStatus::TimedOut => self.timed_out,
+            TaskStatus::Failed => self.failed,
+        }
+    }
+
+    /// The count of `status`, to change.
+    pub fn get_mut(&mut self, status: TaskStatus) -> &mut u64 {
+        match status {
+            TaskStatus::Pending => &mut self.pending,
+            TaskStatus::Running => &mut self.running,
+            TaskStatus::Completed => &mut self.completed,
+            TaskStatus::Cancelled => &mut self.cancelled,
+            TaskStatus::TimedOut => &mut self.timed_out,
+            TaskStatus::Failed => &mut self.failed,
+        }
+    }
+
+    /// One task less in `status` (never below zero).
+    pub fn decrement(&mut self, status: TaskStatus) {
+        let n = self.get_mut(status);
+        *n = n.saturating_sub(1);
+    }
+
+    /// Every task, whatever its status.
+    pub fn total(&self) -> u64 {
+        TaskStatus::ALL.iter().map(|&s| self.get(s)).sum()
+    }
+}
+
+/// One hour of a user's activity ([`TaskHistoryStore::task_activity`]).
+///
+/// A write is counted in the hour of the task's `last_updated` after it (for a step saved
+/// with the store's clock, the hour it was saved). A write that moves a task into a
+/// terminal status counts one task in that status's column; `steps` counts the steps a
+/// write added to its task (saving a step again adds none).
+///
+/// [`TaskHistoryStore::task_activity`]: crate::TaskHistoryStore::task_activity
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActivityHour {
+    /// The hour's start, UTC.
+    pub hour: DateTime<Utc>,
+    /// Steps added to tasks.
+    pub steps: u64,
+    /// Tasks that reached completed.
+    pub completed: u64,
+    /// Tasks that reached failed.
+    pub failed: u64,
+    /// Tasks that reached cancelled.
+    pub cancelled: u64,
+    /// Tasks that reached timed out.
+    pub timed_out: u64,
+}
+
+impl ActivityHour {
+    /// An hour with nothing in it.
+    pub fn empty(hour: DateTime<Utc>) -> Self {
+        ActivityHour {
+            hour,
+            steps: 0,
+            completed: 0,
+            failed: 0,
+            cancelled: 0,
+            timed_out: 0,
+        }
+    }
+
+    /// The column of tasks that reached `status` (`None` for a status that is not terminal).
+    pub fn reached_mut(&mut self, status: TaskStatus) -> Option<&mut u64> {
+        match status {
+            TaskStatus::Completed => Some(&mut self.completed),
+            TaskStatus::Failed => Some(&mut self.failed),
+            TaskStatus::Cancelled => Some(&mut self.cancelled),
+            TaskStatus::TimedOut => Some(&mut self.timed_out),
+            TaskStatus::Pending | TaskStatus::Running => None,
+        }
+    }
+
+    /// Whether nothing happened in it.
+    pub fn is_empty(&self) -> bool {
+        self.steps == 0
+            && self.completed == 0
+            && self.failed == 0
+            && self.cancelled == 0
+            && self.timed_out == 0
+    }
+}
+
 /// One page of a user's tasks.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TaskPage {

@@ -6,10 +6,11 @@ use async_trait::async_trait;
 
 use crate::error::StoreError;
 use crate::model::{
-    CleanupReport, EventCursor, HealthReport, HistoryEntry, HistoryPage, HistoryScan, StepRecord,
-    TaskEvent, TaskPage, TaskQuery, TaskStepResult, TaskSummary,
+    ActivityHour, CleanupReport, EventCursor, HealthReport, HistoryEntry, HistoryPage, HistoryScan,
+    StepRecord, TaskCounts, TaskEvent, TaskPage, TaskQuery, TaskStepResult, TaskSummary,
 };
 use crate::status::TaskStatus;
+use chrono::{DateTime, Utc};
 
 /// A shared, type-erased store: what services hold.
 pub type DynStore = Arc<dyn TaskHistoryStore>;
@@ -68,6 +69,12 @@ pub type TaskEventStream =
 ///    step saved several times before a watcher reads it is delivered once, in its newest
 ///    version, at its newest position; a step saved again after the watcher received it is
 ///    delivered again. Writes refused (a cancelled task, bad input) are not events.
+/// 10. **Counts and activity** are kept by the writes, in the same transaction: after any
+///     write, cancel or cleanup, [`task_counts`](Self::task_counts) equals the user's tasks
+///     counted by status, and [`task_activity`](Self::task_activity) holds what each write
+///     did in the hour of the task's `last_updated` after it ([`ActivityHour`]). Reading
+///     either costs the same for ten tasks or ten million. Cleanup removes the counts of the
+///     tasks it removes, and the activity of hours older than its cutoff.
 ///
 /// # Event streams
 ///
@@ -159,6 +166,19 @@ pub trait TaskHistoryStore: Send + Sync + std::fmt::Debug {
         user_id: &str,
         scan: &HistoryScan,
     ) -> Result<HistoryPage, StoreError>;
+
+    /// How many of the user's tasks are in each status (rule 10).
+    async fn task_counts(&self, user_id: &str) -> Result<TaskCounts, StoreError>;
+
+    /// The user's activity per hour from `from` (inclusive) to `to` (exclusive), both cut
+    /// to the hour, at most [`MAX_ACTIVITY_DAYS`](crate::validate::MAX_ACTIVITY_DAYS) days
+    /// apart: the hours with any activity, oldest first (rule 10).
+    async fn task_activity(
+        &self,
+        user_id: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<ActivityHour>, StoreError>;
 
     /// Removes whole tasks inactive for more than `days_old` days (rule 6).
     async fn cleanup_old_tasks(&self, days_old: i64) -> Result<CleanupReport, StoreError>;

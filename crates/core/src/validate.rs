@@ -105,6 +105,40 @@ pub fn days(value: i64) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// The longest span [`task_activity`](crate::TaskHistoryStore::task_activity) reads at
+/// once, in days.
+pub const MAX_ACTIVITY_DAYS: i64 = 92;
+
+/// Checks an activity query and gives its hours: `from` and `to` cut to the hour, `from`
+/// before `to`, at most [`MAX_ACTIVITY_DAYS`] apart.
+pub fn activity(
+    user: &str,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<(DateTime<Utc>, DateTime<Utc>), StoreError> {
+    user_id(user)?;
+    let (from, to) = (hour_of(from), hour_of(to));
+    if from >= to {
+        return Err(StoreError::invalid(
+            "to",
+            format!("is {to}, not after from ({from}) once both are cut to the hour"),
+        ));
+    }
+    if to - from > chrono::Duration::days(MAX_ACTIVITY_DAYS) {
+        return Err(StoreError::invalid(
+            "to",
+            format!("is more than {MAX_ACTIVITY_DAYS} days after from"),
+        ));
+    }
+    Ok((from, to))
+}
+
+/// The start of the hour `t` is in (UTC).
+pub fn hour_of(t: DateTime<Utc>) -> DateTime<Utc> {
+    use chrono::{DurationRound, TimeDelta};
+    t.duration_trunc(TimeDelta::hours(1)).unwrap_or(t)
+}
+
 /// The store's clock: now, UTC, cut to the microsecond.
 pub fn now() -> DateTime<Utc> {
     Utc::now().trunc_subsecs(6)

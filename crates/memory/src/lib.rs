@@ -18,9 +18,9 @@ use async_trait::async_trait;
 use chrono::{DateTime, Duration, Utc};
 use taskhistory_core::validate::{self, canonical_result};
 use taskhistory_core::{
-    CleanupReport, EventCursor, HealthReport, HistoryEntry, HistoryPage, HistoryScan, StepRecord,
-    StoreError, TaskCursor, TaskEvent, TaskEventStream, TaskHistoryStore, TaskPage, TaskQuery,
-    TaskStatus, TaskStepResult, TaskSummary,
+    ActivityHour, CleanupReport, EventCursor, HealthReport, HistoryEntry, HistoryPage, HistoryScan,
+    StepRecord, StoreError, TaskCounts, TaskCursor, TaskEvent, TaskEventStream, TaskHistoryStore,
+    TaskPage, TaskQuery, TaskStatus, TaskStepResult, TaskSummary,
 };
 use tokio::sync::watch;
 
@@ -74,9 +74,59 @@ struct UserTasks {
     by_activity: BTreeSet<(DateTime<Utc>, String)>,
     /// The log of events: each stored step (task, step) at the position of its last write.
     log: BTreeMap<u64, (String, i32)>,
+    /// Tasks per status, kept by every write (rule 10).
+    counts: TaskCounts,
+    /// Activity by hour, kept by every write.
+    activity: BTreeMap<DateTime<Utc>, ActivityHour>,
 }
 
+/// A task's state before a write: its status and number of steps (`None`: it is new).
+type Before = Option<(TaskStatus, usize)>;
+
 impl UserTasks {
+    /// Counts what a write did to `task_id` (rule 10), given its state before: the same
+    /// rule as the PostgreSQL store's triggers, per write (a call's writes to one task
+    /// count once, together).
+    fn account(&mut self, task_id: &str, before: Before) {
+        let Some(task) = self.tasks.get(task_id) else {
+            if let Some((status, _)) = before {
+                self.counts.decrement(status);
+            }
+            return;
+        };
+        let (status, steps, hour) = (
+            task.status,
+            task.steps.len(),
+            validate::hour_of(task.last_updated),
+        );
+        let changed = before.is_none_or(|(old, _)| old != status);
+        if changed {
+            if let Some((old, _)) = before {
+                self.counts.decrement(old);
+            }
+            *self.counts.get_mut(status) += 1;
+        }
+        let added = steps.saturating_sub(before.map_or(0, |(_, n)| n)) as u64;
+        let bucket = self
+            .activity
+            .entry(hour)
+            .or_insert_with(|| ActivityHour::empty(hour));
+        bucket.steps += added;
+        if changed {
+            if let Some(reached) = bucket.reached_mut(status) {
+                *reached += 1;
+            }
+        }
+        if bucket.is_empty() {
+            self.activity.remove(&hour);
+        }
+    }
+
+    /// Each task's state before a write.
+    fn before(&self, task_id: &str) -> Before {
+        self.tasks.get(task_id).map(|t| (t.status, t.steps.len()))
+    }
+
     /// Moves a step just written to the end of the log, at `position`.
     fn logged(&mut self, task_id: &str, step: i32, position: u64) {
         let Some(task) = self.tasks.get_mut(task_id) else {
@@ -233,6 +283,14 @@ impl MemoryStore {
                 });
             }
         }
+        let mut before: Vec<((String, String), Before)> = Vec::new();
+        for w in &writes {
+            let key = (w.user_id.clone(), w.task_id.clone());
+            if !before.iter().any(|(k, _)| *k == key) {
+                let was = state.get(&w.user_id).and_then(|u| u.before(&w.task_id));
+                before.push((key, was));
+            }
+        }
         for w in writes {
             // Drawn under the lock: the log's order is commit order.
             let position = self.next_position();
@@ -272,6 +330,11 @@ impl MemoryStore {
                 }
             }
             user.logged(&task_id, step, position);
+        }
+        for ((user_id, task_id), was) in before {
+            if let Some(user) = state.get_mut(&user_id) {
+                user.account(&task_id, was);
+            }
         }
         Ok(())
     }
@@ -361,6 +424,7 @@ impl TaskHistoryStore for MemoryStore {
         if task.status.is_terminal() || task.last_step == i32::MAX {
             return Ok(false);
         }
+        let was = Some((task.status, task.steps.len()));
         let now = validate::now();
         let step = task.last_step + 1;
         let result = TaskStepResult::cancellation();
@@ -382,6 +446,7 @@ impl TaskHistoryStore for MemoryStore {
             .insert((task.last_updated, task_id.to_owned()));
         let position = self.next_position();
         user.logged(task_id, step, position);
+        user.account(task_id, was);
         Ok(true)
     }
 
@@ -482,6 +547,26 @@ impl TaskHistoryStore for MemoryStore {
         self.subscribe("watch_user", user_id, None, after)
     }
 
+    async fn task_counts(&self, user_id: &str) -> Result<TaskCounts, StoreError> {
+        validate::user_id(user_id)?;
+        let state = self.read()?;
+        Ok(state.get(user_id).map(|u| u.counts).unwrap_or_default())
+    }
+
+    async fn task_activity(
+        &self,
+        user_id: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<ActivityHour>, StoreError> {
+        let (from, to) = validate::activity(user_id, from, to)?;
+        let state = self.read()?;
+        Ok(state
+            .get(user_id)
+            .map(|u| u.activity.range(from..to).map(|(_, a)| *a).collect())
+            .unwrap_or_default())
+    }
+
     async fn cleanup_old_tasks(&self, days_old: i64) -> Result<CleanupReport, StoreError> {
         validate::days(days_old)?;
         let cutoff = validate::now() - Duration::days(days_old);
@@ -499,12 +584,18 @@ impl TaskHistoryStore for MemoryStore {
                     for position in task.positions.values() {
                         user.log.remove(position);
                     }
+                    user.counts.decrement(task.status);
                     report.tasks_removed += 1;
                     report.steps_removed += task.steps.len() as u64;
                 }
             }
         }
-        state.retain(|_, u| !u.tasks.is_empty());
+        // Activity of the hours before the cutoff goes with them.
+        let kept_from = validate::hour_of(cutoff);
+        for user in state.values_mut() {
+            user.activity = user.activity.split_off(&kept_from);
+        }
+        state.retain(|_, u| !u.tasks.is_empty() || !u.activity.is_empty());
         Ok(report)
     }
 

@@ -190,7 +190,8 @@ pub(crate) async fn run(
 }
 
 /// The statements that give `role` what the store needs in `schema`, and nothing more: use
-/// of the schema, `SELECT, INSERT, UPDATE, DELETE` on the two tables, the history's id
+/// of the schema, `SELECT, INSERT, UPDATE, DELETE` on the two tables and the counts their
+/// triggers keep (`task_counts`, `task_totals`, `task_activity`), the history's id
 /// sequence, reading the migrations table (health, start-up check) and the layout's settings
 /// (`taskhistory_layout`), and on PostgreSQL 15+
 /// setting `lc_messages` (so its sessions get untranslated messages, which the error map
@@ -199,7 +200,8 @@ pub(crate) async fn run(
 pub fn least_privilege_grants(schema: &str, role: &str) -> String {
     format!(
         "GRANT USAGE ON SCHEMA \"{schema}\" TO \"{role}\";\n\
-         GRANT SELECT, INSERT, UPDATE, DELETE ON \"{schema}\".task_history, \"{schema}\".task_summary TO \"{role}\";\n\
+         GRANT SELECT, INSERT, UPDATE, DELETE ON \"{schema}\".task_history, \"{schema}\".task_summary, \
+         \"{schema}\".task_counts, \"{schema}\".task_totals, \"{schema}\".task_activity TO \"{role}\";\n\
          GRANT USAGE ON SEQUENCE \"{schema}\".task_history_id_seq TO \"{role}\";\n\
          GRANT SELECT ON \"{schema}\".__diesel_schema_migrations, \"{schema}\".taskhistory_layout, \
          \"{schema}\".taskhistory_python_compat, \"{schema}\".taskhistory_python_writes TO \"{role}\";\n\

@@ -393,6 +393,50 @@ GROUP BY status
 ORDER BY status
 "#;
 
+/// `task_counts`: a user's tasks per status, the sum of its slots (rule 10; kept by the
+/// triggers of migration 6).
+pub const TASK_COUNTS: &str = r#"
+SELECT status, sum(tasks)::int8 AS tasks
+FROM task_counts
+WHERE user_id = $1
+GROUP BY status
+"#;
+
+/// `task_activity`: a user's activity per hour from `$2` (inclusive) to `$3` (exclusive),
+/// the hours with any, oldest first.
+pub const TASK_ACTIVITY: &str = r#"
+SELECT hour, sum(steps)::int8 AS steps, sum(completed)::int8 AS completed,
+       sum(failed)::int8 AS failed, sum(cancelled)::int8 AS cancelled,
+       sum(timed_out)::int8 AS timed_out
+FROM task_activity
+WHERE user_id = $1 AND hour >= $2 AND hour < $3
+GROUP BY hour
+HAVING sum(steps) + sum(completed) + sum(failed) + sum(cancelled) + sum(timed_out) > 0
+ORDER BY hour
+"#;
+
+/// Operator: every user's tasks per status, kept like `task_counts` (no scan).
+pub const TASK_TOTALS: &str = r#"
+SELECT status, sum(tasks)::int8 AS tasks
+FROM task_totals
+GROUP BY status
+"#;
+
+/// Retention: removes up to `$2` rows of activity of the hours before the cleanup's cutoff
+/// (`$1` days ago, cut to the hour); returns how many.
+pub const ACTIVITY_TRIM: &str = r#"
+WITH gone AS (
+    DELETE FROM task_activity
+    WHERE ctid = ANY (ARRAY(
+        SELECT ctid FROM task_activity
+        WHERE hour < date_trunc('hour', now() - make_interval(days => $1), 'UTC')
+        LIMIT $2
+    ))
+    RETURNING 1
+)
+SELECT count(*)::int8 AS trimmed FROM gone
+"#;
+
 /// Operator statistics: the size on disk of the store's tables (with TOAST) and indexes, in
 /// the current schema (partitions of the partitioned layout included), and the planner's
 /// row estimate.
@@ -1017,6 +1061,8 @@ pub const NOT_PER_USER: &[&str] = &[
     "schema_version",
     "applied_migrations",
     "stats_by_status",
+    "task_totals",
+    "activity_trim",
     "stats_relations",
     "partition_layout",
     "partition_list",
@@ -1049,6 +1095,10 @@ pub const ALL_STATEMENTS: &[(&str, &str)] = &[
     ("scan_history", SCAN_HISTORY),
     ("scan_task_history", SCAN_TASK_HISTORY),
     ("stats_by_status", STATS_BY_STATUS),
+    ("task_counts", TASK_COUNTS),
+    ("task_activity", TASK_ACTIVITY),
+    ("task_totals", TASK_TOTALS),
+    ("activity_trim", ACTIVITY_TRIM),
     ("stats_relations", STATS_RELATIONS),
     ("cleanup_batch", CLEANUP_BATCH),
     ("cleanup_preview", CLEANUP_PREVIEW),

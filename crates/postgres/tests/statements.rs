@@ -128,6 +128,13 @@ async fn every_statement_is_known_and_filters_on_user_id() {
     store.cleanup_old_tasks(30).await.unwrap();
     store.health_check().await.unwrap();
     store.stats().await.unwrap();
+    store.task_counts("u").await.unwrap();
+    let now = Utc::now();
+    store
+        .task_activity("u", now - Duration::days(7), now)
+        .await
+        .unwrap();
+    store.task_totals().await.unwrap();
     let mut events = store.watch_user("u", None).await.unwrap();
     store
         .save_task_history("u", "watched", 0, &r(0))

@@ -7,6 +7,7 @@
 pub(crate) mod cancel;
 pub(crate) mod cleanup;
 pub(crate) mod copy;
+pub(crate) mod counts;
 pub(crate) mod health;
 pub(crate) mod layout;
 pub(crate) mod read;

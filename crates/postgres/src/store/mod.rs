@@ -11,10 +11,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use taskhistory_core::validate::{self, PreparedStep};
 use taskhistory_core::{
-    CleanupReport, EventCursor, HealthReport, HistoryEntry, HistoryPage, HistoryScan, StepRecord,
-    StoreError, TaskEventStream, TaskHistoryStore, TaskPage, TaskQuery, TaskStatus, TaskStepResult,
+    ActivityHour, CleanupReport, EventCursor, HealthReport, HistoryEntry, HistoryPage, HistoryScan,
+    StepRecord, StoreError, TaskCounts, TaskEventStream, TaskHistoryStore, TaskPage, TaskQuery,
+    TaskStatus, TaskStepResult,
 };
 
 use crate::backend::Backend;
@@ -387,6 +389,34 @@ impl TaskHistoryStore for PgTaskHistoryStore {
     ) -> Result<TaskEventStream, StoreError> {
         validate::user_id(user_id)?;
         watch::start(&self.tail, "watch_user", user_id, None, after).await
+    }
+
+    async fn task_counts(&self, user_id: &str) -> Result<TaskCounts, StoreError> {
+        validate::user_id(user_id)?;
+        let call = Call::user(ops::counts::COUNTS, user_id);
+        self.backend
+            .exec()
+            .read(call, &user_id.to_owned(), ops::counts::counts)
+            .await
+    }
+
+    async fn task_activity(
+        &self,
+        user_id: &str,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+    ) -> Result<Vec<ActivityHour>, StoreError> {
+        let (from, to) = validate::activity(user_id, from, to)?;
+        let call = Call::user(ops::counts::ACTIVITY, user_id);
+        let hours = ops::counts::Hours {
+            user_id: user_id.to_owned(),
+            from,
+            to,
+        };
+        self.backend
+            .exec()
+            .read(call, &hours, ops::counts::activity)
+            .await
     }
 
     async fn cleanup_old_tasks(&self, days_old: i64) -> Result<CleanupReport, StoreError> {

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use taskhistory_core::validate;
-use taskhistory_core::{CleanupReport, StoreError, TaskStatus};
+use taskhistory_core::{CleanupReport, StoreError, TaskCounts, TaskStatus};
 
 use super::PgTaskHistoryStore;
 use crate::compat::{self, PythonCompat};
@@ -120,10 +120,41 @@ impl PgTaskHistoryStore {
             total.steps_removed += batch.steps_removed;
             progress(total);
             let out_of_time = deadline.is_some_and(|d| Instant::now() >= d);
-            if batch.tasks_removed < u64::try_from(expired.limit).unwrap_or(0) || out_of_time {
+            if out_of_time {
                 return Ok(total);
             }
+            if batch.tasks_removed < u64::try_from(expired.limit).unwrap_or(0) {
+                break;
+            }
         }
+        // The activity of the hours before the cutoff goes with the tasks (not for a
+        // per-status run: those hours hold other statuses' tasks' activity too).
+        if options.status.is_none() {
+            let trim = ops::counts::Trim {
+                days: expired.days,
+                limit: expired.limit.saturating_mul(10),
+            };
+            loop {
+                let trimmed = exec
+                    .pooled(call, Tx::Statement, &trim, ops::counts::trim)
+                    .await?;
+                let out_of_time = deadline.is_some_and(|d| Instant::now() >= d);
+                if trimmed < trim.limit || out_of_time {
+                    break;
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    /// Every user's tasks per status: kept by the writes like
+    /// [`task_counts`](taskhistory_core::TaskHistoryStore::task_counts), read without a scan.
+    pub async fn task_totals(&self) -> Result<TaskCounts, StoreError> {
+        let call = Call::new(ops::counts::TOTALS);
+        self.backend
+            .exec()
+            .read(call, &(), ops::counts::totals)
+            .await
     }
 
     /// Whether `task_history` is plain or partitioned (and by what interval).

@@ -42,12 +42,17 @@ fn counts_of(rows: Vec<CountRow>, op: &'static str) -> Result<TaskCounts, StoreE
     Ok(counts)
 }
 
+/// Whose counts.
+pub(crate) struct Of<'a> {
+    pub(crate) user_id: &'a str,
+}
+
 /// A user's tasks per status.
-pub(crate) fn counts<'c>(
+pub(crate) fn counts<'c, 'a>(
     conn: &'c mut &'c AsyncPgConnection,
-    user_id: &'c String,
+    of: &'c Of<'a>,
 ) -> BoxFuture<'c, Result<TaskCounts, StoreError>> {
-    counts_on(conn, user_id)
+    counts_on(conn, of.user_id)
 }
 
 fn counts_on<'c, C>(

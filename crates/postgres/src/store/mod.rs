@@ -396,7 +396,7 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         let call = Call::user(ops::counts::COUNTS, user_id);
         self.backend
             .exec()
-            .read(call, &user_id.to_owned(), ops::counts::counts)
+            .read(call, &ops::counts::Of { user_id }, ops::counts::counts)
             .await
     }
 

@@ -267,7 +267,7 @@ mod tests {
         for (prefix, id) in [("ab", "ab"), ("ab", "ab\u{10ffff}"), ("é", "éz")] {
             assert!(id >= prefix && id < prefix_end(prefix).as_str(), "{id}");
         }
-        for (prefix, id) in [("ab", "ac"), ("ab", "b"), ("é", "f")] {
+        for (prefix, id) in [("ab", "ac"), ("ab", "b"), ("é", "ê"), ("é", "ëa")] {
             assert!(id >= prefix_end(prefix).as_str(), "{id}");
         }
     }

@@ -7,9 +7,10 @@
 //!   hold one and serde_json refuses them in JSON text;
 //! - `memory_and_postgres_agree_on_every_sequence`: a model-based test. Random sequences of
 //!   every operation (saves, re-saves, batches with duplicates and explicit times, cancels,
-//!   loads, status checks, task lists walked page by page with their cursors and filters,
-//!   history scans walked page by page, cleanups over explicitly old data) run on the memory
-//!   store and on PostgreSQL, and their outcomes are compared after every operation.
+//!   loads, status checks, task lists walked page by page with their cursors and filters
+//!   (status, activity range, task id prefix), history scans walked page by page, cleanups
+//!   over explicitly old data) run on the memory store and on PostgreSQL, and their outcomes
+//!   are compared after every operation.
 //!
 //! PostgreSQL runs with the default configuration and with every batch of new tasks going
 //! by `COPY` (`copy_min_rows(1)`); the sequences also run on a store whose every single save
@@ -273,6 +274,9 @@ enum Op {
     List {
         limit: i64,
         status: Option<TaskStatus>,
+        updated_after: Option<DateTime<Utc>>,
+        updated_before: Option<DateTime<Utc>>,
+        prefix: Option<&'static str>,
     },
     Scan {
         limit: i64,
@@ -284,6 +288,8 @@ enum Op {
 }
 
 const TASKS: &[&str] = &["a", "b", "c", "d'; --", "é"];
+/// Task id prefixes the listings filter by: whole ids, parts, none, and "" (refused).
+const PREFIXES: &[&str] = &["a", "d", "d'; ", "d'; --", "é", "\u{c3}", "z", ""];
 
 fn small_result() -> impl Strategy<Value = TaskStepResult> {
     (text(), json(), any::<bool>(), text(), status()).prop_map(
@@ -320,8 +326,20 @@ fn op() -> impl Strategy<Value = Op> {
         1 => task.clone().prop_map(Op::Cancel),
         1 => task.clone().prop_map(Op::Load),
         1 => task.clone().prop_map(Op::Status),
-        2 => (1i64..4, proptest::option::of(status()))
-            .prop_map(|(limit, status)| Op::List { limit, status }),
+        2 => (
+            1i64..4,
+            proptest::option::of(status()),
+            when(),
+            when(),
+            proptest::option::of(proptest::sample::select(PREFIXES)),
+        )
+            .prop_map(|(limit, status, updated_after, updated_before, prefix)| Op::List {
+                limit,
+                status,
+                updated_after,
+                updated_before,
+                prefix,
+            }),
         2 => (1i64..5, proptest::option::of(task))
             .prop_map(|(limit, task)| Op::Scan { limit, task }),
         1 => (1i64..3_000).prop_map(|days| Op::Cleanup { days }),
@@ -388,10 +406,19 @@ async fn run_op(store: &DynStore, user: &str, op: &Op) -> Seen {
             .check_task_status(user, t(task))
             .await
             .map(Seen::Status),
-        Op::List { limit, status } => {
+        Op::List {
+            limit,
+            status,
+            updated_after,
+            updated_before,
+            prefix,
+        } => {
             // Every page, following the cursors: the pages themselves must agree.
             let mut query = taskhistory::TaskQuery::first(*limit);
             query.status = *status;
+            query.updated_after = *updated_after;
+            query.updated_before = *updated_before;
+            query.task_id_prefix = prefix.map(str::to_owned);
             let mut pages = Vec::new();
             loop {
                 match store.get_user_tasks_page(user, &query).await {

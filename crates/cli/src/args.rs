@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
 use taskhistory_core::TaskStatus;
 use taskhistory_postgres::PartitionInterval;
@@ -146,6 +147,15 @@ pub(crate) enum Command {
         /// Only tasks in this status.
         #[arg(long, value_parser = parse_status)]
         status: Option<TaskStatus>,
+        /// Only tasks last updated at or after this RFC 3339 time (inclusive).
+        #[arg(long, value_parser = parse_time)]
+        updated_after: Option<DateTime<Utc>>,
+        /// Only tasks last updated before this RFC 3339 time (exclusive).
+        #[arg(long, value_parser = parse_time)]
+        updated_before: Option<DateTime<Utc>>,
+        /// Only tasks whose id starts with these bytes.
+        #[arg(long, visible_alias = "task-id-prefix")]
+        prefix: Option<String>,
     },
     /// Cancel a task; later saves to it are refused.
     Cancel {
@@ -304,4 +314,10 @@ fn parse_interval(value: &str) -> Result<PartitionInterval, String> {
 
 fn parse_status(value: &str) -> Result<TaskStatus, String> {
     value.parse().map_err(|e| format!("{e}"))
+}
+
+fn parse_time(value: &str) -> Result<DateTime<Utc>, String> {
+    DateTime::parse_from_rfc3339(value)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| format!("not an RFC 3339 time (e.g. 2026-12-06T10:00:00Z): {e}"))
 }

@@ -161,6 +161,16 @@ fn every_exit_code_without_a_server() {
         &["tasks", "u", "--limit", "0"][..],
         &["tasks", "u", "--cursor", "not-a-cursor"],
         &["tasks", "u", "--status", "sleeping"],
+        &["tasks", "u", "--updated-after", "yesterday"],
+        &["tasks", "u", "--prefix", ""],
+        &[
+            "tasks",
+            "u",
+            "--updated-after",
+            "2026-01-02T00:00:00Z",
+            "--updated-before",
+            "2026-01-01T00:00:00Z",
+        ],
         &["history", "", "t"],
         &["cleanup", "--days", "-1"],
         &["export", "u", "--output"],
@@ -810,6 +820,91 @@ async fn demo_on_postgres() {
     assert!(listed.stdout.contains("task_456"), "{}", listed.stdout);
 }
 
+/// `tasks` with the listing filters (`--updated-after` inclusive, `--updated-before`
+/// exclusive, `--prefix`), with the status filter and cursor pages, as a table and as JSON;
+/// a bad filter names its field.
+#[tokio::test]
+async fn tasks_filters() {
+    let db = Db::fresh().await;
+    let store = db.store().await;
+    let base = Utc::now() - Duration::hours(1);
+    let at = |s: i64| base + Duration::seconds(s);
+    let records: Vec<StepRecord> = (0..6)
+        .flat_map(|i| {
+            let r = if i == 3 {
+                TaskStepResult::success("s", json!(i), "m")
+            } else {
+                TaskStepResult::running("s", json!(i), "m")
+            };
+            [
+                StepRecord::new("u", format!("job-{i}"), 0, r.clone()).at(at(i)),
+                StepRecord::new("u", format!("run-{i}"), 0, r).at(at(i)),
+            ]
+        })
+        .collect();
+    store.save_batch_task_history(&records).await.unwrap();
+    let rfc = |s: i64| at(s).to_rfc3339();
+    let ids = |r: &Run| -> Vec<String> {
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        r.json()["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["task_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (after, before) = (rfc(1), rfc(4));
+    let base_args = [
+        "--json",
+        "tasks",
+        "u",
+        "--prefix",
+        "job-",
+        "--updated-after",
+        &after,
+        "--updated-before",
+        &before,
+    ];
+    let r = db.cli(&base_args);
+    assert_eq!(ids(&r), ["job-3", "job-2", "job-1"]);
+    assert!(r.json()["next_cursor"].is_null());
+    // The alias, the status filter and a page with its cursor.
+    let r = db.cli(&[&base_args[..], &["--status", "running", "--limit", "1"]].concat());
+    assert_eq!(ids(&r), ["job-2"]);
+    let cursor = r.json()["next_cursor"].as_str().unwrap().to_owned();
+    let mut next = base_args.to_vec();
+    next[3] = "--task-id-prefix";
+    let r = db.cli(&[&next[..], &["--status", "running", "--cursor", &cursor]].concat());
+    assert_eq!(ids(&r), ["job-1"]);
+    // The table form.
+    let r = db.cli(&["tasks", "u", "--prefix", "run-", "--updated-after", &rfc(5)]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stdout.contains("run-5") && !r.stdout.contains("run-4"),
+        "{}",
+        r.stdout
+    );
+    assert!(!r.stdout.contains("job-"), "{}", r.stdout);
+    // Bad filters: exit 2, the field named.
+    let r = db.cli(&[
+        "tasks",
+        "u",
+        "--updated-after",
+        &rfc(4),
+        "--updated-before",
+        &rfc(1),
+    ]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("updated_before"), "{}", r.stderr);
+    let long = "p".repeat(256);
+    let r = db.cli(&["tasks", "u", "--prefix", &long]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("task_id_prefix"), "{}", r.stderr);
+    let r = db.cli(&["tasks", "u", "--updated-before", "noon"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("--updated-before"), "{}", r.stderr);
+}
+
 #[tokio::test]
 async fn explain_and_query_stats() {
     let db = Db::fresh().await;
@@ -853,6 +948,26 @@ async fn explain_and_query_stats() {
         .to_string();
     assert!(status_plan.contains("task_summary_pkey"), "{status_plan}");
     assert!(status_plan.contains("actual time"), "{status_plan}");
+    // The listing filters' statements: a time range walks the activity indexes, a prefix a
+    // range of the primary key.
+    for (name, index) in [
+        ("list_tasks_in_range", "task_summary_user_activity"),
+        (
+            "list_tasks_with_status_in_range",
+            "task_summary_user_status_activity",
+        ),
+        ("list_tasks_with_prefix", "task_summary_pkey"),
+    ] {
+        let plan = plans
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("{name} missing"))["plan"]
+            .to_string();
+        assert!(plan.contains(index), "{name}: {plan}");
+        assert!(!plan.contains("Seq Scan"), "{name}: {plan}");
+    }
     // The log's read walks each watched user's part of the position index.
     let events_plan = plans
         .as_array()

@@ -260,6 +260,107 @@ async fn every_route_status_code_and_token_rule() {
     s.store.close().await;
 }
 
+/// `GET /v1/users/{user}/tasks` with `updated_after` (inclusive), `updated_before`
+/// (exclusive), `task_id_prefix`, with `status` and cursor pages; a bad value is a 400
+/// naming its parameter.
+#[tokio::test(flavor = "multi_thread")]
+async fn task_list_filters() {
+    use chrono::{Duration as Span, Utc};
+    use taskhistory_core::{StepRecord, TaskStepResult};
+
+    let s = Server::start(&[]).await;
+    let base = Utc::now() - Span::hours(1);
+    let at = |i: i64| base + Span::seconds(i);
+    let records: Vec<StepRecord> = (0..6)
+        .flat_map(|i| {
+            let r = if i == 3 {
+                TaskStepResult::success("s", json!(i), "m")
+            } else {
+                TaskStepResult::running("s", json!(i), "m")
+            };
+            [
+                StepRecord::new("u1", format!("job-{i}"), 0, r.clone()).at(at(i)),
+                StepRecord::new("u1", format!("run-{i}"), 0, r).at(at(i)),
+            ]
+        })
+        .collect();
+    s.store.save_batch_task_history(&records).await.unwrap();
+    let own = token("u1", "1h", SECRET);
+    let ids = |body: &Value| -> Vec<String> {
+        body["tasks"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{body}"))
+            .iter()
+            .map(|t| t["task_id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let range = format!(
+        "task_id_prefix=job-&updated_after={}&updated_before={}",
+        urlencode(&at(1).to_rfc3339()),
+        urlencode(&at(4).to_rfc3339())
+    );
+    let (code, body) = get(&s.url(&format!("/v1/users/u1/tasks?{range}")), Some(&own)).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(ids(&body), ["job-3", "job-2", "job-1"]);
+    let (_, first) = get(
+        &s.url(&format!(
+            "/v1/users/u1/tasks?{range}&status=running&limit=1"
+        )),
+        Some(&own),
+    )
+    .await;
+    assert_eq!(ids(&first), ["job-2"]);
+    let cursor = urlencode(first["next_cursor"].as_str().unwrap());
+    let (_, second) = get(
+        &s.url(&format!(
+            "/v1/users/u1/tasks?{range}&status=running&limit=1&cursor={cursor}"
+        )),
+        Some(&own),
+    )
+    .await;
+    assert_eq!(ids(&second), ["job-1"]);
+    assert_eq!(second["next_cursor"], Value::Null);
+    // An offset other than Z; empty parameters are absent.
+    let (_, body) = get(
+        &s.url(&format!(
+            "/v1/users/u1/tasks?updated_after={}&task_id_prefix=&updated_before=",
+            urlencode(
+                &at(5)
+                    .with_timezone(&chrono::FixedOffset::east_opt(7200).unwrap())
+                    .to_rfc3339()
+            )
+        )),
+        Some(&own),
+    )
+    .await;
+    assert_eq!(ids(&body), ["run-5", "job-5"]);
+
+    let long = "p".repeat(300);
+    let inverted = format!(
+        "updated_after={}&updated_before={}",
+        urlencode(&at(4).to_rfc3339()),
+        urlencode(&at(1).to_rfc3339())
+    );
+    for (query, field) in [
+        ("updated_after=yesterday".to_owned(), "updated_after"),
+        (
+            "updated_before=2026-13-01T00:00:00Z".to_owned(),
+            "updated_before",
+        ),
+        (format!("task_id_prefix={long}"), "task_id_prefix"),
+        ("task_id_prefix=a%00b".to_owned(), "task_id_prefix"),
+        (inverted, "updated_before"),
+    ] {
+        let (code, body) = get(&s.url(&format!("/v1/users/u1/tasks?{query}")), Some(&own)).await;
+        assert_eq!(
+            (code, body["error"]["field"].as_str()),
+            (400, Some(field)),
+            "{query}: {body}"
+        );
+    }
+    s.store.close().await;
+}
+
 fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {

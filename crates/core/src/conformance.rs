@@ -10,7 +10,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use chrono::{DateTime, Duration, TimeZone, Utc};
+use chrono::{DateTime, Duration, SubsecRound, TimeZone, Utc};
 use serde_json::json;
 
 use crate::validate::{self, MAX_ID_BYTES, MAX_JSON_DEPTH, MAX_PAGE_SIZE, MAX_SCAN_SIZE};
@@ -40,6 +40,8 @@ macro_rules! conformance_tests {
             user_task_ties_are_broken_by_task_id,
             cursor_pages_cover_every_task_once,
             status_filter_pages,
+            list_filters_match_a_plain_filter,
+            list_prefix_is_byte_wise,
             batch_spans_tasks_and_last_duplicate_wins,
             batch_is_all_or_nothing,
             empty_batch_is_a_no_op,
@@ -100,6 +102,11 @@ macro_rules! conformance_tests {
         #[case::list_negative_limit($crate::conformance::BadCall::ListNegativeLimit)]
         #[case::list_too_large_limit($crate::conformance::BadCall::ListTooLargeLimit)]
         #[case::list_bad_cursor($crate::conformance::BadCall::ListBadCursor)]
+        #[case::list_empty_prefix($crate::conformance::BadCall::ListEmptyPrefix)]
+        #[case::list_long_prefix($crate::conformance::BadCall::ListLongPrefix)]
+        #[case::list_nul_prefix($crate::conformance::BadCall::ListNulPrefix)]
+        #[case::list_inverted_range($crate::conformance::BadCall::ListInvertedRange)]
+        #[case::list_range_out_of_bounds($crate::conformance::BadCall::ListRangeOutOfBounds)]
         #[case::scan_empty_user($crate::conformance::BadCall::ScanEmptyUser)]
         #[case::scan_zero_limit($crate::conformance::BadCall::ScanZeroLimit)]
         #[case::scan_too_large_limit($crate::conformance::BadCall::ScanTooLargeLimit)]
@@ -722,6 +729,170 @@ pub async fn users_are_isolated(store: &DynStore) {
         .collect();
     assert_eq!(alice, ["t"]);
     assert_eq!(tasks(store, "bob").await.len(), 2);
+}
+
+/// Every page of a listing, following `next` until it ends; checks each page's length and
+/// cursor.
+async fn all_pages(store: &DynStore, user: &str, query: &TaskQuery) -> Vec<TaskSummary> {
+    let mut out = Vec::new();
+    let mut q = query.clone();
+    for _ in 0..1000 {
+        let page = store.get_user_tasks_page(user, &q).await.unwrap();
+        assert!(
+            page.tasks.len() as i64 <= q.limit,
+            "page longer than its limit"
+        );
+        out.extend(page.tasks.iter().cloned());
+        match page.next {
+            Some(next) => {
+                assert_eq!(Some(&next), page.tasks.last().map(|t| t.cursor()).as_ref());
+                q = q.after(Some(next));
+            }
+            None => return out,
+        }
+    }
+    panic!("paging does not end");
+}
+
+/// Rule 4: the activity range (`[updated_after, updated_before)` on `last_updated`) and the
+/// task id prefix, alone and with each other, the status filter and cursor pages, list
+/// exactly what a plain filter over all of the user's tasks gives, in listing order.
+pub async fn list_filters_match_a_plain_filter(store: &DynStore) {
+    let base = days_ago(3);
+    // 40 tasks in three id families, times shared by runs of three (so bounds and pages
+    // fall inside runs of equal times), statuses mixed; another user with the same ids.
+    let mut records = Vec::new();
+    for i in 0..40i64 {
+        let family = ["job-", "job-a", "run-"][usize::try_from(i % 3).unwrap()];
+        let r = if i % 4 == 0 { done("x") } else { running("x") };
+        let at = base + Duration::seconds(i / 3);
+        records.push(StepRecord::new("u", format!("{family}{i:02}"), 0, r.clone()).at(at));
+        records.push(StepRecord::new("other", format!("{family}{i:02}"), 0, r).at(at));
+    }
+    store.save_batch_task_history(&records).await.unwrap();
+    let all = tasks(store, "u").await;
+    assert_eq!(all.len(), 40);
+
+    let at = |s: i64| base + Duration::seconds(s);
+    let ranges = [
+        (None, None),
+        (Some(at(4)), None),
+        (None, Some(at(9))),
+        (Some(at(4)), Some(at(9))),
+        (Some(at(5)), Some(at(5))),
+        // Sub-microsecond digits are dropped, as from stored times.
+        (
+            Some(at(2) + Duration::nanoseconds(999)),
+            Some(at(7) + Duration::nanoseconds(1)),
+        ),
+        (Some(days_ago(10)), Some(days_ago(0))),
+    ];
+    let prefixes = [
+        None,
+        Some("job-"),
+        Some("job-a"),
+        Some("run-1"),
+        Some("zzz"),
+    ];
+    let statuses = [None, Some(TaskStatus::Running), Some(TaskStatus::Completed)];
+    for (from, until) in ranges {
+        for prefix in prefixes {
+            for status in statuses {
+                let mut q = TaskQuery::first(4);
+                q.status = status;
+                q.updated_after = from;
+                q.updated_before = until;
+                q.task_id_prefix = prefix.map(str::to_owned);
+                let cut = |t: DateTime<Utc>| t.trunc_subsecs(6);
+                let expected: Vec<TaskSummary> = all
+                    .iter()
+                    .filter(|t| status.is_none_or(|s| t.status == s))
+                    .filter(|t| from.is_none_or(|f| t.last_updated >= cut(f)))
+                    .filter(|t| until.is_none_or(|u| t.last_updated < cut(u)))
+                    .filter(|t| prefix.is_none_or(|p| t.task_id.starts_with(p)))
+                    .cloned()
+                    .collect();
+                assert_eq!(all_pages(store, "u", &q).await, expected, "{q:?}");
+                // One page holding everything says there is no more.
+                q.limit = MAX_PAGE_SIZE;
+                let page = store.get_user_tasks_page("u", &q).await.unwrap();
+                assert_eq!((page.tasks, page.next), (expected, None), "{q:?}");
+            }
+        }
+    }
+    // The filters hold on the page a cursor starts, wherever the cursor came from.
+    let cursor = all[10].cursor();
+    let q = TaskQuery::first(100)
+        .updated_after(at(1))
+        .task_id_prefix("job")
+        .after(Some(cursor));
+    let expected: Vec<TaskSummary> = all[11..]
+        .iter()
+        .filter(|t| t.last_updated >= at(1) && t.task_id.starts_with("job"))
+        .cloned()
+        .collect();
+    assert!(!expected.is_empty());
+    assert_eq!(all_pages(store, "u", &q).await, expected);
+}
+
+/// Rule 4: a task id prefix compares bytes (ids are ordered byte-wise): no case folding, no
+/// collation, multi-byte and edge characters as they are.
+pub async fn list_prefix_is_byte_wise(store: &DynStore) {
+    let ids = [
+        "a",
+        "a\u{7f}",
+        "a\u{80}",
+        "A",
+        "é",
+        "éa",
+        "e",
+        "f",
+        "a\u{10ffff}",
+        "a\u{10ffff}x",
+        "b",
+        "\u{10ffff}",
+        "\u{10ffff}\u{10ffff}",
+        "%",
+        "_",
+        "a%",
+        "a_",
+    ];
+    let t0 = days_ago(1);
+    let records: Vec<_> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            StepRecord::new("u", *id, 0, running("x")).at(t0 + Duration::seconds(i as i64))
+        })
+        .collect();
+    store.save_batch_task_history(&records).await.unwrap();
+    let all = tasks(store, "u").await;
+    for prefix in [
+        "a",
+        "a\u{7f}",
+        "a\u{10ffff}",
+        "\u{10ffff}",
+        "é",
+        "e",
+        "A",
+        "%",
+        "_",
+        "a%",
+        "a_",
+        "ab",
+    ] {
+        let expected: Vec<_> = all
+            .iter()
+            .filter(|t| t.task_id.as_bytes().starts_with(prefix.as_bytes()))
+            .map(|t| t.task_id.clone())
+            .collect();
+        let listed: Vec<_> = all_pages(store, "u", &TaskQuery::first(2).task_id_prefix(prefix))
+            .await
+            .into_iter()
+            .map(|t| t.task_id)
+            .collect();
+        assert_eq!(listed, expected, "prefix {prefix:?}");
+    }
 }
 
 /// Every page of a scan, following `next` until it ends.
@@ -1640,6 +1811,11 @@ pub enum BadCall {
     ListNegativeLimit,
     ListTooLargeLimit,
     ListBadCursor,
+    ListEmptyPrefix,
+    ListLongPrefix,
+    ListNulPrefix,
+    ListInvertedRange,
+    ListRangeOutOfBounds,
     ScanEmptyUser,
     ScanZeroLimit,
     ScanTooLargeLimit,
@@ -1776,6 +1952,45 @@ async fn bad_call(store: &DynStore, call: BadCall) -> (Result<(), StoreError>, &
                 task_id: String::new(),
             }));
             (store.get_user_tasks_page("u", &q).await.map(drop), "cursor")
+        }
+        ListEmptyPrefix => {
+            let q = TaskQuery::first(10).task_id_prefix("");
+            (
+                store.get_user_tasks_page("u", &q).await.map(drop),
+                "task_id_prefix",
+            )
+        }
+        ListLongPrefix => {
+            let q = TaskQuery::first(10).task_id_prefix("p".repeat(MAX_ID_BYTES + 1));
+            (
+                store.get_user_tasks_page("u", &q).await.map(drop),
+                "task_id_prefix",
+            )
+        }
+        ListNulPrefix => {
+            let q = TaskQuery::first(10).task_id_prefix("t\0");
+            (
+                store.get_user_tasks_page("u", &q).await.map(drop),
+                "task_id_prefix",
+            )
+        }
+        ListInvertedRange => {
+            let now = Utc::now();
+            let q = TaskQuery::first(10)
+                .updated_after(now)
+                .updated_before(now - Duration::seconds(1));
+            (
+                store.get_user_tasks_page("u", &q).await.map(drop),
+                "updated_before",
+            )
+        }
+        ListRangeOutOfBounds => {
+            let year_10000 = Utc.with_ymd_and_hms(10000, 1, 1, 0, 0, 0).single().unwrap();
+            let q = TaskQuery::first(10).updated_after(year_10000);
+            (
+                store.get_user_tasks_page("u", &q).await.map(drop),
+                "updated_after",
+            )
         }
         ScanEmptyUser => (
             store.scan_history("", &HistoryScan::all(5)).await.map(drop),

@@ -4,7 +4,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -278,8 +278,21 @@ impl FromStr for TaskCursor {
     }
 }
 
-/// What [`TaskHistoryStore::get_user_tasks_page`](crate::TaskHistoryStore) lists.
+/// What [`TaskHistoryStore::get_user_tasks_page`](crate::TaskHistoryStore) lists: a user's
+/// tasks, newest activity first, narrowed by any combination of the filters below (each one
+/// keeps a task only if it holds; with none set every task is listed).
+///
+/// The activity range is half-open, `[updated_after, updated_before)` on the task's
+/// `last_updated` (the listing's order key): `updated_after(t)` keeps tasks updated at or
+/// after `t`, `updated_before(t)` those updated strictly before `t`, so consecutive ranges
+/// neither overlap nor leave a gap. Both bounds are cut to the microsecond, the precision
+/// stores keep.
+///
+/// Build it with [`first`](Self::first) and the methods that narrow it; it is
+/// `#[non_exhaustive]` so that later filters are not a breaking change (its fields stay
+/// public to read and to set).
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct TaskQuery {
     /// How many tasks at most, 1 to [`MAX_PAGE_SIZE`](crate::validate::MAX_PAGE_SIZE).
     pub limit: i64,
@@ -287,6 +300,14 @@ pub struct TaskQuery {
     pub after: Option<TaskCursor>,
     /// Only tasks whose current status is this one.
     pub status: Option<TaskStatus>,
+    /// Only tasks last updated at or after this time (inclusive).
+    pub updated_after: Option<DateTime<Utc>>,
+    /// Only tasks last updated strictly before this time (exclusive).
+    pub updated_before: Option<DateTime<Utc>>,
+    /// Only tasks whose `task_id` starts with these bytes (byte-wise, as ids are ordered);
+    /// checked like a `task_id` (1 to [`MAX_ID_BYTES`](crate::validate::MAX_ID_BYTES)
+    /// bytes, no NUL).
+    pub task_id_prefix: Option<String>,
 }
 
 impl TaskQuery {
@@ -296,6 +317,9 @@ impl TaskQuery {
             limit,
             after: None,
             status: None,
+            updated_after: None,
+            updated_before: None,
+            task_id_prefix: None,
         }
     }
 
@@ -309,6 +333,47 @@ impl TaskQuery {
     pub fn with_status(mut self, status: TaskStatus) -> Self {
         self.status = Some(status);
         self
+    }
+
+    /// The same query restricted to tasks last updated at or after `time` (inclusive).
+    pub fn updated_after(mut self, time: DateTime<Utc>) -> Self {
+        self.updated_after = Some(time);
+        self
+    }
+
+    /// The same query restricted to tasks last updated strictly before `time` (exclusive).
+    pub fn updated_before(mut self, time: DateTime<Utc>) -> Self {
+        self.updated_before = Some(time);
+        self
+    }
+
+    /// The same query restricted to tasks whose `task_id` starts with `prefix` (byte-wise).
+    pub fn task_id_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.task_id_prefix = Some(prefix.into());
+        self
+    }
+
+    /// The activity range's bounds as stores apply them, cut to the microsecond:
+    /// `(updated_after, updated_before)`.
+    pub fn activity_range(&self) -> (Option<DateTime<Utc>>, Option<DateTime<Utc>>) {
+        let cut = |t: &DateTime<Utc>| t.trunc_subsecs(6);
+        (
+            self.updated_after.as_ref().map(cut),
+            self.updated_before.as_ref().map(cut),
+        )
+    }
+
+    /// Whether `summary` passes this query's filters (status, activity range, prefix; not
+    /// the cursor or the limit): the listing's meaning, for stores that filter in memory.
+    pub fn keeps(&self, summary: &TaskSummary) -> bool {
+        let (from, until) = self.activity_range();
+        self.status.is_none_or(|s| s == summary.status)
+            && from.is_none_or(|t| summary.last_updated >= t)
+            && until.is_none_or(|t| summary.last_updated < t)
+            && self
+                .task_id_prefix
+                .as_deref()
+                .is_none_or(|p| summary.task_id.as_bytes().starts_with(p.as_bytes()))
     }
 }
 

@@ -45,6 +45,10 @@ pub type TaskEventStream =
 ///    (byte order); a cursor continues strictly after the last task seen, so paging through
 ///    a listing that no one writes to meanwhile returns every task exactly once. A task
 ///    written between two pages moves to the front and is not seen again on later pages.
+///    A [`TaskQuery`]'s filters (status; activity range `[updated_after, updated_before)`
+///    on `last_updated`, bounds cut to the microsecond; `task_id` byte prefix) combine
+///    with each other and with the cursor: a listing returns, in this order, exactly the
+///    tasks that pass every filter.
 /// 5. **Batches.** [`save_batch_task_history`](Self::save_batch_task_history) is
 ///    all-or-nothing, may span many users and tasks, has no size limit, and when one step
 ///    appears more than once the last occurrence wins. If any task it touches is cancelled
@@ -135,7 +139,8 @@ pub trait TaskHistoryStore: Send + Sync + std::fmt::Debug {
         task_id: &str,
     ) -> Result<TaskStatus, StoreError>;
 
-    /// One page of a user's tasks (rule 4), optionally only those in one status.
+    /// One page of a user's tasks (rule 4), optionally only those in one status, updated in
+    /// a time range, or whose id starts with a prefix (see [`TaskQuery`]).
     async fn get_user_tasks_page(
         &self,
         user_id: &str,

@@ -7,6 +7,7 @@
 //! | step number | 0 or more |
 //! | step result | no NUL in any string or key (PostgreSQL's text and jsonb refuse it), JSON nested at most [`MAX_JSON_DEPTH`] deep, at most [`MAX_RESULT_BYTES`] encoded |
 //! | timestamp | from year 1 to year 9999, UTC; kept to the microsecond (finer digits are dropped) |
+//! | listing filters | `task_id_prefix` like a `task_id`; `updated_after`, `updated_before` timestamps with `updated_after` <= `updated_before` (the range is `[updated_after, updated_before)`) |
 //! | page size (`limit`) | 1 to [`MAX_PAGE_SIZE`]; for history scans 1 to [`MAX_SCAN_SIZE`] |
 //! | retention (`days`) | 0 to [`MAX_RETENTION_DAYS`] |
 
@@ -155,11 +156,31 @@ pub fn list(user: &str, query: &TaskQuery) -> Result<(), StoreError> {
     self::query(query)
 }
 
-/// Checks a listing query.
+/// Checks a listing query: its limit, cursor, and filters (a prefix like an id, bounds in
+/// the timestamp range, `updated_after` not later than `updated_before`).
 pub fn query(value: &TaskQuery) -> Result<(), StoreError> {
     limit(value.limit)?;
     if let Some(c) = &value.after {
         cursor(c)?;
+    }
+    if let Some(prefix) = &value.task_id_prefix {
+        id("task_id_prefix", prefix)?;
+    }
+    let from = value
+        .updated_after
+        .map(|t| timestamp("updated_after", t))
+        .transpose()?;
+    let until = value
+        .updated_before
+        .map(|t| timestamp("updated_before", t))
+        .transpose()?;
+    if let (Some(from), Some(until)) = (from, until) {
+        if from > until {
+            return Err(StoreError::invalid(
+                "updated_before",
+                format!("{until} is earlier than updated_after {from}"),
+            ));
+        }
     }
     Ok(())
 }
@@ -455,6 +476,33 @@ mod tests {
         assert!(step_result("step_result", &r).is_err());
         r.result = Value::String("x".repeat(MAX_RESULT_BYTES));
         assert!(step_result("step_result", &r).is_err());
+    }
+
+    #[test]
+    fn listing_filters_name_their_field() {
+        let field_of = |q: &TaskQuery| match query(q) {
+            Err(StoreError::InvalidInput { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        let t = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).single().unwrap();
+        let q = TaskQuery::first(10);
+        assert!(query(&q.clone().updated_after(t).updated_before(t)).is_ok());
+        assert!(query(&q.clone().task_id_prefix("é".repeat(127))).is_ok());
+        for bad in ["", "a\0b"] {
+            assert_eq!(field_of(&q.clone().task_id_prefix(bad)), "task_id_prefix");
+        }
+        assert_eq!(
+            field_of(&q.clone().task_id_prefix("x".repeat(MAX_ID_BYTES + 1))),
+            "task_id_prefix"
+        );
+        let later = t + chrono::Duration::microseconds(1);
+        assert_eq!(
+            field_of(&q.clone().updated_after(later).updated_before(t)),
+            "updated_before"
+        );
+        let far = Utc.with_ymd_and_hms(10000, 1, 1, 0, 0, 0).single().unwrap();
+        assert_eq!(field_of(&q.clone().updated_after(far)), "updated_after");
+        assert_eq!(field_of(&q.updated_before(far)), "updated_before");
     }
 
     #[test]

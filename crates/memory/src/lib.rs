@@ -487,9 +487,12 @@ impl TaskHistoryStore for MemoryStore {
             ),
             None => Box::new(user.by_activity.iter().rev()),
         };
+        // The activity index is newest first: nothing older than the range's start follows.
+        let (from, _) = query.activity_range();
         let tasks: Vec<TaskSummary> = keys
+            .take_while(|(updated, _)| from.is_none_or(|t| *updated >= t))
             .filter_map(|(_, id)| user.tasks.get(id).map(|t| summary(id, t)))
-            .filter(|t| query.status.is_none_or(|s| s == t.status))
+            .filter(|t| query.keeps(t))
             .take(usize::try_from(query.limit).unwrap_or(0).saturating_add(1))
             .collect();
         Ok(TaskPage::from_overfetch(tasks, query.limit))

@@ -72,6 +72,21 @@ FROM task_history GROUP BY user_id, task_id;
             sql::LIST_TASKS_WITH_STATUS,
             "'user_500', 'completed', 51",
         ),
+        (
+            "get_user_tasks, activity range (updated_after / updated_before)",
+            sql::LIST_TASKS_IN_RANGE,
+            "'user_500', now() - interval '90 minutes', now() - interval '20 minutes', NULL, NULL, 51",
+        ),
+        (
+            "get_user_tasks, status filter, activity range, next page",
+            sql::LIST_TASKS_WITH_STATUS_IN_RANGE,
+            "'user_500', 'completed', now() - interval '90 minutes', NULL, now() - interval '40 minutes', 'task_50', 51",
+        ),
+        (
+            "get_user_tasks, task id prefix (any other filter)",
+            sql::LIST_TASKS_WITH_PREFIX,
+            "'user_500', 'task_5', 'task_6', NULL, NULL, NULL, NULL, NULL, 51",
+        ),
     ];
     for (i, (name, statement, args)) in plans.iter().enumerate() {
         client

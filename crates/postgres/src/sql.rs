@@ -360,6 +360,56 @@ ORDER BY updated_at DESC, task_id DESC
 LIMIT $5
 "#;
 
+/// A page of a user's tasks updated in `[$2, $3)` (a missing bound is NULL: unbounded), after
+/// the cursor `($4, $5)` (NULLs for the first page). Every bound is an index condition on
+/// `task_summary_user_activity`, in generic plans too (`COALESCE` of a parameter is computed
+/// once per execution), so a page reads at most `limit` + 1 entries.
+pub const LIST_TASKS_IN_RANGE: &str = r#"
+SELECT task_id, status, last_step, step_count, created_at, updated_at
+FROM task_summary
+WHERE user_id = $1
+    AND updated_at >= COALESCE($2::timestamptz, '-infinity')
+    AND updated_at < COALESCE($3::timestamptz, 'infinity')
+    AND (updated_at, task_id) < (COALESCE($4::timestamptz, 'infinity'), COALESCE($5::text, ''))
+ORDER BY updated_at DESC, task_id DESC
+LIMIT $6
+"#;
+
+/// [`LIST_TASKS_IN_RANGE`] in one status: the same bounds on
+/// `task_summary_user_status_activity`.
+pub const LIST_TASKS_WITH_STATUS_IN_RANGE: &str = r#"
+SELECT task_id, status, last_step, step_count, created_at, updated_at
+FROM task_summary
+WHERE user_id = $1 AND status = $2
+    AND updated_at >= COALESCE($3::timestamptz, '-infinity')
+    AND updated_at < COALESCE($4::timestamptz, 'infinity')
+    AND (updated_at, task_id) < (COALESCE($5::timestamptz, 'infinity'), COALESCE($6::text, ''))
+ORDER BY updated_at DESC, task_id DESC
+LIMIT $7
+"#;
+
+/// A page of a user's tasks whose id starts with a prefix: the ids in `[$2, $3)` (the prefix
+/// and its successor, made by the store), read by a range of the primary key, then the
+/// optional status ($4), activity range (`[$5, $6)`) and cursor (`($7, $8)`) as filters and a
+/// top-N sort. The `OFFSET 0` keeps the planner from walking the activity index with the
+/// prefix as a filter, which reads every task of the user when few match; this reads the
+/// matching tasks only.
+pub const LIST_TASKS_WITH_PREFIX: &str = r#"
+SELECT task_id, status, last_step, step_count, created_at, updated_at
+FROM (
+    SELECT task_id, status, last_step, step_count, created_at, updated_at
+    FROM task_summary
+    WHERE user_id = $1 AND task_id >= $2 AND task_id < $3
+    OFFSET 0
+) matching
+WHERE status = COALESCE($4::text, status)
+    AND updated_at >= COALESCE($5::timestamptz, '-infinity')
+    AND updated_at < COALESCE($6::timestamptz, 'infinity')
+    AND (updated_at, task_id) < (COALESCE($7::timestamptz, 'infinity'), COALESCE($8::text, ''))
+ORDER BY updated_at DESC, task_id DESC
+LIMIT $9
+"#;
+
 /// A page of a user's steps in `(task_id, step)` order after a key (`''`, -1 for the
 /// start): export scans. Walks the `(user_id, task_id, step)` unique index.
 pub const SCAN_HISTORY: &str = r#"
@@ -1092,6 +1142,12 @@ pub const ALL_STATEMENTS: &[(&str, &str)] = &[
     ("list_tasks_after", LIST_TASKS_AFTER),
     ("list_tasks_with_status", LIST_TASKS_WITH_STATUS),
     ("list_tasks_with_status_after", LIST_TASKS_WITH_STATUS_AFTER),
+    ("list_tasks_in_range", LIST_TASKS_IN_RANGE),
+    (
+        "list_tasks_with_status_in_range",
+        LIST_TASKS_WITH_STATUS_IN_RANGE,
+    ),
+    ("list_tasks_with_prefix", LIST_TASKS_WITH_PREFIX),
     ("scan_history", SCAN_HISTORY),
     ("scan_task_history", SCAN_TASK_HISTORY),
     ("stats_by_status", STATS_BY_STATUS),

@@ -91,6 +91,18 @@ async fn every_statement_is_known_and_filters_on_user_id() {
         .get_user_tasks_page("u", &by_status.clone().after(page.next))
         .await
         .unwrap();
+    // The listing filters: a time range with and without a status, a prefix.
+    let day_ago = Utc::now() - Duration::days(1);
+    let in_range = TaskQuery::first(1).updated_after(day_ago);
+    store.get_user_tasks_page("u", &in_range).await.unwrap();
+    store
+        .get_user_tasks_page("u", &in_range.with_status(TaskStatus::Running))
+        .await
+        .unwrap();
+    store
+        .get_user_tasks_page("u", &TaskQuery::first(1).task_id_prefix("b"))
+        .await
+        .unwrap();
     store.scan_history("u", &HistoryScan::all(5)).await.unwrap();
     let after = Some(StepKey {
         task_id: "big".into(),

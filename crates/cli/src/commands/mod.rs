@@ -110,10 +110,16 @@ async fn dispatch(cli: Cli, opened: &Opened) -> Result<u8, CliError> {
             limit,
             cursor,
             status,
+            updated_after,
+            updated_before,
+            prefix,
         } => {
             let after = cursor.map(|c| c.parse::<TaskCursor>()).transpose()?;
             let mut query = TaskQuery::first(limit).after(after);
             query.status = status;
+            query.updated_after = updated_after;
+            query.updated_before = updated_before;
+            query.task_id_prefix = prefix;
             validate::list(&user, &query)?;
             read::tasks(&opened.open(db).await?.store(), &user, &query, out).await
         }

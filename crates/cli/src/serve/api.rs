@@ -11,6 +11,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Response};
 use axum::Json;
+use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::json;
 use taskhistory_core::{HistoryScan, StepKey, StoreError, TaskCursor, TaskQuery, TaskStatus};
@@ -301,6 +302,9 @@ pub(crate) struct TasksParams {
     limit: Option<String>,
     status: Option<String>,
     cursor: Option<String>,
+    updated_after: Option<String>,
+    updated_before: Option<String>,
+    task_id_prefix: Option<String>,
     access_token: Option<String>,
 }
 
@@ -327,6 +331,20 @@ fn parse_number(field: &str, value: Option<&str>, default: i64) -> Result<i64, A
         v.parse()
             .map_err(|_| ApiError::invalid(field, format!("{v:?} is not a whole number")))
     })
+}
+
+/// An RFC 3339 time given as `field`; empty means absent.
+fn parse_time(field: &str, value: Option<&str>) -> Result<Option<DateTime<Utc>>, ApiError> {
+    value
+        .filter(|v| !v.is_empty())
+        .map(|v| {
+            DateTime::parse_from_rfc3339(v)
+                .map(|t| t.with_timezone(&Utc))
+                .map_err(|e| {
+                    ApiError::invalid(field, format!("{v:?} is not an RFC 3339 time: {e}"))
+                })
+        })
+        .transpose()
 }
 
 pub(crate) async fn dashboard() -> Html<&'static str> {
@@ -454,6 +472,9 @@ pub(crate) async fn tasks(
         .transpose()?;
     let mut query = TaskQuery::first(parse_number("limit", q.limit.as_deref(), 50)?).after(after);
     query.status = parse_status(q.status.as_deref())?;
+    query.updated_after = parse_time("updated_after", q.updated_after.as_deref())?;
+    query.updated_before = parse_time("updated_before", q.updated_before.as_deref())?;
+    query.task_id_prefix = q.task_id_prefix.filter(|p| !p.is_empty());
     let page = timed(
         &state,
         "get_user_tasks_page",

@@ -1,11 +1,14 @@
 //! The reads that may share a pipelined connection: `load_task_history`
 //! ([`LOAD_HISTORY`](crate::sql::LOAD_HISTORY)), `check_task_status`
 //! ([`TASK_STATUS`](crate::sql::TASK_STATUS)) and `get_user_tasks_page`
-//! ([`LIST_TASKS`](crate::sql::LIST_TASKS) and its three variants, by filter and cursor).
+//! ([`LIST_TASKS`](crate::sql::LIST_TASKS) and its three variants, by status filter and
+//! cursor; with an activity range [`LIST_TASKS_IN_RANGE`](crate::sql::LIST_TASKS_IN_RANGE) or
+//! [`LIST_TASKS_WITH_STATUS_IN_RANGE`](crate::sql::LIST_TASKS_WITH_STATUS_IN_RANGE); with a
+//! task id prefix [`LIST_TASKS_WITH_PREFIX`](crate::sql::LIST_TASKS_WITH_PREFIX)).
 
 use chrono::{DateTime, Utc};
 use diesel::pg::Pg;
-use diesel::sql_types::{BigInt, Integer, Jsonb, Text, Timestamptz};
+use diesel::sql_types::{BigInt, Integer, Jsonb, Nullable, Text, Timestamptz};
 use diesel::QueryableByName;
 use diesel_async::methods::LoadQuery;
 use diesel_async::{AsyncConnectionCore, AsyncPgConnection};
@@ -150,37 +153,65 @@ where
     Box::pin(async move {
         let user_id = p.user_id.to_owned();
         let fetch = p.query.limit + 1;
-        let statement = match (&p.query.status, &p.query.after) {
-            (None, None) => Statement::new(sql::LIST_TASKS)
+        let (from, until) = p.query.activity_range();
+        let cursor_at = p.query.after.as_ref().map(|c| c.last_updated);
+        let cursor_id = p.query.after.as_ref().map(|c| c.task_id.clone());
+        let statement = if let Some(prefix) = &p.query.task_id_prefix {
+            Statement::new(sql::LIST_TASKS_WITH_PREFIX)
                 .bind::<Text, _>(user_id)
-                .bind::<BigInt, _>(fetch),
-            (
-                None,
-                Some(TaskCursor {
-                    last_updated,
-                    task_id,
-                }),
-            ) => Statement::new(sql::LIST_TASKS_AFTER)
-                .bind::<Text, _>(user_id)
-                .bind::<Timestamptz, _>(*last_updated)
-                .bind::<Text, _>(task_id.clone())
-                .bind::<BigInt, _>(fetch),
-            (Some(status), None) => Statement::new(sql::LIST_TASKS_WITH_STATUS)
-                .bind::<Text, _>(user_id)
-                .bind::<Text, _>(status.as_str())
-                .bind::<BigInt, _>(fetch),
-            (
-                Some(status),
-                Some(TaskCursor {
-                    last_updated,
-                    task_id,
-                }),
-            ) => Statement::new(sql::LIST_TASKS_WITH_STATUS_AFTER)
-                .bind::<Text, _>(user_id)
-                .bind::<Text, _>(status.as_str())
-                .bind::<Timestamptz, _>(*last_updated)
-                .bind::<Text, _>(task_id.clone())
-                .bind::<BigInt, _>(fetch),
+                .bind::<Text, _>(prefix.clone())
+                .bind::<Text, _>(prefix_end(prefix))
+                .bind::<Nullable<Text>, _>(p.query.status.map(TaskStatus::as_str))
+                .bind::<Nullable<Timestamptz>, _>(from)
+                .bind::<Nullable<Timestamptz>, _>(until)
+                .bind::<Nullable<Timestamptz>, _>(cursor_at)
+                .bind::<Nullable<Text>, _>(cursor_id)
+                .bind::<BigInt, _>(fetch)
+        } else if from.is_some() || until.is_some() {
+            match p.query.status {
+                None => Statement::new(sql::LIST_TASKS_IN_RANGE).bind::<Text, _>(user_id),
+                Some(status) => Statement::new(sql::LIST_TASKS_WITH_STATUS_IN_RANGE)
+                    .bind::<Text, _>(user_id)
+                    .bind::<Text, _>(status.as_str()),
+            }
+            .bind::<Nullable<Timestamptz>, _>(from)
+            .bind::<Nullable<Timestamptz>, _>(until)
+            .bind::<Nullable<Timestamptz>, _>(cursor_at)
+            .bind::<Nullable<Text>, _>(cursor_id)
+            .bind::<BigInt, _>(fetch)
+        } else {
+            match (&p.query.status, &p.query.after) {
+                (None, None) => Statement::new(sql::LIST_TASKS)
+                    .bind::<Text, _>(user_id)
+                    .bind::<BigInt, _>(fetch),
+                (
+                    None,
+                    Some(TaskCursor {
+                        last_updated,
+                        task_id,
+                    }),
+                ) => Statement::new(sql::LIST_TASKS_AFTER)
+                    .bind::<Text, _>(user_id)
+                    .bind::<Timestamptz, _>(*last_updated)
+                    .bind::<Text, _>(task_id.clone())
+                    .bind::<BigInt, _>(fetch),
+                (Some(status), None) => Statement::new(sql::LIST_TASKS_WITH_STATUS)
+                    .bind::<Text, _>(user_id)
+                    .bind::<Text, _>(status.as_str())
+                    .bind::<BigInt, _>(fetch),
+                (
+                    Some(status),
+                    Some(TaskCursor {
+                        last_updated,
+                        task_id,
+                    }),
+                ) => Statement::new(sql::LIST_TASKS_WITH_STATUS_AFTER)
+                    .bind::<Text, _>(user_id)
+                    .bind::<Text, _>(status.as_str())
+                    .bind::<Timestamptz, _>(*last_updated)
+                    .bind::<Text, _>(task_id.clone())
+                    .bind::<BigInt, _>(fetch),
+            }
         };
         let rows: Vec<SummaryRow> = statement
             .fetch(conn)
@@ -200,4 +231,44 @@ where
             .collect();
         Ok(TaskPage::from_overfetch(tasks, p.query.limit))
     })
+}
+
+/// The least string above every string that starts with `prefix` (in byte order, which is
+/// code point order): the prefix with its last character raised by one, dropping trailing
+/// characters that cannot be raised. A prefix of U+10FFFF only has no such string; then a
+/// run of them longer than any id stands in (every id is below it).
+fn prefix_end(prefix: &str) -> String {
+    let mut chars: Vec<char> = prefix.chars().collect();
+    while let Some(last) = chars.pop() {
+        let next = (u32::from(last) + 1..=u32::from(char::MAX)).find_map(char::from_u32);
+        if let Some(next) = next {
+            chars.push(next);
+            return chars.into_iter().collect();
+        }
+    }
+    std::iter::repeat_n(char::MAX, taskhistory_core::validate::MAX_ID_BYTES / 4 + 1).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_end;
+
+    #[test]
+    fn prefix_end_bounds_exactly_the_strings_with_the_prefix() {
+        assert_eq!(prefix_end("task-"), "task.");
+        assert_eq!(prefix_end("a\u{7f}"), "a\u{80}");
+        assert_eq!(prefix_end("a\u{d7ff}"), "a\u{e000}");
+        assert_eq!(prefix_end("a\u{10ffff}"), "b");
+        let top = prefix_end("\u{10ffff}");
+        assert!(top.len() > taskhistory_core::validate::MAX_ID_BYTES);
+        let longest = "\u{10ffff}".repeat(63) + "\u{ffff}";
+        assert!(longest.len() <= taskhistory_core::validate::MAX_ID_BYTES);
+        assert!(longest.as_str() < top.as_str());
+        for (prefix, id) in [("ab", "ab"), ("ab", "ab\u{10ffff}"), ("é", "éz")] {
+            assert!(id >= prefix && id < prefix_end(prefix).as_str(), "{id}");
+        }
+        for (prefix, id) in [("ab", "ac"), ("ab", "b"), ("é", "ê"), ("é", "ëa")] {
+            assert!(id >= prefix_end(prefix).as_str(), "{id}");
+        }
+    }
 }

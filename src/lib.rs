@@ -5,10 +5,10 @@
 #[cfg_attr(docsrs, doc(cfg(feature = "mock")))]
 pub use taskhistory_core::MockTaskHistoryStore;
 pub use taskhistory_core::{
-    BoxError, CleanupReport, DynStore, ErrorCode, EventCursor, HealthReport, HistoryEntry,
-    HistoryPage, HistoryScan, ParseEnumError, RetryPolicy, StepKey, StepRecord, StoreError,
-    TaskCursor, TaskEvent, TaskEventKind, TaskEventStream, TaskHistoryStore, TaskPage, TaskQuery,
-    TaskStatus, TaskStepResult, TaskSummary,
+    ActivityHour, BoxError, CleanupReport, DynStore, ErrorCode, EventCursor, HealthReport,
+    HistoryEntry, HistoryPage, HistoryScan, ParseEnumError, RetryPolicy, StepKey, StepRecord,
+    StoreError, TaskCounts, TaskCursor, TaskEvent, TaskEventKind, TaskEventStream,
+    TaskHistoryStore, TaskPage, TaskQuery, TaskStatus, TaskStepResult, TaskSummary,
 };
 
 /// The input rules every store applies before touching anything: the limits, and the
@@ -16,8 +16,9 @@ pub use taskhistory_core::{
 /// [`StoreError::InvalidInput`] naming the field, as the store would).
 pub mod validate {
     pub use taskhistory_core::validate::{
-        days, limit, step, step_result, task, task_id, user_id, MAX_ID_BYTES, MAX_JSON_DEPTH,
-        MAX_PAGE_SIZE, MAX_RESULT_BYTES, MAX_RETENTION_DAYS, MAX_SCAN_SIZE,
+        activity, days, limit, step, step_result, task, task_id, user_id, MAX_ACTIVITY_DAYS,
+        MAX_ID_BYTES, MAX_JSON_DEPTH, MAX_PAGE_SIZE, MAX_RESULT_BYTES, MAX_RETENTION_DAYS,
+        MAX_SCAN_SIZE,
     };
 }
 

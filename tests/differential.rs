@@ -470,6 +470,29 @@ async fn run_op(store: &DynStore, user: &str, op: &Op) -> Seen {
     r.unwrap_or_else(refused)
 }
 
+/// What rule 10 keeps after an operation: the counts, and the activity of the last 92 days
+/// (where the writes stamped with the store's clock fall).
+async fn kept(
+    store: &DynStore,
+    user: &str,
+) -> (taskhistory::TaskCounts, Vec<taskhistory::ActivityHour>) {
+    let to = Utc::now() + chrono::Duration::hours(1);
+    let from = to - chrono::Duration::days(taskhistory::validate::MAX_ACTIVITY_DAYS);
+    (
+        store.task_counts(user).await.unwrap(),
+        store.task_activity(user, from, to).await.unwrap(),
+    )
+}
+
+/// The counts a listing of every task gives.
+async fn counted(store: &DynStore, user: &str) -> taskhistory::TaskCounts {
+    let mut counts = taskhistory::TaskCounts::default();
+    for task in store.get_user_tasks(user, 1000).await.unwrap() {
+        *counts.get_mut(task.status) += 1;
+    }
+    counts
+}
+
 /// How often the sequences met the outcomes that make them worth comparing: a cleanup that
 /// removed something, a list or scan of several pages, a save refused by a cancellation.
 static REMOVED: AtomicU64 = AtomicU64::new(0);
@@ -535,6 +558,25 @@ fn memory_and_postgres_agree_on_every_sequence() {
                 op
             );
             note(&on_pg);
+            let (memory_kept, pg_kept, copy_kept, combined_kept, listed) = rt.block_on(async {
+                (
+                    kept(&memory, "u").await,
+                    kept(&pg, "u").await,
+                    kept(&pg_copy, "u").await,
+                    kept(&pg_combined, "u").await,
+                    counted(&memory, "u").await,
+                )
+            });
+            prop_assert_eq!(&memory_kept.0, &listed, "counts after operation {} {:?}", i, op);
+            prop_assert_eq!(&memory_kept, &pg_kept, "kept after operation {} {:?}", i, op);
+            prop_assert_eq!(&pg_kept, &copy_kept, "kept after operation {} {:?} (COPY)", i, op);
+            prop_assert_eq!(
+                &pg_kept,
+                &combined_kept,
+                "kept after operation {} {:?} (combined)",
+                i,
+                op
+            );
         }
         rt.block_on(async {
             pg.close().await;

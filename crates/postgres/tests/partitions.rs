@@ -261,6 +261,15 @@ async fn retention_drops_expired_partitions_and_never_cuts_an_active_task() {
         .map(|t| t.task_id)
         .collect();
     assert_eq!(ids, ["new", "mixed"]);
+    // The kept counts lost the tasks of the dropped partition and of the batched delete.
+    for user in ["u", "v"] {
+        let mut counted = taskhistory_core::TaskCounts::default();
+        for t in tasks(&store, user).await {
+            *counted.get_mut(t.status) += 1;
+        }
+        assert_eq!(store.task_counts(user).await.unwrap(), counted, "{user}");
+    }
+    assert_eq!(store.task_totals().await.unwrap().total(), 2);
     // The same id starts over as a new task, in this month's partition.
     store
         .save_task_history("u", "old", 0, &running(0))

@@ -186,6 +186,16 @@ async fn agree(store: &PgTaskHistoryStore, py: &mut Legacy, tasks: &[&str], afte
         })
         .collect();
     assert_eq!(listed, py_listed, "task list after {after}");
+    // The kept counts follow the Python service's writes as the store's (rule 10).
+    let mut counted = taskhistory_core::TaskCounts::default();
+    for task in store.get_user_tasks(USER, 100).await.unwrap() {
+        *counted.get_mut(task.status) += 1;
+    }
+    assert_eq!(
+        store.task_counts(USER).await.unwrap(),
+        counted,
+        "counts after {after}"
+    );
 }
 
 /// The next event of a watch (15 s at most): (task, step, status).
@@ -572,6 +582,16 @@ async fn python_and_rust_at_once(
         .into_iter()
         .map(|t| (t.task_id.clone(), t))
         .collect();
+    // The counts kept by both sides' concurrent writes equal the tasks counted.
+    let mut counted = taskhistory_core::TaskCounts::default();
+    for t in summaries.values() {
+        *counted.get_mut(t.status) += 1;
+    }
+    assert_eq!(
+        store.task_counts(USER).await.unwrap(),
+        counted,
+        "round {round}: counts"
+    );
     for k in 0..TASKS {
         let task = task(k);
         let history = store.load_task_history(USER, &task).await.unwrap();

@@ -60,10 +60,45 @@ pub(crate) fn run<'c, 'a>(
     p: &'c SaveSteps<'a>,
 ) -> BoxFuture<'c, Result<(), StoreError>> {
     Box::pin(async move {
-        for chunk in p.steps.chunks(CHUNK_ROWS) {
+        for chunk in chunks(p.steps) {
             save_chunk(conn, p.operation, chunk).await?;
         }
         Ok(())
+    })
+}
+
+/// The batch in chunks of about [`CHUNK_ROWS`], each ending where a task does (the steps
+/// are sorted by task): a task's steps are written by one statement, so its summary changes
+/// once, as the counts and activity of rule 10 count it (a task with more steps than a
+/// chunk is a chunk of its own).
+fn chunks<'s, 'a>(steps: &'s [PreparedStep<'a>]) -> impl Iterator<Item = &'s [PreparedStep<'a>]> {
+    let mut rest = steps;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut end = rest.len().min(CHUNK_ROWS);
+        if end < rest.len() {
+            let same = |a: &PreparedStep<'_>, b: &PreparedStep<'_>| {
+                a.user_id == b.user_id && a.task_id == b.task_id
+            };
+            // Back to the start of the task the cut falls in; if that is the chunk's start,
+            // forward to its end.
+            let mut cut = end;
+            while cut > 0 && same(&rest[cut - 1], &rest[cut]) {
+                cut -= 1;
+            }
+            if cut == 0 {
+                cut = end;
+                while cut < rest.len() && same(&rest[cut - 1], &rest[cut]) {
+                    cut += 1;
+                }
+            }
+            end = cut;
+        }
+        let (chunk, tail) = rest.split_at(end);
+        rest = tail;
+        Some(chunk)
     })
 }
 
@@ -172,4 +207,59 @@ pub(crate) fn run_combined<'c>(
             .zip(outcome.refused_tasks)
             .collect())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use taskhistory_core::TaskStepResult;
+
+    #[test]
+    fn chunks_end_where_tasks_do() {
+        let r = TaskStepResult::running("s", serde_json::json!(1), "");
+        let names: Vec<String> = (0..40).map(|t| format!("t{t:02}")).collect();
+        // Tasks of 3,000 steps, one of 25,000 (longer than a chunk), then small ones.
+        let sizes: Vec<usize> = (0..40)
+            .map(|t| match t {
+                5 => 25_000,
+                t if t < 10 => 3_000,
+                _ => 7,
+            })
+            .collect();
+        let steps: Vec<PreparedStep<'_>> = names
+            .iter()
+            .zip(&sizes)
+            .flat_map(|(task, &n)| {
+                (0..n).map(|step| PreparedStep {
+                    user_id: "u",
+                    task_id: task,
+                    step: step as i32,
+                    timestamp: None,
+                    result: &r,
+                })
+            })
+            .collect();
+        let parts: Vec<_> = chunks(&steps).collect();
+        assert_eq!(parts.iter().map(|c| c.len()).sum::<usize>(), steps.len());
+        let mut at = 0;
+        for part in &parts {
+            assert!(!part.is_empty());
+            let (first, last) = (&part[0], &part[part.len() - 1]);
+            // No task is cut: the step before a chunk belongs to another task.
+            if at > 0 {
+                assert_ne!(steps[at - 1].task_id, first.task_id);
+            }
+            at += part.len();
+            if at < steps.len() {
+                assert_ne!(steps[at].task_id, last.task_id);
+            }
+            let tasks: std::collections::BTreeSet<_> = part.iter().map(|p| p.task_id).collect();
+            assert!(
+                part.len() <= CHUNK_ROWS || tasks.len() == 1,
+                "{}",
+                part.len()
+            );
+        }
+        assert!(parts.iter().any(|p| p.len() == 25_000));
+    }
 }

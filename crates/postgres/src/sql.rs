@@ -432,15 +432,13 @@ ORDER BY h.step
 LIMIT $4
 "#;
 
-/// Operator statistics: tasks and steps per status, oldest and newest activity. Reads the
-/// whole summary table (one row per task), so it is for `taskhistory stats`, never a
-/// service's path.
-pub const STATS_BY_STATUS: &str = r#"
-SELECT status, count(*)::int8 AS tasks, COALESCE(sum(step_count), 0)::int8 AS steps,
-       min(updated_at) AS oldest_activity, max(updated_at) AS newest_activity
-FROM task_summary
-GROUP BY status
-ORDER BY status
+/// Operator statistics: the oldest and newest `last_updated` of any task, each the end of
+/// the retention index (no scan).
+pub const STATS_ACTIVITY_RANGE: &str = r#"
+SELECT (SELECT min(updated_at AT TIME ZONE 'UTC') FROM task_summary) AT TIME ZONE 'UTC'
+           AS oldest_activity,
+       (SELECT max(updated_at AT TIME ZONE 'UTC') FROM task_summary) AT TIME ZONE 'UTC'
+           AS newest_activity
 "#;
 
 /// `task_counts`: a user's tasks per status, the sum of its slots (rule 10; kept by the
@@ -1110,7 +1108,7 @@ pub const NOT_PER_USER: &[&str] = &[
     "health",
     "schema_version",
     "applied_migrations",
-    "stats_by_status",
+    "stats_activity_range",
     "task_totals",
     "activity_trim",
     "stats_relations",
@@ -1150,7 +1148,7 @@ pub const ALL_STATEMENTS: &[(&str, &str)] = &[
     ("list_tasks_with_prefix", LIST_TASKS_WITH_PREFIX),
     ("scan_history", SCAN_HISTORY),
     ("scan_task_history", SCAN_TASK_HISTORY),
-    ("stats_by_status", STATS_BY_STATUS),
+    ("stats_activity_range", STATS_ACTIVITY_RANGE),
     ("task_counts", TASK_COUNTS),
     ("task_activity", TASK_ACTIVITY),
     ("task_totals", TASK_TOTALS),

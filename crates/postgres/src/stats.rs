@@ -1,6 +1,6 @@
-//! Operator statistics for `taskhistory stats`: tasks and steps per status, activity range,
-//! table and index sizes. These statements read the whole summary table and the catalogs;
-//! they are not on any service path.
+//! Operator statistics for `taskhistory stats`: tasks per status (kept by the writes,
+//! migration 6), the activity range (the ends of the retention index), table and index
+//! sizes (the catalogs). Nothing here scans the store's tables.
 
 use chrono::{DateTime, Utc};
 use diesel::sql_types::{BigInt, Nullable, Text, Timestamptz};
@@ -14,20 +14,22 @@ use crate::backend::Backend;
 use crate::compat::PythonCompat;
 use crate::error::from_diesel;
 use crate::exec::{Call, PoolStats, Tx};
-use crate::ops::rows::Status;
+use crate::ops;
 use crate::sql::{self, Statement};
 
-/// What [`PgTaskHistoryStore::stats`](crate::PgTaskHistoryStore::stats) found.
+/// What [`PgTaskHistoryStore::stats`](crate::PgTaskHistoryStore::stats) found: figures the
+/// writes keep or an index holds; nothing here scans the tables.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct StoreStats {
     /// The pool's figures at the time of the call.
     pub pool: PoolStats,
-    /// Tasks and steps per current status (statuses with no task are left out).
+    /// Tasks per current status (statuses with no task are left out), kept by the writes.
     pub statuses: Vec<StatusStats>,
     /// All tasks.
     pub tasks: u64,
-    /// All steps.
-    pub steps: u64,
+    /// The planner's estimate of all steps (the history's rows; 0 before the first
+    /// `ANALYZE`). An exact count would read the whole history.
+    pub estimated_steps: u64,
     /// The oldest `last_updated` of any task: what retention looks at next.
     pub oldest_activity: Option<DateTime<Utc>>,
     /// The newest `last_updated` of any task.
@@ -45,12 +47,6 @@ pub struct StatusStats {
     pub status: TaskStatus,
     /// How many tasks are in it.
     pub tasks: u64,
-    /// How many steps those tasks hold.
-    pub steps: u64,
-    /// The oldest latest activity among them.
-    pub oldest_activity: Option<DateTime<Utc>>,
-    /// The newest latest activity among them.
-    pub newest_activity: Option<DateTime<Utc>>,
 }
 
 /// One table or index and its size.
@@ -69,13 +65,7 @@ pub struct RelationSize {
 }
 
 #[derive(QueryableByName)]
-struct StatusRow {
-    #[diesel(sql_type = Text)]
-    status: Status,
-    #[diesel(sql_type = BigInt)]
-    tasks: i64,
-    #[diesel(sql_type = BigInt)]
-    steps: i64,
+struct ActivityRange {
     #[diesel(sql_type = Nullable<Timestamptz>)]
     oldest_activity: Option<DateTime<Utc>>,
     #[diesel(sql_type = Nullable<Timestamptz>)]
@@ -100,11 +90,11 @@ fn count(n: i64) -> u64 {
     u64::try_from(n).unwrap_or(0)
 }
 
-type Rows = (Vec<StatusRow>, Vec<RelationRow>, PythonCompat);
+type Rows = (Vec<ActivityRange>, Vec<RelationRow>, PythonCompat);
 
 fn read<'c>(conn: &'c mut AsyncPgConnection, _: &'c ()) -> BoxFuture<'c, Result<Rows, StoreError>> {
     Box::pin(async move {
-        let statuses = Statement::new(sql::STATS_BY_STATUS)
+        let range = Statement::new(sql::STATS_ACTIVITY_RANGE)
             .fetch(conn)
             .await
             .map_err(|e| from_diesel("stats", e))?;
@@ -113,32 +103,44 @@ fn read<'c>(conn: &'c mut AsyncPgConnection, _: &'c ()) -> BoxFuture<'c, Result<
             .await
             .map_err(|e| from_diesel("stats", e))?;
         let compat = crate::compat::state_on(conn).await?;
-        Ok((statuses, relations, compat))
+        Ok((range, relations, compat))
     })
 }
 
 /// The operator's statistics (`PgTaskHistoryStore::stats`).
 pub(crate) async fn stats(b: &Backend) -> Result<StoreStats, StoreError> {
-    let (status_rows, relation_rows, python_compat) = b
+    let (range, relation_rows, python_compat) = b
         .exec()
         .pooled(Call::new("stats"), Tx::Statement, &(), read)
         .await?;
-    let statuses: Vec<StatusStats> = status_rows
-        .into_iter()
-        .map(|r| StatusStats {
-            status: r.status.0,
-            tasks: count(r.tasks),
-            steps: count(r.steps),
-            oldest_activity: r.oldest_activity,
-            newest_activity: r.newest_activity,
+    let totals = b
+        .exec()
+        .read(Call::new("stats"), &(), ops::counts::totals)
+        .await?;
+    let statuses: Vec<StatusStats> = TaskStatus::ALL
+        .iter()
+        .map(|&status| StatusStats {
+            status,
+            tasks: totals.get(status),
         })
+        .filter(|s| s.tasks > 0)
         .collect();
+    let range = range.into_iter().next();
+    let estimated_steps = relation_rows
+        .iter()
+        .filter(|r| {
+            r.kind == "table"
+                && r.table_name.starts_with("task_history")
+                && r.table_name != "task_history_duplicates"
+        })
+        .map(|r| count(r.estimated_rows))
+        .sum();
     Ok(StoreStats {
         pool: b.exec().pool_stats(b.config().max_size),
-        tasks: statuses.iter().map(|s| s.tasks).sum(),
-        steps: statuses.iter().map(|s| s.steps).sum(),
-        oldest_activity: statuses.iter().filter_map(|s| s.oldest_activity).min(),
-        newest_activity: statuses.iter().filter_map(|s| s.newest_activity).max(),
+        tasks: totals.total(),
+        estimated_steps,
+        oldest_activity: range.as_ref().and_then(|r| r.oldest_activity),
+        newest_activity: range.and_then(|r| r.newest_activity),
         statuses,
         relations: relation_rows
             .into_iter()

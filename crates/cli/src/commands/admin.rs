@@ -163,7 +163,7 @@ pub(super) async fn stats(pg: &PgTaskHistoryStore, out: Output) -> Result<u8, Cl
     let p = &stats.pool;
     out.pairs(&[
         ("tasks", stats.tasks.to_string()),
-        ("steps", stats.steps.to_string()),
+        ("steps (estimate)", stats.estimated_steps.to_string()),
         ("oldest activity", maybe_time(stats.oldest_activity)),
         ("newest activity", maybe_time(stats.newest_activity)),
         (
@@ -178,26 +178,9 @@ pub(super) async fn stats(pg: &PgTaskHistoryStore, out: Output) -> Result<u8, Cl
     let rows = stats
         .statuses
         .iter()
-        .map(|s| {
-            vec![
-                s.status.to_string(),
-                s.tasks.to_string(),
-                s.steps.to_string(),
-                maybe_time(s.oldest_activity),
-                maybe_time(s.newest_activity),
-            ]
-        })
+        .map(|s| vec![s.status.to_string(), s.tasks.to_string()])
         .collect();
-    out.table(
-        &[
-            "STATUS",
-            "TASKS",
-            "STEPS",
-            "OLDEST ACTIVITY",
-            "NEWEST ACTIVITY",
-        ],
-        rows,
-    )?;
+    out.table(&["STATUS", "TASKS"], rows)?;
     let rows = stats
         .relations
         .iter()

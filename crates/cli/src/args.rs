@@ -157,6 +157,24 @@ pub(crate) enum Command {
         #[arg(long, visible_alias = "task-id-prefix")]
         prefix: Option<String>,
     },
+    /// A user's tasks per status and their total (kept by the writes: no scan).
+    Counts {
+        /// The user.
+        user: String,
+    },
+    /// A user's activity per hour: steps saved, tasks completed, failed, cancelled, timed
+    /// out (only hours with any activity, oldest first).
+    Activity {
+        /// The user.
+        user: String,
+        /// From this RFC 3339 time, cut to the hour (default: 24 hours before --to).
+        #[arg(long, value_parser = parse_time)]
+        from: Option<DateTime<Utc>>,
+        /// Until this RFC 3339 time, exclusive, cut to the hour (default: the next hour
+        /// boundary); at most 92 days after --from.
+        #[arg(long, value_parser = parse_time)]
+        to: Option<DateTime<Utc>>,
+    },
     /// Cancel a task; later saves to it are refused.
     Cancel {
         /// The task's user.

@@ -295,8 +295,17 @@ async fn tokens_in_urls_tickets_and_the_metrics_token() {
         "/v1/users/u1/tasks/t1",
         "/v1/users/u1/events",
         "/v1/users/u1/ws",
+        "/v1/users/u1/counts",
+        "/v1/users/u1/activity",
+        "/v1/overview",
+        "/v1/whoami",
     ] {
         let (code, body) = get_upgrade(&s.url(&format!("{path}?access_token={ADMIN}"))).await;
+        assert_eq!(code, 401, "{path}: {body}");
+    }
+    // A user token in the URL of the routes the dashboard reads: refused too.
+    for path in ["/v1/users/u1/counts", "/v1/users/u1/activity", "/v1/whoami"] {
+        let (code, body) = get(&s.url(&format!("{path}?access_token={own}")), None).await;
         assert_eq!(code, 401, "{path}: {body}");
     }
     let cancel = reqwest::Client::new()
@@ -354,8 +363,15 @@ async fn tokens_in_urls_tickets_and_the_metrics_token() {
         let (code, body) = get_upgrade(&s.url(&path)).await;
         assert_eq!(code, expected, "{path}: {body}");
     }
-    let (code, _) = get(&s.url("/v1/users/u1/tasks"), Some(&t)).await;
-    assert_eq!(code, 403, "a ticket reads nothing but its stream");
+    for path in [
+        "/v1/users/u1/tasks",
+        "/v1/users/u1/counts",
+        "/v1/users/u1/activity",
+        "/v1/overview",
+    ] {
+        let (code, _) = get(&s.url(path), Some(&t)).await;
+        assert_eq!(code, 403, "{path}: a ticket reads nothing but its stream");
+    }
     let (_, ws_ticket) = ticket("?stream=ws", ADMIN.to_owned()).await;
     let ws_ticket = ws_ticket["ticket"].as_str().unwrap().to_owned();
     let ws = s.base.replace("http://", "ws://");
@@ -375,9 +391,14 @@ async fn tokens_in_urls_tickets_and_the_metrics_token() {
         "/v1/users/u1/tasks",
         "/v1/admin/stats",
         "/v1/users/u1/tasks/t1",
+        "/v1/users/u1/counts",
+        "/v1/users/u1/activity",
+        "/v1/overview",
     ] {
         assert_eq!(get(&s.url(path), Some(METRICS)).await.0, 403, "{path}");
     }
+    let (code, body) = get(&s.url("/v1/whoami"), Some(METRICS)).await;
+    assert_eq!((code, body), (200, json!({"access": "metrics"})));
     // /healthz: only healthy or not without the operator's token.
     let (_, plain) = get(&s.url("/healthz"), None).await;
     assert_eq!(plain, json!({"healthy": true}));

@@ -900,6 +900,89 @@ async fn tasks_filters() {
     assert!(r.stderr.contains("--updated-before"), "{}", r.stderr);
 }
 
+/// `counts` and `activity` (as tables and as JSON) say what the store's `task_counts` and
+/// `task_activity` say; `activity`'s default is the 24 hours ending at the next hour.
+#[tokio::test]
+async fn counts_and_activity() {
+    let db = Db::fresh().await;
+    let store = db.store().await;
+    let now = Utc::now();
+    let ago = |h: i64| now - Duration::hours(h);
+    let done = TaskStepResult::success("s", json!(1), "done");
+    let failed = TaskStepResult::failure("s", ErrorCode::Execution, "broken");
+    let running = TaskStepResult::running("s", json!(1), "running");
+    store
+        .save_batch_task_history(&[
+            StepRecord::new("u", "a", 0, running.clone()).at(ago(30)),
+            StepRecord::new("u", "a", 1, done.clone()).at(ago(30)),
+            StepRecord::new("u", "b", 0, failed).at(ago(2)),
+            StepRecord::new("u", "c", 0, done).at(ago(2)),
+            StepRecord::new("u", "d", 0, running).at(ago(1)),
+        ])
+        .await
+        .unwrap();
+    let r = db.cli(&["--json", "counts", "u"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let counts = store.task_counts("u").await.unwrap();
+    assert_eq!(r.json()["counts"], serde_json::to_value(counts).unwrap());
+    assert_eq!(r.json()["total"], 4);
+    assert_eq!(counts.get(TaskStatus::Completed), 2);
+    let r = db.cli(&["counts", "u"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    for (status, n) in [
+        ("completed", 2),
+        ("failed", 1),
+        ("running", 1),
+        ("total", 4),
+    ] {
+        assert!(
+            r.stdout
+                .lines()
+                .any(|l| l.contains(status) && l.split_whitespace().any(|w| w == n.to_string())),
+            "{status} {n}: {}",
+            r.stdout
+        );
+    }
+    // The default: the last 24 hours (not the task of 30 hours ago).
+    let r = db.cli(&["--json", "activity", "u"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let to = taskhistory_core::validate::hour_of(Utc::now()) + Duration::hours(1);
+    let expected = store
+        .task_activity("u", to - Duration::hours(24), to)
+        .await
+        .unwrap();
+    assert_eq!(r.json()["hours"], serde_json::to_value(&expected).unwrap());
+    assert_eq!(expected.iter().map(|h| h.completed).sum::<u64>(), 1);
+    let (from, until) = (ago(48).to_rfc3339(), now.to_rfc3339());
+    let r = db.cli(&["--json", "activity", "u", "--from", &from, "--to", &until]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let expected = store.task_activity("u", ago(48), now).await.unwrap();
+    assert_eq!(r.json()["hours"], serde_json::to_value(&expected).unwrap());
+    assert_eq!(expected.iter().map(|h| h.completed).sum::<u64>(), 2);
+    let r = db.cli(&["activity", "u", "--from", &from, "--to", &until]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("COMPLETED"), "{}", r.stdout);
+    assert!(
+        r.stdout
+            .contains(&format!("{} hour(s) with activity", expected.len())),
+        "{}",
+        r.stdout
+    );
+    // Bad spans: exit 2, `to` named.
+    let far = ago(24 * 200).to_rfc3339();
+    for args in [
+        &["activity", "u", "--from", &until, "--to", &from][..],
+        &["activity", "u", "--from", &far],
+    ] {
+        let r = db.cli(args);
+        assert_eq!(r.code, 2, "{args:?}: {}", r.stderr);
+        assert!(r.stderr.contains("to"), "{}", r.stderr);
+    }
+    let r = db.cli(&["activity", "u", "--from", "monday"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("--from"), "{}", r.stderr);
+}
+
 #[tokio::test]
 async fn explain_and_query_stats() {
     let db = Db::fresh().await;

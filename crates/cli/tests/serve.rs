@@ -361,6 +361,159 @@ async fn task_list_filters() {
     s.store.close().await;
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn counts_activity_overview_and_whoami() {
+    use chrono::{Duration as Span, Utc};
+    use taskhistory_core::{StepRecord, TaskStatus, TaskStepResult};
+
+    let s = Server::start(&[]).await;
+    let now = Utc::now();
+    let ago = |h: i64| now - Span::hours(h);
+    let done = TaskStepResult::success("s", json!(1), "done");
+    let failed = TaskStepResult::failure("s", taskhistory_core::ErrorCode::Execution, "broken");
+    let running = TaskStepResult::running("s", json!(1), "running");
+    // u1: steps over several hours (two days back too), in four statuses.
+    let records = vec![
+        StepRecord::new("u1", "a", 0, running.clone()).at(ago(50)),
+        StepRecord::new("u1", "a", 1, done.clone()).at(ago(49)),
+        StepRecord::new("u1", "b", 0, running.clone()).at(ago(5)),
+        StepRecord::new("u1", "b", 1, failed.clone()).at(ago(3)),
+        StepRecord::new("u1", "c", 0, done.clone()).at(ago(3)),
+        StepRecord::new("u1", "d", 0, running.clone()).at(ago(1)),
+        StepRecord::new("u1", "e", 0, running.clone()).at(ago(1)),
+        StepRecord::new("u2", "z", 0, failed.clone()).at(ago(2)),
+    ];
+    s.store.save_batch_task_history(&records).await.unwrap();
+    s.store.mark_task_as_cancelled("u1", "e").await.unwrap();
+    let own = token("u1", "1h", SECRET);
+
+    // Counts: the store's, with their total.
+    let (code, body) = get(&s.url("/v1/users/u1/counts"), Some(&own)).await;
+    assert_eq!(code, 200, "{body}");
+    let counts = s.store.task_counts("u1").await.unwrap();
+    assert_eq!(body["user_id"], "u1");
+    assert_eq!(body["counts"], serde_json::to_value(counts).unwrap());
+    assert_eq!(body["total"], 5);
+    assert_eq!(
+        [
+            counts.get(TaskStatus::Completed),
+            counts.get(TaskStatus::Failed),
+            counts.get(TaskStatus::Running),
+            counts.get(TaskStatus::Cancelled)
+        ],
+        [2, 1, 1, 1]
+    );
+    let (_, other) = get(&s.url("/v1/users/u2/counts"), Some(ADMIN)).await;
+    assert_eq!(other["counts"]["failed"], 1, "{other}");
+
+    // Activity: by default the 24 hours ending at the next hour boundary.
+    let (code, body) = get(&s.url("/v1/users/u1/activity"), Some(&own)).await;
+    assert_eq!(code, 200, "{body}");
+    let to = taskhistory_core::validate::hour_of(Utc::now()) + Span::hours(1);
+    let from = to - Span::hours(24);
+    let expected = s.store.task_activity("u1", from, to).await.unwrap();
+    assert!(expected.len() >= 3, "{expected:?}");
+    assert_eq!(body["hours"], serde_json::to_value(&expected).unwrap());
+    assert_eq!(body["from"], json!(from), "{body}");
+    assert_eq!(body["to"], json!(to), "{body}");
+    // An explicit range (offsets other than Z, cut to the hour) reaches back two days.
+    let (from, to) = (ago(72), now + Span::hours(1));
+    let (code, body) = get(
+        &s.url(&format!(
+            "/v1/users/u1/activity?from={}&to={}",
+            urlencode(&from.to_rfc3339()),
+            urlencode(
+                &to.with_timezone(&chrono::FixedOffset::east_opt(-3600).unwrap())
+                    .to_rfc3339()
+            )
+        )),
+        Some(&own),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let expected = s.store.task_activity("u1", from, to).await.unwrap();
+    assert!(expected
+        .iter()
+        .any(|h| h.completed == 1 && h.hour < ago(24)));
+    assert_eq!(body["hours"], serde_json::to_value(&expected).unwrap());
+    let steps: u64 = expected.iter().map(|h| h.steps).sum();
+    // Seven steps saved, and the one the cancel wrote.
+    assert_eq!(steps, 8);
+    // Bad parameters: 400 naming them.
+    let far = urlencode(&(now - Span::days(200)).to_rfc3339());
+    let inverted = format!(
+        "from={}&to={}",
+        urlencode(&now.to_rfc3339()),
+        urlencode(&ago(5).to_rfc3339())
+    );
+    for (query, field) in [
+        ("from=yesterday".to_owned(), "from"),
+        ("to=2026-13-01T00:00:00Z".to_owned(), "to"),
+        (format!("from={far}"), "to"),
+        (inverted, "to"),
+    ] {
+        let (code, body) = get(
+            &s.url(&format!("/v1/users/u1/activity?{query}")),
+            Some(&own),
+        )
+        .await;
+        assert_eq!(
+            (code, body["error"]["field"].as_str()),
+            (400, Some(field)),
+            "{query}: {body}"
+        );
+    }
+
+    // Another user's counts and activity: 403; no token: 401.
+    for path in ["/v1/users/u2/counts", "/v1/users/u2/activity"] {
+        assert_eq!(get(&s.url(path), Some(&own)).await.0, 403, "{path}");
+        assert_eq!(get(&s.url(path), None).await.0, 401, "{path}");
+    }
+
+    // Who a token is for.
+    let (code, body) = get(&s.url("/v1/whoami"), Some(&own)).await;
+    assert_eq!(
+        (code, body),
+        (200, json!({"access": "user", "user_id": "u1"}))
+    );
+    let (_, body) = get(&s.url("/v1/whoami"), Some(ADMIN)).await;
+    assert_eq!(body, json!({"access": "operator"}));
+    assert_eq!(get(&s.url("/v1/whoami"), None).await.0, 401);
+    assert_eq!(get(&s.url("/v1/whoami"), Some("forged")).await.0, 401);
+
+    // The operator's overview: totals across users, the most recent failures first.
+    assert_eq!(get(&s.url("/v1/overview"), Some(&own)).await.0, 403);
+    assert_eq!(get(&s.url("/v1/overview"), None).await.0, 401);
+    let (code, body) = get(&s.url("/v1/overview"), Some(ADMIN)).await;
+    assert_eq!(code, 200, "{body}");
+    let totals = s.store.task_totals().await.unwrap();
+    assert_eq!(body["totals"], serde_json::to_value(totals).unwrap());
+    assert_eq!(body["total"], 6);
+    assert_eq!(body["totals"]["failed"], 2);
+    let failures: Vec<(String, String)> = body["recent_failures"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{body}"))
+        .iter()
+        .map(|f| {
+            (
+                f["user_id"].as_str().unwrap().to_owned(),
+                f["task"]["task_id"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        failures,
+        [
+            ("u2".to_owned(), "z".to_owned()),
+            ("u1".to_owned(), "b".to_owned())
+        ]
+    );
+    assert_eq!(body["recent_failures"][0]["task"]["status"], "failed");
+    let direct = s.store.recent_failures(10).await.unwrap();
+    assert_eq!(direct.len(), 2);
+    s.store.close().await;
+}
+
 fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {

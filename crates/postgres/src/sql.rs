@@ -470,6 +470,17 @@ FROM task_totals
 GROUP BY status
 "#;
 
+/// Operator: the `$1` most recently updated failed or timed-out tasks of any user, newest
+/// first; served by the partial index `task_summary_recent_failures` (migration 8), which
+/// holds only those tasks in this order: the statement reads `$1` index entries.
+pub const RECENT_FAILURES: &str = r#"
+SELECT user_id, task_id, status, last_step, step_count, created_at, updated_at
+FROM task_summary
+WHERE status IN ('failed', 'timed_out')
+ORDER BY updated_at DESC
+LIMIT $1
+"#;
+
 /// Retention: removes up to `$2` rows of activity of the hours before the cleanup's cutoff
 /// (`$1` days ago, cut to the hour); returns how many.
 pub const ACTIVITY_TRIM: &str = r#"
@@ -1110,6 +1121,7 @@ pub const NOT_PER_USER: &[&str] = &[
     "applied_migrations",
     "stats_activity_range",
     "task_totals",
+    "recent_failures",
     "activity_trim",
     "stats_relations",
     "partition_layout",
@@ -1152,6 +1164,7 @@ pub const ALL_STATEMENTS: &[(&str, &str)] = &[
     ("task_counts", TASK_COUNTS),
     ("task_activity", TASK_ACTIVITY),
     ("task_totals", TASK_TOTALS),
+    ("recent_failures", RECENT_FAILURES),
     ("activity_trim", ACTIVITY_TRIM),
     ("stats_relations", STATS_RELATIONS),
     ("cleanup_batch", CLEANUP_BATCH),

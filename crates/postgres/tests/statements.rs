@@ -147,6 +147,7 @@ async fn every_statement_is_known_and_filters_on_user_id() {
         .await
         .unwrap();
     store.task_totals().await.unwrap();
+    store.recent_failures(5).await.unwrap();
     let mut events = store.watch_user("u", None).await.unwrap();
     store
         .save_task_history("u", "watched", 0, &r(0))

@@ -123,6 +123,16 @@ async fn dispatch(cli: Cli, opened: &Opened) -> Result<u8, CliError> {
             validate::list(&user, &query)?;
             read::tasks(&opened.open(db).await?.store(), &user, &query, out).await
         }
+        Command::Counts { user } => {
+            validate::user_id(&user)?;
+            read::counts(&opened.open(db).await?.store(), &user, out).await
+        }
+        Command::Activity { user, from, to } => {
+            validate::user_id(&user)?;
+            let (from, to) = serve::activity_span(from, to, chrono::Utc::now());
+            validate::activity(&user, from, to)?;
+            read::activity(&opened.open(db).await?.store(), &user, from, to, out).await
+        }
         Command::Cancel { user, task } => {
             validate::task(&user, &task)?;
             write::cancel(&opened.open(db).await?.store(), &user, &task, out).await

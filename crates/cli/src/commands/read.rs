@@ -1,8 +1,10 @@
-//! The reading commands: `history`, `status`, `tasks`, `watch`.
+//! The reading commands: `history`, `status`, `tasks`, `counts`, `activity`, `watch`.
 
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::json;
-use taskhistory_core::{DynStore, EventCursor, HistoryScan, StoreError, TaskQuery};
+use taskhistory_core::validate;
+use taskhistory_core::{DynStore, EventCursor, HistoryScan, StoreError, TaskQuery, TaskStatus};
 
 use crate::error::{exit, CliError};
 use crate::interrupt::Interrupt;
@@ -189,5 +191,69 @@ pub(super) async fn tasks(
         Some(c) => out.line(&format!("more: --cursor '{c}'"))?,
         None => out.line(&format!("{} task(s); no more", page.tasks.len()))?,
     }
+    Ok(exit::OK)
+}
+
+/// `taskhistory counts USER`: the user's tasks per status and their total.
+pub(super) async fn counts(store: &DynStore, user: &str, out: Output) -> Result<u8, CliError> {
+    let counts = store.task_counts(user).await?;
+    if out.json {
+        out.json(&json!({"user_id": user, "counts": counts, "total": counts.total()}))?;
+        return Ok(exit::OK);
+    }
+    let mut rows: Vec<Vec<String>> = TaskStatus::ALL
+        .iter()
+        .map(|s| vec![s.to_string(), counts.get(*s).to_string()])
+        .collect();
+    rows.push(vec!["total".to_owned(), counts.total().to_string()]);
+    out.table(&["STATUS", "TASKS"], rows)?;
+    Ok(exit::OK)
+}
+
+/// `taskhistory activity USER [--from] [--to]`: the user's activity per hour in
+/// `[from, to)` (both cut to the hour).
+pub(super) async fn activity(
+    store: &DynStore,
+    user: &str,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    out: Output,
+) -> Result<u8, CliError> {
+    let hours = store.task_activity(user, from, to).await?;
+    let (from, to) = (validate::hour_of(from), validate::hour_of(to));
+    if out.json {
+        out.json(&json!({"user_id": user, "from": from, "to": to, "hours": hours}))?;
+        return Ok(exit::OK);
+    }
+    let rows = hours
+        .iter()
+        .map(|h| {
+            vec![
+                time(h.hour),
+                h.steps.to_string(),
+                h.completed.to_string(),
+                h.failed.to_string(),
+                h.cancelled.to_string(),
+                h.timed_out.to_string(),
+            ]
+        })
+        .collect();
+    out.table(
+        &[
+            "HOUR",
+            "STEPS",
+            "COMPLETED",
+            "FAILED",
+            "CANCELLED",
+            "TIMED OUT",
+        ],
+        rows,
+    )?;
+    out.line(&format!(
+        "{} hour(s) with activity from {} to {}",
+        hours.len(),
+        time(from),
+        time(to)
+    ))?;
     Ok(exit::OK)
 }

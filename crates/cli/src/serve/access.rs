@@ -81,6 +81,15 @@ impl Auth {
         bearer(headers).and_then(|t| self.verify(t).ok())
     }
 
+    /// What the request's bearer token is (`/v1/whoami`): any valid token, in the header.
+    pub(crate) fn identify(
+        &self,
+        headers: &HeaderMap,
+        query_token: Option<&str>,
+    ) -> Result<Access, Denied> {
+        self.header(headers, query_token)
+    }
+
     /// A request to `user`'s data (not a stream): the user's token or the operator's, in
     /// the header.
     pub(crate) fn for_user(

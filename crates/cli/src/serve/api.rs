@@ -14,7 +14,9 @@ use axum::Json;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::json;
-use taskhistory_core::{HistoryScan, StepKey, StoreError, TaskCursor, TaskQuery, TaskStatus};
+use taskhistory_core::{
+    validate, HistoryScan, StepKey, StoreError, TaskCursor, TaskQuery, TaskStatus,
+};
 use taskhistory_postgres::CleanupOptions;
 
 use super::access::Denied;
@@ -305,6 +307,14 @@ pub(crate) struct TasksParams {
     updated_after: Option<String>,
     updated_before: Option<String>,
     task_id_prefix: Option<String>,
+    access_token: Option<String>,
+}
+
+/// `GET /v1/users/{user}/activity` parameters.
+#[derive(Debug, Deserialize)]
+pub(crate) struct ActivityParams {
+    from: Option<String>,
+    to: Option<String>,
     access_token: Option<String>,
 }
 
@@ -619,12 +629,111 @@ pub(crate) async fn cancel(
     Ok(Json(json!({ "cancelled": cancelled })))
 }
 
+/// `GET /v1/users/{user}/counts`: the user's tasks per status (kept by the writes, read
+/// without a scan) and their total.
+pub(crate) async fn counts(
+    State(state): State<AppState>,
+    Path(user): Path<String>,
+    headers: HeaderMap,
+    Query(q): Query<TokenParam>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    state
+        .auth
+        .for_user(&headers, q.access_token.as_deref(), &user)?;
+    let counts = timed(&state, "task_counts", state.store.task_counts(&user)).await?;
+    Ok(Json(json!({
+        "user_id": user,
+        "counts": counts,
+        "total": counts.total(),
+    })))
+}
+
+/// `GET /v1/users/{user}/activity?from=&to=`: the user's activity per hour in `[from, to)`
+/// (both cut to the hour, at most 92 days apart; see [`super::activity_span`] for the
+/// default),
+/// only the hours with any activity, oldest first.
+pub(crate) async fn activity(
+    State(state): State<AppState>,
+    Path(user): Path<String>,
+    headers: HeaderMap,
+    Query(q): Query<ActivityParams>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    state
+        .auth
+        .for_user(&headers, q.access_token.as_deref(), &user)?;
+    let (from, to) = super::activity_span(
+        parse_time("from", q.from.as_deref())?,
+        parse_time("to", q.to.as_deref())?,
+        Utc::now(),
+    );
+    let hours = timed(
+        &state,
+        "task_activity",
+        state.store.task_activity(&user, from, to),
+    )
+    .await?;
+    Ok(Json(json!({
+        "user_id": user,
+        "from": validate::hour_of(from),
+        "to": validate::hour_of(to),
+        "hours": hours,
+    })))
+}
+
+/// `GET /v1/whoami`: what the request's token is, so a page given only a token knows its
+/// user: `{"access": "operator"}`, `{"access": "user", "user_id"}`, `{"access":
+/// "metrics"}` or `{"access": "ticket", "user_id"}`. The token in the header only.
+pub(crate) async fn whoami(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<TokenParam>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    Ok(Json(
+        match state.auth.identify(&headers, q.access_token.as_deref())? {
+            Access::Admin => json!({"access": "operator"}),
+            Access::Metrics => json!({"access": "metrics"}),
+            Access::User(user) => json!({"access": "user", "user_id": user}),
+            Access::Ticket { user, .. } => json!({"access": "ticket", "user_id": user}),
+        },
+    ))
+}
+
+/// Failures listed by `GET /v1/overview`.
+const RECENT_FAILURES: i64 = 20;
+
+/// `GET /v1/overview` (the operator's token): every user's tasks per status (kept by the
+/// writes, no scan), their total, and the most recent failed or timed-out tasks of any user.
+pub(crate) async fn overview(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Query(q): Query<TokenParam>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    state.auth.for_admin(&headers, q.access_token.as_deref())?;
+    let pg = postgres(&state)?;
+    let totals = timed(&state, "task_totals", pg.task_totals()).await?;
+    let failures = timed(
+        &state,
+        "recent_failures",
+        pg.recent_failures(RECENT_FAILURES),
+    )
+    .await?;
+    let failures: Vec<serde_json::Value> = failures
+        .into_iter()
+        .map(|(user, task)| json!({"user_id": user, "task": task}))
+        .collect();
+    Ok(Json(json!({
+        "totals": totals,
+        "total": totals.total(),
+        "recent_failures": failures,
+    })))
+}
+
 fn postgres(state: &AppState) -> Result<&taskhistory_postgres::PgTaskHistoryStore, ApiError> {
     state.pg.as_ref().ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",
-            "the in-memory store has no statistics or retention preview",
+            "the in-memory store has no operator statistics, overview or retention preview",
         )
     })
 }

@@ -9,7 +9,11 @@
 //! | `GET /` | the dashboard (one page, served from the binary) |
 //! | `GET /healthz` | `{"healthy": true}` or 503; more with the operator's token |
 //! | `GET /metrics` | Prometheus text; the metrics token or the operator's |
-//! | `GET /v1/users/{user}/tasks?limit=&status=&cursor=` | a page of the user's tasks |
+//! | `GET /v1/whoami` | what the token is: `{"access", "user_id"?}` |
+//! | `GET /v1/overview` | every user's tasks per status and the recent failures; the operator's token |
+//! | `GET /v1/users/{user}/counts` | the user's tasks per status and their total |
+//! | `GET /v1/users/{user}/activity?from=&to=` | the user's activity per hour (default: the last 24 hours) |
+//! | `GET /v1/users/{user}/tasks?limit=&status=&cursor=&updated_after=&updated_before=&task_id_prefix=` | a page of the user's tasks |
 //! | `GET /v1/users/{user}/tasks/{task}?limit=&after_step=` | status and a page of the history (404 for a task never seen) |
 //! | `POST /v1/users/{user}/tasks/{task}/cancel` | `{"cancelled": true\|false}` |
 //! | `POST /v1/users/{user}/events/ticket[?stream=&task=]` | a stream ticket: 60 s, that stream only |
@@ -40,6 +44,7 @@ use std::time::Duration;
 use axum::http::{HeaderValue, Method, StatusCode};
 use axum::routing::{get, post};
 use axum::Router;
+use chrono::{DateTime, Utc};
 use taskhistory_core::DynStore;
 use taskhistory_postgres::PgTaskHistoryStore;
 use tower_http::cors::CorsLayer;
@@ -74,6 +79,26 @@ fn signing_secret(name: &str) -> Result<Option<Secret>, CliError> {
         .map(|s| Secret::new(s.as_bytes()))
         .transpose()
         .map_err(|e| CliError::Config(format!("{name}: {e}")))
+}
+
+/// The hours an activity request covers (`GET /v1/users/{user}/activity`, `taskhistory
+/// activity`): `to` by default the next hour boundary after `now`, `from` by default 24
+/// hours before `to`. The store cuts both to the hour and checks the span.
+pub(crate) fn activity_span(
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> (DateTime<Utc>, DateTime<Utc>) {
+    let to = to.unwrap_or_else(|| {
+        taskhistory_core::validate::hour_of(now)
+            .checked_add_signed(chrono::Duration::hours(1))
+            .unwrap_or(now)
+    });
+    let from = from.unwrap_or_else(|| {
+        to.checked_sub_signed(chrono::Duration::hours(24))
+            .unwrap_or(to)
+    });
+    (from, to)
 }
 
 /// Parses a duration: a number of seconds, or `90s`, `30m`, `12h`, `7d`.
@@ -213,6 +238,10 @@ pub(crate) fn router(state: AppState, cors_origins: &[String]) -> Result<Router,
         .route("/", get(api::dashboard))
         .route("/healthz", get(api::healthz))
         .route("/metrics", get(api::metrics))
+        .route("/v1/whoami", get(api::whoami))
+        .route("/v1/overview", get(api::overview))
+        .route("/v1/users/{user}/counts", get(api::counts))
+        .route("/v1/users/{user}/activity", get(api::activity))
         .route("/v1/users/{user}/tasks", get(api::tasks))
         .route("/v1/users/{user}/tasks/{task}", get(api::task))
         .route("/v1/users/{user}/tasks/{task}/cancel", post(api::cancel))

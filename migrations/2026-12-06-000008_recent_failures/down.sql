@@ -1,0 +1,1 @@
+DROP INDEX IF EXISTS task_summary_recent_failures;

@@ -1046,6 +1046,21 @@ async fn explain_and_query_stats() {
         assert!(plan.contains(index), "{name}: {plan}");
         assert!(!plan.contains("Seq Scan"), "{name}: {plan}");
     }
+    // Counts, activity and the operators' recent failures read their own indexes.
+    for (name, index) in [
+        ("task_counts", "task_counts_pkey"),
+        ("task_activity", "task_activity_pkey"),
+        ("recent_failures", "task_summary_recent_failures"),
+    ] {
+        let plan = plans
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("{name} missing"))["plan"]
+            .to_string();
+        assert!(plan.contains(index), "{name}: {plan}");
+    }
     // The log's read walks each watched user's part of the position index.
     let events_plan = plans
         .as_array()

@@ -82,6 +82,9 @@ fn arguments(user: &str, task: &str) -> Vec<(&'static str, String)> {
         ("scan_history", format!("{u}, '', -1, 5001")),
         ("scan_task_history", format!("{u}, {t}, -1, 5001")),
         ("events_after", format!("ARRAY[{u}], ARRAY[NULL::text], ARRAY['1:1:'], ARRAY[NULL::text], ARRAY['1'], ARRAY[0::int8], 500")),
+        ("task_counts", u.clone()),
+        ("task_activity", format!("{u}, now() - interval '7 days', now()")),
+        ("recent_failures", "20".to_owned()),
         ("cleanup_preview", "30, NULL".to_owned()),
         ("cleanup_batch", "30, NULL, 1000".to_owned()),
     ]

@@ -471,7 +471,7 @@ GROUP BY status
 "#;
 
 /// Operator: the `$1` most recently updated failed or timed-out tasks of any user, newest
-/// first; served by the partial index `task_summary_recent_failures` (migration 8), which
+/// first; served by the partial index `task_summary_recent_failures` (migration 7), which
 /// holds only those tasks in this order: the statement reads `$1` index entries.
 pub const RECENT_FAILURES: &str = r#"
 SELECT user_id, task_id, status, last_step, step_count, created_at, updated_at

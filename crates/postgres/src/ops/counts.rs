@@ -1,8 +1,10 @@
 //! `task_counts` ([`TASK_COUNTS`](crate::sql::TASK_COUNTS)), `task_activity`
 //! ([`TASK_ACTIVITY`](crate::sql::TASK_ACTIVITY)), the operators' totals
 //! ([`TASK_TOTALS`](crate::sql::TASK_TOTALS)) and retention's trim of old activity
-//! ([`ACTIVITY_TRIM`](crate::sql::ACTIVITY_TRIM)). The counts are kept by the triggers of
-//! migration 6; these statements only sum a bounded number of rows.
+//! ([`ACTIVITY_TRIM`](crate::sql::ACTIVITY_TRIM)), and the operators' recent failures
+//! ([`RECENT_FAILURES`](crate::sql::RECENT_FAILURES), a partial index of migration 7). The
+//! counts are kept by the triggers of migration 6; these statements only sum a bounded
+//! number of rows.
 
 use chrono::{DateTime, Utc};
 use diesel::pg::Pg;
@@ -11,7 +13,7 @@ use diesel::QueryableByName;
 use diesel_async::methods::LoadQuery;
 use diesel_async::{AsyncConnectionCore, AsyncPgConnection};
 use futures::future::BoxFuture;
-use taskhistory_core::{ActivityHour, StoreError, TaskCounts};
+use taskhistory_core::{ActivityHour, StoreError, TaskCounts, TaskSummary};
 
 use super::rows::Status;
 use crate::error::from_diesel;
@@ -186,5 +188,68 @@ pub(crate) fn trim<'c>(
             .await
             .map_err(|e| from_diesel(super::cleanup::OP, e))?;
         Ok(rows.first().map_or(0, |r| r.trimmed))
+    })
+}
+
+/// The operation's name of `PgTaskHistoryStore::recent_failures`.
+pub(crate) const RECENT_FAILURES: &str = "recent_failures";
+
+/// A row of [`RECENT_FAILURES`](sql::RECENT_FAILURES).
+#[derive(QueryableByName)]
+struct FailureRow {
+    #[diesel(sql_type = Text)]
+    user_id: String,
+    #[diesel(sql_type = Text)]
+    task_id: String,
+    #[diesel(sql_type = Text)]
+    status: Status,
+    #[diesel(sql_type = Integer)]
+    last_step: i32,
+    #[diesel(sql_type = BigInt)]
+    step_count: i64,
+    #[diesel(sql_type = Timestamptz)]
+    created_at: DateTime<Utc>,
+    #[diesel(sql_type = Timestamptz)]
+    updated_at: DateTime<Utc>,
+}
+
+/// The most recent failed or timed-out tasks of any user, with their users (operators).
+pub(crate) fn recent_failures<'c>(
+    conn: &'c mut &'c AsyncPgConnection,
+    limit: &'c i64,
+) -> BoxFuture<'c, Result<Vec<(String, TaskSummary)>, StoreError>> {
+    failures_on(conn, limit)
+}
+
+fn failures_on<'c, C>(
+    conn: &'c mut C,
+    limit: &'c i64,
+) -> BoxFuture<'c, Result<Vec<(String, TaskSummary)>, StoreError>>
+where
+    C: AsyncConnectionCore<Backend = Pg> + Send,
+    Statement: LoadQuery<'static, C, FailureRow>,
+{
+    Box::pin(async move {
+        let rows: Vec<FailureRow> = Statement::new(sql::RECENT_FAILURES)
+            .bind::<BigInt, _>(*limit)
+            .fetch(conn)
+            .await
+            .map_err(|e| from_diesel(RECENT_FAILURES, e))?;
+        Ok(rows
+            .into_iter()
+            .map(|r| {
+                (
+                    r.user_id,
+                    TaskSummary {
+                        task_id: r.task_id,
+                        status: r.status.0,
+                        last_step: r.last_step,
+                        step_count: r.step_count,
+                        created_at: r.created_at,
+                        last_updated: r.updated_at,
+                    },
+                )
+            })
+            .collect())
     })
 }

@@ -4,13 +4,6 @@
 
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
-use diesel::pg::Pg;
-use diesel::sql_types::{BigInt, Integer, Text, Timestamptz};
-use diesel::QueryableByName;
-use diesel_async::methods::LoadQuery;
-use diesel_async::{AsyncConnectionCore, AsyncPgConnection};
-use futures::future::BoxFuture;
 use taskhistory_core::validate;
 use taskhistory_core::{CleanupReport, StoreError, TaskCounts, TaskStatus, TaskSummary};
 
@@ -166,7 +159,7 @@ impl PgTaskHistoryStore {
 
     /// The `limit` (1 to 1,000) most recently updated failed or timed-out tasks of any user,
     /// newest first, each with its user: an operator's view across users (the dashboard's
-    /// overview). Read from a partial index holding only those tasks (migration 8), so it
+    /// overview). Read from a partial index holding only those tasks (migration 7), so it
     /// reads `limit` rows whatever the store's size. `InvalidInput` naming `limit` outside
     /// 1 to 1,000.
     pub async fn recent_failures(
@@ -179,10 +172,10 @@ impl PgTaskHistoryStore {
                 format!("{limit} is not between 1 and 1000"),
             ));
         }
-        let call = Call::new(RECENT_FAILURES);
+        let call = Call::new(ops::counts::RECENT_FAILURES);
         self.backend
             .exec()
-            .read(call, &limit, recent_failures_on)
+            .read(call, &limit, ops::counts::recent_failures)
             .await
     }
 
@@ -269,66 +262,4 @@ impl PgTaskHistoryStore {
     pub async fn query_stats(&self, limit: i64) -> Result<Vec<QueryStats>, StoreError> {
         explain::top_queries(&self.backend, limit).await
     }
-}
-
-/// The operation's name of [`PgTaskHistoryStore::recent_failures`].
-const RECENT_FAILURES: &str = "recent_failures";
-
-/// A row of [`RECENT_FAILURES`](crate::sql::RECENT_FAILURES).
-#[derive(QueryableByName)]
-struct FailureRow {
-    #[diesel(sql_type = Text)]
-    user_id: String,
-    #[diesel(sql_type = Text)]
-    task_id: String,
-    #[diesel(sql_type = Text)]
-    status: crate::ops::rows::Status,
-    #[diesel(sql_type = Integer)]
-    last_step: i32,
-    #[diesel(sql_type = BigInt)]
-    step_count: i64,
-    #[diesel(sql_type = Timestamptz)]
-    created_at: DateTime<Utc>,
-    #[diesel(sql_type = Timestamptz)]
-    updated_at: DateTime<Utc>,
-}
-
-fn recent_failures_on<'c>(
-    conn: &'c mut &'c AsyncPgConnection,
-    limit: &'c i64,
-) -> BoxFuture<'c, Result<Vec<(String, TaskSummary)>, StoreError>> {
-    failures_on(conn, limit)
-}
-
-fn failures_on<'c, C>(
-    conn: &'c mut C,
-    limit: &'c i64,
-) -> BoxFuture<'c, Result<Vec<(String, TaskSummary)>, StoreError>>
-where
-    C: AsyncConnectionCore<Backend = Pg> + Send,
-    crate::sql::Statement: LoadQuery<'static, C, FailureRow>,
-{
-    Box::pin(async move {
-        let rows: Vec<FailureRow> = crate::sql::Statement::new(crate::sql::RECENT_FAILURES)
-            .bind::<BigInt, _>(*limit)
-            .fetch(conn)
-            .await
-            .map_err(|e| crate::error::from_diesel(RECENT_FAILURES, e))?;
-        Ok(rows
-            .into_iter()
-            .map(|r| {
-                (
-                    r.user_id,
-                    TaskSummary {
-                        task_id: r.task_id,
-                        status: r.status.0,
-                        last_step: r.last_step,
-                        step_count: r.step_count,
-                        created_at: r.created_at,
-                        last_updated: r.updated_at,
-                    },
-                )
-            })
-            .collect())
-    })
 }

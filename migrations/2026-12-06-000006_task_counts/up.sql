@@ -9,8 +9,14 @@
 --
 -- Each counter is spread over slots chosen by the task's id, so concurrent writers of one
 -- user's different tasks rarely update the same row; a reader sums a user's slots. A task
--- always counts in the same slot, and rows are written in key order (no deadlock between
--- two writers' counters).
+-- always counts in the same slot, and each trigger writes its rows in key order. (A
+-- statement that both creates and updates tasks, a combined save or a batch, runs two
+-- triggers, each in order but not together: two such statements can deadlock on
+-- counters; PostgreSQL detects it and the store retries the loser.)
+--
+-- Creating the triggers locks task_summary against writes until the counts of what exists
+-- are made (three grouped reads of the summaries): on a large adopted table, writes wait
+-- that long, once.
 
 -- Tasks per status, per user: task_counts(user_id), O(1).
 CREATE TABLE task_counts (
@@ -154,6 +160,10 @@ BEGIN
     SELECT status, (hashtext(task_id) & 63)::int2, -count(*)
     FROM old_summaries GROUP BY 1, 2 ORDER BY 1, 2
     ON CONFLICT (status, slot) DO UPDATE SET tasks = t.tasks + EXCLUDED.tasks;
+    -- A user whose tasks are gone leaves no rows behind.
+    DELETE FROM @.task_counts c
+    USING (SELECT DISTINCT user_id FROM old_summaries) gone
+    WHERE c.user_id = gone.user_id AND c.tasks = 0;
     RETURN NULL;
 END
 $fn$$def$, '@.', schema);
@@ -192,15 +202,19 @@ SELECT user_id, date_trunc('hour', updated_at, 'UTC'), (hashtext(task_id) & 15):
 FROM task_summary GROUP BY 1, 2, 3;
 
 -- Roles that write the store's tables (least_privilege_grants) write the counts too (the
--- triggers run with the writer's rights).
+-- triggers run with the writer's rights); roles that only read them read the counts.
 DO $$
 DECLARE r record;
 BEGIN
-    FOR r IN SELECT DISTINCT grantee FROM information_schema.role_table_grants
+    FOR r IN SELECT grantee, bool_or(privilege_type = 'INSERT') AS writes
+             FROM information_schema.role_table_grants
              WHERE table_schema = current_schema() AND table_name = 'task_summary'
-               AND privilege_type = 'INSERT' AND grantee NOT IN ('PUBLIC', current_user)
+               AND privilege_type IN ('SELECT', 'INSERT')
+               AND grantee NOT IN ('PUBLIC', current_user)
+             GROUP BY grantee
     LOOP
-        EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON task_counts, task_totals, task_activity TO %I',
+        EXECUTE format('GRANT %s ON task_counts, task_totals, task_activity TO %I',
+                       CASE WHEN r.writes THEN 'SELECT, INSERT, UPDATE, DELETE' ELSE 'SELECT' END,
                        r.grantee);
     END LOOP;
 END $$;

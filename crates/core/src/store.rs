@@ -76,7 +76,9 @@ pub type TaskEventStream =
 /// 10. **Counts and activity** are kept by the writes, in the same transaction: after any
 ///     write, cancel or cleanup, [`task_counts`](Self::task_counts) equals the user's tasks
 ///     counted by status, and [`task_activity`](Self::task_activity) holds what each write
-///     did in the hour of the task's `last_updated` after it ([`ActivityHour`]). Reading
+///     did in the hour of the task's `last_updated` after it ([`ActivityHour`]): a call is
+///     one write of each task it touches (concurrent single saves that a store combines
+///     into one statement count as one write of their task). Reading
 ///     either costs the same for ten tasks or ten million. Cleanup removes the counts of the
 ///     tasks it removes, and the activity of hours older than its cutoff.
 ///

@@ -76,6 +76,8 @@ impl Wakes {
 pub(crate) struct Hub {
     wakes: Arc<Wakes>,
     listener: Mutex<Option<JoinHandle<()>>>,
+    /// Stopped for good (the store closed): no listener starts again.
+    stopped: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Hub {
@@ -92,6 +94,7 @@ impl Default for Hub {
         Hub {
             wakes: Arc::default(),
             listener: Mutex::new(None),
+            stopped: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -114,6 +117,9 @@ impl Hub {
         channel: &str,
     ) -> Result<(), StoreError> {
         let mut guard = self.listener.lock().await;
+        if self.stopped.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(StoreError::Closed);
+        }
         if guard.as_ref().is_some_and(|t| !t.is_finished()) {
             return Ok(());
         }
@@ -165,7 +171,10 @@ impl Hub {
 
     /// Stops the listener (the store is closing).
     pub(crate) async fn stop(&self) {
-        if let Some(task) = self.listener.lock().await.take() {
+        let mut guard = self.listener.lock().await;
+        self.stopped
+            .store(true, std::sync::atomic::Ordering::Release);
+        if let Some(task) = guard.take() {
             task.abort();
         }
     }

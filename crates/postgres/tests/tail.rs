@@ -167,3 +167,32 @@ async fn closing_the_store_ends_every_watch() {
     }
     assert_eq!(store.metrics().watchers, 0);
 }
+
+/// A cursor naming a position this server has not reached (forged, or kept from another
+/// server) ends its stream with `InvalidInput` on `cursor` instead of waiting forever, and
+/// the other watches go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_from_beyond_this_server_is_refused_not_waited_for() {
+    let store = store_for(fresh_config().await).await;
+    let mut fine = store.watch_user("u", None).await.unwrap();
+    for token in [
+        "pg~1:2:~1:99999999999:~-~-",
+        "pg~99999999999:99999999999:~-~-~-",
+    ] {
+        let cursor = taskhistory_core::EventCursor::parse(token).unwrap();
+        let mut forged = store.watch_user("u", Some(cursor)).await.unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(10), forged.next())
+            .await
+            .expect("the forged cursor's stream neither ended nor failed");
+        assert!(
+            matches!(first, Some(Err(taskhistory_core::StoreError::InvalidInput { ref field, .. })) if field == "cursor"),
+            "{token}: {first:?}"
+        );
+        assert!(forged.next().await.is_none());
+    }
+    store
+        .save_task_history("u", "t", 0, &step(0))
+        .await
+        .unwrap();
+    assert_eq!(next(&mut fine).await.step, 0);
+}

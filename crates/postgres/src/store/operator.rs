@@ -104,6 +104,24 @@ impl PgTaskHistoryStore {
         }
         let started = Instant::now();
         let deadline = options.time_limit.map(|limit| started + limit);
+        // The activity of the hours before the cutoff goes first (a cleanup that runs out
+        // of time still trims it; not for a per-status run: those hours hold other
+        // statuses' tasks' activity too).
+        if options.status.is_none() {
+            let trim = ops::counts::Trim {
+                days: expired.days,
+                limit: expired.limit.saturating_mul(10),
+            };
+            loop {
+                let trimmed = exec
+                    .pooled(call, Tx::Statement, &trim, ops::counts::trim)
+                    .await?;
+                let out_of_time = deadline.is_some_and(|d| Instant::now() >= d);
+                if trimmed < trim.limit || out_of_time {
+                    break;
+                }
+            }
+        }
         // Partitioned layout: whole expired partitions go first, then batched deletes take
         // the expired tasks left (in the default partition, or in partitions that keep an
         // active task).
@@ -120,31 +138,10 @@ impl PgTaskHistoryStore {
             total.steps_removed += batch.steps_removed;
             progress(total);
             let out_of_time = deadline.is_some_and(|d| Instant::now() >= d);
-            if out_of_time {
+            if batch.tasks_removed < u64::try_from(expired.limit).unwrap_or(0) || out_of_time {
                 return Ok(total);
             }
-            if batch.tasks_removed < u64::try_from(expired.limit).unwrap_or(0) {
-                break;
-            }
         }
-        // The activity of the hours before the cutoff goes with the tasks (not for a
-        // per-status run: those hours hold other statuses' tasks' activity too).
-        if options.status.is_none() {
-            let trim = ops::counts::Trim {
-                days: expired.days,
-                limit: expired.limit.saturating_mul(10),
-            };
-            loop {
-                let trimmed = exec
-                    .pooled(call, Tx::Statement, &trim, ops::counts::trim)
-                    .await?;
-                let out_of_time = deadline.is_some_and(|d| Instant::now() >= d);
-                if trimmed < trim.limit || out_of_time {
-                    break;
-                }
-            }
-        }
-        Ok(total)
     }
 
     /// Every user's tasks per status: kept by the writes like

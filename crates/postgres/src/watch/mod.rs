@@ -112,6 +112,8 @@ pub(crate) async fn start(
     // The listener runs before any watch starts: a wake-up of any later write reaches
     // the tail.
     shared.backend.wakes().await?;
+    // A close that came meanwhile stopped the listener: nothing starts.
+    shared.backend.exec().ensure_open()?;
     tail.ensure_running();
     let (position, inbox) = match resume {
         Some(position) => (position, None),
@@ -234,11 +236,25 @@ impl Watcher {
             task: self.task.as_deref(),
             position: &self.position,
         };
+        if self.shared.is_closed() {
+            return Err(StoreError::Closed);
+        }
         let found = log::read(&self.shared.backend, call, &[want], PAGE).await?;
         self.shared
             .counters
             .own_reads
             .fetch_add(1, Ordering::Relaxed);
+        // A position this server has not reached (a cursor of another server, one restored
+        // from before a failover, or a forged one) would never be joined: refused.
+        let at = &self.position;
+        if !found.snapshot.covers(&at.from)
+            || at.to.as_ref().is_some_and(|to| !found.snapshot.covers(to))
+        {
+            return Err(StoreError::invalid(
+                "cursor",
+                "names a position this database has not reached (a cursor of another server?)",
+            ));
+        }
         for k in 0..found.rows[0].len() {
             let at = found.position_of(0, k, &self.position);
             self.pending

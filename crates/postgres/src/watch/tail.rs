@@ -161,14 +161,24 @@ impl Entry {
         };
         let mut waiting = Vec::new();
         for joiner in self.joining.drain(..) {
+            let later = joiner.asked_at < read;
             let ready = match &joiner.base {
-                None => joiner.asked_at < read,
+                None => later,
                 Some(base) => at.from.covers(base),
             };
-            if !ready {
+            if ready {
+                if joiner.reply.send(Ok(at.from.clone())).is_ok() {
+                    self.attached.push(joiner.inbox);
+                }
+            } else if later {
+                // A read that started after it asked sees every transaction that had
+                // finished then: a base it does not cover is no position of this server.
+                let _ = joiner.reply.send(Err(StoreError::invalid(
+                    "cursor",
+                    "names a position this database has not reached",
+                )));
+            } else {
                 waiting.push(joiner);
-            } else if joiner.reply.send(Ok(at.from.clone())).is_ok() {
-                self.attached.push(joiner.inbox);
             }
         }
         self.joining = waiting;
@@ -288,6 +298,11 @@ impl Tail {
 impl Shared {
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the store closed (or was dropped): watchers stop reading.
+    pub(super) fn is_closed(&self) -> bool {
+        self.state().closed
     }
 
     fn close(&self) {
@@ -511,9 +526,26 @@ async fn read(shared: &Shared, turn: &Turn) -> Result<(), StoreError> {
             let Some(entry) = state.users.get_mut(user) else {
                 continue;
             };
+            let mut unreadable = None;
             for k in 0..found.rows[i].len() {
-                let event = Arc::new(found.rows[i][k].event(user, &found.position_of(i, k, was))?);
-                entry.attached.retain(|inbox| inbox.push(&event));
+                match found.rows[i][k].event(user, &found.position_of(i, k, was)) {
+                    Ok(event) => {
+                        let event = Arc::new(event);
+                        entry.attached.retain(|inbox| inbox.push(&event));
+                    }
+                    Err(e) => {
+                        unreadable = Some(e);
+                        break;
+                    }
+                }
+            }
+            if let Some(e) = unreadable {
+                // An event this store cannot give a cursor (an extreme snapshot): that
+                // user's watches end with the error; the others go on.
+                tracing::error!(error = %e, user_id = %user, "taskhistory: an event could not be handed out");
+                entry.fail(&e);
+                entry.position = None;
+                continue;
             }
             events += found.rows[i].len() as u64;
             let next = found.next_position(i, was, TAIL_PAGE);

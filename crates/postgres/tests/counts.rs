@@ -1,0 +1,98 @@
+//! Counts kept by the writes on PostgreSQL (rule 10, migration 6): what the tables hold
+//! after concurrent writers of one user, and after cleanup took a user's last tasks.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use serde_json::json;
+use taskhistory_core::{StepRecord, TaskCounts, TaskHistoryStore, TaskStepResult};
+use taskhistory_testing::{fresh_config, store_for, test_db_client};
+
+fn step(i: i32) -> TaskStepResult {
+    TaskStepResult::running("s", json!({ "i": i }), "")
+}
+
+/// 16 writers creating and finishing tasks of one user at once (single saves, combined by
+/// the store, and batches): the counts equal the tasks counted by status, and the kept
+/// rows stay few (slots, not a row per write).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writers_of_one_user_keep_exact_counts() {
+    let store = store_for(fresh_config().await).await;
+    let mut writers = Vec::new();
+    for w in 0..16 {
+        let store = store.clone();
+        writers.push(tokio::spawn(async move {
+            for t in 0..20 {
+                let task = format!("w{w}-t{t}");
+                if w % 4 == 0 {
+                    let batch = [
+                        StepRecord::new("u", &task, 0, step(0)),
+                        StepRecord::new("u", format!("{task}-b"), 0, step(0)),
+                    ];
+                    store.save_batch_task_history(&batch).await.unwrap();
+                } else {
+                    store
+                        .save_task_history("u", &task, 0, &step(0))
+                        .await
+                        .unwrap();
+                }
+                if t % 2 == 0 {
+                    let done = TaskStepResult::success("s", json!(1), "done");
+                    store.save_task_history("u", &task, 1, &done).await.unwrap();
+                }
+            }
+        }));
+    }
+    for w in writers {
+        w.await.unwrap();
+    }
+    let mut counted = TaskCounts::default();
+    for t in store.get_user_tasks("u", 1000).await.unwrap() {
+        *counted.get_mut(t.status) += 1;
+    }
+    assert_eq!(counted.total(), 16 * 20 + 4 * 20);
+    assert_eq!(store.task_counts("u").await.unwrap(), counted);
+    assert_eq!(store.task_totals().await.unwrap(), counted);
+    let schema = store.config().get_schema().unwrap().to_owned();
+    let client = test_db_client().await;
+    let rows: i64 = client
+        .query_one(&format!("SELECT count(*) FROM {schema}.task_counts"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(rows <= 2 * 16, "{rows} rows of counts for 2 statuses");
+}
+
+/// Cleanup that removes a user's last tasks leaves no counts of theirs behind, and trims
+/// the activity of the hours before its cutoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_cleaned_away_leaves_no_rows() {
+    let store = store_for(fresh_config().await).await;
+    let old = chrono::Utc::now() - chrono::Duration::days(40);
+    let batch: Vec<StepRecord> = (0..50)
+        .map(|t| StepRecord::new("gone", format!("t{t}"), 0, step(t)).at(old))
+        .collect();
+    store.save_batch_task_history(&batch).await.unwrap();
+    store
+        .save_task_history("kept", "t", 0, &step(0))
+        .await
+        .unwrap();
+    assert_eq!(store.task_counts("gone").await.unwrap().running, 50);
+    assert_eq!(store.cleanup_old_tasks(30).await.unwrap().tasks_removed, 50);
+    assert_eq!(
+        store.task_counts("gone").await.unwrap(),
+        TaskCounts::default()
+    );
+    let schema = store.config().get_schema().unwrap().to_owned();
+    let client = test_db_client().await;
+    for (table, user) in [("task_counts", "gone"), ("task_activity", "gone")] {
+        let n: i64 = client
+            .query_one(
+                &format!("SELECT count(*) FROM {schema}.{table} WHERE user_id = $1"),
+                &[&user],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 0, "{table} still holds rows of {user}");
+    }
+    assert_eq!(store.task_counts("kept").await.unwrap().running, 1);
+}

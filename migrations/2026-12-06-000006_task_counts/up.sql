@@ -9,10 +9,15 @@
 --
 -- Each counter is spread over slots chosen by the task's id, so concurrent writers of one
 -- user's different tasks rarely update the same row; a reader sums a user's slots. A task
--- always counts in the same slot, and each trigger writes its rows in key order. (A
--- statement that both creates and updates tasks, a combined save or a batch, runs two
--- triggers, each in order but not together: two such statements can deadlock on
--- counters; PostgreSQL detects it and the store retries the loser.)
+-- is counted by one trigger run per statement and kind of change, each writing its rows
+-- in key order. A statement that both updates and creates tasks (an upsert: a combined
+-- save, a batch) runs the UPDATE trigger, then the INSERT trigger; so that two such
+-- statements always take their counter rows in one global order (and never deadlock),
+-- the UPDATE and DELETE triggers count in slots 0-15 (totals 0-63) and the INSERT
+-- trigger in slots 16-31 (totals 64-127): a statement's rows come in the order (group,
+-- table, key). Sums do not care which slot a change went to. (A batch of more than
+-- 10,000 rows is several statements in one transaction; those can still meet another
+-- writer in a cycle, which PostgreSQL detects and the store retries.)
 --
 -- Creating the triggers locks task_summary against writes until the counts of what exists
 -- are made (three grouped reads of the summaries): on a large adopted table, writes wait
@@ -69,16 +74,16 @@ BEGIN
         RETURN NULL;
     END IF;
     INSERT INTO @.task_counts AS c (user_id, status, slot, tasks)
-    SELECT user_id, status, (hashtext(task_id) & 15)::int2, count(*)
+    SELECT user_id, status, (16 + (hashtext(task_id) & 15))::int2, count(*)
     FROM new_summaries GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
     ON CONFLICT (user_id, status, slot) DO UPDATE SET tasks = c.tasks + EXCLUDED.tasks;
     INSERT INTO @.task_totals AS t (status, slot, tasks)
-    SELECT status, (hashtext(task_id) & 63)::int2, count(*)
+    SELECT status, (64 + (hashtext(task_id) & 63))::int2, count(*)
     FROM new_summaries GROUP BY 1, 2 ORDER BY 1, 2
     ON CONFLICT (status, slot) DO UPDATE SET tasks = t.tasks + EXCLUDED.tasks;
     INSERT INTO @.task_activity AS a
         (user_id, hour, slot, steps, completed, failed, cancelled, timed_out)
-    SELECT user_id, date_trunc('hour', updated_at, 'UTC'), (hashtext(task_id) & 15)::int2,
+    SELECT user_id, date_trunc('hour', updated_at, 'UTC'), (16 + (hashtext(task_id) & 15))::int2,
            sum(step_count),
            count(*) FILTER (WHERE status = 'completed'),
            count(*) FILTER (WHERE status = 'failed'),
@@ -160,10 +165,18 @@ BEGIN
     SELECT status, (hashtext(task_id) & 63)::int2, -count(*)
     FROM old_summaries GROUP BY 1, 2 ORDER BY 1, 2
     ON CONFLICT (status, slot) DO UPDATE SET tasks = t.tasks + EXCLUDED.tasks;
-    -- A user whose tasks are gone leaves no rows behind.
-    DELETE FROM @.task_counts c
-    USING (SELECT DISTINCT user_id FROM old_summaries) gone
-    WHERE c.user_id = gone.user_id AND c.tasks = 0;
+    -- A user whose tasks of a status are gone leaves no rows of it behind: rows that sum
+    -- to zero go (any such set can go: the sums stay). Rows a writer holds are left for a
+    -- later cleanup: this never waits, so it never closes a cycle of waits.
+    WITH held AS (
+        SELECT z.ctid, z.user_id, z.status, z.tasks FROM @.task_counts z
+        WHERE z.user_id IN (SELECT DISTINCT user_id FROM old_summaries)
+        FOR UPDATE SKIP LOCKED
+    ), spent AS (
+        SELECT user_id, status FROM held GROUP BY 1, 2 HAVING sum(tasks) = 0
+    )
+    DELETE FROM @.task_counts c USING held h, spent s
+    WHERE c.ctid = h.ctid AND h.user_id = s.user_id AND h.status = s.status;
     RETURN NULL;
 END
 $fn$$def$, '@.', schema);

@@ -710,19 +710,14 @@ impl Executor {
         }
     }
 
-    /// Operation counters since start, with watching's.
-    pub(crate) fn metrics(&self, watch: crate::watch::WatchMetrics) -> StoreMetrics {
+    /// Operation counters since start (watching's are the store's to add).
+    pub(crate) fn metrics(&self) -> StoreMetrics {
         let c = &self.counters;
         StoreMetrics {
             queries: c.queries.load(Ordering::Relaxed),
             errors: c.errors.load(Ordering::Relaxed),
             retries: c.retries.load(Ordering::Relaxed),
-            watchers: watch.watchers,
-            tail_reads: watch.tail_reads,
-            watcher_reads: watch.own_reads,
-            watcher_fallbacks: watch.fallbacks,
-            tail_lag_ms: watch.lag_ms,
-            tail_lag_events: watch.lag_events,
+            ..StoreMetrics::default()
         }
     }
 

@@ -51,7 +51,16 @@ impl PgTaskHistoryStore {
 
     /// Operation counters since start.
     pub fn metrics(&self) -> StoreMetrics {
-        self.backend.exec().metrics(self.tail.metrics())
+        let watch = self.tail.metrics();
+        StoreMetrics {
+            watchers: watch.watchers,
+            tail_reads: watch.tail_reads,
+            watcher_reads: watch.own_reads,
+            watcher_fallbacks: watch.fallbacks,
+            tail_lag_ms: watch.lag_ms,
+            tail_lag_events: watch.lag_events,
+            ..self.backend.exec().metrics()
+        }
     }
 
     /// Whether the server's messages reach the store untranslated (`lc_messages = 'C'`),

@@ -1086,11 +1086,15 @@ async fn run() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         let saves = on_saves.load(Ordering::Relaxed);
+        let m = pg.metrics();
         println!(
-            "  watchers received {} events for {saves} saves of the watching store; its \
-             statements besides the saves (the watchers' reads): {}",
+            "  watchers received {} events for {saves} saves of the watching store; reads of \
+             the log: {} by the store's one tail, {} by watchers catching up ({} statements in \
+             all since the section began)",
             received.load(Ordering::Relaxed),
-            (pg.metrics().queries - queries_before).saturating_sub(saves)
+            m.tail_reads,
+            m.watcher_reads,
+            m.queries - queries_before
         );
         for d in drains {
             d.abort();

@@ -432,6 +432,18 @@ impl TaskCounts {
     }
 }
 
+/// Counts tasks by their statuses (what the kept counts must equal for a listing of every
+/// task: `tasks.iter().map(|t| t.status).collect()`).
+impl FromIterator<TaskStatus> for TaskCounts {
+    fn from_iter<I: IntoIterator<Item = TaskStatus>>(statuses: I) -> Self {
+        let mut counts = TaskCounts::default();
+        for status in statuses {
+            *counts.get_mut(status) += 1;
+        }
+        counts
+    }
+}
+
 /// One hour of a user's activity ([`TaskHistoryStore::task_activity`]).
 ///
 /// A write is counted in the hour of the task's `last_updated` after it (for a step saved

@@ -283,13 +283,12 @@ impl MemoryStore {
                 });
             }
         }
-        let mut before: Vec<((String, String), Before)> = Vec::new();
+        // Each task's state before this call: a call is one write of each task (rule 10).
+        let mut before: HashMap<(String, String), Before> = HashMap::new();
         for w in &writes {
-            let key = (w.user_id.clone(), w.task_id.clone());
-            if !before.iter().any(|(k, _)| *k == key) {
-                let was = state.get(&w.user_id).and_then(|u| u.before(&w.task_id));
-                before.push((key, was));
-            }
+            before
+                .entry((w.user_id.clone(), w.task_id.clone()))
+                .or_insert_with(|| state.get(&w.user_id).and_then(|u| u.before(&w.task_id)));
         }
         for w in writes {
             // Drawn under the lock: the log's order is commit order.

@@ -44,10 +44,13 @@ async fn concurrent_writers_of_one_user_keep_exact_counts() {
     for w in writers {
         w.await.unwrap();
     }
-    let mut counted = TaskCounts::default();
-    for t in store.get_user_tasks("u", 1000).await.unwrap() {
-        *counted.get_mut(t.status) += 1;
-    }
+    let counted: TaskCounts = store
+        .get_user_tasks("u", 1000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|t| t.status)
+        .collect();
     assert_eq!(counted.total(), 16 * 20 + 4 * 20);
     assert_eq!(store.task_counts("u").await.unwrap(), counted);
     assert_eq!(store.task_totals().await.unwrap(), counted);

@@ -187,10 +187,13 @@ async fn agree(store: &PgTaskHistoryStore, py: &mut Legacy, tasks: &[&str], afte
         .collect();
     assert_eq!(listed, py_listed, "task list after {after}");
     // The kept counts follow the Python service's writes as the store's (rule 10).
-    let mut counted = taskhistory_core::TaskCounts::default();
-    for task in store.get_user_tasks(USER, 100).await.unwrap() {
-        *counted.get_mut(task.status) += 1;
-    }
+    let counted: taskhistory_core::TaskCounts = store
+        .get_user_tasks(USER, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|t| t.status)
+        .collect();
     assert_eq!(
         store.task_counts(USER).await.unwrap(),
         counted,
@@ -583,10 +586,7 @@ async fn python_and_rust_at_once(
         .map(|t| (t.task_id.clone(), t))
         .collect();
     // The counts kept by both sides' concurrent writes equal the tasks counted.
-    let mut counted = taskhistory_core::TaskCounts::default();
-    for t in summaries.values() {
-        *counted.get_mut(t.status) += 1;
-    }
+    let counted: taskhistory_core::TaskCounts = summaries.values().map(|t| t.status).collect();
     assert_eq!(
         store.task_counts(USER).await.unwrap(),
         counted,

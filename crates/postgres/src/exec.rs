@@ -32,24 +32,77 @@ use tracing::Instrument;
 use crate::config::PgConfig;
 use crate::connection::Connector;
 use crate::session::{
-    add, build_pool, Health, LastError, Lease, Pool, PoolSettings, RawSession, Session, Transaction,
+    add, build_pool, declared, declaring, send_ahead, Declaration, Health, LastError, Lease, Pool,
+    PoolSettings, RawSession, Session, Transaction,
 };
+use crate::sql::declare;
 
-/// Which operation, and for whom (the tracing span's fields).
+/// Which operation, and for whom: the tracing span's fields, and what it declares to
+/// row-level isolation ([`Scope`]).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Call<'a> {
     pub(crate) operation: &'static str,
     pub(crate) user_id: Option<&'a str>,
     pub(crate) task_id: Option<&'a str>,
+    pub(crate) scope: Scope<'a>,
+}
+
+/// Whose rows an operation may see and write, declared to the server with it while
+/// row-level isolation is on (or [`PgConfig::declare_users`] is set). Made from the
+/// operation's own arguments, never from what its statements send.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Scope<'a> {
+    /// No user's rows (the schema's bookkeeping, notifications): declares nothing, so
+    /// under isolation it sees and writes no user's row.
+    Nothing,
+    /// One user's rows.
+    User(&'a str),
+    /// These users' rows: a combined save's, a batch's, the log's tail's.
+    Users(&'a [&'a str]),
+    /// Every user's rows: retention, partitions, statistics. Under isolation only the
+    /// tables' owner (or a member of it) gets through; another role is refused before
+    /// anything runs (it would see no row).
+    Maintenance,
+    /// The schema's own changes (migrations): declared as [`Maintenance`](Scope::Maintenance),
+    /// unchecked (a role that may not run them fails on their DDL, and with none pending
+    /// they read no user's row).
+    Schema,
 }
 
 impl<'a> Call<'a> {
-    /// An operation on no user in particular (operator statements, cleanup).
+    /// An operation on no user's rows (the schema's bookkeeping: health, the layout, the
+    /// compatibility mode's state, notifications).
     pub(crate) fn new(operation: &'static str) -> Self {
         Call {
             operation,
             user_id: None,
             task_id: None,
+            scope: Scope::Nothing,
+        }
+    }
+
+    /// An operation on every user's rows (retention, partitions, operator statistics,
+    /// migrations).
+    pub(crate) fn maintenance(operation: &'static str) -> Self {
+        Call {
+            scope: Scope::Maintenance,
+            ..Call::new(operation)
+        }
+    }
+
+    /// The schema's migrations.
+    pub(crate) fn schema(operation: &'static str) -> Self {
+        Call {
+            scope: Scope::Schema,
+            ..Call::new(operation)
+        }
+    }
+
+    /// An operation on the rows of `users` (a combined save, a batch, the log's tail).
+    pub(crate) fn users(operation: &'static str, users: &'a [&'a str]) -> Self {
+        Call {
+            scope: Scope::Users(users),
+            ..Call::new(operation)
         }
     }
 
@@ -57,6 +110,7 @@ impl<'a> Call<'a> {
     pub(crate) fn user(operation: &'static str, user_id: &'a str) -> Self {
         Call {
             user_id: Some(user_id),
+            scope: Scope::User(user_id),
             ..Call::new(operation)
         }
     }
@@ -169,6 +223,21 @@ pub(crate) struct Executor {
     pool_timeout: Duration,
     max_connections: u32,
     copy_connections: u32,
+    isolation: Isolation,
+}
+
+/// Whether this store declares its operations' users to row-level isolation, and what it
+/// knows of the database's isolation (read when the store opens, and after it switches it).
+struct Isolation {
+    /// [`PgConfig::declare_users`]: declare even while isolation is off.
+    always: bool,
+    /// Isolation is on (enabled and forced on the tables).
+    enforced: std::sync::atomic::AtomicBool,
+    /// This role may do the cross-user work under isolation (it is the tables' owner or a
+    /// member of it).
+    maintainer: std::sync::atomic::AtomicBool,
+    /// Test-only: the user every declaration names (see `PgConfig::declare_as`).
+    declare_as: Option<String>,
 }
 
 /// Pool figures, from [`PgTaskHistoryStore::pool_stats`](crate::PgTaskHistoryStore::pool_stats).
@@ -281,6 +350,74 @@ impl Executor {
             pool_timeout: config.pool_timeout,
             max_connections: config.max_size,
             copy_connections: config.copy_connections,
+            isolation: Isolation {
+                always: config.declare_users,
+                enforced: std::sync::atomic::AtomicBool::new(false),
+                maintainer: std::sync::atomic::AtomicBool::new(true),
+                declare_as: config.declare_as.clone(),
+            },
+        })
+    }
+
+    /// Notes the database's row-level isolation: on or off, and whether this role may do
+    /// the cross-user work under it.
+    pub(crate) fn set_isolation(&self, enforced: bool, maintainer: bool) {
+        let i = &self.isolation;
+        i.enforced.store(enforced, Ordering::Relaxed);
+        i.maintainer.store(maintainer, Ordering::Relaxed);
+    }
+
+    /// Whether row-level isolation is on (its policies hold this store's statements).
+    pub(crate) fn isolated(&self) -> bool {
+        self.isolation.enforced.load(Ordering::Relaxed)
+    }
+
+    /// Whether operations declare their users (isolation on, or declaring always).
+    pub(crate) fn declares(&self) -> bool {
+        self.isolation.always || self.isolation.enforced.load(Ordering::Relaxed)
+    }
+
+    /// What `scope` declares (none while this store does not declare), or why this role
+    /// may not run it.
+    fn declaration(&self, op: &'static str, scope: Scope<'_>) -> Result<Option<Declaration>, StoreError> {
+        if !self.declares() {
+            return Ok(None);
+        }
+        let users = |users: &mut dyn Iterator<Item = &str>| {
+            let users: std::collections::BTreeSet<&str> = match &self.isolation.declare_as {
+                Some(user) => std::iter::once(user.as_str()).collect(),
+                None => users.collect(),
+            };
+            Some(Declaration {
+                local: declare::users(users.iter().copied(), true),
+                session: declare::users(users.iter().copied(), false),
+            })
+        };
+        Ok(match scope {
+            Scope::Nothing => None,
+            Scope::User(user) => users(&mut std::iter::once(user)),
+            Scope::Users(list) => users(&mut list.iter().copied()),
+            Scope::Maintenance | Scope::Schema => {
+                let i = &self.isolation;
+                if matches!(scope, Scope::Maintenance)
+                    && i.enforced.load(Ordering::Relaxed)
+                    && !i.maintainer.load(Ordering::Relaxed)
+                {
+                    return Err(StoreError::configuration(
+                        "isolation",
+                        format!(
+                            "{op} works on every user's rows: under row-level isolation only the \
+                             tables' owner (or a role that is a member of it) may run it; run it \
+                             with the owner's connection (e.g. `taskhistory` with the migrating \
+                             role's DATABASE_URL)"
+                        ),
+                    ));
+                }
+                Some(Declaration {
+                    local: declare::maintenance(true),
+                    session: declare::maintenance(false),
+                })
+            }
         })
     }
 
@@ -403,7 +540,19 @@ impl Executor {
         let settings = match tx {
             Tx::Own => return work(conn, params).await,
             Tx::Statement if self.connector.transaction_setup().is_none() => {
-                return work(conn, params).await
+                let Some(declaration) = declared() else {
+                    return work(conn, params).await;
+                };
+                // A lone statement in its own implicit transaction: the declaration is the
+                // session's, sent ahead in the same round trip, and ended after (so an idle
+                // connection declares nothing).
+                send_ahead(conn, op, &declaration.session).await?;
+                let result = work(conn, params).await;
+                // Not sent: the connection is thrown away rather than kept declaring.
+                if send_ahead(conn, op, declare::NOTHING).await.is_err() {
+                    conn.set_broken();
+                }
+                return result;
             }
             Tx::Statement | Tx::Always => "",
             Tx::With(settings) => settings,
@@ -421,7 +570,9 @@ impl Executor {
         params: &P,
         work: Read<P, T>,
     ) -> Result<T, StoreError> {
-        let Some(shared) = &self.shared else {
+        // Shared connections interleave their callers' statements: a declaration cannot
+        // stay with its own statement there, so a declaring store reads on pooled ones.
+        let Some(shared) = self.shared.as_ref().filter(|_| !self.declares()) else {
             return self
                 .pooled(call, Tx::Statement, &(params, work), read_on_pooled)
                 .await;
@@ -544,14 +695,16 @@ impl Executor {
             elapsed_ms = tracing::field::Empty,
         );
         let started = Instant::now();
-        let result = self
-            .retry
-            .run(attempt, |error, retry, wait| {
+        let declaration = self.declaration(call.operation, call.scope)?;
+        let result = declaring(
+            declaration,
+            self.retry.run(attempt, |error, retry, wait| {
                 self.counters.retries.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%error, retry, wait_ms = wait.as_millis() as u64, "retrying after a transient error");
-            })
-            .instrument(span.clone())
-            .await;
+            }),
+        )
+        .instrument(span.clone())
+        .await;
         span.record("elapsed_ms", started.elapsed().as_secs_f64() * 1e3);
         if let Err(error) = &result {
             span.in_scope(|| tracing::debug!(%error, "operation failed"));

@@ -721,12 +721,110 @@ pub const PARTITION_HAS_TASKS: &str = r#"
 SELECT EXISTS (SELECT 1 FROM task_summary WHERE started_at >= $1 AND started_at < $2) AS kept
 "#;
 
+/// The tables that hold a user's rows: row-level isolation's policies are on each
+/// (migration 8).
+pub const ISOLATED_TABLES: [&str; 5] = [
+    "task_history",
+    "task_summary",
+    "task_counts",
+    "task_activity",
+    "task_history_duplicates",
+];
+
+/// Row-level isolation's state, per table of [`ISOLATED_TABLES`] that exists: enabled,
+/// forced, the store's policies there, and whether this role may do the cross-user work
+/// (it is the owner or a member of it).
+pub const ISOLATION_STATE: &str = r#"
+SELECT c.relname::text AS table_name, c.relrowsecurity AS enabled, c.relforcerowsecurity AS forced,
+       (SELECT count(*) FROM pg_policy p
+        WHERE p.polrelid = c.oid AND p.polname IN ('taskhistory_user', 'taskhistory_maintenance'))::int4 AS policies,
+       pg_has_role(c.relowner, 'USAGE') AS maintainer
+FROM unnest(ARRAY['task_history', 'task_summary', 'task_counts', 'task_activity',
+                  'task_history_duplicates']) AS t(name)
+JOIN pg_class c ON c.oid = to_regclass(t.name)
+ORDER BY 1
+"#;
+
+/// What a transaction or a session declares to row-level isolation (migration 8's
+/// policies read it): the users an operation may see and write, or the cross-user work.
+pub mod declare {
+    /// The setting naming the declared users: a text array.
+    pub const USERS: &str = "taskhistory.user_ids";
+    /// The setting that marks the cross-user work (`on`), which only the tables' owner's
+    /// policy lets through.
+    pub const MAINTENANCE: &str = "taskhistory.maintenance";
+    /// Ends a session's declaration: nothing declared, nothing seen.
+    pub const NOTHING: &str =
+        "SELECT set_config('taskhistory.user_ids', '', false), set_config('taskhistory.maintenance', '', false)";
+
+    /// Declares `users` for the transaction (`local`) or the session: one statement whose
+    /// text holds the users as a quoted array literal (no parameters, so it can go in the
+    /// same round trip as `BEGIN`, or ahead of the operation's own statement unanswered).
+    pub fn users<'u>(users: impl IntoIterator<Item = &'u str>, local: bool) -> String {
+        let mut array = String::from("{");
+        for (i, user) in users.into_iter().enumerate() {
+            if i > 0 {
+                array.push(',');
+            }
+            array.push('"');
+            for ch in user.chars() {
+                if ch == '"' || ch == '\\' {
+                    array.push('\\');
+                }
+                array.push(ch);
+            }
+            array.push('"');
+        }
+        array.push('}');
+        format!("SELECT set_config('{USERS}', {}, {local})", literal(&array))
+    }
+
+    /// Declares the cross-user work for the transaction (`local`) or the session.
+    pub fn maintenance(local: bool) -> String {
+        format!("SELECT set_config('{MAINTENANCE}', 'on', {local})")
+    }
+
+    /// `text` as an escape string literal (`E'...'`): read the same whatever
+    /// `standard_conforming_strings` says.
+    fn literal(text: &str) -> String {
+        let mut out = String::from("E'");
+        for ch in text.chars() {
+            match ch {
+                '\'' => out.push_str("''"),
+                '\\' => out.push_str("\\\\"),
+                _ => out.push(ch),
+            }
+        }
+        out.push('\'');
+        out
+    }
+}
+
 /// Partitioned layout DDL. Names and bounds are made by the store (`task_history_p`
 /// followed by digits; UTC instants), never taken from input, so they are written into
 /// the text; DDL cannot take bound values.
 pub mod ddl {
     /// The partition that takes rows no ranged partition covers.
     pub const DEFAULT_PARTITION: &str = "task_history_default";
+
+    /// Row-level isolation switched on (enabled and forced, so the tables' owner is held
+    /// too) or off, on every table of [`ISOLATED_TABLES`](super::ISOLATED_TABLES), in the
+    /// transaction the caller opens.
+    pub fn isolation(on: bool) -> String {
+        let (enable, force) = if on {
+            ("ENABLE", "FORCE")
+        } else {
+            ("DISABLE", "NO FORCE")
+        };
+        super::ISOLATED_TABLES
+            .iter()
+            .map(|t| {
+                format!(
+                    "ALTER TABLE {t} {enable} ROW LEVEL SECURITY;\nALTER TABLE {t} {force} ROW LEVEL SECURITY;\n"
+                )
+            })
+            .collect()
+    }
 
     /// Serializes partition work across processes, inside its transaction.
     pub fn lock(schema: &str) -> String {
@@ -978,6 +1076,14 @@ INSERT INTO taskhistory_python_compat (singleton, enabled_at) VALUES (true, now(
              FROM task_history_plain h\n\
              LEFT JOIN task_summary s ON s.user_id = h.user_id AND s.task_id = h.task_id;\n\
              ALTER SEQUENCE task_history_id_seq OWNED BY task_history.id;\n\
+             -- Row-level isolation's policies (migration 8), and its state, carried over.\n\
+             SELECT taskhistory_isolate('task_history'::regclass);\n\
+             DO $iso$ BEGIN\n\
+                 IF (SELECT relrowsecurity FROM pg_class WHERE oid = 'task_history_plain'::regclass) THEN\n\
+                     ALTER TABLE task_history ENABLE ROW LEVEL SECURITY;\n\
+                     ALTER TABLE task_history FORCE ROW LEVEL SECURITY;\n\
+                 END IF;\n\
+             END $iso$;\n\
              DROP TABLE task_history_plain;\n\
              CREATE INDEX task_history_user_position ON task_history (user_id, xid, id);\n\
              CREATE INDEX IF NOT EXISTS task_summary_started_at ON task_summary (started_at);\n\
@@ -1134,6 +1240,7 @@ pub const NOT_PER_USER: &[&str] = &[
     "transaction_time",
     "python_compat_state",
     "test_schemas_abandoned",
+    "isolation_state",
 ];
 
 /// Every statement, for tests and tools (`taskhistory explain`, the benches' baseline).
@@ -1181,6 +1288,7 @@ pub const ALL_STATEMENTS: &[(&str, &str)] = &[
     ("partition_keeps_tasks", PARTITION_KEEPS_TASKS),
     ("partition_retire_tasks", PARTITION_RETIRE_TASKS),
     ("partition_has_tasks", PARTITION_HAS_TASKS),
+    ("isolation_state", ISOLATION_STATE),
 ];
 
 #[cfg(test)]

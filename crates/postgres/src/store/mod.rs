@@ -65,6 +65,9 @@ impl PgTaskHistoryStore {
         let c = backend.config();
         let combiner = (c.save_lanes > 0)
             .then(|| Combiner::new(c.save_lanes, c.combine_lone_saves, c.pool_timeout));
+        // Whether to declare each operation's users (row-level isolation on): one read of
+        // the catalog.
+        crate::isolation::state(&backend).await?;
         let backend = Arc::new(backend);
         Ok(PgTaskHistoryStore {
             tail: Arc::new(watch::Tail::new(Arc::clone(&backend))),
@@ -93,7 +96,9 @@ impl PgTaskHistoryStore {
     }
 
     /// Saves a batch by `COPY` when it is large enough ([`PgConfig::copy_min_rows`]) and
-    /// every task it touches is new; `false` when it is not (nothing was written).
+    /// every task it touches is new; `false` when it is not (nothing was written). Never
+    /// under row-level isolation: PostgreSQL refuses `COPY FROM` into a table with
+    /// row-level security, so batches take the upsert statement then.
     async fn copy_new_tasks(
         &self,
         call: Call<'_>,
@@ -103,7 +108,7 @@ impl PgTaskHistoryStore {
             .config()
             .copy_min_rows
             .is_some_and(|min| steps.len() >= usize::try_from(min).unwrap_or(usize::MAX));
-        if !large {
+        if !large || self.backend.exec().isolated() {
             return Ok(false);
         }
         let batch = ops::copy::CopyNewTasks {
@@ -238,12 +243,13 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         let schema = b.config().get_schema().map(str::to_owned);
         let outcome = b
             .exec()
-            .own(Call::new(migrate::OP), &schema, migrate::run_work)
+            .own(Call::schema(migrate::OP), &schema, migrate::run_work)
             .await?;
         tracing::info!(
             applied = outcome.applied,
             "taskhistory schema is up to date"
         );
+        crate::isolation::state(b).await?;
         partition::prepare(b).await?;
         if outcome.adopted {
             // A table the Python service made: its writers are likely still running.
@@ -286,7 +292,8 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         if steps.is_empty() {
             return self.backend.exec().ensure_open();
         }
-        let call = Call::new(ops::save::BATCH);
+        let users: Vec<&str> = steps.iter().map(|p| p.user_id).collect();
+        let call = Call::users(ops::save::BATCH, &users);
         if self.copy_new_tasks(call, &steps).await? {
             return Ok(());
         }

@@ -379,7 +379,11 @@ impl Executor {
 
     /// What `scope` declares (none while this store does not declare), or why this role
     /// may not run it.
-    fn declaration(&self, op: &'static str, scope: Scope<'_>) -> Result<Option<Declaration>, StoreError> {
+    fn declaration(
+        &self,
+        op: &'static str,
+        scope: Scope<'_>,
+    ) -> Result<Option<Declaration>, StoreError> {
         if !self.declares() {
             return Ok(None);
         }

@@ -332,7 +332,12 @@ pub(crate) async fn drop_expired(
             status,
         };
         if b.exec()
-            .pooled(Call::maintenance(CLEANUP), Tx::Statement, &args, keeps_tasks)
+            .pooled(
+                Call::maintenance(CLEANUP),
+                Tx::Statement,
+                &args,
+                keeps_tasks,
+            )
             .await?
         {
             continue;

@@ -754,12 +754,12 @@ pub mod declare {
     /// policy lets through.
     pub const MAINTENANCE: &str = "taskhistory.maintenance";
     /// Ends a session's declaration: nothing declared, nothing seen.
-    pub const NOTHING: &str =
-        "SELECT set_config('taskhistory.user_ids', '', false), set_config('taskhistory.maintenance', '', false)";
+    pub const NOTHING: &str = "RESET taskhistory.user_ids; RESET taskhistory.maintenance";
 
-    /// Declares `users` for the transaction (`local`) or the session: one statement whose
-    /// text holds the users as a quoted array literal (no parameters, so it can go in the
-    /// same round trip as `BEGIN`, or ahead of the operation's own statement unanswered).
+    /// Declares `users` for the transaction (`local`) or the session: a `SET` whose text
+    /// holds the users as a quoted array literal (a utility statement: nothing to plan; no
+    /// parameters, so it can go in the same round trip as `BEGIN`, or ahead of the
+    /// operation's own statement unanswered).
     pub fn users<'u>(users: impl IntoIterator<Item = &'u str>, local: bool) -> String {
         let mut array = String::from("{");
         for (i, user) in users.into_iter().enumerate() {
@@ -776,12 +776,20 @@ pub mod declare {
             array.push('"');
         }
         array.push('}');
-        format!("SELECT set_config('{USERS}', {}, {local})", literal(&array))
+        format!("SET {}{USERS} = {}", scope(local), literal(&array))
     }
 
     /// Declares the cross-user work for the transaction (`local`) or the session.
     pub fn maintenance(local: bool) -> String {
-        format!("SELECT set_config('{MAINTENANCE}', 'on', {local})")
+        format!("SET {}{MAINTENANCE} = on", scope(local))
+    }
+
+    fn scope(local: bool) -> &'static str {
+        if local {
+            "LOCAL "
+        } else {
+            ""
+        }
     }
 
     /// `text` as an escape string literal (`E'...'`): read the same whatever

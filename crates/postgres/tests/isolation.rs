@@ -18,9 +18,7 @@ mod direct {
 }
 
 mod pgbouncer {
-    taskhistory_core::conformance_tests!(
-        taskhistory_testing::isolated_pgbouncer_dyn_store().await
-    );
+    taskhistory_core::conformance_tests!(taskhistory_testing::isolated_pgbouncer_dyn_store().await);
 }
 
 /// Every table that holds users' rows.
@@ -158,7 +156,10 @@ async fn a_declared_user_sees_and_writes_only_its_own_rows() {
         assert!(count(&client, table, Some("a")).await > 0, "{table}");
     }
     for table in &TABLES[..4] {
-        assert_eq!(count(&client, table, None).await, count(&client, table, Some("a")).await);
+        assert_eq!(
+            count(&client, table, None).await,
+            count(&client, table, Some("a")).await
+        );
         for other in ["b", "c"] {
             assert_eq!(count(&client, table, Some(other)).await, 0, "{table}");
             let changed = client
@@ -170,14 +171,21 @@ async fn a_declared_user_sees_and_writes_only_its_own_rows() {
                 .unwrap();
             assert_eq!(changed, 0);
             let deleted = client
-                .execute(&format!("DELETE FROM {table} WHERE user_id = '{other}'"), &[])
+                .execute(
+                    &format!("DELETE FROM {table} WHERE user_id = '{other}'"),
+                    &[],
+                )
                 .await
                 .unwrap();
             assert_eq!(deleted, 0);
         }
     }
     // Moving a's row to b is a write of b's: refused.
-    assert_refused(&client, "UPDATE task_summary SET user_id = 'b' WHERE user_id = 'a'").await;
+    assert_refused(
+        &client,
+        "UPDATE task_summary SET user_id = 'b' WHERE user_id = 'a'",
+    )
+    .await;
     client.batch_execute("ROLLBACK").await.unwrap();
 
     // A combined save's declaration of a and b: a's and b's rows, never c's.
@@ -238,7 +246,10 @@ async fn retention_is_refused_to_the_service_role_and_done_by_the_owner() {
     let (config, store) = three_users().await;
     let app = app_role_store(&config).await;
     let state = app.isolation().await.unwrap();
-    assert!(state.on() && state.declaring && !state.maintainer, "{state:?}");
+    assert!(
+        state.on() && state.declaring && !state.maintainer,
+        "{state:?}"
+    );
     match app.cleanup_old_tasks(0).await {
         Err(StoreError::Configuration { setting, .. }) => assert_eq!(setting, "isolation"),
         other => panic!("{other:?}"),
@@ -287,7 +298,12 @@ async fn the_switch_reads_back_and_survives_the_conversion_to_partitions() {
     let converted = store.isolation().await.unwrap();
     assert!(converted.on(), "{converted:?}");
     assert_eq!(late.load_task_history("a", "t").await.unwrap().len(), 1);
-    let client = raw(&owner_role(), &owner_password(), config.get_schema().unwrap()).await;
+    let client = raw(
+        &owner_role(),
+        &owner_password(),
+        config.get_schema().unwrap(),
+    )
+    .await;
     assert_eq!(count(&client, "task_history", None).await, 0);
 
     let off = store.set_isolation(false).await.unwrap();
@@ -296,4 +312,39 @@ async fn the_switch_reads_back_and_survives_the_conversion_to_partitions() {
     for s in [early, late, store] {
         s.close().await;
     }
+}
+
+/// A handle acting for one user (what `serve` runs a user token's request on) declares that
+/// user only: asked for another user's rows, it gets none from the database; its own
+/// user's as before; a watch of another user is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handle_acting_for_a_user_gets_nothing_of_another() {
+    let (_config, store) = three_users().await;
+    let a = store.acting_for("a").unwrap();
+    assert_eq!(a.load_task_history("a", "t").await.unwrap().len(), 3);
+    assert!(a.load_task_history("b", "t").await.unwrap().is_empty());
+    assert_eq!(
+        a.check_task_status("b", "t").await.unwrap(),
+        TaskStatus::Pending
+    );
+    assert!(a
+        .get_user_tasks_page("c", &TaskQuery::first(10))
+        .await
+        .unwrap()
+        .tasks
+        .is_empty());
+    assert!(a
+        .save_task_history("b", "t", 7, &TaskStepResult::running("s", json!({}), ""))
+        .await
+        .is_err());
+    assert!(matches!(
+        a.watch_user("b", None).await.map(drop),
+        Err(StoreError::InvalidInput { .. })
+    ));
+    assert!(a.watch_user("a", None).await.is_ok());
+    assert_eq!(store.load_task_history("b", "t").await.unwrap().len(), 3);
+    assert!(matches!(
+        store.acting_for(""),
+        Err(StoreError::InvalidInput { .. })
+    ));
 }

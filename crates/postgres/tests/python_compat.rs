@@ -768,7 +768,11 @@ async fn python_reads_and_writes_nothing_under_isolation() {
         .await
         .unwrap();
     assert_eq!(store.load_task_history(USER, "old").await.unwrap().len(), 2);
-    assert!(store.load_task_history(USER, "new").await.unwrap().is_empty());
+    assert!(store
+        .load_task_history(USER, "new")
+        .await
+        .unwrap()
+        .is_empty());
     // Off again: the legacy role is back.
     assert!(!store.set_isolation(false).await.unwrap().on());
     py.save("new", 0, "running").unwrap();

@@ -522,10 +522,7 @@ pub async fn owner_config() -> PgConfig {
         .await;
     })
     .await;
-    fresh_config()
-        .await
-        .user(&role)
-        .password(owner_password())
+    fresh_config().await.user(&role).password(owner_password())
 }
 
 /// A migrated store on a fresh schema owned by [`owner_role`], with row-level isolation
@@ -541,7 +538,10 @@ pub async fn isolated_store_for(config: PgConfig) -> PgTaskHistoryStore {
         .set_isolation(true)
         .await
         .unwrap_or_else(|e| panic!("switching isolation on: {e}"));
-    assert!(state.on() && state.declaring, "isolation is not on: {state:?}");
+    assert!(
+        state.on() && state.declaring,
+        "isolation is not on: {state:?}"
+    );
     store
 }
 

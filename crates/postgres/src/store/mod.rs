@@ -114,7 +114,8 @@ impl PgTaskHistoryStore {
             .backend
             .exec()
             .copy(call, &batch, ops::copy::run)
-            .await?
+            .await
+            .inspect_err(|_| self.backend.wrote(steps.iter().map(|p| p.user_id)))?
         {
             return Ok(false);
         }
@@ -301,10 +302,7 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         validate::task(user_id, task_id)?;
         let call = Call::task(ops::read::LOAD, user_id, task_id);
         let key = TaskKey { user_id, task_id };
-        self.backend
-            .exec()
-            .read(call, &key, ops::read::load_history)
-            .await
+        self.backend.read(call, &key, ops::read::load_history).await
     }
 
     async fn mark_task_as_cancelled(
@@ -319,7 +317,8 @@ impl TaskHistoryStore for PgTaskHistoryStore {
             .backend
             .exec()
             .pooled(call, Tx::Statement, &key, ops::cancel::run)
-            .await?;
+            .await
+            .inspect_err(|_| self.backend.wrote([user_id]))?;
         if entry.is_none() {
             return Ok(false);
         }
@@ -335,10 +334,7 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         validate::task(user_id, task_id)?;
         let call = Call::task(ops::read::STATUS, user_id, task_id);
         let key = TaskKey { user_id, task_id };
-        self.backend
-            .exec()
-            .read(call, &key, ops::read::task_status)
-            .await
+        self.backend.read(call, &key, ops::read::task_status).await
     }
 
     async fn get_user_tasks_page(
@@ -349,10 +345,7 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         validate::list(user_id, query)?;
         let call = Call::user(ops::read::LIST, user_id);
         let list = ops::read::ListTasks { user_id, query };
-        self.backend
-            .exec()
-            .read(call, &list, ops::read::list_tasks)
-            .await
+        self.backend.read(call, &list, ops::read::list_tasks).await
     }
 
     async fn scan_history(
@@ -395,7 +388,6 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         validate::user_id(user_id)?;
         let call = Call::user(ops::counts::COUNTS, user_id);
         self.backend
-            .exec()
             .read(call, &ops::counts::Of { user_id }, ops::counts::counts)
             .await
     }
@@ -413,10 +405,7 @@ impl TaskHistoryStore for PgTaskHistoryStore {
             from,
             to,
         };
-        self.backend
-            .exec()
-            .read(call, &hours, ops::counts::activity)
-            .await
+        self.backend.read(call, &hours, ops::counts::activity).await
     }
 
     async fn cleanup_old_tasks(&self, days_old: i64) -> Result<CleanupReport, StoreError> {

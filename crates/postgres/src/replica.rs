@@ -51,7 +51,8 @@ pub(crate) const SAMPLE: &str = "wal_insert_position";
 /// The operation's name of a check of a replica.
 const CHECK: &str = "replica_position";
 
-/// Rounds run at least this often (health, lag), without being asked.
+/// Rounds run at least this often (health, lag), without being asked; more often when the
+/// lag allowed is under a second (a quarter of it: lag is measured against the samples).
 const HEARTBEAT: Duration = Duration::from_millis(250);
 
 /// A replica's state, from [`PgTaskHistoryStore::replicas`](crate::PgTaskHistoryStore::replicas).
@@ -300,6 +301,8 @@ struct Inner {
     spacing: Duration,
     /// How long a check of a replica may take.
     check_timeout: Duration,
+    /// The most time between two rounds.
+    heartbeat: Duration,
     next: AtomicUsize,
     reads_primary: AtomicU64,
     fallbacks: AtomicU64,
@@ -438,7 +441,7 @@ async fn refresh(inner: Arc<Inner>, exec: Arc<Executor>) {
         tokio::time::sleep(inner.spacing).await;
         tokio::select! {
             _ = inner.wanted.notified() => {}
-            _ = tokio::time::sleep(HEARTBEAT) => {}
+            _ = tokio::time::sleep(inner.heartbeat) => {}
         }
     }
 }
@@ -485,6 +488,7 @@ impl Replicas {
             return Ok(None);
         }
         let wait = config.replica_wait;
+        let spacing = (wait / 5).clamp(Duration::from_millis(1), Duration::from_millis(10));
         let inner = Arc::new(Inner {
             servers,
             counter: AtomicU64::new(0),
@@ -493,8 +497,9 @@ impl Replicas {
             rounds: watch::Sender::new(0),
             wait,
             max_lag: config.max_replica_lag,
-            spacing: (wait / 5).clamp(Duration::from_millis(1), Duration::from_millis(10)),
+            spacing,
             check_timeout: config.command_timeout.min(Duration::from_secs(1)),
+            heartbeat: (config.max_replica_lag / 4).clamp(spacing, HEARTBEAT),
             next: AtomicUsize::new(0),
             reads_primary: AtomicU64::new(0),
             fallbacks: AtomicU64::new(0),

@@ -236,6 +236,8 @@ fn drop_work<'c>(
 impl TaskHistoryStore for PgTaskHistoryStore {
     async fn init_database_schema(&self) -> Result<(), StoreError> {
         let b = &*self.backend;
+        // Tables made or changed: reads wait for replicas to replay them.
+        let _written = b.all_written();
         let schema = b.config().get_schema().map(str::to_owned);
         let outcome = b
             .exec()

@@ -128,10 +128,8 @@ struct Server {
     pool: Pool<AsyncPgConnection>,
     /// Whether reads may go to it.
     in_rotation: AtomicBool,
-    /// The end of the last WAL record it had replayed at the latest round.
-    replayed: AtomicU64,
-    /// Connections its pool had opened when the round that put it in the rotation began.
-    opened_at_check: AtomicU64,
+    /// What the latest round that found it well vouches for.
+    vouched: Mutex<Vouched>,
     checked: AtomicBool,
     lag_ms: AtomicU64,
     reads: AtomicU64,
@@ -140,6 +138,10 @@ struct Server {
 impl Server {
     fn opened(&self) -> u64 {
         self.pool.state().statistics.connections_created
+    }
+
+    fn vouched(&self) -> Vouched {
+        *self.vouched.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Takes it out of the rotation until a round finds it well.
@@ -192,6 +194,14 @@ impl Server {
         }
         result
     }
+}
+
+/// What a round vouches for: the replica had replayed `replayed`, and every connection its
+/// pool had opened when the round began (`opened`) is to that server as it was then.
+#[derive(Debug, Clone, Copy, Default)]
+struct Vouched {
+    replayed: u64,
+    opened: u64,
 }
 
 /// What a user's reads must see.
@@ -333,29 +343,39 @@ impl Inner {
         self.needs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A replica that may serve a read needing `lsn` now, taken in turn.
-    fn pick(&self, lsn: u64) -> Option<usize> {
+    /// A replica that may serve a read needing `lsn` now, taken in turn, and the count of
+    /// connections its pool had opened that the pick relied on.
+    fn pick(&self, lsn: u64) -> Option<(usize, u64)> {
         let n = self.servers.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        (0..n).map(|k| (start + k) % n).find(|&i| {
-            self.servers.get(i).is_some_and(|s| {
-                s.in_rotation.load(Ordering::SeqCst)
-                    && s.replayed.load(Ordering::SeqCst) >= lsn
-                    && s.opened() == s.opened_at_check.load(Ordering::SeqCst)
-            })
+        (0..n).map(|k| (start + k) % n).find_map(|i| {
+            let s = self.servers.get(i)?;
+            if !s.in_rotation.load(Ordering::SeqCst) {
+                return None;
+            }
+            let v = s.vouched();
+            (v.replayed >= lsn && s.opened() == v.opened).then_some((i, v.opened))
         })
     }
 
     /// A replica for a read of `user`, waiting at most the replica wait for one that has
-    /// replayed what the read must see; `None`: read the primary.
-    async fn choose(&self, user: Option<&str>) -> Option<usize> {
+    /// replayed what the read must see; `None`: read the primary (at once when no replica
+    /// is in the rotation).
+    async fn choose(&self, user: Option<&str>) -> Option<(usize, u64)> {
         let deadline = Instant::now() + self.wait;
         let mut rounds = self.rounds.subscribe();
         loop {
             rounds.borrow_and_update();
             let need = self.lock().need(user);
-            if let Some(i) = need.and_then(|lsn| self.pick(lsn)) {
-                return Some(i);
+            if let Some(picked) = need.and_then(|lsn| self.pick(lsn)) {
+                return Some(picked);
+            }
+            if !self
+                .servers
+                .iter()
+                .any(|s| s.in_rotation.load(Ordering::SeqCst))
+            {
+                return None;
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -406,7 +426,6 @@ impl Inner {
             match found {
                 Ok(Some(replayed)) => {
                     let lag = needs.lag(replayed, now);
-                    server.replayed.store(replayed, Ordering::SeqCst);
                     server.lag_ms.store(
                         u64::try_from(lag.as_millis()).unwrap_or(u64::MAX),
                         Ordering::Relaxed,
@@ -414,7 +433,8 @@ impl Inner {
                     if lag > self.max_lag {
                         server.out(&format_args!("lags by {lag:?}"));
                     } else {
-                        server.opened_at_check.store(opened, Ordering::SeqCst);
+                        *server.vouched.lock().unwrap_or_else(|p| p.into_inner()) =
+                            Vouched { replayed, opened };
                         if !server.in_rotation.swap(true, Ordering::SeqCst) {
                             tracing::info!(server = %server.name, "taskhistory: a replica joined the rotation");
                         }
@@ -477,8 +497,7 @@ impl Replicas {
                 connector,
                 pool,
                 in_rotation: AtomicBool::new(false),
-                replayed: AtomicU64::new(0),
-                opened_at_check: AtomicU64::new(0),
+                vouched: Mutex::new(Vouched::default()),
                 checked: AtomicBool::new(false),
                 lag_ms: AtomicU64::new(0),
                 reads: AtomicU64::new(0),
@@ -540,7 +559,7 @@ impl Replicas {
     ) -> Result<T, StoreError> {
         let inner = &self.inner;
         let chosen = inner.choose(call.user_id).await;
-        if let Some(server) = chosen.and_then(|i| inner.servers.get(i)) {
+        if let Some((server, opened)) = chosen.and_then(|(i, o)| Some((inner.servers.get(i)?, o))) {
             let result = exec
                 .read_on(
                     (&server.pool, &server.connector, &server.name),
@@ -551,7 +570,7 @@ impl Replicas {
                 .await;
             // A connection opened since the round that vouched for the replica may be to a
             // restarted server that shows an older state than it reported.
-            let vouched = server.opened() == server.opened_at_check.load(Ordering::SeqCst);
+            let vouched = server.opened() == opened;
             match result {
                 Ok(value) if vouched => {
                     server.reads.fetch_add(1, Ordering::Relaxed);
@@ -606,11 +625,21 @@ impl Replicas {
         }
     }
 
-    /// Reads of `user` must see `lsn` (a position another store gave).
+    /// Reads of `user` must see `lsn` (a position another store gave). A position past
+    /// this store's latest sample of the primary is taken as the next sample's instead
+    /// (at or past any true token, which the primary had passed when it was given): a
+    /// made-up position far ahead never holds reads off the replicas for long.
     pub(crate) fn require(&self, user: &str, lsn: u64) {
-        let mut needs = self.inner.lock();
-        let n = needs.users.entry(user.to_owned()).or_default();
-        n.lsn = n.lsn.max(lsn);
+        let inner = &self.inner;
+        let mut needs = inner.lock();
+        let sampled = needs.samples.back().map_or(0, |(_, l)| *l);
+        if lsn <= sampled {
+            let n = needs.users.entry(user.to_owned()).or_default();
+            n.lsn = n.lsn.max(lsn);
+            return;
+        }
+        drop(needs);
+        self.wrote([user]);
     }
 
     /// A guard that notes a write of no one user when dropped (see [`AllWritten`]).
@@ -651,7 +680,7 @@ impl Replicas {
                 replayed: s
                     .checked
                     .load(Ordering::SeqCst)
-                    .then(|| show_lsn(s.replayed.load(Ordering::SeqCst))),
+                    .then(|| show_lsn(s.vouched().replayed)),
             })
             .collect()
     }

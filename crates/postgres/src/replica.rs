@@ -332,7 +332,10 @@ impl Drop for AllWritten<'_> {
     fn drop(&mut self) {
         if let Some(r) = self.0 {
             let s = r.inner.counter.fetch_add(1, Ordering::SeqCst) + 1;
-            r.inner.lock().all_pending = s;
+            let mut needs = r.inner.lock();
+            // Two such writes may reach the lock out of counter order: keep the later.
+            needs.all_pending = needs.all_pending.max(s);
+            drop(needs);
             r.inner.wanted.notify_one();
         }
     }
@@ -539,7 +542,9 @@ impl Replicas {
             let mut needs = inner.lock();
             for user in users {
                 let n = needs.users.entry(user.to_owned()).or_default();
-                if n.pending != s {
+                // Writes of one user may reach the lock out of counter order: the user's
+                // reads wait for a sample covering the later one.
+                if n.pending < s {
                     n.pending = s;
                     needs.pending.push_back((s, user.to_owned()));
                 }

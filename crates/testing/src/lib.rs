@@ -767,6 +767,14 @@ impl OwnServer {
         self.pg_ctl_start();
     }
 
+    /// The postmaster's process id (its server processes are its children).
+    pub fn postmaster_pid(&self) -> u32 {
+        std::fs::read_to_string(self.dir.path().join("data").join("postmaster.pid"))
+            .ok()
+            .and_then(|t| t.lines().next().and_then(|l| l.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("no postmaster.pid in the test server's folder"))
+    }
+
     /// `pg_ctl promote`: a standby leaves recovery and takes writes.
     pub fn promote(&self) {
         let data = self.data();

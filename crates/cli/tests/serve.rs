@@ -888,3 +888,69 @@ async fn memory_serve_stops_on_ctrl_c_with_streams_open() {
         }
     }
 }
+
+/// Position tokens (issue 31): a cancel answers with `Taskhistory-Position`; read routes
+/// take it (a token that is not one is 400 naming `position`).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancel_answers_with_a_position_that_read_routes_take() {
+    let s = Server::start(&[]).await;
+    s.store
+        .save_task_history("u1", "t1", 0, &step("first"))
+        .await
+        .unwrap();
+    let own = token("u1", "1h", SECRET);
+    let client = reqwest::Client::new();
+    let cancelled = client
+        .post(s.url("/v1/users/u1/tasks/t1/cancel"))
+        .bearer_auth(&own)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancelled.status(), 200);
+    let position = cancelled
+        .headers()
+        .get("taskhistory-position")
+        .expect("a position header")
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        position.split_once('/').is_some_and(|(hi, lo)| {
+            [hi, lo]
+                .iter()
+                .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_hexdigit()))
+        }),
+        "{position}"
+    );
+    for path in [
+        "/v1/users/u1/tasks",
+        "/v1/users/u1/tasks/t1",
+        "/v1/users/u1/counts",
+        "/v1/users/u1/activity",
+    ] {
+        let read = client
+            .get(s.url(path))
+            .bearer_auth(&own)
+            .header("Taskhistory-Position", &position)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(read.status(), 200, "{path}");
+        let bad = client
+            .get(s.url(path))
+            .bearer_auth(&own)
+            .header("Taskhistory-Position", "yesterday")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(bad.status(), 400, "{path}");
+        let body: Value = bad.json().await.unwrap();
+        assert_eq!(body["error"]["field"], "position", "{path}: {body}");
+    }
+    let (code, body) = get(&s.url("/v1/users/u1/tasks/t1"), Some(&own)).await;
+    assert_eq!(
+        (code, &body["status"]),
+        (200, &json!("cancelled")),
+        "{body}"
+    );
+}

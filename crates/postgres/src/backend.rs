@@ -11,10 +11,11 @@ use taskhistory_core::StoreError;
 
 use crate::config::PgConfig;
 use crate::connection::Connector;
-use crate::exec::{Call, Executor};
+use crate::exec::{Call, Executor, Read};
 use crate::listen::Hub;
 use crate::notify::Notifier;
 use crate::ops;
+use crate::replica::{self, AllWritten, Replicas};
 use crate::sql::ddl;
 
 /// How long DDL on the table (making partitions, the compatibility mode's triggers) waits
@@ -31,6 +32,8 @@ pub(crate) struct Backend {
     /// on).
     notifier: Option<Notifier>,
     hub: Hub,
+    /// The replicas that serve reads ([`PgConfig::read_urls`]), if any.
+    replicas: Option<Replicas>,
 }
 
 impl Backend {
@@ -42,12 +45,14 @@ impl Backend {
         let notifier = config
             .notifications
             .then(|| Notifier::new(Arc::clone(&exec), channel.clone()));
+        let replicas = Replicas::start(&config, &exec)?;
         Ok(Backend {
             exec,
             config,
             channel,
             notifier,
             hub: Hub::default(),
+            replicas,
         })
     }
 
@@ -112,10 +117,79 @@ impl Backend {
     /// Wakes the watchers of the users of committed writes (other processes' only when
     /// notifications are on): a wake-up, not the event; the tail reads the log.
     pub(crate) fn notify<'u>(&self, users: impl IntoIterator<Item = &'u str> + Clone) {
+        self.wrote(users.clone());
         self.hub.wake(users.clone());
         if let Some(notifier) = &self.notifier {
             notifier.post(users);
         }
+    }
+
+    /// Notes writes for `users` that returned (committed, or of unknown outcome): this
+    /// store's later reads of those users see them (`replica.rs`). [`notify`](Self::notify)
+    /// calls it; a write that failed calls it by itself.
+    pub(crate) fn wrote<'u>(&self, users: impl IntoIterator<Item = &'u str>) {
+        if let Some(replicas) = &self.replicas {
+            replicas.wrote(users);
+        }
+    }
+
+    /// Notes, when dropped, a write of no one user (cleanup): every later read sees it.
+    pub(crate) fn all_written(&self) -> AllWritten<'_> {
+        Replicas::all_written(self.replicas.as_ref())
+    }
+
+    /// A read that a replica may serve (status, history, task lists, counts, activity): on
+    /// a replica that has replayed what the read must see, else on the primary
+    /// (`replica.rs`); on the primary without replicas.
+    pub(crate) async fn read<P: Sync, T>(
+        &self,
+        call: Call<'_>,
+        params: &P,
+        work: Read<P, T>,
+    ) -> Result<T, StoreError> {
+        match &self.replicas {
+            Some(replicas) => replicas.read(&self.exec, call, params, work).await,
+            None => self.exec.read(call, params, work).await,
+        }
+    }
+
+    /// A position token covering every write for `user` through this store that returned
+    /// (see `PgTaskHistoryStore::position`).
+    pub(crate) async fn position(&self, user: &str) -> Result<Option<String>, StoreError> {
+        let lsn = match &self.replicas {
+            Some(replicas) => replicas.position(user, self.config.command_timeout).await?,
+            None => Some(
+                self.exec
+                    .pooled(
+                        Call::user(replica::SAMPLE, user),
+                        crate::exec::Tx::Statement,
+                        &(),
+                        replica::wal_insert_position,
+                    )
+                    .await?,
+            ),
+        };
+        Ok(lsn.map(replica::show_lsn))
+    }
+
+    /// Reads of `user` must see the position `token` (from [`position`](Self::position) of
+    /// any store of this primary).
+    pub(crate) fn require_position(&self, user: &str, token: &str) -> Result<(), StoreError> {
+        let lsn = replica::parse_lsn(token).ok_or_else(|| {
+            StoreError::invalid(
+                "position",
+                "is not a position token (a WAL position such as 0/16B3748)",
+            )
+        })?;
+        if let Some(replicas) = &self.replicas {
+            replicas.require(user, lsn);
+        }
+        Ok(())
+    }
+
+    /// The replicas' state (empty without replicas).
+    pub(crate) fn replicas(&self) -> Option<&Replicas> {
+        self.replicas.as_ref()
     }
 
     /// Saves validated steps by the upsert statement and notifies watchers after commit.
@@ -128,11 +202,16 @@ impl Backend {
             operation: call.operation,
             steps,
         };
-        self.exec
+        let saved = self
+            .exec
             .pooled(call, save.tx(), &save, ops::save::run)
-            .await?;
-        self.notify(steps.iter().map(|p| p.user_id));
-        Ok(())
+            .await;
+        match saved {
+            Ok(()) => self.notify(steps.iter().map(|p| p.user_id)),
+            // It may have committed all the same (the answer was lost).
+            Err(_) => self.wrote(steps.iter().map(|p| p.user_id)),
+        }
+        saved
     }
 
     /// Sends the pending wake-ups, stops the listener, closes the pools: every later call
@@ -140,6 +219,9 @@ impl Backend {
     pub(crate) async fn close(&self) {
         if let Some(notifier) = &self.notifier {
             notifier.stop().await;
+        }
+        if let Some(replicas) = &self.replicas {
+            replicas.stop();
         }
         self.hub.stop().await;
         self.exec.close().await;

@@ -101,6 +101,38 @@ pub struct PgConfig {
     pub(crate) copy_connections: u32,
     /// See [`PgConfig::pipelined_reads`].
     pub(crate) pipelined_reads: u32,
+    /// See [`PgConfig::read_urls`].
+    pub(crate) read_urls: Vec<ReadUrl>,
+    /// See [`PgConfig::replica_wait`].
+    pub(crate) replica_wait: Duration,
+    /// See [`PgConfig::max_replica_lag`].
+    pub(crate) max_replica_lag: Duration,
+}
+
+/// A replica's connection settings, parsed from [`PgConfig::read_urls`]: the URL's own
+/// settings, and its TLS options when it names them (else the primary's hold).
+#[derive(Clone)]
+pub(crate) struct ReadUrl {
+    pg: tokio_postgres::Config,
+    ssl_mode: Option<SslMode>,
+    ssl_root_cert: Option<PathBuf>,
+}
+
+impl ReadUrl {
+    /// `host:port/db` (never the password).
+    fn shown(&self) -> String {
+        let hosts: Vec<String> = self
+            .pg
+            .get_hosts()
+            .iter()
+            .zip(self.pg.get_ports().iter().chain(std::iter::repeat(&5432)))
+            .map(|(host, port)| match host {
+                tokio_postgres::config::Host::Tcp(h) => format!("{h}:{port}"),
+                tokio_postgres::config::Host::Unix(p) => format!("{}:{port}", p.display()),
+            })
+            .collect();
+        format!("{}/{}", hosts.join(","), self.pg.get_dbname().unwrap_or(""))
+    }
 }
 
 /// A callback that sees the SQL text of every statement (bound values are not included).
@@ -143,6 +175,9 @@ impl fmt::Debug for PgConfig {
             .field("copy_min_rows", &self.copy_min_rows)
             .field("copy_connections", &self.copy_connections)
             .field("pipelined_reads", &self.pipelined_reads)
+            .field("read_urls", &self.get_read_urls())
+            .field("replica_wait", &self.replica_wait)
+            .field("max_replica_lag", &self.max_replica_lag)
             .field(
                 "statement_observer",
                 &self.statement_observer.as_ref().map(|_| "<set>"),
@@ -185,6 +220,9 @@ impl Default for PgConfig {
             copy_min_rows: Some(1_000),
             copy_connections: 2,
             pipelined_reads: 2,
+            read_urls: Vec::new(),
+            replica_wait: Duration::from_millis(50),
+            max_replica_lag: Duration::from_secs(5),
         }
         .application_name("taskhistory")
     }
@@ -210,6 +248,20 @@ impl PgConfig {
 
     /// Applies `url`, read from the setting `setting` (named in errors).
     fn apply_url(&mut self, setting: &str, url: &str) -> Result<(), StoreError> {
+        let parsed = self.parse_url(setting, url)?;
+        self.pg = parsed.pg;
+        if let Some(mode) = parsed.ssl_mode {
+            self.ssl_mode = mode;
+        }
+        if let Some(root) = parsed.ssl_root_cert {
+            self.ssl_root_cert = Some(root);
+        }
+        Ok(())
+    }
+
+    /// Parses `url`, read from the setting `setting` (named in errors); the
+    /// application name is this configuration's unless the URL names one.
+    fn parse_url(&self, setting: &str, url: &str) -> Result<ReadUrl, StoreError> {
         if let Some((scheme, _)) = url.split_once("://") {
             if scheme != "postgres" && scheme != "postgresql" {
                 return Err(bad(
@@ -233,14 +285,18 @@ impl PgConfig {
         if pg.get_application_name().is_none() {
             pg.application_name(self.pg.get_application_name().unwrap_or("taskhistory"));
         }
-        self.pg = pg;
+        let mut parsed = ReadUrl {
+            pg,
+            ssl_mode: None,
+            ssl_root_cert: None,
+        };
         for (key, value) in params {
             match key.as_str() {
-                "sslmode" => self.ssl_mode = value.parse().map_err(|e| bad(setting, e))?,
-                _ => self.ssl_root_cert = Some(PathBuf::from(value)),
+                "sslmode" => parsed.ssl_mode = Some(value.parse().map_err(|e| bad(setting, e))?),
+                _ => parsed.ssl_root_cert = Some(PathBuf::from(value)),
             }
         }
-        Ok(())
+        Ok(parsed)
     }
 
     /// Settings from the environment: `DATABASE_URL` if set, else `DB_HOST`, `DB_PORT`,
@@ -248,7 +304,8 @@ impl PgConfig {
     /// `DB_MAX_SIZE`, `DB_COMMAND_TIMEOUT`, `DB_STATEMENT_TIMEOUT`, `DB_CONNECT_TIMEOUT`,
     /// `DB_POOL_TIMEOUT`, `DB_WATCH_POLL` (seconds), `DB_SSLMODE`, `DB_SSLROOTCERT`, `DB_APPLICATION_NAME`
     /// `DB_SCHEMA`, `DB_PGBOUNCER`, `DB_NOTIFY`, `DB_SAVE_LANES`, `DB_LISTEN_URL`, `DB_PARTITION_INTERVAL` and
-    /// `DB_PARTITIONS_AHEAD`, `DB_COPY_MIN_ROWS`, `DB_COPY_CONNECTIONS`, `DB_PIPELINED_READS`, `DB_MAX_WATCHERS`, `DB_DECLARE_USERS`. A bad value is a `StoreError::Configuration` naming the variable.
+    /// `DB_PARTITIONS_AHEAD`, `DB_COPY_MIN_ROWS`, `DB_COPY_CONNECTIONS`, `DB_PIPELINED_READS`, `DB_MAX_WATCHERS`, `DB_DECLARE_USERS`, `DB_READ_URLS`, `DB_REPLICA_WAIT`,
+    /// `DB_MAX_REPLICA_LAG`. A bad value is a `StoreError::Configuration` naming the variable.
     pub fn from_env() -> Result<Self, StoreError> {
         Self::from_lookup(|key| std::env::var(key).ok())
     }
@@ -368,6 +425,26 @@ impl PgConfig {
         if let Some(v) = num("DB_PIPELINED_READS")? {
             c.pipelined_reads = v;
         }
+        if let Some(v) = get("DB_READ_URLS") {
+            c = c.read_urls_from("DB_READ_URLS", v.split(','))?;
+        }
+        if let Some(v) = get("DB_REPLICA_WAIT") {
+            // Zero is a wait too: a read not served by a replica at once goes to the primary.
+            c.replica_wait = v
+                .parse::<f64>()
+                .ok()
+                .filter(|s| s.is_finite() && *s >= 0.0)
+                .and_then(|s| Duration::try_from_secs_f64(s).ok())
+                .ok_or_else(|| {
+                    bad(
+                        "DB_REPLICA_WAIT",
+                        format!("{v:?} is not a number of seconds (0 or more)"),
+                    )
+                })?;
+        }
+        if let Some(v) = secs("DB_MAX_REPLICA_LAG")? {
+            c.max_replica_lag = v;
+        }
         c.validate()?;
         Ok(c)
     }
@@ -395,6 +472,7 @@ impl PgConfig {
             ("DB_CONNECT_TIMEOUT", self.connect_timeout),
             ("DB_POOL_TIMEOUT", self.pool_timeout),
             ("DB_WATCH_POLL", self.watch_poll),
+            ("DB_MAX_REPLICA_LAG", self.max_replica_lag),
         ] {
             if d.is_zero() {
                 return Err(bad(name, "must be above zero"));
@@ -644,6 +722,68 @@ impl PgConfig {
         self
     }
 
+    /// Streaming replicas (standbys of this primary) that serve reads (`DB_READ_URLS`,
+    /// comma-separated): status checks, history loads, task lists, counts and activity go
+    /// to one that has replayed every write this store made for the user read (and every
+    /// position given by [`require_position`](crate::PgTaskHistoryStore::require_position)),
+    /// else to the primary; writes, cancels, batches, scans, watching, DDL and migrations
+    /// stay on the primary. Each replica gets a pool like the primary's (same size, TLS,
+    /// timeouts, schema and start-up settings; a URL's own `sslmode`/`sslrootcert` win).
+    /// Replaces any set before; an empty list turns replicas off. A URL that does not
+    /// parse is a `StoreError::Configuration` naming `DB_READ_URLS`.
+    pub fn read_urls<S: AsRef<str>>(
+        self,
+        urls: impl IntoIterator<Item = S>,
+    ) -> Result<Self, StoreError> {
+        self.read_urls_from("DB_READ_URLS", urls)
+    }
+
+    fn read_urls_from<S: AsRef<str>>(
+        mut self,
+        setting: &str,
+        urls: impl IntoIterator<Item = S>,
+    ) -> Result<Self, StoreError> {
+        let mut parsed = Vec::new();
+        for url in urls {
+            let url = url.as_ref().trim();
+            if !url.is_empty() {
+                parsed.push(self.parse_url(setting, url)?);
+            }
+        }
+        self.read_urls = parsed;
+        Ok(self)
+    }
+
+    /// How long a read waits for a replica to replay what it must see before it goes to
+    /// the primary (`DB_REPLICA_WAIT`, seconds, default 0.05; 0: never wait).
+    pub fn replica_wait(mut self, wait: Duration) -> Self {
+        self.replica_wait = wait;
+        self
+    }
+
+    /// A replica further behind the primary than this leaves the rotation until it
+    /// catches up (`DB_MAX_REPLICA_LAG`, seconds, default 5; above zero).
+    pub fn max_replica_lag(mut self, lag: Duration) -> Self {
+        self.max_replica_lag = lag;
+        self
+    }
+
+    /// The settings of replica `i` of [`read_urls`](Self::read_urls): these settings with
+    /// the replica's connection settings (its URL's TLS options, when given, over these).
+    pub(crate) fn for_replica(&self, i: usize) -> Option<PgConfig> {
+        let url = self.read_urls.get(i)?;
+        let mut c = self.clone();
+        c.read_urls = Vec::new();
+        c.pg = url.pg.clone();
+        if let Some(mode) = url.ssl_mode {
+            c.ssl_mode = mode;
+        }
+        if let Some(root) = &url.ssl_root_cert {
+            c.ssl_root_cert = Some(root.clone());
+        }
+        Some(c)
+    }
+
     /// Sets whether a lone save takes the combined statement too (default false). Only for
     /// the workspace's own tests, which run every save through the combined statement on
     /// one of the behaviour suite's stores (feature `test-internals`).
@@ -745,6 +885,18 @@ impl PgConfig {
     /// How many connections concurrent reads share.
     pub fn get_pipelined_reads(&self) -> u32 {
         self.pipelined_reads
+    }
+    /// The replicas that serve reads, as `host:port/database` (never a password).
+    pub fn get_read_urls(&self) -> Vec<String> {
+        self.read_urls.iter().map(ReadUrl::shown).collect()
+    }
+    /// How long a read waits for a replica to catch up.
+    pub fn get_replica_wait(&self) -> Duration {
+        self.replica_wait
+    }
+    /// The lag past which a replica leaves the rotation.
+    pub fn get_max_replica_lag(&self) -> Duration {
+        self.max_replica_lag
     }
 }
 
@@ -904,5 +1056,46 @@ mod tests {
         let shown = format!("{c:?}");
         assert!(!shown.contains("s3cr3t-pw"), "{shown}");
         assert!(shown.contains("<redacted>"));
+    }
+
+    #[test]
+    fn replicas_from_the_environment_with_no_password_shown() {
+        let d = PgConfig::from_lookup(env(&[])).unwrap();
+        assert!(d.read_urls.is_empty());
+        assert_eq!(d.replica_wait, Duration::from_millis(50));
+        assert_eq!(d.max_replica_lag, Duration::from_secs(5));
+        let c = PgConfig::from_lookup(env(&[
+            ("DATABASE_URL", "postgres://app:pw@primary:5432/tasks?sslmode=require"),
+            (
+                "DB_READ_URLS",
+                "postgres://app:r3pl1ca-pw@r1:5433/tasks, postgres://app:r3pl1ca-pw@r2/tasks?sslmode=disable",
+            ),
+            ("DB_REPLICA_WAIT", "0"),
+            ("DB_MAX_REPLICA_LAG", "2.5"),
+        ]))
+        .unwrap();
+        assert_eq!(c.get_read_urls(), ["r1:5433/tasks", "r2:5432/tasks"]);
+        assert_eq!(c.replica_wait, Duration::ZERO);
+        assert_eq!(c.max_replica_lag, Duration::from_millis(2500));
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("r3pl1ca-pw"), "{shown}");
+        // The primary's TLS holds unless a replica's URL says otherwise.
+        let r1 = c.for_replica(0).unwrap();
+        assert_eq!(r1.ssl_mode, SslMode::Require);
+        assert_eq!(r1.pg.get_ports(), [5433]);
+        assert!(r1.read_urls.is_empty());
+        assert_eq!(c.for_replica(1).unwrap().ssl_mode, SslMode::Disable);
+        assert!(c.for_replica(2).is_none());
+        for (k, v) in [
+            ("DB_READ_URLS", "mysql://r1/tasks"),
+            ("DB_READ_URLS", "postgres://r1:x/tasks"),
+            ("DB_REPLICA_WAIT", "-1"),
+            ("DB_MAX_REPLICA_LAG", "0"),
+        ] {
+            match PgConfig::from_lookup(env(&[(k, v)])) {
+                Err(StoreError::Configuration { setting, .. }) => assert_eq!(setting, k),
+                other => panic!("{k}={v}: {other:?}"),
+            }
+        }
     }
 }

@@ -286,6 +286,18 @@ pub struct StoreMetrics {
     pub tail_lag_ms: u64,
     /// How many events the tail's latest read handed out (what it was behind by).
     pub tail_lag_events: u64,
+    /// Reads that replicas may serve ([`PgConfig::read_urls`]) served by the primary.
+    pub reads_primary: u64,
+    /// Such reads served by a replica (all replicas together; per replica:
+    /// [`PgTaskHistoryStore::replicas`](crate::PgTaskHistoryStore::replicas)).
+    pub reads_replicas: u64,
+    /// Reads that wanted a replica but went to the primary: none had replayed what the
+    /// read must see within the wait, or the replica's attempt failed.
+    pub replica_fallbacks: u64,
+    /// The largest lag of a replica at the latest check, in milliseconds.
+    pub replica_lag_ms: u64,
+    /// Replicas in the rotation now (up, replaying, within the lag allowed).
+    pub replicas_in_rotation: u64,
 }
 
 /// The error of an attempt that did not finish within the command timeout.
@@ -835,6 +847,64 @@ impl Executor {
             }
         }
         result
+    }
+
+    /// A read on a replica's pool (`crate::replica`): one attempt, no retry (its caller
+    /// reads the primary instead), with the span, the command timeout and the counters; a
+    /// connection whose statement did not finish is thrown away with a cancel request to
+    /// the replica. Its failures are not the primary's faults.
+    pub(crate) async fn read_on<P: Sync, T>(
+        &self,
+        (pool, connector, server): (&Pool<AsyncPgConnection>, &Connector, &str),
+        call: Call<'_>,
+        params: &P,
+        work: Read<P, T>,
+    ) -> Result<T, StoreError> {
+        self.ensure_open()?;
+        let op = call.operation;
+        let span = tracing::info_span!(
+            "taskhistory",
+            operation = op,
+            user_id = call.user_id.unwrap_or(""),
+            task_id = call.task_id.unwrap_or(""),
+            server,
+        );
+        async {
+            let lease = match pool.get_owned().await {
+                Ok(lease) => lease,
+                Err(bb8::RunError::User(e)) => return Err(e),
+                Err(bb8::RunError::TimedOut) => {
+                    return Err(StoreError::Unavailable {
+                        operation: op,
+                        source: format!("no connection to the replica {server} free").into(),
+                    })
+                }
+            };
+            let mut conn = InFlight {
+                lease,
+                connector,
+                done: false,
+            };
+            self.counters.queries.fetch_add(1, Ordering::Relaxed);
+            let timeout = self.command_timeout;
+            let read = (params, work);
+            let declaration = self.declaration(op, call.scope)?;
+            let attempt = declaring(
+                declaration,
+                self.in_tx(&mut conn.lease, op, Tx::Statement, &read, read_on_pooled),
+            );
+            let (result, finished) = match tokio::time::timeout(timeout, attempt).await {
+                Ok(result) => (result, true),
+                Err(_) => (Err(timed_out(op, timeout)), false),
+            };
+            conn.done = finished;
+            if result.is_err() {
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            result
+        }
+        .instrument(span)
+        .await
     }
 
     /// Pool figures.

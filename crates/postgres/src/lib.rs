@@ -30,6 +30,7 @@ mod migrate;
 mod notify;
 mod ops;
 mod partition;
+mod replica;
 mod session;
 // Public texts for the workspace's tests (feature `test-internals`); without it, items only
 // those tests read are unused here.
@@ -46,6 +47,7 @@ pub use explain::{QueryStats, StatementPlan};
 pub use isolation::{IsolationState, TableIsolation};
 pub use layout::{Layout, PartitionInfo, PartitionInterval, Partitioning};
 pub use migrate::{least_privilege_grants, MigrationState};
+pub use replica::ReplicaState;
 pub use stats::{RelationSize, StatusStats, StoreStats};
 pub use store::{CleanupOptions, PgTaskHistoryStore};
 

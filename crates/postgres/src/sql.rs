@@ -1225,6 +1225,15 @@ impl Query for Statement {
     type SqlType = Untyped;
 }
 
+/// The primary's WAL insert position (`replica.rs`): every commit that returned before this
+/// statement was sent has its commit record below it. Text, as PostgreSQL writes an LSN.
+pub const WAL_INSERT_POSITION: &str = "SELECT pg_current_wal_insert_lsn()::text AS lsn";
+
+/// A replica's state (`replica.rs`): whether it still replays (a promoted server does not),
+/// and the end of the last WAL record it replayed (`NULL` on a server never in recovery).
+pub const REPLICA_POSITION: &str =
+    "SELECT pg_is_in_recovery() AS in_recovery, pg_last_wal_replay_lsn()::text AS replayed";
+
 /// The statements of [`ALL_STATEMENTS`] that do not filter on `user_id` (they may go to
 /// every shard): retention, migrations, watchers' position, notifications and operator tools.
 pub const NOT_PER_USER: &[&str] = &[
@@ -1249,6 +1258,8 @@ pub const NOT_PER_USER: &[&str] = &[
     "python_compat_state",
     "test_schemas_abandoned",
     "isolation_state",
+    "wal_insert_position",
+    "replica_position",
 ];
 
 /// Every statement, for tests and tools (`taskhistory explain`, the benches' baseline).
@@ -1297,6 +1308,8 @@ pub const ALL_STATEMENTS: &[(&str, &str)] = &[
     ("partition_retire_tasks", PARTITION_RETIRE_TASKS),
     ("partition_has_tasks", PARTITION_HAS_TASKS),
     ("isolation_state", ISOLATION_STATE),
+    ("wal_insert_position", WAL_INSERT_POSITION),
+    ("replica_position", REPLICA_POSITION),
 ];
 
 #[cfg(test)]

@@ -737,6 +737,54 @@ impl OwnServer {
     /// Makes a cluster (trust auth, user `postgres`) and starts it with `settings`
     /// (`name=value` pairs for `postgres -c`). Panics saying what is missing.
     pub fn start(settings: &[&str]) -> OwnServer {
+        let server = OwnServer::new(settings);
+        let data = server.data();
+        server.run(
+            "initdb",
+            &["-D", &data, "-U", "postgres", "--auth=trust", "--no-sync"],
+        );
+        server.pg_ctl_start();
+        server.remove_at_exit();
+        server
+    }
+
+    /// A streaming standby of `primary` (hot standby: it serves reads), copied by
+    /// `pg_basebackup -R` and started with `settings` (e.g.
+    /// `recovery_min_apply_delay=200ms`). The primary's defaults (PostgreSQL 15:
+    /// `wal_level=replica`, 10 WAL senders, replication connections trusted from 127.0.0.1)
+    /// suffice.
+    pub fn standby_of(primary: &OwnServer, settings: &[&str]) -> OwnServer {
+        let mut all = vec!["hot_standby=on"];
+        all.extend_from_slice(settings);
+        let server = OwnServer::new(&all);
+        let data = server.data();
+        let port = primary.port.to_string();
+        server.run(
+            "pg_basebackup",
+            &[
+                "-D",
+                &data,
+                "-R",
+                "-X",
+                "stream",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+                "--no-sync",
+                "-c",
+                "fast",
+            ],
+        );
+        server.pg_ctl_start();
+        server.remove_at_exit();
+        server
+    }
+
+    /// A new folder and a free port, nothing started.
+    fn new(settings: &[&str]) -> OwnServer {
         let bin = postgres_bin_dir().unwrap_or_else(|| {
             panic!("no PostgreSQL binaries under /usr/lib/postgresql: apt-get install postgresql")
         });
@@ -754,20 +802,18 @@ impl OwnServer {
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .unwrap_or_else(|e| panic!("no free port for a test server: {e}"));
-        let server = OwnServer {
+        OwnServer {
             port,
             bin,
             dir,
             settings: settings.iter().map(|s| (*s).to_owned()).collect(),
-        };
-        let data = server.data();
-        server.run(
-            "initdb",
-            &["-D", &data, "-U", "postgres", "--auth=trust", "--no-sync"],
-        );
-        server.pg_ctl_start();
-        // Stopped and removed when this process exits, even if a test is killed before the
-        // server is dropped.
+        }
+    }
+
+    /// Stopped and removed when this process exits, even if a test is killed before the
+    /// server is dropped.
+    fn remove_at_exit(&self) {
+        let data = self.data();
         let me = std::process::id();
         let as_postgres = if running_as_root() {
             "runuser -u postgres -- "
@@ -776,19 +822,43 @@ impl OwnServer {
         };
         let stop = format!(
             "{as_postgres}'{}' -D '{data}' -m immediate -w stop",
-            server.bin.join("pg_ctl").display()
+            self.bin.join("pg_ctl").display()
         );
         let _ = std::process::Command::new("sh")
             .arg("-c")
             .arg(format!(
                 "while kill -0 {me} 2>/dev/null; do sleep 1; done; {stop} >/dev/null 2>&1; rm -rf '{}'",
-                server.dir.path().display()
+                self.dir.path().display()
             ))
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn();
-        server
+    }
+
+    /// `pg_ctl stop -m immediate`: the server is gone until [`start_again`](Self::start_again).
+    pub fn stop(&self) {
+        let data = self.data();
+        self.run("pg_ctl", &["-D", &data, "-m", "immediate", "-w", "stop"]);
+    }
+
+    /// Starts a server [`stop`](Self::stop) stopped.
+    pub fn start_again(&self) {
+        self.pg_ctl_start();
+    }
+
+    /// The postmaster's process id (its server processes are its children).
+    pub fn postmaster_pid(&self) -> u32 {
+        std::fs::read_to_string(self.dir.path().join("data").join("postmaster.pid"))
+            .ok()
+            .and_then(|t| t.lines().next().and_then(|l| l.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("no postmaster.pid in the test server's folder"))
+    }
+
+    /// `pg_ctl promote`: a standby leaves recovery and takes writes.
+    pub fn promote(&self) {
+        let data = self.data();
+        self.run("pg_ctl", &["-D", &data, "-w", "promote"]);
     }
 
     fn data(&self) -> String {

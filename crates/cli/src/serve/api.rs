@@ -475,6 +475,7 @@ pub(crate) async fn tasks(
         .auth
         .for_user(&headers, q.access_token.as_deref(), &user)?;
     let store = store_for(&state, &access)?;
+    require_position(&state, &headers, &user)?;
     let after = q
         .cursor
         .as_deref()
@@ -527,6 +528,7 @@ pub(crate) async fn task(
         .auth
         .for_user(&headers, q.access_token.as_deref(), &user)?;
     let store = store_for(&state, &access)?;
+    require_position(&state, &headers, &user)?;
     let limit = parse_number("limit", q.limit.as_deref(), MAX_HISTORY_PAGE)?;
     if !(1..=MAX_HISTORY_PAGE).contains(&limit) {
         return Err(ApiError::invalid(
@@ -608,12 +610,15 @@ pub(crate) async fn task(
     })))
 }
 
+/// `POST /v1/users/{user}/tasks/{task}/cancel`: `{"cancelled": bool}`; on PostgreSQL the
+/// answer carries [`POSITION_HEADER`], a token that makes this server's (and any other's)
+/// later reads of the user see the cancellation when sent back with them.
 pub(crate) async fn cancel(
     State(state): State<AppState>,
     Path((user, task)): Path<(String, String)>,
     headers: HeaderMap,
     Query(q): Query<TokenParam>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Response, ApiError> {
     let access = state
         .auth
         .for_user(&headers, q.access_token.as_deref(), &user)?;
@@ -624,7 +629,34 @@ pub(crate) async fn cancel(
         store.mark_task_as_cancelled(&user, &task),
     )
     .await?;
-    Ok(Json(json!({ "cancelled": cancelled })))
+    let mut answer = Json(json!({ "cancelled": cancelled })).into_response();
+    if let Some(pg) = &state.pg {
+        if let Some(token) = timed(&state, "position", pg.position(&user)).await? {
+            if let Ok(value) = axum::http::HeaderValue::from_str(&token) {
+                answer.headers_mut().insert(POSITION_HEADER, value);
+            }
+        }
+    }
+    Ok(answer)
+}
+
+/// The header of position tokens (issue 31): write routes answer with one, read routes of
+/// the same user take one, so a client that wrote through one server reads its write
+/// through any other, even from a replica. Without it, a read may come from a replica
+/// that has not replayed another server's write yet.
+pub(crate) const POSITION_HEADER: &str = "taskhistory-position";
+
+/// Makes the reads of `user` see the position token of the request, if it has one (a
+/// token that is not one is 400 naming `position`); nothing on the memory store.
+fn require_position(state: &AppState, headers: &HeaderMap, user: &str) -> Result<(), ApiError> {
+    let (Some(pg), Some(value)) = (&state.pg, headers.get(POSITION_HEADER)) else {
+        return Ok(());
+    };
+    let token = value
+        .to_str()
+        .map_err(|_| ApiError::invalid("position", "is not a position token"))?;
+    pg.require_position(user, token)?;
+    Ok(())
 }
 
 /// `GET /v1/users/{user}/counts`: the user's tasks per status (kept by the writes, read
@@ -639,6 +671,7 @@ pub(crate) async fn counts(
         .auth
         .for_user(&headers, q.access_token.as_deref(), &user)?;
     let store = store_for(&state, &access)?;
+    require_position(&state, &headers, &user)?;
     let counts = timed(&state, "task_counts", store.task_counts(&user)).await?;
     Ok(Json(json!({
         "user_id": user,
@@ -661,6 +694,7 @@ pub(crate) async fn activity(
         .auth
         .for_user(&headers, q.access_token.as_deref(), &user)?;
     let store = store_for(&state, &access)?;
+    require_position(&state, &headers, &user)?;
     let (from, to) = super::activity_span(
         parse_time("from", q.from.as_deref())?,
         parse_time("to", q.to.as_deref())?,

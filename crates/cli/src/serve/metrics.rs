@@ -124,6 +124,39 @@ impl Collector for StoreCollector {
             "Events the tail's latest read handed out",
             m.tail_lag_events,
         )?;
+        // Reads replicas may serve, per server that served them (issue 31).
+        {
+            let mut family = e.encode_descriptor(
+                "taskhistory_store_reads",
+                "Reads that replicas may serve (status, history, lists, counts, activity), by the server that served them",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            let primary = ConstCounter::new(m.reads_primary);
+            primary.encode(family.encode_family(&[("server", "primary".to_owned())])?)?;
+            for r in pg.replicas() {
+                let c = ConstCounter::new(r.reads);
+                c.encode(family.encode_family(&[("server", r.server.clone())])?)?;
+            }
+        }
+        counter(
+            e,
+            "taskhistory_store_replica_fallbacks",
+            "Reads whose attempt on a replica failed and that the primary served",
+            m.replica_fallbacks,
+        )?;
+        gauge(
+            e,
+            "taskhistory_store_replica_lag_milliseconds",
+            "The largest lag of a replica behind the primary at the latest check",
+            m.replica_lag_ms,
+        )?;
+        gauge(
+            e,
+            "taskhistory_store_replicas_in_rotation",
+            "Replicas that serve reads now (its limit of lag is DB_MAX_REPLICA_LAG)",
+            m.replicas_in_rotation,
+        )?;
         gauge(
             e,
             "taskhistory_pool_connections",

@@ -278,7 +278,9 @@ pub(crate) fn router(state: AppState, cors_origins: &[String]) -> Result<Router,
                     axum::http::header::AUTHORIZATION,
                     axum::http::header::CONTENT_TYPE,
                     axum::http::HeaderName::from_static("last-event-id"),
-                ]),
+                    axum::http::HeaderName::from_static(api::POSITION_HEADER),
+                ])
+                .expose_headers([axum::http::HeaderName::from_static(api::POSITION_HEADER)]),
         );
     }
     Ok(headers::secure(router))

@@ -161,7 +161,8 @@ impl PgTaskHistoryStore {
             .backend
             .exec()
             .copy(call, &batch, ops::copy::run)
-            .await?
+            .await
+            .inspect_err(|_| self.backend.wrote(steps.iter().map(|p| p.user_id)))?
         {
             return Ok(false);
         }
@@ -282,6 +283,8 @@ fn drop_work<'c>(
 impl TaskHistoryStore for PgTaskHistoryStore {
     async fn init_database_schema(&self) -> Result<(), StoreError> {
         let b = &*self.backend;
+        // Tables made or changed: reads wait for replicas to replay them.
+        let _written = b.all_written();
         let schema = b.config().get_schema().map(str::to_owned);
         let outcome = b
             .exec()
@@ -350,10 +353,7 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         validate::task(user_id, task_id)?;
         let call = self.scoped(Call::task(ops::read::LOAD, user_id, task_id));
         let key = TaskKey { user_id, task_id };
-        self.backend
-            .exec()
-            .read(call, &key, ops::read::load_history)
-            .await
+        self.backend.read(call, &key, ops::read::load_history).await
     }
 
     async fn mark_task_as_cancelled(
@@ -368,7 +368,8 @@ impl TaskHistoryStore for PgTaskHistoryStore {
             .backend
             .exec()
             .pooled(call, Tx::Statement, &key, ops::cancel::run)
-            .await?;
+            .await
+            .inspect_err(|_| self.backend.wrote([user_id]))?;
         if entry.is_none() {
             return Ok(false);
         }
@@ -384,10 +385,7 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         validate::task(user_id, task_id)?;
         let call = self.scoped(Call::task(ops::read::STATUS, user_id, task_id));
         let key = TaskKey { user_id, task_id };
-        self.backend
-            .exec()
-            .read(call, &key, ops::read::task_status)
-            .await
+        self.backend.read(call, &key, ops::read::task_status).await
     }
 
     async fn get_user_tasks_page(
@@ -398,10 +396,7 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         validate::list(user_id, query)?;
         let call = self.scoped(Call::user(ops::read::LIST, user_id));
         let list = ops::read::ListTasks { user_id, query };
-        self.backend
-            .exec()
-            .read(call, &list, ops::read::list_tasks)
-            .await
+        self.backend.read(call, &list, ops::read::list_tasks).await
     }
 
     async fn scan_history(
@@ -446,7 +441,6 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         validate::user_id(user_id)?;
         let call = self.scoped(Call::user(ops::counts::COUNTS, user_id));
         self.backend
-            .exec()
             .read(call, &ops::counts::Of { user_id }, ops::counts::counts)
             .await
     }
@@ -464,10 +458,7 @@ impl TaskHistoryStore for PgTaskHistoryStore {
             from,
             to,
         };
-        self.backend
-            .exec()
-            .read(call, &hours, ops::counts::activity)
-            .await
+        self.backend.read(call, &hours, ops::counts::activity).await
     }
 
     async fn cleanup_old_tasks(&self, days_old: i64) -> Result<CleanupReport, StoreError> {

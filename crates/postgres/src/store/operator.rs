@@ -16,6 +16,7 @@ use crate::layout::{Layout, PartitionInfo, Partitioning};
 use crate::migrate::{self, MigrationState};
 use crate::ops::{self, cleanup::Expired};
 use crate::partition;
+use crate::replica::ReplicaState;
 use crate::stats::{self, StoreStats};
 
 /// Options of [`PgTaskHistoryStore::cleanup_old_tasks_with`].
@@ -53,7 +54,23 @@ impl PgTaskHistoryStore {
     /// Operation counters since start.
     pub fn metrics(&self) -> StoreMetrics {
         let watch = self.tail.metrics();
+        let (
+            reads_primary,
+            reads_replicas,
+            replica_fallbacks,
+            replica_lag_ms,
+            replicas_in_rotation,
+        ) = self
+            .backend
+            .replicas()
+            .map(|r| r.counts())
+            .unwrap_or_default();
         StoreMetrics {
+            reads_primary,
+            reads_replicas,
+            replica_fallbacks,
+            replica_lag_ms,
+            replicas_in_rotation,
             watchers: watch.watchers,
             tail_reads: watch.tail_reads,
             watcher_reads: watch.own_reads,
@@ -62,6 +79,38 @@ impl PgTaskHistoryStore {
             tail_lag_events: watch.lag_events,
             ..self.backend.exec().metrics()
         }
+    }
+
+    /// Each replica of [`PgConfig::read_urls`](crate::PgConfig::read_urls): in the rotation
+    /// or not, reads served, lag, replayed position (empty without replicas).
+    pub fn replicas(&self) -> Vec<ReplicaState> {
+        self.backend
+            .replicas()
+            .map(|r| r.states())
+            .unwrap_or_default()
+    }
+
+    /// A position token for `user`: text to hand to
+    /// [`require_position`](Self::require_position) of another store of the same primary
+    /// (another process, behind another load balancer), whose reads of `user` then see every
+    /// write for `user` that returned through this store before this call. `None`: nothing
+    /// to carry (no write of `user` that replicas may not have replayed; only with replicas).
+    /// With replicas it waits for the refresher's next sample when the user's latest write
+    /// is not covered yet; without, it reads the primary's WAL position (one statement).
+    /// The token is a WAL position in PostgreSQL's text form (`16/B374D848`).
+    pub async fn position(&self, user_id: &str) -> Result<Option<String>, StoreError> {
+        validate::user_id(user_id)?;
+        self.backend.position(user_id).await
+    }
+
+    /// Reads of `user_id` through this store see the position `token` (from
+    /// [`position`](Self::position) of any store of the same primary): they go to a
+    /// replica only once it has replayed it. A token that is not one is
+    /// `StoreError::InvalidInput` naming `position`. Nothing to do without replicas (the
+    /// primary has every write).
+    pub fn require_position(&self, user_id: &str, token: &str) -> Result<(), StoreError> {
+        validate::user_id(user_id)?;
+        self.backend.require_position(user_id, token)
     }
 
     /// Whether the server's messages reach the store untranslated (`lc_messages = 'C'`),
@@ -130,6 +179,8 @@ impl PgTaskHistoryStore {
                 .pooled(call, Tx::Statement, &expired, ops::cleanup::preview)
                 .await;
         }
+        // Removed tasks of any user: every later read must see the removal.
+        let _written = b.all_written();
         let started = Instant::now();
         let deadline = options.time_limit.map(|limit| started + limit);
         // The activity of the hours before the cutoff goes first (a cleanup that runs out

@@ -383,7 +383,6 @@ async fn tokens_carry_writes_across_stores_watchers_deliver_exactly_and_a_promot
         || !strict.replicas()[0].in_rotation,
     )
     .await;
-    assert!(strict.metrics().replica_lag_ms > 50);
     writing.store(false, Ordering::Relaxed);
     saves.await.unwrap();
     in_rotation(&strict).await;

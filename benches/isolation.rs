@@ -71,7 +71,7 @@ async fn run(store: &PgTaskHistoryStore, w: &Workload, round: u64) -> Sample {
                         .unwrap();
                 }
                 "batch100" | "batch2000" => {
-                    let rows = if name == "batch100" { 100 } else { 2_000 };
+                    let rows: u32 = if name == "batch100" { 100 } else { 2_000 };
                     let n = counter.fetch_add(1, Ordering::Relaxed);
                     let batch: Vec<StepRecord> = (0..rows)
                         .map(|k| {
@@ -79,7 +79,7 @@ async fn run(store: &PgTaskHistoryStore, w: &Workload, round: u64) -> Sample {
                                 &user,
                                 format!("b{round}_{worker}_{n}_{}", k / 10),
                                 (k % 10) as i32,
-                                step(k as u64),
+                                step(u64::from(k)),
                             )
                         })
                         .collect();

@@ -813,6 +813,20 @@ pub(crate) async fn retention(
     })))
 }
 
+/// The store a request runs on: for a user's token, a handle that declares only that user to
+/// row-level isolation ([`PgTaskHistoryStore::acting_for`]), so that with isolation on a
+/// route that passed another user's id would get nothing of that user's from the database;
+/// for the operator's token (or the memory store), the store itself.
+pub(crate) fn store_for(
+    state: &AppState,
+    access: &Access,
+) -> Result<taskhistory_core::DynStore, ApiError> {
+    match (access, &state.pg) {
+        (Access::User(user), Some(pg)) => Ok(Arc::new(pg.acting_for(user)?)),
+        _ => Ok(state.store.clone()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -841,19 +855,5 @@ mod tests {
             response.headers()[axum::http::header::RETRY_AFTER],
             RETRY_AFTER_SECS.to_string()
         );
-    }
-}
-
-/// The store a request runs on: for a user's token, a handle that declares only that user to
-/// row-level isolation ([`PgTaskHistoryStore::acting_for`]), so that with isolation on a
-/// route that passed another user's id would get nothing of that user's from the database;
-/// for the operator's token (or the memory store), the store itself.
-pub(crate) fn store_for(
-    state: &AppState,
-    access: &Access,
-) -> Result<taskhistory_core::DynStore, ApiError> {
-    match (access, &state.pg) {
-        (Access::User(user), Some(pg)) => Ok(Arc::new(pg.acting_for(user)?)),
-        _ => Ok(state.store.clone()),
     }
 }

@@ -404,9 +404,11 @@ impl Executor {
                 Some(user) => std::iter::once(user.as_str()).collect(),
                 None => users.collect(),
             };
+            let array = declare::array(users.iter().copied());
             Some(Declaration {
-                local: declare::users(users.iter().copied(), true),
-                session: declare::users(users.iter().copied(), false),
+                local: declare::users(&array, true),
+                session: declare::users(&array, false),
+                users: Some(Arc::from(array)),
             })
         };
         Ok(match scope {
@@ -432,6 +434,7 @@ impl Executor {
                 Some(Declaration {
                     local: declare::maintenance(true),
                     session: declare::maintenance(false),
+                    users: None,
                 })
             }
         })
@@ -586,15 +589,26 @@ impl Executor {
         params: &P,
         work: Read<P, T>,
     ) -> Result<T, StoreError> {
-        // Shared connections interleave their callers' statements: a declaration cannot
-        // stay with its own statement there, so a declaring store reads on pooled ones.
-        let Some(shared) = self.shared.as_ref().filter(|_| !self.declares()) else {
-            return self
-                .pooled(call, Tx::Statement, &(params, work), read_on_pooled)
-                .await;
+        // Shared connections interleave their callers' statements: a declaration sent
+        // apart from its statement could meet another caller's there. A read of users'
+        // rows declares inside its own statement instead (`sql::declaring_in_statement`);
+        // the cross-user work reads on a pooled connection.
+        let declaration = self.declaration(call.operation, call.scope)?;
+        let in_statement = declaration.as_ref().map(|d| d.users.clone());
+        let shared = match (&self.shared, &in_statement) {
+            (Some(shared), None | Some(Some(_))) => shared,
+            _ => {
+                return self
+                    .pooled(call, Tx::Statement, &(params, work), read_on_pooled)
+                    .await
+            }
         };
-        self.execute(call, || {
-            self.read_shared(shared, call.operation, params, work)
+        let users = in_statement.flatten();
+        self.execute_declared(call, None, || {
+            crate::sql::declaring_in_statement(
+                users.clone(),
+                self.read_shared(shared, call.operation, params, work),
+            )
         })
         .await
     }
@@ -702,6 +716,22 @@ impl Executor {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, StoreError>>,
     {
+        let declaration = self.declaration(call.operation, call.scope)?;
+        self.execute_declared(call, declaration, attempt).await
+    }
+
+    /// [`execute`](Self::execute) with the transactions of its attempts declaring
+    /// `declaration`.
+    async fn execute_declared<T, F, Fut>(
+        &self,
+        call: Call<'_>,
+        declaration: Option<Declaration>,
+        attempt: F,
+    ) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
         let span = tracing::info_span!(
             "taskhistory",
             operation = call.operation,
@@ -711,7 +741,6 @@ impl Executor {
             elapsed_ms = tracing::field::Empty,
         );
         let started = Instant::now();
-        let declaration = self.declaration(call.operation, call.scope)?;
         let result = declaring(
             declaration,
             self.retry.run(attempt, |error, retry, wait| {

@@ -118,6 +118,9 @@ impl Session for RawSession {
 pub(crate) struct Declaration {
     pub(crate) local: String,
     pub(crate) session: String,
+    /// The declared users as a text array's literal (none for the cross-user work): what a
+    /// read declares inside its own statement.
+    pub(crate) users: Option<Arc<str>>,
 }
 
 tokio::task_local! {

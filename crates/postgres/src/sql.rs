@@ -760,7 +760,13 @@ pub mod declare {
     /// holds the users as a quoted array literal (a utility statement: nothing to plan; no
     /// parameters, so it can go in the same round trip as `BEGIN`, or ahead of the
     /// operation's own statement unanswered).
-    pub fn users<'u>(users: impl IntoIterator<Item = &'u str>, local: bool) -> String {
+    pub fn users(array: &str, local: bool) -> String {
+        format!("SET {}{USERS} = {}", scope(local), literal(array))
+    }
+
+    /// `users` as a text array's literal (what [`users`] declares, and what a read that
+    /// declares inside its own statement binds).
+    pub fn array<'u>(users: impl IntoIterator<Item = &'u str>) -> String {
         let mut array = String::from("{");
         for (i, user) in users.into_iter().enumerate() {
             if i > 0 {
@@ -776,7 +782,7 @@ pub mod declare {
             array.push('"');
         }
         array.push('}');
-        format!("SET {}{USERS} = {}", scope(local), literal(&array))
+        array
     }
 
     /// Declares the cross-user work for the transaction (`local`) or the session.
@@ -1108,13 +1114,50 @@ INSERT INTO taskhistory_python_compat (singleton, enabled_at) VALUES (true, now(
 pub(crate) struct Statement {
     sql: &'static str,
     binds: Vec<Box<dyn QueryFragment<Pg> + Send + Sync>>,
+    /// The users this read declares inside its own text (see [`declaring_in_statement`]).
+    declared: Option<std::sync::Arc<str>>,
 }
+
+tokio::task_local! {
+    /// The users (a text array's literal) that the reads run in this scope declare inside
+    /// their own statements: set by the executor for reads on the connections concurrent
+    /// reads share, under row-level isolation.
+    static DECLARED_IN_STATEMENT: Option<std::sync::Arc<str>>;
+}
+
+/// Runs `work` with its reads declaring `users` inside their own statements: each read is
+///
+/// ```sql
+/// SELECT q.* FROM (SELECT set_config('taskhistory.user_ids', $1, true) AS taskhistory_declared) d
+/// CROSS JOIN LATERAL (SELECT s.* FROM (<the read>) s
+///                     WHERE d.taskhistory_declared IS NOT NULL OFFSET 0) q
+/// ```
+///
+/// The lateral subquery (kept apart by `OFFSET 0`) depends on `d`, so it runs after `d`'s
+/// one row, whose `set_config` declares the users for this statement's own implicit
+/// transaction only; the policies read the declaration at their first use, inside `q`.
+/// One statement, one message: callers sharing a pipelined connection cannot interleave
+/// between a declaration and its statement.
+pub(crate) async fn declaring_in_statement<F: std::future::Future>(
+    users: Option<std::sync::Arc<str>>,
+    work: F,
+) -> F::Output {
+    DECLARED_IN_STATEMENT.scope(users, work).await
+}
+
+/// What the in-statement declaration wraps a read in (see [`declaring_in_statement`]).
+const DECLARED_BEFORE: &str =
+    "SELECT q.* FROM (SELECT set_config('taskhistory.user_ids', ";
+const DECLARED_MIDDLE: &str =
+    ", true) AS taskhistory_declared) d CROSS JOIN LATERAL (SELECT s.* FROM (\n";
+const DECLARED_AFTER: &str = "\n) s WHERE d.taskhistory_declared IS NOT NULL OFFSET 0) q";
 
 impl Statement {
     pub(crate) fn new(sql: &'static str) -> Self {
         Statement {
             sql,
             binds: Vec::new(),
+            declared: None,
         }
     }
 
@@ -1134,12 +1177,13 @@ impl Statement {
 
     /// Runs the statement and reads its rows, on a connection of its own or on one shared
     /// by concurrent reads (`&AsyncPgConnection`: pipelined).
-    pub(crate) async fn fetch<T, C>(self, conn: &mut C) -> QueryResult<Vec<T>>
+    pub(crate) async fn fetch<T, C>(mut self, conn: &mut C) -> QueryResult<Vec<T>>
     where
         C: AsyncConnectionCore<Backend = Pg> + Send,
         T: Send + 'static,
         Self: LoadQuery<'static, C, T>,
     {
+        self.declared = DECLARED_IN_STATEMENT.try_with(Clone::clone).ok().flatten();
         RunQueryDsl::load(self, conn).await
     }
 }
@@ -1189,6 +1233,11 @@ fn segments(sql: &str) -> impl Iterator<Item = &str> {
 
 impl QueryFragment<Pg> for Statement {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        if let Some(users) = &self.declared {
+            out.push_sql(DECLARED_BEFORE);
+            out.push_bind_param::<diesel::sql_types::Text, str>(users)?;
+            out.push_sql(DECLARED_MIDDLE);
+        }
         let mut binds = self.binds.iter();
         for (i, seg) in segments(self.sql).enumerate() {
             if i > 0 {
@@ -1211,6 +1260,9 @@ impl QueryFragment<Pg> for Statement {
             return Err(diesel::result::Error::QueryBuilderError(
                 "more values bound than placeholders".into(),
             ));
+        }
+        if self.declared.is_some() {
+            out.push_sql(DECLARED_AFTER);
         }
         Ok(())
     }

@@ -1,14 +1,14 @@
 -- taskhistory schema, version 8: row-level isolation by user, made but not switched on.
 --
--- Each table holding a user's rows gets two policies. `taskhistory_user` lets a
--- transaction see and write only the rows of the users it declared
--- (`set_config('taskhistory.user_ids', '{...}', ...)`, a text array the store sends with
--- every operation, made from the operation's own arguments); a session that declared
--- nothing sees nothing and writes nothing. `taskhistory_maintenance` lets the cross-user
--- work (retention, partitions, statistics, migrations) through, only for the tables' owner
--- (and roles that are members of it) and only while it declares `taskhistory.maintenance`:
--- a service's role, which the least-privilege setup keeps apart from the owner, can never
--- reach it.
+-- A transaction declares, in the one setting `taskhistory.declared`, either users (a text
+-- array, `{"a","b"}`, made by the store from each operation's own arguments) or the
+-- cross-user work (`maintenance`). Each table holding a user's rows gets two policies.
+-- `taskhistory_user` lets a statement see and write only the rows of the declared users; a
+-- session that declared nothing sees nothing and writes nothing. `taskhistory_maintenance`
+-- lets the cross-user work (retention, partitions, statistics, migrations) through, only
+-- for the tables' owner (and roles that are members of it): a service's role, which the
+-- least-privilege setup keeps apart from the owner, can never reach it. One setting for
+-- both, so that every declaration replaces the one before it whole.
 --
 -- The policies hold only once row-level security is enabled and forced on the tables
 -- (`taskhistory isolation on`, `PgTaskHistoryStore::set_isolation`): until then they cost
@@ -20,11 +20,12 @@
 
 CREATE FUNCTION taskhistory_declared_users() RETURNS text[]
     LANGUAGE sql STABLE PARALLEL SAFE
-    AS $$ SELECT coalesce(nullif(current_setting('taskhistory.user_ids', true), ''), '{}')::text[] $$;
+    AS $$ SELECT CASE WHEN d LIKE '{%' THEN d::text[] ELSE '{}'::text[] END
+          FROM (SELECT coalesce(current_setting('taskhistory.declared', true), '') AS d) s $$;
 
 CREATE FUNCTION taskhistory_maintenance_declared() RETURNS boolean
     LANGUAGE sql STABLE PARALLEL SAFE
-    AS $$ SELECT coalesce(current_setting('taskhistory.maintenance', true), '') = 'on' $$;
+    AS $$ SELECT coalesce(current_setting('taskhistory.declared', true), '') = 'maintenance' $$;
 
 -- Gives `tbl` the two policies (again after a table is remade: the conversion to the
 -- partitioned layout calls it for the new task_history).

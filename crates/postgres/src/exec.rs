@@ -412,7 +412,8 @@ impl Executor {
             })
         };
         Ok(match scope {
-            Scope::Nothing => None,
+            // Declared too, as no user: a connection's earlier declaration never carries over.
+            Scope::Nothing => users(&mut std::iter::empty()),
             Scope::User(user) => users(&mut std::iter::once(user)),
             Scope::Users(list) => users(&mut list.iter().copied()),
             Scope::Maintenance | Scope::Schema => {
@@ -563,15 +564,11 @@ impl Executor {
                     return work(conn, params).await;
                 };
                 // A lone statement in its own implicit transaction: the declaration is the
-                // session's, sent ahead in the same round trip, and ended after (so an idle
-                // connection declares nothing).
+                // session's, sent ahead in the same round trip. It replaces the one before
+                // it whole, and every statement of a declaring store has its own (one that
+                // declares no user: `{}`).
                 send_ahead(conn, op, &declaration.session).await?;
-                let result = work(conn, params).await;
-                // Not sent: the connection is thrown away rather than kept declaring.
-                if send_ahead(conn, op, declare::NOTHING).await.is_err() {
-                    conn.set_broken();
-                }
-                return result;
+                return work(conn, params).await;
             }
             Tx::Statement | Tx::Always => "",
             Tx::With(settings) => settings,

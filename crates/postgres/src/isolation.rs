@@ -3,8 +3,8 @@
 //!
 //! Migration 8 gives every table holding a user's rows (`sql::ISOLATED_TABLES`) two
 //! policies: a transaction sees and writes only the rows of the users it declared
-//! (`taskhistory.user_ids`), and the cross-user work gets through only as the tables' owner
-//! (or a member of it) declaring `taskhistory.maintenance`. [`set`] switches them on
+//! (`taskhistory.declared`), and the cross-user work gets through only as the tables' owner
+//! (or a member of it) declaring `maintenance` there. [`set`] switches them on
 //! (`ENABLE` and `FORCE ROW LEVEL SECURITY`, so the owner is held too) or off; [`state`]
 //! reads them back from the catalog, and tells the executor, which then declares every
 //! operation's users (`exec::Scope`): with a lone statement ahead of it in the same round

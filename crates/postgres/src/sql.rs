@@ -748,20 +748,17 @@ ORDER BY 1
 /// What a transaction or a session declares to row-level isolation (migration 8's
 /// policies read it): the users an operation may see and write, or the cross-user work.
 pub mod declare {
-    /// The setting naming the declared users: a text array.
-    pub const USERS: &str = "taskhistory.user_ids";
-    /// The setting that marks the cross-user work (`on`), which only the tables' owner's
-    /// policy lets through.
-    pub const MAINTENANCE: &str = "taskhistory.maintenance";
-    /// Ends a session's declaration: nothing declared, nothing seen.
-    pub const NOTHING: &str = "RESET taskhistory.user_ids; RESET taskhistory.maintenance";
+    /// The one setting of a declaration: the declared users (a text array's literal), or
+    /// `maintenance` (the cross-user work, which only the tables' owner's policy lets
+    /// through). One setting, so that each declaration replaces the one before it whole.
+    pub const DECLARED: &str = "taskhistory.declared";
 
     /// Declares `users` for the transaction (`local`) or the session: a `SET` whose text
     /// holds the users as a quoted array literal (a utility statement: nothing to plan; no
     /// parameters, so it can go in the same round trip as `BEGIN`, or ahead of the
     /// operation's own statement unanswered).
     pub fn users(array: &str, local: bool) -> String {
-        format!("SET {}{USERS} = {}", scope(local), literal(array))
+        format!("SET {}{DECLARED} = {}", scope(local), literal(array))
     }
 
     /// `users` as a text array's literal (what [`users`] declares, and what a read that
@@ -787,7 +784,7 @@ pub mod declare {
 
     /// Declares the cross-user work for the transaction (`local`) or the session.
     pub fn maintenance(local: bool) -> String {
-        format!("SET {}{MAINTENANCE} = on", scope(local))
+        format!("SET {}{DECLARED} = maintenance", scope(local))
     }
 
     fn scope(local: bool) -> &'static str {
@@ -1128,7 +1125,7 @@ tokio::task_local! {
 /// Runs `work` with its reads declaring `users` inside their own statements: each read is
 ///
 /// ```sql
-/// SELECT q.* FROM (SELECT set_config('taskhistory.user_ids', $1, true) AS taskhistory_declared) d
+/// SELECT q.* FROM (SELECT set_config('taskhistory.declared', $1, true) AS taskhistory_declared) d
 /// CROSS JOIN LATERAL (SELECT s.* FROM (<the read>) s
 ///                     WHERE d.taskhistory_declared IS NOT NULL OFFSET 0) q
 /// ```
@@ -1147,7 +1144,7 @@ pub(crate) async fn declaring_in_statement<F: std::future::Future>(
 
 /// What the in-statement declaration wraps a read in (see [`declaring_in_statement`]).
 const DECLARED_BEFORE: &str =
-    "SELECT q.* FROM (SELECT set_config('taskhistory.user_ids', ";
+    "SELECT q.* FROM (SELECT set_config('taskhistory.declared', ";
 const DECLARED_MIDDLE: &str =
     ", true) AS taskhistory_declared) d CROSS JOIN LATERAL (SELECT s.* FROM (\n";
 const DECLARED_AFTER: &str = "\n) s WHERE d.taskhistory_declared IS NOT NULL OFFSET 0) q";

@@ -149,7 +149,7 @@ async fn a_declared_user_sees_and_writes_only_its_own_rows() {
     let client = raw(&app_role(), &app_password(), schema).await;
     // One user declared: only its rows, in every table.
     client
-        .batch_execute("BEGIN; SELECT set_config('taskhistory.user_ids', '{a}', true)")
+        .batch_execute("BEGIN; SELECT set_config('taskhistory.declared', '{a}', true)")
         .await
         .unwrap();
     for table in ["task_history", "task_summary", "task_counts"] {
@@ -190,7 +190,7 @@ async fn a_declared_user_sees_and_writes_only_its_own_rows() {
 
     // A combined save's declaration of a and b: a's and b's rows, never c's.
     client
-        .batch_execute("BEGIN; SELECT set_config('taskhistory.user_ids', '{a,b}', true)")
+        .batch_execute("BEGIN; SELECT set_config('taskhistory.declared', '{a,b}', true)")
         .await
         .unwrap();
     client.batch_execute(&insert_row("a")).await.unwrap();

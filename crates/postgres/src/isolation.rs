@@ -49,6 +49,11 @@ pub struct IsolationState {
     /// This store declares its operations' users to the server (isolation is on, or
     /// [`PgConfig::declare_users`](crate::PgConfig::declare_users) is set).
     pub declaring: bool,
+    /// The tables' owner is a superuser or has `BYPASSRLS`: isolation never holds it, nor
+    /// the Python compatibility mode's functions, which run as the owner.
+    pub owner_bypasses: bool,
+    /// This connection's role is a superuser or has `BYPASSRLS`: isolation never holds it.
+    pub role_bypasses: bool,
 }
 
 impl IsolationState {
@@ -79,6 +84,10 @@ struct Row {
     policies: i32,
     #[diesel(sql_type = Bool)]
     maintainer: bool,
+    #[diesel(sql_type = Bool)]
+    owner_bypasses: bool,
+    #[diesel(sql_type = Bool)]
+    role_bypasses: bool,
 }
 
 fn read_work<'c>(
@@ -112,6 +121,8 @@ pub(crate) async fn state(b: &Backend) -> Result<IsolationState, StoreError> {
         .pooled(Call::new(OP), Tx::Statement, &(), read_work)
         .await?;
     let maintainer = rows.iter().all(|r| r.maintainer);
+    let owner_bypasses = rows.iter().any(|r| r.owner_bypasses);
+    let role_bypasses = rows.iter().any(|r| r.role_bypasses);
     let tables: Vec<TableIsolation> = rows
         .into_iter()
         .map(|r| TableIsolation {
@@ -125,6 +136,8 @@ pub(crate) async fn state(b: &Backend) -> Result<IsolationState, StoreError> {
         tables,
         maintainer,
         declaring: false,
+        owner_bypasses,
+        role_bypasses,
     };
     // Declaring from the first table switched on: an operation that finds any table
     // holding it declares (a partly switched schema is not left readable by nobody).

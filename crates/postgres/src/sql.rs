@@ -738,7 +738,9 @@ pub const ISOLATION_STATE: &str = r#"
 SELECT c.relname::text AS table_name, c.relrowsecurity AS enabled, c.relforcerowsecurity AS forced,
        (SELECT count(*) FROM pg_policy p
         WHERE p.polrelid = c.oid AND p.polname IN ('taskhistory_user', 'taskhistory_maintenance'))::int4 AS policies,
-       pg_has_role(c.relowner, 'USAGE') AS maintainer
+       pg_has_role(c.relowner, 'USAGE') AS maintainer,
+       (SELECT r.rolsuper OR r.rolbypassrls FROM pg_roles r WHERE r.oid = c.relowner) AS owner_bypasses,
+       (SELECT r.rolsuper OR r.rolbypassrls FROM pg_roles r WHERE r.rolname = current_user) AS role_bypasses
 FROM unnest(ARRAY['task_history', 'task_summary', 'task_counts', 'task_activity',
                   'task_history_duplicates']) AS t(name)
 JOIN pg_class c ON c.oid = to_regclass(t.name)
@@ -1143,8 +1145,7 @@ pub(crate) async fn declaring_in_statement<F: std::future::Future>(
 }
 
 /// What the in-statement declaration wraps a read in (see [`declaring_in_statement`]).
-const DECLARED_BEFORE: &str =
-    "SELECT q.* FROM (SELECT set_config('taskhistory.declared', ";
+const DECLARED_BEFORE: &str = "SELECT q.* FROM (SELECT set_config('taskhistory.declared', ";
 const DECLARED_MIDDLE: &str =
     ", true) AS taskhistory_declared) d CROSS JOIN LATERAL (SELECT s.* FROM (\n";
 const DECLARED_AFTER: &str = "\n) s WHERE d.taskhistory_declared IS NOT NULL OFFSET 0) q";

@@ -274,6 +274,18 @@ async fn the_switch_reads_back_and_survives_the_conversion_to_partitions() {
     let store = store_for(config.clone()).await;
     let off = store.isolation().await.unwrap();
     assert!(off.ready() && !off.on() && !off.declaring, "{off:?}");
+    assert!(!off.owner_bypasses && !off.role_bypasses, "{off:?}");
+    // The tests' admin role is a superuser: never held, and said so.
+    let admin = PgTaskHistoryStore::connect(
+        PgConfig::from_url(&database_url().await)
+            .unwrap()
+            .ssl_mode(taskhistory_postgres::SslMode::Disable)
+            .schema(config.get_schema().unwrap()),
+    )
+    .await
+    .unwrap();
+    assert!(admin.isolation().await.unwrap().role_bypasses);
+    admin.close().await;
     assert_eq!(off.tables.len(), TABLES.len());
     // A store opened before the switch, declaring anyway (the no-window procedure).
     let early = PgTaskHistoryStore::connect(config.clone().declare_users(true))

@@ -21,7 +21,8 @@ use serde_json::{json, Value};
 use taskhistory_core::{StoreError, TaskHistoryStore, TaskStatus, TaskStepResult};
 use taskhistory_postgres::{Partitioning, PgConfig, PgTaskHistoryStore};
 use taskhistory_testing::{
-    app_password, app_role, app_role_store, database_url, fresh_config, store_for,
+    app_password, app_role, app_role_store, database_url, fresh_config, owner_config,
+    owner_password, owner_role, store_for,
 };
 
 const USER: &str = "user_123";
@@ -722,10 +723,25 @@ async fn python_and_rust_writers_at_once_keep_every_acknowledged_write() {
 /// after the last Python writer is gone (docs/reliability.md).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_reads_and_writes_nothing_under_isolation() {
-    let config: PgConfig = fresh_config().await.watch_poll(Duration::from_secs(3600));
+    // The schema's owner is not a superuser (a superuser is never held, and the mode's
+    // functions run as the owner).
+    let config: PgConfig = owner_config().await.watch_poll(Duration::from_secs(3600));
     let schema = config.get_schema().unwrap().to_owned();
-    create_schema(&schema).await;
-    let mut owner_py = Legacy::start(&dsn(None).await, &schema);
+    let (client, conn) = tokio_postgres::connect(&database_url().await, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!(
+            "CREATE SCHEMA {schema} AUTHORIZATION {}",
+            owner_role()
+        ))
+        .await
+        .unwrap();
+    let mut owner_py = Legacy::start(
+        &dsn(Some((&owner_role(), &owner_password()))).await,
+        &schema,
+    );
     owner_py.startup().unwrap();
     owner_py.save("old", 0, "running").unwrap();
     drop(owner_py);

@@ -298,6 +298,18 @@ pub(super) async fn isolation(
         },
         yes(state.maintainer)
     ))?;
+    if state.owner_bypasses {
+        out.line(
+            "warning: the tables' owner is a superuser or has BYPASSRLS: isolation never holds \
+             it, nor the Python compatibility mode's functions (they run as the owner)",
+        )?;
+    }
+    if state.role_bypasses {
+        out.line(
+            "warning: this role is a superuser or has BYPASSRLS: isolation never holds it \
+             (run services as a role with least_privilege_grants)",
+        )?;
+    }
     Ok(exit::OK)
 }
 

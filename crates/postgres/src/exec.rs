@@ -746,6 +746,42 @@ impl Executor {
         .await
     }
 
+    /// A read on a replica's connection shared by concurrent reads (pipelined; `crate::replica`
+    /// holds it): one attempt, no retry, with the span, the command timeout and the counters.
+    /// Its caller drops the connection after a connection error or a timeout.
+    pub(crate) async fn read_with<P: Sync, T>(
+        &self,
+        (conn, server): (&AsyncPgConnection, &str),
+        call: Call<'_>,
+        params: &P,
+        work: Read<P, T>,
+    ) -> Result<T, StoreError> {
+        self.ensure_open()?;
+        let op = call.operation;
+        let span = tracing::info_span!(
+            "taskhistory",
+            operation = op,
+            user_id = call.user_id.unwrap_or(""),
+            task_id = call.task_id.unwrap_or(""),
+            server,
+        );
+        async {
+            self.counters.queries.fetch_add(1, Ordering::Relaxed);
+            let timeout = self.command_timeout;
+            let mut shared = conn;
+            let result = match tokio::time::timeout(timeout, work(&mut shared, params)).await {
+                Ok(result) => result,
+                Err(_) => Err(timed_out(op, timeout)),
+            };
+            if result.is_err() {
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            result
+        }
+        .instrument(span)
+        .await
+    }
+
     /// Pool figures.
     pub(crate) fn pool_stats(&self, max: u32) -> PoolStats {
         match self.pool() {

@@ -131,7 +131,7 @@ where
         let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
         for which in order {
             let f = op(which == 1);
-            let (s, c) = run(postmaster, workers, move |w, i| f(w, i)).await;
+            let (s, c) = run(postmaster, workers, f).await;
             rates[which].push(s.rate());
             cpu[which].push(c);
         }

@@ -147,8 +147,7 @@ impl Server {
     /// Connections opened since start (pooled and shared): a read whose connection was
     /// opened after a round began changes it.
     fn opened(&self) -> u64 {
-        self.pool.state().statistics.connections_created
-            + self.opened_shared.load(Ordering::SeqCst)
+        self.pool.state().statistics.connections_created + self.opened_shared.load(Ordering::SeqCst)
     }
 
     /// A read on this replica: on a shared connection (opened if its slot is empty; left
@@ -163,7 +162,12 @@ impl Server {
         let n = self.shared.len();
         if n == 0 {
             return exec
-                .read_on((&self.pool, &self.connector, &self.name), call, params, work)
+                .read_on(
+                    (&self.pool, &self.connector, &self.name),
+                    call,
+                    params,
+                    work,
+                )
                 .await;
         }
         let Some(slot) = self
@@ -556,9 +560,7 @@ impl Replicas {
                 name,
                 connector,
                 pool,
-                shared: (0..shared)
-                    .map(|_| tokio::sync::Mutex::new(None))
-                    .collect(),
+                shared: (0..shared).map(|_| tokio::sync::Mutex::new(None)).collect(),
                 next_shared: AtomicUsize::new(0),
                 opened_shared: AtomicU64::new(0),
                 in_rotation: AtomicBool::new(false),

@@ -18,6 +18,12 @@ use taskhistory_core::{StoreError, TaskHistoryStore, TaskQuery, TaskStatus, Task
 use taskhistory_postgres::{PgConfig, PgTaskHistoryStore, SslMode};
 use taskhistory_testing::{store_for, OwnServer};
 
+/// The whole behaviour suite on a store whose reads go to a standby that applies commits
+/// 50 ms late: every read of a user the store wrote must show its writes.
+mod behaviour {
+    taskhistory_core::conformance_tests!(taskhistory_testing::replica_dyn_store().await);
+}
+
 const APPLY_DELAY: &str = "recovery_min_apply_delay=200ms";
 
 fn config(primary: &OwnServer, schema: &str) -> PgConfig {

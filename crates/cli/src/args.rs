@@ -242,6 +242,13 @@ pub(crate) enum Command {
         #[command(subcommand)]
         action: Option<CompatAction>,
     },
+    /// Row-level isolation by user: its state, or switch it on or off (run as the tables'
+    /// owner; see docs/reliability.md, "Row-level isolation").
+    Isolation {
+        /// What to do (default: show the state).
+        #[command(subcommand)]
+        action: Option<IsolationAction>,
+    },
     /// The partitioned layout: list partitions, make them ahead, or convert the plain table.
     Partitions {
         /// What to do.
@@ -299,6 +306,19 @@ pub(crate) enum CompatAction {
     /// (`migrate` does this when it adopts the Python service's table).
     On,
     /// Switch it off once no Python service writes any more: a Python INSERT then fails.
+    Off,
+}
+
+/// `taskhistory isolation ...`.
+#[derive(Debug, Subcommand)]
+pub(crate) enum IsolationAction {
+    /// Per table: row-level security enabled, forced, the store's policies present.
+    Status,
+    /// Switch it on: every operation then sees and writes only the users it declares, the
+    /// tables' owner included. Services opened before declare only with
+    /// DB_DECLARE_USERS=true: set it (and restart them) first.
+    On,
+    /// Switch it off: the policies stay, and hold nothing.
     Off,
 }
 

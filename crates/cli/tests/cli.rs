@@ -1586,3 +1586,62 @@ async fn migrate_adopts_a_python_table_and_compat_switches_the_mode() {
     let r = db.cli(&["--json", "compat"]);
     assert_eq!(r.json()["enabled"], true);
 }
+
+/// `taskhistory isolation`: the state per table, switched on and off by the tables' owner
+/// (not a superuser, so it is held too); the CLI, opened after, declares its users and
+/// reads as before, and a retention run by the owner declares the cross-user work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isolation_switches_on_and_off_and_the_cli_reads_as_before() {
+    testing::owner_config().await;
+    let fresh = Db::fresh().await;
+    let mut config: tokio_postgres::Config = fresh.url.parse().unwrap();
+    config
+        .user(testing::owner_role())
+        .password(testing::owner_password());
+    let url = format!(
+        "postgres://{}:{}@127.0.0.1:{}/{}",
+        testing::owner_role(),
+        testing::owner_password(),
+        config.get_ports().first().copied().unwrap_or(5432),
+        config.get_dbname().unwrap()
+    );
+    let db = Db {
+        url,
+        schema: fresh.schema,
+    };
+    let store = db.store().await;
+    store
+        .save_task_history("u", "t", 0, &TaskStepResult::running("s", json!({}), ""))
+        .await
+        .unwrap();
+    let r = db.cli(&["isolation"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("isolation: off"), "{}", r.stdout);
+
+    let r = db.cli(&["--json", "isolation", "on"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let state = r.json();
+    let tables = state["tables"].as_array().unwrap();
+    assert_eq!(tables.len(), 5, "{state}");
+    assert!(
+        tables
+            .iter()
+            .all(|t| t["enabled"] == true && t["forced"] == true && t["policies"] == true),
+        "{state}"
+    );
+    assert_eq!(state["maintainer"], true);
+    let r = db.cli(&["status", "u", "t"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("running"), "{}", r.stdout);
+    let r = db.cli(&["isolation", "status"]);
+    assert!(r.stdout.contains("isolation: on"), "{}", r.stdout);
+    let r = db.cli(&["cleanup", "--days", "0"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let r = db.cli(&["history", "u", "t"]);
+    assert_eq!(r.code, 3, "retention removed the task: {}", r.stdout);
+
+    let r = db.cli(&["isolation", "off"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("isolation: off"), "{}", r.stdout);
+    store.close().await;
+}

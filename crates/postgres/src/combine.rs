@@ -277,10 +277,11 @@ async fn write(backend: &Arc<Backend>, mut batch: Vec<Queued>, lone_combined: bo
         saves.results.push(result);
         saves.statuses.push(q.result.status.as_str());
     }
+    let users: Vec<&str> = saves.users.iter().map(|u| u.as_ref()).collect();
     let outcome = backend
         .exec()
         .pooled(
-            Call::new(OP),
+            Call::users(OP, &users),
             Tx::Statement,
             &saves,
             ops::save::run_combined,

@@ -151,7 +151,7 @@ pub(crate) async fn enable(b: &Backend) -> Result<PythonCompat, StoreError> {
     let channel = b.channel().to_owned();
     let state = b
         .exec()
-        .dedicated(Call::new(OP), &b.ddl_setup(), &channel, enable_work)
+        .dedicated(Call::maintenance(OP), &b.ddl_setup(), &channel, enable_work)
         .await?;
     tracing::info!("Python compatibility mode on");
     state.ok_or_else(|| StoreError::database(OP, "the mode's transaction was rolled back"))
@@ -161,7 +161,7 @@ pub(crate) async fn enable(b: &Backend) -> Result<PythonCompat, StoreError> {
 pub(crate) async fn disable(b: &Backend) -> Result<PythonCompat, StoreError> {
     let state = b
         .exec()
-        .dedicated(Call::new(OP), &b.ddl_setup(), &(), disable_work)
+        .dedicated(Call::maintenance(OP), &b.ddl_setup(), &(), disable_work)
         .await?;
     tracing::info!("Python compatibility mode off");
     state.ok_or_else(|| StoreError::database(OP, "the mode's transaction was rolled back"))

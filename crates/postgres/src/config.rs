@@ -78,6 +78,11 @@ pub struct PgConfig {
     /// keeps). For tests that must run every save through the combined statement, as the
     /// behaviour suite does on one of its stores.
     pub(crate) combine_lone_saves: bool,
+    /// See [`PgConfig::declare_users`].
+    pub(crate) declare_users: bool,
+    /// Test-only: the user every declaration names instead of the operation's own (a store
+    /// built to send one user's id while declaring another, for the isolation fault test).
+    pub(crate) declare_as: Option<String>,
     /// See [`PgConfig::watch_poll`].
     pub(crate) watch_poll: Duration,
     /// See [`PgConfig::max_watchers`].
@@ -158,6 +163,7 @@ impl fmt::Debug for PgConfig {
             .field("max_watchers", &self.max_watchers)
             .field("save_lanes", &self.save_lanes)
             .field("combine_lone_saves", &self.combine_lone_saves)
+            .field("declare_users", &self.declare_users)
             .field(
                 "listen",
                 &self
@@ -207,6 +213,8 @@ impl Default for PgConfig {
             max_watchers: 100_000,
             save_lanes: 2,
             combine_lone_saves: false,
+            declare_users: false,
+            declare_as: None,
             listen: None,
             partitioning: None,
             copy_min_rows: Some(1_000),
@@ -296,7 +304,7 @@ impl PgConfig {
     /// `DB_MAX_SIZE`, `DB_COMMAND_TIMEOUT`, `DB_STATEMENT_TIMEOUT`, `DB_CONNECT_TIMEOUT`,
     /// `DB_POOL_TIMEOUT`, `DB_WATCH_POLL` (seconds), `DB_SSLMODE`, `DB_SSLROOTCERT`, `DB_APPLICATION_NAME`
     /// `DB_SCHEMA`, `DB_PGBOUNCER`, `DB_NOTIFY`, `DB_SAVE_LANES`, `DB_LISTEN_URL`, `DB_PARTITION_INTERVAL` and
-    /// `DB_PARTITIONS_AHEAD`, `DB_COPY_MIN_ROWS`, `DB_COPY_CONNECTIONS`, `DB_PIPELINED_READS`, `DB_MAX_WATCHERS`, `DB_READ_URLS`, `DB_REPLICA_WAIT`,
+    /// `DB_PARTITIONS_AHEAD`, `DB_COPY_MIN_ROWS`, `DB_COPY_CONNECTIONS`, `DB_PIPELINED_READS`, `DB_MAX_WATCHERS`, `DB_DECLARE_USERS`, `DB_READ_URLS`, `DB_REPLICA_WAIT`,
     /// `DB_MAX_REPLICA_LAG`. A bad value is a `StoreError::Configuration` naming the variable.
     pub fn from_env() -> Result<Self, StoreError> {
         Self::from_lookup(|key| std::env::var(key).ok())
@@ -380,17 +388,20 @@ impl PgConfig {
         if let Some(v) = get("DB_APPLICATION_NAME") {
             c.pg.application_name(&v);
         }
-        if let Some(v) = get("DB_PGBOUNCER") {
-            c.pgbouncer = match v.to_ascii_lowercase().as_str() {
-                "1" | "true" | "yes" | "on" => true,
-                "0" | "false" | "no" | "off" => false,
-                _ => {
-                    return Err(bad(
-                        "DB_PGBOUNCER",
-                        format!("{v:?}: expected true or false"),
-                    ))
-                }
-            };
+        let flag = |k: &str| -> Result<Option<bool>, StoreError> {
+            get(k)
+                .map(|v| match v.to_ascii_lowercase().as_str() {
+                    "1" | "true" | "yes" | "on" => Ok(true),
+                    "0" | "false" | "no" | "off" => Ok(false),
+                    _ => Err(bad(k, format!("{v:?}: expected true or false"))),
+                })
+                .transpose()
+        };
+        if let Some(v) = flag("DB_PGBOUNCER")? {
+            c.pgbouncer = v;
+        }
+        if let Some(v) = flag("DB_DECLARE_USERS")? {
+            c.declare_users = v;
         }
         if let Some(v) = get("DB_SCHEMA") {
             c.schema = Some(v);
@@ -688,6 +699,29 @@ impl PgConfig {
         self
     }
 
+    /// Declares the users of every operation to the server even while row-level isolation
+    /// is off (`DB_DECLARE_USERS`, default false). A store declares whenever isolation is on
+    /// when it opens (or is switched on through it); this makes a store opened while it is
+    /// off declare too, so that switching isolation on (`taskhistory isolation on`) finds
+    /// every running service ready and no caller sees an empty answer in between. Costs a
+    /// small statement sent ahead of each operation's (no round trip of its own), and
+    /// reads no longer share connections (`pipelined_reads`). See docs/reliability.md,
+    /// "Row-level isolation".
+    pub fn declare_users(mut self, on: bool) -> Self {
+        self.declare_users = on;
+        self
+    }
+
+    /// Test-only: every declaration names `user` instead of the operation's own users, as
+    /// a store with a bug would (feature `test-internals`): with isolation on, such a store
+    /// reads and writes nothing of the users its statements name.
+    #[cfg(feature = "test-internals")]
+    #[doc(hidden)]
+    pub fn declare_as(mut self, user: Option<String>) -> Self {
+        self.declare_as = user;
+        self
+    }
+
     /// Streaming replicas (standbys of this primary) that serve reads (`DB_READ_URLS`,
     /// comma-separated): status checks, history loads, task lists, counts and activity go
     /// to one that has replayed every write this store made for the user read (and every
@@ -827,6 +861,10 @@ impl PgConfig {
     /// How many watches may be open at once.
     pub fn get_max_watchers(&self) -> u32 {
         self.max_watchers
+    }
+    /// Whether the store declares its users even while isolation is off.
+    pub fn get_declare_users(&self) -> bool {
+        self.declare_users
     }
     /// Whether the store talks through a transaction pooler.
     pub fn get_pgbouncer(&self) -> bool {

@@ -32,24 +32,77 @@ use tracing::Instrument;
 use crate::config::PgConfig;
 use crate::connection::Connector;
 use crate::session::{
-    add, build_pool, Health, LastError, Lease, Pool, PoolSettings, RawSession, Session, Transaction,
+    add, build_pool, declared, declaring, send_ahead, Declaration, Health, LastError, Lease, Pool,
+    PoolSettings, RawSession, Session, Transaction,
 };
+use crate::sql::declare;
 
-/// Which operation, and for whom (the tracing span's fields).
+/// Which operation, and for whom: the tracing span's fields, and what it declares to
+/// row-level isolation ([`Scope`]).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Call<'a> {
     pub(crate) operation: &'static str,
     pub(crate) user_id: Option<&'a str>,
     pub(crate) task_id: Option<&'a str>,
+    pub(crate) scope: Scope<'a>,
+}
+
+/// Whose rows an operation may see and write, declared to the server with it while
+/// row-level isolation is on (or [`PgConfig::declare_users`] is set). Made from the
+/// operation's own arguments, never from what its statements send.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Scope<'a> {
+    /// No user's rows (the schema's bookkeeping, notifications): declares nothing, so
+    /// under isolation it sees and writes no user's row.
+    Nothing,
+    /// One user's rows.
+    User(&'a str),
+    /// These users' rows: a combined save's, a batch's, the log's tail's.
+    Users(&'a [&'a str]),
+    /// Every user's rows: retention, partitions, statistics. Under isolation only the
+    /// tables' owner (or a member of it) gets through; another role is refused before
+    /// anything runs (it would see no row).
+    Maintenance,
+    /// The schema's own changes (migrations): declared as [`Maintenance`](Scope::Maintenance),
+    /// unchecked (a role that may not run them fails on their DDL, and with none pending
+    /// they read no user's row).
+    Schema,
 }
 
 impl<'a> Call<'a> {
-    /// An operation on no user in particular (operator statements, cleanup).
+    /// An operation on no user's rows (the schema's bookkeeping: health, the layout, the
+    /// compatibility mode's state, notifications).
     pub(crate) fn new(operation: &'static str) -> Self {
         Call {
             operation,
             user_id: None,
             task_id: None,
+            scope: Scope::Nothing,
+        }
+    }
+
+    /// An operation on every user's rows (retention, partitions, operator statistics,
+    /// migrations).
+    pub(crate) fn maintenance(operation: &'static str) -> Self {
+        Call {
+            scope: Scope::Maintenance,
+            ..Call::new(operation)
+        }
+    }
+
+    /// The schema's migrations.
+    pub(crate) fn schema(operation: &'static str) -> Self {
+        Call {
+            scope: Scope::Schema,
+            ..Call::new(operation)
+        }
+    }
+
+    /// An operation on the rows of `users` (a combined save, a batch, the log's tail).
+    pub(crate) fn users(operation: &'static str, users: &'a [&'a str]) -> Self {
+        Call {
+            scope: Scope::Users(users),
+            ..Call::new(operation)
         }
     }
 
@@ -57,6 +110,7 @@ impl<'a> Call<'a> {
     pub(crate) fn user(operation: &'static str, user_id: &'a str) -> Self {
         Call {
             user_id: Some(user_id),
+            scope: Scope::User(user_id),
             ..Call::new(operation)
         }
     }
@@ -169,6 +223,21 @@ pub(crate) struct Executor {
     pool_timeout: Duration,
     max_connections: u32,
     copy_connections: u32,
+    isolation: Isolation,
+}
+
+/// Whether this store declares its operations' users to row-level isolation, and what it
+/// knows of the database's isolation (read when the store opens, and after it switches it).
+struct Isolation {
+    /// [`PgConfig::declare_users`]: declare even while isolation is off.
+    always: bool,
+    /// Isolation is on (enabled and forced on the tables).
+    enforced: std::sync::atomic::AtomicBool,
+    /// This role may do the cross-user work under isolation (it is the tables' owner or a
+    /// member of it).
+    maintainer: std::sync::atomic::AtomicBool,
+    /// Test-only: the user every declaration names (see `PgConfig::declare_as`).
+    declare_as: Option<String>,
 }
 
 /// Pool figures, from [`PgTaskHistoryStore::pool_stats`](crate::PgTaskHistoryStore::pool_stats).
@@ -293,6 +362,82 @@ impl Executor {
             pool_timeout: config.pool_timeout,
             max_connections: config.max_size,
             copy_connections: config.copy_connections,
+            isolation: Isolation {
+                always: config.declare_users,
+                enforced: std::sync::atomic::AtomicBool::new(false),
+                maintainer: std::sync::atomic::AtomicBool::new(true),
+                declare_as: config.declare_as.clone(),
+            },
+        })
+    }
+
+    /// Notes the database's row-level isolation: on or off, and whether this role may do
+    /// the cross-user work under it.
+    pub(crate) fn set_isolation(&self, enforced: bool, maintainer: bool) {
+        let i = &self.isolation;
+        i.enforced.store(enforced, Ordering::Relaxed);
+        i.maintainer.store(maintainer, Ordering::Relaxed);
+    }
+
+    /// Whether row-level isolation is on (its policies hold this store's statements).
+    pub(crate) fn isolated(&self) -> bool {
+        self.isolation.enforced.load(Ordering::Relaxed)
+    }
+
+    /// Whether operations declare their users (isolation on, or declaring always).
+    pub(crate) fn declares(&self) -> bool {
+        self.isolation.always || self.isolation.enforced.load(Ordering::Relaxed)
+    }
+
+    /// What `scope` declares (none while this store does not declare), or why this role
+    /// may not run it.
+    fn declaration(
+        &self,
+        op: &'static str,
+        scope: Scope<'_>,
+    ) -> Result<Option<Declaration>, StoreError> {
+        if !self.declares() {
+            return Ok(None);
+        }
+        let users = |users: &mut dyn Iterator<Item = &str>| {
+            let users: std::collections::BTreeSet<&str> = match &self.isolation.declare_as {
+                Some(user) => std::iter::once(user.as_str()).collect(),
+                None => users.collect(),
+            };
+            let array = declare::array(users.iter().copied());
+            Some(Declaration {
+                local: declare::users(&array, true),
+                session: declare::users(&array, false),
+                users: Some(Arc::from(array)),
+            })
+        };
+        Ok(match scope {
+            // Declared too, as no user: a connection's earlier declaration never carries over.
+            Scope::Nothing => users(&mut std::iter::empty()),
+            Scope::User(user) => users(&mut std::iter::once(user)),
+            Scope::Users(list) => users(&mut list.iter().copied()),
+            Scope::Maintenance | Scope::Schema => {
+                let i = &self.isolation;
+                if matches!(scope, Scope::Maintenance)
+                    && i.enforced.load(Ordering::Relaxed)
+                    && !i.maintainer.load(Ordering::Relaxed)
+                {
+                    return Err(StoreError::configuration(
+                        "isolation",
+                        format!(
+                            "{op} works on every user's rows: under row-level isolation only the \
+                             tables' owner (or a role that is a member of it) may run it; run it \
+                             with the owner's connection (e.g. `taskhistory` with the migrating \
+                             role's DATABASE_URL)"
+                        ),
+                    ));
+                }
+                Some(Declaration {
+                    local: declare::maintenance(true),
+                    session: declare::maintenance(false),
+                    users: None,
+                })
+            }
         })
     }
 
@@ -415,7 +560,15 @@ impl Executor {
         let settings = match tx {
             Tx::Own => return work(conn, params).await,
             Tx::Statement if self.connector.transaction_setup().is_none() => {
-                return work(conn, params).await
+                let Some(declaration) = declared() else {
+                    return work(conn, params).await;
+                };
+                // A lone statement in its own implicit transaction: the declaration is the
+                // session's, sent ahead in the same round trip. It replaces the one before
+                // it whole, and every statement of a declaring store has its own (one that
+                // declares no user: `{}`).
+                send_ahead(conn, op, &declaration.session).await?;
+                return work(conn, params).await;
             }
             Tx::Statement | Tx::Always => "",
             Tx::With(settings) => settings,
@@ -433,13 +586,26 @@ impl Executor {
         params: &P,
         work: Read<P, T>,
     ) -> Result<T, StoreError> {
-        let Some(shared) = &self.shared else {
-            return self
-                .pooled(call, Tx::Statement, &(params, work), read_on_pooled)
-                .await;
+        // Shared connections interleave their callers' statements: a declaration sent
+        // apart from its statement could meet another caller's there. A read of users'
+        // rows declares inside its own statement instead (`sql::declaring_in_statement`);
+        // the cross-user work reads on a pooled connection.
+        let declaration = self.declaration(call.operation, call.scope)?;
+        let in_statement = declaration.as_ref().map(|d| d.users.clone());
+        let shared = match (&self.shared, &in_statement) {
+            (Some(shared), None | Some(Some(_))) => shared,
+            _ => {
+                return self
+                    .pooled(call, Tx::Statement, &(params, work), read_on_pooled)
+                    .await
+            }
         };
-        self.execute(call, || {
-            self.read_shared(shared, call.operation, params, work)
+        let users = in_statement.flatten();
+        self.execute_declared(call, None, || {
+            crate::sql::declaring_in_statement(
+                users.clone(),
+                self.read_shared(shared, call.operation, params, work),
+            )
         })
         .await
     }
@@ -547,6 +713,22 @@ impl Executor {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, StoreError>>,
     {
+        let declaration = self.declaration(call.operation, call.scope)?;
+        self.execute_declared(call, declaration, attempt).await
+    }
+
+    /// [`execute`](Self::execute) with the transactions of its attempts declaring
+    /// `declaration`.
+    async fn execute_declared<T, F, Fut>(
+        &self,
+        call: Call<'_>,
+        declaration: Option<Declaration>,
+        attempt: F,
+    ) -> Result<T, StoreError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
         let span = tracing::info_span!(
             "taskhistory",
             operation = call.operation,
@@ -556,14 +738,15 @@ impl Executor {
             elapsed_ms = tracing::field::Empty,
         );
         let started = Instant::now();
-        let result = self
-            .retry
-            .run(attempt, |error, retry, wait| {
+        let result = declaring(
+            declaration,
+            self.retry.run(attempt, |error, retry, wait| {
                 self.counters.retries.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%error, retry, wait_ms = wait.as_millis() as u64, "retrying after a transient error");
-            })
-            .instrument(span.clone())
-            .await;
+            }),
+        )
+        .instrument(span.clone())
+        .await;
         span.record("elapsed_ms", started.elapsed().as_secs_f64() * 1e3);
         if let Err(error) = &result {
             span.in_scope(|| tracing::debug!(%error, "operation failed"));
@@ -731,7 +914,11 @@ impl Executor {
             self.counters.queries.fetch_add(1, Ordering::Relaxed);
             let timeout = self.command_timeout;
             let read = (params, work);
-            let attempt = self.in_tx(&mut conn.lease, op, Tx::Statement, &read, read_on_pooled);
+            let declaration = self.declaration(op, call.scope)?;
+            let attempt = declaring(
+                declaration,
+                self.in_tx(&mut conn.lease, op, Tx::Statement, &read, read_on_pooled),
+            );
             let (result, finished) = match tokio::time::timeout(timeout, attempt).await {
                 Ok(result) => (result, true),
                 Err(_) => (Err(timed_out(op, timeout)), false),
@@ -746,8 +933,18 @@ impl Executor {
         .await
     }
 
+    /// Whether a read of `call` may share a connection with other callers' reads: not the
+    /// cross-user work under row-level isolation (its declaration is no statement's own).
+    pub(crate) fn may_share(&self, call: Call<'_>) -> Result<bool, StoreError> {
+        Ok(!matches!(
+            self.declaration(call.operation, call.scope)?,
+            Some(Declaration { users: None, .. })
+        ))
+    }
+
     /// A read on a replica's connection shared by concurrent reads (pipelined; `crate::replica`
-    /// holds it): one attempt, no retry, with the span, the command timeout and the counters.
+    /// holds it; only when [`may_share`](Self::may_share)): one attempt, no retry, with the
+    /// span, the declaration inside its statement, the command timeout and the counters.
     /// Its caller drops the connection after a connection error or a timeout.
     pub(crate) async fn read_with<P: Sync, T>(
         &self,
@@ -765,11 +962,15 @@ impl Executor {
             task_id = call.task_id.unwrap_or(""),
             server,
         );
+        // As on the primary's shared connections (see `read`): a read of users' rows
+        // declares inside its own statement.
+        let users = self.declaration(op, call.scope)?.and_then(|d| d.users);
         async {
             self.counters.queries.fetch_add(1, Ordering::Relaxed);
             let timeout = self.command_timeout;
             let mut shared = conn;
-            let result = match tokio::time::timeout(timeout, work(&mut shared, params)).await {
+            let attempt = crate::sql::declaring_in_statement(users, work(&mut shared, params));
+            let result = match tokio::time::timeout(timeout, attempt).await {
                 Ok(result) => result,
                 Err(_) => Err(timed_out(op, timeout)),
             };

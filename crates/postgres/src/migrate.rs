@@ -45,6 +45,12 @@ async fn locked_connection(
     if let Some(s) = schema {
         sql.push_str(&format!("CREATE SCHEMA IF NOT EXISTS \"{s}\";"));
     }
+    // Migrations are cross-user work: under row-level isolation the session declares it
+    // (a connection of their own, closed after).
+    if let Some(declaration) = crate::session::declared() {
+        sql.push_str(&declaration.session);
+        sql.push(';');
+    }
     conn.batch_execute(&sql)
         .await
         .map_err(|e| crate::error::from_diesel(OP, e))?;

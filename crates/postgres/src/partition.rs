@@ -282,7 +282,7 @@ pub(crate) async fn convert(
     let args = (partitioning, b.channel().to_owned());
     let made = b
         .exec()
-        .dedicated(Call::new(OP), &b.ddl_setup(), &args, convert_work)
+        .dedicated(Call::maintenance(OP), &b.ddl_setup(), &args, convert_work)
         .await?
         .unwrap_or_default();
     tracing::info!(
@@ -332,14 +332,19 @@ pub(crate) async fn drop_expired(
             status,
         };
         if b.exec()
-            .pooled(Call::new(CLEANUP), Tx::Statement, &args, keeps_tasks)
+            .pooled(
+                Call::maintenance(CLEANUP),
+                Tx::Statement,
+                &args,
+                keeps_tasks,
+            )
             .await?
         {
             continue;
         }
         match b
             .exec()
-            .dedicated(Call::new(CLEANUP), &setup, &args, retire)
+            .dedicated(Call::maintenance(CLEANUP), &setup, &args, retire)
             .await
         {
             Ok(Some(report)) => {

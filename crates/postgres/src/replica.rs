@@ -160,7 +160,7 @@ impl Server {
         work: Read<P, T>,
     ) -> Result<T, StoreError> {
         let n = self.shared.len();
-        if n == 0 {
+        if n == 0 || !exec.may_share(call)? {
             return exec
                 .read_on(
                     (&self.pool, &self.connector, &self.name),

@@ -111,8 +111,58 @@ impl Session for RawSession {
     }
 }
 
+/// What an operation declares to row-level isolation (migration 8's policies read it), in
+/// both forms: for a transaction (`local`, sent with its `BEGIN`) and for a session (sent
+/// ahead of a lone statement on a direct connection).
+#[derive(Debug, Clone)]
+pub(crate) struct Declaration {
+    pub(crate) local: String,
+    pub(crate) session: String,
+    /// The declared users as a text array's literal (none for the cross-user work): what a
+    /// read declares inside its own statement.
+    pub(crate) users: Option<Arc<str>>,
+}
+
+tokio::task_local! {
+    /// The declaration of the operation whose attempts run in this scope (set by the
+    /// executor): every [`Transaction`] begun inside declares it.
+    static DECLARED: Option<Declaration>;
+}
+
+/// Runs `work` with `declaration` as the current operation's (see [`Transaction::begin`]).
+pub(crate) async fn declaring<F: Future>(declaration: Option<Declaration>, work: F) -> F::Output {
+    DECLARED.scope(declaration, work).await
+}
+
+/// The current operation's declaration, if it makes one.
+pub(crate) fn declared() -> Option<Declaration> {
+    DECLARED.try_with(Clone::clone).ok().flatten()
+}
+
+/// Sends `sql` (no parameters) on `conn` ahead of what is sent next, without waiting for its
+/// answer: the first poll of a request queues its message on the connection, and the
+/// server runs a connection's statements in the order they were queued, so the statement
+/// sent next runs after it, in the same round trip. Its answer is read and dropped by the
+/// connection. Used for what a statement needs in place and whose failure would fail the
+/// statement anyway: row-level isolation's declaration before a lone statement, and its
+/// end after it.
+pub(crate) async fn send_ahead(
+    conn: &AsyncPgConnection,
+    operation: &'static str,
+    sql: &str,
+) -> Result<(), StoreError> {
+    let mut shared = conn;
+    let sending = shared.batch_execute(sql);
+    let mut sending = std::pin::pin!(sending);
+    match futures::poll!(sending.as_mut()) {
+        std::task::Poll::Ready(result) => result.map_err(|e| from_diesel(operation, e)),
+        std::task::Poll::Pending => Ok(()),
+    }
+}
+
 /// An open transaction: the one way the crate runs one. [`begin`](Self::begin) sends `BEGIN`,
-/// the transaction pooler's `SET LOCAL`s (behind PgBouncer) and `extra` in one round trip;
+/// the transaction pooler's `SET LOCAL`s (behind PgBouncer), the operation's declaration to
+/// row-level isolation (when it makes one, see [`declaring`]) and `extra` in one round trip;
 /// [`commit`](Self::commit) or [`rollback`](Self::rollback) end it. Dropped without either
 /// (an error returned early, a future dropped), it marks its connection broken, so no pool
 /// takes back a connection inside a transaction.
@@ -132,7 +182,9 @@ impl<'c, C: Session> Transaction<'c, C> {
         extra: &str,
     ) -> Result<Self, StoreError> {
         let mut sql = String::from("BEGIN");
-        for part in [connector.transaction_setup().unwrap_or(""), extra] {
+        let declared = declared();
+        let declared = declared.as_ref().map_or("", |d| d.local.as_str());
+        for part in [connector.transaction_setup().unwrap_or(""), declared, extra] {
             if !part.is_empty() {
                 sql.push_str("; ");
                 sql.push_str(part);

@@ -721,12 +721,121 @@ pub const PARTITION_HAS_TASKS: &str = r#"
 SELECT EXISTS (SELECT 1 FROM task_summary WHERE started_at >= $1 AND started_at < $2) AS kept
 "#;
 
+/// The tables that hold a user's rows: row-level isolation's policies are on each
+/// (migration 8).
+pub const ISOLATED_TABLES: [&str; 5] = [
+    "task_history",
+    "task_summary",
+    "task_counts",
+    "task_activity",
+    "task_history_duplicates",
+];
+
+/// Row-level isolation's state, per table of [`ISOLATED_TABLES`] that exists: enabled,
+/// forced, the store's policies there, and whether this role may do the cross-user work
+/// (it is the owner or a member of it).
+pub const ISOLATION_STATE: &str = r#"
+SELECT c.relname::text AS table_name, c.relrowsecurity AS enabled, c.relforcerowsecurity AS forced,
+       (SELECT count(*) FROM pg_policy p
+        WHERE p.polrelid = c.oid AND p.polname IN ('taskhistory_user', 'taskhistory_maintenance'))::int4 AS policies,
+       pg_has_role(c.relowner, 'USAGE') AS maintainer
+FROM unnest(ARRAY['task_history', 'task_summary', 'task_counts', 'task_activity',
+                  'task_history_duplicates']) AS t(name)
+JOIN pg_class c ON c.oid = to_regclass(t.name)
+ORDER BY 1
+"#;
+
+/// What a transaction or a session declares to row-level isolation (migration 8's
+/// policies read it): the users an operation may see and write, or the cross-user work.
+pub mod declare {
+    /// The one setting of a declaration: the declared users (a text array's literal), or
+    /// `maintenance` (the cross-user work, which only the tables' owner's policy lets
+    /// through). One setting, so that each declaration replaces the one before it whole.
+    pub const DECLARED: &str = "taskhistory.declared";
+
+    /// Declares `users` for the transaction (`local`) or the session: a `SET` whose text
+    /// holds the users as a quoted array literal (a utility statement: nothing to plan; no
+    /// parameters, so it can go in the same round trip as `BEGIN`, or ahead of the
+    /// operation's own statement unanswered).
+    pub fn users(array: &str, local: bool) -> String {
+        format!("SET {}{DECLARED} = {}", scope(local), literal(array))
+    }
+
+    /// `users` as a text array's literal (what [`users`] declares, and what a read that
+    /// declares inside its own statement binds).
+    pub fn array<'u>(users: impl IntoIterator<Item = &'u str>) -> String {
+        let mut array = String::from("{");
+        for (i, user) in users.into_iter().enumerate() {
+            if i > 0 {
+                array.push(',');
+            }
+            array.push('"');
+            for ch in user.chars() {
+                if ch == '"' || ch == '\\' {
+                    array.push('\\');
+                }
+                array.push(ch);
+            }
+            array.push('"');
+        }
+        array.push('}');
+        array
+    }
+
+    /// Declares the cross-user work for the transaction (`local`) or the session.
+    pub fn maintenance(local: bool) -> String {
+        format!("SET {}{DECLARED} = maintenance", scope(local))
+    }
+
+    fn scope(local: bool) -> &'static str {
+        if local {
+            "LOCAL "
+        } else {
+            ""
+        }
+    }
+
+    /// `text` as an escape string literal (`E'...'`): read the same whatever
+    /// `standard_conforming_strings` says.
+    fn literal(text: &str) -> String {
+        let mut out = String::from("E'");
+        for ch in text.chars() {
+            match ch {
+                '\'' => out.push_str("''"),
+                '\\' => out.push_str("\\\\"),
+                _ => out.push(ch),
+            }
+        }
+        out.push('\'');
+        out
+    }
+}
+
 /// Partitioned layout DDL. Names and bounds are made by the store (`task_history_p`
 /// followed by digits; UTC instants), never taken from input, so they are written into
 /// the text; DDL cannot take bound values.
 pub mod ddl {
     /// The partition that takes rows no ranged partition covers.
     pub const DEFAULT_PARTITION: &str = "task_history_default";
+
+    /// Row-level isolation switched on (enabled and forced, so the tables' owner is held
+    /// too) or off, on every table of [`ISOLATED_TABLES`](super::ISOLATED_TABLES), in the
+    /// transaction the caller opens.
+    pub fn isolation(on: bool) -> String {
+        let (enable, force) = if on {
+            ("ENABLE", "FORCE")
+        } else {
+            ("DISABLE", "NO FORCE")
+        };
+        super::ISOLATED_TABLES
+            .iter()
+            .map(|t| {
+                format!(
+                    "ALTER TABLE {t} {enable} ROW LEVEL SECURITY;\nALTER TABLE {t} {force} ROW LEVEL SECURITY;\n"
+                )
+            })
+            .collect()
+    }
 
     /// Serializes partition work across processes, inside its transaction.
     pub fn lock(schema: &str) -> String {
@@ -978,6 +1087,14 @@ INSERT INTO taskhistory_python_compat (singleton, enabled_at) VALUES (true, now(
              FROM task_history_plain h\n\
              LEFT JOIN task_summary s ON s.user_id = h.user_id AND s.task_id = h.task_id;\n\
              ALTER SEQUENCE task_history_id_seq OWNED BY task_history.id;\n\
+             -- Row-level isolation's policies (migration 8), and its state, carried over.\n\
+             SELECT taskhistory_isolate('task_history'::regclass);\n\
+             DO $iso$ BEGIN\n\
+                 IF (SELECT relrowsecurity FROM pg_class WHERE oid = 'task_history_plain'::regclass) THEN\n\
+                     ALTER TABLE task_history ENABLE ROW LEVEL SECURITY;\n\
+                     ALTER TABLE task_history FORCE ROW LEVEL SECURITY;\n\
+                 END IF;\n\
+             END $iso$;\n\
              DROP TABLE task_history_plain;\n\
              CREATE INDEX task_history_user_position ON task_history (user_id, xid, id);\n\
              CREATE INDEX IF NOT EXISTS task_summary_started_at ON task_summary (started_at);\n\
@@ -994,13 +1111,49 @@ INSERT INTO taskhistory_python_compat (singleton, enabled_at) VALUES (true, now(
 pub(crate) struct Statement {
     sql: &'static str,
     binds: Vec<Box<dyn QueryFragment<Pg> + Send + Sync>>,
+    /// The users this read declares inside its own text (see [`declaring_in_statement`]).
+    declared: Option<std::sync::Arc<str>>,
 }
+
+tokio::task_local! {
+    /// The users (a text array's literal) that the reads run in this scope declare inside
+    /// their own statements: set by the executor for reads on the connections concurrent
+    /// reads share, under row-level isolation.
+    static DECLARED_IN_STATEMENT: Option<std::sync::Arc<str>>;
+}
+
+/// Runs `work` with its reads declaring `users` inside their own statements: each read is
+///
+/// ```sql
+/// SELECT q.* FROM (SELECT set_config('taskhistory.declared', $1, true) AS taskhistory_declared) d
+/// CROSS JOIN LATERAL (SELECT s.* FROM (<the read>) s
+///                     WHERE d.taskhistory_declared IS NOT NULL OFFSET 0) q
+/// ```
+///
+/// The lateral subquery (kept apart by `OFFSET 0`) depends on `d`, so it runs after `d`'s
+/// one row, whose `set_config` declares the users for this statement's own implicit
+/// transaction only; the policies read the declaration at their first use, inside `q`.
+/// One statement, one message: callers sharing a pipelined connection cannot interleave
+/// between a declaration and its statement.
+pub(crate) async fn declaring_in_statement<F: std::future::Future>(
+    users: Option<std::sync::Arc<str>>,
+    work: F,
+) -> F::Output {
+    DECLARED_IN_STATEMENT.scope(users, work).await
+}
+
+/// What the in-statement declaration wraps a read in (see [`declaring_in_statement`]).
+const DECLARED_BEFORE: &str = "SELECT q.* FROM (SELECT set_config('taskhistory.declared', ";
+const DECLARED_MIDDLE: &str =
+    ", true) AS taskhistory_declared) d CROSS JOIN LATERAL (SELECT s.* FROM (\n";
+const DECLARED_AFTER: &str = "\n) s WHERE d.taskhistory_declared IS NOT NULL OFFSET 0) q";
 
 impl Statement {
     pub(crate) fn new(sql: &'static str) -> Self {
         Statement {
             sql,
             binds: Vec::new(),
+            declared: None,
         }
     }
 
@@ -1020,12 +1173,13 @@ impl Statement {
 
     /// Runs the statement and reads its rows, on a connection of its own or on one shared
     /// by concurrent reads (`&AsyncPgConnection`: pipelined).
-    pub(crate) async fn fetch<T, C>(self, conn: &mut C) -> QueryResult<Vec<T>>
+    pub(crate) async fn fetch<T, C>(mut self, conn: &mut C) -> QueryResult<Vec<T>>
     where
         C: AsyncConnectionCore<Backend = Pg> + Send,
         T: Send + 'static,
         Self: LoadQuery<'static, C, T>,
     {
+        self.declared = DECLARED_IN_STATEMENT.try_with(Clone::clone).ok().flatten();
         RunQueryDsl::load(self, conn).await
     }
 }
@@ -1075,6 +1229,11 @@ fn segments(sql: &str) -> impl Iterator<Item = &str> {
 
 impl QueryFragment<Pg> for Statement {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        if let Some(users) = &self.declared {
+            out.push_sql(DECLARED_BEFORE);
+            out.push_bind_param::<diesel::sql_types::Text, str>(users)?;
+            out.push_sql(DECLARED_MIDDLE);
+        }
         let mut binds = self.binds.iter();
         for (i, seg) in segments(self.sql).enumerate() {
             if i > 0 {
@@ -1097,6 +1256,9 @@ impl QueryFragment<Pg> for Statement {
             return Err(diesel::result::Error::QueryBuilderError(
                 "more values bound than placeholders".into(),
             ));
+        }
+        if self.declared.is_some() {
+            out.push_sql(DECLARED_AFTER);
         }
         Ok(())
     }
@@ -1143,6 +1305,7 @@ pub const NOT_PER_USER: &[&str] = &[
     "transaction_time",
     "python_compat_state",
     "test_schemas_abandoned",
+    "isolation_state",
     "wal_insert_position",
     "replica_position",
 ];
@@ -1192,6 +1355,7 @@ pub const ALL_STATEMENTS: &[(&str, &str)] = &[
     ("partition_keeps_tasks", PARTITION_KEEPS_TASKS),
     ("partition_retire_tasks", PARTITION_RETIRE_TASKS),
     ("partition_has_tasks", PARTITION_HAS_TASKS),
+    ("isolation_state", ISOLATION_STATE),
     ("wal_insert_position", WAL_INSERT_POSITION),
     ("replica_position", REPLICA_POSITION),
 ];

@@ -111,7 +111,7 @@ fn read<'c>(conn: &'c mut AsyncPgConnection, _: &'c ()) -> BoxFuture<'c, Result<
 pub(crate) async fn stats(b: &Backend) -> Result<StoreStats, StoreError> {
     let (range, relation_rows, python_compat) = b
         .exec()
-        .pooled(Call::new("stats"), Tx::Statement, &(), read)
+        .pooled(Call::maintenance("stats"), Tx::Statement, &(), read)
         .await?;
     let totals = b
         .exec()

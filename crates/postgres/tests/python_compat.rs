@@ -715,3 +715,66 @@ async fn python_and_rust_writers_at_once_keep_every_acknowledged_write() {
     agree(&store, &mut py, &tasks, "Python and Rust writing at once").await;
     store.close().await;
 }
+
+/// Row-level isolation on while the Python service still runs: the legacy role declares no
+/// user, so the database shows it no row and refuses its every write (its `INSERT` fails,
+/// the Python code raises); the store, declaring its users, goes on. Isolation is for
+/// after the last Python writer is gone (docs/reliability.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn python_reads_and_writes_nothing_under_isolation() {
+    let config: PgConfig = fresh_config().await.watch_poll(Duration::from_secs(3600));
+    let schema = config.get_schema().unwrap().to_owned();
+    create_schema(&schema).await;
+    let mut owner_py = Legacy::start(&dsn(None).await, &schema);
+    owner_py.startup().unwrap();
+    owner_py.save("old", 0, "running").unwrap();
+    drop(owner_py);
+    let store = store_for(config.clone()).await;
+    assert!(store.python_compat().await.unwrap().enabled);
+    app_role_store(&config).await.close().await;
+    let mut py = Legacy::start(&dsn(Some((&app_role(), &app_password()))).await, &schema);
+    // Before: the legacy role reads the task.
+    assert_eq!(
+        py.call(json!({"op": "status", "user_id": USER, "task_id": "old"}))
+            .unwrap(),
+        json!("running")
+    );
+
+    let state = store.set_isolation(true).await.unwrap();
+    assert!(state.on() && state.declaring, "{state:?}");
+    let err = py.save("new", 0, "running").unwrap_err();
+    assert!(err.contains("row-level security"), "{err}");
+    assert_eq!(
+        py.call(json!({"op": "load", "user_id": USER, "task_id": "old"}))
+            .unwrap(),
+        json!([])
+    );
+    assert_eq!(
+        py.call(json!({"op": "status", "user_id": USER, "task_id": "old"}))
+            .unwrap(),
+        json!("pending")
+    );
+    assert_eq!(
+        py.call(json!({"op": "tasks", "user_id": USER})).unwrap(),
+        json!([])
+    );
+    // The store declares its users and goes on.
+    assert_eq!(
+        store.check_task_status(USER, "old").await.unwrap(),
+        TaskStatus::Running
+    );
+    store
+        .save_task_history(USER, "old", 1, &rust_step("rust after isolation"))
+        .await
+        .unwrap();
+    assert_eq!(store.load_task_history(USER, "old").await.unwrap().len(), 2);
+    assert!(store
+        .load_task_history(USER, "new")
+        .await
+        .unwrap()
+        .is_empty());
+    // Off again: the legacy role is back.
+    assert!(!store.set_isolation(false).await.unwrap().on());
+    py.save("new", 0, "running").unwrap();
+    assert_eq!(store.load_task_history(USER, "new").await.unwrap().len(), 1);
+}

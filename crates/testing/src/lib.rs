@@ -230,6 +230,8 @@ pub async fn database_url() -> String {
                     format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
                     format!("DROP OWNED BY {}", app_role()),
                     format!("DROP ROLE IF EXISTS {}", app_role()),
+                    format!("DROP OWNED BY {}", owner_role()),
+                    format!("DROP ROLE IF EXISTS {}", owner_role()),
                 ],
             );
             name
@@ -318,7 +320,7 @@ async fn sweep(admin_url: &str, now: u64) {
     }
     if let Ok(rows) = client
         .query(
-            "SELECT rolname FROM pg_roles WHERE rolname ~ '^th_app_[0-9]+$' \
+            "SELECT rolname FROM pg_roles WHERE rolname ~ '^th_(app|owner)_[0-9]+$' \
              OR rolname = 'taskhistory_test_app'",
             &[],
         )
@@ -488,6 +490,82 @@ pub async fn app_role_store(owner_config: &PgConfig) -> PgTaskHistoryStore {
     store_for(app).await
 }
 
+/// The role that owns the schemas of row-level isolation's tests: not a superuser (a
+/// superuser is never held by row-level security), so `FORCE ROW LEVEL SECURITY` holds
+/// it. One per test process, made on first use, dropped when the process exits.
+pub fn owner_role() -> String {
+    format!("th_owner_{}", std::process::id())
+}
+
+/// The password of [`owner_role`] (made for this process; tests only).
+pub fn owner_password() -> String {
+    format!("owner-{}", std::process::id())
+}
+
+/// A configuration for a fresh schema that [`owner_role`] makes and owns.
+pub async fn owner_config() -> PgConfig {
+    let role = owner_role();
+    let url = database_url().await;
+    let dbname = url
+        .parse::<tokio_postgres::Config>()
+        .ok()
+        .and_then(|c| c.get_dbname().map(str::to_owned))
+        .unwrap_or_else(|| panic!("the test database URL names no database"));
+    static MADE: OnceCell<()> = OnceCell::const_new();
+    MADE.get_or_init(|| async {
+        admin_execute(&format!(
+            "DO $$ BEGIN CREATE ROLE {role} LOGIN NOSUPERUSER NOBYPASSRLS PASSWORD '{}'; \
+             EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL; END $$; \
+             GRANT CREATE ON DATABASE {dbname} TO {role}",
+            owner_password()
+        ))
+        .await;
+    })
+    .await;
+    fresh_config().await.user(&role).password(owner_password())
+}
+
+/// A migrated store on a fresh schema owned by [`owner_role`], with row-level isolation
+/// switched on: every operation declares its users, and the owner is held.
+pub async fn isolated_store() -> PgTaskHistoryStore {
+    isolated_store_for(owner_config().await).await
+}
+
+/// [`isolated_store`] for `config` (whose role owns its schema).
+pub async fn isolated_store_for(config: PgConfig) -> PgTaskHistoryStore {
+    let store = store_for(config).await;
+    let state = store
+        .set_isolation(true)
+        .await
+        .unwrap_or_else(|e| panic!("switching isolation on: {e}"));
+    assert!(
+        state.on() && state.declaring,
+        "isolation is not on: {state:?}"
+    );
+    store
+}
+
+/// [`isolated_store`] as a [`DynStore`]: the behaviour suite under row-level isolation.
+pub async fn isolated_dyn_store() -> DynStore {
+    std::sync::Arc::new(isolated_store().await)
+}
+
+/// The behaviour suite under row-level isolation behind [`pgbouncer`] (transaction
+/// pooling): the schema made and switched on directly by [`owner_role`], used through the
+/// pooler by the same role.
+pub async fn isolated_pgbouncer_dyn_store() -> DynStore {
+    let direct = owner_config().await;
+    isolated_store_for(direct.clone()).await.close().await;
+    let bouncer = pgbouncer().await;
+    let config = direct
+        .host("127.0.0.1")
+        .port(bouncer.port)
+        .pgbouncer(true)
+        .listen_url(&database_url().await)
+        .unwrap_or_else(|e| panic!("the test database URL does not parse: {e}"));
+    std::sync::Arc::new(store_for(config).await)
+}
+
 /// A PgBouncer (Debian's package) in transaction pooling mode in front of the test server,
 /// started once per process and stopped when the process exits.
 #[derive(Debug)]
@@ -553,9 +631,11 @@ pub async fn pgbouncer() -> &'static PgBouncer {
             std::fs::write(
                 dir.join("userlist.txt"),
                 format!(
-                    "\"{user}\" \"{password}\"\n\"{}\" \"{}\"\n",
+                    "\"{user}\" \"{password}\"\n\"{}\" \"{}\"\n\"{}\" \"{}\"\n",
                     app_role(),
-                    app_password()
+                    app_password(),
+                    owner_role(),
+                    owner_password()
                 ),
             )
             .unwrap_or_else(|e| panic!("writing pgbouncer's userlist.txt: {e}"));

@@ -7,7 +7,7 @@ use serde_json::json;
 use taskhistory_core::TaskHistoryStore;
 use taskhistory_postgres::{CleanupOptions, Layout, Partitioning, PgTaskHistoryStore};
 
-use crate::args::{CompatAction, DbArgs, PartitionsAction};
+use crate::args::{CompatAction, DbArgs, IsolationAction, PartitionsAction};
 use crate::error::{exit, CliError};
 use crate::output::{bytes, clip, maybe_time, Output};
 use crate::progress::Progress;
@@ -247,6 +247,57 @@ pub(super) async fn compat(
     } else {
         out.line(&format!("python compatibility: {}", compat_line(&state)))?;
     }
+    Ok(exit::OK)
+}
+
+pub(super) async fn isolation(
+    pg: &PgTaskHistoryStore,
+    action: Option<IsolationAction>,
+    out: Output,
+) -> Result<u8, CliError> {
+    let state = match action.unwrap_or(IsolationAction::Status) {
+        IsolationAction::Status => pg.isolation().await?,
+        IsolationAction::On => {
+            let state = pg.set_isolation(true).await?;
+            if !out.json {
+                eprintln!(
+                    "taskhistory: row-level isolation is on; services opened before now see \
+                     nothing unless they run with DB_DECLARE_USERS=true: restart the others"
+                );
+            }
+            state
+        }
+        IsolationAction::Off => pg.set_isolation(false).await?,
+    };
+    if out.json {
+        out.json(&state)?;
+        return Ok(exit::OK);
+    }
+    let yes = |b: bool| if b { "yes" } else { "no" }.to_owned();
+    let table = state
+        .tables
+        .iter()
+        .map(|t| {
+            vec![
+                t.table.clone(),
+                yes(t.enabled),
+                yes(t.forced),
+                yes(t.policies),
+            ]
+        })
+        .collect();
+    out.table(&["TABLE", "ENABLED", "FORCED", "POLICIES"], table)?;
+    out.line(&format!(
+        "isolation: {}; this role may run retention under it: {}",
+        if state.on() {
+            "on"
+        } else if state.ready() {
+            "off"
+        } else {
+            "not available (apply the migrations)"
+        },
+        yes(state.maintainer)
+    ))?;
     Ok(exit::OK)
 }
 

@@ -84,6 +84,10 @@ async fn dispatch(cli: Cli, opened: &Opened) -> Result<u8, CliError> {
             let backend = opened.open(db).await?;
             admin::compat(backend.postgres("compat")?, action, out).await
         }
+        Command::Isolation { action } => {
+            let backend = opened.open(db).await?;
+            admin::isolation(backend.postgres("isolation")?, action, out).await
+        }
         Command::Partitions { action } => {
             let backend = opened.open(db).await?;
             admin::partitions(backend.postgres("partitions")?, action, out).await

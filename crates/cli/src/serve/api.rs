@@ -471,9 +471,10 @@ pub(crate) async fn tasks(
     headers: HeaderMap,
     Query(q): Query<TasksParams>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    state
+    let access = state
         .auth
         .for_user(&headers, q.access_token.as_deref(), &user)?;
+    let store = store_for(&state, &access)?;
     require_position(&state, &headers, &user)?;
     let after = q
         .cursor
@@ -489,7 +490,7 @@ pub(crate) async fn tasks(
     let page = timed(
         &state,
         "get_user_tasks_page",
-        state.store.get_user_tasks_page(&user, &query),
+        store.get_user_tasks_page(&user, &query),
     )
     .await?;
     Ok(Json(json!({
@@ -523,9 +524,10 @@ pub(crate) async fn task(
     headers: HeaderMap,
     Query(q): Query<TaskParams>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    state
+    let access = state
         .auth
         .for_user(&headers, q.access_token.as_deref(), &user)?;
+    let store = store_for(&state, &access)?;
     require_position(&state, &headers, &user)?;
     let limit = parse_number("limit", q.limit.as_deref(), MAX_HISTORY_PAGE)?;
     if !(1..=MAX_HISTORY_PAGE).contains(&limit) {
@@ -560,12 +562,7 @@ pub(crate) async fn task(
             after: after.clone(),
             limit: left.min(HISTORY_CHUNK),
         };
-        let page = timed(
-            &state,
-            "scan_history",
-            state.store.scan_history(&user, &scan),
-        )
-        .await?;
+        let page = timed(&state, "scan_history", store.scan_history(&user, &scan)).await?;
         more = page.next.is_some();
         for record in page.steps {
             let entry = json!({
@@ -590,7 +587,7 @@ pub(crate) async fn task(
     let status = timed(
         &state,
         "check_task_status",
-        state.store.check_task_status(&user, &task),
+        store.check_task_status(&user, &task),
     )
     .await?;
     if history.is_empty() && after_step.is_none() && status == TaskStatus::Pending {
@@ -622,13 +619,14 @@ pub(crate) async fn cancel(
     headers: HeaderMap,
     Query(q): Query<TokenParam>,
 ) -> Result<Response, ApiError> {
-    state
+    let access = state
         .auth
         .for_user(&headers, q.access_token.as_deref(), &user)?;
+    let store = store_for(&state, &access)?;
     let cancelled = timed(
         &state,
         "mark_task_as_cancelled",
-        state.store.mark_task_as_cancelled(&user, &task),
+        store.mark_task_as_cancelled(&user, &task),
     )
     .await?;
     let mut answer = Json(json!({ "cancelled": cancelled })).into_response();
@@ -669,11 +667,12 @@ pub(crate) async fn counts(
     headers: HeaderMap,
     Query(q): Query<TokenParam>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    state
+    let access = state
         .auth
         .for_user(&headers, q.access_token.as_deref(), &user)?;
+    let store = store_for(&state, &access)?;
     require_position(&state, &headers, &user)?;
-    let counts = timed(&state, "task_counts", state.store.task_counts(&user)).await?;
+    let counts = timed(&state, "task_counts", store.task_counts(&user)).await?;
     Ok(Json(json!({
         "user_id": user,
         "counts": counts,
@@ -691,9 +690,10 @@ pub(crate) async fn activity(
     headers: HeaderMap,
     Query(q): Query<ActivityParams>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    state
+    let access = state
         .auth
         .for_user(&headers, q.access_token.as_deref(), &user)?;
+    let store = store_for(&state, &access)?;
     require_position(&state, &headers, &user)?;
     let (from, to) = super::activity_span(
         parse_time("from", q.from.as_deref())?,
@@ -703,7 +703,7 @@ pub(crate) async fn activity(
     let hours = timed(
         &state,
         "task_activity",
-        state.store.task_activity(&user, from, to),
+        store.task_activity(&user, from, to),
     )
     .await?;
     Ok(Json(json!({
@@ -811,6 +811,20 @@ pub(crate) async fn retention(
         "tasks_removed": report.tasks_removed,
         "steps_removed": report.steps_removed,
     })))
+}
+
+/// The store a request runs on: for a user's token, a handle that declares only that user to
+/// row-level isolation ([`PgTaskHistoryStore::acting_for`]), so that with isolation on a
+/// route that passed another user's id would get nothing of that user's from the database;
+/// for the operator's token (or the memory store), the store itself.
+pub(crate) fn store_for(
+    state: &AppState,
+    access: &Access,
+) -> Result<taskhistory_core::DynStore, ApiError> {
+    match (access, &state.pg) {
+        (Access::User(user), Some(pg)) => Ok(Arc::new(pg.acting_for(user)?)),
+        _ => Ok(state.store.clone()),
+    }
 }
 
 #[cfg(test)]

@@ -50,9 +50,10 @@ async fn open(
     kind: &str,
 ) -> Result<(Events, Slot), ApiError> {
     let task = params.task.as_deref().filter(|t| !t.is_empty());
-    state
-        .auth
-        .for_stream(headers, params.access_token.as_deref(), user, kind, task)?;
+    let access =
+        state
+            .auth
+            .for_stream(headers, params.access_token.as_deref(), user, kind, task)?;
     // EventSource sends the last id it saw when it reconnects.
     let last_id = headers
         .get("last-event-id")
@@ -75,7 +76,7 @@ async fn open(
         };
         ApiError::limit_reached(cap, detail)
     })?;
-    let store = state.store.clone();
+    let store = super::api::store_for(state, &access)?;
     let metrics = state.metrics.clone();
     let refused = move |e: &StoreError| {
         if let StoreError::LimitReached { .. } = e {

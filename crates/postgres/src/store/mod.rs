@@ -44,6 +44,8 @@ pub struct PgTaskHistoryStore {
     combiner: Option<Arc<Combiner>>,
     /// The one reader of the log of events for every watch of this store.
     tail: Arc<watch::Tail>,
+    /// The only user this handle declares ([`acting_for`](Self::acting_for)).
+    acting: Option<Arc<str>>,
 }
 
 impl fmt::Debug for PgTaskHistoryStore {
@@ -65,12 +67,55 @@ impl PgTaskHistoryStore {
         let c = backend.config();
         let combiner = (c.save_lanes > 0)
             .then(|| Combiner::new(c.save_lanes, c.combine_lone_saves, c.pool_timeout));
+        // Whether to declare each operation's users (row-level isolation on): one read of
+        // the catalog.
+        crate::isolation::state(&backend).await?;
         let backend = Arc::new(backend);
         Ok(PgTaskHistoryStore {
             tail: Arc::new(watch::Tail::new(Arc::clone(&backend))),
             backend,
             combiner,
+            acting: None,
         })
+    }
+
+    /// A handle on the same store (pools, tail, settings) that declares `user` and no one
+    /// else to row-level isolation, whatever user its calls name: for code serving one
+    /// user's request (`taskhistory serve` uses one per request carrying a user token), so
+    /// that with isolation on a bug that passes another user's id reads and writes nothing
+    /// of that user's (the database refuses it). Its single saves are not combined with
+    /// other handles' (a combined statement declares every user it writes); a watch of
+    /// another user is refused by the store (`InvalidInput` on `user_id`), since the log's
+    /// one tail reads every watched user in one statement. Without isolation it behaves as
+    /// the store. `user` must be a valid user id.
+    pub fn acting_for(&self, user: &str) -> Result<Self, StoreError> {
+        validate::user_id(user)?;
+        Ok(PgTaskHistoryStore {
+            acting: Some(Arc::from(user)),
+            ..self.clone()
+        })
+    }
+
+    /// `call` as this handle declares it: only its user when it acts for one.
+    fn scoped<'a>(&'a self, call: Call<'a>) -> Call<'a> {
+        match &self.acting {
+            Some(user) => Call {
+                scope: crate::exec::Scope::User(user),
+                ..call
+            },
+            None => call,
+        }
+    }
+
+    /// Refuses a watch of another user than the one this handle acts for.
+    fn may_watch(&self, user_id: &str) -> Result<(), StoreError> {
+        match &self.acting {
+            Some(user) if **user != *user_id => Err(StoreError::invalid(
+                "user_id",
+                "this store handle acts for another user",
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// Opens the pool's minimum (`min_size`) connections now and returns once they are
@@ -93,7 +138,9 @@ impl PgTaskHistoryStore {
     }
 
     /// Saves a batch by `COPY` when it is large enough ([`PgConfig::copy_min_rows`]) and
-    /// every task it touches is new; `false` when it is not (nothing was written).
+    /// every task it touches is new; `false` when it is not (nothing was written). Never
+    /// under row-level isolation: PostgreSQL refuses `COPY FROM` into a table with
+    /// row-level security, so batches take the upsert statement then.
     async fn copy_new_tasks(
         &self,
         call: Call<'_>,
@@ -103,7 +150,7 @@ impl PgTaskHistoryStore {
             .config()
             .copy_min_rows
             .is_some_and(|min| steps.len() >= usize::try_from(min).unwrap_or(usize::MAX));
-        if !large {
+        if !large || self.backend.exec().isolated() {
             return Ok(false);
         }
         let batch = ops::copy::CopyNewTasks {
@@ -241,12 +288,13 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         let schema = b.config().get_schema().map(str::to_owned);
         let outcome = b
             .exec()
-            .own(Call::new(migrate::OP), &schema, migrate::run_work)
+            .own(Call::schema(migrate::OP), &schema, migrate::run_work)
             .await?;
         tracing::info!(
             applied = outcome.applied,
             "taskhistory schema is up to date"
         );
+        crate::isolation::state(b).await?;
         partition::prepare(b).await?;
         if outcome.adopted {
             // A table the Python service made: its writers are likely still running.
@@ -276,11 +324,11 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         step_result: &TaskStepResult,
     ) -> Result<(), StoreError> {
         let steps = [validate::prepare_save(user_id, task_id, step, step_result)?];
-        if let Some(combiner) = &self.combiner {
+        if let Some(combiner) = self.combiner.as_ref().filter(|_| self.acting.is_none()) {
             self.backend.exec().ensure_open()?;
             return combiner.save(&self.backend, &steps[0]).await;
         }
-        let call = Call::task(ops::save::OP, user_id, task_id);
+        let call = self.scoped(Call::task(ops::save::OP, user_id, task_id));
         self.backend.save(call, &steps).await
     }
 
@@ -289,7 +337,8 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         if steps.is_empty() {
             return self.backend.exec().ensure_open();
         }
-        let call = Call::new(ops::save::BATCH);
+        let users: Vec<&str> = steps.iter().map(|p| p.user_id).collect();
+        let call = self.scoped(Call::users(ops::save::BATCH, &users));
         if self.copy_new_tasks(call, &steps).await? {
             return Ok(());
         }
@@ -302,7 +351,7 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         task_id: &str,
     ) -> Result<Vec<HistoryEntry>, StoreError> {
         validate::task(user_id, task_id)?;
-        let call = Call::task(ops::read::LOAD, user_id, task_id);
+        let call = self.scoped(Call::task(ops::read::LOAD, user_id, task_id));
         let key = TaskKey { user_id, task_id };
         self.backend.read(call, &key, ops::read::load_history).await
     }
@@ -313,7 +362,7 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         task_id: &str,
     ) -> Result<bool, StoreError> {
         validate::task(user_id, task_id)?;
-        let call = Call::task(ops::cancel::OP, user_id, task_id);
+        let call = self.scoped(Call::task(ops::cancel::OP, user_id, task_id));
         let key = TaskKey { user_id, task_id };
         let entry = self
             .backend
@@ -334,7 +383,7 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         task_id: &str,
     ) -> Result<TaskStatus, StoreError> {
         validate::task(user_id, task_id)?;
-        let call = Call::task(ops::read::STATUS, user_id, task_id);
+        let call = self.scoped(Call::task(ops::read::STATUS, user_id, task_id));
         let key = TaskKey { user_id, task_id };
         self.backend.read(call, &key, ops::read::task_status).await
     }
@@ -345,7 +394,7 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         query: &TaskQuery,
     ) -> Result<TaskPage, StoreError> {
         validate::list(user_id, query)?;
-        let call = Call::user(ops::read::LIST, user_id);
+        let call = self.scoped(Call::user(ops::read::LIST, user_id));
         let list = ops::read::ListTasks { user_id, query };
         self.backend.read(call, &list, ops::read::list_tasks).await
     }
@@ -356,10 +405,10 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         scan: &HistoryScan,
     ) -> Result<HistoryPage, StoreError> {
         validate::scan(user_id, scan)?;
-        let call = Call {
+        let call = self.scoped(Call {
             task_id: scan.task_id.as_deref(),
             ..Call::user(ops::scan::OP, user_id)
-        };
+        });
         let scan = ops::scan::Scan { user_id, scan };
         self.backend
             .exec()
@@ -374,6 +423,7 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         after: Option<EventCursor>,
     ) -> Result<TaskEventStream, StoreError> {
         validate::task(user_id, task_id)?;
+        self.may_watch(user_id)?;
         watch::start(&self.tail, "watch_task", user_id, Some(task_id), after).await
     }
 
@@ -383,12 +433,13 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         after: Option<EventCursor>,
     ) -> Result<TaskEventStream, StoreError> {
         validate::user_id(user_id)?;
+        self.may_watch(user_id)?;
         watch::start(&self.tail, "watch_user", user_id, None, after).await
     }
 
     async fn task_counts(&self, user_id: &str) -> Result<TaskCounts, StoreError> {
         validate::user_id(user_id)?;
-        let call = Call::user(ops::counts::COUNTS, user_id);
+        let call = self.scoped(Call::user(ops::counts::COUNTS, user_id));
         self.backend
             .read(call, &ops::counts::Of { user_id }, ops::counts::counts)
             .await
@@ -401,7 +452,7 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         to: DateTime<Utc>,
     ) -> Result<Vec<ActivityHour>, StoreError> {
         let (from, to) = validate::activity(user_id, from, to)?;
-        let call = Call::user(ops::counts::ACTIVITY, user_id);
+        let call = self.scoped(Call::user(ops::counts::ACTIVITY, user_id));
         let hours = ops::counts::Hours {
             user_id: user_id.to_owned(),
             from,

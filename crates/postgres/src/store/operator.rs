@@ -11,6 +11,7 @@ use super::PgTaskHistoryStore;
 use crate::compat::{self, PythonCompat};
 use crate::exec::{Call, PoolStats, StoreMetrics, Tx};
 use crate::explain::{self, QueryStats, StatementPlan};
+use crate::isolation::IsolationState;
 use crate::layout::{Layout, PartitionInfo, Partitioning};
 use crate::migrate::{self, MigrationState};
 use crate::ops::{self, cleanup::Expired};
@@ -122,6 +123,24 @@ impl PgTaskHistoryStore {
         self.backend.connector().untranslated()
     }
 
+    /// Row-level isolation's state in the store's schema, read from the catalog (and, when
+    /// another process switched it since this store opened, taken up: this store declares
+    /// its operations' users from now on if it is on).
+    pub async fn isolation(&self) -> Result<IsolationState, StoreError> {
+        crate::isolation::state(&self.backend).await
+    }
+
+    /// Switches row-level isolation on or off (`taskhistory isolation on|off`): `ENABLE`
+    /// and `FORCE ROW LEVEL SECURITY` on every table holding users' rows, whose policies
+    /// (migration 8) then let each operation see and write only the users it declares.
+    /// Must be run by the tables' owner. Stores opened earlier in other processes declare
+    /// only if they were opened with [`PgConfig::declare_users`](crate::PgConfig::declare_users)
+    /// (or call [`isolation`](Self::isolation)): switch those on first, or restart them
+    /// after (docs/reliability.md, "Row-level isolation").
+    pub async fn set_isolation(&self, on: bool) -> Result<IsolationState, StoreError> {
+        crate::isolation::set(&self.backend, on).await
+    }
+
     /// The embedded migrations and which are applied.
     pub async fn migration_status(&self) -> Result<Vec<MigrationState>, StoreError> {
         let schema = self.config().get_schema().map(str::to_owned);
@@ -154,7 +173,7 @@ impl PgTaskHistoryStore {
         };
         let b = &*self.backend;
         let exec = b.exec();
-        let call = Call::new(ops::cleanup::OP);
+        let call = Call::maintenance(ops::cleanup::OP);
         if options.dry_run {
             return exec
                 .pooled(call, Tx::Statement, &expired, ops::cleanup::preview)
@@ -229,7 +248,7 @@ impl PgTaskHistoryStore {
                 format!("{limit} is not between 1 and 1000"),
             ));
         }
-        let call = Call::new(ops::counts::RECENT_FAILURES);
+        let call = Call::maintenance(ops::counts::RECENT_FAILURES);
         self.backend
             .exec()
             .read(call, &limit, ops::counts::recent_failures)

@@ -516,7 +516,8 @@ async fn read(shared: &Shared, turn: &Turn) -> Result<(), StoreError> {
                 position,
             })
             .collect();
-        let found = log::read(backend, Call::new(OP), &wants, TAIL_PAGE).await?;
+        let users: Vec<&str> = wants.iter().map(|w| w.user).collect();
+        let found = log::read(backend, Call::users(OP, &users), &wants, TAIL_PAGE).await?;
         shared.counters.tail_reads.fetch_add(1, Ordering::Relaxed);
         let mut state = shared.state();
         if state.closed {

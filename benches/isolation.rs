@@ -1,0 +1,240 @@
+//! Row-level isolation (issue 32): what declaring each operation's users and the policies
+//! cost, isolation on against off, in the same run on the same schema and the same store
+//! (the schema's owner, not a superuser, so the policies hold it: `FORCE ROW LEVEL
+//! SECURITY`). Rounds alternate (off first in every other round); each figure is the median
+//! of its rounds; ratios are printed, never asserted.
+//!
+//! Workloads: single saves at 1 (p50 and rate), 8 and 32 concurrent; batches of 100 steps
+//! (the upsert statement either way) and of 2,000 steps of new tasks (`COPY` when off; the
+//! upsert statement when on, since PostgreSQL refuses `COPY FROM` into a table with
+//! row-level security); loads of a 10-step history, statuses and first pages of 20 tasks,
+//! at 1 (p50) and 8 concurrent.
+//!
+//! ```sh
+//! cargo bench --bench isolation                 # 5 rounds of 2 s per workload and mode
+//! BENCH_SHORT=1 cargo bench --bench isolation   # 3 rounds of 0.4 s
+//! BENCH_ROUNDS=9 BENCH_SECS=1 cargo bench --bench isolation
+//! ```
+//!
+//! The server is the tests' (TEST_DATABASE_URL, else 127.0.0.1:5432, else a throwaway one);
+//! the schema lives in the bench process's test database, dropped when it exits.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use common::{drive, env_f64, median, ms, round_secs, short, Sample};
+use serde_json::json;
+use taskhistory::{PgTaskHistoryStore, StepRecord, TaskHistoryStore, TaskQuery, TaskStepResult};
+use taskhistory_testing as testing;
+
+/// Users holding the read workloads' tasks.
+const USERS: usize = 32;
+/// Tasks per user, of 10 steps each.
+const TASKS: usize = 50;
+
+fn step(i: u64) -> TaskStepResult {
+    TaskStepResult::running(
+        "data_processing",
+        json!({"processed_rows": i, "progress": 0.5, "stage": "transform"}),
+        "Step running",
+    )
+}
+
+/// One workload: what it runs, at how many concurrent callers.
+struct Workload {
+    name: &'static str,
+    workers: usize,
+    /// Report the p50 latency (one caller) instead of the rate.
+    p50: bool,
+}
+
+async fn run(store: &PgTaskHistoryStore, w: &Workload, round: u64) -> Sample {
+    let store = store.clone();
+    let name = w.name;
+    let counter = Arc::new(AtomicU64::new(0));
+    drive(w.workers, round_secs(), move |worker, i| {
+        let store = store.clone();
+        let counter = counter.clone();
+        async move {
+            let user = format!("u{}", worker % USERS);
+            let task = format!("t{}", i as usize % TASKS);
+            match name {
+                "save" => {
+                    let n = counter.fetch_add(1, Ordering::Relaxed);
+                    let task = format!("s{round}_{worker}_{}", n / 10);
+                    store
+                        .save_task_history(&user, &task, (n % 10) as i32, &step(n))
+                        .await
+                        .unwrap();
+                }
+                "batch100" | "batch2000" => {
+                    let rows: u32 = if name == "batch100" { 100 } else { 2_000 };
+                    let n = counter.fetch_add(1, Ordering::Relaxed);
+                    let batch: Vec<StepRecord> = (0..rows)
+                        .map(|k| {
+                            StepRecord::new(
+                                &user,
+                                format!("b{round}_{worker}_{n}_{}", k / 10),
+                                (k % 10) as i32,
+                                step(u64::from(k)),
+                            )
+                        })
+                        .collect();
+                    store.save_batch_task_history(&batch).await.unwrap();
+                }
+                "load" => {
+                    store.load_task_history(&user, &task).await.unwrap();
+                }
+                "status" => {
+                    store.check_task_status(&user, &task).await.unwrap();
+                }
+                "list" => {
+                    store
+                        .get_user_tasks_page(&user, &TaskQuery::first(20))
+                        .await
+                        .unwrap();
+                }
+                other => panic!("no workload {other}"),
+            }
+        }
+    })
+    .await
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(bench());
+}
+
+async fn bench() {
+    let rounds = env_f64("BENCH_ROUNDS", if short() { 3.0 } else { 5.0 }) as u64;
+    let config = testing::owner_config()
+        .await
+        .pool_size(4, 16)
+        .notifications(false);
+    let store = testing::store_for(config).await;
+    for u in 0..USERS {
+        let batch: Vec<StepRecord> = (0..TASKS * 10)
+            .map(|k| {
+                StepRecord::new(
+                    format!("u{u}"),
+                    format!("t{}", k / 10),
+                    (k % 10) as i32,
+                    step(k as u64),
+                )
+            })
+            .collect();
+        store.save_batch_task_history(&batch).await.unwrap();
+    }
+    let workloads = [
+        Workload {
+            name: "save",
+            workers: 1,
+            p50: true,
+        },
+        Workload {
+            name: "save",
+            workers: 1,
+            p50: false,
+        },
+        Workload {
+            name: "save",
+            workers: 8,
+            p50: false,
+        },
+        Workload {
+            name: "save",
+            workers: 32,
+            p50: false,
+        },
+        Workload {
+            name: "batch100",
+            workers: 1,
+            p50: false,
+        },
+        Workload {
+            name: "batch2000",
+            workers: 1,
+            p50: false,
+        },
+        Workload {
+            name: "load",
+            workers: 1,
+            p50: true,
+        },
+        Workload {
+            name: "load",
+            workers: 8,
+            p50: false,
+        },
+        Workload {
+            name: "status",
+            workers: 1,
+            p50: true,
+        },
+        Workload {
+            name: "status",
+            workers: 8,
+            p50: false,
+        },
+        Workload {
+            name: "list",
+            workers: 1,
+            p50: true,
+        },
+        Workload {
+            name: "list",
+            workers: 8,
+            p50: false,
+        },
+    ];
+    // Per workload, per mode (off, on): the rounds' figures.
+    let mut figures = vec![[Vec::new(), Vec::new()]; workloads.len()];
+    for round in 0..rounds {
+        let order = if round % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for on in order {
+            let state = store.set_isolation(on).await.unwrap();
+            assert_eq!(state.on(), on, "{state:?}");
+            assert_eq!(state.declaring, on, "{state:?}");
+            for (w, figure) in workloads.iter().zip(figures.iter_mut()) {
+                let sample = run(&store, w, round * 2 + u64::from(on)).await;
+                let value = if w.p50 {
+                    ms(sample.pct(0.5))
+                } else {
+                    sample.rate()
+                };
+                figure[usize::from(on)].push(value);
+            }
+        }
+    }
+    store.set_isolation(false).await.unwrap();
+    println!();
+    println!("| workload | concurrent | isolation off | isolation on | on / off |");
+    println!("|---|---|---|---|---|");
+    for (w, figure) in workloads.iter().zip(figures) {
+        let off = median(figure[0].clone());
+        let on = median(figure[1].clone());
+        let (unit, ratio) = if w.p50 {
+            ("ms p50", off / on)
+        } else {
+            ("ops/s", on / off)
+        };
+        println!(
+            "| {} | {} | {off:.3} {unit} | {on:.3} {unit} | {ratio:.2} |",
+            w.name, w.workers
+        );
+    }
+    println!("\n(on / off: throughput on over off; for a p50, off over on: above 1 is faster with isolation on)");
+    store.close().await;
+}

@@ -1,0 +1,350 @@
+//! Row-level isolation by user (migration 8, `set_isolation`): the behaviour suite with it
+//! on, directly and behind PgBouncer (the schema's owner is not a superuser, so `FORCE`
+//! holds it too); the database's own refusals seen through raw SQL as the service role
+//! and as the owner; a store built to declare the wrong user; retention refused to the
+//! service role; the switch read back, and kept by the conversion to partitions.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use serde_json::json;
+use taskhistory_core::{StoreError, TaskHistoryStore, TaskQuery, TaskStatus, TaskStepResult};
+use taskhistory_postgres::{Partitioning, PgConfig, PgTaskHistoryStore};
+use taskhistory_testing::{
+    app_password, app_role, app_role_store, database_url, isolated_store_for, owner_config,
+    owner_password, owner_role, store_for,
+};
+
+mod direct {
+    taskhistory_core::conformance_tests!(taskhistory_testing::isolated_dyn_store().await);
+}
+
+mod pgbouncer {
+    taskhistory_core::conformance_tests!(taskhistory_testing::isolated_pgbouncer_dyn_store().await);
+}
+
+/// Every table that holds users' rows.
+const TABLES: [&str; 5] = [
+    "task_history",
+    "task_summary",
+    "task_counts",
+    "task_activity",
+    "task_history_duplicates",
+];
+
+/// A schema owned by the test owner role with isolation on, holding tasks of users `a`, `b`
+/// and `c` (steps, a cancel, so every counted table has rows), and the app role granted.
+async fn three_users() -> (PgConfig, PgTaskHistoryStore) {
+    let config = owner_config().await;
+    let store = isolated_store_for(config.clone()).await;
+    for user in ["a", "b", "c"] {
+        for step in 0..3 {
+            store
+                .save_task_history(
+                    user,
+                    "t",
+                    step,
+                    &TaskStepResult::running("s", json!({ "step": step }), ""),
+                )
+                .await
+                .unwrap();
+        }
+        store
+            .save_task_history(user, "u", 0, &TaskStepResult::running("s", json!({}), ""))
+            .await
+            .unwrap();
+        assert!(store.mark_task_as_cancelled(user, "u").await.unwrap());
+        store
+            .save_task_history(
+                user,
+                "v",
+                0,
+                &TaskStepResult::failure("s", taskhistory_core::ErrorCode::Execution, "boom"),
+            )
+            .await
+            .unwrap();
+    }
+    app_role_store(&config).await.close().await;
+    (config, store)
+}
+
+/// A raw connection as `user` to the test database, on `schema`.
+async fn raw(user: &str, password: &str, schema: &str) -> tokio_postgres::Client {
+    let mut config: tokio_postgres::Config = database_url().await.parse().unwrap();
+    config.user(user).password(password);
+    let (client, conn) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute(&format!("SET search_path TO \"{schema}\""))
+        .await
+        .unwrap();
+    client
+}
+
+async fn count(client: &tokio_postgres::Client, table: &str, user: Option<&str>) -> i64 {
+    let sql = match user {
+        Some(u) => format!("SELECT count(*) FROM {table} WHERE user_id = '{u}'"),
+        None => format!("SELECT count(*) FROM {table}"),
+    };
+    client.query_one(&sql, &[]).await.unwrap().get(0)
+}
+
+/// A new history row of `user` (the app role has the sequence's usage).
+fn insert_row(user: &str) -> String {
+    format!(
+        "INSERT INTO task_history (user_id, task_id, step, result, timestamp, status, started_at) \
+         VALUES ('{user}', 'x', 0, '{{}}', now(), 'running', now())"
+    )
+}
+
+async fn assert_refused(client: &tokio_postgres::Client, sql: &str) {
+    let err = client.batch_execute(sql).await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+        "{sql}: {err}"
+    );
+    assert!(
+        err.as_db_error()
+            .is_some_and(|e| e.message().contains("row-level security")),
+        "{err:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_declared_nothing_sees_and_writes_nothing() {
+    let (config, store) = three_users().await;
+    let schema = config.get_schema().unwrap();
+    // The service role has no right on the duplicates' table at all.
+    for (role, password, tables) in [
+        (app_role(), app_password(), &TABLES[..4]),
+        (owner_role(), owner_password(), &TABLES[..]),
+    ] {
+        let client = raw(&role, &password, schema).await;
+        for &table in tables {
+            assert_eq!(count(&client, table, None).await, 0, "{role} {table}");
+            let changed = client
+                .execute(&format!("UPDATE {table} SET user_id = user_id"), &[])
+                .await
+                .unwrap();
+            assert_eq!(changed, 0, "{role} updated {table}");
+            let deleted = client
+                .execute(&format!("DELETE FROM {table}"), &[])
+                .await
+                .unwrap();
+            assert_eq!(deleted, 0, "{role} deleted from {table}");
+        }
+        assert_refused(&client, &insert_row("a")).await;
+    }
+    // Everything is still there for the store, which declares its users.
+    for user in ["a", "b", "c"] {
+        assert_eq!(store.load_task_history(user, "t").await.unwrap().len(), 3);
+        let counts = store.task_counts(user).await.unwrap();
+        assert_eq!(counts.total(), 3, "{user}: {counts:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_declared_user_sees_and_writes_only_its_own_rows() {
+    let (config, _store) = three_users().await;
+    let schema = config.get_schema().unwrap();
+    let client = raw(&app_role(), &app_password(), schema).await;
+    // One user declared: only its rows, in every table.
+    client
+        .batch_execute("BEGIN; SELECT set_config('taskhistory.declared', '{a}', true)")
+        .await
+        .unwrap();
+    for table in ["task_history", "task_summary", "task_counts"] {
+        assert!(count(&client, table, Some("a")).await > 0, "{table}");
+    }
+    for table in &TABLES[..4] {
+        assert_eq!(
+            count(&client, table, None).await,
+            count(&client, table, Some("a")).await
+        );
+        for other in ["b", "c"] {
+            assert_eq!(count(&client, table, Some(other)).await, 0, "{table}");
+            let changed = client
+                .execute(
+                    &format!("UPDATE {table} SET user_id = user_id WHERE user_id = '{other}'"),
+                    &[],
+                )
+                .await
+                .unwrap();
+            assert_eq!(changed, 0);
+            let deleted = client
+                .execute(
+                    &format!("DELETE FROM {table} WHERE user_id = '{other}'"),
+                    &[],
+                )
+                .await
+                .unwrap();
+            assert_eq!(deleted, 0);
+        }
+    }
+    // Moving a's row to b is a write of b's: refused.
+    assert_refused(
+        &client,
+        "UPDATE task_summary SET user_id = 'b' WHERE user_id = 'a'",
+    )
+    .await;
+    client.batch_execute("ROLLBACK").await.unwrap();
+
+    // A combined save's declaration of a and b: a's and b's rows, never c's.
+    client
+        .batch_execute("BEGIN; SELECT set_config('taskhistory.declared', '{a,b}', true)")
+        .await
+        .unwrap();
+    client.batch_execute(&insert_row("a")).await.unwrap();
+    client.batch_execute(&insert_row("b")).await.unwrap();
+    assert_eq!(count(&client, "task_history", Some("c")).await, 0);
+    assert_refused(&client, &insert_row("c")).await;
+    client.batch_execute("ROLLBACK").await.unwrap();
+
+    // The declaration is the transaction's: after it, nothing again.
+    assert_eq!(count(&client, "task_history", None).await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_declaring_the_wrong_user_gets_nothing_of_the_user_it_names() {
+    let (config, store) = three_users().await;
+    // A store with a bug: it declares `a` whatever its statements name.
+    let buggy = PgTaskHistoryStore::connect(config.clone().declare_as(Some("a".to_owned())))
+        .await
+        .unwrap();
+    assert!(buggy.isolation().await.unwrap().declaring);
+    assert_eq!(buggy.load_task_history("a", "t").await.unwrap().len(), 3);
+    assert!(buggy.load_task_history("b", "t").await.unwrap().is_empty());
+    assert_eq!(
+        buggy.check_task_status("b", "t").await.unwrap(),
+        TaskStatus::Pending
+    );
+    let page = buggy
+        .get_user_tasks_page("b", &TaskQuery::first(10))
+        .await
+        .unwrap();
+    assert!(page.tasks.is_empty());
+    assert_eq!(buggy.task_counts("b").await.unwrap().total(), 0);
+    let write = buggy
+        .save_task_history("b", "t", 9, &TaskStepResult::running("s", json!({}), ""))
+        .await;
+    assert!(write.is_err(), "{write:?}");
+    let cancel = buggy.mark_task_as_cancelled("b", "t").await;
+    assert!(
+        !matches!(cancel, Ok(true)),
+        "the buggy store cancelled b's task: {cancel:?}"
+    );
+    // b's task is as it was.
+    assert_eq!(store.load_task_history("b", "t").await.unwrap().len(), 3);
+    assert_eq!(
+        store.check_task_status("b", "t").await.unwrap(),
+        TaskStatus::Running
+    );
+    buggy.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_is_refused_to_the_service_role_and_done_by_the_owner() {
+    let (config, store) = three_users().await;
+    let app = app_role_store(&config).await;
+    let state = app.isolation().await.unwrap();
+    assert!(
+        state.on() && state.declaring && !state.maintainer,
+        "{state:?}"
+    );
+    match app.cleanup_old_tasks(0).await {
+        Err(StoreError::Configuration { setting, .. }) => assert_eq!(setting, "isolation"),
+        other => panic!("{other:?}"),
+    }
+    // The service role still reads and writes its users' rows.
+    assert_eq!(app.load_task_history("b", "t").await.unwrap().len(), 3);
+    app.save_task_history("b", "t", 3, &TaskStepResult::running("s", json!({}), ""))
+        .await
+        .unwrap();
+    // The owner, declaring the cross-user work, removes every user's old tasks.
+    let report = store.cleanup_old_tasks(0).await.unwrap();
+    assert_eq!(report.tasks_removed, 9, "{report:?}");
+    for user in ["a", "b", "c"] {
+        assert!(store.load_task_history(user, "t").await.unwrap().is_empty());
+    }
+    app.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_switch_reads_back_and_survives_the_conversion_to_partitions() {
+    let config = owner_config().await;
+    let store = store_for(config.clone()).await;
+    let off = store.isolation().await.unwrap();
+    assert!(off.ready() && !off.on() && !off.declaring, "{off:?}");
+    assert_eq!(off.tables.len(), TABLES.len());
+    // A store opened before the switch, declaring anyway (the no-window procedure).
+    let early = PgTaskHistoryStore::connect(config.clone().declare_users(true))
+        .await
+        .unwrap();
+    assert!(early.isolation().await.unwrap().declaring);
+    early
+        .save_task_history("a", "t", 0, &TaskStepResult::running("s", json!({}), ""))
+        .await
+        .unwrap();
+
+    let on = store.set_isolation(true).await.unwrap();
+    assert!(on.on() && on.declaring && on.maintainer, "{on:?}");
+    assert_eq!(early.load_task_history("a", "t").await.unwrap().len(), 1);
+    let late = PgTaskHistoryStore::connect(config.clone()).await.unwrap();
+    assert!(late.isolation().await.unwrap().declaring);
+
+    store
+        .convert_to_partitioned(Partitioning::default())
+        .await
+        .unwrap();
+    let converted = store.isolation().await.unwrap();
+    assert!(converted.on(), "{converted:?}");
+    assert_eq!(late.load_task_history("a", "t").await.unwrap().len(), 1);
+    let client = raw(
+        &owner_role(),
+        &owner_password(),
+        config.get_schema().unwrap(),
+    )
+    .await;
+    assert_eq!(count(&client, "task_history", None).await, 0);
+
+    let off = store.set_isolation(false).await.unwrap();
+    assert!(!off.on() && off.tables.iter().all(|t| !t.enabled && !t.forced));
+    assert_eq!(count(&client, "task_history", None).await, 1);
+    for s in [early, late, store] {
+        s.close().await;
+    }
+}
+
+/// A handle acting for one user (what `serve` runs a user token's request on) declares that
+/// user only: asked for another user's rows, it gets none from the database; its own
+/// user's as before; a watch of another user is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handle_acting_for_a_user_gets_nothing_of_another() {
+    let (_config, store) = three_users().await;
+    let a = store.acting_for("a").unwrap();
+    assert_eq!(a.load_task_history("a", "t").await.unwrap().len(), 3);
+    assert!(a.load_task_history("b", "t").await.unwrap().is_empty());
+    assert_eq!(
+        a.check_task_status("b", "t").await.unwrap(),
+        TaskStatus::Pending
+    );
+    assert!(a
+        .get_user_tasks_page("c", &TaskQuery::first(10))
+        .await
+        .unwrap()
+        .tasks
+        .is_empty());
+    assert!(a
+        .save_task_history("b", "t", 7, &TaskStepResult::running("s", json!({}), ""))
+        .await
+        .is_err());
+    assert!(matches!(
+        a.watch_user("b", None).await.map(drop),
+        Err(StoreError::InvalidInput { .. })
+    ));
+    assert!(a.watch_user("a", None).await.is_ok());
+    assert_eq!(store.load_task_history("b", "t").await.unwrap().len(), 3);
+    assert!(matches!(
+        store.acting_for(""),
+        Err(StoreError::InvalidInput { .. })
+    ));
+}

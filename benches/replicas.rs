@@ -20,6 +20,7 @@
 //! ```sh
 //! cargo bench --bench replicas
 //! BENCH_SECS=1 BENCH_ROUNDS=3 cargo bench --bench replicas
+//! BENCH_ONLY=saves BENCH_ROUNDS=9 cargo bench --bench replicas   # saves only
 //! ```
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -170,11 +171,15 @@ async fn bench() {
         "{:<28} {:>12} {:>12} {:>8} {:>14} {:>14}",
         "operation", "alone/s", "standby/s", "ratio", "cpu/1k alone", "cpu/1k standby"
     );
+    let reads = std::env::var("BENCH_ONLY").map_or(true, |o| o.contains("reads"));
     for (name, kind) in [
         ("check_task_status x16", Read::Status),
         ("load_task_history x16", Read::Load),
         ("get_user_tasks_page x16", Read::List),
-    ] {
+    ]
+    .into_iter()
+    .filter(|_| reads)
+    {
         let (a, r) = (alone.clone(), replicated.clone());
         let [(base, base_cpu), (with, with_cpu)] = paired(postmaster, 16, rounds, |on| {
             Box::new(read_op(if on { r.clone() } else { a.clone() }, kind))

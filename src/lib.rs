@@ -40,7 +40,8 @@ pub use taskhistory_memory::MemoryStore;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use taskhistory_postgres::{
-    CleanupOptions, PgConfig, PgTaskHistoryStore, PoolStats, SslMode, StoreMetrics, StoreStats,
+    CleanupOptions, PgConfig, PgTaskHistoryStore, PoolStats, ReplicaState, SslMode, StoreMetrics,
+    StoreStats,
 };
 
 /// Issuing and verifying the user tokens `taskhistory serve` accepts (feature `tokens`):

@@ -240,6 +240,10 @@ async fn every_route_status_code_and_token_rule() {
         "taskhistory_store_tail_reads_total",
         "taskhistory_store_watcher_fallbacks_total",
         "taskhistory_store_tail_lag_milliseconds",
+        "taskhistory_store_reads_total{server=\"primary\"}",
+        "taskhistory_store_replica_fallbacks_total",
+        "taskhistory_store_replica_lag_milliseconds",
+        "taskhistory_store_replicas_in_rotation",
         "taskhistory_pool_max",
         "taskhistory_watchers",
     ] {

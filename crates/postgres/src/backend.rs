@@ -221,7 +221,7 @@ impl Backend {
             notifier.stop().await;
         }
         if let Some(replicas) = &self.replicas {
-            replicas.stop();
+            replicas.close().await;
         }
         self.hub.stop().await;
         self.exec.close().await;

@@ -933,6 +933,56 @@ impl Executor {
         .await
     }
 
+    /// Whether a read of `call` may share a connection with other callers' reads: not the
+    /// cross-user work under row-level isolation (its declaration is no statement's own).
+    pub(crate) fn may_share(&self, call: Call<'_>) -> Result<bool, StoreError> {
+        Ok(!matches!(
+            self.declaration(call.operation, call.scope)?,
+            Some(Declaration { users: None, .. })
+        ))
+    }
+
+    /// A read on a replica's connection shared by concurrent reads (pipelined; `crate::replica`
+    /// holds it; only when [`may_share`](Self::may_share)): one attempt, no retry, with the
+    /// span, the declaration inside its statement, the command timeout and the counters.
+    /// Its caller drops the connection after a connection error or a timeout.
+    pub(crate) async fn read_with<P: Sync, T>(
+        &self,
+        (conn, server): (&AsyncPgConnection, &str),
+        call: Call<'_>,
+        params: &P,
+        work: Read<P, T>,
+    ) -> Result<T, StoreError> {
+        self.ensure_open()?;
+        let op = call.operation;
+        let span = tracing::info_span!(
+            "taskhistory",
+            operation = op,
+            user_id = call.user_id.unwrap_or(""),
+            task_id = call.task_id.unwrap_or(""),
+            server,
+        );
+        // As on the primary's shared connections (see `read`): a read of users' rows
+        // declares inside its own statement.
+        let users = self.declaration(op, call.scope)?.and_then(|d| d.users);
+        async {
+            self.counters.queries.fetch_add(1, Ordering::Relaxed);
+            let timeout = self.command_timeout;
+            let mut shared = conn;
+            let attempt = crate::sql::declaring_in_statement(users, work(&mut shared, params));
+            let result = match tokio::time::timeout(timeout, attempt).await {
+                Ok(result) => result,
+                Err(_) => Err(timed_out(op, timeout)),
+            };
+            if result.is_err() {
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            result
+        }
+        .instrument(span)
+        .await
+    }
+
     /// Pool figures.
     pub(crate) fn pool_stats(&self, max: u32) -> PoolStats {
         match self.pool() {

@@ -4,8 +4,9 @@
 //! One background task per store (the refresher) runs rounds: each round reads the write
 //! counter, then samples the primary's WAL insert position and, at the same time, each
 //! replica's replayed position and whether it still replays: `1 + replicas` statements per
-//! round, whatever the number of reads. Rounds run every 250 ms, or sooner (at most one per
-//! `spacing`) when a write or a waiting read asks for one.
+//! round, whatever the number of reads. Rounds run every 250 ms (a quarter of the lag
+//! allowed when that is under a second), or sooner (at most one per `spacing`, 1 to 10 ms)
+//! when a waiting read asks for one.
 //!
 //! Read-your-writes: a write for user `u` whose commit has returned bumps the counter and
 //! records its value `s` for `u` (pending). A sample `(c, L)` (`c` read before the sample
@@ -120,12 +121,19 @@ pub(crate) fn wal_insert_position<'c>(
     })
 }
 
-/// One replica: its pool, and what the latest round found.
+/// One replica: its pool, its connections shared by concurrent reads, and what the latest
+/// round found.
 struct Server {
     /// `host:port/database`.
     name: String,
     connector: Connector,
     pool: Pool<AsyncPgConnection>,
+    /// Connections shared by concurrent reads ([`PgConfig::pipelined_reads`]; none behind
+    /// a transaction pooler: reads then take the pool), opened on first use.
+    shared: Vec<tokio::sync::Mutex<Option<Arc<AsyncPgConnection>>>>,
+    next_shared: AtomicUsize,
+    /// Shared connections opened since start.
+    opened_shared: AtomicU64,
     /// Whether reads may go to it.
     in_rotation: AtomicBool,
     /// What the latest round that found it well vouches for.
@@ -136,8 +144,60 @@ struct Server {
 }
 
 impl Server {
+    /// Connections opened since start (pooled and shared): a read whose connection was
+    /// opened after a round began changes it.
     fn opened(&self) -> u64 {
-        self.pool.state().statistics.connections_created
+        self.pool.state().statistics.connections_created + self.opened_shared.load(Ordering::SeqCst)
+    }
+
+    /// A read on this replica: on a shared connection (opened if its slot is empty; left
+    /// after a connection error or a timeout), else on a pooled one.
+    async fn read<P: Sync, T>(
+        &self,
+        exec: &Executor,
+        call: Call<'_>,
+        params: &P,
+        work: Read<P, T>,
+    ) -> Result<T, StoreError> {
+        let n = self.shared.len();
+        if n == 0 || !exec.may_share(call)? {
+            return exec
+                .read_on(
+                    (&self.pool, &self.connector, &self.name),
+                    call,
+                    params,
+                    work,
+                )
+                .await;
+        }
+        let Some(slot) = self
+            .shared
+            .get(self.next_shared.fetch_add(1, Ordering::Relaxed) % n)
+        else {
+            return Err(StoreError::Closed);
+        };
+        let conn = {
+            let mut held = slot.lock().await;
+            match &*held {
+                Some(conn) => Arc::clone(conn),
+                None => {
+                    self.opened_shared.fetch_add(1, Ordering::SeqCst);
+                    let conn = Arc::new(self.connector.connect().await?);
+                    *held = Some(Arc::clone(&conn));
+                    conn
+                }
+            }
+        };
+        let result = exec
+            .read_with((&conn, &self.name), call, params, work)
+            .await;
+        if let Err(StoreError::Unavailable { .. } | StoreError::Timeout { .. }) = &result {
+            let mut held = slot.lock().await;
+            if held.as_ref().is_some_and(|c| Arc::ptr_eq(c, &conn)) {
+                *held = None;
+            }
+        }
+        result
     }
 
     fn vouched(&self) -> Vouched {
@@ -495,10 +555,14 @@ impl Replicas {
                 &Arc::new(Health::default()),
                 &LastError::default(),
             );
+            let shared = if c.pgbouncer { 0 } else { c.pipelined_reads };
             servers.push(Server {
                 name,
                 connector,
                 pool,
+                shared: (0..shared).map(|_| tokio::sync::Mutex::new(None)).collect(),
+                next_shared: AtomicUsize::new(0),
+                opened_shared: AtomicU64::new(0),
                 in_rotation: AtomicBool::new(false),
                 vouched: Mutex::new(Vouched::default()),
                 checked: AtomicBool::new(false),
@@ -550,7 +614,8 @@ impl Replicas {
                 }
             }
         }
-        inner.wanted.notify_one();
+        // No round is asked for here: the user's next read asks for one if it comes
+        // before the next heartbeat (writes alone cost no statement).
     }
 
     /// A read that a replica may serve (see the module's doc); the primary's read when none
@@ -565,14 +630,7 @@ impl Replicas {
         let inner = &self.inner;
         let chosen = inner.choose(call.user_id).await;
         if let Some((server, opened)) = chosen.and_then(|(i, o)| Some((inner.servers.get(i)?, o))) {
-            let result = exec
-                .read_on(
-                    (&server.pool, &server.connector, &server.name),
-                    call,
-                    params,
-                    work,
-                )
-                .await;
+            let result = server.read(exec, call, params, work).await;
             // A connection opened since the round that vouched for the replica may be to a
             // restarted server that shows an older state than it reported.
             let vouched = server.opened() == opened;
@@ -688,6 +746,17 @@ impl Replicas {
                     .then(|| show_lsn(s.vouched().replayed)),
             })
             .collect()
+    }
+
+    /// Stops the refresher and closes the shared connections (the pools close when the
+    /// store is dropped; reads after `close` fail with `Closed` before using them).
+    pub(crate) async fn close(&self) {
+        self.stop();
+        for server in &self.inner.servers {
+            for slot in &server.shared {
+                slot.lock().await.take();
+            }
+        }
     }
 
     /// Stops the refresher.

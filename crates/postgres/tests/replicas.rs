@@ -18,6 +18,12 @@ use taskhistory_core::{StoreError, TaskHistoryStore, TaskQuery, TaskStatus, Task
 use taskhistory_postgres::{PgConfig, PgTaskHistoryStore, SslMode};
 use taskhistory_testing::{store_for, OwnServer};
 
+/// The whole behaviour suite on a store whose reads go to a standby that applies commits
+/// 50 ms late: every read of a user the store wrote must show its writes.
+mod behaviour {
+    taskhistory_core::conformance_tests!(taskhistory_testing::replica_dyn_store().await);
+}
+
 const APPLY_DELAY: &str = "recovery_min_apply_delay=200ms";
 
 fn config(primary: &OwnServer, schema: &str) -> PgConfig {
@@ -48,10 +54,12 @@ async fn in_rotation(store: &PgTaskHistoryStore) {
     .await;
 }
 
-/// Reads a user nobody writes until the replica serves one.
+/// Reads a user nobody writes until the replica has served 10 reads: its shared read
+/// connections are open and vouched for by a check (a read on a connection opened since
+/// the latest check goes to the primary).
 async fn until_served(store: &PgTaskHistoryStore) {
     let started = Instant::now();
-    while store.metrics().reads_replicas == 0 {
+    while store.metrics().reads_replicas < 10 {
         assert!(
             started.elapsed() < Duration::from_secs(60),
             "no read by the replica"
@@ -387,6 +395,28 @@ async fn tokens_carry_writes_across_stores_watchers_deliver_exactly_and_a_promot
     saves.await.unwrap();
     in_rotation(&strict).await;
     strict.close().await;
+
+    // A store declaring its users (row-level isolation's statements, issue 32) reads on
+    // the standby too: the declaration inside the read's statement runs on a hot standby.
+    let declaring =
+        store_for(with_standby(config(&primary, "tokens"), &standby).declare_users(true)).await;
+    in_rotation(&declaring).await;
+    until_served(&declaring).await;
+    let served = declaring.metrics().reads_replicas;
+    assert_eq!(
+        declaring.check_task_status("carried", "t0").await.unwrap(),
+        TaskStatus::Running
+    );
+    assert_eq!(
+        declaring
+            .load_task_history("watched", "t3")
+            .await
+            .unwrap()
+            .len(),
+        50
+    );
+    assert_eq!(declaring.metrics().reads_replicas, served + 2);
+    declaring.close().await;
 
     // Promoted: it leaves the rotation; reads of fresh writes go to the primary and see
     // them.

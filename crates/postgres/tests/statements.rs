@@ -66,6 +66,36 @@ async fn every_statement_is_known_and_filters_on_user_id() {
         .await
         .unwrap();
     combining.close().await;
+    // Position tokens (issue 31): without replicas a token is the primary's WAL insert
+    // position; with a replica (here the server itself, which its check finds not in
+    // recovery: never in the rotation) the refresher checks it.
+    assert!(store.position("u").await.unwrap().is_some());
+    let sink = log.clone();
+    let replicated = taskhistory_postgres::PgTaskHistoryStore::connect(
+        store
+            .config()
+            .clone()
+            .read_urls([taskhistory_testing::database_url().await])
+            .unwrap()
+            .observe_statements(move |sql| sink.lock().unwrap().push(sql.to_owned())),
+    )
+    .await
+    .unwrap();
+    let checked = std::time::Instant::now();
+    while !log
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|s| s == sql::REPLICA_POSITION)
+    {
+        assert!(
+            checked.elapsed() < std::time::Duration::from_secs(30),
+            "no check of the replica"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(!replicated.replicas()[0].in_rotation);
+    replicated.close().await;
     let old = Utc::now() - Duration::days(40);
     let batch: Vec<StepRecord> = (0..3)
         .map(|i| StepRecord::new("u", "old", i, r(i)).at(old))

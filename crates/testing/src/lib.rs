@@ -721,6 +721,35 @@ pub async fn pgbouncer_config() -> PgConfig {
         .unwrap_or_else(|e| panic!("the test database URL does not parse: {e}"))
 }
 
+/// A primary and a streaming standby of this test process's own (started on first use,
+/// the standby applying commits 50 ms late), for the behaviour suite on a store whose
+/// reads go to a replica.
+static REPLICATED: OnceCell<(OwnServer, OwnServer)> = OnceCell::const_new();
+
+/// A migrated store on a new schema of the process's own primary, reading from its
+/// standby ([`PgConfig::read_urls`]): the behaviour suite's store for read-your-writes.
+pub async fn replica_dyn_store() -> DynStore {
+    let (primary, standby) = REPLICATED
+        .get_or_init(|| async {
+            let primary = OwnServer::start(&["max_connections=300"]);
+            let standby = OwnServer::standby_of(
+                &primary,
+                &["max_connections=300", "recovery_min_apply_delay=50ms"],
+            );
+            (primary, standby)
+        })
+        .await;
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let config = PgConfig::from_url(&primary.url())
+        .unwrap_or_else(|e| panic!("the own server's URL: {e}"))
+        .ssl_mode(SslMode::Disable)
+        .schema(format!("replicated_{n}"))
+        .pool_size(1, 4)
+        .read_urls([standby.url()])
+        .unwrap_or_else(|e| panic!("the standby's URL: {e}"));
+    std::sync::Arc::new(store_for(config).await)
+}
+
 /// A PostgreSQL server of a test's own, started from the installed binaries in a temporary
 /// folder, for tests that restart, kill or reconfigure a server (never the shared one).
 /// Stopped and removed when dropped.

@@ -406,8 +406,6 @@ impl Executor {
             };
             let array = declare::array(users.iter().copied());
             Some(Declaration {
-                local: declare::users(&array, true),
-                session: declare::users(&array, false),
                 users: Some(Arc::from(array)),
             })
         };
@@ -432,11 +430,7 @@ impl Executor {
                         ),
                     ));
                 }
-                Some(Declaration {
-                    local: declare::maintenance(true),
-                    session: declare::maintenance(false),
-                    users: None,
-                })
+                Some(Declaration { users: None })
             }
         })
     }
@@ -567,7 +561,7 @@ impl Executor {
                 // session's, sent ahead in the same round trip. It replaces the one before
                 // it whole, and every statement of a declaring store has its own (one that
                 // declares no user: `{}`).
-                send_ahead(conn, op, &declaration.session).await?;
+                send_ahead(conn, op, &declaration.sql(false)).await?;
                 return work(conn, params).await;
             }
             Tx::Statement | Tx::Always => "",

@@ -48,7 +48,7 @@ async fn locked_connection(
     // Migrations are cross-user work: under row-level isolation the session declares it
     // (a connection of their own, closed after).
     if let Some(declaration) = crate::session::declared() {
-        sql.push_str(&declaration.session);
+        sql.push_str(&declaration.sql(false));
         sql.push(';');
     }
     conn.batch_execute(&sql)

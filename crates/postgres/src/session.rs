@@ -111,16 +111,23 @@ impl Session for RawSession {
     }
 }
 
-/// What an operation declares to row-level isolation (migration 8's policies read it), in
-/// both forms: for a transaction (`local`, sent with its `BEGIN`) and for a session (sent
-/// ahead of a lone statement on a direct connection).
+/// What an operation declares to row-level isolation (migration 8's policies read it): the
+/// users (a text array's literal; what a read declares inside its own statement), or the
+/// cross-user work (`None`). Its `SET` is made when a path needs one ([`sql`](Self::sql)).
 #[derive(Debug, Clone)]
 pub(crate) struct Declaration {
-    pub(crate) local: String,
-    pub(crate) session: String,
-    /// The declared users as a text array's literal (none for the cross-user work): what a
-    /// read declares inside its own statement.
     pub(crate) users: Option<Arc<str>>,
+}
+
+impl Declaration {
+    /// The `SET` that declares it, for a transaction (`local`: sent with its `BEGIN`) or a
+    /// session (sent ahead of a lone statement on a direct connection).
+    pub(crate) fn sql(&self, local: bool) -> String {
+        match &self.users {
+            Some(array) => crate::sql::declare::users(array, local),
+            None => crate::sql::declare::maintenance(local),
+        }
+    }
 }
 
 tokio::task_local! {
@@ -182,8 +189,8 @@ impl<'c, C: Session> Transaction<'c, C> {
         extra: &str,
     ) -> Result<Self, StoreError> {
         let mut sql = String::from("BEGIN");
-        let declared = declared();
-        let declared = declared.as_ref().map_or("", |d| d.local.as_str());
+        let declared = declared().map(|d| d.sql(true)).unwrap_or_default();
+        let declared = declared.as_str();
         for part in [connector.transaction_setup().unwrap_or(""), declared, extra] {
             if !part.is_empty() {
                 sql.push_str("; ");

@@ -360,3 +360,32 @@ async fn a_handle_acting_for_a_user_gets_nothing_of_another() {
         Err(StoreError::InvalidInput { .. })
     ));
 }
+
+/// The service role under isolation: its reads and writes run without an error or a retry
+/// (a policy or a declaration it may not use would show here as retried failures).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_service_role_works_under_isolation_without_errors() {
+    let (config, _store) = three_users().await;
+    let app = app_role_store(&config).await;
+    assert!(app.isolation().await.unwrap().declaring);
+    let before = app.metrics();
+    for i in 0..50 {
+        assert_eq!(
+            app.load_task_history("a", "t").await.unwrap().len(),
+            3 + usize::from(i > 0)
+        );
+        app.check_task_status("b", "t").await.unwrap();
+        app.get_user_tasks_page("c", &TaskQuery::first(10))
+            .await
+            .unwrap();
+        if i == 0 {
+            app.save_task_history("a", "t", 3, &TaskStepResult::running("s", json!({}), ""))
+                .await
+                .unwrap();
+        }
+    }
+    let after = app.metrics();
+    assert_eq!(after.errors, before.errors, "{after:?}");
+    assert_eq!(after.retries, before.retries, "{after:?}");
+    app.close().await;
+}

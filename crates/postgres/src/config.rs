@@ -704,9 +704,10 @@ impl PgConfig {
     /// when it opens (or is switched on through it); this makes a store opened while it is
     /// off declare too, so that switching isolation on (`taskhistory isolation on`) finds
     /// every running service ready and no caller sees an empty answer in between. Costs a
-    /// small statement sent ahead of each operation's (no round trip of its own), and
-    /// reads no longer share connections (`pipelined_reads`). See docs/reliability.md,
-    /// "Row-level isolation".
+    /// small statement sent ahead of each lone statement (no round trip of its own; reads
+    /// on shared connections declare inside their own statement), batches never go by
+    /// `COPY`, and the work on every user's rows (retention, statistics) needs the
+    /// tables' owner. See docs/reliability.md, "Row-level isolation: the threat model".
     pub fn declare_users(mut self, on: bool) -> Self {
         self.declare_users = on;
         self

@@ -231,6 +231,9 @@ pub(crate) struct Executor {
 struct Isolation {
     /// [`PgConfig::declare_users`]: declare even while isolation is off.
     always: bool,
+    /// This store has declared: it goes on declaring (its pooled connections hold a
+    /// caller's declaration, which a statement sent without one would run under).
+    declared_once: std::sync::atomic::AtomicBool,
     /// Isolation is on (enabled and forced on the tables).
     enforced: std::sync::atomic::AtomicBool,
     /// This role may do the cross-user work under isolation (it is the tables' owner or a
@@ -364,6 +367,7 @@ impl Executor {
             copy_connections: config.copy_connections,
             isolation: Isolation {
                 always: config.declare_users,
+                declared_once: std::sync::atomic::AtomicBool::new(false),
                 enforced: std::sync::atomic::AtomicBool::new(false),
                 maintainer: std::sync::atomic::AtomicBool::new(true),
                 declare_as: config.declare_as.clone(),
@@ -377,16 +381,18 @@ impl Executor {
         let i = &self.isolation;
         i.enforced.store(enforced, Ordering::Relaxed);
         i.maintainer.store(maintainer, Ordering::Relaxed);
+        if enforced {
+            i.declared_once.store(true, Ordering::Relaxed);
+        }
     }
 
-    /// Whether row-level isolation is on (its policies hold this store's statements).
-    pub(crate) fn isolated(&self) -> bool {
-        self.isolation.enforced.load(Ordering::Relaxed)
-    }
-
-    /// Whether operations declare their users (isolation on, or declaring always).
+    /// Whether operations declare their users: isolation is on, or was on since this store
+    /// opened (declaring is sticky), or [`PgConfig::declare_users`] asks for it always.
     pub(crate) fn declares(&self) -> bool {
-        self.isolation.always || self.isolation.enforced.load(Ordering::Relaxed)
+        let i = &self.isolation;
+        i.always
+            || i.enforced.load(Ordering::Relaxed)
+            || i.declared_once.load(Ordering::Relaxed)
     }
 
     /// What `scope` declares (none while this store does not declare), or why this role
@@ -416,10 +422,10 @@ impl Executor {
             Scope::Users(list) => users(&mut list.iter().copied()),
             Scope::Maintenance | Scope::Schema => {
                 let i = &self.isolation;
-                if matches!(scope, Scope::Maintenance)
-                    && i.enforced.load(Ordering::Relaxed)
-                    && !i.maintainer.load(Ordering::Relaxed)
-                {
+                // Refused whenever this store declares (not only once it knows isolation
+                // is on: another process may have switched it on since, and the work
+                // would then see no row and report nothing done).
+                if matches!(scope, Scope::Maintenance) && !i.maintainer.load(Ordering::Relaxed) {
                     return Err(StoreError::configuration(
                         "isolation",
                         format!(

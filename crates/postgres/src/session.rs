@@ -151,8 +151,7 @@ pub(crate) fn declared() -> Option<Declaration> {
 /// server runs a connection's statements in the order they were queued, so the statement
 /// sent next runs after it, in the same round trip. Its answer is read and dropped by the
 /// connection. Used for what a statement needs in place and whose failure would fail the
-/// statement anyway: row-level isolation's declaration before a lone statement, and its
-/// end after it.
+/// statement anyway: row-level isolation's declaration before a lone statement.
 pub(crate) async fn send_ahead(
     conn: &AsyncPgConnection,
     operation: &'static str,

@@ -320,6 +320,8 @@ async fn the_switch_reads_back_and_survives_the_conversion_to_partitions() {
 
     let off = store.set_isolation(false).await.unwrap();
     assert!(!off.on() && off.tables.iter().all(|t| !t.enabled && !t.forced));
+    // A store that declared goes on declaring (its connections hold declarations).
+    assert!(off.declaring, "{off:?}");
     assert_eq!(count(&client, "task_history", None).await, 1);
     for s in [early, late, store] {
         s.close().await;
@@ -359,6 +361,17 @@ async fn a_handle_acting_for_a_user_gets_nothing_of_another() {
         store.acting_for(""),
         Err(StoreError::InvalidInput { .. })
     ));
+    // Nothing of every user's through it; its close leaves the store open.
+    assert!(matches!(
+        a.cleanup_old_tasks(0).await,
+        Err(StoreError::InvalidInput { .. })
+    ));
+    assert!(matches!(
+        a.set_isolation(false).await,
+        Err(StoreError::InvalidInput { .. })
+    ));
+    a.close().await;
+    assert_eq!(store.load_task_history("a", "t").await.unwrap().len(), 3);
 }
 
 /// The service role under isolation: its reads and writes run without an error or a retry

@@ -86,7 +86,9 @@ impl PgTaskHistoryStore {
     /// of that user's (the database refuses it). Its single saves are not combined with
     /// other handles' (a combined statement declares every user it writes); a watch of
     /// another user is refused by the store (`InvalidInput` on `user_id`), since the log's
-    /// one tail reads every watched user in one statement. Without isolation it behaves as
+    /// one tail reads every watched user in one statement, and so is the work on every
+    /// user's rows (retention, statistics, migrations, the operator's switches). Its
+    /// `close` closes nothing: the store it shares goes on. Without isolation it behaves as
     /// the store. `user` must be a valid user id.
     pub fn acting_for(&self, user: &str) -> Result<Self, StoreError> {
         validate::user_id(user)?;
@@ -104,6 +106,18 @@ impl PgTaskHistoryStore {
                 ..call
             },
             None => call,
+        }
+    }
+
+    /// Refuses work on every user's rows (retention, statistics, the schema and its
+    /// switches) to a handle acting for one user.
+    fn every_user(&self, operation: &'static str) -> Result<(), StoreError> {
+        match &self.acting {
+            Some(_) => Err(StoreError::invalid(
+                "user_id",
+                format!("{operation} works on every user's rows: not through a handle acting for one user"),
+            )),
+            None => Ok(()),
         }
     }
 
@@ -139,8 +153,8 @@ impl PgTaskHistoryStore {
 
     /// Saves a batch by `COPY` when it is large enough ([`PgConfig::copy_min_rows`]) and
     /// every task it touches is new; `false` when it is not (nothing was written). Never
-    /// under row-level isolation: PostgreSQL refuses `COPY FROM` into a table with
-    /// row-level security, so batches take the upsert statement then.
+    /// in a store that declares its users (row-level isolation): PostgreSQL refuses `COPY
+    /// FROM` into a table with row-level security, so batches take the upsert statement.
     async fn copy_new_tasks(
         &self,
         call: Call<'_>,
@@ -150,7 +164,9 @@ impl PgTaskHistoryStore {
             .config()
             .copy_min_rows
             .is_some_and(|min| steps.len() >= usize::try_from(min).unwrap_or(usize::MAX));
-        if !large || self.backend.exec().isolated() {
+        // A declaring store may meet isolation switched on by another process since it
+        // last looked: `COPY` would then be refused.
+        if !large || self.backend.exec().declares() {
             return Ok(false);
         }
         let batch = ops::copy::CopyNewTasks {
@@ -282,6 +298,7 @@ fn drop_work<'c>(
 #[async_trait]
 impl TaskHistoryStore for PgTaskHistoryStore {
     async fn init_database_schema(&self) -> Result<(), StoreError> {
+        self.every_user("init_database_schema")?;
         let b = &*self.backend;
         // Tables made or changed: reads wait for replicas to replay them.
         let _written = b.all_written();
@@ -483,6 +500,10 @@ impl TaskHistoryStore for PgTaskHistoryStore {
     }
 
     async fn close(&self) {
+        // A handle acting for one user shares the store: closing it closes nothing.
+        if self.acting.is_some() {
+            return;
+        }
         self.tail.stop();
         self.backend.close().await;
     }

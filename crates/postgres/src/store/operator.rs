@@ -138,6 +138,7 @@ impl PgTaskHistoryStore {
     /// (or call [`isolation`](Self::isolation)): switch those on first, or restart them
     /// after (docs/reliability.md, "Row-level isolation").
     pub async fn set_isolation(&self, on: bool) -> Result<IsolationState, StoreError> {
+        self.every_user("set_isolation")?;
         crate::isolation::set(&self.backend, on).await
     }
 
@@ -158,6 +159,7 @@ impl PgTaskHistoryStore {
         options: CleanupOptions,
         progress: &(dyn Fn(CleanupReport) + Send + Sync),
     ) -> Result<CleanupReport, StoreError> {
+        self.every_user("cleanup_old_tasks")?;
         validate::days(days_old)?;
         if !(1..=100_000).contains(&options.batch_size) {
             return Err(StoreError::invalid(
@@ -226,6 +228,7 @@ impl PgTaskHistoryStore {
     /// Every user's tasks per status: kept by the writes like
     /// [`task_counts`](taskhistory_core::TaskHistoryStore::task_counts), read without a scan.
     pub async fn task_totals(&self) -> Result<TaskCounts, StoreError> {
+        self.every_user("task_totals")?;
         let call = Call::new(ops::counts::TOTALS);
         self.backend
             .exec()
@@ -242,6 +245,7 @@ impl PgTaskHistoryStore {
         &self,
         limit: i64,
     ) -> Result<Vec<(String, TaskSummary)>, StoreError> {
+        self.every_user("recent_failures")?;
         if !(1..=1_000).contains(&limit) {
             return Err(StoreError::invalid(
                 "limit",
@@ -272,6 +276,7 @@ impl PgTaskHistoryStore {
     /// go on; the default partition is locked while it is checked). Safe to run from many
     /// processes at once. `InvalidInput` on the plain layout.
     pub async fn ensure_partitions(&self, ahead: u32) -> Result<Vec<String>, StoreError> {
+        self.every_user("ensure_partitions")?;
         partition::ensure(&self.backend, ahead).await
     }
 
@@ -287,6 +292,7 @@ impl PgTaskHistoryStore {
         &self,
         partitioning: Partitioning,
     ) -> Result<Vec<String>, StoreError> {
+        self.every_user("convert_to_partitioned")?;
         partition::convert(&self.backend, partitioning).await
     }
 
@@ -302,6 +308,7 @@ impl PgTaskHistoryStore {
     /// and triggers on the table (the schema's owner); takes a short exclusive lock on
     /// `task_history` (waiting at most 5 s for it).
     pub async fn enable_python_compat(&self) -> Result<PythonCompat, StoreError> {
+        self.every_user("enable_python_compat")?;
         compat::enable(&self.backend).await
     }
 
@@ -310,6 +317,7 @@ impl PgTaskHistoryStore {
     /// indexes a Python start-up made again). From then on a Python `INSERT` fails (it
     /// names no `started_at`). Idempotent.
     pub async fn disable_python_compat(&self) -> Result<PythonCompat, StoreError> {
+        self.every_user("disable_python_compat")?;
         compat::disable(&self.backend).await
     }
 
@@ -317,6 +325,7 @@ impl PgTaskHistoryStore {
     /// sizes, pool figures. It reads every summary row (one per task): run it from tools, not
     /// from request paths.
     pub async fn stats(&self) -> Result<StoreStats, StoreError> {
+        self.every_user("stats")?;
         stats::stats(&self.backend).await
     }
 

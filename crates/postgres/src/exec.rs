@@ -390,9 +390,7 @@ impl Executor {
     /// opened (declaring is sticky), or [`PgConfig::declare_users`] asks for it always.
     pub(crate) fn declares(&self) -> bool {
         let i = &self.isolation;
-        i.always
-            || i.enforced.load(Ordering::Relaxed)
-            || i.declared_once.load(Ordering::Relaxed)
+        i.always || i.enforced.load(Ordering::Relaxed) || i.declared_once.load(Ordering::Relaxed)
     }
 
     /// What `scope` declares (none while this store does not declare), or why this role

@@ -471,11 +471,7 @@ pub(crate) async fn tasks(
     headers: HeaderMap,
     Query(q): Query<TasksParams>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let access = state
-        .auth
-        .for_user(&headers, q.access_token.as_deref(), &user)?;
-    let store = store_for(&state, &access)?;
-    require_position(&state, &headers, &user)?;
+    let store = user_request(&state, &headers, q.access_token.as_deref(), &user, true)?;
     let after = q
         .cursor
         .as_deref()
@@ -524,11 +520,7 @@ pub(crate) async fn task(
     headers: HeaderMap,
     Query(q): Query<TaskParams>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let access = state
-        .auth
-        .for_user(&headers, q.access_token.as_deref(), &user)?;
-    let store = store_for(&state, &access)?;
-    require_position(&state, &headers, &user)?;
+    let store = user_request(&state, &headers, q.access_token.as_deref(), &user, true)?;
     let limit = parse_number("limit", q.limit.as_deref(), MAX_HISTORY_PAGE)?;
     if !(1..=MAX_HISTORY_PAGE).contains(&limit) {
         return Err(ApiError::invalid(
@@ -619,10 +611,7 @@ pub(crate) async fn cancel(
     headers: HeaderMap,
     Query(q): Query<TokenParam>,
 ) -> Result<Response, ApiError> {
-    let access = state
-        .auth
-        .for_user(&headers, q.access_token.as_deref(), &user)?;
-    let store = store_for(&state, &access)?;
+    let store = user_request(&state, &headers, q.access_token.as_deref(), &user, false)?;
     let cancelled = timed(
         &state,
         "mark_task_as_cancelled",
@@ -667,11 +656,7 @@ pub(crate) async fn counts(
     headers: HeaderMap,
     Query(q): Query<TokenParam>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let access = state
-        .auth
-        .for_user(&headers, q.access_token.as_deref(), &user)?;
-    let store = store_for(&state, &access)?;
-    require_position(&state, &headers, &user)?;
+    let store = user_request(&state, &headers, q.access_token.as_deref(), &user, true)?;
     let counts = timed(&state, "task_counts", store.task_counts(&user)).await?;
     Ok(Json(json!({
         "user_id": user,
@@ -690,11 +675,7 @@ pub(crate) async fn activity(
     headers: HeaderMap,
     Query(q): Query<ActivityParams>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let access = state
-        .auth
-        .for_user(&headers, q.access_token.as_deref(), &user)?;
-    let store = store_for(&state, &access)?;
-    require_position(&state, &headers, &user)?;
+    let store = user_request(&state, &headers, q.access_token.as_deref(), &user, true)?;
     let (from, to) = super::activity_span(
         parse_time("from", q.from.as_deref())?,
         parse_time("to", q.to.as_deref())?,
@@ -811,6 +792,24 @@ pub(crate) async fn retention(
         "tasks_removed": report.tasks_removed,
         "steps_removed": report.steps_removed,
     })))
+}
+
+/// A request on `user`'s data: its token checked for that user, the store it runs on
+/// ([`store_for`]), and, for a read, the position token it carries taken up
+/// ([`require_position`]).
+fn user_request(
+    state: &AppState,
+    headers: &HeaderMap,
+    token: Option<&str>,
+    user: &str,
+    read: bool,
+) -> Result<taskhistory_core::DynStore, ApiError> {
+    let access = state.auth.for_user(headers, token, user)?;
+    let store = store_for(state, &access)?;
+    if read {
+        require_position(state, headers, user)?;
+    }
+    Ok(store)
 }
 
 /// The store a request runs on: for a user's token, a handle that declares only that user to

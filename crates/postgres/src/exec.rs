@@ -886,13 +886,7 @@ impl Executor {
     ) -> Result<T, StoreError> {
         self.ensure_open()?;
         let op = call.operation;
-        let span = tracing::info_span!(
-            "taskhistory",
-            operation = op,
-            user_id = call.user_id.unwrap_or(""),
-            task_id = call.task_id.unwrap_or(""),
-            server,
-        );
+        let span = replica_span(call, server);
         async {
             let lease = match pool.get_owned().await {
                 Ok(lease) => lease,
@@ -909,22 +903,14 @@ impl Executor {
                 connector,
                 done: false,
             };
-            self.counters.queries.fetch_add(1, Ordering::Relaxed);
-            let timeout = self.command_timeout;
             let read = (params, work);
             let declaration = self.declaration(op, call.scope)?;
             let attempt = declaring(
                 declaration,
                 self.in_tx(&mut conn.lease, op, Tx::Statement, &read, read_on_pooled),
             );
-            let (result, finished) = match tokio::time::timeout(timeout, attempt).await {
-                Ok(result) => (result, true),
-                Err(_) => (Err(timed_out(op, timeout)), false),
-            };
+            let (result, finished) = self.replica_attempt(op, attempt).await;
             conn.done = finished;
-            if result.is_err() {
-                self.counters.errors.fetch_add(1, Ordering::Relaxed);
-            }
             result
         }
         .instrument(span)
@@ -953,32 +939,37 @@ impl Executor {
     ) -> Result<T, StoreError> {
         self.ensure_open()?;
         let op = call.operation;
-        let span = tracing::info_span!(
-            "taskhistory",
-            operation = op,
-            user_id = call.user_id.unwrap_or(""),
-            task_id = call.task_id.unwrap_or(""),
-            server,
-        );
+        let span = replica_span(call, server);
         // As on the primary's shared connections (see `read`): a read of users' rows
         // declares inside its own statement.
         let users = self.declaration(op, call.scope)?.and_then(|d| d.users);
         async {
-            self.counters.queries.fetch_add(1, Ordering::Relaxed);
-            let timeout = self.command_timeout;
             let mut shared = conn;
             let attempt = crate::sql::declaring_in_statement(users, work(&mut shared, params));
-            let result = match tokio::time::timeout(timeout, attempt).await {
-                Ok(result) => result,
-                Err(_) => Err(timed_out(op, timeout)),
-            };
-            if result.is_err() {
-                self.counters.errors.fetch_add(1, Ordering::Relaxed);
-            }
-            result
+            self.replica_attempt(op, attempt).await.0
         }
         .instrument(span)
         .await
+    }
+
+    /// One attempt on a replica under the command timeout, counted; `false` with it when
+    /// the timeout cut it short. Unlike [`counted`](Self::counted), a failure is no fault
+    /// of the primary's pools.
+    async fn replica_attempt<T>(
+        &self,
+        operation: &'static str,
+        work: impl Future<Output = Result<T, StoreError>>,
+    ) -> (Result<T, StoreError>, bool) {
+        self.counters.queries.fetch_add(1, Ordering::Relaxed);
+        let timeout = self.command_timeout;
+        let (result, finished) = match tokio::time::timeout(timeout, work).await {
+            Ok(result) => (result, true),
+            Err(_) => (Err(timed_out(operation, timeout)), false),
+        };
+        if result.is_err() {
+            self.counters.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        (result, finished)
     }
 
     /// Pool figures.
@@ -1037,6 +1028,17 @@ impl Executor {
             }
         }
     }
+}
+
+/// The tracing span of a read on replica `server`.
+fn replica_span(call: Call<'_>, server: &str) -> tracing::Span {
+    tracing::info_span!(
+        "taskhistory",
+        operation = call.operation,
+        user_id = call.user_id.unwrap_or(""),
+        task_id = call.task_id.unwrap_or(""),
+        server,
+    )
 }
 
 /// A read's work on a pooled connection.

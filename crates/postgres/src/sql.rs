@@ -324,7 +324,9 @@ WITH k AS MATERIALIZED (
 SELECT step FROM updated
 "#;
 
-/// The first page of a user's tasks.
+/// The first page of a user's tasks. Like every page statement, its `LIMIT` placeholder is
+/// filled with a literal from a ladder of sizes (`limit_rung`), so PostgreSQL keeps one
+/// cached plan per size instead of planning each call.
 pub const LIST_TASKS: &str = r#"
 SELECT task_id, status, last_step, step_count, created_at, updated_at
 FROM task_summary
@@ -1173,6 +1175,18 @@ impl Statement {
         self
     }
 
+    /// Fills the next placeholder, a `LIMIT`, with the ladder's rung for `rows`
+    /// ([`limit_rung`]) written as a literal; the caller reads the rows it wanted and drops
+    /// the rest. With `LIMIT $n` PostgreSQL keeps planning a page statement at every call:
+    /// its generic plan assumes a tenth of the user's rows and, once a user has a few
+    /// thousand, never looks cheaper than a custom one. A literal lets it settle on the
+    /// cached generic plan, and the ladder bounds the statements each connection prepares
+    /// (one per rung and shape).
+    pub(crate) fn limit(mut self, rows: i64) -> Self {
+        self.binds.push(Box::new(Literal(limit_rung(rows))));
+        self
+    }
+
     /// Runs the statement and reads its rows, on a connection of its own or on one shared
     /// by concurrent reads (`&AsyncPgConnection`: pipelined).
     pub(crate) async fn fetch<T, C>(mut self, conn: &mut C) -> QueryResult<Vec<T>>
@@ -1184,6 +1198,30 @@ impl Statement {
         self.declared = DECLARED_IN_STATEMENT.try_with(Clone::clone).ok().flatten();
         RunQueryDsl::load(self, conn).await
     }
+}
+
+/// A page statement's row count, written into the statement's text from a fixed ladder
+/// instead of bound (see [`Statement::limit`]).
+struct Literal(i64);
+
+impl QueryFragment<Pg> for Literal {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        out.push_sql(&self.0.to_string());
+        Ok(())
+    }
+}
+
+/// The least rung of the page size ladder at or above `rows`: every count up to 8, then
+/// four rungs per doubling (8, 10, 12, 14, 16, 20, 24, 28, 32, 40, ...), so a page reads at
+/// most a quarter more rows than it asked for: 36 rungs for pages up to 1,001 rows, 49 up
+/// to 10,001.
+pub(crate) fn limit_rung(rows: i64) -> i64 {
+    if rows <= 8 {
+        return rows.max(1);
+    }
+    // A quarter of the largest power of two at or below `rows`.
+    let step = 1i64 << (63 - rows.leading_zeros() - 2);
+    (rows / step + i64::from(rows % step != 0)).saturating_mul(step)
 }
 
 struct Bind<ST, V> {
@@ -1365,6 +1403,29 @@ pub const ALL_STATEMENTS: &[(&str, &str)] = &[
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_limit_ladder_covers_each_size_with_a_quarter_to_spare_at_most() {
+        let mut rungs = std::collections::BTreeSet::new();
+        let mut last = 0;
+        for rows in 1..=10_001 {
+            let rung = limit_rung(rows);
+            assert!(rung >= rows && rung >= last, "{rows} -> {rung}");
+            assert!(
+                rows <= 8 && rung == rows || rung * 4 <= rows * 5,
+                "{rows} -> {rung}"
+            );
+            rungs.insert(rung);
+            last = rung;
+        }
+        assert_eq!(limit_rung(51), 56);
+        assert_eq!(limit_rung(101), 112);
+        assert_eq!(limit_rung(1001), 1024);
+        assert_eq!(rungs.len(), 49, "{rungs:?}");
+        assert_eq!(rungs.range(..=1024).count(), 36);
+        assert_eq!((limit_rung(0), limit_rung(-3)), (1, 1));
+        assert_eq!(limit_rung(i64::MAX), i64::MAX);
+    }
 
     #[test]
     fn placeholders_are_used_once_in_order() {

@@ -255,7 +255,10 @@ async fn every_statement_is_known_and_filters_on_user_id() {
         {
             continue;
         }
-        let Some((name, _)) = known.iter().find(|(_, text)| *text == statement) else {
+        let Some((name, _)) = known
+            .iter()
+            .find(|(_, text)| *text == statement || same_with_limit_rung(text, statement))
+        else {
             panic!("a statement outside sql.rs was sent:\n{statement}");
         };
         seen.insert(*name);
@@ -285,4 +288,96 @@ async fn every_statement_is_known_and_filters_on_user_id() {
         .collect();
     let missing: Vec<_> = all.difference(&seen).collect();
     assert!(missing.is_empty(), "not exercised: {missing:?}");
+}
+
+/// Whether `sent` is the page statement `text` with its final `LIMIT $n` written as a rung of
+/// the store's size ladder (a literal, so PostgreSQL caches the plan).
+fn same_with_limit_rung(text: &str, sent: &str) -> bool {
+    let Some((head, placeholder)) = text.rsplit_once("LIMIT $") else {
+        return false;
+    };
+    let Some(rung) = sent
+        .strip_prefix(head)
+        .and_then(|rest| rest.strip_prefix("LIMIT "))
+    else {
+        return false;
+    };
+    placeholder.bytes().all(|b| b.is_ascii_digit()) && rung.parse::<i64>().is_ok_and(|n| n > 0)
+}
+
+/// A page statement reaches PostgreSQL with its `LIMIT` written as a rung of the store's
+/// size ladder, and PostgreSQL settles on a cached generic plan for it; the same statement
+/// with the limit bound as a parameter is planned again at every execution (its generic
+/// plan assumes a tenth of the user's tasks and, once a user has a few thousand, never
+/// looks cheaper).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_statements_settle_on_a_cached_plan() {
+    let log: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sink = log.clone();
+    let config = fresh_config()
+        .await
+        .observe_statements(move |sql| sink.lock().unwrap().push(sql.to_owned()));
+    let schema = config.get_schema().unwrap().to_owned();
+    let store = store_for(config).await;
+    let r = TaskStepResult::running("s", json!({}), "");
+    let steps: Vec<StepRecord> = (0..40_000)
+        .map(|i| StepRecord::new(format!("u{}", i % 20), format!("t{i}"), 0, r.clone()))
+        .collect();
+    store.save_batch_task_history(&steps).await.unwrap();
+    let client = taskhistory_testing::test_db_client().await;
+    client
+        .batch_execute(&format!(
+            "SET search_path TO {schema}; ANALYZE task_summary"
+        ))
+        .await
+        .unwrap();
+    let shapes = [
+        (TaskQuery::first(50), sql::LIST_TASKS, "'u1'", "'u1', 51"),
+        (
+            TaskQuery::first(50).with_status(TaskStatus::Running),
+            sql::LIST_TASKS_WITH_STATUS,
+            "'u1', 'running'",
+            "'u1', 'running', 51",
+        ),
+    ];
+    for (i, (query, text, args, bound_args)) in shapes.into_iter().enumerate() {
+        log.lock().unwrap().clear();
+        let page = store.get_user_tasks_page("u1", &query).await.unwrap();
+        assert_eq!(page.tasks.len(), 50);
+        let sent = log.lock().unwrap().last().cloned().unwrap();
+        assert!(sent.ends_with("LIMIT 56"), "{sent}");
+        client
+            .batch_execute(&format!(
+                "PREPARE sent{i} AS {sent}; PREPARE bound{i} AS {text}"
+            ))
+            .await
+            .unwrap();
+        for _ in 0..8 {
+            client
+                .batch_execute(&format!(
+                    "EXECUTE sent{i}({args}); EXECUTE bound{i}({bound_args})"
+                ))
+                .await
+                .unwrap();
+        }
+        let plans = |name: String| {
+            let client = &client;
+            async move {
+                let row = client
+                    .query_one(
+                        "SELECT generic_plans, custom_plans FROM pg_prepared_statements \
+                         WHERE name = $1",
+                        &[&name],
+                    )
+                    .await
+                    .unwrap();
+                (row.get::<_, i64>(0), row.get::<_, i64>(1))
+            }
+        };
+        let (generic, _) = plans(format!("sent{i}")).await;
+        assert!(generic >= 3, "shape {i}: the sent text is planned anew");
+        let (generic, custom) = plans(format!("bound{i}")).await;
+        assert_eq!((generic, custom), (0, 8), "shape {i}: a bound LIMIT");
+    }
+    store.drop_schema().await.unwrap();
 }

@@ -166,7 +166,7 @@ where
                 .bind::<Nullable<Timestamptz>, _>(until)
                 .bind::<Nullable<Timestamptz>, _>(cursor_at)
                 .bind::<Nullable<Text>, _>(cursor_id)
-                .bind::<BigInt, _>(fetch)
+                .limit(fetch)
         } else if from.is_some() || until.is_some() {
             match p.query.status {
                 None => Statement::new(sql::LIST_TASKS_IN_RANGE).bind::<Text, _>(user_id),
@@ -178,12 +178,12 @@ where
             .bind::<Nullable<Timestamptz>, _>(until)
             .bind::<Nullable<Timestamptz>, _>(cursor_at)
             .bind::<Nullable<Text>, _>(cursor_id)
-            .bind::<BigInt, _>(fetch)
+            .limit(fetch)
         } else {
             match (&p.query.status, &p.query.after) {
                 (None, None) => Statement::new(sql::LIST_TASKS)
                     .bind::<Text, _>(user_id)
-                    .bind::<BigInt, _>(fetch),
+                    .limit(fetch),
                 (
                     None,
                     Some(TaskCursor {
@@ -194,11 +194,11 @@ where
                     .bind::<Text, _>(user_id)
                     .bind::<Timestamptz, _>(*last_updated)
                     .bind::<Text, _>(task_id.clone())
-                    .bind::<BigInt, _>(fetch),
+                    .limit(fetch),
                 (Some(status), None) => Statement::new(sql::LIST_TASKS_WITH_STATUS)
                     .bind::<Text, _>(user_id)
                     .bind::<Text, _>(status.as_str())
-                    .bind::<BigInt, _>(fetch),
+                    .limit(fetch),
                 (
                     Some(status),
                     Some(TaskCursor {
@@ -210,7 +210,7 @@ where
                     .bind::<Text, _>(status.as_str())
                     .bind::<Timestamptz, _>(*last_updated)
                     .bind::<Text, _>(task_id.clone())
-                    .bind::<BigInt, _>(fetch),
+                    .limit(fetch),
             }
         };
         let rows: Vec<SummaryRow> = statement

@@ -375,13 +375,24 @@ pub(crate) async fn drop_expired(
 }
 
 /// One partition drop: writes into it stop, its expired tasks' summaries go, and if no task
-/// is left in its range it is dropped; otherwise everything is rolled back (`None`).
+/// is left in its range it is dropped; otherwise everything is rolled back (`None`, also
+/// when the partition is gone already).
 fn retire<'c>(
     c: &'c mut AsyncPgConnection,
     args: &'c Retire,
 ) -> BoxFuture<'c, Result<Option<CleanupReport>, StoreError>> {
     Box::pin(async move {
         let fail = |e| from_diesel(CLEANUP, e);
+        // Dropped already: by another process's cleanup that held the advisory lock before
+        // this one, or by this cleanup's earlier attempt whose answer was lost.
+        let present: Vec<Kept> = Statement::new(sql::PARTITION_PRESENT)
+            .bind::<Text, _>(args.name.clone())
+            .fetch(c)
+            .await
+            .map_err(fail)?;
+        if !present.first().is_some_and(|r| r.kept) {
+            return Ok(None);
+        }
         c.batch_execute(&ddl::lock_partition(&args.name))
             .await
             .map_err(fail)?;

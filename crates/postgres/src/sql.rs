@@ -717,6 +717,14 @@ WITH gone AS (
 SELECT count(*) AS tasks_removed, COALESCE(sum(step_count), 0)::int8 AS steps_removed FROM gone
 "#;
 
+/// Partition-drop retention, first in the drop's transaction (after the partitions'
+/// advisory lock, which every process's drop takes): whether the partition `$1` still
+/// exists. Another process's cleanup, or this one's attempt whose `COMMIT` answer was lost,
+/// may have dropped it since the candidates were listed.
+pub const PARTITION_PRESENT: &str = r#"
+SELECT to_regclass($1) IS NOT NULL AS kept
+"#;
+
 /// Partition-drop retention: whether any task started in [`$1`, `$2`) is left (then the
 /// partition stays and the transaction is rolled back).
 pub const PARTITION_HAS_TASKS: &str = r#"
@@ -1341,6 +1349,7 @@ pub const NOT_PER_USER: &[&str] = &[
     "partition_keeps_tasks",
     "partition_retire_tasks",
     "partition_has_tasks",
+    "partition_present",
     "notify_users",
     "transaction_time",
     "python_compat_state",
@@ -1395,6 +1404,7 @@ pub const ALL_STATEMENTS: &[(&str, &str)] = &[
     ("partition_keeps_tasks", PARTITION_KEEPS_TASKS),
     ("partition_retire_tasks", PARTITION_RETIRE_TASKS),
     ("partition_has_tasks", PARTITION_HAS_TASKS),
+    ("partition_present", PARTITION_PRESENT),
     ("isolation_state", ISOLATION_STATE),
     ("wal_insert_position", WAL_INSERT_POSITION),
     ("replica_position", REPLICA_POSITION),

@@ -591,3 +591,44 @@ async fn a_role_without_ddl_rights_cleans_up_by_batched_deletes() {
             >= 1
     );
 }
+
+/// Two cleanups at once (two processes' stores on one schema) both list the same expired
+/// partitions: each partition is dropped once, by one of them, and neither fails on the
+/// partitions the other dropped first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_cleanups_at_once_drop_each_partition_once_and_neither_fails() {
+    let store = fresh_store().await;
+    for n in 4..=12 {
+        seed(&store, "u", &format!("old{n}"), month(-n, 2), 2).await;
+    }
+    seed(&store, "u", "new", Utc::now(), 2).await;
+    store
+        .convert_to_partitioned(Partitioning::default())
+        .await
+        .unwrap();
+    let before = partition_names(&store).await;
+    let other = PgTaskHistoryStore::connect(store.config().clone())
+        .await
+        .unwrap();
+    let (a, b) = tokio::join!(store.cleanup_old_tasks(30), other.cleanup_old_tasks(30));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let after = partition_names(&store).await;
+    let gone = before.iter().filter(|p| !after.contains(p)).count() as u64;
+    assert!(gone >= 9, "{before:?} -> {after:?}");
+    assert_eq!(
+        a.partitions_dropped + b.partitions_dropped,
+        gone,
+        "{a:?} {b:?}"
+    );
+    assert_eq!(a.tasks_removed + b.tasks_removed, 9, "{a:?} {b:?}");
+    assert_eq!(
+        tasks(&store, "u")
+            .await
+            .into_iter()
+            .map(|t| t.task_id)
+            .collect::<Vec<_>>(),
+        ["new"]
+    );
+    assert_eq!(store.task_totals().await.unwrap().total(), 1);
+    other.close().await;
+}

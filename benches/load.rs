@@ -56,8 +56,8 @@ struct Raw {
     load: Statement,
     status: Statement,
     list: Statement,
-    /// [`sql::LIST_TASKS`] as the store sends it: its `LIMIT` written as the ladder's rung
-    /// for 51 rows (56), a literal.
+    /// [`sql::LIST_TASKS`] as the store sends it for 51 rows: its `LIMIT` written as the
+    /// ladder's rung (56), a literal.
     list_rung: Statement,
 }
 
@@ -74,10 +74,7 @@ async fn raw_connect(url: &str, schema: &str) -> Raw {
         status: client.prepare(sql::TASK_STATUS).await.unwrap(),
         list: client.prepare(sql::LIST_TASKS).await.unwrap(),
         list_rung: client
-            .prepare(&format!(
-                "{}LIMIT 56",
-                sql::LIST_TASKS.rsplit_once("LIMIT $").unwrap().0
-            ))
+            .prepare(&sql::page_text(sql::LIST_TASKS, 51).unwrap())
             .await
             .unwrap(),
         client,
@@ -1287,7 +1284,7 @@ async fn run() {
                         async move {
                             let raw = r.get(0).lock().await;
                             let rows = raw.client.query(&raw.list_rung, &[&user]).await.unwrap();
-                            assert_eq!(rows.len(), 56);
+                            assert_eq!(rows.len() as i64, sql::limit_rung(51));
                         }
                     })
                     .await,

@@ -324,9 +324,9 @@ WITH k AS MATERIALIZED (
 SELECT step FROM updated
 "#;
 
-/// The first page of a user's tasks. Like every page statement, its `LIMIT` placeholder is
-/// filled with a literal from a ladder of sizes (`limit_rung`), so PostgreSQL keeps one
-/// cached plan per size instead of planning each call.
+/// The first page of a user's tasks. Like every listing, its `LIMIT` placeholder is filled
+/// with a literal from a ladder of sizes (`limit_rung`), so PostgreSQL keeps one cached
+/// plan per size instead of planning each call.
 pub const LIST_TASKS: &str = r#"
 SELECT task_id, status, last_step, step_count, created_at, updated_at
 FROM task_summary
@@ -365,7 +365,8 @@ LIMIT $5
 /// A page of a user's tasks updated in `[$2, $3)` (a missing bound is NULL: unbounded), after
 /// the cursor `($4, $5)` (NULLs for the first page). Every bound is an index condition on
 /// `task_summary_user_activity`, in generic plans too (`COALESCE` of a parameter is computed
-/// once per execution), so a page reads at most `limit` + 1 entries.
+/// once per execution), so a page reads at most as many entries as its `LIMIT` (the ladder's
+/// rung for `limit` + 1).
 pub const LIST_TASKS_IN_RANGE: &str = r#"
 SELECT task_id, status, last_step, step_count, created_at, updated_at
 FROM task_summary
@@ -720,9 +721,14 @@ SELECT count(*) AS tasks_removed, COALESCE(sum(step_count), 0)::int8 AS steps_re
 /// Partition-drop retention, first in the drop's transaction (after the partitions'
 /// advisory lock, which every process's drop takes): whether the partition `$1` still
 /// exists. Another process's cleanup, or this one's attempt whose `COMMIT` answer was lost,
-/// may have dropped it since the candidates were listed.
+/// may have dropped it since the candidates were listed. Read from `pg_class` with the
+/// statement's snapshot, taken after the lock: a name lookup (`to_regclass`) could answer
+/// from a reused backend's catalog cache, which has not yet taken in the drop.
 pub const PARTITION_PRESENT: &str = r#"
-SELECT to_regclass($1) IS NOT NULL AS kept
+SELECT EXISTS (
+    SELECT 1 FROM pg_class
+    WHERE relname = $1 AND relnamespace = current_schema()::regnamespace
+) AS kept
 "#;
 
 /// Partition-drop retention: whether any task started in [`$1`, `$2`) is left (then the
@@ -1183,13 +1189,14 @@ impl Statement {
         self
     }
 
-    /// Fills the next placeholder, a `LIMIT`, with the ladder's rung for `rows`
+    /// Fills the next placeholder, a listing's `LIMIT`, with the ladder's rung for `rows`
     /// ([`limit_rung`]) written as a literal; the caller reads the rows it wanted and drops
-    /// the rest. With `LIMIT $n` PostgreSQL keeps planning a page statement at every call:
+    /// the rest. With `LIMIT $n` PostgreSQL keeps planning a listing at every call:
     /// its generic plan assumes a tenth of the user's rows and, once a user has a few
     /// thousand, never looks cheaper than a custom one. A literal lets it settle on the
     /// cached generic plan, and the ladder bounds the statements each connection prepares
-    /// (one per rung and shape).
+    /// (one per rung and shape). History scans keep a bound `LIMIT`: their rows' decoding
+    /// outweighs their planning, and overfetched rows would be decoded for nothing.
     pub(crate) fn limit(mut self, rows: i64) -> Self {
         self.binds.push(Box::new(Literal(limit_rung(rows))));
         self
@@ -1208,8 +1215,19 @@ impl Statement {
     }
 }
 
-/// A page statement's row count, written into the statement's text from a fixed ladder
-/// instead of bound (see [`Statement::limit`]).
+/// A listing's text as the store sends it to fetch `rows` rows: its final `LIMIT $n` written
+/// as the ladder's rung ([`limit_rung`]); `None` for a text that does not end so. For the
+/// tools that show or time the store's statements (`explain`, the benches).
+pub fn page_text(text: &str, rows: i64) -> Option<String> {
+    let (head, placeholder) = text.trim_end().rsplit_once("LIMIT $")?;
+    placeholder
+        .bytes()
+        .all(|b| b.is_ascii_digit())
+        .then(|| format!("{head}LIMIT {}", limit_rung(rows)))
+}
+
+/// A listing's row count, written into the statement's text from a fixed ladder instead of
+/// bound (see [`Statement::limit`]).
 struct Literal(i64);
 
 impl QueryFragment<Pg> for Literal {
@@ -1223,7 +1241,7 @@ impl QueryFragment<Pg> for Literal {
 /// four rungs per doubling (8, 10, 12, 14, 16, 20, 24, 28, 32, 40, ...), so a page reads at
 /// most a quarter more rows than it asked for: 36 rungs for pages up to 1,001 rows, 49 up
 /// to 10,001.
-pub(crate) fn limit_rung(rows: i64) -> i64 {
+pub fn limit_rung(rows: i64) -> i64 {
     if rows <= 8 {
         return rows.max(1);
     }

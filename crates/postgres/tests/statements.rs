@@ -290,22 +290,19 @@ async fn every_statement_is_known_and_filters_on_user_id() {
     assert!(missing.is_empty(), "not exercised: {missing:?}");
 }
 
-/// Whether `sent` is the page statement `text` with its final `LIMIT $n` written as a rung of
-/// the store's size ladder (a literal, so PostgreSQL caches the plan).
+/// Whether `sent` is the listing `text` with its final `LIMIT $n` written as a rung of the
+/// store's size ladder (a literal, so PostgreSQL caches the plan).
 fn same_with_limit_rung(text: &str, sent: &str) -> bool {
-    let Some((head, placeholder)) = text.rsplit_once("LIMIT $") else {
-        return false;
-    };
     let Some(rung) = sent
-        .strip_prefix(head)
-        .and_then(|rest| rest.strip_prefix("LIMIT "))
+        .rsplit_once("LIMIT ")
+        .and_then(|(_, rung)| rung.parse::<i64>().ok())
     else {
         return false;
     };
-    placeholder.bytes().all(|b| b.is_ascii_digit()) && rung.parse::<i64>().is_ok_and(|n| n > 0)
+    sql::limit_rung(rung) == rung && sql::page_text(text, rung).as_deref() == Some(sent)
 }
 
-/// A page statement reaches PostgreSQL with its `LIMIT` written as a rung of the store's
+/// A listing reaches PostgreSQL with its `LIMIT` written as a rung of the store's
 /// size ladder, and PostgreSQL settles on a cached generic plan for it; the same statement
 /// with the limit bound as a parameter is planned again at every execution (its generic
 /// plan assumes a tenth of the user's tasks and, once a user has a few thousand, never
@@ -345,6 +342,7 @@ async fn page_statements_settle_on_a_cached_plan() {
         let page = store.get_user_tasks_page("u1", &query).await.unwrap();
         assert_eq!(page.tasks.len(), 50);
         let sent = log.lock().unwrap().last().cloned().unwrap();
+        assert_eq!(Some(&sent), sql::page_text(text.trim(), 51).as_ref());
         assert!(sent.ends_with("LIMIT 56"), "{sent}");
         client
             .batch_execute(&format!(

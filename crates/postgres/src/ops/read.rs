@@ -213,11 +213,12 @@ where
                     .limit(fetch),
             }
         };
-        let rows: Vec<SummaryRow> = statement
+        let mut rows: Vec<SummaryRow> = statement
             .fetch(conn)
             .await
             .map_err(|e| from_diesel(LIST, e))?;
-        tracing::Span::current().record("rows", rows.len());
+        // The rung may fetch more than the page and its one row past it.
+        rows.truncate(usize::try_from(fetch).unwrap_or(usize::MAX));
         let tasks: Vec<TaskSummary> = rows
             .into_iter()
             .map(|r| TaskSummary {
@@ -229,7 +230,9 @@ where
                 last_updated: r.updated_at,
             })
             .collect();
-        Ok(TaskPage::from_overfetch(tasks, p.query.limit))
+        let page = TaskPage::from_overfetch(tasks, p.query.limit);
+        tracing::Span::current().record("rows", page.tasks.len());
+        Ok(page)
     })
 }
 

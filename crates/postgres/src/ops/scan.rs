@@ -4,7 +4,7 @@
 //! small reads pipelined behind it on a shared one.
 
 use chrono::{DateTime, Utc};
-use diesel::sql_types::{Integer, Jsonb, Text, Timestamptz};
+use diesel::sql_types::{BigInt, Integer, Jsonb, Text, Timestamptz};
 use diesel::QueryableByName;
 use diesel_async::AsyncPgConnection;
 use futures::future::BoxFuture;
@@ -48,7 +48,7 @@ pub(crate) fn run<'c, 'a>(
                     .bind::<Text, _>(user_id.to_owned())
                     .bind::<Text, _>(task_id.clone())
                     .bind::<Integer, _>(after)
-                    .limit(fetch),
+                    .bind::<BigInt, _>(fetch),
                 None => return Ok(HistoryPage::from_overfetch(Vec::new(), scan.limit)),
             },
             None => {
@@ -60,7 +60,7 @@ pub(crate) fn run<'c, 'a>(
                     .bind::<Text, _>(user_id.to_owned())
                     .bind::<Text, _>(task_id)
                     .bind::<Integer, _>(step)
-                    .limit(fetch)
+                    .bind::<BigInt, _>(fetch)
             }
         };
         let rows: Vec<ScanRow> = statement

@@ -57,8 +57,27 @@ struct Raw {
     status: Statement,
     list: Statement,
     /// [`sql::LIST_TASKS`] as the store sends it for 51 rows: its `LIMIT` written as the
-    /// ladder's rung (56), a literal.
+    /// ladder's rung (51, a page size with a rung of its own), a literal.
     list_rung: Statement,
+}
+
+/// A listing's rows decoded as the store decodes them (what a caller of the raw driver
+/// reads from a page), so that the listing's baseline does the same work as the store's.
+type SummaryTuple = (String, String, i32, i64, DateTime<Utc>, DateTime<Utc>);
+
+fn summaries(rows: &[tokio_postgres::Row]) -> Vec<SummaryTuple> {
+    rows.iter()
+        .map(|row| {
+            (
+                row.get(0),
+                row.get(1),
+                row.get(2),
+                row.get(3),
+                row.get(4),
+                row.get(5),
+            )
+        })
+        .collect()
 }
 
 async fn raw_connect(url: &str, schema: &str) -> Raw {
@@ -1272,7 +1291,7 @@ async fn run() {
                         async move {
                             let raw = r.get(0).lock().await;
                             let rows = raw.client.query(&raw.list, &[&user, &51i64]).await.unwrap();
-                            assert_eq!(rows.len(), 51);
+                            assert_eq!(summaries(&rows).len(), 51);
                         }
                     })
                     .await,
@@ -1284,7 +1303,9 @@ async fn run() {
                         async move {
                             let raw = r.get(0).lock().await;
                             let rows = raw.client.query(&raw.list_rung, &[&user]).await.unwrap();
-                            assert_eq!(rows.len() as i64, sql::limit_rung(51));
+                            let mut page = summaries(&rows);
+                            assert_eq!(page.len() as i64, sql::limit_rung(51));
+                            page.truncate(51);
                         }
                     })
                     .await,

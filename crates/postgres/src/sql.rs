@@ -1237,17 +1237,26 @@ impl QueryFragment<Pg> for Literal {
     }
 }
 
-/// The least rung of the page size ladder at or above `rows`: every count up to 8, then
-/// four rungs per doubling (8, 10, 12, 14, 16, 20, 24, 28, 32, 40, ...), so a page reads at
-/// most a quarter more rows than it asked for: 36 rungs for pages up to 1,001 rows, 49 up
-/// to 10,001.
+/// The rows fetched by the page sizes callers ask for most (10, 20, 25, 50, 100, 200, 500,
+/// 1,000, each with the row past the page): rungs of their own, so those pages fetch no
+/// row more than with a bound `LIMIT`.
+const EXACT_RUNGS: [i64; 8] = [11, 21, 26, 51, 101, 201, 501, 1001];
+
+/// The least rung of the page size ladder at or above `rows`: every count up to 8, the
+/// page sizes of [`EXACT_RUNGS`], and four rungs per doubling (8, 10, 12, 14, 16, 20, 24,
+/// 28, 32, 40, ...), so a page reads at most a quarter more rows than it asked for: 43
+/// rungs for pages up to 1,001 rows.
 pub fn limit_rung(rows: i64) -> i64 {
     if rows <= 8 {
         return rows.max(1);
     }
     // A quarter of the largest power of two at or below `rows`.
     let step = 1i64 << (63 - rows.leading_zeros() - 2);
-    (rows / step + i64::from(rows % step != 0)).saturating_mul(step)
+    let geometric = (rows / step + i64::from(rows % step != 0)).saturating_mul(step);
+    EXACT_RUNGS
+        .into_iter()
+        .find(|&exact| exact >= rows)
+        .map_or(geometric, |exact| exact.min(geometric))
 }
 
 struct Bind<ST, V> {
@@ -1443,14 +1452,21 @@ mod tests {
                 rows <= 8 && rung == rows || rung * 4 <= rows * 5,
                 "{rows} -> {rung}"
             );
-            rungs.insert(rung);
+            assert_eq!(limit_rung(rung), rung, "{rows} -> {rung}: not a rung");
+            if rows <= 1001 {
+                rungs.insert(rung);
+            }
             last = rung;
         }
-        assert_eq!(limit_rung(51), 56);
-        assert_eq!(limit_rung(101), 112);
-        assert_eq!(limit_rung(1001), 1024);
-        assert_eq!(rungs.len(), 49, "{rungs:?}");
-        assert_eq!(rungs.range(..=1024).count(), 36);
+        for common in [10, 20, 25, 50, 100, 200, 500, 1000] {
+            assert_eq!(limit_rung(common + 1), common + 1);
+        }
+        assert_eq!(
+            (limit_rung(45), limit_rung(50), limit_rung(52)),
+            (48, 51, 56)
+        );
+        assert_eq!(limit_rung(1001), 1001);
+        assert_eq!(rungs.len(), 43, "{rungs:?}");
         assert_eq!((limit_rung(0), limit_rung(-3)), (1, 1));
         assert_eq!(limit_rung(i64::MAX), i64::MAX);
     }

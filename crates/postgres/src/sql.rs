@@ -1243,7 +1243,7 @@ impl QueryFragment<Pg> for Literal {
 const EXACT_RUNGS: [i64; 8] = [11, 21, 26, 51, 101, 201, 501, 1001];
 
 /// The least rung of the page size ladder at or above `rows`: every count up to 8, the
-/// page sizes of [`EXACT_RUNGS`], and four rungs per doubling (8, 10, 12, 14, 16, 20, 24,
+/// page sizes of `EXACT_RUNGS`, and four rungs per doubling (8, 10, 12, 14, 16, 20, 24,
 /// 28, 32, 40, ...), so a page reads at most a quarter more rows than it asked for: 43
 /// rungs for pages up to 1,001 rows.
 pub fn limit_rung(rows: i64) -> i64 {

@@ -781,14 +781,24 @@ impl Executor {
         operation: &'static str,
         work: impl Future<Output = Result<T, StoreError>>,
     ) -> (Result<T, StoreError>, bool) {
-        self.counters.queries.fetch_add(1, Ordering::Relaxed);
-        let timeout = self.command_timeout;
-        let (result, finished) = match tokio::time::timeout(timeout, work).await {
-            Ok(result) => (result, true),
-            Err(_) => (Err(timed_out(operation, timeout)), false),
-        };
+        let (result, finished) = self.timed(operation, work).await;
         self.note(&result);
         (result, finished)
+    }
+
+    /// One attempt under the command timeout, counted as a query; `false` with it when the
+    /// timeout cut it short (then its error says so).
+    async fn timed<T>(
+        &self,
+        operation: &'static str,
+        work: impl Future<Output = Result<T, StoreError>>,
+    ) -> (Result<T, StoreError>, bool) {
+        self.counters.queries.fetch_add(1, Ordering::Relaxed);
+        let timeout = self.command_timeout;
+        match tokio::time::timeout(timeout, work).await {
+            Ok(result) => (result, true),
+            Err(_) => (Err(timed_out(operation, timeout)), false),
+        }
     }
 
     /// Counts a failed attempt, and notes a connection-class failure for the pools' health
@@ -960,12 +970,7 @@ impl Executor {
         operation: &'static str,
         work: impl Future<Output = Result<T, StoreError>>,
     ) -> (Result<T, StoreError>, bool) {
-        self.counters.queries.fetch_add(1, Ordering::Relaxed);
-        let timeout = self.command_timeout;
-        let (result, finished) = match tokio::time::timeout(timeout, work).await {
-            Ok(result) => (result, true),
-            Err(_) => (Err(timed_out(operation, timeout)), false),
-        };
+        let (result, finished) = self.timed(operation, work).await;
         if result.is_err() {
             self.counters.errors.fetch_add(1, Ordering::Relaxed);
         }

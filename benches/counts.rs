@@ -20,8 +20,11 @@
 //! - `cleanup`: `cleanup_old_tasks` of 250,000 of 500,000 steps (whole tasks, counts
 //!   decremented by the delete trigger, old activity trimmed), the same with the triggers
 //!   disabled, and a plain `DELETE FROM task_history WHERE timestamp < cutoff` (the Python
-//!   service's), each on its own schema holding the same generated rows;
-//!   `BENCH_CLEANUP_REPEATS` (2) times, the order rotating. Then (`BENCH_EXPLAIN`, on in the
+//!   service's), and `cleanup_old_tasks` on the partitioned layout (the same rows converted
+//!   by the store into monthly partitions, not timed), each on its own schema holding the
+//!   same generated rows;
+//!   `BENCH_CLEANUP_REPEATS` (2) times, the order rotating, in batches of `BENCH_CLEANUP_BATCH`
+//!   (the default, 1,000) tasks. Then (`BENCH_EXPLAIN`, on in the
 //!   full mode) `EXPLAIN (ANALYZE, BUFFERS)` of one cleanup batch with and without the
 //!   triggers, rolled back.
 //!
@@ -45,8 +48,10 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use common::{drive, env_f64, median, ms, round_secs, scaled, short, Sample};
 use serde_json::json;
+use taskhistory::postgres::Partitioning;
 use taskhistory::{
-    PgConfig, PgTaskHistoryStore, SslMode, StepRecord, TaskHistoryStore, TaskStepResult,
+    CleanupOptions, PgConfig, PgTaskHistoryStore, SslMode, StepRecord, TaskHistoryStore,
+    TaskStepResult,
 };
 use taskhistory_testing as testing;
 use taskhistory_testing::sql;
@@ -584,33 +589,63 @@ const RETENTION_DAYS: i64 = 30;
 async fn cleanups(url: &str, pid: u32, tables: &mut Vec<(String, Table)>) {
     let steps = scaled(500_000) as i64;
     let repeats = env_f64("BENCH_CLEANUP_REPEATS", if short() { 1.0 } else { 2.0 }) as usize;
-    // (name, kind): 0 store with counting, 1 store without, 2 plain DELETE
+    // The store's batch size (its default: 1,000 tasks per statement).
+    let batch_size = env_f64(
+        "BENCH_CLEANUP_BATCH",
+        CleanupOptions::default().batch_size as f64,
+    ) as usize;
+    println!("  cleanup batches of {batch_size} tasks");
+    // (name, kind): 0 store with counting, 1 store without, 2 plain DELETE, 3 the store on
+    // the partitioned layout (monthly), counting
     let kinds = [
         "store cleanup_old_tasks, counting",
         "store cleanup_old_tasks, triggers disabled",
         "plain DELETE FROM task_history WHERE timestamp < cutoff",
+        "store cleanup_old_tasks, partitioned layout (monthly), counting",
     ];
-    let mut secs: [Vec<f64>; 3] = Default::default();
-    let mut removed = [0u64; 3];
+    const PLAIN: usize = 2;
+    let mut secs: [Vec<f64>; 4] = Default::default();
+    let mut removed = [0u64; 4];
     for rep in 0..repeats {
         let mut sides = Vec::new();
-        for (k, short_name) in ["on", "off", "plain"].iter().enumerate() {
+        for (k, short_name) in ["on", "off", "plain", "part"].iter().enumerate() {
             let schema = format!("bench_cnt_clean_{short_name}_{pid}");
             let (store, client) = cleanup_schema(url, &schema, steps).await;
             if k == 1 {
                 set_counting(&client, false).await;
             }
+            if k == 3 {
+                // The same rows, moved into monthly partitions by the store (not timed).
+                let t = Instant::now();
+                let made = store
+                    .convert_to_partitioned(Partitioning::default())
+                    .await
+                    .unwrap();
+                client
+                    .batch_execute("VACUUM ANALYZE task_history")
+                    .await
+                    .unwrap();
+                println!(
+                    "  {schema}: converted to {} partitions in {:.1} s",
+                    made.len(),
+                    t.elapsed().as_secs_f64()
+                );
+            }
             sides.push((schema, store, client));
         }
         sides[0].2.batch_execute("CHECKPOINT").await.unwrap();
-        for turn in 0..3 {
-            let k = (rep + turn) % 3;
+        for turn in 0..kinds.len() {
+            let k = (rep + turn) % kinds.len();
             let (_, store, client) = &sides[k];
             let lsn = wal_lsn(client).await;
             let t = Instant::now();
-            let n = if k < 2 {
+            let n = if k != PLAIN {
+                let options = CleanupOptions {
+                    batch_size: batch_size as i64,
+                    ..CleanupOptions::default()
+                };
                 store
-                    .cleanup_old_tasks(RETENTION_DAYS)
+                    .cleanup_old_tasks_with(RETENTION_DAYS, options, &|_| {})
                     .await
                     .unwrap()
                     .steps_removed
@@ -646,12 +681,12 @@ async fn cleanups(url: &str, pid: u32, tables: &mut Vec<(String, Table)>) {
         "speed vs plain DELETE",
         "speed vs store without counting",
     ]);
-    for k in 0..3 {
+    for k in 0..kinds.len() {
         table.add(vec![
             kinds[k].to_string(),
             format!("{:.2} s ({:?})", t[k], secs[k]),
             format!("{:.0}", removed[k] as f64 / t[k]),
-            format!("{:.2}", t[2] / t[k]),
+            format!("{:.2}", t[PLAIN] / t[k]),
             format!("{:.2}", t[1] / t[k]),
         ]);
     }

@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use serde_json::json;
-use taskhistory_core::{StepRecord, TaskCounts, TaskHistoryStore, TaskStepResult};
+use taskhistory_core::{StepRecord, TaskCounts, TaskHistoryStore, TaskStatus, TaskStepResult};
 use taskhistory_testing::{fresh_config, store_for, test_db_client};
 
 fn step(i: i32) -> TaskStepResult {
@@ -78,8 +78,21 @@ async fn a_user_cleaned_away_leaves_no_rows() {
         .save_task_history("kept", "t", 0, &step(0))
         .await
         .unwrap();
+    // A user whose old tasks are all of one status and whose recent one is of another:
+    // the emptied status leaves no rows, the other keeps its count.
+    let mut failed = step(0);
+    failed.status = TaskStatus::Failed;
+    let mixed: Vec<StepRecord> = (0..20)
+        .map(|t| StepRecord::new("mixed", format!("old{t}"), 0, failed.clone()).at(old))
+        .collect();
+    store.save_batch_task_history(&mixed).await.unwrap();
+    store
+        .save_task_history("mixed", "new", 0, &step(0))
+        .await
+        .unwrap();
     assert_eq!(store.task_counts("gone").await.unwrap().running, 50);
-    assert_eq!(store.cleanup_old_tasks(30).await.unwrap().tasks_removed, 50);
+    assert_eq!(store.task_counts("mixed").await.unwrap().failed, 20);
+    assert_eq!(store.cleanup_old_tasks(30).await.unwrap().tasks_removed, 70);
     assert_eq!(
         store.task_counts("gone").await.unwrap(),
         TaskCounts::default()
@@ -98,4 +111,18 @@ async fn a_user_cleaned_away_leaves_no_rows() {
         assert_eq!(n, 0, "{table} still holds rows of {user}");
     }
     assert_eq!(store.task_counts("kept").await.unwrap().running, 1);
+    let mixed = store.task_counts("mixed").await.unwrap();
+    assert_eq!((mixed.failed, mixed.running), (0, 1), "{mixed:?}");
+    let failed_rows: i64 = client
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM {schema}.task_counts \
+                 WHERE user_id = 'mixed' AND status = 'failed'"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(failed_rows, 0, "the emptied status left rows");
 }

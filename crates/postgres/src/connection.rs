@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use diesel_async::AsyncPgConnection;
+use futures::future::BoxFuture;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
@@ -231,8 +232,14 @@ impl Connector {
         self.transaction_setup.as_deref()
     }
 
-    /// Opens one connection.
-    pub(crate) async fn connect(&self) -> Result<AsyncPgConnection, StoreError> {
+    /// Opens one connection. Boxed: the handshake's state (TLS included) is about 11 KB,
+    /// which every future awaiting it inline would carry, and move, on every call, though
+    /// a connection opens once in its life (`docs/performance.md`, "Futures' size").
+    pub(crate) fn connect(&self) -> BoxFuture<'_, Result<AsyncPgConnection, StoreError>> {
+        Box::pin(self.open_connection())
+    }
+
+    async fn open_connection(&self) -> Result<AsyncPgConnection, StoreError> {
         let op = "connect";
         let pooled = self.transaction_setup.is_some();
         let conn = open!(self, op, |client, connection| if pooled {
@@ -265,13 +272,15 @@ impl Connector {
     /// Opens one plain tokio-postgres connection with the pool's settings (start-up options
     /// on a direct connection; behind a pooler the caller runs
     /// [`transaction_setup`](Self::transaction_setup) in each transaction): for COPY, which
-    /// diesel-async does not speak.
-    pub(crate) async fn connect_raw(&self) -> Result<tokio_postgres::Client, StoreError> {
-        let op = "connect";
-        Ok(open!(self, op, |client, connection| {
-            tokio::spawn(connection);
-            client
-        }))
+    /// diesel-async does not speak. Boxed, as [`connect`](Self::connect).
+    pub(crate) fn connect_raw(&self) -> BoxFuture<'_, Result<tokio_postgres::Client, StoreError>> {
+        Box::pin(async move {
+            let op = "connect";
+            Ok(open!(self, op, |client, connection| {
+                tokio::spawn(connection);
+                client
+            }))
+        })
     }
 
     /// Whether the store's sessions get untranslated server messages, which the error map

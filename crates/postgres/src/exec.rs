@@ -25,7 +25,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use diesel_async::AsyncPgConnection;
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, FutureExt as _};
 use taskhistory_core::StoreError;
 use tracing::Instrument;
 
@@ -592,9 +592,10 @@ impl Executor {
         let in_statement = declaration.as_ref().map(|d| d.users.clone());
         let shared = match (&self.shared, &in_statement) {
             (Some(shared), None | Some(Some(_))) => shared,
+            // Boxed: the pooled path's future is about 3.5 KB, which the shared path's
+            // (well under 1 KB) would otherwise carry and move at every read.
             _ => {
-                return self
-                    .pooled(call, Tx::Statement, &(params, work), read_on_pooled)
+                return Box::pin(self.pooled(call, Tx::Statement, &(params, work), read_on_pooled))
                     .await
             }
         };
@@ -776,29 +777,32 @@ impl Executor {
     /// Runs one attempt's database work under the command timeout, counting it and noting
     /// connection-class failures for the pools' health check; `false` with it when the work
     /// did not finish (the command timeout cut it short).
-    async fn counted<T>(
-        &self,
+    fn counted<'a, T: 'a>(
+        &'a self,
         operation: &'static str,
-        work: impl Future<Output = Result<T, StoreError>>,
-    ) -> (Result<T, StoreError>, bool) {
-        let (result, finished) = self.timed(operation, work).await;
-        self.note(&result);
-        (result, finished)
+        work: impl Future<Output = Result<T, StoreError>> + 'a,
+    ) -> impl Future<Output = (Result<T, StoreError>, bool)> + 'a {
+        self.timed(operation, work).map(|(result, finished)| {
+            self.note(&result);
+            (result, finished)
+        })
     }
 
     /// One attempt under the command timeout, counted as a query; `false` with it when the
-    /// timeout cut it short (then its error says so).
-    async fn timed<T>(
+    /// timeout cut it short (then its error says so). Combinators, not an `async fn`: one
+    /// would hold `work` twice, and every layer of an operation's future would double it
+    /// (`docs/performance.md`, "Futures' size").
+    fn timed<T>(
         &self,
         operation: &'static str,
         work: impl Future<Output = Result<T, StoreError>>,
-    ) -> (Result<T, StoreError>, bool) {
+    ) -> impl Future<Output = (Result<T, StoreError>, bool)> {
         self.counters.queries.fetch_add(1, Ordering::Relaxed);
         let timeout = self.command_timeout;
-        match tokio::time::timeout(timeout, work).await {
+        tokio::time::timeout(timeout, work).map(move |outcome| match outcome {
             Ok(result) => (result, true),
             Err(_) => (Err(timed_out(operation, timeout)), false),
-        }
+        })
     }
 
     /// Counts a failed attempt, and notes a connection-class failure for the pools' health
@@ -965,16 +969,17 @@ impl Executor {
     /// One attempt on a replica under the command timeout, counted; `false` with it when
     /// the timeout cut it short. Unlike [`counted`](Self::counted), a failure is no fault
     /// of the primary's pools.
-    async fn replica_attempt<T>(
-        &self,
+    fn replica_attempt<'a, T: 'a>(
+        &'a self,
         operation: &'static str,
-        work: impl Future<Output = Result<T, StoreError>>,
-    ) -> (Result<T, StoreError>, bool) {
-        let (result, finished) = self.timed(operation, work).await;
-        if result.is_err() {
-            self.counters.errors.fetch_add(1, Ordering::Relaxed);
-        }
-        (result, finished)
+        work: impl Future<Output = Result<T, StoreError>> + 'a,
+    ) -> impl Future<Output = (Result<T, StoreError>, bool)> + 'a {
+        self.timed(operation, work).map(|(result, finished)| {
+            if result.is_err() {
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            (result, finished)
+        })
     }
 
     /// Pool figures.
@@ -1055,4 +1060,34 @@ fn read_on_pooled<'c, P: Sync, T>(
         let mut conn: &AsyncPgConnection = conn;
         work(&mut conn, params).await
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::rows::TaskKey;
+    use taskhistory_core::TaskStatus;
+
+    /// The size of what `f` returns, without calling it.
+    fn returned<A, B, C, D, R>(_: impl FnOnce(A, B, C, D) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    /// An operation's future is moved at each layer it passes through; the connect
+    /// handshake and the pooled path, which a read on a shared connection never takes, must
+    /// not be carried inline (they made a status read's future 46 KB).
+    #[test]
+    fn the_hot_paths_futures_stay_small() {
+        let read = returned(Executor::read::<TaskKey<'static>, TaskStatus>);
+        let pooled = returned(
+            |e: &'static Executor, c: Call<'static>, p: &'static (), w: Write<(), ()>| {
+                e.pooled(c, Tx::Statement, p, w)
+            },
+        );
+        assert!(read <= 2048, "a read's future is {read} bytes");
+        assert!(
+            pooled <= 4096,
+            "a pooled operation's future is {pooled} bytes"
+        );
+    }
 }

@@ -137,8 +137,13 @@ tokio::task_local! {
 }
 
 /// Runs `work` with `declaration` as the current operation's (see [`Transaction::begin`]).
-pub(crate) async fn declaring<F: Future>(declaration: Option<Declaration>, work: F) -> F::Output {
-    DECLARED.scope(declaration, work).await
+pub(crate) fn declaring<F: Future>(
+    declaration: Option<Declaration>,
+    work: F,
+) -> impl Future<Output = F::Output> {
+    // Not an `async fn`: one would hold `work` twice (as its argument and as the scope
+    // awaiting it), and move both at every call (`docs/performance.md`, "Futures' size").
+    DECLARED.scope(declaration, work)
 }
 
 /// The current operation's declaration, if it makes one.

@@ -1153,11 +1153,12 @@ tokio::task_local! {
 /// transaction only; the policies read the declaration at their first use, inside `q`.
 /// One statement, one message: callers sharing a pipelined connection cannot interleave
 /// between a declaration and its statement.
-pub(crate) async fn declaring_in_statement<F: std::future::Future>(
+pub(crate) fn declaring_in_statement<F: std::future::Future>(
     users: Option<std::sync::Arc<str>>,
     work: F,
-) -> F::Output {
-    DECLARED_IN_STATEMENT.scope(users, work).await
+) -> impl std::future::Future<Output = F::Output> {
+    // Not an `async fn`, which would hold `work` twice (see `session::declaring`).
+    DECLARED_IN_STATEMENT.scope(users, work)
 }
 
 /// What the in-statement declaration wraps a read in (see [`declaring_in_statement`]).

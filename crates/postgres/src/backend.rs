@@ -148,7 +148,9 @@ impl Backend {
         work: Read<P, T>,
     ) -> Result<T, StoreError> {
         match &self.replicas {
-            Some(replicas) => replicas.read(&self.exec, call, params, work).await,
+            // Boxed: the replica path's future (about 3 KB) would otherwise be carried, and
+            // moved, by every read, replicas or not.
+            Some(replicas) => Box::pin(replicas.read(&self.exec, call, params, work)).await,
             None => self.exec.read(call, params, work).await,
         }
     }

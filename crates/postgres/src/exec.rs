@@ -1079,12 +1079,17 @@ mod tests {
     #[test]
     fn the_hot_paths_futures_stay_small() {
         let read = returned(Executor::read::<TaskKey<'static>, TaskStatus>);
+        let backend_read = returned(crate::backend::Backend::read::<TaskKey<'static>, TaskStatus>);
         let pooled = returned(
             |e: &'static Executor, c: Call<'static>, p: &'static (), w: Write<(), ()>| {
                 e.pooled(c, Tx::Statement, p, w)
             },
         );
         assert!(read <= 2048, "a read's future is {read} bytes");
+        assert!(
+            backend_read <= 2048,
+            "a read's future, replicas' path included, is {backend_read} bytes"
+        );
         assert!(
             pooled <= 4096,
             "a pooled operation's future is {pooled} bytes"

@@ -694,11 +694,12 @@ async fn cleanups(url: &str, pid: u32, tables: &mut Vec<(String, Table)>) {
 
     let explain = std::env::var("BENCH_EXPLAIN").map_or(!short(), |v| v != "0");
     if explain {
-        // One cleanup batch (1,000 tasks), with and without the triggers, rolled back.
+        // One cleanup batch (of the store's batch size), with and without the triggers,
+        // rolled back.
         let batch_sql = sql::CLEANUP_BATCH
             .replace("$1", &RETENTION_DAYS.to_string())
             .replace("$2", "NULL")
-            .replace("$3", "1000");
+            .replace("$3", &batch_size.to_string());
         for on in [true, false] {
             let schema = format!("bench_cnt_explain_{}_{pid}", u8::from(on));
             let (store, client) = cleanup_schema(url, &schema, steps).await;

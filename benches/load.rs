@@ -56,9 +56,6 @@ struct Raw {
     load: Statement,
     status: Statement,
     list: Statement,
-    /// [`sql::LIST_TASKS`] as the store sends it for 51 rows: its `LIMIT` written as the
-    /// ladder's rung (51, a page size with a rung of its own), a literal.
-    list_rung: Statement,
 }
 
 /// A listing's rows decoded as the store decodes them (what a caller of the raw driver
@@ -92,10 +89,6 @@ async fn raw_connect(url: &str, schema: &str) -> Raw {
         load: client.prepare(sql::LOAD_HISTORY).await.unwrap(),
         status: client.prepare(sql::TASK_STATUS).await.unwrap(),
         list: client.prepare(sql::LIST_TASKS).await.unwrap(),
-        list_rung: client
-            .prepare(&sql::page_text(sql::LIST_TASKS, 51).unwrap())
-            .await
-            .unwrap(),
         client,
     }
 }
@@ -1272,7 +1265,6 @@ async fn run() {
             let (s, r) = (store.clone(), raw.clone());
             let mut ss = Vec::new();
             let mut bs = Vec::new();
-            let mut ls = Vec::new();
             for _ in 0..3 {
                 let s2 = s.clone();
                 ss.push(
@@ -1296,22 +1288,8 @@ async fn run() {
                     })
                     .await,
                 );
-                let r2 = r.clone();
-                ls.push(
-                    drive(1, round_secs(), move |_, _| {
-                        let r = r2.clone();
-                        async move {
-                            let raw = r.get(0).lock().await;
-                            let rows = raw.client.query(&raw.list_rung, &[&user]).await.unwrap();
-                            let mut page = summaries(&rows);
-                            assert_eq!(page.len() as i64, sql::limit_rung(51));
-                            page.truncate(51);
-                        }
-                    })
-                    .await,
-                );
             }
-            let (s, b, l) = (Sample::merge(&ss), Sample::merge(&bs), Sample::merge(&ls));
+            let (s, b) = (Sample::merge(&ss), Sample::merge(&bs));
             p50.push(s.pct(0.5));
             report.add(
                 &format!("get_user_tasks(50), user with {user}"),
@@ -1321,16 +1299,6 @@ async fn run() {
                     "{:.2}",
                     median(ss.iter().map(Sample::rate).collect())
                         / median(bs.iter().map(Sample::rate).collect())
-                ),
-            );
-            report.add(
-                &format!("get_user_tasks(50), user with {user}, against the store's text"),
-                describe(&s),
-                describe(&l),
-                format!(
-                    "{:.2}",
-                    median(ss.iter().map(Sample::rate).collect())
-                        / median(ls.iter().map(Sample::rate).collect())
                 ),
             );
         }

@@ -5,13 +5,14 @@
 -- and status; 64 for the totals). Sums do not care which slot a change went to (migration
 -- 6); a removal is maintenance, not one of a user's concurrent writers, so spreading it
 -- bought nothing and cost one upserted row per (user, status, slot) in every batch: a
--- batch of 1,000 tasks of 100 users wrote about 700 counter rows, now about 300 (the
--- totals: about 150, now one per status). Slot 0 stays within the UPDATE and DELETE
--- triggers' slots (0-15), so the global order of counter rows (migration 6) holds.
+-- batch of 1,000 tasks of 100 users, one status each, wrote about 760 counter rows, now
+-- 100 (the totals: about 116, now one per status). Slot 0 stays within the UPDATE and
+-- DELETE triggers' slots (0-15), so the global order of counter rows (migration 6) holds.
 --
--- The rows of a user's status that sum to zero are still removed, but only the statuses
--- whose rows sum to zero are locked to do it: before, every counter row of every user of
--- the batch was locked (and its lock written) to find them.
+-- The rows of a user's status that sum to zero are still removed, but only those rows are
+-- locked to do it: the statuses that sum to zero are found first without a lock. Before,
+-- every counter row of every user of the batch was locked (and its lock written) to find
+-- them.
 DO $do$
 DECLARE
     schema text := format('%I.', current_schema());
@@ -36,8 +37,11 @@ BEGIN
     -- holds are left for a later cleanup: this never waits, so it never closes a cycle of
     -- waits.
     WITH emptied AS (
+        -- Every status of the removed tasks' users, not only the removed tasks' statuses:
+        -- a task that went from running to completed left rows of `running` that sum to
+        -- zero.
         SELECT z.user_id, z.status FROM @.task_counts z
-        WHERE (z.user_id, z.status) IN (SELECT DISTINCT user_id, status FROM old_summaries)
+        WHERE z.user_id IN (SELECT DISTINCT user_id FROM old_summaries)
         GROUP BY 1, 2 HAVING sum(z.tasks) = 0
     ), held AS (
         SELECT z.ctid, z.user_id, z.status, z.tasks FROM @.task_counts z

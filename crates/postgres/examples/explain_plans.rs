@@ -89,12 +89,6 @@ FROM task_history GROUP BY user_id, task_id;
         ),
     ];
     for (i, (name, statement, args)) in plans.iter().enumerate() {
-        // A listing as the store sends it: its `LIMIT` (the last argument here, 51 rows)
-        // written as the ladder's rung.
-        let (statement, args) = match sql::page_text(statement, 51) {
-            Some(sent) => (sent, args.rsplit_once(", ").map_or(*args, |(head, _)| head)),
-            None => ((*statement).to_owned(), *args),
-        };
         client
             .batch_execute(&format!("PREPARE p{i} AS {statement}"))
             .await?;

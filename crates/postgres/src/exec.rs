@@ -776,7 +776,8 @@ impl Executor {
 
     /// Runs one attempt's database work under the command timeout, counting it and noting
     /// connection-class failures for the pools' health check; `false` with it when the work
-    /// did not finish (the command timeout cut it short).
+    /// did not finish (the command timeout cut it short). As [`timed`](Self::timed), the
+    /// deadline starts at the call: await it at once.
     fn counted<'a, T: 'a>(
         &'a self,
         operation: &'static str,
@@ -791,7 +792,8 @@ impl Executor {
     /// One attempt under the command timeout, counted as a query; `false` with it when the
     /// timeout cut it short (then its error says so). Combinators, not an `async fn`: one
     /// would hold `work` twice, and every layer of an operation's future would double it
-    /// (`docs/performance.md`, "Futures' size").
+    /// (`docs/performance.md`, "Futures' size"). The deadline and the count start at the
+    /// call, not at the first poll: callers await it at once.
     fn timed<T>(
         &self,
         operation: &'static str,
@@ -968,7 +970,7 @@ impl Executor {
 
     /// One attempt on a replica under the command timeout, counted; `false` with it when
     /// the timeout cut it short. Unlike [`counted`](Self::counted), a failure is no fault
-    /// of the primary's pools.
+    /// of the primary's pools. The deadline starts at the call: await it at once.
     fn replica_attempt<'a, T: 'a>(
         &'a self,
         operation: &'static str,

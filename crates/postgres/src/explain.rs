@@ -62,13 +62,9 @@ fn literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
-/// The rows a listing is explained for (a page of 50 and the one past it): listings are
-/// explained as the store sends them, their `LIMIT` the ladder's rung (`sql::page_text`).
-const PAGE_ROWS: i64 = 51;
-
 /// Sample arguments for each statement worth explaining (the generic plan does not depend
-/// on them; `EXPLAIN ANALYZE` runs with them). A listing's `LIMIT` is not among them: it is
-/// written into its text ([`PAGE_ROWS`]).
+/// on them; `EXPLAIN ANALYZE` runs with them). A listing fetches a page of 50 and the row
+/// past it.
 fn arguments(user: &str, task: &str) -> Vec<(&'static str, String)> {
     let (u, t) = (literal(user), literal(task));
     vec![
@@ -77,13 +73,13 @@ fn arguments(user: &str, task: &str) -> Vec<(&'static str, String)> {
         ("load_history", format!("{u}, {t}")),
         ("task_status", format!("{u}, {t}")),
         ("cancel_task", format!("{u}, {t}, '{{}}'::jsonb")),
-        ("list_tasks", u.clone()),
-        ("list_tasks_after", format!("{u}, now(), {t}")),
-        ("list_tasks_with_status", format!("{u}, 'running'")),
-        ("list_tasks_with_status_after", format!("{u}, 'running', now(), {t}")),
-        ("list_tasks_in_range", format!("{u}, now() - interval '1 day', now(), NULL, NULL")),
-        ("list_tasks_with_status_in_range", format!("{u}, 'running', now() - interval '1 day', NULL, now(), {t}")),
-        ("list_tasks_with_prefix", format!("{u}, {t}, {t} || 'z', NULL, now() - interval '1 day', NULL, NULL, NULL")),
+        ("list_tasks", format!("{u}, 51")),
+        ("list_tasks_after", format!("{u}, now(), {t}, 51")),
+        ("list_tasks_with_status", format!("{u}, 'running', 51")),
+        ("list_tasks_with_status_after", format!("{u}, 'running', now(), {t}, 51")),
+        ("list_tasks_in_range", format!("{u}, now() - interval '1 day', now(), NULL, NULL, 51")),
+        ("list_tasks_with_status_in_range", format!("{u}, 'running', now() - interval '1 day', NULL, now(), {t}, 51")),
+        ("list_tasks_with_prefix", format!("{u}, {t}, {t} || 'z', NULL, now() - interval '1 day', NULL, NULL, NULL, 51")),
         ("scan_history", format!("{u}, '', -1, 5001")),
         ("scan_task_history", format!("{u}, {t}, -1, 5001")),
         ("events_after", format!("ARRAY[{u}], ARRAY[NULL::text], ARRAY['1:1:'], ARRAY[NULL::text], ARRAY['1'], ARRAY[0::int8], 500")),
@@ -129,13 +125,6 @@ fn explain_all<'c, 'a>(
             for (name, args) in arguments(user, task) {
                 let Some((_, text)) = sql::ALL_STATEMENTS.iter().find(|(n, _)| *n == name) else {
                     continue;
-                };
-                let sent;
-                let text = if name.starts_with("list_tasks") {
-                    sent = sql::page_text(text, PAGE_ROWS).unwrap_or_else(|| (*text).to_owned());
-                    sent.as_str()
-                } else {
-                    text
                 };
                 conn.batch_execute(&format!("PREPARE taskhistory_explain AS {text}"))
                     .await

@@ -324,9 +324,10 @@ WITH k AS MATERIALIZED (
 SELECT step FROM updated
 "#;
 
-/// The first page of a user's tasks. Like every listing, its `LIMIT` placeholder is filled
-/// with a literal from a ladder of sizes (`limit_rung`), so PostgreSQL keeps one cached
-/// plan per size instead of planning each call.
+/// The first page of a user's tasks. Like every listing, its `LIMIT` is bound, never
+/// written into the text: a cached generic plan made from a literal `LIMIT` sorts the
+/// whole of a big user's tasks once most users are small (`docs/performance.md`, "Lists:
+/// the literal `LIMIT` taken back").
 pub const LIST_TASKS: &str = r#"
 SELECT task_id, status, last_step, step_count, created_at, updated_at
 FROM task_summary
@@ -1190,19 +1191,6 @@ impl Statement {
         self
     }
 
-    /// Fills the next placeholder, a listing's `LIMIT`, with the ladder's rung for `rows`
-    /// ([`limit_rung`]) written as a literal; the caller reads the rows it wanted and drops
-    /// the rest. With `LIMIT $n` PostgreSQL keeps planning a listing at every call:
-    /// its generic plan assumes a tenth of the user's rows and, once a user has a few
-    /// thousand, never looks cheaper than a custom one. A literal lets it settle on the
-    /// cached generic plan, and the ladder bounds the statements each connection prepares
-    /// (one per rung and shape). History scans keep a bound `LIMIT`: their rows' decoding
-    /// outweighs their planning, and overfetched rows would be decoded for nothing.
-    pub(crate) fn limit(mut self, rows: i64) -> Self {
-        self.binds.push(Box::new(Literal(limit_rung(rows))));
-        self
-    }
-
     /// Runs the statement and reads its rows, on a connection of its own or on one shared
     /// by concurrent reads (`&AsyncPgConnection`: pipelined).
     pub(crate) async fn fetch<T, C>(mut self, conn: &mut C) -> QueryResult<Vec<T>>
@@ -1214,50 +1202,6 @@ impl Statement {
         self.declared = DECLARED_IN_STATEMENT.try_with(Clone::clone).ok().flatten();
         RunQueryDsl::load(self, conn).await
     }
-}
-
-/// A listing's text as the store sends it to fetch `rows` rows: its final `LIMIT $n` written
-/// as the ladder's rung ([`limit_rung`]); `None` for a text that does not end so. For the
-/// tools that show or time the store's statements (`explain`, the benches).
-pub fn page_text(text: &str, rows: i64) -> Option<String> {
-    let (head, placeholder) = text.trim_end().rsplit_once("LIMIT $")?;
-    placeholder
-        .bytes()
-        .all(|b| b.is_ascii_digit())
-        .then(|| format!("{head}LIMIT {}", limit_rung(rows)))
-}
-
-/// A listing's row count, written into the statement's text from a fixed ladder instead of
-/// bound (see [`Statement::limit`]).
-struct Literal(i64);
-
-impl QueryFragment<Pg> for Literal {
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        out.push_sql(&self.0.to_string());
-        Ok(())
-    }
-}
-
-/// The rows fetched by the page sizes callers ask for most (10, 20, 25, 50, 100, 200, 500,
-/// 1,000, each with the row past the page): rungs of their own, so those pages fetch no
-/// row more than with a bound `LIMIT`.
-const EXACT_RUNGS: [i64; 8] = [11, 21, 26, 51, 101, 201, 501, 1001];
-
-/// The least rung of the page size ladder at or above `rows`: every count up to 8, the
-/// page sizes of `EXACT_RUNGS`, and four rungs per doubling (8, 10, 12, 14, 16, 20, 24,
-/// 28, 32, 40, ...), so a page reads at most a quarter more rows than it asked for: 43
-/// rungs for pages up to 1,001 rows.
-pub fn limit_rung(rows: i64) -> i64 {
-    if rows <= 8 {
-        return rows.max(1);
-    }
-    // A quarter of the largest power of two at or below `rows`.
-    let step = 1i64 << (63 - rows.leading_zeros() - 2);
-    let geometric = (rows / step + i64::from(rows % step != 0)).saturating_mul(step);
-    EXACT_RUNGS
-        .into_iter()
-        .find(|&exact| exact >= rows)
-        .map_or(geometric, |exact| exact.min(geometric))
 }
 
 struct Bind<ST, V> {
@@ -1441,36 +1385,6 @@ pub const ALL_STATEMENTS: &[(&str, &str)] = &[
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_limit_ladder_covers_each_size_with_a_quarter_to_spare_at_most() {
-        let mut rungs = std::collections::BTreeSet::new();
-        let mut last = 0;
-        for rows in 1..=10_001 {
-            let rung = limit_rung(rows);
-            assert!(rung >= rows && rung >= last, "{rows} -> {rung}");
-            assert!(
-                rows <= 8 && rung == rows || rung * 4 <= rows * 5,
-                "{rows} -> {rung}"
-            );
-            assert_eq!(limit_rung(rung), rung, "{rows} -> {rung}: not a rung");
-            if rows <= 1001 {
-                rungs.insert(rung);
-            }
-            last = rung;
-        }
-        for common in [10, 20, 25, 50, 100, 200, 500, 1000] {
-            assert_eq!(limit_rung(common + 1), common + 1);
-        }
-        assert_eq!(
-            (limit_rung(45), limit_rung(50), limit_rung(52)),
-            (48, 51, 56)
-        );
-        assert_eq!(limit_rung(1001), 1001);
-        assert_eq!(rungs.len(), 43, "{rungs:?}");
-        assert_eq!((limit_rung(0), limit_rung(-3)), (1, 1));
-        assert_eq!(limit_rung(i64::MAX), i64::MAX);
-    }
 
     #[test]
     fn placeholders_are_used_once_in_order() {

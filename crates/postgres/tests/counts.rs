@@ -64,8 +64,9 @@ async fn concurrent_writers_of_one_user_keep_exact_counts() {
     assert!(rows <= 2 * 32, "{rows} rows of counts for 2 statuses");
 }
 
-/// Cleanup that removes a user's last tasks leaves no counts of theirs behind, and trims
-/// the activity of the hours before its cutoff.
+/// Cleanup that removes a user's last tasks leaves no counts of theirs behind (of the
+/// statuses their tasks passed through too), and trims the activity of the hours before
+/// its cutoff.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_user_cleaned_away_leaves_no_rows() {
     let store = store_for(fresh_config().await).await;
@@ -90,16 +91,36 @@ async fn a_user_cleaned_away_leaves_no_rows() {
         .save_task_history("mixed", "new", 0, &step(0))
         .await
         .unwrap();
+    // Tasks that moved from running to completed before they expired: their user's
+    // `running` rows sum to zero though no removed task is running.
+    let moved: Vec<StepRecord> = (0..10)
+        .map(|t| StepRecord::new("moved", format!("t{t}"), 0, step(t)).at(old))
+        .collect();
+    store.save_batch_task_history(&moved).await.unwrap();
+    let completed: Vec<StepRecord> = (0..10)
+        .map(|t| {
+            let mut done = step(t);
+            done.status = TaskStatus::Completed;
+            StepRecord::new("moved", format!("t{t}"), 1, done).at(old)
+        })
+        .collect();
+    store.save_batch_task_history(&completed).await.unwrap();
+    let counts = store.task_counts("moved").await.unwrap();
+    assert_eq!((counts.running, counts.completed), (0, 10), "{counts:?}");
     assert_eq!(store.task_counts("gone").await.unwrap().running, 50);
     assert_eq!(store.task_counts("mixed").await.unwrap().failed, 20);
-    assert_eq!(store.cleanup_old_tasks(30).await.unwrap().tasks_removed, 70);
+    assert_eq!(store.cleanup_old_tasks(30).await.unwrap().tasks_removed, 80);
     assert_eq!(
         store.task_counts("gone").await.unwrap(),
         TaskCounts::default()
     );
     let schema = store.config().get_schema().unwrap().to_owned();
     let client = test_db_client().await;
-    for (table, user) in [("task_counts", "gone"), ("task_activity", "gone")] {
+    for (table, user) in [
+        ("task_counts", "gone"),
+        ("task_activity", "gone"),
+        ("task_counts", "moved"),
+    ] {
         let n: i64 = client
             .query_one(
                 &format!("SELECT count(*) FROM {schema}.{table} WHERE user_id = $1"),

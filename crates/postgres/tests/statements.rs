@@ -255,10 +255,7 @@ async fn every_statement_is_known_and_filters_on_user_id() {
         {
             continue;
         }
-        let Some((name, _)) = known
-            .iter()
-            .find(|(_, text)| *text == statement || same_with_limit_rung(text, statement))
-        else {
+        let Some((name, _)) = known.iter().find(|(_, text)| *text == statement) else {
             panic!("a statement outside sql.rs was sent:\n{statement}");
         };
         seen.insert(*name);
@@ -290,25 +287,15 @@ async fn every_statement_is_known_and_filters_on_user_id() {
     assert!(missing.is_empty(), "not exercised: {missing:?}");
 }
 
-/// Whether `sent` is the listing `text` with its final `LIMIT $n` written as a rung of the
-/// store's size ladder (a literal, so PostgreSQL caches the plan).
-fn same_with_limit_rung(text: &str, sent: &str) -> bool {
-    let Some(rung) = sent
-        .rsplit_once("LIMIT ")
-        .and_then(|(_, rung)| rung.parse::<i64>().ok())
-    else {
-        return false;
-    };
-    sql::limit_rung(rung) == rung && sql::page_text(text, rung).as_deref() == Some(sent)
-}
-
-/// A listing reaches PostgreSQL with its `LIMIT` written as a rung of the store's
-/// size ladder, and PostgreSQL settles on a cached generic plan for it; the same statement
-/// with the limit bound as a parameter is planned again at every execution (its generic
-/// plan assumes a tenth of the user's tasks and, once a user has a few thousand, never
-/// looks cheaper).
+/// A big user's page is read from the ordered index, never by sorting all of the user's
+/// tasks, whichever plan PostgreSQL runs the listing with: a custom one, or the generic one
+/// it may cache, which is made for the average user (here 23 tasks: most users are
+/// small). The store binds the `LIMIT`. (With a literal `LIMIT`, as the store once sent
+/// it, that generic plan can read every task of the user through the primary key and sort
+/// them: 2.1 ms instead of 0.05 for a user of 4,000 tasks in the load bench; whether it
+/// does is a close call of the planner's costs, so it is not asserted here.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn page_statements_settle_on_a_cached_plan() {
+async fn a_big_users_page_is_never_a_sort_of_all_their_tasks() {
     let log: Arc<Mutex<Vec<String>>> = Arc::default();
     let sink = log.clone();
     let config = fresh_config()
@@ -317,8 +304,16 @@ async fn page_statements_settle_on_a_cached_plan() {
     let schema = config.get_schema().unwrap().to_owned();
     let store = store_for(config).await;
     let r = TaskStepResult::running("s", json!({}), "");
-    let steps: Vec<StepRecord> = (0..40_000)
-        .map(|i| StepRecord::new(format!("u{}", i % 20), format!("t{i}"), 0, r.clone()))
+    // 300 users of 10 tasks and one of 4,000.
+    let steps: Vec<StepRecord> = (0..7_000)
+        .map(|i| {
+            let user = if i < 3_000 {
+                format!("u{}", i % 300)
+            } else {
+                "big".to_owned()
+            };
+            StepRecord::new(user, format!("t{i}"), 0, r.clone())
+        })
         .collect();
     store.save_batch_task_history(&steps).await.unwrap();
     let client = taskhistory_testing::test_db_client().await;
@@ -329,53 +324,47 @@ async fn page_statements_settle_on_a_cached_plan() {
         .await
         .unwrap();
     let shapes = [
-        (TaskQuery::first(50), sql::LIST_TASKS, "'u1'", "'u1', 51"),
+        (TaskQuery::first(50), sql::LIST_TASKS, ""),
         (
             TaskQuery::first(50).with_status(TaskStatus::Running),
             sql::LIST_TASKS_WITH_STATUS,
-            "'u1', 'running'",
-            "'u1', 'running', 51",
+            ", 'running'",
         ),
     ];
-    for (i, (query, text, args, bound_args)) in shapes.into_iter().enumerate() {
+    for (i, (query, text, status)) in shapes.into_iter().enumerate() {
         log.lock().unwrap().clear();
-        let page = store.get_user_tasks_page("u1", &query).await.unwrap();
+        let page = store.get_user_tasks_page("big", &query).await.unwrap();
         assert_eq!(page.tasks.len(), 50);
         let sent = log.lock().unwrap().last().cloned().unwrap();
-        assert_eq!(Some(&sent), sql::page_text(text.trim(), 51).as_ref());
-        assert!(sent.ends_with("LIMIT 51"), "{sent}");
+        assert_eq!(sent, text.trim(), "shape {i}: the listing as sent");
         client
-            .batch_execute(&format!(
-                "PREPARE sent{i} AS {sent}; PREPARE bound{i} AS {text}"
-            ))
+            .batch_execute(&format!("PREPARE sent{i} AS {sent}"))
             .await
             .unwrap();
-        for _ in 0..8 {
-            client
-                .batch_execute(&format!(
-                    "EXECUTE sent{i}({args}); EXECUTE bound{i}({bound_args})"
-                ))
-                .await
-                .unwrap();
-        }
-        let plans = |name: String| {
+        let plan = |execute: String, mode: &'static str| {
             let client = &client;
             async move {
-                let row = client
-                    .query_one(
-                        "SELECT generic_plans, custom_plans FROM pg_prepared_statements \
-                         WHERE name = $1",
-                        &[&name],
-                    )
+                client
+                    .batch_execute(&format!("SET plan_cache_mode = {mode}"))
                     .await
                     .unwrap();
-                (row.get::<_, i64>(0), row.get::<_, i64>(1))
+                let rows = client
+                    .query(&format!("EXPLAIN (COSTS OFF) {execute}"), &[])
+                    .await
+                    .unwrap();
+                rows.iter()
+                    .map(|r| r.get::<_, String>(0))
+                    .collect::<Vec<_>>()
+                    .join("\n")
             }
         };
-        let (generic, _) = plans(format!("sent{i}")).await;
-        assert!(generic >= 3, "shape {i}: the sent text is planned anew");
-        let (generic, custom) = plans(format!("bound{i}")).await;
-        assert_eq!((generic, custom), (0, 8), "shape {i}: a bound LIMIT");
+        for mode in ["force_generic_plan", "force_custom_plan"] {
+            let bound = plan(format!("EXECUTE sent{i}('big'{status}, 51)"), mode).await;
+            assert!(
+                !bound.contains("Sort") && bound.contains("Index Scan using task_summary_user_"),
+                "shape {i}, {mode}: the store's listing sorts a big user's tasks:\n{bound}"
+            );
+        }
     }
     store.drop_schema().await.unwrap();
 }

@@ -166,7 +166,7 @@ where
                 .bind::<Nullable<Timestamptz>, _>(until)
                 .bind::<Nullable<Timestamptz>, _>(cursor_at)
                 .bind::<Nullable<Text>, _>(cursor_id)
-                .limit(fetch)
+                .bind::<BigInt, _>(fetch)
         } else if from.is_some() || until.is_some() {
             match p.query.status {
                 None => Statement::new(sql::LIST_TASKS_IN_RANGE).bind::<Text, _>(user_id),
@@ -178,12 +178,12 @@ where
             .bind::<Nullable<Timestamptz>, _>(until)
             .bind::<Nullable<Timestamptz>, _>(cursor_at)
             .bind::<Nullable<Text>, _>(cursor_id)
-            .limit(fetch)
+            .bind::<BigInt, _>(fetch)
         } else {
             match (&p.query.status, &p.query.after) {
                 (None, None) => Statement::new(sql::LIST_TASKS)
                     .bind::<Text, _>(user_id)
-                    .limit(fetch),
+                    .bind::<BigInt, _>(fetch),
                 (
                     None,
                     Some(TaskCursor {
@@ -194,11 +194,11 @@ where
                     .bind::<Text, _>(user_id)
                     .bind::<Timestamptz, _>(*last_updated)
                     .bind::<Text, _>(task_id.clone())
-                    .limit(fetch),
+                    .bind::<BigInt, _>(fetch),
                 (Some(status), None) => Statement::new(sql::LIST_TASKS_WITH_STATUS)
                     .bind::<Text, _>(user_id)
                     .bind::<Text, _>(status.as_str())
-                    .limit(fetch),
+                    .bind::<BigInt, _>(fetch),
                 (
                     Some(status),
                     Some(TaskCursor {
@@ -210,15 +210,13 @@ where
                     .bind::<Text, _>(status.as_str())
                     .bind::<Timestamptz, _>(*last_updated)
                     .bind::<Text, _>(task_id.clone())
-                    .limit(fetch),
+                    .bind::<BigInt, _>(fetch),
             }
         };
-        let mut rows: Vec<SummaryRow> = statement
+        let rows: Vec<SummaryRow> = statement
             .fetch(conn)
             .await
             .map_err(|e| from_diesel(LIST, e))?;
-        // The rung may fetch more than the page and its one row past it.
-        rows.truncate(usize::try_from(fetch).unwrap_or(usize::MAX));
         let tasks: Vec<TaskSummary> = rows
             .into_iter()
             .map(|r| TaskSummary {

@@ -366,8 +366,7 @@ LIMIT $5
 /// A page of a user's tasks updated in `[$2, $3)` (a missing bound is NULL: unbounded), after
 /// the cursor `($4, $5)` (NULLs for the first page). Every bound is an index condition on
 /// `task_summary_user_activity`, in generic plans too (`COALESCE` of a parameter is computed
-/// once per execution), so a page reads at most as many entries as its `LIMIT` (the ladder's
-/// rung for `limit` + 1).
+/// once per execution), so a page reads at most as many entries as its `LIMIT` (`limit` + 1).
 pub const LIST_TASKS_IN_RANGE: &str = r#"
 SELECT task_id, status, last_step, step_count, created_at, updated_at
 FROM task_summary

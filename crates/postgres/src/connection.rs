@@ -239,6 +239,18 @@ impl Connector {
         Box::pin(self.open_connection())
     }
 
+    /// Opens a connection for reads that share it (direct connections only): its session
+    /// runs every statement with its generic plan ([`SHARED_READS_SESSION`](crate::sql::SHARED_READS_SESSION)).
+    pub(crate) fn connect_shared(&self) -> BoxFuture<'_, Result<AsyncPgConnection, StoreError>> {
+        Box::pin(async move {
+            let mut conn = self.open_connection().await?;
+            conn.batch_execute(crate::sql::SHARED_READS_SESSION)
+                .await
+                .map_err(|e| crate::error::from_diesel("connect", e))?;
+            Ok(conn)
+        })
+    }
+
     async fn open_connection(&self) -> Result<AsyncPgConnection, StoreError> {
         let op = "connect";
         let pooled = self.transaction_setup.is_some();

@@ -868,7 +868,7 @@ impl Executor {
             match &*held {
                 Some((conn, opened)) if *opened == epoch => Arc::clone(conn),
                 _ => {
-                    let conn = Arc::new(self.connector.connect().await?);
+                    let conn = Arc::new(self.connector.connect_shared().await?);
                     *held = Some((Arc::clone(&conn), epoch));
                     conn
                 }

@@ -182,7 +182,7 @@ impl Server {
                 Some(conn) => Arc::clone(conn),
                 None => {
                     self.opened_shared.fetch_add(1, Ordering::SeqCst);
-                    let conn = Arc::new(self.connector.connect().await?);
+                    let conn = Arc::new(self.connector.connect_shared().await?);
                     *held = Some(Arc::clone(&conn));
                     conn
                 }

@@ -240,9 +240,13 @@ async fn every_statement_is_known_and_filters_on_user_id() {
         })
         .collect();
     let mut began = 0;
+    let mut shared_sessions = 0;
     for statement in sent {
         if statement == "BEGIN" {
             began += 1;
+        }
+        if statement == sql::SHARED_READS_SESSION {
+            shared_sessions += 1;
         }
         if ["BEGIN", "COMMIT", "ROLLBACK", ""]
             .iter()
@@ -252,6 +256,7 @@ async fn every_statement_is_known_and_filters_on_user_id() {
                 .iter()
                 .any(|p| statement.starts_with(p))
             || statement == sql::NOTIFY_SESSION
+            || statement == sql::SHARED_READS_SESSION
         {
             continue;
         }
@@ -273,6 +278,12 @@ async fn every_statement_is_known_and_filters_on_user_id() {
     // Transactions ran (partition DDL, the conversion, explain-free paths): the helper's
     // statements were seen and understood.
     assert!(began > 0, "no transaction was observed");
+    // The connections reads share run every statement with its generic plan (the plans
+    // `explain` shows and `a_big_users_page_is_never_a_sort_of_all_their_tasks` checks).
+    assert!(
+        shared_sessions > 0,
+        "no shared read connection set its plan mode"
+    );
     // Every statement of sql.rs was exercised.
     // (The sweep of test schemas runs only with the feature test-schema, which the test
     // command turns on.)
@@ -289,8 +300,9 @@ async fn every_statement_is_known_and_filters_on_user_id() {
 
 /// A big user's page is read from the ordered index, never by sorting all of the user's
 /// tasks, whichever plan PostgreSQL runs the listing with: a custom one, or the generic one
-/// it may cache, which is made for the average user (here 23 tasks: most users are
-/// small). The store binds the `LIMIT`. (With a literal `LIMIT`, as the store once sent
+/// (made for the average user, here 23 tasks: most users are small), which the store's
+/// shared read connections always use (`sql::SHARED_READS_SESSION`). The store binds the
+/// `LIMIT`. (With a literal `LIMIT`, as the store once sent
 /// it, that generic plan can read every task of the user through the primary key and sort
 /// them: 2.1 ms instead of 0.05 for a user of 4,000 tasks in the load bench; whether it
 /// does is a close call of the planner's costs, so it is not asserted here.)

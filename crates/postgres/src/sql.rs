@@ -526,10 +526,10 @@ ORDER BY t.relname, c.relkind DESC, c.relname
 pub const NOTIFY_SESSION: &str = "SET synchronous_commit TO off";
 
 /// Reads: the session of a connection concurrent reads share (a direct connection). Every
-/// read statement runs with its generic plan, the one `taskhistory explain` shows and the
-/// tests check, planned once per connection: PostgreSQL would otherwise plan a listing or
-/// a history scan at every call (a bound `LIMIT`'s generic plan assumes a tenth of the
-/// user's rows and rarely looks cheaper than a custom one, though it reads the same index).
+/// read statement runs with its generic plan, planned once per connection (with isolation
+/// off, the plan `taskhistory explain` shows): PostgreSQL would otherwise plan a listing at
+/// every call (a bound `LIMIT`'s generic plan assumes a tenth of the user's rows and rarely
+/// looks cheaper than a custom one, though it reads the same index).
 pub const SHARED_READS_SESSION: &str = "SET plan_cache_mode TO force_generic_plan";
 
 /// Watchers: what the notifier's transaction sets behind a transaction pooler (where a

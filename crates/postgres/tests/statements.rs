@@ -378,5 +378,49 @@ async fn a_big_users_page_is_never_a_sort_of_all_their_tasks() {
             );
         }
     }
+    // The other listings (the store sends sql.rs's texts as they are: see
+    // `every_statement_is_known_and_filters_on_user_id`): next pages, activity ranges. (The
+    // task id prefix is read by its range on the primary key and sorted, by design.)
+    let cursor = "now() + interval '1 day', 't'";
+    let others = [
+        (sql::LIST_TASKS_AFTER, format!("'big', {cursor}, 51")),
+        (
+            sql::LIST_TASKS_WITH_STATUS_AFTER,
+            format!("'big', 'running', {cursor}, 51"),
+        ),
+        (
+            sql::LIST_TASKS_IN_RANGE,
+            "'big', now() - interval '1 day', now() + interval '1 day', NULL, NULL, 51".to_owned(),
+        ),
+        (
+            sql::LIST_TASKS_WITH_STATUS_IN_RANGE,
+            format!("'big', 'running', NULL, NULL, {cursor}, 51"),
+        ),
+    ];
+    for (i, (text, args)) in others.into_iter().enumerate() {
+        client
+            .batch_execute(&format!("PREPARE other{i} AS {text}"))
+            .await
+            .unwrap();
+        for mode in ["force_generic_plan", "force_custom_plan"] {
+            client
+                .batch_execute(&format!("SET plan_cache_mode = {mode}"))
+                .await
+                .unwrap();
+            let rows = client
+                .query(
+                    &format!("EXPLAIN (COSTS OFF) EXECUTE other{i}({args})"),
+                    &[],
+                )
+                .await
+                .unwrap();
+            let shown: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+            let shown = shown.join("\n");
+            assert!(
+                !shown.contains("Sort") && shown.contains("Index Scan using task_summary_user_"),
+                "{text}\n{mode}: a big user's page sorts:\n{shown}"
+            );
+        }
+    }
     store.drop_schema().await.unwrap();
 }

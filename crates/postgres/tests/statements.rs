@@ -343,6 +343,24 @@ async fn a_big_users_page_is_never_a_sort_of_all_their_tasks() {
             ", 'running'",
         ),
     ];
+    // A plan as EXPLAIN shows it, in plan cache mode `mode`.
+    let plan = |execute: String, mode: &'static str| {
+        let client = &client;
+        async move {
+            client
+                .batch_execute(&format!("SET plan_cache_mode = {mode}"))
+                .await
+                .unwrap();
+            let rows = client
+                .query(&format!("EXPLAIN (COSTS OFF) {execute}"), &[])
+                .await
+                .unwrap();
+            rows.iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>()
+                .join("\n")
+        }
+    };
     for (i, (query, text, status)) in shapes.into_iter().enumerate() {
         log.lock().unwrap().clear();
         let page = store.get_user_tasks_page("big", &query).await.unwrap();
@@ -353,23 +371,6 @@ async fn a_big_users_page_is_never_a_sort_of_all_their_tasks() {
             .batch_execute(&format!("PREPARE sent{i} AS {sent}"))
             .await
             .unwrap();
-        let plan = |execute: String, mode: &'static str| {
-            let client = &client;
-            async move {
-                client
-                    .batch_execute(&format!("SET plan_cache_mode = {mode}"))
-                    .await
-                    .unwrap();
-                let rows = client
-                    .query(&format!("EXPLAIN (COSTS OFF) {execute}"), &[])
-                    .await
-                    .unwrap();
-                rows.iter()
-                    .map(|r| r.get::<_, String>(0))
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            }
-        };
         for mode in ["force_generic_plan", "force_custom_plan"] {
             let bound = plan(format!("EXECUTE sent{i}('big'{status}, 51)"), mode).await;
             assert!(
@@ -403,19 +404,7 @@ async fn a_big_users_page_is_never_a_sort_of_all_their_tasks() {
             .await
             .unwrap();
         for mode in ["force_generic_plan", "force_custom_plan"] {
-            client
-                .batch_execute(&format!("SET plan_cache_mode = {mode}"))
-                .await
-                .unwrap();
-            let rows = client
-                .query(
-                    &format!("EXPLAIN (COSTS OFF) EXECUTE other{i}({args})"),
-                    &[],
-                )
-                .await
-                .unwrap();
-            let shown: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-            let shown = shown.join("\n");
+            let shown = plan(format!("EXECUTE other{i}({args})"), mode).await;
             assert!(
                 !shown.contains("Sort") && shown.contains("Index Scan using task_summary_user_"),
                 "{text}\n{mode}: a big user's page sorts:\n{shown}"

@@ -336,11 +336,10 @@ async fn a_big_users_page_is_never_a_sort_of_all_their_tasks() {
         .await
         .unwrap();
     let shapes = [
-        (TaskQuery::first(50), sql::LIST_TASKS, ""),
+        (TaskQuery::first(50), sql::LIST_TASKS),
         (
             TaskQuery::first(50).with_status(TaskStatus::Running),
             sql::LIST_TASKS_WITH_STATUS,
-            ", 'running'",
         ),
     ];
     // A plan as EXPLAIN shows it, in plan cache mode `mode`.
@@ -361,7 +360,7 @@ async fn a_big_users_page_is_never_a_sort_of_all_their_tasks() {
                 .join("\n")
         }
     };
-    for (i, (query, text, status)) in shapes.into_iter().enumerate() {
+    for (i, (query, text)) in shapes.into_iter().enumerate() {
         log.lock().unwrap().clear();
         let page = store.get_user_tasks_page("big", &query).await.unwrap();
         assert_eq!(page.tasks.len(), 50);
@@ -372,23 +371,17 @@ async fn a_big_users_page_is_never_a_sort_of_all_their_tasks() {
             log.lock().unwrap().iter().any(|s| s == sent),
             "shape {i}: the listing was not sent as sql.rs writes it"
         );
-        client
-            .batch_execute(&format!("PREPARE sent{i} AS {sent}"))
-            .await
-            .unwrap();
-        for mode in ["force_generic_plan", "force_custom_plan"] {
-            let bound = plan(format!("EXECUTE sent{i}('big'{status}, 51)"), mode).await;
-            assert!(
-                !bound.contains("Sort") && bound.contains("Index Scan using task_summary_user_"),
-                "shape {i}, {mode}: the store's listing sorts a big user's tasks:\n{bound}"
-            );
-        }
     }
-    // The other listings (the store sends sql.rs's texts as they are: see
+    // Those two and the other listings (the store sends sql.rs's texts as they are: see
     // `every_statement_is_known_and_filters_on_user_id`): next pages, activity ranges. (The
     // task id prefix is read by its range on the primary key and sorted, by design.)
     let cursor = "now() + interval '1 day', 't'";
-    let others = [
+    let listings = [
+        (sql::LIST_TASKS, "'big', 51".to_owned()),
+        (
+            sql::LIST_TASKS_WITH_STATUS,
+            "'big', 'running', 51".to_owned(),
+        ),
         (sql::LIST_TASKS_AFTER, format!("'big', {cursor}, 51")),
         (
             sql::LIST_TASKS_WITH_STATUS_AFTER,
@@ -403,13 +396,13 @@ async fn a_big_users_page_is_never_a_sort_of_all_their_tasks() {
             format!("'big', 'running', NULL, NULL, {cursor}, 51"),
         ),
     ];
-    for (i, (text, args)) in others.into_iter().enumerate() {
+    for (i, (text, args)) in listings.into_iter().enumerate() {
         client
-            .batch_execute(&format!("PREPARE other{i} AS {text}"))
+            .batch_execute(&format!("PREPARE listing{i} AS {text}"))
             .await
             .unwrap();
         for mode in ["force_generic_plan", "force_custom_plan"] {
-            let shown = plan(format!("EXECUTE other{i}({args})"), mode).await;
+            let shown = plan(format!("EXECUTE listing{i}({args})"), mode).await;
             assert!(
                 !shown.contains("Sort") && shown.contains("Index Scan using task_summary_user_"),
                 "{text}\n{mode}: a big user's page sorts:\n{shown}"

@@ -1073,6 +1073,18 @@ async fn explain_and_query_stats() {
         events_plan.contains("task_history_user_position"),
         "{events_plan}"
     );
+    // A user's first position walks the same index backwards from its newest row.
+    let newest_plan = plans
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "newest_seen")
+        .unwrap()["plan"]
+        .to_string();
+    assert!(
+        newest_plan.contains("task_history_user_position") && newest_plan.contains("Backward"),
+        "{newest_plan}"
+    );
     // ANALYZE ran the writes inside a rolled-back transaction: nothing changed.
     assert_eq!(
         store.check_task_status("u", "t").await.unwrap(),

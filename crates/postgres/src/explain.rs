@@ -83,6 +83,7 @@ fn arguments(user: &str, task: &str) -> Vec<(&'static str, String)> {
         ("scan_history", format!("{u}, '', -1, 5001")),
         ("scan_task_history", format!("{u}, {t}, -1, 5001")),
         ("events_after", format!("ARRAY[{u}], ARRAY[NULL::text], ARRAY['1:1:'], ARRAY[NULL::text], ARRAY['1'], ARRAY[0::int8], 500")),
+        ("newest_seen", format!("ARRAY[{u}]")),
         ("task_counts", u.clone()),
         ("task_activity", format!("{u}, now() - interval '7 days', now()")),
         ("recent_failures", "20".to_owned()),

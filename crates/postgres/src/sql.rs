@@ -571,6 +571,21 @@ LEFT JOIN LATERAL (
 ) e ON true
 "#;
 
+/// Watchers: the first positions of users. This statement's snapshot, and for each user
+/// of `$1` (`n` is its place in the array) the transaction id of its newest step row that
+/// the snapshot sees (NULL: none); a user's first position is that snapshot below just
+/// past it (`watch/mod.rs`, "After a crash"). Walks task_history_user_position backwards
+/// from the user's newest row.
+pub const NEWEST_SEEN: &str = r#"
+SELECT pg_current_snapshot()::text AS snapshot, w.n, (
+    SELECT h.xid FROM task_history h
+    WHERE h.user_id = w.user_id
+    ORDER BY h.xid DESC
+    LIMIT 1
+)::text AS xid
+FROM unnest($1::text[]) WITH ORDINALITY AS w(user_id, n)
+"#;
+
 /// Test schemas (feature `test-schema`): those made by `on_fresh_schema` (named
 /// `th_test_<unix seconds>_...`) more than `$1` seconds ago, which a test that panicked
 /// before `drop_schema` left behind; only the current role's (or a role it is a member
@@ -1374,6 +1389,7 @@ pub const ALL_STATEMENTS: &[(&str, &str)] = &[
     ("schema_version", SCHEMA_VERSION),
     ("applied_migrations", APPLIED_MIGRATIONS),
     ("events_after", EVENTS_AFTER),
+    ("newest_seen", NEWEST_SEEN),
     ("notify_users", NOTIFY_USERS),
     ("python_compat_state", PYTHON_COMPAT_STATE),
     ("partition_layout", PARTITION_LAYOUT),

@@ -59,6 +59,9 @@ pub(super) struct Found {
 impl Found {
     /// Where user `i` stands after its rows: past the last row when it got a whole page
     /// (more may wait), else at the end of what the read could see.
+    /// A whole position is the read's snapshot below just past the newest write it
+    /// delivered, or where `was` stood (`super`, "After a crash"): the read saw no write
+    /// of the user's (of the task's) above that.
     pub(super) fn next_position(&self, i: usize, was: &Position, page: i64) -> Position {
         let to = was.to.clone().unwrap_or_else(|| self.snapshot.clone());
         match self.rows[i].last() {
@@ -67,7 +70,11 @@ impl Found {
                 to: Some(to),
                 after: Some((last.xid, last.id)),
             },
-            _ => Position::at(to),
+            last => {
+                let newest = last.map(|r| r.xid).max(was.after.map(|(xid, _)| xid));
+                let horizon = newest.map_or(0, |x| x.saturating_add(1));
+                Position::at(to.below(horizon.max(was.from.xmax())))
+            }
         }
     }
 
@@ -144,6 +151,87 @@ where
         tracing::Span::current().record("rows", rows.len());
         Ok(rows)
     })
+}
+
+#[derive(QueryableByName)]
+struct NewestRow {
+    #[diesel(sql_type = Text)]
+    snapshot: String,
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+    #[diesel(sql_type = Nullable<Text>)]
+    xid: Option<String>,
+}
+
+/// The users whose first positions a read finds.
+struct NewUsers {
+    users: Vec<String>,
+}
+
+fn newest_seen<'c>(
+    conn: &'c mut &'c AsyncPgConnection,
+    p: &'c NewUsers,
+) -> BoxFuture<'c, Result<Vec<NewestRow>, StoreError>> {
+    newest_seen_on(conn, &p.users)
+}
+
+/// [`newest_seen`] for any connection type (as [`events_after_on`]).
+fn newest_seen_on<'c, C>(
+    conn: &'c mut C,
+    users: &'c [String],
+) -> BoxFuture<'c, Result<Vec<NewestRow>, StoreError>>
+where
+    C: AsyncConnectionCore<Backend = Pg> + Send,
+    Statement: LoadQuery<'static, C, NewestRow>,
+{
+    Box::pin(async move {
+        Statement::new(sql::NEWEST_SEEN)
+            .bind::<Array<Text>, _>(users.to_vec())
+            .fetch(conn)
+            .await
+            .map_err(|e| from_diesel(super::OP, e))
+    })
+}
+
+/// The first positions of `users`, in their order, and the snapshot of the statement that
+/// found them: that snapshot below just past the newest write of each that it sees
+/// (`super`, "After a crash").
+pub(super) async fn first_positions(
+    backend: &Backend,
+    call: Call<'_>,
+    users: &[&str],
+) -> Result<(Snapshot, Vec<Position>), StoreError> {
+    let p = NewUsers {
+        users: users.iter().map(|u| (*u).to_owned()).collect(),
+    };
+    let rows = backend.exec().read(call, &p, newest_seen).await?;
+    let bad = |what: &str| StoreError::database(super::OP, format!("unreadable {what}"));
+    let snapshot = match rows.first() {
+        Some(row) => Snapshot::parse(&row.snapshot).ok_or_else(|| bad("snapshot"))?,
+        None => return Err(bad("newest writes (no row)")),
+    };
+    let mut horizons = vec![None; users.len()];
+    for row in rows {
+        let slot = usize::try_from(row.n - 1)
+            .ok()
+            .and_then(|i| horizons.get_mut(i))
+            .ok_or_else(|| bad("newest write (user out of range)"))?;
+        *slot = Some(match row.xid {
+            Some(xid) => xid
+                .parse::<u64>()
+                .map_err(|_| bad("transaction id"))?
+                .saturating_add(1),
+            None => 0,
+        });
+    }
+    let positions = horizons
+        .into_iter()
+        .map(|h| {
+            let h = h.ok_or_else(|| bad("newest write (user missing)"))?;
+            Ok(Position::at(snapshot.below(h)))
+        })
+        .collect::<Result<_, StoreError>>()?;
+    Ok((snapshot, positions))
 }
 
 /// Reads the events of `wants` (at most `page` per user) in one statement.

@@ -25,6 +25,24 @@
 //! the listener reconnecting) and otherwise every [`PgConfig::watch_poll`]: the wake-ups
 //! only make delivery prompt.
 //!
+//! # After a crash
+//!
+//! PostgreSQL flushes the end of a transaction that wrote nothing durable (a `NOTIFY`'s,
+//! such as the notifier's; a rollback; a transaction that only took an id) lazily, and
+//! after a crash gives out again the ids whose end it had not flushed. A snapshot taken
+//! after such an end sees that id as finished; were a position that snapshot, the write
+//! that gets the id after the crash would count as delivered and never come. So a whole
+//! position is its read's snapshot *below* a horizon ([`position::Snapshot::below`]): just
+//! past the newest write it delivered (or where it stood before), and for a first position
+//! just past the newest write of the user that its snapshot sees
+//! ([`NEWEST_SEEN`](crate::sql::NEWEST_SEEN)). That write committed durably (a save's
+//! commit is flushed before it is visible), so no id below the horizon is given again;
+//! the read saw no write of the user's above it, so the position delivers the same events.
+//! Joining still compares the read's whole snapshot ([`tail`] keeps it beside the
+//! position). Where saves commit with `synchronous_commit = off` (a server's or role's
+//! setting), a crash can lose the last saves, and with them this guarantee for the ids
+//! that follow.
+//!
 //! [`PgConfig::watch_poll`]: crate::PgConfig::watch_poll
 
 mod log;

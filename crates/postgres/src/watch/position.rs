@@ -6,6 +6,10 @@
 
 use taskhistory_core::{EventCursor, StoreError};
 
+/// PostgreSQL's first id of an ordinary transaction: the ids below it are never given out
+/// (a row at 0 predates the log: history, seen by every snapshot), and no snapshot is lower.
+const FIRST_NORMAL_XID: u64 = 3;
+
 /// A snapshot in PostgreSQL's text form, `xmin:xmax:xip,...`, checked (it is bound into
 /// statements) and read (a watcher compares snapshots without a round trip).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +58,29 @@ impl Snapshot {
     /// The oldest transaction it did not see.
     pub(super) fn xmin(&self) -> u64 {
         self.xmin
+    }
+
+    /// The first transaction id not yet given out when it was taken.
+    pub(super) fn xmax(&self) -> u64 {
+        self.xmax
+    }
+
+    /// This snapshot with every transaction from `horizon` on taken as unseen: it sees
+    /// what this one sees below `horizon`, nothing at or above it. A position's snapshot is
+    /// restricted to just past the newest write it delivered (see [`super`], "After a
+    /// crash"): a transaction this one saw finish with no write durable (a `NOTIFY`, a
+    /// rollback) may have its id given again after a crash, and must not count as seen.
+    pub(super) fn below(&self, horizon: u64) -> Snapshot {
+        let xmax = self.xmax.min(horizon.max(FIRST_NORMAL_XID));
+        let xmin = self.xmin.min(xmax);
+        let xip: Vec<u64> = self.xip.iter().copied().filter(|&x| x < xmax).collect();
+        let list: Vec<String> = xip.iter().map(u64::to_string).collect();
+        Snapshot {
+            text: format!("{xmin}:{xmax}:{}", list.join(",")),
+            xmin,
+            xmax,
+            xip,
+        }
     }
 
     /// Whether transaction `xid` had finished when this snapshot was taken: PostgreSQL's
@@ -203,6 +230,34 @@ mod tests {
         let s = snap("100:105:101,103");
         let seen: Vec<u64> = (98..107).filter(|&x| s.sees(x)).collect();
         assert_eq!(seen, [98, 99, 100, 102, 104]);
+    }
+
+    #[test]
+    fn a_snapshot_below_a_horizon_sees_only_what_lies_below_it() {
+        let s = snap("100:110:101,103,107");
+        for (horizon, text) in [
+            (110, "100:110:101,103,107"),
+            (200, "100:110:101,103,107"),
+            (104, "100:104:101,103"),
+            (101, "100:101:"),
+            (100, "100:100:"),
+            (90, "90:90:"),
+            (0, "3:3:"),
+        ] {
+            let below = s.below(horizon);
+            assert_eq!(below.as_str(), text, "horizon {horizon}");
+            // It parses as PostgreSQL's text form, and sees exactly `s`'s view below it.
+            assert_eq!(Snapshot::parse(below.as_str()).as_ref(), Some(&below));
+            for x in 85..115 {
+                let horizon = horizon.max(FIRST_NORMAL_XID);
+                assert_eq!(
+                    below.sees(x),
+                    x < horizon && s.sees(x),
+                    "{x} below {horizon}"
+                );
+            }
+            assert!(s.covers(&below), "horizon {horizon}");
+        }
     }
 
     #[test]

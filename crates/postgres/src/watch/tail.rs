@@ -6,7 +6,8 @@
 //! a notification, the listener's return: the users named, or all), every
 //! [`watch_poll`](crate::PgConfig::watch_poll) for all, and at once again for a user whose
 //! read filled a page; reads are at least [`MIN_READ_GAP`] apart otherwise, and each reads
-//! every user due in one statement (up to [`USERS_PER_READ`] users each). The database's
+//! every user due in one statement (up to [`USERS_PER_READ`] users each; users watched anew
+//! take their first positions from one of their own, `log::first_positions`). The database's
 //! work follows the writes and the number of watched users, never the number of watchers.
 //!
 //! A watcher joins a user's entry at a position `J` of the tail's and from then on receives
@@ -142,6 +143,11 @@ struct Joiner {
 struct Entry {
     /// Where the tail stands for this user; `None` before its first read.
     position: Option<Position>,
+    /// The snapshot of the read that made `position` whole. It sees no write of the
+    /// user's that `position` does not (a position stops short only of transactions
+    /// without any: `super`, "After a crash"), so a watcher whose position it covers may
+    /// join at `position`.
+    seen: Option<Snapshot>,
     attached: Vec<Arc<Inbox>>,
     joining: Vec<Joiner>,
     /// Read at the next turn (a joiner waits, or a page was full).
@@ -156,7 +162,7 @@ impl Entry {
     /// Attaches the joiners that may join at the entry's (whole) position after read
     /// number `read`.
     fn attach(&mut self, read: u64) {
-        let Some(at) = self.position.as_ref().filter(|p| p.is_whole()) else {
+        let Some((at, seen)) = self.joinable() else {
             return;
         };
         let mut waiting = Vec::new();
@@ -164,10 +170,10 @@ impl Entry {
             let later = joiner.asked_at < read;
             let ready = match &joiner.base {
                 None => later,
-                Some(base) => at.from.covers(base),
+                Some(base) => seen.covers(base),
             };
             if ready {
-                if joiner.reply.send(Ok(at.from.clone())).is_ok() {
+                if joiner.reply.send(Ok(at.clone())).is_ok() {
                     self.attached.push(joiner.inbox);
                 }
             } else if later {
@@ -182,6 +188,21 @@ impl Entry {
             }
         }
         self.joining = waiting;
+    }
+
+    /// Where a watcher may join (the whole position's snapshot), and what the read that
+    /// made it saw.
+    fn joinable(&self) -> Option<(Snapshot, Snapshot)> {
+        let at = self.position.as_ref().filter(|p| p.is_whole())?;
+        Some((at.from.clone(), self.seen.clone()?))
+    }
+
+    /// Stands at `position`, made whole by a read that saw `seen`.
+    fn stand(&mut self, position: Position, seen: &Snapshot) {
+        if position.is_whole() {
+            self.seen = Some(seen.clone());
+        }
+        self.position = Some(position);
     }
 
     fn fail(&mut self, error: &StoreError) {
@@ -345,10 +366,8 @@ impl Shared {
                     state.users.entry(user.to_owned()).or_default()
                 }
             };
-            let now = entry.position.as_ref().filter(|p| p.is_whole());
-            if let (Some(at), Some(base)) = (now, base) {
-                if at.from.covers(base) {
-                    let at = at.from.clone();
+            if let (Some((at, seen)), Some(base)) = (entry.joinable(), base) {
+                if seen.covers(base) {
                     entry.attached.push(Arc::clone(inbox));
                     return Ok(at);
                 }
@@ -500,14 +519,8 @@ fn collect(shared: &Shared, woken: &crate::listen::Woken, polling: bool) -> Opti
 /// Reads the turn's users, hands the events to their watchers, attaches joiners.
 async fn read(shared: &Shared, turn: &Turn) -> Result<(), StoreError> {
     let backend = &shared.backend;
-    let mut chunks: Vec<&[(String, Position)]> = turn.known.chunks(USERS_PER_READ).collect();
-    if chunks.is_empty() {
-        // Only new users: the read's snapshot is all they need.
-        chunks.push(&[]);
-    }
-    let mut first: Option<Snapshot> = None;
     let mut events = 0u64;
-    for chunk in chunks {
+    for chunk in turn.known.chunks(USERS_PER_READ) {
         let wants: Vec<Want<'_>> = chunk
             .iter()
             .map(|(user, position)| Want {
@@ -546,22 +559,31 @@ async fn read(shared: &Shared, turn: &Turn) -> Result<(), StoreError> {
                 tracing::error!(error = %e, user_id = %user, "taskhistory: an event could not be handed out");
                 entry.fail(&e);
                 entry.position = None;
+                entry.seen = None;
                 continue;
             }
             events += found.rows[i].len() as u64;
             let next = found.next_position(i, was, TAIL_PAGE);
             entry.due |= !next.is_whole();
-            entry.position = Some(next);
+            let seen = was.to.as_ref().unwrap_or(&found.snapshot);
+            entry.stand(next, seen);
             entry.attach(turn.read);
         }
-        first.get_or_insert(found.snapshot);
     }
     shared.counters.lag_events.store(events, Ordering::Relaxed);
-    if let Some(snapshot) = first {
+    // New users stand where a read's snapshot saw their newest write.
+    for users in turn.new.chunks(USERS_PER_READ) {
+        let users: Vec<&str> = users.iter().map(String::as_str).collect();
+        let call = Call::users(OP, &users);
+        let (snapshot, positions) = log::first_positions(backend, call, &users).await?;
+        shared.counters.tail_reads.fetch_add(1, Ordering::Relaxed);
         let mut state = shared.state();
-        for user in &turn.new {
-            if let Some(entry) = state.users.get_mut(user) {
-                entry.position = Some(Position::at(snapshot.clone()));
+        if state.closed {
+            return Err(StoreError::Closed);
+        }
+        for (user, position) in users.iter().zip(positions) {
+            if let Some(entry) = state.users.get_mut(*user) {
+                entry.stand(position, &snapshot);
                 entry.attach(turn.read);
             }
         }

@@ -264,6 +264,111 @@ async fn a_watch_gets_the_write_that_reuses_an_id_a_crash_gave_back() {
     store.close().await;
 }
 
+/// An event's cursor names the snapshot of the read that delivered it. One taken before a
+/// crash may have seen ids end that the crash gives out again. A watch resumed from it
+/// after the crash, while the first such id is held by an open transaction and the second
+/// has saved a step, is not refused, and delivers both writes once: the save, then the
+/// open transaction's row when it commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_from_before_a_crash_resumes_across_the_ids_it_gave_back() {
+    let server = OwnServer::start(&["wal_writer_delay=10000", "autovacuum=off"]);
+    let config = PgConfig::from_url(&server.url())
+        .unwrap()
+        .ssl_mode(SslMode::Disable)
+        .schema("given_back")
+        .watch_poll(Duration::from_millis(300))
+        .retry(RetryPolicy {
+            initial_backoff: Duration::from_millis(5),
+            ..RetryPolicy::default()
+        });
+    let store = store_for(config.clone()).await;
+    // Another process's writes that wake no one: the tail reads them at its poll.
+    let silent = store_for(config.notifications(false)).await;
+    let mut events = store.watch_user("u", None).await.unwrap();
+    let run = TaskStepResult::running("s", json!({}), "");
+    // A step, then two transactions that write nothing and whose ends stay in memory, all
+    // before the tail's poll reads the step (else again).
+    let (cursor, given) = 'taken: {
+        for step in 0..10 {
+            silent
+                .save_task_history("u", "t", step, &run)
+                .await
+                .unwrap();
+            let mut given = Vec::new();
+            for _ in 0..2 {
+                let xid: u64 =
+                    sql_value(&server, "BEGIN; SELECT pg_current_xact_id()::text; COMMIT")
+                        .await
+                        .parse()
+                        .unwrap();
+                given.push(xid);
+            }
+            let event = next(&mut events).await;
+            assert_eq!(event.step, step);
+            let to_xmax: u64 = event
+                .cursor
+                .as_str()
+                .split('~')
+                .nth(2)
+                .and_then(|to| to.split(':').nth(1))
+                .unwrap()
+                .parse()
+                .unwrap();
+            if given.iter().all(|&x| x < to_xmax) {
+                break 'taken (event.cursor, given);
+            }
+        }
+        panic!("the tail's poll always read the step before the two transactions ended");
+    };
+    drop(events);
+    server.crash_and_start();
+    // After the crash: the first id given again held by an open transaction, the second
+    // taken by a save.
+    let (held, conn) = tokio_postgres::connect(&server.url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let driver = tokio::spawn(conn);
+    held.batch_execute("BEGIN").await.unwrap();
+    let held_xid: u64 = held
+        .query_one("SELECT pg_current_xact_id()::text", &[])
+        .await
+        .unwrap()
+        .get::<_, String>(0)
+        .parse()
+        .unwrap();
+    store.save_task_history("u", "t", 100, &run).await.unwrap();
+    let saved_xid: u64 = sql_value(
+        &server,
+        "SELECT xid::text FROM given_back.task_history WHERE user_id = 'u' AND step = 100",
+    )
+    .await
+    .parse()
+    .unwrap();
+    assert!(
+        given.contains(&held_xid) && given.contains(&saved_xid),
+        "the crash did not give out again the ids the cursor saw end ({given:?}; held \
+         {held_xid}, saved {saved_xid}): the test shows nothing"
+    );
+    let mut resumed = store.watch_user("u", Some(cursor)).await.unwrap();
+    assert_eq!(next(&mut resumed).await.step, 100);
+    held.batch_execute(
+        "INSERT INTO given_back.task_history \
+         (user_id, task_id, step, result, timestamp, started_at, status) \
+         VALUES ('u', 'held', 7, '{}', now(), now(), 'running'); COMMIT",
+    )
+    .await
+    .unwrap();
+    let e = next(&mut resumed).await;
+    assert_eq!((e.task_id.as_str(), e.step), ("held", 7));
+    // Nothing twice: a write now is the next event.
+    store.save_task_history("u", "t", 101, &run).await.unwrap();
+    assert_eq!(next(&mut resumed).await.step, 101);
+    drop(held);
+    let _ = driver.await;
+    store.close().await;
+    silent.close().await;
+}
+
 /// The first value `sql` returns on a connection of its own to `server`.
 async fn sql_value(server: &OwnServer, sql: &str) -> String {
     let (client, conn) = tokio_postgres::connect(&server.url(), tokio_postgres::NoTls)

@@ -78,6 +78,30 @@ impl Found {
         }
     }
 
+    /// `was` as this read may go on from it, for user `i`. Mid-page, `was.to` is a snapshot
+    /// of an earlier run of the server when this read's does not cover it: the server
+    /// crashed in between and may have given out again ids `to` saw end (`super`, "After
+    /// a crash"). `to` is then kept only below just past the last row delivered (a
+    /// durable write's), and this read's rows above that are dropped: the position's next
+    /// read takes them as unseen. `None`: `was` stands as it is.
+    pub(super) fn settle(&mut self, i: usize, was: &Position) -> Option<Position> {
+        let (Some(to), Some((xid, _))) = (&was.to, was.after) else {
+            return None;
+        };
+        if self.snapshot.covers(to) {
+            return None;
+        }
+        let to = to.below(xid.saturating_add(1));
+        if let Some(rows) = self.rows.get_mut(i) {
+            rows.retain(|r| to.sees(r.xid));
+        }
+        Some(Position {
+            from: was.from.clone(),
+            to: Some(to),
+            after: was.after,
+        })
+    }
+
     /// The position of row `k` of user `i` (its event's cursor).
     pub(super) fn position_of(&self, i: usize, k: usize, was: &Position) -> Position {
         let row = &self.rows[i][k];

@@ -5,7 +5,8 @@
 //! position ([`position`]) is a snapshot of the database, `from`, whose writes are
 //! delivered. A read ([`log`], [`EVENTS_AFTER`](crate::sql::EVENTS_AFTER)) takes the rows
 //! written by transactions that `from` did not see and the read's own snapshot, `to`, does,
-//! in `(xid, id)` order; once it has them all, `to` becomes the new `from`. A transaction
+//! in `(xid, id)` order; once it has them all, `to` becomes the new `from` (held below a
+//! horizon: "After a crash" below). A transaction
 //! in flight at a read is invisible to it and not visible in `to`, so its rows come with a
 //! later read, however long it runs: nothing is missed, nothing comes twice, and no clock
 //! decides anything. A large read goes in pages; the position then also holds `to` and
@@ -14,9 +15,10 @@
 //! One reader, the [`tail`], reads for every watched user of the store and hands the events
 //! out in memory. A watcher reads by itself only to catch up: from an older cursor, or
 //! after it fell behind (its inbox of [`tail::INBOX`] events filled). It then joins the
-//! tail at a position `J` of the tail's that sees all its own position `B` sees (`J` covers
-//! `B`), reads the rows between `B` and `J` by itself (`to` fixed at `J`), then takes the
-//! tail's events after `J`. Delivered: the rows `J` sees and `B` does not, then those of
+//! tail at a position `J` of the tail's whose read saw all its own position `B` sees (that
+//! read's snapshot covers `B`; `J` itself may stop short of transactions with no write of
+//! the user's), reads the rows between `B` and `J` by itself (`to` fixed at `J`), then takes
+//! the tail's events after `J`. Delivered: the rows `J` sees and `B` does not, then those of
 //! the tail's reads after `J`, which `J` does not see: each row once, none missed, as the
 //! tail's reads follow each other from `J` on. A task's rows come in commit order: those
 //! `J` sees committed before those it does not.
@@ -38,10 +40,22 @@
 //! ([`NEWEST_SEEN`](crate::sql::NEWEST_SEEN)). That write committed durably (a save's
 //! commit is flushed before it is visible), so no id below the horizon is given again;
 //! the read saw no write of the user's above it, so the position delivers the same events.
-//! Joining still compares the read's whole snapshot ([`tail`] keeps it beside the
-//! position). Where saves commit with `synchronous_commit = off` (a server's or role's
-//! setting), a crash can lose the last saves, and with them this guarantee for the ids
-//! that follow.
+//!
+//! Two more places hold a snapshot taken before a crash. A position mid-page keeps its
+//! read's whole snapshot as `to` (in the cursors of its events too): a read whose own
+//! snapshot does not cover it (the server ran again since) keeps `to` only below just past
+//! the last row delivered, and takes the rest as unseen (`log::Found::settle`; a cursor
+//! from before a crash resumes instead of being refused). And joining compares the tail's
+//! read's whole snapshot, kept beside its position: if the tail last read before a crash
+//! and the watcher after it, the watcher may have delivered a write that took an id both
+//! saw end; it then skips the tail's events of transactions its own position saw
+//! (`Watcher::join`).
+//!
+//! The horizon rests on the newest delivered write being durable. Where saves commit with
+//! `synchronous_commit = off` (a server's or role's setting), or the server comes back from
+//! an asynchronous standby promoted or a point-in-time restore, the last writes can be
+//! lost, and with them this guarantee for the ids that follow. A cursor made before this
+//! horizon existed carries its read's whole snapshot until the user's writes pass it.
 //!
 //! [`PgConfig::watch_poll`]: crate::PgConfig::watch_poll
 
@@ -111,6 +125,9 @@ struct Watcher {
     pending: VecDeque<TaskEvent>,
     /// The pause before the next attempt while the server cannot be reached.
     backoff: Option<Duration>,
+    /// Joined at a position that does not cover its own: the events of transactions this
+    /// snapshot saw are skipped until one comes from above it (see [`Watcher::join`]).
+    skip: Option<position::Snapshot>,
     ended: bool,
     _place: Admitted,
 }
@@ -153,6 +170,7 @@ pub(crate) async fn start(
         caught_up: false,
         pending: VecDeque::new(),
         backoff: None,
+        skip: None,
         ended: false,
         _place: place,
     };
@@ -172,6 +190,9 @@ impl Watcher {
                 // Attached and caught up to where it joined: the tail's events.
                 Some(inbox) if self.position.is_whole() => match inbox.next().await {
                     Ok(event) => {
+                        if delivered(&mut self.skip, &event) {
+                            continue;
+                        }
                         self.last = Some(event.cursor.clone());
                         let event = Arc::unwrap_or_clone(event);
                         return Some((Ok(event), self));
@@ -227,15 +248,25 @@ impl Watcher {
         }
         self.inbox = None;
         self.caught_up = false;
+        self.skip = None;
     }
 
-    /// Joins the tail at a position covering its own; reads up to it next.
+    /// Joins the tail at a position whose read saw all its own position saw; reads up to
+    /// it next. The tail's position can stop below its own: short of transactions with no
+    /// write of the user's, by design (`position::Snapshot::below`); or, after a crash
+    /// that gave out again an id both saw end, short of a write this watcher delivered and
+    /// the tail has not yet read (its last read was before the crash). The tail's events
+    /// of transactions its own position saw are then skipped: in the first case there
+    /// are none.
     async fn join(&mut self) -> Result<(), StoreError> {
         let inbox = Inbox::new(self.task.as_deref());
         let at = self
             .shared
             .join(&self.user, Some(&self.position.from), &inbox)
             .await?;
+        if !at.covers(&self.position.from) {
+            self.skip = Some(self.position.from.clone());
+        }
         if at != self.position.from {
             self.position = Position::between(self.position.from.clone(), at);
         }
@@ -257,11 +288,14 @@ impl Watcher {
         if self.shared.is_closed() {
             return Err(StoreError::Closed);
         }
-        let found = log::read(&self.shared.backend, call, &[want], PAGE).await?;
+        let mut found = log::read(&self.shared.backend, call, &[want], PAGE).await?;
         self.shared
             .counters
             .own_reads
             .fetch_add(1, Ordering::Relaxed);
+        if let Some(settled) = found.settle(0, &self.position) {
+            self.position = settled;
+        }
         // A position this server has not reached (a cursor of another server, one restored
         // from before a failover, or a forged one) would never be joined: refused.
         let at = &self.position;
@@ -282,4 +316,23 @@ impl Watcher {
         self.position = found.next_position(0, &self.position, PAGE);
         Ok(())
     }
+}
+
+/// Whether `event` is of a transaction that `skip`, a watcher's position before it joined,
+/// saw (see `Watcher::join`): skipped, as delivered already. `skip` ends at the first
+/// event from above it.
+fn delivered(skip: &mut Option<position::Snapshot>, event: &TaskEvent) -> bool {
+    let Some(seen) = skip else {
+        return false;
+    };
+    let Some((xid, _)) = Position::of(&event.cursor).ok().and_then(|p| p.after) else {
+        return false;
+    };
+    if seen.sees(xid) {
+        return true;
+    }
+    if xid >= seen.xmax() {
+        *skip = None;
+    }
+    false
 }

@@ -146,7 +146,8 @@ struct Entry {
     /// The snapshot of the read that made `position` whole. It sees no write of the
     /// user's that `position` does not (a position stops short only of transactions
     /// without any: `super`, "After a crash"), so a watcher whose position it covers may
-    /// join at `position`.
+    /// join at `position`. (Unless the server crashed since and gave such an id out again:
+    /// the watcher then skips what its own position saw, `Watcher::join`.)
     seen: Option<Snapshot>,
     attached: Vec<Arc<Inbox>>,
     joining: Vec<Joiner>,
@@ -520,6 +521,24 @@ fn collect(shared: &Shared, woken: &crate::listen::Woken, polling: bool) -> Opti
 async fn read(shared: &Shared, turn: &Turn) -> Result<(), StoreError> {
     let backend = &shared.backend;
     let mut events = 0u64;
+    // New users first (a failure after leaves them placed): each stands where a read's
+    // snapshot saw its newest write.
+    for users in turn.new.chunks(USERS_PER_READ) {
+        let users: Vec<&str> = users.iter().map(String::as_str).collect();
+        let call = Call::users(OP, &users);
+        let (snapshot, positions) = log::first_positions(backend, call, &users).await?;
+        shared.counters.tail_reads.fetch_add(1, Ordering::Relaxed);
+        let mut state = shared.state();
+        if state.closed {
+            return Err(StoreError::Closed);
+        }
+        for (user, position) in users.iter().zip(positions) {
+            if let Some(entry) = state.users.get_mut(*user) {
+                entry.stand(position, &snapshot);
+                entry.attach(turn.read);
+            }
+        }
+    }
     for chunk in turn.known.chunks(USERS_PER_READ) {
         let wants: Vec<Want<'_>> = chunk
             .iter()
@@ -530,7 +549,7 @@ async fn read(shared: &Shared, turn: &Turn) -> Result<(), StoreError> {
             })
             .collect();
         let users: Vec<&str> = wants.iter().map(|w| w.user).collect();
-        let found = log::read(backend, Call::users(OP, &users), &wants, TAIL_PAGE).await?;
+        let mut found = log::read(backend, Call::users(OP, &users), &wants, TAIL_PAGE).await?;
         shared.counters.tail_reads.fetch_add(1, Ordering::Relaxed);
         let mut state = shared.state();
         if state.closed {
@@ -540,6 +559,8 @@ async fn read(shared: &Shared, turn: &Turn) -> Result<(), StoreError> {
             let Some(entry) = state.users.get_mut(user) else {
                 continue;
             };
+            let settled = found.settle(i, was);
+            let was = settled.as_ref().unwrap_or(was);
             let mut unreadable = None;
             for k in 0..found.rows[i].len() {
                 match found.rows[i][k].event(user, &found.position_of(i, k, was)) {
@@ -571,23 +592,6 @@ async fn read(shared: &Shared, turn: &Turn) -> Result<(), StoreError> {
         }
     }
     shared.counters.lag_events.store(events, Ordering::Relaxed);
-    // New users stand where a read's snapshot saw their newest write.
-    for users in turn.new.chunks(USERS_PER_READ) {
-        let users: Vec<&str> = users.iter().map(String::as_str).collect();
-        let call = Call::users(OP, &users);
-        let (snapshot, positions) = log::first_positions(backend, call, &users).await?;
-        shared.counters.tail_reads.fetch_add(1, Ordering::Relaxed);
-        let mut state = shared.state();
-        if state.closed {
-            return Err(StoreError::Closed);
-        }
-        for (user, position) in users.iter().zip(positions) {
-            if let Some(entry) = state.users.get_mut(*user) {
-                entry.stand(position, &snapshot);
-                entry.attach(turn.read);
-            }
-        }
-    }
     Ok(())
 }
 

@@ -81,9 +81,10 @@ impl Found {
     /// `was` as this read may go on from it, for user `i`. Mid-page, `was.to` is a snapshot
     /// of an earlier run of the server when this read's does not cover it: the server
     /// crashed in between and may have given out again ids `to` saw end (`super`, "After
-    /// a crash"). `to` is then kept only below just past the last row delivered (a
-    /// durable write's), and this read's rows above that are dropped: the position's next
-    /// read takes them as unseen. `None`: `was` stands as it is.
+    /// a crash"). `to` is then kept only below just past the last row delivered or `from`'s
+    /// horizon, whichever is higher (no id below either is given out again), and this
+    /// read's rows above that are dropped: the position's next read takes them as unseen.
+    /// `None`: `was` stands as it is.
     pub(super) fn settle(&mut self, i: usize, was: &Position) -> Option<Position> {
         let (Some(to), Some((xid, _))) = (&was.to, was.after) else {
             return None;
@@ -91,7 +92,7 @@ impl Found {
         if self.snapshot.covers(to) {
             return None;
         }
-        let to = to.below(xid.saturating_add(1));
+        let to = to.below(xid.saturating_add(1).max(was.from.xmax()));
         if let Some(rows) = self.rows.get_mut(i) {
             rows.retain(|r| to.sees(r.xid));
         }

@@ -44,12 +44,13 @@
 //! Two more places hold a snapshot taken before a crash. A position mid-page keeps its
 //! read's whole snapshot as `to` (in the cursors of its events too): a read whose own
 //! snapshot does not cover it (the server ran again since) keeps `to` only below just past
-//! the last row delivered, and takes the rest as unseen (`log::Found::settle`; a cursor
-//! from before a crash resumes instead of being refused). And joining compares the tail's
+//! the last row delivered or `from`'s horizon, and takes the rest as unseen
+//! (`log::Found::settle`; a cursor from before a crash resumes instead of being refused; the
+//! tail reads the rest at once, and joiners wait for that read). And joining compares the tail's
 //! read's whole snapshot, kept beside its position: if the tail last read before a crash
 //! and the watcher after it, the watcher may have delivered a write that took an id both
-//! saw end; it then skips the tail's events of transactions its own position saw
-//! (`Watcher::join`).
+//! saw end; it then skips the events of transactions its own position saw, the tail's and
+//! its own reads' after a fall-back (`Watcher::join`).
 //!
 //! The horizon rests on the newest delivered write being durable. Where saves commit with
 //! `synchronous_commit = off` (a server's or role's setting), or the server comes back from
@@ -126,7 +127,8 @@ struct Watcher {
     /// The pause before the next attempt while the server cannot be reached.
     backoff: Option<Duration>,
     /// Joined at a position that does not cover its own: the events of transactions this
-    /// snapshot saw are skipped until one comes from above it (see [`Watcher::join`]).
+    /// snapshot saw are skipped until one comes from above it (see [`Watcher::join`]), from
+    /// the tail and from its own reads after a fall-back alike.
     skip: Option<position::Snapshot>,
     ended: bool,
     _place: Admitted,
@@ -248,7 +250,6 @@ impl Watcher {
         }
         self.inbox = None;
         self.caught_up = false;
-        self.skip = None;
     }
 
     /// Joins the tail at a position whose read saw all its own position saw; reads up to
@@ -264,8 +265,10 @@ impl Watcher {
             .shared
             .join(&self.user, Some(&self.position.from), &inbox)
             .await?;
-        if !at.covers(&self.position.from) {
-            self.skip = Some(self.position.from.clone());
+        // (A skip still running from an earlier join stays unless this position is past it.)
+        let own = &self.position.from;
+        if !at.covers(own) && self.skip.as_ref().is_none_or(|old| own.covers(old)) {
+            self.skip = Some(own.clone());
         }
         if at != self.position.from {
             self.position = Position::between(self.position.from.clone(), at);
@@ -294,10 +297,15 @@ impl Watcher {
             .own_reads
             .fetch_add(1, Ordering::Relaxed);
         if let Some(settled) = found.settle(0, &self.position) {
+            // Cut below the position it was reading up to: whatever the tail hands out is
+            // after that, so it joins again from where it stands.
             self.position = settled;
+            self.inbox = None;
         }
         // A position this server has not reached (a cursor of another server, one restored
-        // from before a failover, or a forged one) would never be joined: refused.
+        // from before a failover, or a forged one) would never be joined: refused. (A
+        // mid-page cursor of another server whose `from` this one has reached is read as one
+        // from before a crash, above.)
         let at = &self.position;
         if !found.snapshot.covers(&at.from)
             || at.to.as_ref().is_some_and(|to| !found.snapshot.covers(to))
@@ -309,8 +317,10 @@ impl Watcher {
         }
         for k in 0..found.rows[0].len() {
             let at = found.position_of(0, k, &self.position);
-            self.pending
-                .push_back(found.rows[0][k].event(&self.user, &at)?);
+            let event = found.rows[0][k].event(&self.user, &at)?;
+            if !delivered(&mut self.skip, &event) {
+                self.pending.push_back(event);
+            }
         }
         self.caught_up = (found.rows[0].len() as i64) < PAGE;
         self.position = found.next_position(0, &self.position, PAGE);

@@ -559,6 +559,8 @@ async fn read(shared: &Shared, turn: &Turn) -> Result<(), StoreError> {
             let Some(entry) = state.users.get_mut(user) else {
                 continue;
             };
+            // A mid-page snapshot from before a crash, cut (`Found::settle`): the rows
+            // dropped are read at once, and joiners wait for that read.
             let settled = found.settle(i, was);
             let was = settled.as_ref().unwrap_or(was);
             let mut unreadable = None;
@@ -585,10 +587,12 @@ async fn read(shared: &Shared, turn: &Turn) -> Result<(), StoreError> {
             }
             events += found.rows[i].len() as u64;
             let next = found.next_position(i, was, TAIL_PAGE);
-            entry.due |= !next.is_whole();
+            entry.due |= !next.is_whole() || settled.is_some();
             let seen = was.to.as_ref().unwrap_or(&found.snapshot);
             entry.stand(next, seen);
-            entry.attach(turn.read);
+            if settled.is_none() {
+                entry.attach(turn.read);
+            }
         }
     }
     shared.counters.lag_events.store(events, Ordering::Relaxed);

@@ -1002,6 +1002,16 @@ async fn explain_and_query_stats() {
     ]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let plans = r.json();
+    // The plan of statement `name`, as text.
+    let plan_of = |name: &str| {
+        plans
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("{name} missing"))["plan"]
+            .to_string()
+    };
     let names: Vec<&str> = plans
         .as_array()
         .unwrap()
@@ -1036,13 +1046,7 @@ async fn explain_and_query_stats() {
         ),
         ("list_tasks_with_prefix", "task_summary_pkey"),
     ] {
-        let plan = plans
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["name"] == name)
-            .unwrap_or_else(|| panic!("{name} missing"))["plan"]
-            .to_string();
+        let plan = plan_of(name);
         assert!(plan.contains(index), "{name}: {plan}");
         assert!(!plan.contains("Seq Scan"), "{name}: {plan}");
     }
@@ -1052,35 +1056,17 @@ async fn explain_and_query_stats() {
         ("task_activity", "task_activity_pkey"),
         ("recent_failures", "task_summary_recent_failures"),
     ] {
-        let plan = plans
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|p| p["name"] == name)
-            .unwrap_or_else(|| panic!("{name} missing"))["plan"]
-            .to_string();
+        let plan = plan_of(name);
         assert!(plan.contains(index), "{name}: {plan}");
     }
     // The log's read walks each watched user's part of the position index.
-    let events_plan = plans
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == "events_after")
-        .unwrap()["plan"]
-        .to_string();
+    let events_plan = plan_of("events_after");
     assert!(
         events_plan.contains("task_history_user_position"),
         "{events_plan}"
     );
     // A user's first position walks the same index backwards from its newest row.
-    let newest_plan = plans
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == "newest_seen")
-        .unwrap()["plan"]
-        .to_string();
+    let newest_plan = plan_of("newest_seen");
     assert!(
         newest_plan.contains("task_history_user_position") && newest_plan.contains("Backward"),
         "{newest_plan}"

@@ -208,18 +208,7 @@ async fn a_watch_goes_on_across_restarts_and_resumes_from_an_old_cursor() {
 /// happened to read between the server's return and the write (about one time in four).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watch_gets_the_write_that_reuses_an_id_a_crash_gave_back() {
-    // The WAL writer flushes a commit that wrote nothing only at its tick, every 10 s: the
-    // crash nearly always comes before it.
-    let server = OwnServer::start(&["wal_writer_delay=10000", "autovacuum=off"]);
-    let config = PgConfig::from_url(&server.url())
-        .unwrap()
-        .ssl_mode(SslMode::Disable)
-        .schema("reused")
-        .watch_poll(Duration::from_millis(100))
-        .retry(RetryPolicy {
-            initial_backoff: Duration::from_millis(5),
-            ..RetryPolicy::default()
-        });
+    let (server, config) = lazy_server("reused");
     let store = store_for(config).await;
     let mut events = store.watch_user("u", None).await.unwrap();
     let run = TaskStepResult::running("s", json!({}), "");
@@ -279,16 +268,7 @@ async fn a_watch_gets_the_write_that_reuses_an_id_a_crash_gave_back() {
 /// writer's tick wrote the ends out before the crash.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cursor_from_before_a_crash_resumes_across_the_ids_it_gave_back() {
-    let server = OwnServer::start(&["wal_writer_delay=10000", "autovacuum=off"]);
-    let config = PgConfig::from_url(&server.url())
-        .unwrap()
-        .ssl_mode(SslMode::Disable)
-        .schema("given_back")
-        .watch_poll(Duration::from_millis(100))
-        .retry(RetryPolicy {
-            initial_backoff: Duration::from_millis(5),
-            ..RetryPolicy::default()
-        });
+    let (server, config) = lazy_server("given_back");
     let store = store_for(config.clone()).await;
     // Another process's writes that wake no one: the tail reads them at its poll.
     let silent = store_for(config.notifications(false)).await;
@@ -389,6 +369,24 @@ async fn a_cursor_from_before_a_crash_resumes_across_the_ids_it_gave_back() {
         return;
     }
     panic!("none of 3 crashes gave the ids back: the test shows nothing");
+}
+
+/// A server of the test's own whose WAL writer writes the end of a transaction that wrote
+/// nothing only at its tick, every 10 s (a crash nearly always comes before it), with no
+/// autovacuum taking ids; and a store's settings for it (schema `schema`, a poll of 100 ms,
+/// quick retries).
+fn lazy_server(schema: &str) -> (OwnServer, PgConfig) {
+    let server = OwnServer::start(&["wal_writer_delay=10000", "autovacuum=off"]);
+    let config = PgConfig::from_url(&server.url())
+        .unwrap()
+        .ssl_mode(SslMode::Disable)
+        .schema(schema)
+        .watch_poll(Duration::from_millis(100))
+        .retry(RetryPolicy {
+            initial_backoff: Duration::from_millis(5),
+            ..RetryPolicy::default()
+        });
+    (server, config)
 }
 
 /// The first value `sql` returns on a connection of its own to `server`.

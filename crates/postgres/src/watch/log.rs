@@ -11,7 +11,7 @@ use diesel_async::{AsyncConnectionCore, AsyncPgConnection};
 use futures::future::BoxFuture;
 use taskhistory_core::{StoreError, TaskEvent, TaskStatus};
 
-use super::position::{Position, Snapshot};
+use super::position::{past, Position, Snapshot};
 use crate::backend::Backend;
 use crate::error::from_diesel;
 use crate::exec::Call;
@@ -72,8 +72,7 @@ impl Found {
             },
             last => {
                 let newest = last.map(|r| r.xid).max(was.after.map(|(xid, _)| xid));
-                let horizon = newest.map_or(0, |x| x.saturating_add(1));
-                Position::at(to.below(horizon.max(was.from.xmax())))
+                Position::at(to.below(past(newest).max(was.from.xmax())))
             }
         }
     }
@@ -92,7 +91,7 @@ impl Found {
         if self.snapshot.covers(to) {
             return None;
         }
-        let to = to.below(xid.saturating_add(1).max(was.from.xmax()));
+        let to = to.below(past(Some(xid)).max(was.from.xmax()));
         if let Some(rows) = self.rows.get_mut(i) {
             rows.retain(|r| to.sees(r.xid));
         }
@@ -241,13 +240,11 @@ pub(super) async fn first_positions(
             .ok()
             .and_then(|i| horizons.get_mut(i))
             .ok_or_else(|| bad("newest write (user out of range)"))?;
-        *slot = Some(match row.xid {
-            Some(xid) => xid
-                .parse::<u64>()
-                .map_err(|_| bad("transaction id"))?
-                .saturating_add(1),
-            None => 0,
-        });
+        let newest = row
+            .xid
+            .map(|xid| xid.parse::<u64>().map_err(|_| bad("transaction id")))
+            .transpose()?;
+        *slot = Some(past(newest));
     }
     let positions = horizons
         .into_iter()

@@ -10,6 +10,12 @@ use taskhistory_core::{EventCursor, StoreError};
 /// (a row at 0 predates the log: history, seen by every snapshot), and no snapshot is lower.
 const FIRST_NORMAL_XID: u64 = 3;
 
+/// The horizon just past transaction `newest` (none: the lowest there is), for
+/// [`Snapshot::below`].
+pub(super) fn past(newest: Option<u64>) -> u64 {
+    newest.map_or(0, |x| x.saturating_add(1))
+}
+
 /// A snapshot in PostgreSQL's text form, `xmin:xmax:xip,...`, checked (it is bound into
 /// statements) and read (a watcher compares snapshots without a round trip).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -163,11 +163,14 @@ impl Entry {
     /// Attaches the joiners that may join at the entry's (whole) position after read
     /// number `read`.
     fn attach(&mut self, read: u64) {
-        let Some((at, seen)) = self.joinable() else {
+        if self.joining.is_empty() {
+            return;
+        }
+        let Some((at, seen)) = joinable(&self.position, &self.seen) else {
             return;
         };
         let mut waiting = Vec::new();
-        for joiner in self.joining.drain(..) {
+        for joiner in std::mem::take(&mut self.joining) {
             let later = joiner.asked_at < read;
             let ready = match &joiner.base {
                 None => later,
@@ -189,13 +192,6 @@ impl Entry {
             }
         }
         self.joining = waiting;
-    }
-
-    /// Where a watcher may join (the whole position's snapshot), and what the read that
-    /// made it saw.
-    fn joinable(&self) -> Option<(Snapshot, Snapshot)> {
-        let at = self.position.as_ref().filter(|p| p.is_whole())?;
-        Some((at.from.clone(), self.seen.clone()?))
     }
 
     /// Stands at `position`, made whole by a read that saw `seen`.
@@ -367,8 +363,9 @@ impl Shared {
                     state.users.entry(user.to_owned()).or_default()
                 }
             };
-            if let (Some((at, seen)), Some(base)) = (entry.joinable(), base) {
+            if let (Some((at, seen)), Some(base)) = (joinable(&entry.position, &entry.seen), base) {
                 if seen.covers(base) {
+                    let at = at.clone();
                     entry.attached.push(Arc::clone(inbox));
                     return Ok(at);
                 }
@@ -384,6 +381,17 @@ impl Shared {
         self.kick.notify_one();
         answer.await.unwrap_or(Err(StoreError::Closed))
     }
+}
+
+/// Where a watcher may join an entry (its whole position's snapshot), and what the read
+/// that made it saw (`Entry::seen`). Borrowed field by field, so the entry's other fields
+/// stay free to change.
+fn joinable<'e>(
+    position: &'e Option<Position>,
+    seen: &'e Option<Snapshot>,
+) -> Option<(&'e Snapshot, &'e Snapshot)> {
+    let at = position.as_ref().filter(|p| p.is_whole())?;
+    Some((&at.from, seen.as_ref()?))
 }
 
 /// Whom the next read is for, and what it reads for each.

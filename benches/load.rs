@@ -55,6 +55,7 @@ struct Raw {
     save_combined: Statement,
     load: Statement,
     status: Statement,
+    statuses: Statement,
     list: Statement,
 }
 
@@ -88,6 +89,7 @@ async fn raw_connect(url: &str, schema: &str) -> Raw {
         save_combined: client.prepare(sql::SAVE_COMBINED).await.unwrap(),
         load: client.prepare(sql::LOAD_HISTORY).await.unwrap(),
         status: client.prepare(sql::TASK_STATUS).await.unwrap(),
+        statuses: client.prepare(sql::TASK_STATUSES).await.unwrap(),
         list: client.prepare(sql::LIST_TASKS).await.unwrap(),
         client,
     }
@@ -130,6 +132,175 @@ impl SharedRaw {
     }
 }
 
+/// The raw driver combining status checks as the store does (`combine/status.rs`), on the
+/// same shared, pipelined connections as [`SharedRaw`], so that the store against it is the
+/// library's own overhead: a check that finds no check queued and a lane free (as many
+/// lanes as the store's status lanes) is read at once by `TASK_STATUS` in the caller's task;
+/// otherwise it queues, and a lane's worker (a task of its own) reads every check queued at
+/// that moment (at most 1,000) in one `TASK_STATUSES`, answers each caller, and goes on
+/// until the queue is empty.
+#[derive(Clone)]
+struct RawStatuses(Arc<RawStatusState>);
+
+/// A caller's task and where its status goes.
+type QueuedCheck = (String, String, oneshot::Sender<String>);
+
+struct RawStatusState {
+    shared: SharedRaw,
+    next: AtomicU64,
+    lanes: Arc<tokio::sync::Semaphore>,
+    queue: std::sync::Mutex<VecDeque<QueuedCheck>>,
+    /// Statements sent and checks answered, to show how much was combined.
+    statements: AtomicU64,
+    checks: AtomicU64,
+}
+
+impl RawStatuses {
+    fn new(shared: SharedRaw, lanes: usize) -> Self {
+        RawStatuses(Arc::new(RawStatusState {
+            shared,
+            next: AtomicU64::new(0),
+            lanes: Arc::new(tokio::sync::Semaphore::new(lanes.max(1))),
+            queue: std::sync::Mutex::new(VecDeque::new()),
+            statements: AtomicU64::new(0),
+            checks: AtomicU64::new(0),
+        }))
+    }
+
+    /// The next shared connection, in turn.
+    fn conn(&self) -> &Raw {
+        let n = self.0.next.fetch_add(1, Ordering::Relaxed) as usize;
+        self.0.shared.get(n)
+    }
+
+    async fn check(&self, user: &str, task: &str) -> String {
+        let lone = {
+            let queue = self.0.queue.lock().unwrap();
+            if queue.is_empty() {
+                self.0.lanes.clone().try_acquire_owned().ok()
+            } else {
+                None
+            }
+        };
+        if let Some(lane) = lone {
+            let raw = self.conn();
+            let row = raw.client.query_opt(&raw.status, &[&user, &task]).await;
+            self.0.statements.fetch_add(1, Ordering::Relaxed);
+            self.0.checks.fetch_add(1, Ordering::Relaxed);
+            drop(lane);
+            if !self.0.queue.lock().unwrap().is_empty() {
+                self.start();
+            }
+            return row
+                .unwrap()
+                .map_or_else(|| "pending".to_owned(), |r| r.get(0));
+        }
+        let (done, answer) = oneshot::channel();
+        self.0
+            .queue
+            .lock()
+            .unwrap()
+            .push_back((user.to_owned(), task.to_owned(), done));
+        self.start();
+        answer.await.unwrap()
+    }
+
+    fn start(&self) {
+        if let Ok(lane) = self.0.lanes.clone().try_acquire_owned() {
+            tokio::spawn(self.clone().work(lane));
+        }
+    }
+
+    async fn work(self, lane: tokio::sync::OwnedSemaphorePermit) {
+        let mut lane = Some(lane);
+        loop {
+            let batch = take_queued(&self.0.queue);
+            if batch.is_empty() {
+                drop(lane.take());
+                if self.0.queue.lock().unwrap().is_empty() {
+                    return;
+                }
+                match self.0.lanes.clone().try_acquire_owned() {
+                    Ok(again) => {
+                        lane = Some(again);
+                        continue;
+                    }
+                    Err(_) => return,
+                }
+            }
+            let raw = self.conn();
+            let (users, tasks): (Vec<&str>, Vec<&str>) = batch
+                .iter()
+                .map(|(u, t, _)| (u.as_str(), t.as_str()))
+                .unzip();
+            let mut statuses = vec!["pending".to_owned(); batch.len()];
+            if let [(user, task, _)] = batch.as_slice() {
+                if let Some(row) = raw
+                    .client
+                    .query_opt(&raw.status, &[user, task])
+                    .await
+                    .unwrap()
+                {
+                    statuses[0] = row.get(0);
+                }
+            } else {
+                for row in raw
+                    .client
+                    .query(&raw.statuses, &[&users, &tasks])
+                    .await
+                    .unwrap()
+                {
+                    let n: i64 = row.get(0);
+                    if let Some(status) = row.get::<_, Option<String>>(1) {
+                        statuses[(n - 1) as usize] = status;
+                    }
+                }
+            }
+            self.0.statements.fetch_add(1, Ordering::Relaxed);
+            self.0
+                .checks
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            for ((_, _, done), status) in batch.into_iter().zip(statuses) {
+                let _ = done.send(status);
+            }
+        }
+    }
+
+    /// Statements sent and checks answered so far.
+    fn counts(&self) -> (u64, u64) {
+        (
+            self.0.statements.load(Ordering::Relaxed),
+            self.0.checks.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// What a raw combining lane takes for its next statement: every call queued, at most
+/// 1,000, as the store's lanes.
+fn take_queued<T>(queue: &std::sync::Mutex<VecDeque<T>>) -> Vec<T> {
+    let mut queue = queue.lock().unwrap();
+    let n = queue.len().min(1_000);
+    queue.drain(..n).collect()
+}
+
+/// The store's side of the reads section's status checks: worker `w` checks its own task.
+fn status_of_workers_task(
+    store: &DynStore,
+) -> impl Fn(u64, usize, u64) -> futures::future::BoxFuture<'static, ()> + Clone + Send + Sync + 'static
+{
+    let s = store.clone();
+    move |_, w, _| {
+        let s = s.clone();
+        Box::pin(async move {
+            let st = s
+                .check_task_status("reader", &format!("task-{w:06}"))
+                .await
+                .unwrap();
+            assert_eq!(st, TaskStatus::Running);
+        })
+    }
+}
+
 async fn raw_save(raw: &Raw, records: &[StepRecord]) {
     if let [r] = records {
         // One step: the store's scalar statement, as the store sends it.
@@ -154,7 +325,7 @@ async fn raw_save(raw: &Raw, records: &[StepRecord]) {
     raw.client.query(&raw.save, &params).await.unwrap();
 }
 
-/// The raw driver combining single saves as the store does (`combine.rs`), so that the
+/// The raw driver combining single saves as the store does (`combine/save.rs`), so that the
 /// store against it is the library's own overhead: a save joins a queue and takes a free
 /// lane if there is one (as many lanes as the store's save lanes, each a tokio-postgres
 /// connection of its own with the store's statements prepared). The lane's worker, a task
@@ -232,11 +403,7 @@ impl RawCombiner {
     async fn work(self, lane: OwnedMutexGuard<Raw>) {
         let mut lane = Some(lane);
         loop {
-            let mut batch: Vec<(StepRecord, oneshot::Sender<()>)> = {
-                let mut queue = self.0.queue.lock().unwrap();
-                let n = queue.len().min(1_000);
-                queue.drain(..n).collect()
-            };
+            let mut batch = take_queued(&self.0.queue);
             if batch.is_empty() {
                 drop(lane.take());
                 // A save queued after the take found no free lane: take one again unless
@@ -1223,20 +1390,11 @@ async fn run() {
             16,
         )
         .await;
-        let (s, r) = (store.clone(), raw.clone());
+        let r = raw.clone();
         compare(
             &mut report,
-            "check_task_status, 16 concurrent",
-            move |_, w, _| {
-                let s = s.clone();
-                async move {
-                    let st = s
-                        .check_task_status("reader", &format!("task-{w:06}"))
-                        .await
-                        .unwrap();
-                    assert_eq!(st, TaskStatus::Running);
-                }
-            },
+            "check_task_status, 16 concurrent: raw driver pipelined, a statement a check",
+            status_of_workers_task(&store),
             move |_, w, _| {
                 let r = r.clone();
                 async move {
@@ -1253,6 +1411,96 @@ async fn run() {
             16,
         )
         .await;
+        // The same against the raw driver combining checks like the store (same lanes, same
+        // shared connections): what the library itself adds when both combine.
+        let combining = RawStatuses::new(raw.clone(), pg.config().get_status_lanes() as usize);
+        let queries_before = pg.metrics().queries;
+        let r = combining.clone();
+        let (_, store_sample) = compare(
+            &mut report,
+            "check_task_status, 16 concurrent: raw driver combining like the store",
+            status_of_workers_task(&store),
+            move |_, w, _| {
+                let r = r.clone();
+                async move {
+                    let status = r.check("reader", &format!("task-{w:06}")).await;
+                    assert_eq!(status, "running");
+                }
+            },
+            16,
+        )
+        .await;
+        let store_statements = pg.metrics().queries - queries_before;
+        let (raw_statements, raw_checks) = combining.counts();
+        report.add(
+            "check_task_status, 16 concurrent: checks a statement",
+            format!(
+                "store {:.1}",
+                store_sample.ops as f64 / store_statements.max(1) as f64
+            ),
+            format!(
+                "raw combining {:.1}",
+                raw_checks as f64 / raw_statements.max(1) as f64
+            ),
+            "-".to_owned(),
+        );
+        // One caller at a time: nothing to combine, each call's own cost.
+        for (name, load) in [
+            ("check_task_status, 1 concurrent", false),
+            ("load_task_history (50 steps), 1 concurrent", true),
+        ] {
+            let (s, r) = (store.clone(), raw.clone());
+            compare(
+                &mut report,
+                name,
+                move |_, _, i| {
+                    let s = s.clone();
+                    async move {
+                        let task = format!("task-{:06}", i % 16);
+                        if load {
+                            assert_eq!(
+                                s.load_task_history("reader", &task).await.unwrap().len(),
+                                50
+                            );
+                        } else {
+                            assert_eq!(
+                                s.check_task_status("reader", &task).await.unwrap(),
+                                TaskStatus::Running
+                            );
+                        }
+                    }
+                },
+                move |_, _, i| {
+                    let r = r.clone();
+                    async move {
+                        let raw = r.get(0);
+                        let task = format!("task-{:06}", i % 16);
+                        if load {
+                            let rows = raw
+                                .client
+                                .query(&raw.load, &[&"reader", &task])
+                                .await
+                                .unwrap();
+                            let parsed: Vec<(i32, Json<TaskStepResult>, DateTime<Utc>, String)> =
+                                rows.iter()
+                                    .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3)))
+                                    .collect();
+                            assert_eq!(parsed.len(), 50);
+                        } else {
+                            let row = raw
+                                .client
+                                .query_opt(&raw.status, &[&"reader", &task])
+                                .await
+                                .unwrap();
+                            let status: String = row.unwrap().get(0);
+                            assert_eq!(status, "running");
+                        }
+                    }
+                },
+                1,
+            )
+            .await;
+        }
     }
     if section("list") {
         // Listings: a user with 2,000 steps and one with 40,000 (10 steps a task), then the

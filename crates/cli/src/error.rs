@@ -38,7 +38,8 @@ DB_MAX_SIZE (default 4 here), DB_APPLICATION_NAME (default taskhistory-cli), DB_
 (true behind PgBouncer in transaction mode), DB_NOTIFY, DB_LISTEN_URL (watch through PgBouncer),
 DB_COPY_MIN_ROWS (imports of new tasks by COPY from this batch size; 0 = never), DB_COPY_CONNECTIONS,
 DB_PIPELINED_READS (connections shared by reads; 0 = reads use the pool), DB_SAVE_LANES
-(single saves written at once; more queue and are combined; 0 = no combining), DB_WATCH_POLL
+(single saves written at once; more queue and are combined; 0 = no combining), DB_STATUS_LANES
+(status checks read at once; more queue and are combined; 0 = no combining), DB_WATCH_POLL
 (seconds between a watcher's reads when nothing wakes it; default 1), DB_READ_URLS (streaming
 replicas that serve reads, comma-separated), DB_REPLICA_WAIT (seconds a read waits for a
 replica to catch up; default 0.05), DB_MAX_REPLICA_LAG (seconds; a replica further behind

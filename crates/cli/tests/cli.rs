@@ -1071,6 +1071,12 @@ async fn explain_and_query_stats() {
         newest_plan.contains("task_history_user_position") && newest_plan.contains("Backward"),
         "{newest_plan}"
     );
+    // Combined status checks probe each task by its keys, never a scan.
+    let statuses_plan = plan_of("task_statuses");
+    assert!(
+        statuses_plan.contains("task_summary_pkey") && !statuses_plan.contains("Seq Scan"),
+        "{statuses_plan}"
+    );
     // ANALYZE ran the writes inside a rolled-back transaction: nothing changed.
     assert_eq!(
         store.check_task_status("u", "t").await.unwrap(),

@@ -78,6 +78,11 @@ pub struct PgConfig {
     /// keeps). For tests that must run every save through the combined statement, as the
     /// behaviour suite does on one of its stores.
     pub(crate) combine_lone_saves: bool,
+    /// See [`PgConfig::status_lanes`].
+    pub(crate) status_lanes: u32,
+    /// A status check that finds no other queued with it is read by the combined statement
+    /// too (tests only, as [`combine_lone_saves`](Self::combine_lone_saves)).
+    pub(crate) combine_lone_statuses: bool,
     /// See [`PgConfig::declare_users`].
     pub(crate) declare_users: bool,
     /// Test-only: the user every declaration names instead of the operation's own (a store
@@ -163,6 +168,8 @@ impl fmt::Debug for PgConfig {
             .field("max_watchers", &self.max_watchers)
             .field("save_lanes", &self.save_lanes)
             .field("combine_lone_saves", &self.combine_lone_saves)
+            .field("status_lanes", &self.status_lanes)
+            .field("combine_lone_statuses", &self.combine_lone_statuses)
             .field("declare_users", &self.declare_users)
             .field(
                 "listen",
@@ -213,6 +220,8 @@ impl Default for PgConfig {
             max_watchers: 100_000,
             save_lanes: 2,
             combine_lone_saves: false,
+            status_lanes: 4,
+            combine_lone_statuses: false,
             declare_users: false,
             declare_as: None,
             listen: None,
@@ -303,7 +312,7 @@ impl PgConfig {
     /// `DB_NAME`, `DB_USER`, `DB_PASSWORD`; then, in both cases, `DB_MIN_SIZE`,
     /// `DB_MAX_SIZE`, `DB_COMMAND_TIMEOUT`, `DB_STATEMENT_TIMEOUT`, `DB_CONNECT_TIMEOUT`,
     /// `DB_POOL_TIMEOUT`, `DB_WATCH_POLL` (seconds), `DB_SSLMODE`, `DB_SSLROOTCERT`, `DB_APPLICATION_NAME`
-    /// `DB_SCHEMA`, `DB_PGBOUNCER`, `DB_NOTIFY`, `DB_SAVE_LANES`, `DB_LISTEN_URL`, `DB_PARTITION_INTERVAL` and
+    /// `DB_SCHEMA`, `DB_PGBOUNCER`, `DB_NOTIFY`, `DB_SAVE_LANES`, `DB_STATUS_LANES`, `DB_LISTEN_URL`, `DB_PARTITION_INTERVAL` and
     /// `DB_PARTITIONS_AHEAD`, `DB_COPY_MIN_ROWS`, `DB_COPY_CONNECTIONS`, `DB_PIPELINED_READS`, `DB_MAX_WATCHERS`, `DB_DECLARE_USERS`, `DB_READ_URLS`, `DB_REPLICA_WAIT`,
     /// `DB_MAX_REPLICA_LAG`. A bad value is a `StoreError::Configuration` naming the variable.
     pub fn from_env() -> Result<Self, StoreError> {
@@ -353,6 +362,9 @@ impl PgConfig {
         };
         if let Some(v) = num("DB_SAVE_LANES")? {
             c.save_lanes = v;
+        }
+        if let Some(v) = num("DB_STATUS_LANES")? {
+            c.status_lanes = v;
         }
         if let Some(v) = num("DB_MAX_WATCHERS")? {
             c.max_watchers = v;
@@ -563,6 +575,16 @@ impl PgConfig {
     /// statement on its own pooled connection.
     pub fn save_lanes(mut self, lanes: u32) -> Self {
         self.save_lanes = lanes;
+        self
+    }
+    /// How many status checks run as statements at once (`DB_STATUS_LANES`, default 4:
+    /// two for each of the default two connections reads share, so each has one statement
+    /// running and one waiting). More concurrent checks queue, and each lane then reads
+    /// every queued task in one statement, each caller getting its own task's status. A
+    /// check that finds a lane free goes at once, by its own statement. 0 turns combining
+    /// off: every check is then its own statement. Other reads are never combined.
+    pub fn status_lanes(mut self, lanes: u32) -> Self {
+        self.status_lanes = lanes;
         self
     }
     /// How often a watcher reads the log of events without being woken (`DB_WATCH_POLL`,
@@ -794,6 +816,15 @@ impl PgConfig {
         self.combine_lone_saves = on;
         self
     }
+
+    /// Sets whether a lone status check takes the combined statement too (default false).
+    /// Only for the workspace's own tests, as [`combine_lone_saves`](Self::combine_lone_saves).
+    #[cfg(feature = "test-internals")]
+    #[doc(hidden)]
+    pub fn combine_lone_statuses(mut self, on: bool) -> Self {
+        self.combine_lone_statuses = on;
+        self
+    }
 }
 
 /// Reading the settings back (the builder methods above set them; each is described there
@@ -854,6 +885,10 @@ impl PgConfig {
     /// How many single saves run as statements at once.
     pub fn get_save_lanes(&self) -> u32 {
         self.save_lanes
+    }
+    /// How many status checks run as statements at once.
+    pub fn get_status_lanes(&self) -> u32 {
+        self.status_lanes
     }
     /// How often watchers read without a wake-up.
     pub fn get_watch_poll(&self) -> Duration {

@@ -57,7 +57,8 @@ pub(crate) enum Scope<'a> {
     Nothing,
     /// One user's rows.
     User(&'a str),
-    /// These users' rows: a combined save's, a batch's, the log's tail's.
+    /// These users' rows: a combined save's, a batch's, combined status checks', the log's
+    /// tail's.
     Users(&'a [&'a str]),
     /// Every user's rows: retention, partitions, statistics. Under isolation only the
     /// tables' owner (or a member of it) gets through; another role is refused before
@@ -289,10 +290,13 @@ pub struct StoreMetrics {
     pub tail_lag_ms: u64,
     /// How many events the tail's latest read handed out (what it was behind by).
     pub tail_lag_events: u64,
-    /// Reads that replicas may serve ([`PgConfig::read_urls`]) served by the primary.
+    /// Reads that replicas may serve ([`PgConfig::read_urls`]) served by the primary, as
+    /// statements: status checks combined into one statement ([`PgConfig::status_lanes`])
+    /// count once.
     pub reads_primary: u64,
     /// Such reads served by a replica (all replicas together; per replica:
-    /// [`PgTaskHistoryStore::replicas`](crate::PgTaskHistoryStore::replicas)).
+    /// [`PgTaskHistoryStore::replicas`](crate::PgTaskHistoryStore::replicas)), counted as
+    /// the primary's are.
     pub reads_replicas: u64,
     /// Reads that wanted a replica but went to the primary: none had replayed what the
     /// read must see within the wait, or the replica's attempt failed.
@@ -301,6 +305,11 @@ pub struct StoreMetrics {
     pub replica_lag_ms: u64,
     /// Replicas in the rotation now (up, replaying, within the lag allowed).
     pub replicas_in_rotation: u64,
+    /// Single saves waiting now for a save lane ([`PgConfig::save_lanes`]): the next
+    /// statement of a lane takes them together.
+    pub queued_saves: u64,
+    /// Status checks waiting now for a status lane ([`PgConfig::status_lanes`]).
+    pub queued_status_checks: u64,
 }
 
 /// The error of an attempt that did not finish within the command timeout.

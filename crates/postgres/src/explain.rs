@@ -72,6 +72,7 @@ fn arguments(user: &str, task: &str) -> Vec<(&'static str, String)> {
         ("save_step", format!("{u}, {t}, 2147483600, '{{}}'::jsonb, NULL::timestamptz, 'running'")),
         ("load_history", format!("{u}, {t}")),
         ("task_status", format!("{u}, {t}")),
+        ("task_statuses", format!("ARRAY[{u}, {u}], ARRAY[{t}, {t} || 'z']")),
         ("cancel_task", format!("{u}, {t}, '{{}}'::jsonb")),
         ("list_tasks", format!("{u}, 51")),
         ("list_tasks_after", format!("{u}, now(), {t}, 51")),

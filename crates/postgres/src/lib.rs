@@ -9,7 +9,8 @@
 //! retention drop whole partitions ([`PgTaskHistoryStore::convert_to_partitioned`]); live
 //! task events are a log each watcher reads after its cursor, woken through LISTEN/NOTIFY
 //! (sent by a per-store notifier outside the writers' transactions); concurrent single
-//! saves are combined into one statement when they queue for the store's save lanes.
+//! saves are combined into one statement when they queue for the store's save lanes, and
+//! concurrent status checks when they queue for its status lanes.
 //!
 //! What it is not for: tests of code that merely uses a store (use `taskhistory-memory`), or
 //! arbitrary queries over the history (the SQL is fixed, in the crate's `sql` module).

@@ -43,7 +43,7 @@ use tokio::sync::{watch, Notify};
 use crate::config::PgConfig;
 use crate::connection::Connector;
 use crate::error::from_diesel;
-use crate::exec::{Call, Executor, Kept, Read, Tx};
+use crate::exec::{Call, Executor, Kept, Read, Scope, Tx};
 use crate::session::{build_pool, Health, LastError, Pool, PoolSettings};
 use crate::sql::{self, Statement};
 
@@ -288,17 +288,19 @@ struct Needs {
 }
 
 impl Needs {
-    /// The position a read for `user` must see; `None` while a write it must see waits for
-    /// a sample.
-    fn need(&self, user: Option<&str>) -> Option<u64> {
+    /// The position a read for `users` must see (every one's writes; a combined read has
+    /// several); `None` while a write it must see waits for a sample.
+    fn need(&self, users: &[&str]) -> Option<u64> {
         if self.all_pending != 0 {
             return None;
         }
-        match user.and_then(|u| self.users.get(u)) {
-            Some(n) if n.pending != 0 => None,
-            Some(n) => Some(n.lsn.max(self.floor)),
-            None => Some(self.floor),
-        }
+        users
+            .iter()
+            .try_fold(self.floor, |need, u| match self.users.get(*u) {
+                Some(n) if n.pending != 0 => None,
+                Some(n) => Some(need.max(n.lsn)),
+                None => Some(need),
+            })
     }
 
     /// A sample `(counter, position)` taken at `at`: it covers every write counted up to
@@ -421,15 +423,15 @@ impl Inner {
         })
     }
 
-    /// A replica for a read of `user`, waiting at most the replica wait for one that has
+    /// A replica for a read of `users`, waiting at most the replica wait for one that has
     /// replayed what the read must see; `None`: read the primary (at once when no replica
     /// is in the rotation).
-    async fn choose(&self, user: Option<&str>) -> Option<(usize, u64)> {
+    async fn choose(&self, users: &[&str]) -> Option<(usize, u64)> {
         let deadline = Instant::now() + self.wait;
         let mut rounds = self.rounds.subscribe();
         loop {
             rounds.borrow_and_update();
-            let need = self.lock().need(user);
+            let need = self.lock().need(users);
             if let Some(picked) = need.and_then(|lsn| self.pick(lsn)) {
                 return Some(picked);
             }
@@ -628,7 +630,11 @@ impl Replicas {
         work: Read<P, T>,
     ) -> Result<T, StoreError> {
         let inner = &self.inner;
-        let chosen = inner.choose(call.user_id).await;
+        let users = match call.scope {
+            Scope::Users(users) => users,
+            _ => call.user_id.as_slice(),
+        };
+        let chosen = inner.choose(users).await;
         if let Some((server, opened)) = chosen.and_then(|(i, o)| Some((inner.servers.get(i)?, o))) {
             let result = server.read(exec, call, params, work).await;
             // A connection opened since the round that vouched for the replica may be to a
@@ -655,6 +661,12 @@ impl Replicas {
         exec.read(call, params, work).await
     }
 
+    /// Whether a read of `user` waits now for a write of the user's to be sampled (a
+    /// combined read keeps such users apart from the others, which need not wait with them).
+    pub(crate) fn waits(&self, user: &str) -> bool {
+        self.inner.lock().need(&[user]).is_none()
+    }
+
     /// A position at or after every write for `user` this store noted (and every position
     /// required for it), waiting for the sample that covers its latest write (at most
     /// `timeout`); `None` when reads of `user` need nothing.
@@ -668,7 +680,7 @@ impl Replicas {
         let mut rounds = inner.rounds.subscribe();
         loop {
             rounds.borrow_and_update();
-            if let Some(lsn) = inner.lock().need(Some(user)) {
+            if let Some(lsn) = inner.lock().need(&[user]) {
                 return Ok((lsn > 0).then_some(lsn));
             }
             inner.wanted.notify_one();
@@ -810,25 +822,28 @@ mod tests {
         let keep = Duration::from_secs(10);
         needs.users.insert("u".into(), Need { pending: 3, lsn: 0 });
         needs.pending.push_back((3, "u".into()));
-        assert_eq!(needs.need(Some("u")), None);
-        assert_eq!(needs.need(Some("v")), Some(0));
+        assert_eq!(needs.need(&["u"]), None);
+        assert_eq!(needs.need(&["v"]), Some(0));
+        // A combined read waits while any of its users' writes does.
+        assert_eq!(needs.need(&["v", "u"]), None);
         // A sample whose counter was read before the write was counted does not cover it.
         needs.sampled(2, 100, t, keep);
-        assert_eq!(needs.need(Some("u")), None);
+        assert_eq!(needs.need(&["u"]), None);
         needs.sampled(3, 200, t, keep);
-        assert_eq!(needs.need(Some("u")), Some(200));
+        assert_eq!(needs.need(&["u"]), Some(200));
+        assert_eq!(needs.need(&["v", "u"]), Some(200));
         // Pruned once every replica in the rotation replayed it: the floor keeps it.
         needs.prune(Some(150));
-        assert_eq!(needs.need(Some("u")), Some(200));
+        assert_eq!(needs.need(&["u"]), Some(200));
         needs.prune(Some(200));
         assert!(needs.users.is_empty());
-        assert_eq!(needs.need(Some("u")), Some(200));
-        assert_eq!(needs.need(Some("v")), Some(200));
+        assert_eq!(needs.need(&["u"]), Some(200));
+        assert_eq!(needs.need(&["v"]), Some(200));
         // A write of no one user holds every read until it is covered.
         needs.all_pending = 4;
-        assert_eq!(needs.need(Some("v")), None);
+        assert_eq!(needs.need(&["v"]), None);
         needs.sampled(4, 300, t, keep);
-        assert_eq!(needs.need(Some("v")), Some(300));
+        assert_eq!(needs.need(&["v"]), Some(300));
     }
 
     #[test]

@@ -218,7 +218,7 @@ FROM input i LEFT JOIN locked l ON true
 "#
 );
 
-/// Combined single saves (callers queued for a connection, `combine.rs`): [`SAVE_STEPS`]'s
+/// Combined single saves (callers queued for a connection, `combine/save.rs`): [`SAVE_STEPS`]'s
 /// input, but a cancelled task refuses only its own rows; returns every refused task
 /// (parallel arrays of user_id and task_id) and the rows written. The inputs are
 /// de-duplicated by key (one caller's save per step).
@@ -286,6 +286,18 @@ ORDER BY h.step
 /// A task's current status.
 pub const TASK_STATUS: &str = r#"
 SELECT status FROM task_summary WHERE user_id = $1 AND task_id = $2
+"#;
+
+/// Several tasks' statuses at once (status checks of concurrent callers combined,
+/// `combine/status.rs`): one row per task asked, `n` its place in the arrays, the status
+/// `NULL` for a task with no step. Each is a primary-key probe (a subplan per task, which
+/// no plan turns into a scan of the table).
+pub const TASK_STATUSES: &str = r#"
+SELECT k.n, (
+    SELECT s.status FROM task_summary s
+    WHERE s.user_id = k.user_id AND s.task_id = k.task_id
+) AS status
+FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS k(user_id, task_id, n)
 "#;
 
 /// Cancels a task that exists and is not terminal: appends the cancellation entry after the
@@ -1363,6 +1375,7 @@ pub const ALL_STATEMENTS: &[(&str, &str)] = &[
     ("transaction_time", TRANSACTION_TIME),
     ("load_history", LOAD_HISTORY),
     ("task_status", TASK_STATUS),
+    ("task_statuses", TASK_STATUSES),
     ("cancel_task", CANCEL_TASK),
     ("list_tasks", LIST_TASKS),
     ("list_tasks_after", LIST_TASKS_AFTER),

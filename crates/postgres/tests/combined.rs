@@ -1,6 +1,7 @@
-//! Combined single saves: the behaviour suite with every save through the combined
-//! statement on one lane; each caller's own outcome in a combined statement; callers that
-//! give up; durability across a `kill -9` of the server under 32 writers.
+//! Combined single saves and status checks: the behaviour suite with every save and every
+//! status check through the combined statements on one lane; each caller's own
+//! outcome in a combined statement; callers that give up; durability across a `kill -9` of
+//! the server under 32 writers.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
@@ -9,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::json;
-use taskhistory_core::{RetryPolicy, StoreError, TaskHistoryStore, TaskStepResult};
+use taskhistory_core::{RetryPolicy, StoreError, TaskHistoryStore, TaskStatus, TaskStepResult};
 use taskhistory_postgres::{PgConfig, SslMode};
 use taskhistory_testing::sql;
 use taskhistory_testing::{fresh_config, lock_summary, store_for, OwnServer};
@@ -379,5 +380,183 @@ async fn a_lone_save_is_written_in_its_callers_task_and_queued_saves_by_a_lane()
     assert!(
         combined[0].1.is_some_and(|id| !callers.contains(&id)),
         "the combined statement ran in a caller's task: {sent:?}"
+    );
+}
+
+/// Counts the status statements a store sends: its own (`status`) and combined (`statuses`).
+fn status_statements(config: PgConfig) -> (PgConfig, Arc<Mutex<Vec<&'static str>>>) {
+    let sent: Arc<Mutex<Vec<&'static str>>> = Arc::default();
+    let seen = sent.clone();
+    let config = config.status_lanes(1).observe_statements(move |text| {
+        if text == sql::TASK_STATUS.trim() {
+            seen.lock().unwrap().push("status");
+        } else if text == sql::TASK_STATUSES.trim() {
+            seen.lock().unwrap().push("statuses");
+        }
+    });
+    (config, sent)
+}
+
+/// Holds the one status lane with a check of `task` that waits on a lock of the summary
+/// table the returned client holds (`ROLLBACK` it to let the check go): later checks queue.
+async fn hold_the_status_lane(
+    store: &taskhistory_postgres::PgTaskHistoryStore,
+    schema: &str,
+    task: &'static str,
+    sent: &Arc<Mutex<Vec<&'static str>>>,
+) -> (
+    tokio_postgres::Client,
+    tokio::task::JoinHandle<Result<TaskStatus, StoreError>>,
+) {
+    let locker = taskhistory_testing::test_db_client().await;
+    locker
+        .batch_execute(&format!(
+            "SET search_path TO {schema}; BEGIN; LOCK TABLE task_summary IN ACCESS EXCLUSIVE MODE"
+        ))
+        .await
+        .unwrap();
+    let sent_before = sent.lock().unwrap().len();
+    let first = {
+        let store = store.clone();
+        tokio::spawn(async move { store.check_task_status("u", task).await })
+    };
+    while sent.lock().unwrap().len() == sent_before {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    (locker, first)
+}
+
+/// Waits until `n` status checks wait for the status lane.
+async fn until_queued(store: &taskhistory_postgres::PgTaskHistoryStore, n: u64) {
+    let started = std::time::Instant::now();
+    while store.metrics().queued_status_checks < n {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{} of {n} checks queued",
+            store.metrics().queued_status_checks
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Status checks queued behind a busy status lane go in one statement (tasks of two users,
+/// a task asked twice, a task with no step), and each caller gets its own task's status,
+/// the same as a lone check's. A check alone runs its own statement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_status_checks_are_read_in_one_statement_each_its_own_status() {
+    let (config, sent) = status_statements(fresh_config().await);
+    let schema = config.get_schema().unwrap().to_owned();
+    let store = store_for(config).await;
+    for (user, task, steps) in [("u", "a", 1), ("u", "b", 2), ("v", "a", 3)] {
+        for i in 0..steps {
+            store
+                .save_task_history(user, task, i, &step(i))
+                .await
+                .unwrap();
+        }
+    }
+    store
+        .save_task_history(
+            "v",
+            "a",
+            3,
+            &TaskStepResult::failure("s", taskhistory_core::ErrorCode::Execution, "boom"),
+        )
+        .await
+        .unwrap();
+    let asked = [
+        ("u", "a"),
+        ("v", "a"),
+        ("u", "none"),
+        ("u", "b"),
+        ("v", "a"),
+    ];
+    let mut alone = Vec::new();
+    for (user, task) in asked {
+        alone.push(store.check_task_status(user, task).await.unwrap());
+    }
+    use TaskStatus::{Failed, Pending, Running};
+    assert_eq!(alone, [Running, Failed, Pending, Running, Failed]);
+    assert_eq!(sent.lock().unwrap().as_slice(), ["status"; 5]);
+
+    sent.lock().unwrap().clear();
+    let (locker, first) = hold_the_status_lane(&store, &schema, "b", &sent).await;
+    let queued: Vec<_> = asked
+        .into_iter()
+        .map(|(user, task)| {
+            let store = store.clone();
+            tokio::spawn(async move { store.check_task_status(user, task).await })
+        })
+        .collect();
+    until_queued(&store, 5).await;
+    assert_eq!(sent.lock().unwrap().len(), 1, "a queued check ran alone");
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(first.await.unwrap().unwrap(), Running);
+    let mut combined = Vec::new();
+    for q in queued {
+        combined.push(q.await.unwrap().unwrap());
+    }
+    assert_eq!(combined, alone);
+    assert_eq!(sent.lock().unwrap().as_slice(), ["status", "statuses"]);
+    assert_eq!(store.metrics().queued_status_checks, 0);
+}
+
+/// A combined check that fails on one task's row (a status this version does not know, as
+/// a newer version might write) is read again task by task: that task's caller gets the
+/// error, every other caller its status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_that_does_not_decode_fails_only_its_own_tasks_check() {
+    let (config, sent) = status_statements(fresh_config().await);
+    let schema = config.get_schema().unwrap().to_owned();
+    let store = store_for(config).await;
+    for task in ["newer", "b", "c"] {
+        store
+            .save_task_history("u", task, 0, &step(0))
+            .await
+            .unwrap();
+    }
+    taskhistory_testing::test_db_client()
+        .await
+        .batch_execute(&format!(
+            "SET search_path TO {schema}; \
+             ALTER TABLE task_summary DROP CONSTRAINT task_summary_status_check; \
+             UPDATE task_summary SET status = 'paused' WHERE user_id = 'u' AND task_id = 'newer'"
+        ))
+        .await
+        .unwrap();
+    let (locker, first) = hold_the_status_lane(&store, &schema, "c", &sent).await;
+    let queued: Vec<_> = ["b", "newer", "c"]
+        .into_iter()
+        .map(|task| {
+            let store = store.clone();
+            tokio::spawn(async move { store.check_task_status("u", task).await })
+        })
+        .collect();
+    until_queued(&store, 3).await;
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(first.await.unwrap().unwrap(), TaskStatus::Running);
+    let mut outcomes = Vec::new();
+    for q in queued {
+        outcomes.push(q.await.unwrap());
+    }
+    assert_eq!(
+        outcomes[0].as_ref().unwrap(),
+        &TaskStatus::Running,
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        outcomes[2].as_ref().unwrap(),
+        &TaskStatus::Running,
+        "{outcomes:?}"
+    );
+    let e = outcomes[1].as_ref().unwrap_err();
+    assert!(
+        matches!(e, StoreError::Database { .. }) && e.to_string().contains("paused"),
+        "{e:?}"
+    );
+    // The first check's own statement, the combined one, then each task alone.
+    assert_eq!(
+        sent.lock().unwrap().as_slice(),
+        ["status", "statuses", "status", "status", "status"]
     );
 }

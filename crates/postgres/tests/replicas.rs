@@ -204,7 +204,13 @@ async fn eight_writers_read_their_writes_while_the_standby_serves_most_reads_and
     assert!(found.errors.is_empty(), "{:?}", &found.errors);
     let by_replica = after.reads_replicas - before.reads_replicas;
     let by_primary = after.reads_primary - before.reads_primary;
-    assert_eq!(by_replica + by_primary, found.reads);
+    // Counted per statement: concurrent writers' status checks may be combined (a third of
+    // the reads; loads and listings never are), so there may be fewer.
+    assert!(
+        by_replica + by_primary <= found.reads && by_replica + by_primary >= found.reads * 2 / 3,
+        "{by_replica} + {by_primary} statements for {} reads",
+        found.reads
+    );
     // The standby's statistics arrive when its sessions flush them (within 10 s idle).
     let started = Instant::now();
     let mut on_standby = 0;

@@ -57,6 +57,8 @@ async fn every_statement_is_known_and_filters_on_user_id() {
             .clone()
             .save_lanes(1)
             .combine_lone_saves(true)
+            .status_lanes(1)
+            .combine_lone_statuses(true)
             .observe_statements(move |sql| sink.lock().unwrap().push(sql.to_owned())),
     )
     .await
@@ -65,6 +67,10 @@ async fn every_statement_is_known_and_filters_on_user_id() {
         .save_task_history("u", "t", 1, &r(1))
         .await
         .unwrap();
+    assert_eq!(
+        combining.check_task_status("u", "t").await.unwrap(),
+        taskhistory_core::TaskStatus::Running
+    );
     combining.close().await;
     // Position tokens (issue 31): without replicas a token is the primary's WAL insert
     // position; with a replica (here the server itself, which its check finds not in

@@ -403,11 +403,17 @@ pub async fn upsert_dyn_store() -> DynStore {
     std::sync::Arc::new(store_for(config).await)
 }
 
-/// A migrated store on a fresh schema whose single saves all go through the combined
-/// statement, on one save lane (concurrent saves queue and are written together; a lone
-/// save takes the combined statement too): the behaviour suite on the combining path.
+/// A migrated store on a fresh schema whose single saves and status checks all go through
+/// the combined statements, on one lane each (concurrent calls queue and
+/// are made together; a lone call takes the combined statement too): the behaviour suite
+/// on the combining paths.
 pub async fn combined_dyn_store() -> DynStore {
-    let config = fresh_config().await.save_lanes(1).combine_lone_saves(true);
+    let config = fresh_config()
+        .await
+        .save_lanes(1)
+        .combine_lone_saves(true)
+        .status_lanes(1)
+        .combine_lone_statuses(true);
     std::sync::Arc::new(store_for(config).await)
 }
 
@@ -552,7 +558,8 @@ pub async fn isolated_dyn_store() -> DynStore {
 
 /// The behaviour suite under row-level isolation behind [`pgbouncer`] (transaction
 /// pooling): the schema made and switched on directly by [`owner_role`], used through the
-/// pooler by the same role.
+/// pooler by the same role; its status checks all go through the combined statement (each
+/// declares every user of its tasks).
 pub async fn isolated_pgbouncer_dyn_store() -> DynStore {
     let direct = owner_config().await;
     isolated_store_for(direct.clone()).await.close().await;
@@ -561,6 +568,7 @@ pub async fn isolated_pgbouncer_dyn_store() -> DynStore {
         .host("127.0.0.1")
         .port(bouncer.port)
         .pgbouncer(true)
+        .combine_lone_statuses(true)
         .listen_url(&database_url().await)
         .unwrap_or_else(|e| panic!("the test database URL does not parse: {e}"));
     std::sync::Arc::new(store_for(config).await)
@@ -727,7 +735,9 @@ pub async fn pgbouncer_config() -> PgConfig {
 static REPLICATED: OnceCell<(OwnServer, OwnServer)> = OnceCell::const_new();
 
 /// A migrated store on a new schema of the process's own primary, reading from its
-/// standby ([`PgConfig::read_urls`]): the behaviour suite's store for read-your-writes.
+/// standby ([`PgConfig::read_urls`]): the behaviour suite's store for read-your-writes. Its
+/// status checks all go through the combined statement (a combined check waits for every
+/// one of its users' writes).
 pub async fn replica_dyn_store() -> DynStore {
     let (primary, standby) = REPLICATED
         .get_or_init(|| async {
@@ -745,6 +755,7 @@ pub async fn replica_dyn_store() -> DynStore {
         .ssl_mode(SslMode::Disable)
         .schema(format!("replicated_{n}"))
         .pool_size(1, 4)
+        .combine_lone_statuses(true)
         .read_urls([standby.url()])
         .unwrap_or_else(|e| panic!("the standby's URL: {e}"));
     std::sync::Arc::new(store_for(config).await)

@@ -159,6 +159,18 @@ impl Collector for StoreCollector {
         )?;
         gauge(
             e,
+            "taskhistory_store_queued_saves",
+            "Single saves waiting for a save lane (DB_SAVE_LANES); a lane writes them together",
+            m.queued_saves,
+        )?;
+        gauge(
+            e,
+            "taskhistory_store_queued_status_checks",
+            "Status checks waiting for a status lane (DB_STATUS_LANES); a lane reads them together",
+            m.queued_status_checks,
+        )?;
+        gauge(
+            e,
             "taskhistory_pool_connections",
             "Open pooled connections",
             u64::from(p.connections),

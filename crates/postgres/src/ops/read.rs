@@ -4,11 +4,13 @@
 //! ([`LIST_TASKS`](crate::sql::LIST_TASKS) and its three variants, by status filter and
 //! cursor; with an activity range [`LIST_TASKS_IN_RANGE`](crate::sql::LIST_TASKS_IN_RANGE) or
 //! [`LIST_TASKS_WITH_STATUS_IN_RANGE`](crate::sql::LIST_TASKS_WITH_STATUS_IN_RANGE); with a
-//! task id prefix [`LIST_TASKS_WITH_PREFIX`](crate::sql::LIST_TASKS_WITH_PREFIX)).
+//! task id prefix [`LIST_TASKS_WITH_PREFIX`](crate::sql::LIST_TASKS_WITH_PREFIX)); and the
+//! combined status checks of several callers ([`TASK_STATUSES`](crate::sql::TASK_STATUSES),
+//! `crate::combine::status`).
 
 use chrono::{DateTime, Utc};
 use diesel::pg::Pg;
-use diesel::sql_types::{BigInt, Integer, Jsonb, Nullable, Text, Timestamptz};
+use diesel::sql_types::{Array, BigInt, Integer, Jsonb, Nullable, Text, Timestamptz};
 use diesel::QueryableByName;
 use diesel_async::methods::LoadQuery;
 use diesel_async::{AsyncConnectionCore, AsyncPgConnection};
@@ -109,6 +111,66 @@ where
             .into_iter()
             .next()
             .map_or(TaskStatus::Pending, |r| r.status.0))
+    })
+}
+
+/// The tasks of combined status checks, in the order their callers asked (a task may come
+/// twice).
+pub(crate) struct TaskKeys {
+    pub(crate) users: Vec<String>,
+    pub(crate) tasks: Vec<String>,
+}
+
+#[derive(QueryableByName)]
+struct StatusOfRow {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+    #[diesel(sql_type = Nullable<Text>)]
+    status: Option<Status>,
+}
+
+/// Several tasks' statuses, in the order of `keys`; `Pending` for a task with no step.
+pub(crate) fn task_statuses<'c>(
+    conn: &'c mut &'c AsyncPgConnection,
+    keys: &'c TaskKeys,
+) -> BoxFuture<'c, Result<Vec<TaskStatus>, StoreError>> {
+    task_statuses_on(conn, keys)
+}
+
+fn task_statuses_on<'c, C>(
+    conn: &'c mut C,
+    keys: &'c TaskKeys,
+) -> BoxFuture<'c, Result<Vec<TaskStatus>, StoreError>>
+where
+    C: AsyncConnectionCore<Backend = Pg> + Send,
+    Statement: LoadQuery<'static, C, StatusOfRow>,
+{
+    Box::pin(async move {
+        let rows: Vec<StatusOfRow> = Statement::new(sql::TASK_STATUSES)
+            .bind::<Array<Text>, _>(keys.users.clone())
+            .bind::<Array<Text>, _>(keys.tasks.clone())
+            .fetch(conn)
+            .await
+            .map_err(|e| from_diesel(STATUS, e))?;
+        let asked = keys.tasks.len();
+        let mut statuses = vec![TaskStatus::Pending; asked];
+        for r in rows {
+            // `n` is the task's place in the arrays, from 1.
+            let slot = usize::try_from(r.n)
+                .ok()
+                .and_then(|n| n.checked_sub(1))
+                .and_then(|i| statuses.get_mut(i))
+                .ok_or_else(|| {
+                    StoreError::database(
+                        STATUS,
+                        format!("a row for task {} of the {asked} asked", r.n),
+                    )
+                })?;
+            if let Some(status) = r.status {
+                *slot = status.0;
+            }
+        }
+        Ok(statuses)
     })
 }
 

@@ -2,7 +2,7 @@
 //! [`SAVE_STEP`](crate::sql::SAVE_STEP) (one step) and [`SAVE_STEPS`](crate::sql::SAVE_STEPS)
 //! (many, as arrays), in chunks of [`CHUNK_ROWS`] inside one transaction past that; and
 //! [`SAVE_COMBINED`](crate::sql::SAVE_COMBINED), the single saves of several callers in one
-//! statement (`combine.rs`).
+//! statement (`combine/save.rs`).
 
 use chrono::{DateTime, Utc};
 use diesel::sql_types::{Array, BigInt, Integer, Jsonb, Nullable, Text, Timestamptz};

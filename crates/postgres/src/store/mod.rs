@@ -20,7 +20,7 @@ use taskhistory_core::{
 };
 
 use crate::backend::Backend;
-use crate::combine::Combiner;
+use crate::combine::{save::Saves, status::Statuses, Combiner};
 use crate::config::PgConfig;
 use crate::exec::{Call, Tx};
 use crate::migrate;
@@ -36,12 +36,15 @@ pub use operator::CleanupOptions;
 /// timeout, and traced with a `taskhistory` span (operation, user_id, task_id, rows,
 /// elapsed_ms). Single saves of concurrent callers may share a statement and its commit
 /// ([`PgConfig::save_lanes`]); each caller is answered after that commit, with its own
-/// outcome.
+/// outcome. Status checks of concurrent callers may share a statement too
+/// ([`PgConfig::status_lanes`]), each caller getting its own task's status.
 #[derive(Clone)]
 pub struct PgTaskHistoryStore {
     backend: Arc<Backend>,
     /// Combines concurrent single saves (when `save_lanes` is not 0).
-    combiner: Option<Arc<Combiner>>,
+    combiner: Option<Arc<Combiner<Saves>>>,
+    /// Combines concurrent status checks (when `status_lanes` is not 0).
+    statuses: Option<Arc<Combiner<Statuses>>>,
     /// The one reader of the log of events for every watch of this store.
     tail: Arc<watch::Tail>,
     /// The only user this handle declares ([`acting_for`](Self::acting_for)).
@@ -66,7 +69,8 @@ impl PgTaskHistoryStore {
         let backend = Backend::connect(config).await?;
         let c = backend.config();
         let combiner = (c.save_lanes > 0)
-            .then(|| Combiner::new(c.save_lanes, c.combine_lone_saves, c.pool_timeout));
+            .then(|| Combiner::new(Saves, c.save_lanes, c.combine_lone_saves, c.pool_timeout));
+        let statuses = Statuses::combiner(c);
         // Whether to declare each operation's users (row-level isolation on): one read of
         // the catalog.
         crate::isolation::state(&backend).await?;
@@ -75,6 +79,7 @@ impl PgTaskHistoryStore {
             tail: Arc::new(watch::Tail::new(Arc::clone(&backend))),
             backend,
             combiner,
+            statuses,
             acting: None,
         })
     }
@@ -83,8 +88,9 @@ impl PgTaskHistoryStore {
     /// else to row-level isolation, whatever user its calls name: for code serving one
     /// user's request (`taskhistory serve` uses one per request carrying a user token), so
     /// that with isolation on a bug that passes another user's id reads and writes nothing
-    /// of that user's (the database refuses it). Its single saves are not combined with
-    /// other handles' (a combined statement declares every user it writes); a watch of
+    /// of that user's (the database refuses it). Its single saves and status checks are not
+    /// combined with other handles' (a combined statement declares every user of its
+    /// tasks); a watch of
     /// another user is refused by the store (`InvalidInput` on `user_id`), since the log's
     /// one tail reads every watched user in one statement, and so is the work on every
     /// user's rows (retention, statistics, migrations, the operator's switches). Its
@@ -402,6 +408,11 @@ impl TaskHistoryStore for PgTaskHistoryStore {
         validate::task(user_id, task_id)?;
         let call = self.scoped(Call::task(ops::read::STATUS, user_id, task_id));
         let key = TaskKey { user_id, task_id };
+        // A handle acting for one user declares only that user: its checks are its own.
+        if let Some(statuses) = self.statuses.as_ref().filter(|_| self.acting.is_none()) {
+            self.backend.exec().ensure_open()?;
+            return statuses.check(&self.backend, call, &key).await;
+        }
         self.backend.read(call, &key, ops::read::task_status).await
     }
 

@@ -77,6 +77,8 @@ impl PgTaskHistoryStore {
             watcher_fallbacks: watch.fallbacks,
             tail_lag_ms: watch.lag_ms,
             tail_lag_events: watch.lag_events,
+            queued_saves: self.combiner.as_ref().map_or(0, |c| c.queued()),
+            queued_status_checks: self.statuses.as_ref().map_or(0, |c| c.queued()),
             ..self.backend.exec().metrics()
         }
     }

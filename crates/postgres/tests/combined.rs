@@ -560,3 +560,39 @@ async fn a_status_that_does_not_decode_fails_only_its_own_tasks_check() {
         ["status", "statuses", "status", "status", "status"]
     );
 }
+
+/// A status check that waits longer than the pool timeout for a status lane gets
+/// `Unavailable` naming the lanes, and leaves the queue; the lane's own check still
+/// answers once it is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_checks_waiting_for_a_busy_lane_give_up_after_the_pool_timeout() {
+    let (config, sent) = status_statements(
+        fresh_config()
+            .await
+            .pool_timeout(Duration::from_millis(300))
+            .retry(RetryPolicy::never()),
+    );
+    let schema = config.get_schema().unwrap().to_owned();
+    let store = store_for(config).await;
+    store
+        .save_task_history("u", "t", 0, &step(0))
+        .await
+        .unwrap();
+    let (locker, first) = hold_the_status_lane(&store, &schema, "t", &sent).await;
+    let err = store.check_task_status("u", "t").await.unwrap_err();
+    assert!(matches!(&err, StoreError::Unavailable { .. }), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains("no status lane free within 300ms (its one lane busy)"),
+        "{err}"
+    );
+    assert_eq!(store.metrics().queued_status_checks, 0);
+    locker.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(first.await.unwrap().unwrap(), TaskStatus::Running);
+    assert_eq!(
+        store.check_task_status("u", "t").await.unwrap(),
+        TaskStatus::Running
+    );
+    // The check that gave up sent nothing: the first check's statement, then the last's.
+    assert_eq!(sent.lock().unwrap().as_slice(), ["status", "status"]);
+}

@@ -156,10 +156,13 @@ impl<K: Kind> Combiner<K> {
                     return Err(StoreError::Unavailable {
                         operation: K::OP,
                         source: format!(
-                            "no {} lane free within {:?} ({} lanes, all busy)",
+                            "no {} lane free within {:?} ({})",
                             K::LANE,
                             self.wait,
-                            self.lanes_total
+                            match self.lanes_total {
+                                1 => "its one lane busy".to_owned(),
+                                n => format!("{n} lanes, all busy"),
+                            }
                         )
                         .into(),
                     });

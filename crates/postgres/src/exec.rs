@@ -292,7 +292,7 @@ pub struct StoreMetrics {
     pub tail_lag_events: u64,
     /// Reads that replicas may serve ([`PgConfig::read_urls`]) served by the primary, as
     /// statements: status checks combined into one statement ([`PgConfig::status_lanes`])
-    /// count once.
+    /// count as that statement.
     pub reads_primary: u64,
     /// Such reads served by a replica (all replicas together; per replica:
     /// [`PgTaskHistoryStore::replicas`](crate::PgTaskHistoryStore::replicas)), counted as
@@ -308,7 +308,8 @@ pub struct StoreMetrics {
     /// Single saves waiting now for a save lane ([`PgConfig::save_lanes`]): the next
     /// statement of a lane takes them together.
     pub queued_saves: u64,
-    /// Status checks waiting now for a status lane ([`PgConfig::status_lanes`]).
+    /// Status checks waiting now for a status lane ([`PgConfig::status_lanes`]); like
+    /// `queued_saves`, callers that gave up count until a lane takes them.
     pub queued_status_checks: u64,
 }
 

@@ -8,8 +8,9 @@
 //! caller's own task, by the single call's statement (no hand-over, no waiting for
 //! company): combining starts only when calls actually queue. A queued call takes a free
 //! lane if there is one: the lane's worker (a task of its own, so a caller that gives up
-//! never cancels other callers' calls) takes every call queued at that moment, makes them
-//! in one statement and answers each caller, then takes what queued meanwhile, until the
+//! never cancels other callers' calls) takes the calls queued at that moment (at most
+//! 1,000, and what its kind admits together), makes them in one statement and answers each
+//! caller, then takes what queued meanwhile, until the
 //! queue is empty. A call waits in the queue at most the pool timeout, as a call without
 //! combining waits for a connection.
 //!
@@ -132,12 +133,13 @@ impl<K: Kind> Combiner<K> {
             return answer;
         }
         let (done, mut answer) = oneshot::channel();
-        let ticket = self.tickets.fetch_add(1, Ordering::Relaxed);
-        self.queue().push_back(Queued {
-            ticket,
+        let queued = Queued {
+            ticket: self.tickets.fetch_add(1, Ordering::Relaxed),
             item: item(),
             done,
-        });
+        };
+        let ticket = queued.ticket;
+        self.queue().push_back(queued);
         self.start_lane(backend);
         let lost = || {
             Err(StoreError::database(

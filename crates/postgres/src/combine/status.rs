@@ -2,11 +2,12 @@
 //! statement reading every task asked for ([`TASK_STATUSES`](crate::sql::TASK_STATUSES)),
 //! declaring every user of its tasks. Each caller gets its task's status, the same as its
 //! own statement would have given (the statement starts after every check it takes was
-//! made, so each sees every write that returned before its call). A transient failure is
-//! every caller's (each would have had it); any other (a status this version does not
-//! know, written by a newer one) may be one task's, so each task is then read alone and its
-//! caller gets its own outcome. With replicas, the checks of users whose latest write must
-//! still be sampled are read apart from the others, which need not wait for it.
+//! made, so each sees every write that returned before its call). A failure of the
+//! statement is every caller's (each would have had it); a row that does not decode (a
+//! status this version does not know, written by a newer one) fails only its own task's
+//! check. With replicas, the checks of users whose latest write must still be sampled are
+//! read apart from the others, in a task of their own, so that neither the other users'
+//! checks nor the lane wait for it.
 //!
 //! History loads are not combined: their rows' decoding, the bulk of a load's client work,
 //! would run in one lane's task instead of each caller's (measured slower,
@@ -87,29 +88,45 @@ impl Kind for Statuses {
 
     async fn run(&self, backend: &Arc<Backend>, batch: Vec<Queued<Self>>, single: bool) {
         // With replicas, checks of a user whose latest write no replica is known to have
-        // yet wait for it (or go to the primary); the other users' checks do not wait with
-        // them.
-        let (waiting, ready): (Vec<_>, Vec<_>) = match backend.replicas() {
-            Some(replicas) => batch
+        // yet wait for it (or go to the primary): read in a task of their own, so that the
+        // other users' checks, and the lane, do not wait with them.
+        if let Some(replicas) = backend.replicas() {
+            let (waiting, ready): (Vec<_>, Vec<_>) = batch
                 .into_iter()
-                .partition(|q| replicas.waits(&q.item.user_id)),
-            None => (Vec::new(), batch),
-        };
-        futures::join!(
-            combined(backend, ready, single),
-            combined(backend, waiting, single)
-        );
+                .partition(|q| replicas.waits(&q.item.user_id));
+            if !waiting.is_empty() {
+                let backend = Arc::clone(backend);
+                tokio::spawn(async move { combined(&backend, waiting, single).await });
+            }
+            return combined(backend, ready, single).await;
+        }
+        combined(backend, batch, single).await;
     }
 }
 
 /// Reads `batch`'s tasks in one statement (a batch of one by its own when `single`) and
 /// answers each caller.
 async fn combined(backend: &Arc<Backend>, batch: Vec<Queued<Statuses>>, single: bool) {
-    if batch.is_empty() {
+    if let (true, [one]) = (single, batch.as_slice()) {
+        let t = &one.item;
+        let key = TaskKey {
+            user_id: &t.user_id,
+            task_id: &t.task_id,
+        };
+        let status = backend
+            .read(
+                Call::task(STATUS, &t.user_id, &t.task_id),
+                &key,
+                read::task_status,
+            )
+            .await;
+        if let Some(q) = batch.into_iter().next() {
+            let _ = q.done.send(status);
+        }
         return;
     }
-    if let (true, [_]) = (single, batch.as_slice()) {
-        return alone(backend, batch).await;
+    if batch.is_empty() {
+        return;
     }
     let keys = TaskKeys {
         users: batch.iter().map(|q| q.item.user_id.clone()).collect(),
@@ -124,35 +141,13 @@ async fn combined(backend: &Arc<Backend>, batch: Vec<Queued<Statuses>>, single: 
     match statuses {
         Ok(statuses) => {
             for (q, status) in batch.into_iter().zip(statuses) {
-                let _ = q.done.send(Ok(status));
+                let _ = q.done.send(status);
             }
         }
-        Err(e) if e.is_transient() || matches!(e, StoreError::Closed) || batch.len() == 1 => {
+        Err(e) => {
             for q in batch {
                 let _ = q.done.send(Err(e.clone()));
             }
         }
-        Err(_) => alone(backend, batch).await,
     }
-}
-
-/// Reads each task of `batch` by its own statement (all at once: the shared connections
-/// pipeline them) and answers its caller.
-async fn alone(backend: &Arc<Backend>, batch: Vec<Queued<Statuses>>) {
-    futures::future::join_all(batch.into_iter().map(|q| async move {
-        let t = &q.item;
-        let key = TaskKey {
-            user_id: &t.user_id,
-            task_id: &t.task_id,
-        };
-        let status = backend
-            .read(
-                Call::task(STATUS, &t.user_id, &t.task_id),
-                &key,
-                read::task_status,
-            )
-            .await;
-        let _ = q.done.send(status);
-    }))
-    .await;
 }

@@ -19,7 +19,7 @@ use taskhistory_core::{
     HistoryEntry, StoreError, TaskCursor, TaskPage, TaskQuery, TaskStatus, TaskSummary,
 };
 
-use super::rows::{Status, Stored, TaskKey};
+use super::rows::{status_of, Status, Stored, TaskKey};
 use crate::error::from_diesel;
 use crate::sql::{self, Statement};
 
@@ -125,22 +125,24 @@ pub(crate) struct TaskKeys {
 struct StatusOfRow {
     #[diesel(sql_type = BigInt)]
     n: i64,
+    /// As text: a status that does not decode is its own task's error, not the statement's.
     #[diesel(sql_type = Nullable<Text>)]
-    status: Option<Status>,
+    status: Option<String>,
 }
 
-/// Several tasks' statuses, in the order of `keys`; `Pending` for a task with no step.
+/// Several tasks' statuses, in the order of `keys`; `Pending` for a task with no step; an
+/// error for a task whose status does not decode (only that task's).
 pub(crate) fn task_statuses<'c>(
     conn: &'c mut &'c AsyncPgConnection,
     keys: &'c TaskKeys,
-) -> BoxFuture<'c, Result<Vec<TaskStatus>, StoreError>> {
+) -> BoxFuture<'c, Result<Vec<Result<TaskStatus, StoreError>>, StoreError>> {
     task_statuses_on(conn, keys)
 }
 
 fn task_statuses_on<'c, C>(
     conn: &'c mut C,
     keys: &'c TaskKeys,
-) -> BoxFuture<'c, Result<Vec<TaskStatus>, StoreError>>
+) -> BoxFuture<'c, Result<Vec<Result<TaskStatus, StoreError>>, StoreError>>
 where
     C: AsyncConnectionCore<Backend = Pg> + Send,
     Statement: LoadQuery<'static, C, StatusOfRow>,
@@ -153,7 +155,8 @@ where
             .await
             .map_err(|e| from_diesel(STATUS, e))?;
         let asked = keys.tasks.len();
-        let mut statuses = vec![TaskStatus::Pending; asked];
+        let mut statuses: Vec<Result<TaskStatus, StoreError>> =
+            (0..asked).map(|_| Ok(TaskStatus::Pending)).collect();
         for r in rows {
             // `n` is the task's place in the arrays, from 1.
             let slot = usize::try_from(r.n)
@@ -166,8 +169,8 @@ where
                         format!("a row for task {} of the {asked} asked", r.n),
                     )
                 })?;
-            if let Some(status) = r.status {
-                *slot = status.0;
+            if let Some(text) = r.status {
+                *slot = status_of(&text).map_err(|e| StoreError::database(STATUS, e));
             }
         }
         Ok(statuses)

@@ -52,10 +52,13 @@ pub(crate) struct Status(pub(crate) TaskStatus);
 impl FromSql<Text, Pg> for Status {
     fn from_sql(value: PgValue<'_>) -> deserialize::Result<Self> {
         let text = std::str::from_utf8(value.as_bytes())?;
-        Ok(Status(
-            text.parse().map_err(|e| format!("status column: {e}"))?,
-        ))
+        Ok(Status(status_of(text)?))
     }
+}
+
+/// A status column's text as a status (the error names the column and the text).
+pub(crate) fn status_of(text: &str) -> Result<TaskStatus, String> {
+    text.parse().map_err(|e| format!("status column: {e}"))
 }
 
 /// What a retention statement removed (cleanup batches, previews, partition drops).

@@ -88,9 +88,8 @@ impl PgTaskHistoryStore {
     /// else to row-level isolation, whatever user its calls name: for code serving one
     /// user's request (`taskhistory serve` uses one per request carrying a user token), so
     /// that with isolation on a bug that passes another user's id reads and writes nothing
-    /// of that user's (the database refuses it). Its single saves and status checks are not
-    /// combined with other handles' (a combined statement declares every user of its
-    /// tasks); a watch of
+    /// of that user's (the database refuses it). Its single saves and status checks are
+    /// never combined (a combined statement declares every user of its tasks); a watch of
     /// another user is refused by the store (`InvalidInput` on `user_id`), since the log's
     /// one tail reads every watched user in one statement, and so is the work on every
     /// user's rows (retention, statistics, migrations, the operator's switches). Its

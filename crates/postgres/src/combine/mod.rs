@@ -178,7 +178,7 @@ impl<K: Kind> Combiner<K> {
     /// A free lane for a call that finds no other call queued (none when combining every
     /// call): held by the caller while it runs; calls that queue meanwhile are taken by a
     /// lane's worker when it is given back.
-    fn lone_lane(self: &Arc<Self>, backend: &Arc<Backend>) -> Option<LoneLane<K>> {
+    fn lone_lane(self: &Arc<Self>, backend: &Arc<Backend>) -> Option<Lane<K>> {
         if self.lone_combined {
             return None;
         }
@@ -188,7 +188,7 @@ impl<K: Kind> Combiner<K> {
         }
         let permit = Arc::clone(&self.lanes).try_acquire_owned().ok()?;
         drop(queue);
-        Some(LoneLane {
+        Some(Lane {
             combiner: Arc::clone(self),
             backend: Arc::clone(backend),
             permit: Some(permit),
@@ -207,41 +207,36 @@ impl<K: Kind> Combiner<K> {
         }
     }
 
-    /// Makes what is queued until the queue is empty, then frees the lane.
-    async fn work(self: Arc<Self>, backend: Arc<Backend>, lane: OwnedSemaphorePermit) {
-        let mut lane = Some(lane);
+    /// Makes what is queued until the queue is empty, then frees the lane (whose drop
+    /// starts a worker again for a call that queued after the last take, or when this one
+    /// ends by a panic).
+    async fn work(self: Arc<Self>, backend: Arc<Backend>, permit: OwnedSemaphorePermit) {
+        let _lane = Lane {
+            combiner: Arc::clone(&self),
+            backend: Arc::clone(&backend),
+            permit: Some(permit),
+        };
         loop {
             let batch = self.kind.take(&mut self.queue());
             if batch.is_empty() {
-                drop(lane.take());
-                // A call queued after the take found no free lane: take the lane again
-                // unless another worker already did.
-                if self.queue().is_empty() {
-                    return;
-                }
-                match Arc::clone(&self.lanes).try_acquire_owned() {
-                    Ok(again) => {
-                        lane = Some(again);
-                        continue;
-                    }
-                    Err(_) => return,
-                }
+                return;
             }
             self.kind.run(&backend, batch, !self.lone_combined).await;
         }
     }
 }
 
-/// A lane held by a lone call's caller. Given back when the call ends (or its caller stops
-/// waiting, which cuts only its own statement, as without combining); calls that queued
-/// meanwhile then get a lane's worker.
-struct LoneLane<K: Kind> {
+/// A lane held: by a lone call's caller, given back when the call ends (or its caller stops
+/// waiting, which cuts only its own statement, as without combining); or by a lane's
+/// worker, given back when the queue is empty. Calls that queued meanwhile then get a
+/// lane's worker.
+struct Lane<K: Kind> {
     combiner: Arc<Combiner<K>>,
     backend: Arc<Backend>,
     permit: Option<OwnedSemaphorePermit>,
 }
 
-impl<K: Kind> Drop for LoneLane<K> {
+impl<K: Kind> Drop for Lane<K> {
     fn drop(&mut self) {
         drop(self.permit.take());
         if !self.combiner.queue().is_empty() {

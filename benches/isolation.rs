@@ -1,8 +1,10 @@
 //! Row-level isolation (issue 32): what declaring each operation's users and the policies
-//! cost, isolation on against off, in the same run on the same schema and the same store
+//! cost, isolation on against off, and declaring alone (a store that declares while
+//! isolation is off), in the same run on the same schema and the same store
 //! (the least-privilege role of `least_privilege_grants`, as a service runs; the schema's
-//! owner, not a superuser, switches isolation between rounds). Rounds alternate (off first in every other round); each figure is the median
-//! of its rounds; ratios are printed, never asserted.
+//! owner, not a superuser, switches isolation between rounds). Each round measures the three
+//! stores in turn, the order reversed every other round; each figure is the median of its
+//! rounds; ratios are printed, never asserted.
 //!
 //! Workloads: single saves at 1 (p50 and rate), 8 and 32 concurrent; batches of 100 steps
 //! (the upsert statement either way) and of 2,000 steps of new tasks (`COPY` when off; the
@@ -123,9 +125,12 @@ async fn bench() {
         .pool_size(4, 16)
         .notifications(false);
     let owner = testing::store_for(config.clone()).await;
-    // Two stores of the service's role: one that never declares (isolation off; a store
-    // that once declared goes on declaring), and one that does (isolation on).
+    // Three stores of the service's role: one that never declares (isolation off; a store
+    // that once declared goes on declaring), one that declares while isolation is off
+    // (`declare_users`: what declaring costs without a policy to read it), and one that
+    // declares with isolation on.
     let store = testing::app_role_store(&config).await;
+    let declaring_off = testing::app_role_store(&config.clone().declare_users(true)).await;
     let declaring = testing::app_role_store(&config).await;
     for u in 0..USERS {
         let batch: Vec<StepRecord> = (0..TASKS * 10)
@@ -211,56 +216,62 @@ async fn bench() {
             p50: false,
         },
     ];
-    // Per workload, per mode (off, on): the rounds' figures.
-    let mut figures = vec![[Vec::new(), Vec::new()]; workloads.len()];
+    // Per workload, per mode (0: off; 1: declaring, isolation off; 2: on): the rounds'
+    // figures. The order of the modes turns around every other round.
+    let mut figures = vec![[Vec::new(), Vec::new(), Vec::new()]; workloads.len()];
     for round in 0..rounds {
-        let order = if round % 2 == 0 {
-            [false, true]
-        } else {
-            [true, false]
-        };
-        for on in order {
+        let order = if round % 2 == 0 { [0, 1, 2] } else { [2, 1, 0] };
+        for mode in order {
+            let on = mode == 2;
             owner.set_isolation(on).await.unwrap();
-            let measured = if on { &declaring } else { &store };
+            let measured = [&store, &declaring_off, &declaring][mode];
             let state = measured.isolation().await.unwrap();
             assert_eq!(state.on(), on, "{state:?}");
-            assert_eq!(state.declaring, on, "{state:?}");
+            assert_eq!(state.declaring, mode > 0, "{state:?}");
             assert!(!state.role_bypasses && !state.maintainer, "{state:?}");
             for (w, figure) in workloads.iter().zip(figures.iter_mut()) {
-                let sample = run(measured, w, round * 2 + u64::from(on)).await;
+                let sample = run(measured, w, round * 3 + mode as u64).await;
                 let value = if w.p50 {
                     ms(sample.pct(0.5))
                 } else {
                     sample.rate()
                 };
-                figure[usize::from(on)].push(value);
+                figure[mode].push(value);
             }
         }
     }
     owner.set_isolation(false).await.unwrap();
     println!();
-    println!("| workload | concurrent | isolation off | isolation on | on / off |");
-    println!("|---|---|---|---|---|");
+    println!(
+        "| workload | concurrent | isolation off | declaring, isolation off | isolation on | \
+         declaring / off | on / declaring | on / off |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     for (w, figure) in workloads.iter().zip(figures) {
-        let off = median(figure[0].clone());
-        let on = median(figure[1].clone());
-        let (unit, ratio) = if w.p50 {
-            ("ms p50", off / on)
+        let [off, declared, on] = figure.map(median);
+        // Above 1 is faster: throughput over throughput, or a p50 under a p50.
+        let (unit, ratio): (&str, fn(f64, f64) -> f64) = if w.p50 {
+            ("ms p50", |base, x| base / x)
         } else {
-            ("ops/s", on / off)
+            ("ops/s", |base, x| x / base)
         };
         println!(
-            "| {} | {} | {off:.3} {unit} | {on:.3} {unit} | {ratio:.2} |",
-            w.name, w.workers
+            "| {} | {} | {off:.3} {unit} | {declared:.3} {unit} | {on:.3} {unit} | {:.2} | {:.2} | {:.2} |",
+            w.name,
+            w.workers,
+            ratio(off, declared),
+            ratio(declared, on),
+            ratio(off, on),
         );
     }
-    println!("\n(on / off: throughput on over off; for a p50, off over on: above 1 is faster with isolation on)");
+    println!("\n(ratios: throughput over throughput, or for a p50 the first's over the second's: above 1 is faster)");
     let m = declaring.metrics();
     println!(
         "the declaring service store: {} attempts, {} failed, {} retried",
         m.queries, m.errors, m.retries
     );
     store.close().await;
+    declaring_off.close().await;
     declaring.close().await;
     owner.close().await;
 }

@@ -727,9 +727,10 @@ impl PgConfig {
     /// off declare too, so that switching isolation on (`taskhistory isolation on`) finds
     /// every running service ready and no caller sees an empty answer in between. Costs a
     /// small statement sent ahead of each lone statement (no round trip of its own; reads
-    /// on shared connections declare inside their own statement), batches never go by
-    /// `COPY`, and the work on every user's rows (retention, statistics) needs the
-    /// tables' owner. See docs/reliability.md, "Row-level isolation: the threat model".
+    /// on shared connections declare inside their own statement), batches of new tasks go
+    /// by one `INSERT` of arrays instead of `COPY` (which PostgreSQL refuses into a table
+    /// with row-level security), and the work on every user's rows (retention, statistics)
+    /// needs the tables' owner. See docs/reliability.md, "Row-level isolation: the threat model".
     pub fn declare_users(mut self, on: bool) -> Self {
         self.declare_users = on;
         self

@@ -271,6 +271,17 @@ pub const TRANSACTION_TIME: &str = "SELECT now()";
 /// carries its user (a distributed table routes `COPY` rows by it).
 pub const COPY_STEPS: &str = "COPY task_history (user_id, task_id, step, result, timestamp, status, started_at) FROM STDIN (FORMAT binary)";
 
+/// The same rows as [`COPY_STEPS`], as one `INSERT` of parallel arrays (user_id, task_id,
+/// step, result, timestamp, status, started_at): the bulk path of a store that declares its
+/// users to row-level isolation, since PostgreSQL refuses `COPY FROM` into a table with
+/// row-level security. Like `COPY`, no conflict check beyond the unique key's: the tasks are
+/// the transaction's own, [`CLAIM_NEW_TASKS`] having just created them.
+pub const INSERT_NEW_STEPS: &str = r#"
+INSERT INTO task_history (user_id, task_id, step, result, timestamp, status, started_at)
+SELECT * FROM unnest($1::text[], $2::text[], $3::int4[], $4::jsonb[], $5::timestamptz[],
+                     $6::text[], $7::timestamptz[])
+"#;
+
 /// A task's steps in ascending order. Reached through the task's summary: the join on its
 /// start time lets the partitioned layout read only the task's partition (run-time
 /// pruning); on the plain layout it is one more primary-key probe.
@@ -1372,6 +1383,7 @@ pub const ALL_STATEMENTS: &[(&str, &str)] = &[
     ("save_combined", SAVE_COMBINED),
     ("claim_new_tasks", CLAIM_NEW_TASKS),
     ("copy_steps", COPY_STEPS),
+    ("insert_new_steps", INSERT_NEW_STEPS),
     ("transaction_time", TRANSACTION_TIME),
     ("load_history", LOAD_HISTORY),
     ("task_status", TASK_STATUS),

@@ -402,3 +402,68 @@ async fn the_service_role_works_under_isolation_without_errors() {
     assert_eq!(after.retries, before.retries, "{after:?}");
     app.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_of_new_tasks_go_by_one_insert_under_isolation_and_are_counted() {
+    use std::sync::{Arc, Mutex};
+    use taskhistory_core::StepRecord;
+    use taskhistory_testing::sql;
+
+    let (config, _store) = three_users().await;
+    // The service role's store, with every batch of new tasks on the bulk path.
+    let sent: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sink = sent.clone();
+    let app = app_role_store(
+        &config
+            .copy_min_rows(Some(1))
+            .observe_statements(move |s| sink.lock().unwrap().push(s.to_owned())),
+    )
+    .await;
+    assert!(app.isolation().await.unwrap().on());
+    // The observer sees each text trimmed.
+    let bulk = |log: &Arc<Mutex<Vec<String>>>| {
+        let log = log.lock().unwrap();
+        let count = |text: &str| log.iter().filter(|s| s.as_str() == text).count();
+        (count(sql::INSERT_NEW_STEPS.trim()), count(sql::COPY_STEPS))
+    };
+    let r = |i: i32| TaskStepResult::running("s", json!({ "i": i }), "");
+    let done = TaskStepResult::success("s", json!({}), "");
+    // New tasks of two users, one completed by its last step.
+    let mut batch: Vec<StepRecord> = (0..3)
+        .map(|i| StepRecord::new("a", "n1", i, r(i)))
+        .collect();
+    batch.push(StepRecord::new("a", "n2", 0, r(0)));
+    batch.push(StepRecord::new("b", "n1", 0, r(0)));
+    batch.push(StepRecord::new("b", "n1", 1, done.clone()));
+    let before_a = app.task_counts("a").await.unwrap();
+    let before_b = app.task_counts("b").await.unwrap();
+    app.save_batch_task_history(&batch).await.unwrap();
+    assert_eq!(
+        bulk(&sent),
+        (1, 0),
+        "new tasks go by one INSERT, never COPY"
+    );
+    let steps = app.load_task_history("a", "n1").await.unwrap();
+    assert_eq!(steps.iter().map(|s| s.step).collect::<Vec<_>>(), [0, 1, 2]);
+    assert_eq!(steps[2].result, r(2));
+    assert_eq!(
+        app.check_task_status("b", "n1").await.unwrap(),
+        TaskStatus::Completed
+    );
+    // Counted as the writes that made them (rule 10): two running tasks more for a, one
+    // completed task more for b.
+    let after_a = app.task_counts("a").await.unwrap();
+    let after_b = app.task_counts("b").await.unwrap();
+    assert_eq!(after_a.running, before_a.running + 2, "{after_a:?}");
+    assert_eq!(after_b.completed, before_b.completed + 1, "{after_b:?}");
+    // A batch touching an existing task takes the upsert statement.
+    let mixed = vec![
+        StepRecord::new("a", "n1", 3, r(3)),
+        StepRecord::new("a", "n3", 0, r(0)),
+    ];
+    app.save_batch_task_history(&mixed).await.unwrap();
+    assert_eq!(bulk(&sent), (1, 0), "a batch with a known task is upserted");
+    assert_eq!(app.load_task_history("a", "n1").await.unwrap().len(), 4);
+    assert_eq!(app.load_task_history("a", "n3").await.unwrap().len(), 1);
+    app.close().await;
+}

@@ -111,6 +111,23 @@ async fn every_statement_is_known_and_filters_on_user_id() {
         .map(|i| StepRecord::new("u", "big", i, r(i)))
         .collect();
     store.save_batch_task_history(&big).await.unwrap();
+    // A store that declares its users sends a batch of new tasks by one INSERT, not COPY.
+    let sink = log.clone();
+    let declaring = taskhistory_postgres::PgTaskHistoryStore::connect(
+        store
+            .config()
+            .clone()
+            .declare_users(true)
+            .copy_min_rows(Some(1))
+            .observe_statements(move |sql| sink.lock().unwrap().push(sql.to_owned())),
+    )
+    .await
+    .unwrap();
+    declaring
+        .save_batch_task_history(&[StepRecord::new("u", "declared", 0, r(0))])
+        .await
+        .unwrap();
+    declaring.close().await;
     store.load_task_history("u", "t").await.unwrap();
     // A position token for the user (without replicas: the primary's WAL position).
     store.position("u").await.unwrap();
@@ -263,6 +280,10 @@ async fn every_statement_is_known_and_filters_on_user_id() {
                 .any(|p| statement.starts_with(p))
             || statement == sql::NOTIFY_SESSION
             || statement == sql::SHARED_READS_SESSION
+            // A declaring store's declarations (`sql::declare`): sent ahead of a lone
+            // statement, or with a transaction's `BEGIN`.
+            || statement.starts_with("SET taskhistory.declared = ")
+            || statement.starts_with("SET LOCAL taskhistory.declared = ")
         {
             continue;
         }

@@ -11,14 +11,20 @@
 //! Not for batches touching a task that exists: the claim then inserts nothing, the
 //! transaction is rolled back, and the caller uses the upsert statement, which also checks
 //! for cancelled tasks. The SQL is in [`sql`](crate::sql) like every other statement.
+//!
+//! A store that declares its users to row-level isolation sends the same rows by one
+//! `INSERT` of arrays instead ([`INSERT_NEW_STEPS`](sql::INSERT_NEW_STEPS)): PostgreSQL
+//! refuses `COPY FROM` into a table with row-level security, and the claim makes a conflict
+//! check per row needless there too.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use chrono::{DateTime, Utc};
 use futures::SinkExt;
 use taskhistory_core::validate::PreparedStep;
 use taskhistory_core::StoreError;
+use taskhistory_core::TaskStepResult;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::types::{Json, ToSql, Type};
 
 use futures::future::BoxFuture;
 
@@ -75,6 +81,9 @@ pub(crate) struct CopyNewTasks<'a> {
     /// Sorted and de-duplicated by `prepare_batch`.
     pub(crate) steps: &'a [PreparedStep<'a>],
     pub(crate) connector: &'a Connector,
+    /// The rows go by [`INSERT_NEW_STEPS`](sql::INSERT_NEW_STEPS), not `COPY`: the store
+    /// declares its users (row-level isolation may be on).
+    pub(crate) insert: bool,
 }
 
 /// Saves the steps by `COPY` if every task they touch is new, in one transaction; `false`
@@ -99,6 +108,7 @@ pub(crate) fn run<'c, 'a>(
                     .map_err(|e| StoreError::database(OP, e))
             });
         let result = match now {
+            Ok(now) if p.insert => claim_and_insert(client, p.connector, p.steps, now).await,
             Ok(now) => claim_and_copy(client, p.connector, p.steps, now).await,
             Err(e) => Err(e),
         };
@@ -121,15 +131,13 @@ const COPY_CHUNK: usize = 1 << 20;
 /// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01 UTC).
 const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
 
-/// Claims the tasks, encoding the first chunk of rows while the server runs the claim, then
-/// (only if every task was new) sends the rows by `COPY`.
-async fn claim_and_copy(
+/// Creates the summaries of `new`'s tasks ([`CLAIM_NEW_TASKS`](sql::CLAIM_NEW_TASKS)):
+/// `true` when every one of them was new.
+async fn claim(
     client: &tokio_postgres::Client,
     connector: &Connector,
-    steps: &[PreparedStep<'_>],
-    now: DateTime<Utc>,
+    new: &NewTasks<'_>,
 ) -> Result<bool, StoreError> {
-    let new = NewTasks::of(steps, now);
     let params: [(&(dyn ToSql + Sync), Type); 7] = [
         (&new.users, Type::TEXT_ARRAY),
         (&new.tasks, Type::TEXT_ARRAY),
@@ -140,22 +148,37 @@ async fn claim_and_copy(
         (&new.last, Type::TIMESTAMPTZ_ARRAY),
     ];
     connector.observe(sql::CLAIM_NEW_TASKS);
+    let claim = client
+        .query_typed(sql::CLAIM_NEW_TASKS, &params)
+        .await
+        .map_err(|e| from_postgres(OP, e))?;
+    let row = claim
+        .first()
+        .ok_or_else(|| StoreError::database(OP, "the claim statement returned no row"))?;
+    let read = |e: tokio_postgres::Error| StoreError::database(OP, e);
+    let claimed: i64 = row.try_get("claimed").map_err(read)?;
+    Ok(usize::try_from(claimed).ok() == Some(new.len()))
+}
+
+/// Claims the tasks, encoding the first chunk of rows while the server runs the claim, then
+/// (only if every task was new) sends the rows by `COPY`.
+async fn claim_and_copy(
+    client: &tokio_postgres::Client,
+    connector: &Connector,
+    steps: &[PreparedStep<'_>],
+    now: DateTime<Utc>,
+) -> Result<bool, StoreError> {
+    let new = NewTasks::of(steps, now);
     let mut rows = Rows::new(steps, &new, now);
     let mut buf = BytesMut::with_capacity(COPY_CHUNK + COPY_CHUNK / 4);
     // The binary COPY header: signature, flags, header extension length.
     buf.put_slice(b"PGCOPY\n\xff\r\n\0");
     buf.put_i32(0);
     buf.put_i32(0);
-    let (claim, done) = futures::join!(client.query_typed(sql::CLAIM_NEW_TASKS, &params), async {
+    let (claimed, done) = futures::join!(claim(client, connector, &new), async {
         rows.fill(&mut buf, COPY_CHUNK)
     });
-    let claim = claim.map_err(|e| from_postgres(OP, e))?;
-    let row = claim
-        .first()
-        .ok_or_else(|| StoreError::database(OP, "the claim statement returned no row"))?;
-    let read = |e: tokio_postgres::Error| StoreError::database(OP, e);
-    let claimed: i64 = row.try_get("claimed").map_err(read)?;
-    if usize::try_from(claimed).ok() != Some(new.len()) {
+    if !claimed? {
         return Ok(false);
     }
     connector.observe(sql::COPY_STEPS);
@@ -167,6 +190,50 @@ async fn claim_and_copy(
         Err(CopyError::Server(e)) => Err(from_postgres(OP, e)),
         Err(CopyError::Encode(e)) => Err(StoreError::database(OP, e)),
         Err(CopyError::TooLarge) => Err(StoreError::database(OP, "a COPY field is over 2 GiB")),
+    }
+}
+
+/// Claims the tasks, then (only if every task was new) sends the rows by one `INSERT` of
+/// arrays ([`INSERT_NEW_STEPS`](sql::INSERT_NEW_STEPS)): the path of a store that declares
+/// its users.
+async fn claim_and_insert(
+    client: &tokio_postgres::Client,
+    connector: &Connector,
+    steps: &[PreparedStep<'_>],
+    now: DateTime<Utc>,
+) -> Result<bool, StoreError> {
+    let new = NewTasks::of(steps, now);
+    if !claim(client, connector, &new).await? {
+        return Ok(false);
+    }
+    // Each row carries its task's start, the one its summary got (`NewTasks::of` makes one
+    // entry per run of the same task, in order).
+    let runs = steps.chunk_by(|a, b| a.user_id == b.user_id && a.task_id == b.task_id);
+    let mut started = Vec::with_capacity(steps.len());
+    for (run, first) in runs.zip(&new.first) {
+        started.extend(std::iter::repeat_n(*first, run.len()));
+    }
+    let users: Vec<&str> = steps.iter().map(|p| p.user_id).collect();
+    let tasks: Vec<&str> = steps.iter().map(|p| p.task_id).collect();
+    let numbers: Vec<i32> = steps.iter().map(|p| p.step).collect();
+    let results: Vec<Json<&TaskStepResult>> = steps.iter().map(|p| Json(p.result)).collect();
+    let times: Vec<DateTime<Utc>> = steps.iter().map(|p| p.timestamp.unwrap_or(now)).collect();
+    let statuses: Vec<&str> = steps.iter().map(|p| p.result.status.as_str()).collect();
+    let params: [(&(dyn ToSql + Sync), Type); 7] = [
+        (&users, Type::TEXT_ARRAY),
+        (&tasks, Type::TEXT_ARRAY),
+        (&numbers, Type::INT4_ARRAY),
+        (&results, Type::JSONB_ARRAY),
+        (&times, Type::TIMESTAMPTZ_ARRAY),
+        (&statuses, Type::TEXT_ARRAY),
+        (&started, Type::TIMESTAMPTZ_ARRAY),
+    ];
+    connector.observe(sql::INSERT_NEW_STEPS);
+    match client.query_typed(sql::INSERT_NEW_STEPS, &params).await {
+        Ok(_) => Ok(true),
+        // As for `COPY`: a step row without its task's summary goes by the upsert path.
+        Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => Ok(false),
+        Err(e) => Err(from_postgres(OP, e)),
     }
 }
 

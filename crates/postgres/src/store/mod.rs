@@ -157,9 +157,9 @@ impl PgTaskHistoryStore {
     }
 
     /// Saves a batch by `COPY` when it is large enough ([`PgConfig::copy_min_rows`]) and
-    /// every task it touches is new; `false` when it is not (nothing was written). Never
-    /// in a store that declares its users (row-level isolation): PostgreSQL refuses `COPY
-    /// FROM` into a table with row-level security, so batches take the upsert statement.
+    /// every task it touches is new; `false` when it is not (nothing was written). A store
+    /// that declares its users (row-level isolation) sends the rows by one `INSERT` of
+    /// arrays instead: PostgreSQL refuses `COPY FROM` into a table with row-level security.
     async fn copy_new_tasks(
         &self,
         call: Call<'_>,
@@ -169,14 +169,15 @@ impl PgTaskHistoryStore {
             .config()
             .copy_min_rows
             .is_some_and(|min| steps.len() >= usize::try_from(min).unwrap_or(usize::MAX));
-        // A declaring store may meet isolation switched on by another process since it
-        // last looked: `COPY` would then be refused.
-        if !large || self.backend.exec().declares() {
+        if !large {
             return Ok(false);
         }
         let batch = ops::copy::CopyNewTasks {
             steps,
             connector: self.backend.connector(),
+            // A declaring store may meet isolation switched on by another process since it
+            // last looked: `COPY` would then be refused.
+            insert: self.backend.exec().declares(),
         };
         if !self
             .backend

@@ -659,8 +659,10 @@ impl PgConfig {
     }
 
     /// Batches of at least this many steps whose tasks are all new go in by `COPY` (binary)
-    /// into `task_history`, after one statement that creates their summaries; other batches
-    /// (and any batch touching a task that already exists) use the upsert statement. `None`:
+    /// into `task_history`, after one statement that creates their summaries (in a store
+    /// that declares its users, by one `INSERT` of arrays: PostgreSQL refuses `COPY FROM`
+    /// into a table with row-level security); other batches (and any batch touching a task
+    /// that already exists) use the upsert statement. `None`:
     /// never. Default 1,000 (`DB_COPY_MIN_ROWS`, 0 = never).
     pub fn copy_min_rows(mut self, min_rows: Option<u32>) -> Self {
         self.copy_min_rows = min_rows;

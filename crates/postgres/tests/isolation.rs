@@ -428,13 +428,18 @@ async fn batches_of_new_tasks_go_by_one_insert_under_isolation_and_are_counted()
     };
     let r = |i: i32| TaskStepResult::running("s", json!({ "i": i }), "");
     let done = TaskStepResult::success("s", json!({}), "");
-    // New tasks of two users, one completed by its last step.
+    // New tasks of two users, one completed by its last step; each step at a time of its
+    // own, so that each row's task start (its earliest step) is checked too.
+    let at = |minutes: i64| {
+        chrono::DateTime::from_timestamp(1_750_000_000, 0).unwrap()
+            + chrono::Duration::minutes(minutes)
+    };
     let mut batch: Vec<StepRecord> = (0..3)
-        .map(|i| StepRecord::new("a", "n1", i, r(i)))
+        .map(|i| StepRecord::new("a", "n1", i, r(i)).at(at(10 - i64::from(i))))
         .collect();
-    batch.push(StepRecord::new("a", "n2", 0, r(0)));
-    batch.push(StepRecord::new("b", "n1", 0, r(0)));
-    batch.push(StepRecord::new("b", "n1", 1, done.clone()));
+    batch.push(StepRecord::new("a", "n2", 0, r(0)).at(at(20)));
+    batch.push(StepRecord::new("b", "n1", 0, r(0)).at(at(30)));
+    batch.push(StepRecord::new("b", "n1", 1, done.clone()).at(at(31)));
     let before_a = app.task_counts("a").await.unwrap();
     let before_b = app.task_counts("b").await.unwrap();
     app.save_batch_task_history(&batch).await.unwrap();
@@ -444,8 +449,16 @@ async fn batches_of_new_tasks_go_by_one_insert_under_isolation_and_are_counted()
         "new tasks go by one INSERT, never COPY"
     );
     let steps = app.load_task_history("a", "n1").await.unwrap();
-    assert_eq!(steps.iter().map(|s| s.step).collect::<Vec<_>>(), [0, 1, 2]);
-    assert_eq!(steps[2].result, r(2));
+    assert_eq!(
+        steps
+            .iter()
+            .map(|s| (s.step, s.timestamp, s.result.clone()))
+            .collect::<Vec<_>>(),
+        [(0, at(10), r(0)), (1, at(9), r(1)), (2, at(8), r(2))]
+    );
+    // The rows carry their task's start, the summary's: a load reaches them through it.
+    assert_eq!(app.load_task_history("a", "n2").await.unwrap().len(), 1);
+    assert_eq!(app.load_task_history("b", "n1").await.unwrap().len(), 2);
     assert_eq!(
         app.check_task_status("b", "n1").await.unwrap(),
         TaskStatus::Completed

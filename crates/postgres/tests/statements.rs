@@ -111,7 +111,8 @@ async fn every_statement_is_known_and_filters_on_user_id() {
         .map(|i| StepRecord::new("u", "big", i, r(i)))
         .collect();
     store.save_batch_task_history(&big).await.unwrap();
-    // A store that declares its users sends a batch of new tasks by one INSERT, not COPY.
+    // A store that declares its users sends a batch of new tasks by INSERT, not COPY: one
+    // statement per 10,000 rows, in one transaction.
     let sink = log.clone();
     let declaring = taskhistory_postgres::PgTaskHistoryStore::connect(
         store
@@ -123,11 +124,27 @@ async fn every_statement_is_known_and_filters_on_user_id() {
     )
     .await
     .unwrap();
-    declaring
-        .save_batch_task_history(&[StepRecord::new("u", "declared", 0, r(0))])
-        .await
-        .unwrap();
+    let bulk: Vec<StepRecord> = (0..10_001)
+        .map(|i| StepRecord::new("u", "declared", i, r(i)))
+        .collect();
+    declaring.save_batch_task_history(&bulk).await.unwrap();
     declaring.close().await;
+    assert_eq!(
+        store
+            .load_task_history("u", "declared")
+            .await
+            .unwrap()
+            .len(),
+        10_001
+    );
+    assert_eq!(
+        log.lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.as_str() == sql::INSERT_NEW_STEPS.trim())
+            .count(),
+        2
+    );
     store.load_task_history("u", "t").await.unwrap();
     // A position token for the user (without replicas: the primary's WAL position).
     store.position("u").await.unwrap();
@@ -280,10 +297,10 @@ async fn every_statement_is_known_and_filters_on_user_id() {
                 .any(|p| statement.starts_with(p))
             || statement == sql::NOTIFY_SESSION
             || statement == sql::SHARED_READS_SESSION
-            // A declaring store's declarations (`sql::declare`): sent ahead of a lone
-            // statement, or with a transaction's `BEGIN`.
-            || statement.starts_with("SET taskhistory.declared = ")
-            || statement.starts_with("SET LOCAL taskhistory.declared = ")
+            // The declaring store's declarations (`sql::declare`): its batch's user with
+            // its transaction's `BEGIN`, no user ahead of its other lone statements.
+            || statement == sql::declare::users(&sql::declare::array(["u"]), true)
+            || statement == sql::declare::users(&sql::declare::array([]), false)
         {
             continue;
         }

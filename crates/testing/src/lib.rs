@@ -551,17 +551,18 @@ pub async fn isolated_store_for(config: PgConfig) -> PgTaskHistoryStore {
     store
 }
 
-/// [`isolated_store`] as a [`DynStore`]: the behaviour suite under row-level isolation,
-/// every batch of new tasks on the bulk path (one `INSERT` of arrays after the claim of
-/// their summaries, where a store that does not declare sends `COPY`).
+/// [`isolated_store`] as a [`DynStore`]: the behaviour suite under row-level isolation
+/// (batches below the default `copy_min_rows` by the upsert statement, as in service).
 pub async fn isolated_dyn_store() -> DynStore {
-    std::sync::Arc::new(isolated_store_for(owner_config().await.copy_min_rows(Some(1))).await)
+    std::sync::Arc::new(isolated_store().await)
 }
 
 /// The behaviour suite under row-level isolation behind [`pgbouncer`] (transaction
 /// pooling): the schema made and switched on directly by [`owner_role`], used through the
 /// pooler by the same role; its status checks all go through the combined statement (each
-/// declares every user of its tasks), and every batch of new tasks the bulk path.
+/// declares every user of its tasks), and every batch of new tasks the bulk path (one
+/// `INSERT` of arrays after the claim of their summaries, where a store that does not
+/// declare sends `COPY`).
 pub async fn isolated_pgbouncer_dyn_store() -> DynStore {
     let direct = owner_config().await;
     isolated_store_for(direct.clone()).await.close().await;

@@ -33,7 +33,7 @@ use crate::error::from_postgres;
 use crate::session::{RawSession, Transaction};
 use crate::sql;
 
-use super::save::BATCH as OP;
+use super::save::{BATCH as OP, CHUNK_ROWS};
 
 /// What each task's summary starts as, as the parallel arrays of
 /// [`CLAIM_NEW_TASKS`](sql::CLAIM_NEW_TASKS).
@@ -74,26 +74,52 @@ impl<'a> NewTasks<'a> {
     fn len(&self) -> usize {
         self.users.len()
     }
+
+    /// Each step's time (`now` for a step without one) and its task's start (the start its
+    /// summary got: the task's earliest step time), in the order of `steps`, the steps
+    /// these tasks were made [`of`](Self::of).
+    fn times(&self, steps: &[PreparedStep<'_>], now: DateTime<Utc>) -> Vec<StepTimes> {
+        steps
+            .chunk_by(|a, b| a.user_id == b.user_id && a.task_id == b.task_id)
+            .enumerate()
+            .flat_map(|(task, run)| {
+                let started = self.first.get(task).copied().unwrap_or(now);
+                run.iter().map(move |p| StepTimes {
+                    at: p.timestamp.unwrap_or(now),
+                    started,
+                })
+            })
+            .collect()
+    }
 }
 
-/// A batch for the `COPY` path.
+/// A step's time and its task's start, as both bulk paths write them.
+#[derive(Debug, Clone, Copy)]
+struct StepTimes {
+    at: DateTime<Utc>,
+    started: DateTime<Utc>,
+}
+
+/// A batch for the bulk path.
 pub(crate) struct CopyNewTasks<'a> {
     /// Sorted and de-duplicated by `prepare_batch`.
     pub(crate) steps: &'a [PreparedStep<'a>],
     pub(crate) connector: &'a Connector,
-    /// The rows go by [`INSERT_NEW_STEPS`](sql::INSERT_NEW_STEPS), not `COPY`: the store
-    /// declares its users (row-level isolation may be on).
-    pub(crate) insert: bool,
 }
 
-/// Saves the steps by `COPY` if every task they touch is new, in one transaction; `false`
-/// (nothing written) when one is not, or another writer created one meanwhile: the caller
-/// then uses the upsert statement.
+/// Saves the steps by `COPY` if every task they touch is new, in one transaction (by
+/// [`INSERT_NEW_STEPS`](sql::INSERT_NEW_STEPS) when the operation declares its users to
+/// row-level isolation: its transaction then declares them); `false` (nothing written)
+/// when one is not, or another writer created one meanwhile: the caller then uses the
+/// upsert statement.
 pub(crate) fn run<'c, 'a>(
     conn: &'c mut RawSession,
     p: &'c CopyNewTasks<'a>,
 ) -> BoxFuture<'c, Result<bool, StoreError>> {
     Box::pin(async move {
+        // One fact decides both: a declaring operation's transaction declares its users,
+        // and its rows cannot go by `COPY`.
+        let insert = crate::session::declared().is_some();
         let tx = Transaction::begin(conn, p.connector, OP, "").await?;
         let client = &tx.client;
         p.connector.observe(sql::TRANSACTION_TIME);
@@ -108,7 +134,7 @@ pub(crate) fn run<'c, 'a>(
                     .map_err(|e| StoreError::database(OP, e))
             });
         let result = match now {
-            Ok(now) if p.insert => claim_and_insert(client, p.connector, p.steps, now).await,
+            Ok(now) if insert => claim_and_insert(client, p.connector, p.steps, now).await,
             Ok(now) => claim_and_copy(client, p.connector, p.steps, now).await,
             Err(e) => Err(e),
         };
@@ -206,35 +232,35 @@ async fn claim_and_insert(
     if !claim(client, connector, &new).await? {
         return Ok(false);
     }
-    // Each row carries its task's start, the one its summary got (`NewTasks::of` makes one
-    // entry per run of the same task, in order).
-    let runs = steps.chunk_by(|a, b| a.user_id == b.user_id && a.task_id == b.task_id);
-    let mut started = Vec::with_capacity(steps.len());
-    for (run, first) in runs.zip(&new.first) {
-        started.extend(std::iter::repeat_n(*first, run.len()));
+    let times = new.times(steps, now);
+    // In chunks, as the upsert path splits a batch: one statement's arrays stay far below
+    // the server's limit on a message.
+    for (steps, times) in steps.chunks(CHUNK_ROWS).zip(times.chunks(CHUNK_ROWS)) {
+        let users: Vec<&str> = steps.iter().map(|p| p.user_id).collect();
+        let tasks: Vec<&str> = steps.iter().map(|p| p.task_id).collect();
+        let numbers: Vec<i32> = steps.iter().map(|p| p.step).collect();
+        let results: Vec<Json<&TaskStepResult>> = steps.iter().map(|p| Json(p.result)).collect();
+        let at: Vec<DateTime<Utc>> = times.iter().map(|t| t.at).collect();
+        let statuses: Vec<&str> = steps.iter().map(|p| p.result.status.as_str()).collect();
+        let started: Vec<DateTime<Utc>> = times.iter().map(|t| t.started).collect();
+        let params: [(&(dyn ToSql + Sync), Type); 7] = [
+            (&users, Type::TEXT_ARRAY),
+            (&tasks, Type::TEXT_ARRAY),
+            (&numbers, Type::INT4_ARRAY),
+            (&results, Type::JSONB_ARRAY),
+            (&at, Type::TIMESTAMPTZ_ARRAY),
+            (&statuses, Type::TEXT_ARRAY),
+            (&started, Type::TIMESTAMPTZ_ARRAY),
+        ];
+        connector.observe(sql::INSERT_NEW_STEPS);
+        match client.query_typed(sql::INSERT_NEW_STEPS, &params).await {
+            Ok(_) => {}
+            // As for `COPY`: a step row without its task's summary goes by the upsert path.
+            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => return Ok(false),
+            Err(e) => return Err(from_postgres(OP, e)),
+        }
     }
-    let users: Vec<&str> = steps.iter().map(|p| p.user_id).collect();
-    let tasks: Vec<&str> = steps.iter().map(|p| p.task_id).collect();
-    let numbers: Vec<i32> = steps.iter().map(|p| p.step).collect();
-    let results: Vec<Json<&TaskStepResult>> = steps.iter().map(|p| Json(p.result)).collect();
-    let times: Vec<DateTime<Utc>> = steps.iter().map(|p| p.timestamp.unwrap_or(now)).collect();
-    let statuses: Vec<&str> = steps.iter().map(|p| p.result.status.as_str()).collect();
-    let params: [(&(dyn ToSql + Sync), Type); 7] = [
-        (&users, Type::TEXT_ARRAY),
-        (&tasks, Type::TEXT_ARRAY),
-        (&numbers, Type::INT4_ARRAY),
-        (&results, Type::JSONB_ARRAY),
-        (&times, Type::TIMESTAMPTZ_ARRAY),
-        (&statuses, Type::TEXT_ARRAY),
-        (&started, Type::TIMESTAMPTZ_ARRAY),
-    ];
-    connector.observe(sql::INSERT_NEW_STEPS);
-    match client.query_typed(sql::INSERT_NEW_STEPS, &params).await {
-        Ok(_) => Ok(true),
-        // As for `COPY`: a step row without its task's summary goes by the upsert path.
-        Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => Ok(false),
-        Err(e) => Err(from_postgres(OP, e)),
-    }
+    Ok(true)
 }
 
 /// Sends `buf` (the header and the first rows; `done` says whether they were all) and the
@@ -263,39 +289,29 @@ async fn copy_steps(
 /// The rows of a `COPY` batch, encoded a chunk at a time.
 struct Rows<'s, 'a> {
     steps: &'s [PreparedStep<'a>],
-    new: &'s NewTasks<'a>,
-    now: DateTime<Utc>,
-    /// The next step to encode, and its task's index in `new`.
+    /// Each step's time and its task's start ([`NewTasks::times`]).
+    times: Vec<StepTimes>,
+    /// The next step to encode.
     next: usize,
-    task: usize,
 }
 
 impl<'s, 'a> Rows<'s, 'a> {
-    fn new(steps: &'s [PreparedStep<'a>], new: &'s NewTasks<'a>, now: DateTime<Utc>) -> Self {
+    fn new(steps: &'s [PreparedStep<'a>], new: &NewTasks<'a>, now: DateTime<Utc>) -> Self {
         Rows {
             steps,
-            new,
-            now,
+            times: new.times(steps, now),
             next: 0,
-            task: 0,
         }
     }
 
     /// Encodes rows into `buf` until it holds `limit` bytes or the rows run out; `true`
     /// when they ran out.
     fn fill(&mut self, buf: &mut BytesMut, limit: usize) -> Result<bool, CopyError> {
-        while let Some(p) = self.steps.get(self.next) {
+        while let (Some(p), Some(t)) = (self.steps.get(self.next), self.times.get(self.next)) {
             if buf.len() >= limit {
                 return Ok(false);
             }
-            if let Some(prev) = self.next.checked_sub(1).and_then(|i| self.steps.get(i)) {
-                if (prev.user_id, prev.task_id) != (p.user_id, p.task_id) {
-                    self.task += 1;
-                }
-            }
-            // The task's start, the one its summary got: its earliest step time.
-            let started = self.new.first.get(self.task).copied().unwrap_or(self.now);
-            encode_row(buf, p, p.timestamp.unwrap_or(self.now), started)?;
+            encode_row(buf, p, t.at, t.started)?;
             self.next += 1;
         }
         Ok(true)

@@ -172,12 +172,11 @@ impl PgTaskHistoryStore {
         if !large {
             return Ok(false);
         }
+        // A declaring store sends the rows by `INSERT` (`copy.rs`): it may meet isolation
+        // switched on by another process since it last looked, and `COPY` would be refused.
         let batch = ops::copy::CopyNewTasks {
             steps,
             connector: self.backend.connector(),
-            // A declaring store may meet isolation switched on by another process since it
-            // last looked: `COPY` would then be refused.
-            insert: self.backend.exec().declares(),
         };
         if !self
             .backend

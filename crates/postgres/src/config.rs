@@ -660,9 +660,9 @@ impl PgConfig {
 
     /// Batches of at least this many steps whose tasks are all new go in by `COPY` (binary)
     /// into `task_history`, after one statement that creates their summaries (in a store
-    /// that declares its users, by one `INSERT` of arrays: PostgreSQL refuses `COPY FROM`
-    /// into a table with row-level security); other batches (and any batch touching a task
-    /// that already exists) use the upsert statement. `None`:
+    /// that declares its users, by `INSERT`s of arrays, a statement per 10,000 rows:
+    /// PostgreSQL refuses `COPY FROM` into a table with row-level security); other batches
+    /// (and any batch touching a task that already exists) use the upsert statement. `None`:
     /// never. Default 1,000 (`DB_COPY_MIN_ROWS`, 0 = never).
     pub fn copy_min_rows(mut self, min_rows: Option<u32>) -> Self {
         self.copy_min_rows = min_rows;
@@ -730,9 +730,10 @@ impl PgConfig {
     /// every running service ready and no caller sees an empty answer in between. Costs a
     /// small statement sent ahead of each lone statement (no round trip of its own; reads
     /// on shared connections declare inside their own statement), batches of new tasks go
-    /// by one `INSERT` of arrays instead of `COPY` (which PostgreSQL refuses into a table
-    /// with row-level security), and the work on every user's rows (retention, statistics)
-    /// needs the tables' owner. See docs/reliability.md, "Row-level isolation: the threat model".
+    /// by `INSERT`s of arrays instead of `COPY` (which PostgreSQL refuses into a table with
+    /// row-level security), and the work on every user's rows (retention, statistics)
+    /// needs the tables' owner. See docs/reliability.md, "Row-level isolation: the threat
+    /// model".
     pub fn declare_users(mut self, on: bool) -> Self {
         self.declare_users = on;
         self

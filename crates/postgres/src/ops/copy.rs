@@ -12,8 +12,8 @@
 //! transaction is rolled back, and the caller uses the upsert statement, which also checks
 //! for cancelled tasks. The SQL is in [`sql`](crate::sql) like every other statement.
 //!
-//! A store that declares its users to row-level isolation sends the same rows by one
-//! `INSERT` of arrays instead ([`INSERT_NEW_STEPS`](sql::INSERT_NEW_STEPS)): PostgreSQL
+//! A store that declares its users to row-level isolation sends the same rows by `INSERT`s
+//! of arrays instead ([`INSERT_NEW_STEPS`](sql::INSERT_NEW_STEPS)): PostgreSQL
 //! refuses `COPY FROM` into a table with row-level security, and the claim makes a conflict
 //! check per row needless there too.
 
@@ -219,9 +219,9 @@ async fn claim_and_copy(
     }
 }
 
-/// Claims the tasks, then (only if every task was new) sends the rows by one `INSERT` of
-/// arrays ([`INSERT_NEW_STEPS`](sql::INSERT_NEW_STEPS)): the path of a store that declares
-/// its users.
+/// Claims the tasks, then (only if every task was new) sends the rows by `INSERT`s of
+/// arrays ([`INSERT_NEW_STEPS`](sql::INSERT_NEW_STEPS), a statement per [`CHUNK_ROWS`]
+/// rows): the path of a store that declares its users.
 async fn claim_and_insert(
     client: &tokio_postgres::Client,
     connector: &Connector,

@@ -158,8 +158,8 @@ impl PgTaskHistoryStore {
 
     /// Saves a batch by `COPY` when it is large enough ([`PgConfig::copy_min_rows`]) and
     /// every task it touches is new; `false` when it is not (nothing was written). A store
-    /// that declares its users (row-level isolation) sends the rows by one `INSERT` of
-    /// arrays instead: PostgreSQL refuses `COPY FROM` into a table with row-level security.
+    /// that declares its users (row-level isolation) sends the rows by `INSERT`s of arrays
+    /// instead: PostgreSQL refuses `COPY FROM` into a table with row-level security.
     async fn copy_new_tasks(
         &self,
         call: Call<'_>,

@@ -2,7 +2,9 @@
 //! on, directly and behind PgBouncer (the schema's owner is not a superuser, so `FORCE`
 //! holds it too); the database's own refusals seen through raw SQL as the service role
 //! and as the owner; a store built to declare the wrong user; retention refused to the
-//! service role; the switch read back, and kept by the conversion to partitions.
+//! service role; the switch read back, and kept by the conversion to partitions; batches of
+//! new tasks by `INSERT` of arrays (the bulk path of a declaring store), their fall-back to
+//! the upsert statement, and a user the batch's handle does not declare refused.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use serde_json::json;
@@ -478,5 +480,77 @@ async fn batches_of_new_tasks_go_by_one_insert_under_isolation_and_are_counted()
     assert_eq!(bulk(&sent), (1, 0), "a batch with a known task is upserted");
     assert_eq!(app.load_task_history("a", "n1").await.unwrap().len(), 4);
     assert_eq!(app.load_task_history("a", "n3").await.unwrap().len(), 1);
+    app.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bulk_path_under_isolation_falls_back_and_refuses_a_user_not_declared() {
+    use std::sync::{Arc, Mutex};
+    use taskhistory_core::StepRecord;
+    use taskhistory_testing::{sql, test_db_client};
+
+    let (config, _store) = three_users().await;
+    let schema = config.get_schema().unwrap().to_owned();
+    let sent: Arc<Mutex<Vec<String>>> = Arc::default();
+    let sink = sent.clone();
+    let app = app_role_store(
+        &config
+            .copy_min_rows(Some(1))
+            .observe_statements(move |s| sink.lock().unwrap().push(s.to_owned())),
+    )
+    .await;
+    let inserts = || {
+        sent.lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.as_str() == sql::INSERT_NEW_STEPS.trim())
+            .count()
+    };
+    let r = |i: i32| TaskStepResult::running("s", json!({ "i": i }), "");
+    let batch = |user: &str, task: &str, steps: std::ops::Range<i32>| -> Vec<StepRecord> {
+        steps
+            .map(|i| StepRecord::new(user, task, i, r(i)))
+            .collect()
+    };
+    app.save_batch_task_history(&batch("a", "orphan", 0..3))
+        .await
+        .unwrap();
+    assert_eq!(inserts(), 1);
+    // The summary is gone (by hand): the claim succeeds, the INSERT meets the old rows, and
+    // the batch is redone by the upsert statement.
+    test_db_client()
+        .await
+        .batch_execute(&format!(
+            "DELETE FROM \"{schema}\".task_summary WHERE user_id = 'a' AND task_id = 'orphan'"
+        ))
+        .await
+        .unwrap();
+    let mut again = batch("a", "orphan", 0..5);
+    again[1].result = TaskStepResult::running("s", json!({ "again": 1 }), "");
+    app.save_batch_task_history(&again).await.unwrap();
+    assert_eq!(inserts(), 2, "the second batch tried the INSERT first");
+    let h = app.load_task_history("a", "orphan").await.unwrap();
+    assert_eq!(
+        h.iter().map(|e| e.step).collect::<Vec<_>>(),
+        [0, 1, 2, 3, 4]
+    );
+    assert_eq!(h[1].result.result, json!({ "again": 1 }));
+
+    // A handle acting for `a` declares only `a`: a batch naming `b` too is refused by the
+    // database, and nothing of it is written.
+    let for_a = app.acting_for("a").unwrap();
+    let mut mixed = batch("a", "bulk-a", 0..2);
+    mixed.extend(batch("b", "bulk-b", 0..2));
+    assert!(for_a.save_batch_task_history(&mixed).await.is_err());
+    assert!(app
+        .load_task_history("a", "bulk-a")
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(app
+        .load_task_history("b", "bulk-b")
+        .await
+        .unwrap()
+        .is_empty());
     app.close().await;
 }

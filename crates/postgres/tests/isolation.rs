@@ -405,14 +405,12 @@ async fn the_service_role_works_under_isolation_without_errors() {
     app.close().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn batches_of_new_tasks_go_by_one_insert_under_isolation_and_are_counted() {
+/// The service role's store on `config`'s schema (isolation on), every batch of new tasks
+/// on the bulk path, and how many `INSERT_NEW_STEPS` and `COPY_STEPS` it has sent.
+async fn bulk_app_store(config: PgConfig) -> (PgTaskHistoryStore, impl Fn() -> (usize, usize)) {
     use std::sync::{Arc, Mutex};
-    use taskhistory_core::StepRecord;
     use taskhistory_testing::sql;
 
-    let (config, _store) = three_users().await;
-    // The service role's store, with every batch of new tasks on the bulk path.
     let sent: Arc<Mutex<Vec<String>>> = Arc::default();
     let sink = sent.clone();
     let app = app_role_store(
@@ -423,11 +421,20 @@ async fn batches_of_new_tasks_go_by_one_insert_under_isolation_and_are_counted()
     .await;
     assert!(app.isolation().await.unwrap().on());
     // The observer sees each text trimmed.
-    let bulk = |log: &Arc<Mutex<Vec<String>>>| {
-        let log = log.lock().unwrap();
+    let bulk = move || {
+        let log = sent.lock().unwrap();
         let count = |text: &str| log.iter().filter(|s| s.as_str() == text).count();
         (count(sql::INSERT_NEW_STEPS.trim()), count(sql::COPY_STEPS))
     };
+    (app, bulk)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_of_new_tasks_go_by_one_insert_under_isolation_and_are_counted() {
+    use taskhistory_core::StepRecord;
+
+    let (config, _store) = three_users().await;
+    let (app, bulk) = bulk_app_store(config).await;
     let r = |i: i32| TaskStepResult::running("s", json!({ "i": i }), "");
     let done = TaskStepResult::success("s", json!({}), "");
     // New tasks of two users, one completed by its last step; each step at a time of its
@@ -445,11 +452,7 @@ async fn batches_of_new_tasks_go_by_one_insert_under_isolation_and_are_counted()
     let before_a = app.task_counts("a").await.unwrap();
     let before_b = app.task_counts("b").await.unwrap();
     app.save_batch_task_history(&batch).await.unwrap();
-    assert_eq!(
-        bulk(&sent),
-        (1, 0),
-        "new tasks go by one INSERT, never COPY"
-    );
+    assert_eq!(bulk(), (1, 0), "new tasks go by one INSERT, never COPY");
     let steps = app.load_task_history("a", "n1").await.unwrap();
     assert_eq!(
         steps
@@ -477,7 +480,7 @@ async fn batches_of_new_tasks_go_by_one_insert_under_isolation_and_are_counted()
         StepRecord::new("a", "n3", 0, r(0)),
     ];
     app.save_batch_task_history(&mixed).await.unwrap();
-    assert_eq!(bulk(&sent), (1, 0), "a batch with a known task is upserted");
+    assert_eq!(bulk(), (1, 0), "a batch with a known task is upserted");
     assert_eq!(app.load_task_history("a", "n1").await.unwrap().len(), 4);
     assert_eq!(app.load_task_history("a", "n3").await.unwrap().len(), 1);
     app.close().await;
@@ -485,27 +488,13 @@ async fn batches_of_new_tasks_go_by_one_insert_under_isolation_and_are_counted()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_bulk_path_under_isolation_falls_back_and_refuses_a_user_not_declared() {
-    use std::sync::{Arc, Mutex};
     use taskhistory_core::StepRecord;
-    use taskhistory_testing::{sql, test_db_client};
+    use taskhistory_testing::test_db_client;
 
     let (config, _store) = three_users().await;
     let schema = config.get_schema().unwrap().to_owned();
-    let sent: Arc<Mutex<Vec<String>>> = Arc::default();
-    let sink = sent.clone();
-    let app = app_role_store(
-        &config
-            .copy_min_rows(Some(1))
-            .observe_statements(move |s| sink.lock().unwrap().push(s.to_owned())),
-    )
-    .await;
-    let inserts = || {
-        sent.lock()
-            .unwrap()
-            .iter()
-            .filter(|s| s.as_str() == sql::INSERT_NEW_STEPS.trim())
-            .count()
-    };
+    let (app, bulk) = bulk_app_store(config).await;
+    let inserts = || bulk().0;
     let r = |i: i32| TaskStepResult::running("s", json!({ "i": i }), "");
     let batch = |user: &str, task: &str, steps: std::ops::Range<i32>| -> Vec<StepRecord> {
         steps

@@ -17,6 +17,7 @@
 //! cargo bench --bench isolation                 # 5 rounds of 2 s per workload and mode
 //! BENCH_SHORT=1 cargo bench --bench isolation   # 3 rounds of 0.4 s
 //! BENCH_ROUNDS=9 BENCH_SECS=1 cargo bench --bench isolation
+//! BENCH_ONLY=batch2000,status cargo bench --bench isolation   # some workloads only
 //! ```
 //!
 //! The server is the tests' (TEST_DATABASE_URL, else 127.0.0.1:5432, else a throwaway one);
@@ -158,7 +159,7 @@ async fn bench() {
         ))
         .await
         .unwrap();
-    let workloads = [
+    let mut workloads = vec![
         Workload {
             name: "save",
             workers: 1,
@@ -220,6 +221,10 @@ async fn bench() {
             p50: false,
         },
     ];
+    // `BENCH_ONLY=batch2000,status` runs those workloads only.
+    if let Ok(only) = std::env::var("BENCH_ONLY") {
+        workloads.retain(|w| only.split(',').any(|o| o.trim() == w.name));
+    }
     // Per workload, per mode (0: off; 1: declaring, isolation off; 2: on): the rounds'
     // figures. The order of the modes turns around every other round.
     let mut figures = vec![[Vec::new(), Vec::new(), Vec::new()]; workloads.len()];

@@ -4,7 +4,9 @@
 //! Migration 8 gives every table holding a user's rows (`sql::ISOLATED_TABLES`) two
 //! policies: a transaction sees and writes only the rows of the users it declared
 //! (`taskhistory.declared`), and the cross-user work gets through only as the tables' owner
-//! (or a member of it) declaring `maintenance` there. [`set`] switches them on
+//! (or a member of it) declaring `maintenance` there. Migration 10 rewrote the first as a
+//! filter on the rows each statement's own conditions found, so that it never takes part
+//! in choosing an index (see that migration). [`set`] switches them on
 //! (`ENABLE` and `FORCE ROW LEVEL SECURITY`, so the owner is held too) or off; [`state`]
 //! reads them back from the catalog, and tells the executor, which then declares every
 //! operation's users (`exec::Scope`): with a lone statement ahead of it in the same round

@@ -147,3 +147,85 @@ async fn a_user_cleaned_away_leaves_no_rows() {
         .get(0);
     assert_eq!(failed_rows, 0, "the emptied status left rows");
 }
+
+/// A session of the test database on `schema` that sends the plan of every statement it
+/// runs, nested ones too (`auto_explain`), as a notice; and the notices received.
+async fn explaining_client(
+    schema: &str,
+) -> (
+    tokio_postgres::Client,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    let url = taskhistory_testing::database_url().await;
+    let (client, mut conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let (sink, notices) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(Ok(message)) = std::future::poll_fn(|cx| conn.poll_message(cx)).await {
+            if let tokio_postgres::AsyncMessage::Notice(n) = message {
+                let _ = sink.send(n.message().to_owned());
+            }
+        }
+    });
+    client
+        .batch_execute(&format!(
+            "SET search_path TO \"{schema}\"; LOAD 'auto_explain'; \
+             SET auto_explain.log_min_duration = 0; SET auto_explain.log_nested_statements = on; \
+             SET auto_explain.log_level = notice"
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("auto_explain needs a superuser on the test server: {e}"));
+    (client, notices)
+}
+
+/// Counting an update of many summaries never compares its rows pairwise, whatever plans
+/// the session kept. PL/pgSQL keeps each statement's plan for the session, made for the
+/// first update it counted: a single save's one row on a pooled connection. Version 6's
+/// trigger joined the old rows to the new ones, and that plan was a nested loop, so a later
+/// batch over 16,000 known tasks took 63 s instead of 1 s; migration 11's statements have
+/// no join at all. Then the counts are right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counting_a_large_update_after_a_small_one_joins_nothing() {
+    let config = fresh_config().await;
+    let store = store_for(config.clone()).await;
+    let batch: Vec<StepRecord> = (0..2_000)
+        .map(|i| StepRecord::new("u", format!("t{i}"), 0, step(0)))
+        .collect();
+    store.save_batch_task_history(&batch).await.unwrap();
+    let (client, mut notices) = explaining_client(config.get_schema().unwrap()).await;
+    // One summary first: the trigger's plans are made for one row, and kept.
+    client
+        .batch_execute(
+            "UPDATE task_summary SET step_count = step_count + 1 \
+             WHERE user_id = 'u' AND task_id = 't0'",
+        )
+        .await
+        .unwrap();
+    // Then all of them, half of them finished.
+    client
+        .batch_execute(
+            "UPDATE task_summary SET step_count = step_count + 1, \
+             status = CASE WHEN right(task_id, 1) IN ('0', '2', '4', '6', '8') \
+                           THEN 'completed' ELSE status END \
+             WHERE user_id = 'u'",
+        )
+        .await
+        .unwrap();
+    drop(client);
+    let mut counted = 0;
+    while let Some(plan) = notices.recv().await {
+        if plan.contains("new_summaries") || plan.contains("old_summaries") {
+            counted += 1;
+            for join in ["Join", "Nested Loop"] {
+                assert!(!plan.contains(join), "a counting statement joins:\n{plan}");
+            }
+        }
+    }
+    // Both updates' plans were seen: the change check, counts, totals and activity.
+    assert!(counted >= 6, "{counted} plans of counting statements");
+    let counts = store.task_counts("u").await.unwrap();
+    assert_eq!(counts.get(TaskStatus::Completed), 1_000, "{counts:?}");
+    assert_eq!(counts.get(TaskStatus::Running), 1_000, "{counts:?}");
+    assert_eq!(counts.total(), 2_000, "{counts:?}");
+}

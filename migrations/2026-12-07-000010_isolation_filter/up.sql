@@ -12,8 +12,13 @@
 --
 -- `array_position(...) IS NOT NULL` is no index condition: each statement's own conditions
 -- (every one names its users) choose the index, and the policy filters the rows found.
--- It is estimated to keep nearly every row, so the plans are the ones without isolation.
--- Rows found for a user not declared are read and dropped, never returned or written.
+-- It is estimated to keep nearly every row. Rows found for a user not declared are read
+-- and dropped, never returned or written. PostgreSQL takes a statement's own condition into
+-- the index search under row-level security only when it is leakproof: a condition holding
+-- `COALESCE` or a cast is applied after the policy, as a filter. The store's statements keep
+-- their bounds leakproof (a scalar subquery, a cast made on the arrays), so their plans
+-- search as without isolation. The check is linear in the number of users declared, per
+-- row: a statement declaring thousands of users pays for it.
 -- `COLLATE "C"` settles the comparison's collation (the array's is the database's).
 CREATE OR REPLACE FUNCTION taskhistory_isolate(tbl regclass) RETURNS void
     LANGUAGE plpgsql

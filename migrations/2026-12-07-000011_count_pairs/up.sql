@@ -11,7 +11,9 @@
 --   old row takes one from its own, and the statuses that did not change cancel out;
 -- - whether any status changed is `EXCEPT ALL` of the two sets;
 -- - the activity pairs each task's old and new row by grouping both sets by task.
--- None of these plans has a join, so no cached plan can compare rows pairwise.
+-- None of these plans has a join, so no cached plan can compare rows pairwise. An update
+-- that changed a task's key (the store never does) is now counted as a move of the task,
+-- where version 6 dropped it from the counts.
 DO $do$
 DECLARE
     schema text := format('%I.', current_schema());

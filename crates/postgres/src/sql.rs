@@ -388,28 +388,33 @@ LIMIT $5
 
 /// A page of a user's tasks updated in `[$2, $3)` (a missing bound is NULL: unbounded), after
 /// the cursor `($4, $5)` (NULLs for the first page). Every bound is an index condition on
-/// `task_summary_user_activity`, in generic plans too (`COALESCE` of a parameter is computed
-/// once per execution), so a page reads at most as many entries as its `LIMIT` (`limit` + 1).
+/// `task_summary_user_activity`, in generic plans too, so a page reads at most as many
+/// entries as its `LIMIT` (`limit` + 1). Each bound is a scalar subquery, computed once per
+/// execution: under row-level isolation PostgreSQL takes a condition into the index search
+/// only when it is leakproof, and `COALESCE` is not, while a comparison with a subquery's
+/// value is.
 pub const LIST_TASKS_IN_RANGE: &str = r#"
 SELECT task_id, status, last_step, step_count, created_at, updated_at
 FROM task_summary
 WHERE user_id = $1
-    AND updated_at >= COALESCE($2::timestamptz, '-infinity')
-    AND updated_at < COALESCE($3::timestamptz, 'infinity')
-    AND (updated_at, task_id) < (COALESCE($4::timestamptz, 'infinity'), COALESCE($5::text, ''))
+    AND updated_at >= (SELECT COALESCE($2::timestamptz, '-infinity'))
+    AND updated_at < (SELECT COALESCE($3::timestamptz, 'infinity'))
+    AND (updated_at, task_id) < ((SELECT COALESCE($4::timestamptz, 'infinity')),
+                                 (SELECT COALESCE($5::text, '')))
 ORDER BY updated_at DESC, task_id DESC
 LIMIT $6
 "#;
 
-/// [`LIST_TASKS_IN_RANGE`] in one status: the same bounds on
+/// [`LIST_TASKS_IN_RANGE`] in one status: the same bounds, the same way, on
 /// `task_summary_user_status_activity`.
 pub const LIST_TASKS_WITH_STATUS_IN_RANGE: &str = r#"
 SELECT task_id, status, last_step, step_count, created_at, updated_at
 FROM task_summary
 WHERE user_id = $1 AND status = $2
-    AND updated_at >= COALESCE($3::timestamptz, '-infinity')
-    AND updated_at < COALESCE($4::timestamptz, 'infinity')
-    AND (updated_at, task_id) < (COALESCE($5::timestamptz, 'infinity'), COALESCE($6::text, ''))
+    AND updated_at >= (SELECT COALESCE($3::timestamptz, '-infinity'))
+    AND updated_at < (SELECT COALESCE($4::timestamptz, 'infinity'))
+    AND (updated_at, task_id) < ((SELECT COALESCE($5::timestamptz, 'infinity')),
+                                 (SELECT COALESCE($6::text, '')))
 ORDER BY updated_at DESC, task_id DESC
 LIMIT $7
 "#;
@@ -573,19 +578,21 @@ SELECT count(pg_notify($1, p))::int8 AS sent FROM unnest($2::text[]) AS p
 /// own) does, after position (`$5[i]`, `$6[i]`), in position order, at most `$7` per user;
 /// `n` is `i`. Returns this statement's snapshot too (on a row of NULLs when there is no
 /// event). Walks task_history_user_position from (`$5[i]`, `$6[i]`), which the caller puts
-/// at or past the oldest transaction `$3[i]` did not see.
+/// at or past the oldest transaction `$3[i]` did not see. The positions are cast to `xid8`
+/// with the arrays, not in the condition: under row-level isolation a condition holding a
+/// cast (not leakproof) would be a filter, not a bound of the index search.
 pub const EVENTS_AFTER: &str = r#"
 SELECT now.snapshot, e.n, e.task_id, e.step, e.status, e.timestamp, e.xid, e.id
 FROM (SELECT pg_current_snapshot()::text AS snapshot) now
 LEFT JOIN LATERAL (
     SELECT w.n, h.task_id, h.step, h.status, h.timestamp, h.xid::text AS xid, h.id
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int8[])
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]::xid8[], $6::int8[])
          WITH ORDINALITY AS w(user_id, task_id, seen, upto, xid, id, n)
     CROSS JOIN LATERAL (
         SELECT h.task_id, h.step, h.status, h.timestamp, h.xid, h.id
         FROM task_history h
         WHERE h.user_id = w.user_id AND h.task_id = COALESCE(w.task_id, h.task_id)
-          AND (h.xid, h.id) > (w.xid::xid8, w.id)
+          AND (h.xid, h.id) > (w.xid, w.id)
           AND NOT pg_visible_in_snapshot(h.xid, w.seen::pg_snapshot)
           AND pg_visible_in_snapshot(h.xid, COALESCE(w.upto::pg_snapshot, now.snapshot::pg_snapshot))
         ORDER BY h.xid, h.id
